@@ -1,0 +1,1 @@
+"""The ``kdforge`` command line. See :mod:`kdforge.cli.main`."""

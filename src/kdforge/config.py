@@ -1,0 +1,104 @@
+"""Validated configs (pydantic v2) and YAML loading with clear messages.
+
+All kdforge configs derive from :class:`StrictModel`: unknown keys are rejected (a typo never
+silently falls back to a default), types are checked, and a failure is reported as one
+:class:`~kdforge.errors.ConfigError` listing every bad key by its dotted path, e.g.::
+
+    configs/fmnist.yaml: 2 problems
+      - student.hiden: unknown key (did you mean 'hidden'?)
+      - train.lr: Input should be a valid number, unable to parse string as a number (got 'fast')
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kdforge.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for configs: forbids unknown keys, validates on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping, with clear errors for a missing file or bad YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file not found: {p}",
+            "check the path; bundled recipes live in the repository's configs/ folder",
+        )
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}", "fix the YAML syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{p} must contain a mapping of keys to values, got {type(data).__name__}",
+            "write the recipe as `key: value` lines",
+        )
+    return data
+
+
+def validate(model: type[M], data: dict[str, Any], *, source: str = "config") -> M:
+    """Validate ``data`` against ``model``; raise one readable ConfigError on failure."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, source), _FIX) from None
+
+
+_FIX = "edit the keys listed above; `kdforge run --help` and docs/configs.md describe every key"
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:
+    errors = exc.errors()
+    lines = [f"{source}: {len(errors)} problem{'s' if len(errors) != 1 else ''}"]
+    for err in errors:
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(model, err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else (
+                f" (known keys: {', '.join(known)})" if known else ""
+            )
+            lines.append(f"  - {loc}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"  - {loc}: required key is missing")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"  - {loc}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _known_keys(model: type[BaseModel], parent: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model at ``parent``; empty if it cannot be resolved."""
+    current: Any = model
+    for part in parent:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return []
+
+
+def load_config(model: type[M], path: str | os.PathLike) -> M:
+    """Read a YAML file and validate it against ``model``."""
+    return validate(model, read_yaml(path), source=str(path))

@@ -1,0 +1,1 @@
+"""kdforge.eval"""

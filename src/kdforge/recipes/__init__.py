@@ -1,0 +1,84 @@
+"""Recipes: complete, config-driven jobs that ``kdforge run RECIPE.yaml`` executes.
+
+A recipe YAML names its kind in the top-level ``recipe:`` key; the rest is validated against
+that recipe's pydantic config model (unknown keys rejected). A recipe module registers itself::
+
+    @RECIPES.register("fashion_mnist_kd", "classic KD on Fashion-MNIST")
+    class FashionMnistKD(Recipe):
+        config_model = FashionMnistConfig
+        def run(self, config, output_dir): ...
+
+Recipe modules are imported lazily by name (see ``_RECIPE_MODULES``) so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+from kdforge.config import read_yaml, validate
+from kdforge.errors import ConfigError
+from kdforge.registry import Registry
+
+
+class Recipe(ABC):
+    """A runnable job: a config model plus a ``run`` method returning a results dict."""
+
+    config_model: ClassVar[type[BaseModel]]
+
+    @abstractmethod
+    def run(self, config: Any, output_dir: Path) -> dict[str, Any]: ...
+
+
+RECIPES: Registry[type[Recipe]] = Registry("recipe")
+
+# recipe name -> module that registers it (imported on demand)
+_RECIPE_MODULES: dict[str, str] = {
+    "fashion_mnist_kd": "kdforge.recipes.fashion_mnist",
+    "llm_kd": "kdforge.recipes.llm_kd",
+    "pgkd": "kdforge.recipes.pgkd",
+}
+
+
+def load_recipe(name: str) -> type[Recipe]:
+    module = _RECIPE_MODULES.get(name)
+    if module is not None and name not in RECIPES:
+        importlib.import_module(module)
+    return RECIPES.get(name)
+
+
+def known_recipes() -> list[str]:
+    return sorted(set(_RECIPE_MODULES) | set(RECIPES.names()))
+
+
+def load_recipe_file(
+    path: str | os.PathLike, overrides: dict[str, Any] | None = None
+) -> tuple[Recipe, BaseModel]:
+    """Read a recipe YAML, pick its recipe class by ``recipe:``, validate the rest."""
+    data = read_yaml(path)
+    name = data.pop("recipe", None)
+    if name is None:
+        raise ConfigError(
+            f"{path}: missing top-level key 'recipe'",
+            f"add e.g. `recipe: fashion_mnist_kd` (known recipes: {', '.join(known_recipes())})",
+        )
+    cls = load_recipe(str(name))
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    config = validate(cls.config_model, data, source=str(path))
+    return cls(), config
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a mapping", "check the key path")
+    node[parts[-1]] = value

@@ -1,0 +1,35 @@
+"""Shared pytest fixtures and markers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Keep the suite deterministic and light on a 2-core machine.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def kdforge_cache(tmp_path, monkeypatch):
+    """An empty, private KDFORGE_CACHE for tests that write derived assets."""
+    path = tmp_path / "kdforge-cache"
+    monkeypatch.setenv("KDFORGE_CACHE", str(path))
+    return path

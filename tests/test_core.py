@@ -1,0 +1,75 @@
+"""Tests of the shared core: registry, config validation, atomic writes, CLI basics."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import Field
+
+from kdforge.cli.main import main
+from kdforge.config import StrictModel, load_config
+from kdforge.errors import ConfigError, KdforgeError
+from kdforge.io import atomic_write, write_json_atomic
+from kdforge.registry import Registry
+
+
+def test_registry_lookup_is_exact_and_suggests_closest_name():
+    reg: Registry = Registry("loss")
+    reg.add("forward_kl", object(), "fkl")
+    reg.add("skew_forward_kl", object(), "skl")
+    assert reg.describe("forward_kl") == "fkl"
+    with pytest.raises(ConfigError, match="did you mean 'forward_kl'"):
+        reg.get("forwrd_kl")
+    with pytest.raises(ConfigError):
+        reg.get("kl")  # no substring matching
+
+
+class _Inner(StrictModel):
+    hidden: int = 8
+
+
+class _Outer(StrictModel):
+    lr: float = 1e-3
+    student: _Inner = Field(default_factory=_Inner)
+
+
+def test_config_unknown_nested_key_names_key_and_suggestion(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: fast\nstudent:\n  hiden: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(_Outer, path)
+    msg = str(info.value)
+    assert "student.hiden: unknown key (did you mean 'hidden'?)" in msg
+    assert "lr:" in msg and "'fast'" in msg
+    assert "2 problems" in msg
+
+
+def test_config_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(_Outer, tmp_path / "nope.yaml")
+
+
+def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
+    target = tmp_path / "out.json"
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_write(target, "w") as fh:
+        fh.write("partial")
+        raise RuntimeError("crash mid-write")
+    assert target.read_text().strip().startswith("{")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp file left behind
+
+
+def test_cli_version_and_error_exit_code(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert "kdforge" in capsys.readouterr().out
+    bad = tmp_path / "r.yaml"
+    bad.write_text("recipe: no_such_recipe\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe 'no_such_recipe'" in err and "Traceback" not in err
+
+
+def test_error_message_includes_fix():
+    exc = KdforgeError("thing is broken", "do the fix")
+    assert str(exc) == "thing is broken\n  Fix: do the fix"

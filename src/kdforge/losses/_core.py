@@ -1,0 +1,329 @@
+"""Shared machinery of the divergence losses: validation, teacher signal -> log-distributions,
+temperature, masking, reduction, non-finite diagnosis.
+
+A divergence in kdforge is a *kernel*: a function ``kernel(logq, logp) -> [...]`` of two
+log-distributions over the same last axis (student ``logq``, teacher ``logp``; both may contain
+``-inf`` for zero-probability entries). :func:`distill` turns any teacher signal into such a
+pair and applies everything else (temperature, mask, reduction, ``T^2``), so every loss gets
+the same sparse-teacher, masking and numerics behaviour for free.
+
+Sparse teacher (top-k ids + full-vocabulary log-probs at T=1) policies:
+
+* ``"tail_bucket"``: the distribution has ``k + 1`` entries: the teacher's top-k probabilities
+  and one bucket with its remaining mass ``1 - sum_k p``; the student's probabilities gathered at
+  the same ids and its own remaining mass ``1 - sum_k q`` as the last bucket. At temperature
+  ``T != 1`` the teacher's tail is assumed spread uniformly over the ``V - k`` unseen tokens (the
+  maximum-entropy completion, as :meth:`SparseTeacher.to_dense_logprobs`), which makes the
+  tempered teacher computable: ``p_T(i) ∝ p(i)^(1/T)`` for the top-k and
+  ``(V-k) * (r/(V-k))^(1/T)`` for the tail. The student is tempered exactly (full softmax at T)
+  before its top-k probabilities are gathered. With ``k == V`` this is exactly the dense loss.
+* ``"renormalize"``: both distributions restricted to the teacher's top-k ids and renormalised
+  there (teacher ``softmax(log p / T)`` over the k ids — exact for any T; student
+  ``softmax(z_s / T)`` over the same ids). Ignores everything outside the top-k.
+
+Padding entries (repeated ids with teacher log-prob ``-inf``) get zero mass on both sides.
+The student's full ``[..., V]`` logits are used only through a log-softmax and a gather: the
+sparse teacher is never densified.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from kdforge.errors import ConfigError, NonFiniteError, ShapeError, VocabMismatchError
+from kdforge.losses.signal import SparseTeacher
+
+Teacher = torch.Tensor | SparseTeacher
+Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+REDUCTIONS = ("mean", "sum", "none")
+SPARSE_POLICIES = ("tail_bucket", "renormalize")
+NEG_INF = float("-inf")
+# Largest log-mass the top-k may claim before its complement is treated as "numerically empty";
+# keeps log(1 - sum p) and its gradient finite (float32 cannot resolve smaller tails anyway).
+_LOG_MASS_CAP = -1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"unknown reduction {reduction!r}", f"use one of {', '.join(REDUCTIONS)}")
+
+
+def check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}", "use e.g. 1.0 or 2.0")
+
+
+def check_unit_interval(name: str, value: float, *, open_low: bool = False, open_high: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > 0 if open_low else value >= 0) and (value < 1 if open_high else value <= 1)
+    if not ok:
+        lo = "(" if open_low else "["
+        hi = ")" if open_high else "]"
+        raise ConfigError(f"{name} must lie in {lo}0, 1{hi}, got {value!r}", f"set {name} inside that range")
+
+
+def check_student(student_logits: torch.Tensor) -> None:
+    if not isinstance(student_logits, torch.Tensor):
+        raise ShapeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}",
+                         "pass the model's output logits")
+    if student_logits.ndim < 1 or not student_logits.is_floating_point():
+        raise ShapeError(
+            f"student_logits must be a floating tensor [..., vocab], got shape {tuple(student_logits.shape)} "
+            f"dtype {student_logits.dtype}",
+            "pass the raw logits of the student (not token ids)",
+        )
+
+
+def check_teacher(student_logits: torch.Tensor, teacher: Teacher) -> None:
+    """Raise ShapeError / VocabMismatchError when ``teacher`` does not fit ``student_logits``."""
+    v_s = student_logits.shape[-1]
+    lead = tuple(student_logits.shape[:-1])
+    if isinstance(teacher, SparseTeacher):
+        if tuple(teacher.shape) != lead:
+            raise ShapeError(
+                f"sparse teacher positions {tuple(teacher.shape)} do not match student positions {lead}",
+                "build the SparseTeacher for the same batch/sequence as the student logits (same shift, "
+                "same padding)",
+            )
+        if teacher.vocab_size != v_s:
+            raise VocabMismatchError(
+                f"sparse teacher vocabulary {teacher.vocab_size} != student vocabulary {v_s}",
+                "distil between models sharing a tokenizer; if one vocabulary is only padded (same family), "
+                "slice the student logits to the shared tokenizer size: student_logits[..., :tokenizer_size]",
+            )
+        if teacher.ids.numel() and (int(teacher.ids.min()) < 0 or int(teacher.ids.max()) >= v_s):
+            raise ShapeError(
+                f"sparse teacher ids outside [0, {v_s})",
+                "the cache was built with another tokenizer or vocabulary; rebuild it",
+            )
+        return
+    if not isinstance(teacher, torch.Tensor):
+        raise ShapeError(
+            f"teacher must be dense logits (torch.Tensor) or a SparseTeacher, got {type(teacher).__name__}",
+            "pass teacher logits [..., vocab] or a SparseTeacher",
+        )
+    if not teacher.is_floating_point():
+        raise ShapeError(f"teacher logits must be floating point, got {teacher.dtype}", "pass logits, not ids")
+    if tuple(teacher.shape[:-1]) != lead or teacher.ndim != student_logits.ndim:
+        raise ShapeError(
+            f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student_logits.shape)} "
+            "cover different positions",
+            "compute both on the same input_ids (same batch, same sequence length, same shift)",
+        )
+    if teacher.shape[-1] != v_s:
+        small = min(teacher.shape[-1], v_s)
+        raise VocabMismatchError(
+            f"teacher vocabulary {teacher.shape[-1]} != student vocabulary {v_s}",
+            "distillation needs a shared tokenizer; for same-family models whose embedding matrices are only "
+            f"padded differently, slice both to the tokenizer size, e.g. logits[..., :{small}]",
+        )
+
+
+def check_positions(name: str, x: torch.Tensor | None, lead: tuple[int, ...]) -> None:
+    if x is None:
+        return
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != lead:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ShapeError(
+            f"{name} has shape {shape}, expected the student's position shape {lead}",
+            f"{name} must be [...] without the vocabulary axis, aligned with the logits",
+        )
+
+
+def real_positions(lead: tuple[int, ...], mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Bool ``[...]`` of real positions (None when every position is real)."""
+    if mask is None:
+        return None
+    return mask.to(device=device).bool() if mask.dtype != torch.bool else mask.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# teacher signal -> pair of log-distributions
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable on both ends (Mächler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def dense_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``log_softmax(z/T)`` of student and teacher, ``[n, V]`` each."""
+    s = student_logits.float()
+    t = teacher_logits.detach().float()
+    if temperature != 1.0:
+        s = s / temperature
+        t = t / temperature
+    return torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
+
+
+def sparse_pair(student_logits: torch.Tensor, teacher: SparseTeacher, temperature: float, policy: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucketed log-distributions ``[n, k(+1)]`` for a sparse teacher (see module docstring)."""
+    if policy not in SPARSE_POLICIES:
+        raise ConfigError(f"unknown sparse_policy {policy!r}", f"use one of {', '.join(SPARSE_POLICIES)}")
+    ids = teacher.ids.long()
+    t_lp = teacher.logprobs.detach().float()
+    pad = torch.isneginf(t_lp)
+    s = student_logits.float()
+    if temperature != 1.0:
+        s = s / temperature
+    if policy == "renormalize":
+        s_sel = s.gather(-1, ids).masked_fill(pad, NEG_INF)
+        t_sel = t_lp / temperature if temperature != 1.0 else t_lp
+        return torch.log_softmax(s_sel, dim=-1), torch.log_softmax(t_sel, dim=-1)
+    # tail_bucket
+    logq = torch.log_softmax(s, dim=-1).gather(-1, ids).masked_fill(pad, NEG_INF)
+    vocab, k = teacher.vocab_size, teacher.k
+    if k >= vocab:  # the top-k is the whole vocabulary: no tail, exactly the dense loss
+        t_top = t_lp / temperature if temperature != 1.0 else t_lp
+        return logq, torch.log_softmax(t_top, dim=-1)
+    q_tail = log1mexp(torch.logsumexp(logq, dim=-1, keepdim=True).clamp(max=_LOG_MASS_CAP))
+    t_tail = log1mexp(torch.logsumexp(t_lp, dim=-1, keepdim=True).clamp(max=_LOG_MASS_CAP))
+    if temperature != 1.0:
+        log_unseen = math.log(vocab - k)
+        t_tail = log_unseen + (t_tail - log_unseen) / temperature
+        t_top = t_lp / temperature
+    else:
+        t_top = t_lp
+    logp = torch.cat([t_top, t_tail], dim=-1)
+    if temperature != 1.0:
+        logp = torch.log_softmax(logp, dim=-1)
+    return torch.cat([logq, q_tail], dim=-1), logp
+
+
+def make_pair(student_logits: torch.Tensor, teacher: Teacher, temperature: float, sparse_policy: str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(teacher, SparseTeacher):
+        return sparse_pair(student_logits, teacher, temperature, sparse_policy)
+    return dense_pair(student_logits, teacher, temperature)
+
+
+# --------------------------------------------------------------------------------------------
+# reductions and the driver
+
+
+def reduce(per_pos: torch.Tensor, real: torch.Tensor | None, lead: tuple[int, ...], reduction: str
+           ) -> torch.Tensor:
+    """Reduce per-real-position values ``[n]`` (n = number of real positions)."""
+    if reduction == "sum":
+        return per_pos.sum()
+    if reduction == "mean":
+        return per_pos.sum() / max(per_pos.numel(), 1)
+    if real is None:
+        return per_pos.reshape(lead)
+    out = per_pos.new_zeros(lead)
+    return out.masked_scatter(real, per_pos) if per_pos.numel() else out + per_pos.sum()
+
+
+def select(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """``[..., V] -> [n, V]`` keeping real positions only."""
+    if real is None:
+        return x.reshape(-1, x.shape[-1])
+    return x[real]
+
+
+def select_teacher(teacher: Teacher, real: torch.Tensor | None) -> Teacher:
+    if isinstance(teacher, SparseTeacher):
+        return teacher.flatten() if real is None else teacher[real]
+    return select(teacher, real)
+
+
+def diagnose_nonfinite(name: str, student_logits: torch.Tensor, teacher: Teacher | None) -> NonFiniteError:
+    """Build the most precise NonFiniteError for a non-finite loss."""
+    if torch.isnan(student_logits).any():
+        return NonFiniteError(
+            f"{name}: student logits contain NaN",
+            "the student diverged or overflowed: lower the learning rate, enable gradient clipping, or train in "
+            "bf16/fp32 instead of fp16",
+        )
+    if torch.isposinf(student_logits).any():
+        return NonFiniteError(f"{name}: student logits contain +Inf", "the student overflowed: use bf16/fp32")
+    if isinstance(teacher, torch.Tensor) and (torch.isnan(teacher).any() or torch.isposinf(teacher).any()):
+        return NonFiniteError(
+            f"{name}: teacher logits contain NaN/+Inf",
+            "check the teacher's dtype (fp16 overflow) and the cache it was read from",
+        )
+    if isinstance(teacher, SparseTeacher) and (torch.isnan(teacher.logprobs).any()
+                                               or torch.isposinf(teacher.logprobs).any()):
+        return NonFiniteError(f"{name}: sparse teacher log-probs contain NaN/+Inf", "rebuild the teacher cache")
+    return NonFiniteError(
+        f"{name}: the loss is not finite although the logits are (a distribution puts zero mass where the other "
+        "puts positive mass, e.g. -inf logits on the student for tokens the teacher uses)",
+        "do not mask student logits with -inf on tokens the teacher can emit, or use a bounded divergence "
+        "(generalized_jsd, tvd, skew_forward_kl)",
+    )
+
+
+def distill(
+    name: str,
+    kernel: Kernel,
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    *,
+    mask: torch.Tensor | None,
+    temperature: float,
+    reduction: str,
+    sparse_policy: str,
+    scale_t2: bool = True,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Apply ``kernel`` to (student, teacher) at real positions and reduce; see module docstring.
+
+    Returns ``T^2 * kernel(...)`` reduced (``scale_t2``), computed in float32.
+    """
+    check_student(student_logits)
+    check_teacher(student_logits, teacher)
+    check_temperature(temperature)
+    check_reduction(reduction)
+    if sparse_policy not in SPARSE_POLICIES:
+        raise ConfigError(f"unknown sparse_policy {sparse_policy!r}", f"use one of {', '.join(SPARSE_POLICIES)}")
+    lead = tuple(student_logits.shape[:-1])
+    check_positions("mask", mask, lead)
+    real = real_positions(lead, mask, student_logits.device)
+    s = select(student_logits, real)
+    t = select_teacher(teacher, real)
+    if s.shape[0] == 0:
+        per_pos = s.float().sum(-1)  # empty, keeps the graph: zero grads, no NaN
+    else:
+        logq, logp = make_pair(s, t, temperature, sparse_policy)
+        per_pos = kernel(logq, logp)
+        if scale_t2 and temperature != 1.0:
+            per_pos = per_pos * (temperature**2)
+        if check_finite and not bool(torch.isfinite(per_pos.detach()).all()):
+            raise diagnose_nonfinite(name, s, t)
+    return reduce(per_pos, real, lead, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# elementwise helpers for kernels
+
+
+def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``a * (log a - log b)`` with ``0 log 0 = 0`` and NaN-free gradients."""
+    live = log_a > NEG_INF
+    la = torch.where(live, log_a, 0.0)
+    lb = torch.where(live, log_b, 0.0)
+    return torch.where(live, la.exp() * (la - lb), 0.0)
+
+
+def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``KL(a || b) = sum_i a_i (log a_i - log b_i)`` over the last axis."""
+    return kl_terms(log_a, log_b).sum(-1)
+
+
+def drop_dead(logq: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replace entries where both distributions are 0 by log 1 (masked out by the caller).
+
+    Mixtures ``log(a q + b p)`` of two ``-inf`` entries have NaN gradients; this removes them.
+    """
+    dead = torch.isneginf(logq) & torch.isneginf(logp)
+    return torch.where(dead, 0.0, logq), torch.where(dead, 0.0, logp), dead

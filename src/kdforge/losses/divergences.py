@@ -1,0 +1,308 @@
+"""Token-level divergences between teacher and student output distributions.
+
+Notation: ``p = softmax(z_t / T)`` (teacher), ``q = softmax(z_s / T)`` (student), over the last
+axis (vocabulary or classes). Every loss here:
+
+* takes ``student_logits [..., V]`` and ``teacher`` = dense logits ``[..., V]`` or a
+  :class:`~kdforge.losses.signal.SparseTeacher` ``[..., k]`` (mass outside the top-k handled by
+  ``sparse_policy``, see :mod:`kdforge.losses._core`),
+* returns ``T^2 * D`` (Hinton et al. 2015 scaling, keeps gradient magnitudes comparable across
+  temperatures), reduced over real positions (``mask``): ``"mean"`` (sum / #real, 0 when none),
+  ``"sum"`` or ``"none"`` (``[...]``, zeros at masked positions),
+* computes in float32 whatever the input dtype, and never differentiates through the teacher,
+* accepts ``labels`` and ignores it (uniform trainer call).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdforge.losses._core import (
+    Teacher,
+    check_unit_interval,
+    distill,
+    drop_dead,
+    kl,
+    kl_terms,
+)
+from kdforge.losses.registry import LOSSES
+
+__all__ = [
+    "adaptive_kl",
+    "forward_kl",
+    "generalized_jsd",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# kernels on log-distributions (logq = student, logp = teacher), shape [n, K] -> [n]
+
+
+def fkl_kernel(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)``."""
+    return kl(logp, logq)
+
+
+def rkl_kernel(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``KL(q || p)``."""
+    return kl(logq, logp)
+
+
+def gjsd_kernel(logq: torch.Tensor, logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``; FKL at 0, RKL at 1."""
+    if beta == 0.0:
+        return fkl_kernel(logq, logp)
+    if beta == 1.0:
+        return rkl_kernel(logq, logp)
+    lq, lp, dead = drop_dead(logq, logp)
+    logm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    terms = beta * kl_terms(lp, logm) + (1.0 - beta) * kl_terms(lq, logm)
+    return torch.where(dead, 0.0, terms).sum(-1)
+
+
+def tvd_kernel(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``0.5 * sum |p - q|``."""
+    return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+
+
+def skew_fkl_kernel(logq: torch.Tensor, logp: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``KL(p || alpha p + (1 - alpha) q)``."""
+    if alpha == 0.0:
+        return fkl_kernel(logq, logp)
+    lq, lp, dead = drop_dead(logq, logp)
+    logm = torch.logaddexp(lp + math.log(alpha), lq + math.log1p(-alpha)) if alpha < 1 else lp
+    return torch.where(dead, 0.0, kl_terms(lp, logm)).sum(-1)
+
+
+def skew_rkl_kernel(logq: torch.Tensor, logp: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``KL(q || alpha q + (1 - alpha) p)``."""
+    if alpha == 0.0:
+        return rkl_kernel(logq, logp)
+    lq, lp, dead = drop_dead(logq, logp)
+    logm = torch.logaddexp(lq + math.log(alpha), lp + math.log1p(-alpha)) if alpha < 1 else lq
+    return torch.where(dead, 0.0, kl_terms(lq, logm)).sum(-1)
+
+
+def akl_weights(logq: torch.Tensor, logp: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AKL's detached head/tail weights ``(g_head, g_tail) / (g_head + g_tail)``, each ``[n]``.
+
+    Head = the teacher's most probable entries whose cumulative teacher mass (sorted descending)
+    stays within ``mu``, the top-1 always included; tail = the rest. ``g_* = sum |p - q|`` over
+    each part.
+    """
+    with torch.no_grad():
+        p = logp.exp()
+        q = logq.exp()
+        p_sorted, order = p.sort(dim=-1, descending=True)
+        gap = (p_sorted - q.gather(-1, order)).abs()
+        cum_before = p_sorted.cumsum(-1) - p_sorted
+        head = cum_before < mu
+        head[..., 0] = True
+        g_head = torch.where(head, gap, 0.0).sum(-1)
+        g_tail = torch.where(head, 0.0, gap).sum(-1)
+        total = g_head + g_tail
+        safe = total > 0
+        w_head = torch.where(safe, g_head / torch.where(safe, total, 1.0), 0.5)
+        return w_head, 1.0 - w_head
+
+
+def akl_kernel(logq: torch.Tensor, logp: torch.Tensor, mu: float) -> torch.Tensor:
+    """``w_head * KL(p || q) + w_tail * KL(q || p)`` with the weights of :func:`akl_weights`."""
+    w_head, w_tail = akl_weights(logq, logp, mu)
+    return w_head * fkl_kernel(logq, logp) + w_tail * rkl_kernel(logq, logp)
+
+
+# --------------------------------------------------------------------------------------------
+# public losses
+
+
+@LOSSES.register("forward_kl", "KL(p_teacher || q_student) * T^2: Hinton KD, mean-seeking")
+def forward_kl(
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    *,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: torch.Tensor | None = None,
+    sparse_policy: str = "tail_bucket",
+) -> torch.Tensor:
+    """Forward KL, ``T^2 * KL(p || q) = T^2 * sum_v p_v (log p_v - log q_v)`` (Hinton et al., 2015).
+
+    Mean-seeking: the student is pushed to cover every token the teacher gives mass to.
+
+    Args:
+        student_logits: ``[..., V]`` student logits (any float dtype; computed in float32).
+        teacher: dense teacher logits ``[..., V]`` or a ``SparseTeacher`` ``[..., k]``.
+        mask: bool ``[...]``, True at real positions (None: all real).
+        temperature: softmax temperature ``T`` applied to both sides; the result is scaled by ``T^2``.
+        reduction: ``"mean"`` over real positions, ``"sum"``, or ``"none"`` (``[...]``).
+        labels: ignored (uniform signature).
+        sparse_policy: ``"tail_bucket"`` or ``"renormalize"`` for a sparse teacher.
+
+    Returns:
+        Scalar, or ``[...]`` for ``reduction="none"``.
+
+    Example:
+        >>> loss = forward_kl(student_logits, teacher_logits, mask=attention_mask.bool(), temperature=2.0)
+    """
+    return distill("forward_kl", fkl_kernel, student_logits, teacher, mask=mask, temperature=temperature,
+                   reduction=reduction, sparse_policy=sparse_policy)
+
+
+@LOSSES.register("reverse_kl", "KL(q_student || p_teacher) * T^2: mode-seeking (MiniLLM)")
+def reverse_kl(
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    *,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: torch.Tensor | None = None,
+    sparse_policy: str = "tail_bucket",
+) -> torch.Tensor:
+    """Reverse KL, ``T^2 * KL(q || p) = T^2 * sum_v q_v (log q_v - log p_v)`` (Gu et al., MiniLLM 2024).
+
+    Mode-seeking: the student may drop low-probability teacher modes but is penalised for mass
+    where the teacher has little. Arguments as :func:`forward_kl`.
+    """
+    return distill("reverse_kl", rkl_kernel, student_logits, teacher, mask=mask, temperature=temperature,
+                   reduction=reduction, sparse_policy=sparse_policy)
+
+
+@LOSSES.register("generalized_jsd", "beta-skewed Jensen-Shannon (GKD); beta=0 forward KL, beta=1 reverse KL")
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    *,
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: torch.Tensor | None = None,
+    sparse_policy: str = "tail_bucket",
+) -> torch.Tensor:
+    """Generalised JSD (Agarwal et al., GKD 2024), TRL's ``beta`` convention.
+
+    ``m = beta * p + (1 - beta) * q`` (computed in log space with logsumexp);
+    ``JSD_beta = beta * KL(p || m) + (1 - beta) * KL(q || m)``, times ``T^2``.
+    ``beta = 0`` is exactly :func:`forward_kl`, ``beta = 1`` exactly :func:`reverse_kl`
+    (the formula itself vanishes at the endpoints; like TRL we switch to the KL there).
+    ``beta = 0.5`` is the symmetric Jensen-Shannon divergence (bounded by ``log 2``).
+    Differs from ``trl``'s ``generalized_jsd_loss`` only by the ``T^2`` factor and the reduction.
+    """
+    check_unit_interval("beta", beta)
+    return distill("generalized_jsd", lambda lq, lp: gjsd_kernel(lq, lp, float(beta)), student_logits, teacher,
+                   mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)
+
+
+def jsd(
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    *,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: torch.Tensor | None = None,
+    sparse_policy: str = "tail_bucket",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Jensen-Shannon divergence: :func:`generalized_jsd` with ``beta = 0.5`` by default."""
+    return generalized_jsd(student_logits, teacher, beta=beta, mask=mask, temperature=temperature,
+                           reduction=reduction, sparse_policy=sparse_policy)
+
+
+LOSSES.add("jsd", jsd, "symmetric Jensen-Shannon divergence (generalized_jsd with beta=0.5)")
+
+
+@LOSSES.register("tvd", "total variation distance 0.5*sum|p - q| * T^2 (bounded, symmetric)")
+def tvd(
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    *,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: torch.Tensor | None = None,
+    sparse_policy: str = "tail_bucket",
+) -> torch.Tensor:
+    """Total variation distance ``T^2 * 0.5 * sum_v |p_v - q_v|`` (used by DistiLLM-2 / Wen et al. 2023)."""
+    return distill("tvd", tvd_kernel, student_logits, teacher, mask=mask, temperature=temperature,
+                   reduction=reduction, sparse_policy=sparse_policy)
+
+
+@LOSSES.register("skew_forward_kl", "DistiLLM skew KL: KL(p || alpha*p + (1-alpha)*q) * T^2")
+def skew_forward_kl(
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    *,
+    alpha: float = 0.1,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: torch.Tensor | None = None,
+    sparse_policy: str = "tail_bucket",
+) -> torch.Tensor:
+    """Skew forward KL (Ko et al., DistiLLM 2024): ``T^2 * KL(p || alpha p + (1 - alpha) q)``.
+
+    Mixing the teacher into the target's denominator bounds the loss (by ``-log alpha``) and its
+    gradients; ``alpha = 0`` is forward KL. The paper's default is ``alpha = 0.1``.
+    """
+    check_unit_interval("alpha", alpha)
+    return distill("skew_forward_kl", lambda lq, lp: skew_fkl_kernel(lq, lp, float(alpha)), student_logits,
+                   teacher, mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)
+
+
+@LOSSES.register("skew_reverse_kl", "DistiLLM skew reverse KL: KL(q || alpha*q + (1-alpha)*p) * T^2")
+def skew_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    *,
+    alpha: float = 0.1,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: torch.Tensor | None = None,
+    sparse_policy: str = "tail_bucket",
+) -> torch.Tensor:
+    """Skew reverse KL (Ko et al., DistiLLM 2024): ``T^2 * KL(q || alpha q + (1 - alpha) p)``.
+
+    ``alpha = 0`` is reverse KL. The paper's default is ``alpha = 0.1``.
+    """
+    check_unit_interval("alpha", alpha)
+    return distill("skew_reverse_kl", lambda lq, lp: skew_rkl_kernel(lq, lp, float(alpha)), student_logits,
+                   teacher, mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)
+
+
+@LOSSES.register("adaptive_kl", "AKL: per-token mix of forward/reverse KL weighted by head/tail gaps")
+def adaptive_kl(
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    *,
+    mu: float = 0.5,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: torch.Tensor | None = None,
+    sparse_policy: str = "tail_bucket",
+) -> torch.Tensor:
+    """Adaptive KL (Wu et al., 2024, "Rethinking KL divergence in KD for LLMs").
+
+    Per position, sort the teacher's probabilities descending; the *head* is the top entries
+    whose cumulative mass stays within ``mu`` (the top-1 always), the *tail* the rest. With
+    ``g_head = sum_head |p - q|`` and ``g_tail = sum_tail |p - q|`` (no gradient):
+
+    ``AKL = T^2 * (g_head KL(p || q) + g_tail KL(q || p)) / (g_head + g_tail)``
+
+    FKL fits the head early in training, RKL the tail; AKL weights each by where the student
+    is currently wrong. Sorts ``[..., V]``: costs one sort per position.
+    """
+    check_unit_interval("mu", mu, open_low=True)
+    return distill("adaptive_kl", lambda lq, lp: akl_kernel(lq, lp, float(mu)), student_logits, teacher,
+                   mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)

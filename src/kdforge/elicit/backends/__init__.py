@@ -1,0 +1,31 @@
+"""Teacher backends behind one interface (:class:`~kdforge.elicit.backends.base.Backend`).
+
+* ``transformers``: a local Hugging Face model, batched ``generate`` with left padding.
+* ``openai``: any OpenAI-compatible HTTP endpoint (vLLM, TGI, llama.cpp, ``transformers
+  serve``, hosted APIs), async with retries, backoff and rate limits.
+* ``vllm``: vLLM's offline engine (optional extra ``kdforge[vllm]``).
+
+Backend modules import their heavy dependencies lazily; :func:`build_backend` picks one from a
+config by its ``type``.
+"""
+
+from __future__ import annotations
+
+from kdforge.elicit.backends.base import Backend, BackendStats
+from kdforge.elicit.backends.config import (
+    BackendConfig,
+    OpenAIConfig,
+    TransformersConfig,
+    VLLMConfig,
+    build_backend,
+)
+
+__all__ = [
+    "Backend",
+    "BackendStats",
+    "BackendConfig",
+    "OpenAIConfig",
+    "TransformersConfig",
+    "VLLMConfig",
+    "build_backend",
+]

@@ -3,7 +3,11 @@
 Where is ...?
 
 * forward / reverse KL, (generalised) JSD, TVD, skew KL, adaptive KL -> :mod:`.divergences`
+* decoupled KD (DKD) -> :mod:`.dkd`
+* TAID and its ``t`` schedule -> :mod:`.taid`
 * cross-entropy with labels -> :mod:`.supervised`
+* fused LM-head + loss over chunks for big vocabularies -> :mod:`.chunked`
+* ``nn.Module`` wrappers (``ForwardKL(temperature=2.0)``) -> :mod:`.modules`
 * the teacher signal (dense logits or sparse top-k) -> :mod:`.signal`
 
 Every registered loss is called the same way::
@@ -11,6 +15,7 @@ Every registered loss is called the same way::
     LOSSES.get(name)(student_logits, teacher, mask=m, reduction="sum", temperature=T, labels=y, **params)
 """
 
+from kdforge.losses.chunked import TeacherHead, auto_chunk_size, chunked_distillation_loss
 from kdforge.losses.divergences import (
     adaptive_kl,
     forward_kl,
@@ -21,21 +26,53 @@ from kdforge.losses.divergences import (
     skew_reverse_kl,
     tvd,
 )
+from kdforge.losses.dkd import dkd
+from kdforge.losses.modules import (
+    DKD,
+    TAID,
+    TVD,
+    AdaptiveKL,
+    CrossEntropy,
+    DistillationLoss,
+    ForwardKL,
+    GeneralizedJSD,
+    ReverseKL,
+    SkewForwardKL,
+    SkewReverseKL,
+)
 from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
+from kdforge.losses.taid import TAIDSchedule, taid
 
 __all__ = [
+    "DKD",
     "IGNORE_INDEX",
     "LOSSES",
+    "TAID",
+    "TVD",
+    "AdaptiveKL",
+    "CrossEntropy",
+    "DistillationLoss",
+    "ForwardKL",
+    "GeneralizedJSD",
+    "ReverseKL",
+    "SkewForwardKL",
+    "SkewReverseKL",
     "SparseTeacher",
+    "TAIDSchedule",
+    "TeacherHead",
     "adaptive_kl",
+    "auto_chunk_size",
+    "chunked_distillation_loss",
     "cross_entropy",
+    "dkd",
     "forward_kl",
     "generalized_jsd",
     "jsd",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "taid",
     "tvd",
 ]

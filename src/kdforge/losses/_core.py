@@ -309,6 +309,8 @@ def distill(
 
 def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """Elementwise ``a * (log a - log b)`` with ``0 log 0 = 0`` and NaN-free gradients."""
+    if not bool(torch.isneginf(log_a).any()):  # common dense case: no zero-probability entries
+        return log_a.exp() * (log_a - log_b)
     live = log_a > NEG_INF
     la = torch.where(live, log_a, 0.0)
     lb = torch.where(live, log_b, 0.0)
@@ -320,10 +322,18 @@ def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return kl_terms(log_a, log_b).sum(-1)
 
 
-def drop_dead(logq: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def drop_dead(logq: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Replace entries where both distributions are 0 by log 1 (masked out by the caller).
 
     Mixtures ``log(a q + b p)`` of two ``-inf`` entries have NaN gradients; this removes them.
+    Returns ``(logq, logp, dead)`` with ``dead=None`` when there is no such entry.
     """
     dead = torch.isneginf(logq) & torch.isneginf(logp)
+    if not bool(dead.any()):
+        return logq, logp, None
     return torch.where(dead, 0.0, logq), torch.where(dead, 0.0, logp), dead
+
+
+def sum_alive(terms: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+    """Sum ``terms`` over the last axis, skipping ``dead`` entries (see :func:`drop_dead`)."""
+    return (terms if dead is None else torch.where(dead, 0.0, terms)).sum(-1)

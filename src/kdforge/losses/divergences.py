@@ -26,6 +26,7 @@ from kdforge.losses._core import (
     drop_dead,
     kl,
     kl_terms,
+    sum_alive,
 )
 from kdforge.losses.registry import LOSSES
 
@@ -63,7 +64,7 @@ def gjsd_kernel(logq: torch.Tensor, logp: torch.Tensor, beta: float) -> torch.Te
     lq, lp, dead = drop_dead(logq, logp)
     logm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
     terms = beta * kl_terms(lp, logm) + (1.0 - beta) * kl_terms(lq, logm)
-    return torch.where(dead, 0.0, terms).sum(-1)
+    return sum_alive(terms, dead)
 
 
 def tvd_kernel(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ def skew_fkl_kernel(logq: torch.Tensor, logp: torch.Tensor, alpha: float) -> tor
         return fkl_kernel(logq, logp)
     lq, lp, dead = drop_dead(logq, logp)
     logm = torch.logaddexp(lp + math.log(alpha), lq + math.log1p(-alpha)) if alpha < 1 else lp
-    return torch.where(dead, 0.0, kl_terms(lp, logm)).sum(-1)
+    return sum_alive(kl_terms(lp, logm), dead)
 
 
 def skew_rkl_kernel(logq: torch.Tensor, logp: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -86,7 +87,7 @@ def skew_rkl_kernel(logq: torch.Tensor, logp: torch.Tensor, alpha: float) -> tor
         return rkl_kernel(logq, logp)
     lq, lp, dead = drop_dead(logq, logp)
     logm = torch.logaddexp(lq + math.log(alpha), lp + math.log1p(-alpha)) if alpha < 1 else lq
-    return torch.where(dead, 0.0, kl_terms(lq, logm)).sum(-1)
+    return sum_alive(kl_terms(lq, logm), dead)
 
 
 def akl_weights(logq: torch.Tensor, logp: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,282 @@
+"""Fused LM-head + distillation loss over chunks of positions, for big vocabularies.
+
+With ``N`` tokens and a vocabulary of ``V``, plain distillation materialises the student's
+``[N, V]`` logits, the teacher's, their log-softmaxes and the autograd buffers of all of them:
+at ``N = 4096, V = 131072`` each such float32 array is 2 GiB. This module never holds more than
+one chunk of ``chunk_size`` positions of them:
+
+for each chunk of positions ``c``:
+  1. student logits ``h_c W^T (+ b)`` (and, for a :class:`TeacherHead`, the teacher's) for the chunk,
+  2. the registered loss on the chunk (the *same* pure function as the unchunked path, so every
+     loss in :data:`~kdforge.losses.LOSSES` works, dense or sparse teacher, with its masking),
+  3. its gradient w.r.t. the chunk's logits, immediately turned into ``dL/dh_c = g W`` and
+     accumulated ``dL/dW += g^T h_c`` (``dL/db += sum g``), then the chunk's arrays are freed.
+
+This all happens inside the forward of a :class:`torch.autograd.Function`; backward only scales
+the stored gradients by the incoming gradient. Same idea as Liger-Kernel's
+``fused_linear_distillation`` and torchtune's chunked KD losses, but for every loss of the zoo, a
+sparse (top-k) teacher, a teacher given as hidden states + head, and a CE term in one pass.
+
+Cost: one extra ``[V, H]`` float32 buffer for the weight gradient; the logits are computed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kdforge.errors import ConfigError, ShapeError, VocabMismatchError
+from kdforge.losses._core import check_reduction, check_temperature
+from kdforge.losses.registry import LOSSES
+from kdforge.losses.signal import SparseTeacher
+from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
+
+__all__ = ["TeacherHead", "auto_chunk_size", "chunked_distillation_loss"]
+
+# "auto" chunking keeps one chunk's float32 [chunk, V] array near this many elements (128 MiB).
+AUTO_CHUNK_ELEMENTS = 1 << 25
+
+
+@dataclass(frozen=True)
+class TeacherHead:
+    """Teacher given as final hidden states and its LM head, so its logits are made per chunk.
+
+    Attributes:
+        hidden: ``[N, Ht]`` (or ``[..., Ht]``) teacher final hidden states (after the final norm).
+        weight: ``[V, Ht]`` teacher LM-head weight.
+        bias: optional ``[V]`` LM-head bias.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
+    def logits(self, rows: slice) -> torch.Tensor:
+        h = self.hidden.reshape(-1, self.hidden.shape[-1])[rows].detach()
+        b = None if self.bias is None else self.bias.detach()
+        return torch.nn.functional.linear(h, self.weight.detach(), b)
+
+
+def auto_chunk_size(vocab_size: int, num_positions: int) -> int:
+    """Rows per chunk so that one float32 ``[rows, V]`` array stays near 128 MiB."""
+    return max(1, min(num_positions, AUTO_CHUNK_ELEMENTS // max(vocab_size, 1)))
+
+
+def _teacher_chunk(teacher: torch.Tensor | SparseTeacher | TeacherHead, rows: slice):
+    if isinstance(teacher, TeacherHead):
+        return teacher.logits(rows)
+    if isinstance(teacher, SparseTeacher):
+        return teacher[rows]
+    return teacher[rows].detach()
+
+
+def _validate(student_hidden, lm_head_weight, lm_head_bias, teacher, labels, mask, n: int) -> None:
+    if student_hidden.ndim != 2:
+        raise ShapeError(f"student_hidden must be [N, H] after flattening, got {tuple(student_hidden.shape)}",
+                         "pass the student's final hidden states (after the final norm)")
+    if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != student_hidden.shape[1]:
+        raise ShapeError(
+            f"lm_head_weight {tuple(lm_head_weight.shape)} does not fit hidden size {student_hidden.shape[1]}",
+            "pass the student's LM head weight [vocab, hidden] (model.get_output_embeddings().weight)",
+        )
+    vocab = lm_head_weight.shape[0]
+    if lm_head_bias is not None and tuple(lm_head_bias.shape) != (vocab,):
+        raise ShapeError(f"lm_head_bias {tuple(lm_head_bias.shape)} must be [{vocab}]", "pass the head's bias or None")
+    if isinstance(teacher, TeacherHead):
+        t_rows = teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).shape[0]
+        if teacher.weight.ndim != 2 or teacher.weight.shape[1] != teacher.hidden.shape[-1]:
+            raise ShapeError(f"TeacherHead weight {tuple(teacher.weight.shape)} does not fit hidden "
+                             f"{tuple(teacher.hidden.shape)}", "pass the teacher's LM head [vocab, hidden_t]")
+        t_vocab = teacher.vocab_size
+    elif isinstance(teacher, SparseTeacher):
+        t_rows, t_vocab = teacher.flatten().ids.shape[0], teacher.vocab_size
+    elif isinstance(teacher, torch.Tensor):
+        t_rows, t_vocab = teacher.reshape(-1, teacher.shape[-1]).shape[0], teacher.shape[-1]
+    elif teacher is None:
+        return
+    else:
+        raise ShapeError(f"unsupported teacher type {type(teacher).__name__}",
+                         "pass dense logits, a SparseTeacher or a TeacherHead")
+    if t_rows != n:
+        raise ShapeError(f"teacher covers {t_rows} positions, student {n}",
+                         "flatten both over the same (batch, sequence) positions")
+    if t_vocab != vocab:
+        raise VocabMismatchError(
+            f"teacher vocabulary {t_vocab} != student LM-head vocabulary {vocab}",
+            "use models sharing a tokenizer; for same-family heads padded to different sizes, slice the heads "
+            "to the tokenizer size: weight[:tokenizer_size]",
+        )
+
+
+class _FusedChunkedLoss(torch.autograd.Function):
+    """Forward computes loss *and* gradients chunk by chunk; backward rescales them."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                run: Callable[..., tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss, kd, ce, g_hidden, g_weight, g_bias = run(hidden, weight, bias)
+        ctx.save_for_backward(g_hidden, g_weight, g_bias if g_bias is not None else torch.empty(0))
+        ctx.has_bias = g_bias is not None
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
+
+    @staticmethod
+    def backward(ctx, g_loss: torch.Tensor, _g_kd: Any, _g_ce: Any):
+        g_hidden, g_weight, g_bias = ctx.saved_tensors
+        gh = g_hidden * g_loss.to(g_hidden.dtype) if ctx.needs_input_grad[0] else None
+        gw = g_weight * g_loss.to(g_weight.dtype) if ctx.needs_input_grad[1] else None
+        gb = g_bias * g_loss.to(g_bias.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gh, gw, gb, None
+
+
+def chunked_distillation_loss(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher: torch.Tensor | SparseTeacher | TeacherHead | None,
+    *,
+    loss: str | Callable[..., torch.Tensor] = "forward_kl",
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    temperature: float = 1.0,
+    chunk_size: int | str = 1024,
+    lm_head_bias: torch.Tensor | None = None,
+    reduction: str = "sum",
+    **loss_params: Any,
+) -> dict[str, torch.Tensor]:
+    """``kd_weight * KD + ce_weight * CE`` from hidden states, chunked over positions.
+
+    Exactly equal (values and gradients, up to float rounding) to
+    ``kd_weight * LOSSES.get(loss)(h W^T + b, teacher, mask=, labels=, temperature=, reduction=)
+    + ce_weight * cross_entropy(h W^T + b, labels=, mask=, reduction=)`` without ever holding the
+    ``[N, V]`` logits.
+
+    Args:
+        student_hidden: ``[N, H]`` (or ``[..., H]``, flattened) student final hidden states.
+        lm_head_weight: ``[V, H]`` student LM head (gets a gradient if it requires one).
+        teacher: dense logits ``[N, V]``, a ``SparseTeacher`` ``[N, k]``, a :class:`TeacherHead`,
+            or None when ``kd_weight == 0``. The teacher never receives gradients.
+        loss: registered loss name (any of ``LOSSES``) or a callable with the same signature.
+        labels: int ``[N]`` targets for CE (and DKD), ``-100`` to ignore. Already shifted.
+        mask: bool ``[N]`` real positions (None: all real).
+        kd_weight, ce_weight: weights of the KD and CE terms in ``"loss"``.
+        temperature: passed to the KD loss (CE is always at T = 1).
+        chunk_size: positions per chunk, or ``"auto"`` (:func:`auto_chunk_size`: ~128 MiB per
+            float32 ``[chunk, V]`` array). Peak extra memory is a small multiple of one chunk.
+        lm_head_bias: optional ``[V]`` bias.
+        reduction: ``"sum"`` (default: sums over real positions; divide by your global token
+            count, e.g. across gradient-accumulation micro-batches) or ``"mean"`` (KD divided by
+            the number of real positions, CE by the number of labelled real positions).
+        **loss_params: extra parameters of the KD loss (``beta``, ``alpha``, ``t``, ``sparse_policy``...).
+
+    Returns:
+        ``{"loss": differentiable weighted total, "kd": detached KD, "ce": detached CE}``.
+    """
+    check_temperature(temperature)
+    check_reduction(reduction)
+    if reduction == "none":
+        raise ConfigError("chunked_distillation_loss supports reduction 'sum' or 'mean', not 'none'",
+                          "use reduction='sum' and divide by the token count yourself")
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n = hidden.shape[0]
+    flat_labels = None if labels is None else labels.reshape(-1).to(hidden.device)
+    flat_mask = None if mask is None else mask.reshape(-1).to(hidden.device).bool()
+    for name, x in (("labels", flat_labels), ("mask", flat_mask)):
+        if x is not None and x.shape[0] != n:
+            raise ShapeError(f"{name} covers {x.shape[0]} positions, student_hidden {n}",
+                             f"flatten {name} over the same positions as the hidden states")
+    if kd_weight != 0 and teacher is None:
+        raise ConfigError("kd_weight != 0 but no teacher was given", "pass the teacher signal or set kd_weight=0")
+    if ce_weight != 0 and flat_labels is None:
+        raise ConfigError("ce_weight != 0 needs labels", "pass labels=[N] (ignore_index -100)")
+    _validate(hidden, lm_head_weight, lm_head_bias, teacher if kd_weight != 0 else None, flat_labels, flat_mask, n)
+    loss_fn = LOSSES.get(loss) if isinstance(loss, str) else loss
+    if isinstance(teacher, torch.Tensor):
+        teacher = teacher.reshape(-1, teacher.shape[-1])
+    elif isinstance(teacher, SparseTeacher):
+        teacher = teacher.flatten()
+    vocab = lm_head_weight.shape[0]
+    rows = auto_chunk_size(vocab, n) if chunk_size == "auto" else chunk_size
+    if not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}", "use e.g. 1024")
+
+    kd_scale, ce_scale = float(kd_weight), float(ce_weight)
+    if reduction == "mean":
+        real = torch.ones(n, dtype=torch.bool, device=hidden.device) if flat_mask is None else flat_mask
+        kd_count = real if not getattr(loss_fn, "requires_labels", False) or flat_labels is None else (
+            real & (flat_labels != IGNORE_INDEX))
+        kd_norm = max(int(kd_count.sum()), 1)
+        ce_norm = max(int((real & (flat_labels != IGNORE_INDEX)).sum()), 1) if flat_labels is not None else 1
+    else:
+        kd_norm = ce_norm = 1
+
+    def run(h_all: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+        want_h = h_all.requires_grad
+        want_w = w.requires_grad
+        want_b = b is not None and b.requires_grad
+        want_any = want_h or want_w or want_b
+        h_all, w = h_all.detach(), w.detach()
+        b = None if b is None else b.detach()
+        g_h = torch.zeros_like(h_all) if want_h else None
+        g_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+        g_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if want_b else None
+        kd_total = torch.zeros((), dtype=torch.float32, device=h_all.device)
+        ce_total = torch.zeros((), dtype=torch.float32, device=h_all.device)
+        for start in range(0, n, rows):
+            sl = slice(start, min(start + rows, n))
+            h = h_all[sl]
+            m = None if flat_mask is None else flat_mask[sl]
+            y = None if flat_labels is None else flat_labels[sl]
+            with torch.enable_grad():
+                logits = torch.nn.functional.linear(h, w, b).float().requires_grad_(want_any)
+                total = logits.new_zeros(())
+                if kd_scale != 0:
+                    kd = loss_fn(logits, _teacher_chunk(teacher, sl), mask=m, labels=y, temperature=temperature,
+                                 reduction="sum", **loss_params)
+                    kd_total += kd.detach()
+                    total = total + kd * (kd_scale / kd_norm)
+                if ce_scale != 0:
+                    ce = cross_entropy(logits, None, labels=y, mask=m, reduction="sum")
+                    ce_total += ce.detach()
+                    total = total + ce * (ce_scale / ce_norm)
+                if want_any and total.requires_grad:
+                    (g,) = torch.autograd.grad(total, logits)
+                else:
+                    g = None
+            del logits, total
+            if g is None:
+                continue
+            g_low = g.to(h.dtype)
+            if want_h:
+                g_h[sl] = g_low @ w
+            if want_w:
+                if g_w.dtype == h.dtype:
+                    g_w.addmm_(g.t(), h)
+                else:
+                    g_w += (g_low.t() @ h).float()
+            if want_b:
+                g_b += g.sum(0)
+            del g, g_low
+        kd_out = kd_total / kd_norm
+        ce_out = ce_total / ce_norm
+        weighted = kd_scale * kd_out + ce_scale * ce_out
+        g_h = torch.empty(0, device=h_all.device) if g_h is None else g_h
+        g_w = torch.empty(0, device=w.device) if g_w is None else g_w.to(w.dtype)
+        g_b = None if g_b is None else g_b.to(b.dtype)
+        return weighted, kd_out, ce_out, g_h, g_w, g_b
+
+    if not (hidden.requires_grad or lm_head_weight.requires_grad
+            or (lm_head_bias is not None and lm_head_bias.requires_grad)) or not torch.is_grad_enabled():
+        with torch.no_grad():
+            weighted, kd_out, ce_out, *_ = run(hidden, lm_head_weight, lm_head_bias)
+        return {"loss": weighted, "kd": kd_out, "ce": ce_out}
+    weighted, kd_out, ce_out = _FusedChunkedLoss.apply(hidden, lm_head_weight, lm_head_bias, run)
+    return {"loss": weighted, "kd": kd_out, "ce": ce_out}

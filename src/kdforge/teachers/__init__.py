@@ -1,1 +1,37 @@
-"""kdforge.teachers"""
+"""Teachers: online (a live frozen model), offline (a top-k cache), vocabulary checks."""
+
+from kdforge.teachers.cache import (
+    ENCODINGS,
+    TeacherCache,
+    TeacherCacheDataset,
+    build_teacher_cache,
+    collate_teacher_cache,
+    open_teacher_cache,
+    pack_tokens,
+)
+from kdforge.teachers.online import OnlineTeacher, load_teacher, topk_logprobs
+from kdforge.teachers.vocab import (
+    VocabAlignment,
+    check_vocab,
+    slice_logits,
+    tokenizer_fingerprint,
+    tokenizer_size,
+)
+
+__all__ = [
+    "ENCODINGS",
+    "OnlineTeacher",
+    "TeacherCache",
+    "TeacherCacheDataset",
+    "VocabAlignment",
+    "build_teacher_cache",
+    "check_vocab",
+    "collate_teacher_cache",
+    "load_teacher",
+    "open_teacher_cache",
+    "pack_tokens",
+    "slice_logits",
+    "tokenizer_fingerprint",
+    "tokenizer_size",
+    "topk_logprobs",
+]

@@ -1,0 +1,34 @@
+"""Offline top-k teacher cache: build once, replay for any number of students.
+
+See docs/teacher-cache.md. Public API::
+
+    build_teacher_cache(teacher, sequences, out_dir, k=16, encoding="compact-u8-zstd")
+    TeacherCacheDataset(out_dir)           # torch Dataset for training
+    open_teacher_cache(out_dir)            # low-level reader
+"""
+
+from kdforge.teachers.cache.codec import ENCODINGS, Encoding, get_encoding
+from kdforge.teachers.cache.corpus import pack_tokens, read_texts
+from kdforge.teachers.cache.dataset import (
+    BATCH_KEYS,
+    TeacherCacheDataset,
+    batch_sparse_teacher,
+    collate_teacher_cache,
+)
+from kdforge.teachers.cache.reader import TeacherCache, open_teacher_cache
+from kdforge.teachers.cache.writer import build_teacher_cache
+
+__all__ = [
+    "BATCH_KEYS",
+    "ENCODINGS",
+    "Encoding",
+    "TeacherCache",
+    "TeacherCacheDataset",
+    "batch_sparse_teacher",
+    "build_teacher_cache",
+    "collate_teacher_cache",
+    "get_encoding",
+    "open_teacher_cache",
+    "pack_tokens",
+    "read_texts",
+]

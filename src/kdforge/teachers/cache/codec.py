@@ -1,0 +1,234 @@
+"""Encodings of the top-k teacher signal: id types, log-prob quantisation, entropy coding.
+
+One *record* holds one sequence of ``T`` positions as a numpy structured array with the fields
+
+=============  ===========  ====================================================================
+field          shape        content
+=============  ===========  ====================================================================
+``input_ids``  ``[T]``      the token ids the teacher read (uint16 if vocab <= 65,536 else uint32)
+``ids``        ``[T, k]``   top-k token ids per logit position, by decreasing probability
+``logprobs``   ``[T, k]``   float32 / float16 log-probs, or uint8 codes (see below)
+``tail``       ``[T]``      uint16 code of the tail mass ``1 - sum_k p_k`` (compact encodings)
+=============  ===========  ====================================================================
+
+Log-prob quantisation (``compact-u8*``): ``code = round(255 * lp / lp_min)`` clipped to
+``[0, 255]``, with ``lp_min = -20`` by default, i.e. a uniform grid in log space with step
+``|lp_min| / 255 ~= 0.078`` nats: every top-k probability is kept within a relative error of
+``exp(0.039) - 1 ~= 4%``; probabilities below ``e^-20 ~= 2e-9`` saturate (their mass is
+negligible). The exact tail mass is stored on a 16-bit grid (step 1.5e-5) and the decoder
+rescales the dequantised top-k probabilities so that ``sum_k p_k + tail = 1`` exactly: the
+quantisation noise never leaks into the tail bucket that sparse KD losses use.
+
+Entropy coding (``*-zstd``, ``*-zlib``): each record is compressed on its own (so a random
+access reads and decodes one sequence), after a byte-plane shuffle of multi-byte fields (the high
+bytes of token ids are highly redundant, the low bytes are not; separating them helps the coder).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from kdforge.errors import CacheError, ConfigError
+from kdforge.registry import Registry
+
+TAIL_SCALE = 65535.0
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a top-k record is stored.
+
+    Attributes:
+        name: registry name (``"compact-u8-zstd"``).
+        logprob_dtype: ``"float32"`` (lossless), ``"float16"`` or ``"uint8"`` (quantised).
+        compression: ``None``, ``"zstd"`` or ``"zlib"`` (per-record, lossless).
+        level: compression level.
+        logprob_min: lower end of the uint8 log-prob grid (nats).
+        shuffle: byte-plane shuffle before compression.
+    """
+
+    name: str
+    logprob_dtype: str
+    compression: str | None = None
+    level: int = 3
+    logprob_min: float = -20.0
+    shuffle: bool = True
+
+    @property
+    def stores_tail(self) -> bool:
+        return self.logprob_dtype == "uint8"
+
+    @property
+    def lossless(self) -> bool:
+        return self.logprob_dtype == "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ENCODINGS: Registry[Encoding] = Registry("cache encoding")
+for _enc, _desc in [
+    (Encoding("raw-fp32", "float32"), "lossless: compact ids + float32 log-probs (8 B per top-k entry with uint16 ids)"),
+    (Encoding("raw-fp16", "float16"), "compact ids + float16 log-probs (4 B per entry)"),
+    (Encoding("compact-u8", "uint8"), "compact ids + uint8 log-prob codes + 16-bit tail mass (3 B per entry), memory-mappable"),
+    (Encoding("compact-u8-zstd", "uint8", "zstd", 10), "compact-u8 then per-sequence zstd (default; needs the zstandard package)"),
+    (Encoding("compact-u8-zlib", "uint8", "zlib", 6), "compact-u8 then per-sequence zlib (standard library only)"),
+    (Encoding("raw-fp16-zstd", "float16", "zstd", 10), "raw-fp16 then per-sequence zstd"),
+]:
+    ENCODINGS.register(_enc.name, _desc)(_enc)
+
+
+def get_encoding(name: str | Encoding) -> Encoding:
+    """Look an encoding up by name (ConfigError listing the known ones if unknown)."""
+    return name if isinstance(name, Encoding) else ENCODINGS.get(name)
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned type holding ids ``< vocab_size``: uint16 up to 65,536, else uint32."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def record_dtype(encoding: Encoding, seq_len: int, k: int, vocab_size: int) -> np.dtype:
+    """Packed structured dtype of one record (one sequence)."""
+    idt = id_dtype(vocab_size)
+    lpt = {"float32": "<f4", "float16": "<f2", "uint8": "u1"}[encoding.logprob_dtype]
+    fields: list[tuple[str, Any, tuple[int, ...]]] = [
+        ("input_ids", idt, (seq_len,)),
+        ("ids", idt, (seq_len, k)),
+        ("logprobs", np.dtype(lpt), (seq_len, k)),
+    ]
+    if encoding.stores_tail:
+        fields.append(("tail", np.dtype("<u2"), (seq_len,)))
+    return np.dtype(fields)
+
+
+def quantize_logprobs(logprobs: np.ndarray, logprob_min: float) -> np.ndarray:
+    """float log-probs (``<= 0``, ``-inf`` allowed) -> uint8 codes on ``[logprob_min, 0]``."""
+    scaled = np.nan_to_num(logprobs.astype(np.float64), neginf=logprob_min) * (255.0 / logprob_min)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def dequantize_logprobs(codes: np.ndarray, logprob_min: float) -> np.ndarray:
+    return codes.astype(np.float32) * np.float32(logprob_min / 255.0)
+
+
+def encode_records(
+    encoding: Encoding,
+    input_ids: np.ndarray,
+    ids: np.ndarray,
+    logprobs: np.ndarray,
+    vocab_size: int,
+) -> np.ndarray:
+    """Pack ``[n, T]`` input ids and ``[n, T, k]`` top-k ids/log-probs into ``[n]`` records."""
+    n, seq_len, k = ids.shape
+    rec = np.zeros(n, dtype=record_dtype(encoding, seq_len, k, vocab_size))
+    rec["input_ids"] = input_ids
+    rec["ids"] = ids
+    lp = logprobs.astype(np.float32)
+    if encoding.logprob_dtype == "uint8":
+        rec["logprobs"] = quantize_logprobs(lp, encoding.logprob_min)
+        tail = np.clip(1.0 - np.exp(lp.astype(np.float64)).sum(-1), 0.0, 1.0)
+        rec["tail"] = np.rint(tail * TAIL_SCALE).astype(np.uint16)
+    else:
+        rec["logprobs"] = lp
+    return rec
+
+
+def decode_record(encoding: Encoding, rec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One record -> ``(input_ids int64 [T], ids int64 [T, k], logprobs float32 [T, k])``.
+
+    For quantised encodings the top-k probabilities are rescaled so they sum to ``1 - tail``.
+    """
+    input_ids = rec["input_ids"].astype(np.int64)
+    ids = rec["ids"].astype(np.int64)
+    if encoding.logprob_dtype == "uint8":
+        lp = dequantize_logprobs(rec["logprobs"], encoding.logprob_min)
+        head = np.maximum(1.0 - rec["tail"].astype(np.float32) / np.float32(TAIL_SCALE), 1e-30)
+        total = np.exp(lp).sum(-1)
+        lp = lp + (np.log(head) - np.log(total))[..., None].astype(np.float32)
+    else:
+        lp = rec["logprobs"].astype(np.float32)
+    return input_ids, ids, lp
+
+
+# ---- per-record entropy coding --------------------------------------------------------------
+
+def _field_planes(dtype: np.dtype) -> list[tuple[int, int, int]]:
+    """(byte offset, item count, itemsize) of each field of a packed record dtype."""
+    out = []
+    for name in dtype.names or ():
+        sub, offset = dtype.fields[name][:2]
+        out.append((offset, int(np.prod(sub.shape)) if sub.shape else 1, sub.base.itemsize))
+    return out
+
+
+def shuffle_bytes(raw: bytes, dtype: np.dtype) -> bytes:
+    """Byte-plane transpose of every multi-byte field (``[n, size] -> [size, n]``)."""
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    parts = []
+    for offset, count, size in _field_planes(dtype):
+        block = buf[offset : offset + count * size]
+        parts.append(block.reshape(count, size).T.tobytes() if size > 1 else block.tobytes())
+    return b"".join(parts)
+
+
+def unshuffle_bytes(data: bytes, dtype: np.dtype) -> bytes:
+    buf = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(dtype.itemsize, dtype=np.uint8)
+    pos = 0
+    for offset, count, size in _field_planes(dtype):
+        n = count * size
+        block = buf[pos : pos + n]
+        out[offset : offset + n] = block.reshape(size, count).T.reshape(-1) if size > 1 else block
+        pos += n
+    return out.tobytes()
+
+
+def _zstd() -> Any:
+    try:
+        import zstandard
+    except ImportError:
+        raise ConfigError(
+            "this cache encoding uses zstd but the `zstandard` package is not installed",
+            "pip install zstandard, or choose encoding compact-u8-zlib / compact-u8",
+        ) from None
+    return zstandard
+
+
+class RecordCompressor:
+    """Compress / decompress single records for one encoding and record dtype."""
+
+    def __init__(self, encoding: Encoding, dtype: np.dtype) -> None:
+        self.encoding = encoding
+        self.dtype = dtype
+        if encoding.compression == "zstd":
+            zstd = _zstd()
+            self._c = zstd.ZstdCompressor(level=encoding.level, write_content_size=True)
+            self._d = zstd.ZstdDecompressor()
+        elif encoding.compression not in (None, "zlib"):
+            raise ConfigError(f"unknown compression {encoding.compression!r}", "use zstd, zlib or none")
+
+    def compress(self, raw: bytes) -> bytes:
+        data = shuffle_bytes(raw, self.dtype) if self.encoding.shuffle else raw
+        if self.encoding.compression == "zstd":
+            return self._c.compress(data)
+        return zlib.compress(data, self.encoding.level)
+
+    def decompress(self, data: bytes | memoryview) -> bytes:
+        try:
+            if self.encoding.compression == "zstd":
+                raw = self._d.decompress(bytes(data), max_output_size=self.dtype.itemsize)
+            else:
+                raw = zlib.decompress(bytes(data))
+        except Exception as exc:  # zstd.ZstdError / zlib.error: corrupted frame
+            raise CacheError(f"cannot decompress a cache record: {exc}", "rebuild the cache") from None
+        if len(raw) != self.dtype.itemsize:
+            raise CacheError(
+                f"a cache record decompressed to {len(raw)} bytes, expected {self.dtype.itemsize}",
+                "rebuild the cache",
+            )
+        return unshuffle_bytes(raw, self.dtype) if self.encoding.shuffle else raw

@@ -1,0 +1,85 @@
+"""Replay a teacher cache as a torch Dataset for training.
+
+Each item is one cached sequence::
+
+    input_ids         int64   [T]      tokens the teacher read
+    attention_mask    int64   [T]      ones (sequences are packed, no padding)
+    labels            int64   [T]      = input_ids (Hugging Face convention: the trainer shifts)
+    teacher_ids       int64   [T, k]   top-k ids at logit position t
+    teacher_logprobs  float32 [T, k]   their full-vocabulary log-probs at T=1
+
+Position ``t`` of ``teacher_ids``/``teacher_logprobs`` is the teacher's distribution over token
+``t+1`` given tokens ``<= t``: it lines up with the student's ``logits[:, t]`` (the same
+positions the trainer scores against ``labels[:, t+1]``). The last position predicts past the
+sequence end and is dropped by the usual shift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from kdforge.losses.signal import SparseTeacher
+from kdforge.teachers.cache.reader import TeacherCache
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "teacher_ids", "teacher_logprobs")
+
+
+class TeacherCacheDataset(Dataset):
+    """Torch Dataset over a finished teacher cache.
+
+    Args:
+        cache_dir: the cache folder.
+        sequences: optional token sequences the caller means to train on; when given they must
+            be the ones the cache was built over (CacheError otherwise).
+        teacher: optional teacher (or weights SHA-256) to check against the manifest.
+        tokenizer: optional tokenizer (or fingerprint) to check against the manifest.
+        verify: check shard SHA-256 checksums when opening (default True).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        sequences: Any = None,
+        *,
+        teacher: Any = None,
+        tokenizer: Any = None,
+        verify: bool = True,
+    ) -> None:
+        self.cache = TeacherCache(cache_dir, verify=verify)
+        self.cache.check_compatible(teacher=teacher, tokenizer=tokenizer, sequences=sequences)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cache.vocab_size
+
+    @property
+    def k(self) -> int:
+        return self.cache.k
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        input_ids, ids, lp = self.cache.read(int(index))
+        x = torch.from_numpy(input_ids)
+        return {
+            "input_ids": x,
+            "attention_mask": torch.ones_like(x),
+            "labels": x.clone(),
+            "teacher_ids": torch.from_numpy(ids),
+            "teacher_logprobs": torch.from_numpy(lp),
+        }
+
+
+def collate_teacher_cache(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack items of :class:`TeacherCacheDataset` into ``[B, T]`` / ``[B, T, k]`` tensors."""
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def batch_sparse_teacher(batch: dict[str, torch.Tensor], vocab_size: int) -> SparseTeacher:
+    """The :class:`SparseTeacher` ``[B, T, k]`` of a collated batch."""
+    return SparseTeacher(batch["teacher_ids"], batch["teacher_logprobs"], vocab_size)

@@ -1,0 +1,205 @@
+"""Read a teacher cache: memory-mapped, random access per sequence, validated on open.
+
+Opening checks the manifest (complete build, known format), every shard's size (always: a
+truncated shard is caught even when ``verify=False``) and by default every shard's SHA-256.
+Reads memory-map the shard files; uncompressed encodings are zero-copy record views, compressed
+ones decode one sequence from its frame.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdforge.errors import CacheError
+from kdforge.io import sha256_file
+from kdforge.losses.signal import SparseTeacher
+from kdforge.teachers.cache.codec import Encoding, RecordCompressor, decode_record, record_dtype
+from kdforge.teachers.cache.format import INDEX_MAGIC, MANIFEST, as_sequences, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def _rebuild_fix(cache_dir: Path) -> str:
+    return (
+        f"rebuild it: rerun `kdforge cache-teacher` with the same config (damaged shards are "
+        f"detected and rewritten), or delete {cache_dir} and build again"
+    )
+
+
+class TeacherCache:
+    """A finished teacher cache opened for reading.
+
+    Args:
+        cache_dir: folder with ``manifest.json`` and shards.
+        verify: check every shard's SHA-256 on open (default). Sizes are always checked.
+
+    Attributes:
+        manifest: the parsed manifest (teacher, tokenizer, dataset fingerprints, stats...).
+    """
+
+    def __init__(self, cache_dir: str | Path, *, verify: bool = True) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.manifest = read_manifest(self.cache_dir)
+        m = self.manifest
+        if not m.get("complete"):
+            done = len(m.get("shards", []))
+            raise CacheError(
+                f"the teacher cache at {self.cache_dir} is unfinished ({done} shards written)",
+                "rerun the same `kdforge cache-teacher` command: it resumes where it stopped",
+            )
+        self.encoding = Encoding(**m["encoding"])
+        self.seq_len = int(m["dataset"]["seq_len"])
+        self.k = int(m["k"])
+        self.vocab_size = int(m["vocab_size"])
+        self.dtype = record_dtype(self.encoding, self.seq_len, self.k, self.vocab_size)
+        if self.dtype.itemsize != m["record_bytes"]:
+            raise CacheError(
+                f"{self.cache_dir / MANIFEST} says records have {m['record_bytes']} bytes, expected {self.dtype.itemsize}",
+                _rebuild_fix(self.cache_dir),
+            )
+        self._shards = m["shards"]
+        self._starts = [s["rows"][0] for s in self._shards]
+        for shard in self._shards:
+            self._check_shard(shard, verify)
+        self._maps: dict[int, Any] = {}
+        self._compressor: RecordCompressor | None = None
+
+    # -- validation ----------------------------------------------------------------------------
+    def _check_shard(self, shard: dict[str, Any], verify: bool) -> None:
+        path = self.cache_dir / shard["file"]
+        if not path.is_file():
+            raise CacheError(f"cache shard {shard['file']} is missing from {self.cache_dir}", _rebuild_fix(self.cache_dir))
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise CacheError(
+                f"cache shard {shard['file']} is truncated or damaged: {size} bytes on disk, "
+                f"{shard['bytes']} in the manifest",
+                _rebuild_fix(self.cache_dir),
+            )
+        if verify and sha256_file(path) != shard["sha256"]:
+            raise CacheError(
+                f"cache shard {shard['file']} is corrupted (SHA-256 does not match the manifest)",
+                _rebuild_fix(self.cache_dir),
+            )
+
+    def check_compatible(
+        self, *, teacher: Any = None, tokenizer: Any = None, sequences: Any = None
+    ) -> None:
+        """Raise CacheError if the cache was built by another teacher, tokenizer or corpus.
+
+        Args:
+            teacher: an :class:`~kdforge.teachers.online.OnlineTeacher`, a module, or a weights
+                SHA-256 string.
+            tokenizer: a tokenizer or a fingerprint string.
+            sequences: the token sequences the caller will train on.
+        """
+        m = self.manifest
+        if teacher is not None:
+            from kdforge.teachers.online import OnlineTeacher, model_weights_hash
+
+            if isinstance(teacher, str):
+                got = teacher
+            elif isinstance(teacher, OnlineTeacher):
+                got = teacher.weights_hash()
+            else:
+                got = model_weights_hash(teacher)
+            if got != m["teacher"]["weights_sha256"]:
+                raise CacheError(
+                    f"the cache at {self.cache_dir} was built by another teacher "
+                    f"({m['teacher']['id']}, weights {m['teacher']['weights_sha256'][:12]}…; this teacher: {got[:12]}…)",
+                    "rebuild the cache with this teacher (kdforge cache-teacher), or use the teacher it was built with",
+                )
+        if tokenizer is not None:
+            from kdforge.teachers.vocab import tokenizer_fingerprint
+
+            got = tokenizer if isinstance(tokenizer, str) else tokenizer_fingerprint(tokenizer)
+            want = (m.get("tokenizer") or {}).get("fingerprint")
+            if want is None:
+                log.warning("the cache at %s records no tokenizer; cannot check it", self.cache_dir)
+            elif got != want:
+                raise CacheError(
+                    f"the cache at {self.cache_dir} was built with another tokenizer "
+                    f"(fingerprint {want[:12]}…, given {got[:12]}…); its token ids mean other strings",
+                    "rebuild the cache with the student's tokenizer family, or use cross-tokenizer distillation",
+                )
+        if sequences is not None:
+            got = as_sequences(sequences).fingerprint()
+            if got != m["dataset"]["fingerprint"]:
+                raise CacheError(
+                    f"the cache at {self.cache_dir} was built over other token sequences "
+                    f"(dataset fingerprint {m['dataset']['fingerprint'][:12]}…, given {got[:12]}…)",
+                    "rebuild the cache over this corpus (same tokenizer, seq_len and order), or train on the cached corpus",
+                )
+
+    # -- reading -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.manifest["dataset"]["num_sequences"])
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen their own maps
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        state["_compressor"] = None
+        return state
+
+    def _shard_map(self, index: int) -> Any:
+        mm = self._maps.get(index)
+        if mm is None:
+            shard = self._shards[index]
+            path = self.cache_dir / shard["file"]
+            n = shard["rows"][1] - shard["rows"][0]
+            if self.encoding.compression is None:
+                mm = np.memmap(path, dtype=self.dtype, mode="r", shape=(n,))
+            else:
+                raw = np.memmap(path, dtype=np.uint8, mode="r")
+                tail = len(INDEX_MAGIC) + 8 * (n + 1)
+                if bytes(raw[-len(INDEX_MAGIC):]) != INDEX_MAGIC:
+                    raise CacheError(f"cache shard {shard['file']} has no record index", _rebuild_fix(self.cache_dir))
+                offsets = np.frombuffer(bytes(raw[-tail : -len(INDEX_MAGIC)]), dtype="<u8")
+                mm = (raw, offsets)
+            self._maps[index] = mm
+        return mm
+
+    def record(self, index: int) -> np.ndarray:
+        """Raw record (numpy structured scalar) of sequence ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sequence {index} out of range [0, {len(self)})")
+        s = bisect.bisect_right(self._starts, index) - 1
+        local = index - self._starts[s]
+        mm = self._shard_map(s)
+        if self.encoding.compression is None:
+            return mm[local]
+        raw, offsets = mm
+        if self._compressor is None:
+            self._compressor = RecordCompressor(self.encoding, self.dtype)
+        try:
+            data = self._compressor.decompress(raw[int(offsets[local]) : int(offsets[local + 1])])
+        except CacheError as exc:
+            raise CacheError(
+                f"cache shard {self._shards[s]['file']}, sequence {index}: {exc.problem}",
+                _rebuild_fix(self.cache_dir),
+            ) from None
+        return np.frombuffer(data, dtype=self.dtype)[0]
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(input_ids int64 [T], ids int64 [T, k], logprobs float32 [T, k])`` of sequence ``index``."""
+        return decode_record(self.encoding, self.record(index))
+
+    def sparse(self, index: int) -> SparseTeacher:
+        """The cached teacher signal of one sequence as a :class:`SparseTeacher` ``[T, k]``."""
+        _, ids, lp = self.read(index)
+        return SparseTeacher(torch.from_numpy(ids), torch.from_numpy(lp), self.vocab_size)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return sum(s["bytes"] for s in self._shards) / self.manifest["dataset"]["num_tokens"]
+
+
+def open_teacher_cache(cache_dir: str | Path, *, verify: bool = True) -> TeacherCache:
+    """Open a finished cache for reading (see :class:`TeacherCache`)."""
+    return TeacherCache(cache_dir, verify=verify)

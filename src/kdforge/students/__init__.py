@@ -1,1 +1,11 @@
-"""kdforge.students"""
+"""kdforge.students: student models (from the teacher: :mod:`.from_teacher`; images: :mod:`.vision`)."""
+
+from kdforge.students.from_teacher import (
+    count_parameters,
+    find_layers,
+    narrow_student,
+    select_layers,
+    student_from_teacher,
+)
+
+__all__ = ["count_parameters", "find_layers", "narrow_student", "select_layers", "student_from_teacher"]

@@ -1,0 +1,244 @@
+"""Teacher cache: round trip, encodings, resume, integrity and fingerprint checks, replay."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from kdforge.errors import CacheError, ConfigError, DataError
+from kdforge.teachers import (
+    ENCODINGS,
+    OnlineTeacher,
+    TeacherCacheDataset,
+    build_teacher_cache,
+    collate_teacher_cache,
+    open_teacher_cache,
+)
+from kdforge.teachers.cache import batch_sparse_teacher, pack_tokens
+from kdforge.teachers.cache.codec import get_encoding
+
+from .conftest import tiny_llama
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return OnlineTeacher(tiny_llama())
+
+
+def _build(teacher, sequences, path, **kw):
+    kw.setdefault("k", K)
+    kw.setdefault("shard_size", 6)
+    kw.setdefault("batch_size", 3)
+    return build_teacher_cache(teacher, sequences, path, **kw)
+
+
+def _all(path):
+    ds = TeacherCacheDataset(path)
+    return collate_teacher_cache([ds[i] for i in range(len(ds))])
+
+
+def test_lossless_encoding_round_trips_exactly(teacher, sequences, tmp_path):
+    batch = _all(_build(teacher, sequences, tmp_path / "c", encoding="raw-fp32"))
+    ref = teacher.topk(sequences, k=K)
+    assert torch.equal(batch["teacher_ids"], ref.ids)
+    assert torch.equal(batch["teacher_logprobs"], ref.logprobs)
+    assert torch.equal(batch["input_ids"], sequences)
+
+
+@pytest.mark.parametrize("encoding", ["raw-fp16", "compact-u8", "compact-u8-zstd", "compact-u8-zlib", "raw-fp16-zstd"])
+def test_lossy_encodings_round_trip_within_quantisation_tolerance(teacher, sequences, tmp_path, encoding):
+    enc = get_encoding(encoding)
+    batch = _all(_build(teacher, sequences, tmp_path / "c", encoding=encoding))
+    ref = teacher.topk(sequences, k=K)
+    assert torch.equal(batch["teacher_ids"], ref.ids)
+    above_floor = ref.logprobs > enc.logprob_min
+    err = (batch["teacher_logprobs"] - ref.logprobs)[above_floor].abs().max().item()
+    # uint8: half a grid step from rounding + at most half a step from the tail rescaling
+    tol = abs(enc.logprob_min) / 255 if enc.logprob_dtype == "uint8" else 2e-3 * 20
+    assert err <= tol
+    if enc.stores_tail:  # the tail mass is reproduced on its 16-bit grid
+        got_tail = 1 - batch["teacher_logprobs"].double().exp().sum(-1)
+        want_tail = (1 - ref.logprobs.double().exp().sum(-1)).clamp_min(0)
+        assert (got_tail - want_tail).abs().max().item() <= 1 / 65535 + 1e-6
+
+
+def test_bytes_per_token_of_each_encoding_follow_the_record_layout(teacher, sequences, tmp_path):
+    sizes = {}
+    for name in ENCODINGS.names():
+        cache = open_teacher_cache(_build(teacher, sequences, tmp_path / name, encoding=name))
+        sizes[name] = cache.bytes_per_token
+    # uint16 ids (2 B) for the input and each of k ids; 4/2/1 B per log-prob; 2 B tail
+    assert sizes["raw-fp32"] == 2 + K * (2 + 4)
+    assert sizes["raw-fp16"] == 2 + K * (2 + 2)
+    assert sizes["compact-u8"] == 2 + K * (2 + 1) + 2
+    assert sizes["compact-u8-zstd"] < sizes["compact-u8"]
+    assert sizes["compact-u8-zlib"] < sizes["compact-u8"]
+
+
+def test_interrupted_build_resumes_to_identical_bytes(teacher, sequences, tmp_path):
+    full = _build(teacher, sequences, tmp_path / "full")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(index, entry):
+        if index == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _build(teacher, sequences, tmp_path / "part", on_shard=stop_after_two)
+    partial = json.loads((tmp_path / "part" / "manifest.json").read_text())
+    assert not partial["complete"] and len(partial["shards"]) == 2
+    (tmp_path / "part" / ".shard-00002.kdc.junk.tmp").write_bytes(b"torn write")  # a crash leftover
+    with pytest.raises(CacheError, match="unfinished"):
+        TeacherCacheDataset(tmp_path / "part")
+
+    written = []
+    _build(teacher, sequences, tmp_path / "part", on_shard=lambda i, e: written.append(i))
+    assert written == [2, 3]  # only the missing shards were computed
+    names = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "part").iterdir())
+    for name in names:
+        assert (full / name).read_bytes() == (tmp_path / "part" / name).read_bytes(), name
+
+
+def test_rerunning_a_complete_build_does_nothing(teacher, sequences, tmp_path):
+    path = _build(teacher, sequences, tmp_path / "c")
+    before = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
+    written = []
+    _build(teacher, sequences, path, on_shard=lambda i, e: written.append(i))
+    assert written == [] and before == {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
+
+
+def test_build_into_folder_of_another_cache_needs_overwrite(teacher, sequences, tmp_path):
+    path = _build(teacher, sequences, tmp_path / "c")
+    with pytest.raises(CacheError, match="differs in: k"):
+        _build(teacher, sequences, path, k=4)
+    _build(teacher, sequences, path, k=4, overwrite=True)
+    assert open_teacher_cache(path).k == 4
+
+
+@pytest.mark.parametrize("encoding", ["compact-u8", "compact-u8-zstd"])
+def test_corrupted_shard_raises_cache_error_naming_the_shard(teacher, sequences, tmp_path, encoding):
+    path = _build(teacher, sequences, tmp_path / "c", encoding=encoding)
+    shard = path / "shard-00001.kdc"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"shard-00001\.kdc is corrupted.*\n.*rebuild"):
+        TeacherCacheDataset(path)
+
+
+def test_truncated_shard_is_caught_even_without_checksums(teacher, sequences, tmp_path):
+    path = _build(teacher, sequences, tmp_path / "c")
+    shard = path / "shard-00002.kdc"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CacheError, match=r"shard-00002\.kdc is truncated"):
+        TeacherCacheDataset(path, verify=False)
+
+
+def test_rebuild_repairs_a_damaged_shard(teacher, sequences, tmp_path):
+    path = _build(teacher, sequences, tmp_path / "c")
+    good = (path / "shard-00002.kdc").read_bytes()
+    (path / "shard-00002.kdc").write_bytes(good[:-5])
+    rewritten = []
+    _build(teacher, sequences, path, on_shard=lambda i, e: rewritten.append(i))
+    assert rewritten == [2, 3] and (path / "shard-00002.kdc").read_bytes() == good
+    TeacherCacheDataset(path)
+
+
+def test_wrong_teacher_tokenizer_or_data_raise_cache_error(teacher, sequences, tokenizer, tmp_path):
+    path = _build(teacher, sequences, tmp_path / "c", tokenizer=tokenizer)
+    TeacherCacheDataset(path, sequences, teacher=teacher, tokenizer=tokenizer)  # all match
+    with pytest.raises(CacheError, match="another teacher"):
+        TeacherCacheDataset(path, teacher=OnlineTeacher(tiny_llama(seed=3)))
+    from .conftest import train_tiny_tokenizer
+
+    with pytest.raises(CacheError, match="another tokenizer"):
+        TeacherCacheDataset(path, tokenizer=train_tiny_tokenizer(extra=" Pemberley"))
+    other = sequences.clone()
+    other[3, 5] = (other[3, 5] + 1) % 256
+    with pytest.raises(CacheError, match="other token sequences"):
+        TeacherCacheDataset(path, other)
+
+
+def test_manifest_records_identity_and_statistics(teacher, sequences, tokenizer, tmp_path):
+    m = open_teacher_cache(_build(teacher, sequences, tmp_path / "c", tokenizer=tokenizer)).manifest
+    assert m["complete"] and m["k"] == K and m["vocab_size"] == 256 and m["id_dtype"] == "uint16"
+    assert m["teacher"]["weights_sha256"] == teacher.weights_hash()
+    assert m["tokenizer"]["size"] == len(tokenizer)
+    assert m["dataset"]["num_tokens"] == 20 * 16 and len(m["shards"]) == 4
+    assert [s["rows"] for s in m["shards"]] == [[0, 6], [6, 12], [12, 18], [18, 20]]
+    want_mass = teacher.topk(sequences, k=K).logprobs.double().exp().sum(-1).mean().item()
+    assert m["stats"]["topk_mass_mean"] == pytest.approx(want_mass, rel=1e-6)
+
+
+def test_dataset_items_are_aligned_with_logit_positions(teacher, sequences, tmp_path):
+    ds = TeacherCacheDataset(_build(teacher, sequences, tmp_path / "c", encoding="raw-fp32"))
+    item = ds[7]
+    assert set(item) == {"input_ids", "attention_mask", "labels", "teacher_ids", "teacher_logprobs"}
+    assert item["teacher_ids"].shape == (16, K) and item["teacher_ids"].dtype == torch.int64
+    assert torch.equal(item["labels"], sequences[7]) and item["attention_mask"].all()
+    # position t = teacher distribution after reading tokens <= t: a prefix-only forward agrees
+    t = 9
+    prefix_logits = teacher.logits(sequences[7:8, : t + 1])[0, -1].float().log_softmax(-1)
+    assert item["teacher_ids"][t, 0].item() == prefix_logits.argmax().item()
+    torch.testing.assert_close(item["teacher_logprobs"][t], prefix_logits[item["teacher_ids"][t]], atol=1e-4, rtol=0)
+
+
+def test_dataloader_batches_become_a_sparse_teacher(teacher, sequences, tmp_path):
+    ds = TeacherCacheDataset(_build(teacher, sequences, tmp_path / "c"))
+    batch = next(iter(DataLoader(ds, batch_size=4, shuffle=False, collate_fn=collate_teacher_cache)))
+    sparse = batch_sparse_teacher(batch, ds.vocab_size)
+    assert sparse.ids.shape == (4, 16, K) and sparse.vocab_size == 256
+    assert batch["input_ids"].shape == (4, 16)
+
+
+def test_dataset_works_in_dataloader_worker_processes(teacher, sequences, tmp_path):
+    ds = TeacherCacheDataset(_build(teacher, sequences, tmp_path / "c"))
+    loader = DataLoader(ds, batch_size=5, num_workers=1, collate_fn=collate_teacher_cache)
+    got = torch.cat([b["input_ids"] for b in loader])
+    assert torch.equal(got, sequences)
+
+
+def test_hf_dataset_and_lists_are_accepted_as_sequences(teacher, sequences, tmp_path):
+    from datasets import Dataset
+
+    hf = Dataset.from_dict({"input_ids": sequences.tolist()})
+    a = open_teacher_cache(_build(teacher, hf, tmp_path / "hf")).manifest["dataset"]["fingerprint"]
+    b = open_teacher_cache(_build(teacher, sequences.tolist(), tmp_path / "list")).manifest["dataset"]["fingerprint"]
+    assert a == b
+
+
+def test_ragged_sequences_and_unknown_encoding_are_refused(teacher, tmp_path):
+    with pytest.raises(DataError, match="fixed-length"):
+        _build(teacher, [[1, 2, 3], [4, 5]], tmp_path / "c")
+    with pytest.raises(ConfigError, match="compact-u8"):
+        _build(teacher, torch.zeros(2, 4, dtype=torch.long), tmp_path / "d", encoding="gzip-9")
+
+
+def test_missing_cache_raises_cache_error(tmp_path):
+    with pytest.raises(CacheError, match="cache-teacher"):
+        TeacherCacheDataset(tmp_path / "none")
+
+
+def test_large_vocab_uses_uint32_ids(tmp_path):
+    teacher = OnlineTeacher(tiny_llama(vocab_size=70_000, hidden=16))
+    seqs = torch.randint(0, 70_000, (2, 4))
+    cache = open_teacher_cache(_build(teacher, seqs, tmp_path / "c", k=4, encoding="compact-u8"))
+    assert cache.manifest["id_dtype"] == "uint32"
+    assert torch.equal(cache.sparse(1).ids, teacher.topk(seqs[1:2], k=4).ids[0])
+
+
+def test_pack_tokens_cuts_fixed_blocks_with_eos_between_documents(tokenizer):
+    blocks = pack_tokens(["Emma Woodhouse, handsome", "a single man"] * 10, tokenizer, 8)
+    assert blocks.ndim == 2 and blocks.shape[1] == 8 and blocks.dtype == np.int64
+    assert (blocks == tokenizer.eos_token_id).any()
+    with pytest.raises(DataError, match="fewer than one block"):
+        pack_tokens(["Emma"], tokenizer, 64)

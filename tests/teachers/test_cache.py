@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -18,7 +17,7 @@ from kdforge.teachers import (
     collate_teacher_cache,
     open_teacher_cache,
 )
-from kdforge.teachers.cache import batch_sparse_teacher, pack_tokens
+from kdforge.teachers.cache import batch_sparse_teacher
 from kdforge.teachers.cache.codec import get_encoding
 
 from .conftest import tiny_llama
@@ -236,9 +235,15 @@ def test_large_vocab_uses_uint32_ids(tmp_path):
     assert torch.equal(cache.sparse(1).ids, teacher.topk(seqs[1:2], k=4).ids[0])
 
 
-def test_pack_tokens_cuts_fixed_blocks_with_eos_between_documents(tokenizer):
-    blocks = pack_tokens(["Emma Woodhouse, handsome", "a single man"] * 10, tokenizer, 8)
-    assert blocks.ndim == 2 and blocks.shape[1] == 8 and blocks.dtype == np.int64
-    assert (blocks == tokenizer.eos_token_id).any()
-    with pytest.raises(DataError, match="fewer than one block"):
-        pack_tokens(["Emma"], tokenizer, 64)
+def test_read_texts_handles_txt_folder_and_jsonl(tmp_path):
+    from kdforge.teachers.cache import read_texts
+
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "b.txt").write_text("Second\nbook.")
+    (tmp_path / "books" / "a.txt").write_text("First line\nwrapped.\n\nNew paragraph.")
+    assert read_texts(tmp_path / "books") == ["First line wrapped.\n\nNew paragraph.", "Second book."]
+    (tmp_path / "c.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert read_texts(tmp_path / "c.jsonl") == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text('{"body": "one"}\n')
+    with pytest.raises(DataError, match="text_field"):
+        read_texts(tmp_path / "bad.jsonl")

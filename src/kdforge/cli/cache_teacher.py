@@ -1,0 +1,65 @@
+"""``kdforge cache-teacher CONFIG.yaml``: run a teacher once over a corpus, store its top-k."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cache-teacher",
+        help="build an offline top-k teacher cache (resumable; see docs/teacher-cache.md)",
+        description="Run the teacher once over a tokenised corpus and store its top-k "
+        "distribution per position. Rerun the same command to resume an interrupted build.",
+    )
+    p.add_argument("config", help="YAML config (teacher, corpus, output_dir, k, encoding...)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted path, YAML value), e.g. --set k=32",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
+    p.add_argument("--list-encodings", action="store_true", help="list the encodings and exit")
+    p.set_defaults(func=handle)
+
+
+def _apply(data: dict, key: str, value: object) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            from kdforge.errors import ConfigError
+
+            raise ConfigError(f"--set {key}: {part} is not a mapping", "check the dotted path")
+    node[parts[-1]] = value
+
+
+def handle(args: argparse.Namespace) -> int:
+    from kdforge.cli.run import parse_overrides
+    from kdforge.config import read_yaml, validate
+    from kdforge.teachers.cache import ENCODINGS, open_teacher_cache
+    from kdforge.teachers.cache.config import CacheTeacherConfig, run_cache_teacher
+
+    if args.list_encodings:
+        for entry in ENCODINGS.entries():
+            print(f"{entry.name:18s} {entry.description}")
+        return 0
+    data = read_yaml(args.config)
+    for key, value in parse_overrides(args.set).items():
+        _apply(data, key, value)
+    if args.overwrite:
+        data["overwrite"] = True
+    config = validate(CacheTeacherConfig, data, source=args.config)
+    out = run_cache_teacher(config)
+    stats = open_teacher_cache(out, verify=False).manifest["stats"]
+    print(
+        f"teacher cache ready at {out}: {stats['bytes_per_token']:.1f} bytes/token, "
+        f"top-{config.k} mass mean {stats['topk_mass_mean']:.3f}"
+    )
+    return 0

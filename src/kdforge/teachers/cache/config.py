@@ -1,0 +1,113 @@
+"""Config of ``kdforge cache-teacher`` and the function that runs it.
+
+Example ``configs/cache-smollm2-austen.yaml``::
+
+    teacher:
+      name_or_path: asset:smollm2     # a Hub id, a local folder, or asset:<name>
+      dtype: float32
+    corpus:
+      path: asset:austen              # .txt file/folder, .jsonl, saved HF dataset, or asset:<name>
+      seq_len: 128
+      max_sequences: 1024
+    output_dir: outputs/cache/smollm2-austen-k16
+    k: 16
+    encoding: compact-u8-zstd
+    batch_size: 8
+    shard_size: 256
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from kdforge.config import StrictModel
+
+log = logging.getLogger(__name__)
+
+
+class TeacherSpec(StrictModel):
+    """Which teacher to run."""
+
+    name_or_path: str = Field(description="Hub id, local folder, or asset:<name> (e.g. asset:smollm2)")
+    gguf_file: str | None = Field(None, description="GGUF file inside name_or_path, if any")
+    dtype: str = Field("float32", description="auto, float32, bfloat16 or float16")
+    device: str | None = Field(None, description="e.g. cuda:0; default: cuda if available else cpu")
+    vocab_size: int | None = Field(None, ge=1, description="slice logits to this many ids (drop embedding padding)")
+
+
+class CorpusSpec(StrictModel):
+    """Which text to run the teacher over, and how to cut it into sequences."""
+
+    path: str = Field(description=".txt file or folder, .jsonl, saved HF dataset, or asset:<name>")
+    format: Literal["auto", "text", "jsonl", "hf"] = "auto"
+    text_field: str = "text"
+    tokenizer: str | None = Field(None, description="tokenizer folder/id; default: the teacher's")
+    seq_len: int = Field(128, ge=2)
+    max_sequences: int | None = Field(None, ge=1)
+
+
+class CacheTeacherConfig(StrictModel):
+    """``kdforge cache-teacher`` config."""
+
+    teacher: TeacherSpec
+    corpus: CorpusSpec
+    output_dir: str
+    k: int = Field(16, ge=1)
+    encoding: str = "compact-u8-zstd"
+    batch_size: int = Field(8, ge=1)
+    shard_size: int = Field(256, ge=1, description="sequences per shard (resume granularity)")
+    overwrite: bool = False
+
+
+def resolve_path(value: str) -> str:
+    """``asset:<name>`` -> the installed asset's path (kdforge.assets.ensure); else unchanged."""
+    if value.startswith("asset:"):
+        from kdforge.assets import ensure
+
+        return str(ensure(value.split(":", 1)[1]))
+    return value
+
+
+def run_cache_teacher(config: CacheTeacherConfig) -> Path:
+    """Load teacher and tokenizer, read and pack the corpus, build the cache; returns its folder."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kdforge.errors import AssetError
+    from kdforge.teachers.cache.corpus import pack_tokens, read_texts
+    from kdforge.teachers.cache.writer import build_teacher_cache
+    from kdforge.teachers.online import load_teacher
+
+    t = config.teacher
+    teacher_path = resolve_path(t.name_or_path)
+    tok_path = resolve_path(config.corpus.tokenizer) if config.corpus.tokenizer else teacher_path
+    tok_kwargs = {"gguf_file": t.gguf_file} if t.gguf_file and not config.corpus.tokenizer else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, **tok_kwargs)
+    except (OSError, ValueError) as exc:
+        raise AssetError(
+            f"cannot load tokenizer {tok_path!r}: {str(exc).splitlines()[0]}",
+            "set corpus.tokenizer to a folder holding tokenizer.json / tokenizer_config.json",
+        ) from None
+    device = t.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(teacher_path, dtype=t.dtype, device=device, gguf_file=t.gguf_file, vocab_size=t.vocab_size)
+    teacher.name = t.name_or_path
+
+    texts = read_texts(resolve_path(config.corpus.path), text_field=config.corpus.text_field, fmt=config.corpus.format)
+    blocks = pack_tokens(texts, tokenizer, config.corpus.seq_len, max_blocks=config.corpus.max_sequences)
+    log.info("corpus: %d documents -> %d sequences of %d tokens", len(texts), blocks.shape[0], blocks.shape[1])
+    return build_teacher_cache(
+        teacher,
+        blocks,
+        config.output_dir,
+        k=config.k,
+        encoding=config.encoding,
+        batch_size=config.batch_size,
+        shard_size=config.shard_size,
+        tokenizer=tokenizer,
+        overwrite=config.overwrite,
+    )

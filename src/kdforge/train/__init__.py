@@ -1,1 +1,26 @@
-"""kdforge.train"""
+"""kdforge.train: the distillation trainer.
+
+Public API::
+
+    from kdforge.train import (Distiller, TrainConfig, Objective, LossTerm, ClassificationTask,
+                               CausalLMTask, Callback, EarlyStopping, OnPolicyConfig)
+
+See ``docs/training.md``.
+"""
+
+from kdforge.train.callbacks import Callback, EarlyStopping, JsonlLogger, ProgressBar, TrainerState
+from kdforge.train.checkpoint import latest_checkpoint, verify_checkpoint
+from kdforge.train.config import TrainConfig
+from kdforge.train.distiller import Distiller
+from kdforge.train.metrics import fidelity_sums
+from kdforge.train.objective import LossTerm, Objective, ObjectiveValue
+from kdforge.train.onpolicy import GenerateFn, HFGenerator, OnPolicyBatcher, OnPolicyConfig
+from kdforge.train.sampler import EpochSampler
+from kdforge.train.tasks import CausalLMTask, ClassificationTask, Task, TaskOutput
+
+__all__ = [
+    "Callback", "CausalLMTask", "ClassificationTask", "Distiller", "EarlyStopping", "EpochSampler",
+    "GenerateFn", "HFGenerator", "JsonlLogger", "LossTerm", "Objective", "ObjectiveValue",
+    "OnPolicyBatcher", "OnPolicyConfig", "ProgressBar", "Task", "TaskOutput", "TrainConfig",
+    "TrainerState", "fidelity_sums", "latest_checkpoint", "verify_checkpoint",
+]

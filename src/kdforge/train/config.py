@@ -1,0 +1,45 @@
+"""Training configuration for :class:`~kdforge.train.Distiller`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kdforge.config import StrictModel
+
+SchedulerName = Literal["constant", "linear", "cosine"]
+
+
+class TrainConfig(StrictModel):
+    """Hyper-parameters of one distillation run (validated; unknown keys are rejected).
+
+    Exactly one of ``max_steps`` / ``epochs`` sets the length; a step is one *optimizer* step, i.e.
+    ``grad_accum_steps`` micro-batches of ``batch_size`` examples on each process.
+    """
+
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps to train for")
+    epochs: float | None = Field(None, gt=0, description="passes over the training data (if no max_steps)")
+    batch_size: int = Field(8, ge=1, description="micro-batch size per process")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: SchedulerName = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global grad norm; null = off")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="evaluate every N steps (and at the end)")
+    save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (and at the end)")
+    keep_last: int | None = Field(2, ge=1, description="checkpoints to keep; null = all")
+    output_dir: str | None = Field(None, description="RUN_DIR; null = nothing written to disk")
+    progress: bool = True
+    log_with: list[str] = Field(default_factory=list, description='accelerate trackers, e.g. ["tensorboard"]')
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of max_steps or epochs")
+        return self

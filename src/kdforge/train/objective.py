@@ -1,0 +1,220 @@
+"""The training objective: registered losses combined with explicit weights.
+
+.. math::
+
+    \\mathcal{L} = \\sum_i w_i \\, \\frac{1}{N} \\sum_{n \\in \\text{real positions}} \\ell_i(n)
+
+Every term is computed with ``reduction="sum"`` and divided by ``N``, the number of *real*
+positions (tokens whose label is not ``-100``, or samples) in the **whole accumulated batch
+across all processes**. The trainer counts ``N`` before any forward pass, so gradient
+accumulation of 4 micro-batches of 2 gives exactly the gradient of one batch of 8, even when the
+micro-batches hold different numbers of real tokens (per-micro-batch averaging, the common bug,
+weights short sequences more).
+
+There are no hidden defaults: every term names a loss from :data:`kdforge.losses.LOSSES` and its
+weight; an empty objective is an error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+
+from kdforge.config import StrictModel, validate
+from kdforge.errors import ConfigError, NonFiniteError
+
+
+class LossTerm(StrictModel):
+    """One weighted term of an :class:`Objective`.
+
+    Args:
+        name: a registered loss name (``kdforge losses`` lists them), e.g. ``"forward_kl"``.
+        weight: its explicit weight ``w_i`` (required; 0 keeps the term for logging only).
+        params: keyword arguments passed to the loss, e.g. ``{"temperature": 2.0}``.
+        label: key used in logs (``loss/<label>``); defaults to ``name``. Needed when the same loss
+            appears twice.
+    """
+
+    name: str
+    weight: float = Field(..., ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+    def __init__(self, name: str | None = None, weight: float | None = None,
+                 params: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if name is not None:
+            kwargs["name"] = name
+        if weight is not None:
+            kwargs["weight"] = weight
+        if params is not None:
+            kwargs["params"] = params
+        super().__init__(**kwargs)
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("weight must be a finite number")
+        return value
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class ObjectiveValue:
+    """Result of one objective evaluation.
+
+    Attributes:
+        total: scalar tensor ``sum_i w_i * term_i`` (graph attached; what ``backward`` sees).
+        terms: unweighted, normalised value of each term (detached), keyed by ``LossTerm.key``.
+    """
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+class Objective:
+    """Weighted sum of registered losses, normalised by an explicit position count.
+
+    Example::
+
+        objective = Objective([
+            LossTerm("forward_kl", 0.9, {"temperature": 2.0}),
+            LossTerm("cross_entropy", 0.1),
+        ])
+
+    Args:
+        terms: :class:`LossTerm` objects or mappings with the same keys (validated).
+        chunked: for causal LMs, compute the loss from the student's last hidden state and the LM
+            head in chunks of ``chunk_size`` tokens with
+            :func:`kdforge.losses.chunked.chunked_distillation_loss`, so the ``[tokens, vocab]``
+            student logits never exist at once. Allowed only for one distillation term plus an
+            optional ``cross_entropy`` term.
+        chunk_size: tokens per chunk in the chunked mode.
+    """
+
+    def __init__(self, terms: Sequence[LossTerm | Mapping[str, Any]], *, chunked: bool = False,
+                 chunk_size: int = 1024) -> None:
+        if isinstance(terms, Mapping | str) or not isinstance(terms, Sequence):
+            raise ConfigError(
+                f"objective terms must be a list of loss terms, got {type(terms).__name__}",
+                "write e.g. [{name: forward_kl, weight: 1.0}]",
+            )
+        parsed = [
+            t if isinstance(t, LossTerm) else validate(LossTerm, dict(t), source=f"objective term {i}")
+            for i, t in enumerate(terms)
+        ]
+        if not parsed:
+            raise ConfigError(
+                "the objective has no loss terms",
+                "list at least one term, e.g. [{name: forward_kl, weight: 1.0}]; "
+                "`kdforge losses` shows the registered names",
+            )
+        keys = [t.key for t in parsed]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ConfigError(
+                f"objective has several terms logged as {', '.join(dupes)}",
+                "give each repeated loss a distinct `label`",
+            )
+        from kdforge.losses import LOSSES  # imported here: the losses package registers on import
+
+        self.terms: list[LossTerm] = parsed
+        self._fns: list[Callable[..., torch.Tensor]] = [LOSSES.get(t.name) for t in parsed]
+        self.chunked = chunked
+        self.chunk_size = int(chunk_size)
+        if chunked:
+            self._check_chunkable()
+
+    @classmethod
+    def from_config(cls, terms: Sequence[Mapping[str, Any]] | Objective, **kwargs: Any) -> Objective:
+        return terms if isinstance(terms, Objective) else cls(terms, **kwargs)
+
+    @property
+    def keys(self) -> list[str]:
+        return [t.key for t in self.terms]
+
+    @property
+    def needs_teacher(self) -> bool:
+        """True when some term other than ``cross_entropy`` has a non-zero weight."""
+        return any(t.name != "cross_entropy" for t in self.terms)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{t.weight}*{t.key}{t.params or ''}" for t in self.terms)
+        return f"Objective({inner}{', chunked' if self.chunked else ''})"
+
+    def __call__(self, out: Any, normalizer: float) -> ObjectiveValue:
+        """Weighted, normalised loss of a :class:`~kdforge.train.tasks.TaskOutput`.
+
+        Args:
+            out: task output with ``student_logits [..., V]``, ``teacher`` (``[..., V]`` logits,
+                a ``SparseTeacher`` ``[..., k]`` or None), ``labels [...]``, ``mask [...]``.
+            normalizer: ``N``, real positions in the whole accumulated batch (all processes).
+        """
+        if self.chunked and out.student_hidden is not None:
+            return self._chunked(out, normalizer)
+        norm = float(max(normalizer, 1))
+        total: torch.Tensor | None = None
+        terms: dict[str, torch.Tensor] = {}
+        for term, fn in zip(self.terms, self._fns):
+            value = fn(out.student_logits, out.teacher, mask=out.mask, labels=out.labels,
+                       reduction="sum", **term.params) / norm
+            _check_finite(value, term.key)
+            terms[term.key] = value.detach()
+            weighted = value * term.weight
+            total = weighted if total is None else total + weighted
+        assert total is not None
+        return ObjectiveValue(total, terms)
+
+    # -- chunked mode -------------------------------------------------------------------------
+    def _check_chunkable(self) -> None:
+        kd = [t for t in self.terms if t.name != "cross_entropy"]
+        if len(kd) != 1 or len(self.terms) > 2:
+            raise ConfigError(
+                f"chunked=True supports one distillation term plus an optional cross_entropy term, got {self!r}",
+                "drop extra terms or set chunked=False",
+            )
+        try:
+            from kdforge.losses.chunked import chunked_distillation_loss  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(
+                "chunked=True needs kdforge.losses.chunked, which is not available in this install",
+                "set chunked=False",
+            ) from exc
+
+    def _chunked(self, out: Any, normalizer: float) -> ObjectiveValue:
+        from kdforge.losses.chunked import chunked_distillation_loss
+
+        kd = next(t for t in self.terms if t.name != "cross_entropy")
+        ce = next((t for t in self.terms if t.name == "cross_entropy"), None)
+        params = dict(kd.params)
+        temperature = params.pop("temperature", 1.0)
+        hidden = out.student_hidden.reshape(-1, out.student_hidden.shape[-1])
+        res = chunked_distillation_loss(
+            hidden, out.lm_head_weight, out.teacher, loss=kd.name, labels=out.labels.reshape(-1),
+            mask=out.mask.reshape(-1), kd_weight=kd.weight, ce_weight=ce.weight if ce else 0.0,
+            temperature=temperature, chunk_size=self.chunk_size, reduction="sum", **params,
+        )
+        norm = float(max(normalizer, 1))
+        total = res["loss"] / norm
+        _check_finite(total, "chunked loss")
+        terms = {kd.key: (res["kd"] / norm).detach()}
+        if ce is not None:
+            terms[ce.key] = (res["ce"] / norm).detach()
+        return ObjectiveValue(total, terms)
+
+
+def _check_finite(value: torch.Tensor, key: str) -> None:
+    if not bool(torch.isfinite(value.detach()).all()):
+        raise NonFiniteError(
+            f"loss term {key!r} is {value.detach().float().item()} (not finite)",
+            "lower the learning rate, enable max_grad_norm, check the data for empty targets, "
+            "or use bf16 instead of fp16",
+        )

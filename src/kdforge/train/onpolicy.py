@@ -1,0 +1,213 @@
+"""On-policy distillation (GKD, Agarwal et al. 2024, "On-Policy Distillation of Language Models:
+Learning from Self-Generated Mistakes") for causal LMs.
+
+With probability ``lmbda`` per micro-batch, the completions of the batch are replaced by
+samples from the *student* (generated from the prompt part), then scored by the online teacher
+with any registered divergence (GKD's generalized JSD, reverse KL...). With ``seq_kd=True`` the
+batch first gets teacher-generated completions (sequence-level KD, Kim & Rush 2016); the
+on-policy draw then applies on top, as in the paper's Algorithm 1.
+
+Prompt/completion split: in a causal-LM batch the prompt of a row is its attended tokens before
+the first label that is not ``-100``. Generation is a pluggable callable (:class:`GenerateFn`), so
+a vLLM or remote backend can replace :class:`HFGenerator` on GPU machines.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import torch
+from pydantic import Field
+
+from kdforge.config import StrictModel
+from kdforge.errors import ConfigError, DataError, GenerationError
+
+IGNORE_INDEX = -100
+
+
+class OnPolicyConfig(StrictModel):
+    """GKD settings.
+
+    Attributes:
+        lmbda: probability that a micro-batch uses student-generated completions (GKD's lambda;
+            0 = supervised KD on the data, 1 = fully on-policy).
+        seq_kd: replace completions by teacher generations first (sequence-level KD).
+        temperature, top_p, top_k, max_new_tokens: sampling parameters of generation.
+        pad_token_id, eos_token_id: default to the model's generation config / config.
+    """
+
+    lmbda: float = Field(0.5, ge=0.0, le=1.0)
+    seq_kd: bool = False
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+
+
+class GenerateFn(Protocol):
+    """Generation backend: completions (token ids, no prompt, no padding) for each prompt."""
+
+    def __call__(self, model: torch.nn.Module, prompts: list[torch.Tensor], config: OnPolicyConfig,
+                 ) -> list[torch.Tensor]: ...
+
+
+def _special_ids(model: torch.nn.Module, config: OnPolicyConfig) -> tuple[int, int | None]:
+    gen_cfg = getattr(model, "generation_config", None)
+    cfg = getattr(model, "config", None)
+
+    def pick(name: str) -> Any:
+        explicit = getattr(config, name)
+        if explicit is not None:
+            return explicit
+        for src in (gen_cfg, cfg):
+            value = getattr(src, name, None) if src is not None else None
+            if value is not None:
+                return value
+        return None
+
+    eos = pick("eos_token_id")
+    if isinstance(eos, list | tuple):
+        eos = eos[0] if eos else None
+    pad = pick("pad_token_id")
+    if pad is None:
+        pad = eos
+    if pad is None:
+        raise ConfigError(
+            "on-policy generation needs a pad token id, and the model defines neither pad nor eos",
+            "set on_policy.pad_token_id (e.g. the tokenizer's pad_token_id)",
+        )
+    return int(pad), (int(eos) if eos is not None else None)
+
+
+class HFGenerator:
+    """Sampling with Hugging Face ``model.generate`` (left-padded prompt batch, no grad, eval mode).
+
+    Returns each completion cut after its first EOS (the EOS is kept), as a 1-D int64 tensor.
+    """
+
+    def __call__(self, model: torch.nn.Module, prompts: list[torch.Tensor], config: OnPolicyConfig,
+                 ) -> list[torch.Tensor]:
+        if not hasattr(model, "generate"):
+            raise ConfigError(
+                f"{type(model).__name__} has no generate() method",
+                "use a Hugging Face causal LM, or pass generate_fn= with your own backend",
+            )
+        pad, eos = _special_ids(model, config)
+        device = next(model.parameters()).device
+        width = max(int(p.numel()) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            if p.numel():
+                ids[i, width - p.numel():] = p
+                attn[i, width - p.numel():] = 1
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                    temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or 0,
+                    max_new_tokens=config.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                )
+        except Exception as exc:
+            raise GenerationError(f"generation with {type(model).__name__} failed: {exc}",
+                                  "check the sampling settings and that prompts are non-empty") from exc
+        finally:
+            model.train(was_training)
+        completions = []
+        for row in out[:, width:].cpu():
+            if eos is not None:
+                hits = (row == eos).nonzero()
+                if len(hits):
+                    row = row[: int(hits[0]) + 1]
+                    completions.append(row)
+                    continue
+            # no EOS: the tail may be padding only when pad != eos; keep full length otherwise
+            completions.append(row)
+        return completions
+
+
+def split_prompts(batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Prompt token ids of each row: attended tokens before the first label != -100 (CPU, 1-D)."""
+    input_ids = batch["input_ids"].cpu()
+    attn = batch.get("attention_mask")
+    attn = torch.ones_like(input_ids) if attn is None else attn.cpu()
+    labels = batch.get("labels")
+    if labels is None:
+        raise DataError(
+            "on-policy distillation needs `labels` to tell the prompt from the completion",
+            "set labels to -100 on prompt tokens and to the token ids on completion tokens",
+        )
+    labels = labels.cpu()
+    prompts = []
+    for ids_row, attn_row, lab_row in zip(input_ids, attn, labels):
+        keep = attn_row.bool()
+        ids_row, lab_row = ids_row[keep], lab_row[keep]
+        completion = (lab_row != IGNORE_INDEX).nonzero()
+        cut = int(completion[0]) if len(completion) else len(ids_row)
+        if cut == 0:
+            raise DataError("a row has no prompt tokens (its first label is not -100)",
+                            "mask the prompt part of each example with -100 in labels")
+        prompts.append(ids_row[:cut].clone())
+    return prompts
+
+
+def build_batch(prompts: list[torch.Tensor], completions: list[torch.Tensor], pad_token_id: int,
+                device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Right-padded ``{input_ids, attention_mask, labels}`` of prompt+completion rows.
+
+    Labels are -100 on prompt and padding, the token ids on the completion.
+    """
+    rows = [torch.cat([p.long(), c.long().cpu()]) for p, c in zip(prompts, completions)]
+    width = max(int(r.numel()) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        ids[i, : r.numel()] = r
+        attn[i, : r.numel()] = 1
+        labels[i, p.numel() : r.numel()] = r[p.numel() :]
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
+
+
+class OnPolicyBatcher:
+    """Turns a data batch into the batch GKD trains on (data, teacher- or student-generated).
+
+    The on-policy draw for micro-batch ``m`` of step ``s`` is a pure function of
+    ``(seed, s, m)``, so it is identical across processes and after a resume.
+    """
+
+    def __init__(self, config: OnPolicyConfig, generate_fn: GenerateFn | None = None, seed: int = 0) -> None:
+        self.config = config
+        self.generate_fn: GenerateFn = generate_fn or HFGenerator()
+        self.seed = seed
+
+    def use_student(self, step: int, micro: int) -> bool:
+        if self.config.lmbda <= 0.0:
+            return False
+        return random.Random(f"gkd:{self.seed}:{step}:{micro}").random() < self.config.lmbda
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], *, student: torch.nn.Module,
+                 teacher: torch.nn.Module | None, step: int, micro: int) -> tuple[dict[str, Any], str]:
+        """Return ``(batch, source)`` with source ``"data"``, ``"teacher"`` or ``"student"``."""
+        source = "data"
+        out: dict[str, Any] = dict(batch)
+        device = batch["input_ids"].device
+        if self.config.seq_kd or self.use_student(step, micro):
+            prompts = split_prompts(batch)
+            if self.config.seq_kd:
+                if teacher is None:
+                    raise ConfigError("seq_kd=True needs an online teacher module", "pass teacher=")
+                pad, _ = _special_ids(teacher, self.config)
+                out = build_batch(prompts, self.generate_fn(teacher, prompts, self.config), pad, device)
+                source = "teacher"
+            if self.use_student(step, micro):
+                pad, _ = _special_ids(student, self.config)
+                out = build_batch(prompts, self.generate_fn(student, prompts, self.config), pad, device)
+                source = "student"
+        return out, source

@@ -1,0 +1,291 @@
+"""Task adapters: how a batch becomes student logits, labels, a mask and a teacher signal.
+
+A task knows the batch layout of one kind of model; the objective and the loop do not. Two are
+built in:
+
+* :class:`ClassificationTask` — ``{"inputs": Tensor, "labels": LongTensor[B]}``, one position per
+  sample; the teacher is a module or precomputed ``"teacher_logits"`` ``[B, C]`` in the batch.
+* :class:`CausalLMTask` — ``{"input_ids", "attention_mask", "labels"}`` (HF convention, ``-100``
+  = ignored); logits at position ``t`` predict token ``t+1``, so the task shifts
+  (``logits[:, :-1]`` vs ``labels[:, 1:]``). The teacher is an online module or a cached top-k
+  signal ``"teacher_ids"``/``"teacher_logprobs"`` ``[B, T, k]`` aligned with the logit positions
+  of ``input_ids`` (position ``t`` = distribution of token ``t+1``).
+
+The teacher is always run under ``torch.no_grad()`` in eval mode on its own device; its outputs are
+moved to the student's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdforge.errors import DataError, ShapeError, VocabMismatchError
+from kdforge.losses.signal import SparseTeacher
+
+IGNORE_INDEX = -100
+TeacherSignal = torch.Tensor | SparseTeacher
+
+
+@dataclass
+class TaskOutput:
+    """What the objective needs from one micro-batch.
+
+    Attributes:
+        student_logits: ``[..., V]`` (None in chunked mode).
+        teacher: ``[..., V]`` dense logits, ``SparseTeacher`` ``[..., k]``, or None (labels only).
+        labels: ``[...]`` int64, ``-100`` where ignored.
+        mask: ``[...]`` bool, the real positions (the ones counted by the normaliser).
+        student_hidden: ``[..., H]`` last hidden state (chunked mode only).
+        lm_head_weight: ``[V, H]`` (chunked mode only).
+    """
+
+    student_logits: torch.Tensor | None
+    teacher: TeacherSignal | None
+    labels: torch.Tensor | None
+    mask: torch.Tensor
+    student_hidden: torch.Tensor | None = None
+    lm_head_weight: torch.Tensor | None = None
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.mask.sum().item())
+
+
+class Task:
+    """Base class of task adapters.
+
+    Subclasses implement :meth:`count` (real positions in a batch, without a forward pass: used to
+    normalise the loss over the whole accumulated batch) and :meth:`forward`. ``extras`` holds the
+    method's extra learnable modules (e.g. projectors), already prepared by the accelerator.
+    """
+
+    #: name of the counted unit in throughput logs (``tokens_per_s`` / ``samples_per_s``)
+    unit: str = "samples"
+
+    def count(self, batch: Mapping[str, Any]) -> int:
+        raise NotImplementedError
+
+    def forward(self, student: nn.Module, teacher: nn.Module | None, batch: Mapping[str, Any], *,
+                extras: Mapping[str, nn.Module] | None = None, chunked: bool = False) -> TaskOutput:
+        raise NotImplementedError
+
+    def has_cached_teacher(self, batch: Mapping[str, Any]) -> bool:
+        return False
+
+
+def _logits_of(output: Any) -> torch.Tensor:
+    if torch.is_tensor(output):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, tuple | list) and output and torch.is_tensor(output[0]):
+        logits = output[0]
+    if logits is None:
+        raise ShapeError(
+            f"cannot find logits in a model output of type {type(output).__name__}",
+            "return a tensor, or an object/dict with a `logits` field",
+        )
+    return logits
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _module_float_dtype(module: nn.Module) -> torch.dtype | None:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _check_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ShapeError(
+            f"teacher logits {tuple(teacher_logits.shape)} do not line up with student logits "
+            f"{tuple(student_logits.shape)}",
+            "feed teacher and student the same batch (same padding and length)",
+        )
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise VocabMismatchError(
+            f"teacher has {teacher_logits.shape[-1]} output classes/tokens, student has "
+            f"{student_logits.shape[-1]}",
+            "use a student with the teacher's vocabulary (same tokenizer), or a cross-tokenizer method",
+        )
+
+
+@torch.no_grad()
+def run_teacher(teacher: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Teacher logits under ``no_grad`` in eval mode; inputs moved to the teacher's device."""
+    if teacher.training:
+        teacher.eval()
+    device = module_device(teacher)
+    dtype = _module_float_dtype(teacher)
+
+    def move(x: Any) -> Any:
+        if torch.is_tensor(x):
+            x = x.to(device)
+            if x.is_floating_point() and dtype is not None:
+                x = x.to(dtype)
+        return x
+
+    out = teacher(*[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
+    return _logits_of(out)
+
+
+class ClassificationTask(Task):
+    """Sample-level classification: one position per example.
+
+    Args:
+        input_key: batch key of the model input (passed positionally to the student).
+        label_key: batch key of the int64 labels ``[B]`` (``-100`` = unlabelled).
+        teacher_key: batch key of precomputed teacher logits ``[B, C]`` (used when present).
+    """
+
+    unit = "samples"
+
+    def __init__(self, input_key: str = "inputs", label_key: str = "labels",
+                 teacher_key: str = "teacher_logits") -> None:
+        self.input_key, self.label_key, self.teacher_key = input_key, label_key, teacher_key
+
+    def _inputs(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        if self.input_key not in batch:
+            raise DataError(
+                f"batch has no {self.input_key!r} key (keys: {sorted(batch)})",
+                f"collate batches into a dict with {self.input_key!r} and {self.label_key!r}",
+            )
+        return batch[self.input_key]
+
+    def count(self, batch: Mapping[str, Any]) -> int:
+        return int(self._inputs(batch).shape[0])
+
+    def has_cached_teacher(self, batch: Mapping[str, Any]) -> bool:
+        return self.teacher_key in batch
+
+    def forward(self, student: nn.Module, teacher: nn.Module | None, batch: Mapping[str, Any], *,
+                extras: Mapping[str, nn.Module] | None = None, chunked: bool = False) -> TaskOutput:
+        inputs = self._inputs(batch)
+        logits = _logits_of(student(inputs))
+        labels = batch.get(self.label_key)
+        if labels is not None:
+            labels = labels.to(logits.device).long()
+        mask = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+        signal: torch.Tensor | None = None
+        if self.teacher_key in batch:
+            signal = batch[self.teacher_key]
+        elif teacher is not None:
+            signal = run_teacher(teacher, inputs)
+        if signal is not None:
+            signal = signal.to(device=logits.device, dtype=logits.dtype)
+            _check_vocab(logits, signal)
+        return TaskOutput(logits, signal, labels, mask)
+
+
+class CausalLMTask(Task):
+    """Next-token distillation for decoder-only LMs (HF ``AutoModelForCausalLM`` or compatible).
+
+    Shapes: ``input_ids``/``attention_mask``/``labels`` ``[B, T]``; the output holds
+    ``student_logits [B, T-1, V]``, ``labels [B, T-1]`` (= ``labels[:, 1:]``) and
+    ``mask = labels != -100``. A missing ``labels`` key means "every attended token".
+
+    Cached teacher keys (optional): ``teacher_ids`` / ``teacher_logprobs`` ``[B, T, k]`` or
+    ``[B, T-1, k]`` (position ``t`` = distribution of token ``t+1``).
+    """
+
+    unit = "tokens"
+
+    def __init__(self, ids_key: str = "teacher_ids", logprobs_key: str = "teacher_logprobs") -> None:
+        self.ids_key, self.logprobs_key = ids_key, logprobs_key
+
+    @staticmethod
+    def shifted_labels(batch: Mapping[str, Any]) -> torch.Tensor:
+        if "input_ids" not in batch:
+            raise DataError(
+                f"causal-LM batch has no 'input_ids' (keys: {sorted(batch)})",
+                "collate batches into {input_ids, attention_mask, labels}",
+            )
+        labels = batch.get("labels")
+        if labels is None:
+            labels = batch["input_ids"].clone()
+            if batch.get("attention_mask") is not None:
+                labels = labels.masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        return labels[:, 1:].long()
+
+    def count(self, batch: Mapping[str, Any]) -> int:
+        return int((self.shifted_labels(batch) != IGNORE_INDEX).sum().item())
+
+    def has_cached_teacher(self, batch: Mapping[str, Any]) -> bool:
+        return self.ids_key in batch
+
+    def forward(self, student: nn.Module, teacher: nn.Module | None, batch: Mapping[str, Any], *,
+                extras: Mapping[str, nn.Module] | None = None, chunked: bool = False) -> TaskOutput:
+        input_ids = batch["input_ids"]
+        attention_mask = batch.get("attention_mask")
+        labels = self.shifted_labels(batch).to(input_ids.device)
+        mask = labels != IGNORE_INDEX
+        hidden = head = None
+        if chunked:
+            out = student(input_ids=input_ids, attention_mask=attention_mask,
+                          output_hidden_states=True, logits_to_keep=1)
+            hidden = out.hidden_states[-1][:, :-1]
+            head = _unwrap(student).get_output_embeddings().weight
+            logits = None
+            vocab, ref_device, ref_dtype = head.shape[0], hidden.device, hidden.dtype
+        else:
+            logits = _logits_of(student(input_ids=input_ids, attention_mask=attention_mask))[:, :-1]
+            vocab, ref_device, ref_dtype = logits.shape[-1], logits.device, logits.dtype
+
+        signal: TeacherSignal | None = None
+        if self.ids_key in batch:
+            signal = self._cached(batch, labels.shape, vocab, ref_device)
+        elif teacher is not None:
+            t_logits = run_teacher(teacher, input_ids=input_ids, attention_mask=attention_mask)[:, :-1]
+            signal = t_logits.to(device=ref_device, dtype=ref_dtype)
+            if logits is not None:
+                _check_vocab(logits, signal)
+            elif signal.shape[-1] != vocab:
+                raise VocabMismatchError(
+                    f"teacher has {signal.shape[-1]} tokens, student {vocab}",
+                    "use a student with the teacher's tokenizer",
+                )
+        return TaskOutput(logits, signal, labels, mask, hidden, head)
+
+    def _cached(self, batch: Mapping[str, Any], pos_shape: torch.Size, vocab: int,
+                device: torch.device) -> SparseTeacher:
+        if self.logprobs_key not in batch:
+            raise DataError(
+                f"batch has {self.ids_key!r} but no {self.logprobs_key!r}",
+                "collate both top-k tensors from the teacher cache",
+            )
+        ids, logprobs = batch[self.ids_key], batch[self.logprobs_key]
+        if ids.shape[1] == pos_shape[1] + 1:
+            ids, logprobs = ids[:, :-1], logprobs[:, :-1]
+        if tuple(ids.shape[:2]) != tuple(pos_shape):
+            raise ShapeError(
+                f"cached teacher top-k {tuple(ids.shape)} does not match the batch: expected "
+                f"[B, T, k] or [B, T-1, k] with B, T-1 = {tuple(pos_shape)}",
+                "rebuild the cache with the same sequence length and packing as the training data",
+            )
+        max_id = int(ids.max().item()) if ids.numel() else -1
+        if max_id >= vocab:
+            raise VocabMismatchError(
+                f"cached teacher token id {max_id} is outside the student's vocabulary of {vocab}",
+                "build the cache with the student's tokenizer, or use a student with the teacher's vocabulary",
+            )
+        return SparseTeacher(ids.to(device).long(), logprobs.to(device).float(), vocab)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model

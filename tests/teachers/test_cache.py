@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from kdforge.errors import CacheError, ConfigError, DataError
+from kdforge.errors import CacheError, ConfigError, DataError, ShapeError
 from kdforge.teachers import (
     ENCODINGS,
     OnlineTeacher,
@@ -247,3 +247,23 @@ def test_read_texts_handles_txt_folder_and_jsonl(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"body": "one"}\n')
     with pytest.raises(DataError, match="text_field"):
         read_texts(tmp_path / "bad.jsonl")
+
+
+def test_write_teacher_cache_from_precomputed_topk_source(teacher, sequences, tmp_path):
+    from kdforge.teachers.cache import write_teacher_cache
+
+    ref = teacher.topk(sequences, k=K)
+    seen = []
+
+    def served(input_ids, first_row):
+        seen.append(first_row)
+        return ref[first_row : first_row + input_ids.shape[0]]
+
+    info = {"id": "served-teacher", "weights_sha256": "rev-abc"}
+    path = write_teacher_cache(served, sequences, tmp_path / "c", vocab_size=256, k=K, teacher_info=info,
+                               encoding="raw-fp32", shard_size=6, batch_size=4)
+    assert seen == [0, 4, 6, 10, 12, 16, 18]  # batches restart at every shard boundary
+    assert torch.equal(_all(path)["teacher_logprobs"], ref.logprobs)
+    bad = lambda input_ids, first_row: ref[first_row : first_row + input_ids.shape[0], :, :2]  # noqa: E731
+    with pytest.raises(ShapeError, match="expected"):
+        write_teacher_cache(bad, sequences, tmp_path / "d", vocab_size=256, k=K, teacher_info=info)

@@ -16,7 +16,7 @@ from kdforge.teachers.cache.dataset import (
     collate_teacher_cache,
 )
 from kdforge.teachers.cache.reader import TeacherCache, open_teacher_cache
-from kdforge.teachers.cache.writer import build_teacher_cache
+from kdforge.teachers.cache.writer import build_teacher_cache, write_teacher_cache
 
 __all__ = [
     "BATCH_KEYS",
@@ -31,4 +31,5 @@ __all__ = [
     "open_teacher_cache",
     "pack_tokens",
     "read_texts",
+    "write_teacher_cache",
 ]

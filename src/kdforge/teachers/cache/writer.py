@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 import kdforge
-from kdforge.errors import CacheError, ConfigError
+from kdforge.errors import CacheError, ConfigError, ShapeError
 from kdforge.io import atomic_write, sha256_file, write_json_atomic
+from kdforge.losses.signal import SparseTeacher
 from kdforge.teachers.cache.codec import (
     Encoding,
     RecordCompressor,
@@ -66,6 +67,11 @@ def encode_shard(
     return b"".join(frames) + offsets.tobytes() + INDEX_MAGIC
 
 
+#: ``topk_fn(input_ids [B, T], first_row) -> SparseTeacher [B, T, k]``: the teacher signal of
+#: rows ``first_row .. first_row + B`` of the corpus (a live model, a server, precomputed arrays)
+TopkFn = Callable[[torch.Tensor, int], SparseTeacher]
+
+
 def build_teacher_cache(
     teacher: OnlineTeacher | nn.Module,
     sequences: Any,
@@ -88,8 +94,7 @@ def build_teacher_cache(
         sequences: fixed-length token ids ``[N, T]``: LongTensor/ndarray, ``datasets.Dataset``
             with ``input_ids``, or a list of equal-length lists.
         out_dir: cache folder (created; resumed if it holds a compatible unfinished build).
-        k: entries kept per position (``k=16`` keeps ~90% of the mass of SmolLM2 on prose at
-            ~52 B/token with the default encoding; see docs/teacher-cache.md).
+        k: entries kept per position (measured defaults: docs/teacher-cache.md).
         encoding: a name from :data:`~kdforge.teachers.cache.codec.ENCODINGS`.
         batch_size: sequences per teacher forward (batches never cross shards).
         shard_size: sequences per shard file (the resume granularity).
@@ -107,23 +112,64 @@ def build_teacher_cache(
         CacheError: ``out_dir`` holds a cache of another teacher/tokenizer/corpus/settings and
             ``overwrite`` is False.
     """
+    if not isinstance(teacher, OnlineTeacher):
+        teacher = OnlineTeacher(teacher)
+    seqs = as_sequences(sequences)
+    with torch.no_grad():
+        probe = teacher.logits(torch.as_tensor(seqs.rows(0, 1)[:, : min(2, seqs.seq_len)]))
+    vocab_size = int(probe.shape[-1])
+    kk = min(k, vocab_size)
+    return write_teacher_cache(
+        lambda input_ids, first_row: teacher.topk(input_ids, torch.ones_like(input_ids), k=kk),
+        seqs,
+        out_dir,
+        vocab_size=vocab_size,
+        k=kk,
+        teacher_info={
+            "id": teacher_id or teacher.name,
+            "weights_sha256": weights_hash or teacher.weights_hash(),
+            "dtype": str(teacher.dtype).replace("torch.", ""),
+        },
+        encoding=encoding,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        tokenizer=tokenizer,
+        overwrite=overwrite,
+        on_shard=on_shard,
+    )
+
+
+def write_teacher_cache(
+    topk_fn: TopkFn,
+    sequences: Any,
+    out_dir: str | Path,
+    *,
+    vocab_size: int,
+    k: int,
+    teacher_info: dict[str, Any],
+    encoding: str | Encoding = "compact-u8-zstd",
+    batch_size: int = 8,
+    shard_size: int = 256,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    on_shard: Callable[[int, dict[str, Any]], None] | None = None,
+) -> Path:
+    """Write a cache from any top-k source (see :data:`TopkFn`); :func:`build_teacher_cache`
+    is this with a live model. ``teacher_info`` needs ``id`` and ``weights_sha256`` (any stable
+    identifier of the teacher, e.g. a served model's name and revision)."""
     if k < 1 or batch_size < 1 or shard_size < 1:
         raise ConfigError(
             f"k, batch_size and shard_size must be >= 1 (got {k}, {batch_size}, {shard_size})",
             "use positive values",
         )
+    missing = {"id", "weights_sha256"} - set(teacher_info)
+    if missing:
+        raise ConfigError(f"teacher_info lacks {sorted(missing)}", "pass the teacher's id and a weights hash")
     enc = get_encoding(encoding)
-    if not isinstance(teacher, OnlineTeacher):
-        teacher = OnlineTeacher(teacher)
     out = Path(out_dir)
     seqs = as_sequences(sequences)
     log.info("fingerprinting %d sequences of %d tokens", len(seqs), seqs.seq_len)
     data_fp = seqs.fingerprint()
-
-    with torch.no_grad():
-        probe = teacher.logits(torch.as_tensor(seqs.rows(0, 1)[:, : min(2, seqs.seq_len)]))
-    vocab_size = int(probe.shape[-1])
-    k = min(k, vocab_size)
     tok = None
     if tokenizer is not None:
         tok = {"fingerprint": tokenizer_fingerprint(tokenizer), "size": tokenizer_size(tokenizer)}
@@ -133,11 +179,7 @@ def build_teacher_cache(
         "format_version": FORMAT_VERSION,
         "kdforge_version": kdforge.__version__,
         "complete": False,
-        "teacher": {
-            "id": teacher_id or teacher.name,
-            "weights_sha256": weights_hash or teacher.weights_hash(),
-            "dtype": str(teacher.dtype).replace("torch.", ""),
-        },
+        "teacher": dict(teacher_info),
         "tokenizer": tok,
         "vocab_size": vocab_size,
         "k": k,
@@ -171,7 +213,13 @@ def build_teacher_cache(
         ids_parts, lp_parts = [], []
         for b in range(0, end - start, batch_size):
             batch = torch.as_tensor(input_ids[b : b + batch_size])
-            sparse = teacher.topk(batch, torch.ones_like(batch), k=k)
+            sparse = topk_fn(batch, start + b)
+            if tuple(sparse.ids.shape) != (batch.shape[0], seqs.seq_len, k):
+                raise ShapeError(
+                    f"the teacher signal for rows {start + b}.. has shape {tuple(sparse.ids.shape)}, "
+                    f"expected {(batch.shape[0], seqs.seq_len, k)}",
+                    "return one top-k list of k entries per position",
+                )
             ids_parts.append(sparse.ids.cpu().numpy())
             lp_parts.append(sparse.logprobs.cpu().numpy())
         ids = np.concatenate(ids_parts)

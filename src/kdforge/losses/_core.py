@@ -149,6 +149,11 @@ def real_positions(lead: tuple[int, ...], mask: torch.Tensor | None, device: tor
 # teacher signal -> pair of log-distributions
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half types (bf16/fp16), unchanged for float32/float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x <= 0``, stable on both ends (Mächler 2012)."""
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -157,8 +162,8 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 def dense_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``log_softmax(z/T)`` of student and teacher, ``[n, V]`` each."""
-    s = student_logits.float()
-    t = teacher_logits.detach().float()
+    s = upcast(student_logits)
+    t = upcast(teacher_logits.detach())
     if temperature != 1.0:
         s = s / temperature
         t = t / temperature
@@ -171,9 +176,9 @@ def sparse_pair(student_logits: torch.Tensor, teacher: SparseTeacher, temperatur
     if policy not in SPARSE_POLICIES:
         raise ConfigError(f"unknown sparse_policy {policy!r}", f"use one of {', '.join(SPARSE_POLICIES)}")
     ids = teacher.ids.long()
-    t_lp = teacher.logprobs.detach().float()
+    t_lp = upcast(teacher.logprobs.detach())
     pad = torch.isneginf(t_lp)
-    s = student_logits.float()
+    s = upcast(student_logits)
     if temperature != 1.0:
         s = s / temperature
     if policy == "renormalize":
@@ -292,7 +297,7 @@ def distill(
     s = select(student_logits, real)
     t = select_teacher(teacher, real)
     if s.shape[0] == 0:
-        per_pos = s.float().sum(-1)  # empty, keeps the graph: zero grads, no NaN
+        per_pos = upcast(s).sum(-1)  # empty, keeps the graph: zero grads, no NaN
     else:
         logq, logp = make_pair(s, t, temperature, sparse_policy)
         per_pos = kernel(logq, logp)

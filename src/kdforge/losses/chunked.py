@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from kdforge.errors import ConfigError, ShapeError, VocabMismatchError
-from kdforge.losses._core import check_reduction, check_temperature
+from kdforge.losses._core import check_reduction, check_temperature, upcast
 from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
@@ -223,20 +223,21 @@ def chunked_distillation_loss(
         want_w = w.requires_grad
         want_b = b is not None and b.requires_grad
         want_any = want_h or want_w or want_b
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         h_all, w = h_all.detach(), w.detach()
         b = None if b is None else b.detach()
         g_h = torch.zeros_like(h_all) if want_h else None
-        g_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
-        g_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if want_b else None
-        kd_total = torch.zeros((), dtype=torch.float32, device=h_all.device)
-        ce_total = torch.zeros((), dtype=torch.float32, device=h_all.device)
+        g_w = torch.zeros(w.shape, dtype=acc, device=w.device) if want_w else None
+        g_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want_b else None
+        kd_total = torch.zeros((), dtype=acc, device=h_all.device)
+        ce_total = torch.zeros((), dtype=acc, device=h_all.device)
         for start in range(0, n, rows):
             sl = slice(start, min(start + rows, n))
             h = h_all[sl]
             m = None if flat_mask is None else flat_mask[sl]
             y = None if flat_labels is None else flat_labels[sl]
             with torch.enable_grad():
-                logits = torch.nn.functional.linear(h, w, b).float().requires_grad_(want_any)
+                logits = upcast(torch.nn.functional.linear(h, w, b)).requires_grad_(want_any)
                 total = logits.new_zeros(())
                 if kd_scale != 0:
                     kd = loss_fn(logits, _teacher_chunk(teacher, sl), mask=m, labels=y, temperature=temperature,
@@ -261,9 +262,9 @@ def chunked_distillation_loss(
                 if g_w.dtype == h.dtype:
                     g_w.addmm_(g.t(), h)
                 else:
-                    g_w += (g_low.t() @ h).float()
+                    g_w += (g_low.t() @ h).to(g_w.dtype)
             if want_b:
-                g_b += g.sum(0)
+                g_b += g.sum(0).to(g_b.dtype)
             del g, g_low
         kd_out = kd_total / kd_norm
         ce_out = ce_total / ce_norm

@@ -33,6 +33,7 @@ from kdforge.losses._core import (
     kl,
     log1mexp,
     reduce,
+    upcast,
 )
 from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
@@ -100,8 +101,8 @@ def dkd(
     check_positions("mask", mask, lead)
     labels = labels.to(student_logits.device)
     real = label_positions(labels, mask, ignore_index)
-    s = student_logits[real].float()
-    t = teacher.detach()[real].float()
+    s = upcast(student_logits[real])
+    t = upcast(teacher.detach()[real])
     y = labels[real].long()
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= student_logits.shape[-1]):
         raise ShapeError(f"labels outside [0, {student_logits.shape[-1]})", "labels must index the classes")

@@ -14,6 +14,7 @@ from kdforge.losses._core import (
     diagnose_nonfinite,
     real_positions,
     reduce,
+    upcast,
 )
 from kdforge.losses.registry import LOSSES
 
@@ -74,9 +75,9 @@ def cross_entropy(
             "labels must index the student's vocabulary/classes; use -100 for positions without a target",
         )
     if logits.shape[0] == 0:
-        per_pos = logits.float().sum(-1)
+        per_pos = upcast(logits).sum(-1)
     else:
-        per_pos = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none",
+        per_pos = torch.nn.functional.cross_entropy(upcast(logits), targets, reduction="none",
                                                     label_smoothing=label_smoothing)
         if check_finite and not bool(torch.isfinite(per_pos.detach()).all()):
             raise diagnose_nonfinite("cross_entropy", logits, None)

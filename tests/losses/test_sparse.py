@@ -1,0 +1,112 @@
+"""Sparse (top-k) teacher: policies by hand, k = V equals dense, tempered tail bucket, no densifying."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdforge.losses import LOSSES, SparseTeacher, forward_kl, reverse_kl
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "generalized_jsd", "tvd", "skew_forward_kl", "skew_reverse_kl",
+               "adaptive_kl", "taid"]
+PARAMS = {"taid": {"t": 0.7}, "generalized_jsd": {"beta": 0.3}}
+
+P = [0.5, 0.3, 0.15, 0.05]  # teacher over V = 4, top-2 = {0, 1}, tail mass 0.2
+Q = [0.1, 0.2, 0.3, 0.4]
+
+
+def kl_hand(a, b):
+    return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+
+
+def top2() -> SparseTeacher:
+    return SparseTeacher.from_logits(torch.tensor(P, dtype=torch.float64).log(), 2)
+
+
+def test_tail_bucket_forward_kl_matches_hand_computed_buckets():
+    s = torch.tensor(Q, dtype=torch.float64).log()
+    expected = kl_hand([0.5, 0.3, 0.2], [0.1, 0.2, 0.7])
+    assert forward_kl(s, top2(), sparse_policy="tail_bucket").item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_renormalize_forward_kl_matches_hand_computed_restriction():
+    s = torch.tensor(Q, dtype=torch.float64).log()
+    expected = kl_hand([5 / 8, 3 / 8], [1 / 3, 2 / 3])
+    assert forward_kl(s, top2(), sparse_policy="renormalize").item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_renormalize_reverse_kl_matches_hand_computed_restriction():
+    s = torch.tensor(Q, dtype=torch.float64).log()
+    expected = kl_hand([1 / 3, 2 / 3], [5 / 8, 3 / 8])
+    assert reverse_kl(s, top2(), sparse_policy="renormalize").item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("policy", ["tail_bucket", "renormalize"])
+def test_sparse_teacher_with_k_equal_vocab_equals_dense(name, temperature, policy):
+    s = torch.randn(3, 5, 12, dtype=torch.float64)
+    t = torch.randn(3, 5, 12, dtype=torch.float64) * 3
+    mask = torch.rand(3, 5) > 0.3
+    sparse = SparseTeacher.from_logits(t, 12)
+    sparse = SparseTeacher(sparse.ids, sparse.logprobs.double(), 12)
+    kw = dict(mask=mask, temperature=temperature, reduction="none", **PARAMS.get(name, {}))
+    dense = LOSSES.get(name)(s, t, **kw)
+    got = LOSSES.get(name)(s, sparse, sparse_policy=policy, **kw)
+    torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 3.0])
+def test_tempered_tail_bucket_equals_buckets_of_the_uniform_tail_completion(temperature):
+    v, k = 20, 5
+    s = torch.randn(4, v, dtype=torch.float64)
+    sparse = SparseTeacher.from_logits(torch.randn(4, v) * 2, k)
+    sparse = SparseTeacher(sparse.ids, sparse.logprobs.double(), v)
+    completed = sparse.to_dense_logprobs()  # tail spread uniformly over the V - k others
+    in_top = torch.zeros(4, v, dtype=torch.bool).scatter(-1, sparse.ids, True)
+
+    def buckets(logits: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits / temperature, -1)
+        return torch.cat([p.gather(-1, sparse.ids), (p * ~in_top).sum(-1, keepdim=True)], -1)
+
+    p_b, q_b = buckets(completed), buckets(s)
+    expected = temperature**2 * (p_b * (p_b.log() - q_b.log())).sum(-1)
+    got = forward_kl(s, sparse, temperature=temperature, reduction="none")
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_padding_entries_with_minus_inf_logprob_are_ignored():
+    s = torch.randn(2, 10, dtype=torch.float64)
+    base = SparseTeacher.from_logits(torch.randn(2, 10), 3)
+    padded = SparseTeacher(torch.cat([base.ids, base.ids[:, :1].expand(2, 2)], -1),
+                           torch.cat([base.logprobs, torch.full((2, 2), float("-inf"))], -1).double(), 10)
+    base = SparseTeacher(base.ids, base.logprobs.double(), 10)
+    for policy in ("tail_bucket", "renormalize"):
+        for name in DIVERGENCES:
+            kw = dict(sparse_policy=policy, **PARAMS.get(name, {}))
+            a = LOSSES.get(name)(s, padded, **kw)
+            b = LOSSES.get(name)(s, base, **kw)
+            assert torch.isfinite(a), (name, policy)
+            torch.testing.assert_close(a, b, msg=f"{name} {policy}")
+
+
+def test_sparse_loss_gradients_are_finite_and_reach_only_the_student():
+    s = torch.randn(3, 50, requires_grad=True)
+    sparse = SparseTeacher.from_logits(torch.randn(3, 50), 4)
+    for name in DIVERGENCES:
+        s.grad = None
+        LOSSES.get(name)(s, sparse, temperature=2.0, **PARAMS.get(name, {})).backward()
+        assert torch.isfinite(s.grad).all(), name
+
+
+def test_sparse_path_never_builds_a_dense_teacher(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("densified the sparse teacher")
+
+    monkeypatch.setattr(SparseTeacher, "to_dense_logprobs", boom)
+    s = torch.randn(2, 3, 30)
+    sparse = SparseTeacher.from_logits(torch.randn(2, 3, 30), 5)
+    for name in DIVERGENCES:
+        LOSSES.get(name)(s, sparse, **PARAMS.get(name, {}))

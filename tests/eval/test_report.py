@@ -1,0 +1,132 @@
+"""Report generation from synthetic run folders: files, numbers, headline, edge cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kdforge.cli.main import main
+from kdforge.errors import DataError
+from kdforge.eval.report import build_report
+from kdforge.eval.report.runs import load_run, merge_runs
+from kdforge.eval.report.summary import hacking_onsets, headline
+
+from ._runs import write_run
+
+
+def test_report_writes_html_markdown_and_figures_with_the_expected_numbers(built):
+    _, paths = built
+    html = paths.html.read_text()
+    md = paths.markdown.read_text()
+    for text in (html, md):
+        assert "83.7% ± 0.2" in text  # best student, mean ± std over seeds
+        assert "82.0% ± 0.2" in text  # baseline
+        assert "+1.7 pts over labels only" in text
+        assert "40× smaller than the teacher" in text
+        assert "8.0× faster" in text
+        assert "T-shirt" in text  # per-class breakdown
+    assert {p.name for p in paths.figures} == {"tradeoff.png", "curves.png", "reliability.png",
+                                                "breakdown-0.png"}
+    for p in paths.figures:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figures/{p.name}" in md
+    assert html.count("data:image/svg+xml;base64,") == 4
+
+
+def test_html_is_self_contained(built):
+    html = built[1].html.read_text()
+    for needle in ('src="http', "src='http", 'href="http', "url(http", "@import", "<link"):
+        assert needle not in html
+
+
+def test_headline_picks_best_student_and_judges_seed_noise(tmp_path):
+    run = load_run(write_run(tmp_path / "fm"))
+    h = headline(run)
+    assert h is not None and h.best.name == "KD T=2 a=0.5"
+    assert "exceeds 2 standard errors" in (h.verdict or "")
+    # make the gain tiny: now it is within noise
+    for m in run.models:
+        if m.role == "student":
+            m.metrics["accuracy"] = 0.8199
+    h2 = headline(run)
+    assert "within seed noise" in (h2.verdict or "")
+
+
+def test_lower_is_better_primary_metric_picks_the_smallest(tmp_path):
+    root = tmp_path / "lm"
+    root.mkdir()
+    (root / "results.json").write_text(json.dumps({
+        "primary_metric": "perplexity", "higher_is_better": False, "models": [
+            {"name": "teacher", "role": "teacher", "params": 134_500_000, "metrics": {"perplexity": 62.0}},
+            {"name": "CE only", "role": "baseline", "params": 49_600_000, "metrics": {"perplexity": 304.6}},
+            {"name": "KD top-64", "role": "student", "params": 49_600_000, "metrics": {"perplexity": 244.2}},
+            {"name": "bad KD", "role": "student", "params": 49_600_000, "metrics": {"perplexity": 400.0}},
+        ]}))
+    h = headline(load_run(root))
+    assert h.best.name == "KD top-64"
+    assert "-19.8% over CE only" in h.text
+    assert "2.7× smaller than the teacher" in h.text
+
+
+def test_teacher_hacking_is_detected_from_curves_and_shown(built, tmp_path):
+    run, paths = built
+    assert hacking_onsets(load_run(run)) == {"KD T=2 a=0.5": 200}
+    assert "Possible teacher hacking" in paths.html.read_text()
+    assert "Possible teacher hacking" in paths.markdown.read_text()
+    assert hacking_onsets(load_run(write_run(tmp_path / "clean"))) == {}
+
+
+def test_logged_teacher_hacking_flags_are_used(tmp_path):
+    d = tmp_path / "bare"
+    d.mkdir()
+    recs = [{"step": 1, "split": "train", "loss": 2.0},
+            {"step": 5, "split": "eval", "eval/kl_to_teacher": 1.0, "eval/teacher_hacking": 0.0},
+            {"step": 9, "split": "eval", "eval/kl_to_teacher": 0.9, "eval/teacher_hacking": 1.0}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert hacking_onsets(load_run(d)) == {"bare": 9}
+
+
+def test_curves_only_run_without_results_json_and_torn_last_line(tmp_path):
+    d = tmp_path / "live"
+    (d / "seed0").mkdir(parents=True)
+    lines = [json.dumps({"step": s, "split": "train", "loss": 1.0 / (s + 1)}) for s in range(5)]
+    (d / "seed0" / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "spl')
+    paths = build_report([d], tmp_path / "r.html")
+    assert paths.html.name == "r.html" and paths.markdown.name == "r.md"
+    assert "curves only" in paths.html.read_text()
+    assert [p.name for p in paths.figures] == ["curves.png"]
+
+
+def test_several_run_folders_sharing_a_metric_merge_into_one_table(tmp_path):
+    a, b = write_run(tmp_path / "a"), write_run(tmp_path / "b")
+    groups = merge_runs([load_run(a), load_run(b)])
+    assert len(groups) == 1
+    names = [m.name for m in groups[0].models]
+    assert names.count("teacher CNN") == 1  # identical teacher kept once
+    assert "KD T=2 a=0.5 (b)" in names
+
+
+def test_missing_or_empty_run_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        build_report([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither results.json"):
+        build_report([tmp_path / "empty"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_run(bad)
+
+
+def test_cli_report_prints_the_output_path(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n")
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert str(run / "report" / "report.html") in out
+    assert (run / "report" / "report.html").exists()
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

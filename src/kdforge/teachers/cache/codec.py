@@ -20,8 +20,11 @@ rescales the dequantised top-k probabilities so that ``sum_k p_k + tail = 1`` ex
 quantisation noise never leaks into the tail bucket that sparse KD losses use.
 
 Entropy coding (``*-zstd``, ``*-zlib``): each record is compressed on its own (so a random
-access reads and decodes one sequence), after a byte-plane shuffle of multi-byte fields (the high
-bytes of token ids are highly redundant, the low bytes are not; separating them helps the coder).
+access reads and decodes one sequence). Before compression the uint8 log-prob codes are
+delta-coded along k (``delta``): sorted by decreasing probability they rise monotonically, so the
+differences are small numbers the coder packs into ~3 bits instead of ~6 (measured on SmolLM2:
+-30% on the log-prob bytes). A byte-plane shuffle of multi-byte fields (``shuffle``) is
+available but off: measured, it does not help raw token ids.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ class Encoding:
         compression: ``None``, ``"zstd"`` or ``"zlib"`` (per-record, lossless).
         level: compression level.
         logprob_min: lower end of the uint8 log-prob grid (nats).
-        shuffle: byte-plane shuffle before compression.
+        shuffle: byte-plane shuffle of multi-byte fields before compression.
+        delta: delta-code uint8 log-prob codes along k before compression (mod 256, exact).
     """
 
     name: str
@@ -56,7 +60,8 @@ class Encoding:
     compression: str | None = None
     level: int = 3
     logprob_min: float = -20.0
-    shuffle: bool = True
+    shuffle: bool = False
+    delta: bool = False
 
     @property
     def stores_tail(self) -> bool:
@@ -75,8 +80,8 @@ for _enc, _desc in [
     (Encoding("raw-fp32", "float32"), "lossless: compact ids + float32 log-probs (8 B per top-k entry with uint16 ids)"),
     (Encoding("raw-fp16", "float16"), "compact ids + float16 log-probs (4 B per entry)"),
     (Encoding("compact-u8", "uint8"), "compact ids + uint8 log-prob codes + 16-bit tail mass (3 B per entry), memory-mappable"),
-    (Encoding("compact-u8-zstd", "uint8", "zstd", 10), "compact-u8 then per-sequence zstd (default; needs the zstandard package)"),
-    (Encoding("compact-u8-zlib", "uint8", "zlib", 6), "compact-u8 then per-sequence zlib (standard library only)"),
+    (Encoding("compact-u8-zstd", "uint8", "zstd", 10, delta=True), "compact-u8 then per-sequence zstd (default; needs the zstandard package)"),
+    (Encoding("compact-u8-zlib", "uint8", "zlib", 6, delta=True), "compact-u8 then per-sequence zlib (standard library only)"),
     (Encoding("raw-fp16-zstd", "float16", "zstd", 10), "raw-fp16 then per-sequence zstd"),
 ]:
     ENCODINGS.register(_enc.name, _desc)(_enc)
@@ -212,8 +217,19 @@ class RecordCompressor:
         elif encoding.compression not in (None, "zlib"):
             raise ConfigError(f"unknown compression {encoding.compression!r}", "use zstd, zlib or none")
 
+    def _delta_view(self, buf: np.ndarray) -> np.ndarray:
+        sub, offset = self.dtype.fields["logprobs"][:2]
+        return buf[offset : offset + sub.itemsize].reshape(sub.shape)
+
     def compress(self, raw: bytes) -> bytes:
-        data = shuffle_bytes(raw, self.dtype) if self.encoding.shuffle else raw
+        data = raw
+        if self.encoding.delta and self.encoding.logprob_dtype == "uint8":
+            buf = np.frombuffer(raw, dtype=np.uint8).copy()
+            codes = self._delta_view(buf)
+            codes[..., 1:] = np.diff(codes, axis=-1)  # uint8 arithmetic wraps: exact inverse below
+            data = buf.tobytes()
+        if self.encoding.shuffle:
+            data = shuffle_bytes(data, self.dtype)
         if self.encoding.compression == "zstd":
             return self._c.compress(data)
         return zlib.compress(data, self.encoding.level)
@@ -231,4 +247,11 @@ class RecordCompressor:
                 f"a cache record decompressed to {len(raw)} bytes, expected {self.dtype.itemsize}",
                 "rebuild the cache",
             )
-        return unshuffle_bytes(raw, self.dtype) if self.encoding.shuffle else raw
+        if self.encoding.shuffle:
+            raw = unshuffle_bytes(raw, self.dtype)
+        if self.encoding.delta and self.encoding.logprob_dtype == "uint8":
+            buf = np.frombuffer(raw, dtype=np.uint8).copy()
+            codes = self._delta_view(buf)
+            np.cumsum(codes, axis=-1, dtype=np.uint8, out=codes)
+            raw = buf.tobytes()
+        return raw

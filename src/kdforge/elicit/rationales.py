@@ -40,7 +40,7 @@ DEFAULT_TEMPLATE = (
 # tried in order; the LAST match in the text is taken (models restate the answer at the end)
 ANSWER_PATTERNS = [
     r"\\boxed\{([^{}]+)\}",
-    r"(?im)^\s*(?:final\s+)?answer\s*[:：]\s*(.+?)\s*$",
+    r"(?im)\banswer\s*[:：]\s*(.+?)\s*$",
     r"(?i)(?:the\s+)?(?:final\s+)?answer\s+is\s*[:：]?\s*([^\n]+?)\s*(?:\.|$)",
 ]
 

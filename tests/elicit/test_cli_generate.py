@@ -1,0 +1,61 @@
+"""``kdforge generate``: validation, dry run, and a labeling job end to end on a local model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from kdforge.cli.main import main
+
+
+def _write(tmp_path, cfg):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_unknown_keys_and_missing_sections_are_reported_without_traceback(tmp_path, capsys):
+    bad = _write(tmp_path, {"task": "label", "backend": {"type": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                                         "model": "m", "concurency": 2},
+                            "data": {"path": "x.jsonl"}})
+    assert main(["generate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "concurency: unknown key" in err and "Traceback" not in err
+    nolab = _write(tmp_path, {"task": "label", "backend": {"type": "openai", "base_url": "u", "model": "m"},
+                              "data": {"path": "x.jsonl"}})
+    assert main(["generate", str(nolab)]) == 2
+    assert "labeling" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_validated_config_with_overrides(tmp_path, capsys):
+    p = _write(tmp_path, {"backend": {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"},
+                          "data": {"path": "x.jsonl"}})
+    assert main(["generate", str(p), "--dry-run", "--set", "sampling.n=3"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["sampling"]["n"] == 3 and cfg["task"] == "generate" and cfg["backend"]["concurrency"] == 8
+
+
+@pytest.mark.parametrize("task", ["label", "rationales"])
+def test_local_model_job_runs_end_to_end_and_resumes(tmp_path, tiny_model_dir, capsys, task):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "question": t, "label": lab}) + "\n"
+                            for t, lab in [("great fun", "fresh"), ("boring", "rotten"), ("ok", "fresh")]))
+    cfg = {"task": task, "output_dir": str(tmp_path / "out"), "progress": False,
+           "backend": {"type": "transformers", "model": str(tiny_model_dir), "device": "cpu", "batch_size": 4},
+           "data": {"path": str(data)}, "sampling": {"n": 2, "temperature": 0.9, "max_tokens": 4, "seed": 0}}
+    if task == "label":
+        cfg["labeling"] = {"labels": ["fresh", "rotten"], "gold_field": "label", "score_loglik": True}
+    else:
+        cfg["rationales"] = {"choices": ["fresh", "rotten"], "gold_field": "label"}
+    p = _write(tmp_path, cfg)
+    assert main(["generate", str(p)]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["rows"] == 3 and res["generation"]["generated"] == 6 and 0 <= res["accuracy"] <= 1
+    out_file = {"label": "labels.jsonl", "rationales": "rationales.jsonl"}[task]
+    assert len((tmp_path / "out" / out_file).read_text().splitlines()) == 3
+    assert (tmp_path / "out" / "config.yaml").exists()
+    assert main(["generate", str(p)]) == 0
+    res2 = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res2["generation"]["generated"] == 0 and res2["generation"]["skipped"] == 6

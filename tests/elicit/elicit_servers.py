@@ -57,10 +57,9 @@ def start_transformers_serve(model_dir: Path, log_path: Path, *, timeout_s: floa
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, base + "/v1"
+        with contextlib.suppress(OSError), urllib.request.urlopen(base + "/health", timeout=2) as r:
+            if r.status == 200:
+                return proc, base + "/v1"
         time.sleep(0.5)
     stop_process(proc)
     raise RuntimeError(f"transformers serve did not come up: {log_path.read_text(errors='replace')[-3000:]}")

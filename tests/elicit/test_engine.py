@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from kdforge.elicit import GenerationEngine, SamplingParams, build_requests, generate, read_records, request_id
+from kdforge.elicit import (
+    GenerationEngine,
+    SamplingParams,
+    build_requests,
+    generate,
+    read_records,
+    request_id,
+)
 from kdforge.errors import ConfigError, GenerationError
 
 

@@ -56,7 +56,7 @@ def test_backoff_is_exponential_with_full_jitter_and_capped():
     rng = random.Random(0)
     for attempt in range(8):
         d = [backoff_delay(attempt, 0.5, 4.0, rng) for _ in range(200)]
-        assert 0 <= min(d) and max(d) <= min(4.0, 0.5 * 2**attempt)
+        assert min(d) >= 0 and max(d) <= min(4.0, 0.5 * 2**attempt)
     assert max(backoff_delay(6, 0.5, 4.0, rng) for _ in range(200)) > 2.0
 
 

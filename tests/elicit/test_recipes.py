@@ -9,9 +9,20 @@ import pytest
 from kdforge.elicit import SamplingParams
 from kdforge.elicit.backends import TransformersConfig, build_backend
 from kdforge.elicit.curation import CurationConfig, JudgeConfig, curate_rows, parse_score
-from kdforge.elicit.expansion import Deduplicator, ExpansionConfig, clean_candidate, expand_rows, rouge_l_f1
+from kdforge.elicit.expansion import (
+    Deduplicator,
+    ExpansionConfig,
+    clean_candidate,
+    expand_rows,
+    rouge_l_f1,
+)
 from kdforge.elicit.labeling import LabelingConfig, aggregate_votes, label_rows, parse_label
-from kdforge.elicit.rationales import RationalesConfig, extract_answer, rationale_rows, split_rationale
+from kdforge.elicit.rationales import (
+    RationalesConfig,
+    extract_answer,
+    rationale_rows,
+    split_rationale,
+)
 
 LABELS = ["fresh", "rotten"]
 ALIASES = {"fresh": ["positive"], "rotten": ["negative"]}

@@ -178,3 +178,38 @@ def test_eval_fn_metrics_are_reported_with_eval_prefix():
                   config=_cfg(max_steps=1), train_data=ClassDataset(), eval_data=ClassDataset(n=8),
                   eval_fn=lambda m: {"n_params": sum(p.numel() for p in m.parameters())})
     assert d.evaluate()["eval/n_params"] == sum(p.numel() for p in MLP().parameters())
+
+
+def test_online_teacher_wrapper_is_accepted_and_frozen():
+    from kdforge.teachers.online import OnlineTeacher
+
+    model = tiny_llama(1, head_scale=8.0)
+    model.train()
+    model.requires_grad_(True)
+    d = Distiller(tiny_llama(2), OnlineTeacher(model), task=CausalLMTask(), collate_fn=pad_collate(),
+                  objective=[LossTerm("forward_kl", 1.0)], config=_cfg(max_steps=3), train_data=TokenDataset(n=8),
+                  eval_data=TokenDataset(n=8))
+    before = d.evaluate()["eval/kl_to_teacher"]
+    d.train()
+    assert d.evaluate()["eval/kl_to_teacher"] < before
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_tensorboard_tracker_writes_event_files_under_run_dir(tmp_path):
+    pytest.importorskip("tensorboard")
+    d = Distiller(MLP(), MLP(), task=ClassificationTask(), objective=[LossTerm("forward_kl", 1.0)],
+                  config=_cfg(max_steps=2, output_dir=str(tmp_path), log_with=["tensorboard"]),
+                  train_data=ClassDataset())
+    d.train()
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
+
+
+def test_bf16_mixed_precision_runs_where_supported_and_epochs_set_the_length():
+    data = ClassDataset(n=20)
+    d = Distiller(MLP(), MLP(), task=ClassificationTask(), objective=[LossTerm("forward_kl", 1.0)],
+                  config=TrainConfig(epochs=2, batch_size=8, grad_accum_steps=1, progress=True,
+                                     mixed_precision="bf16"),
+                  train_data=data)
+    state = d.train()
+    assert state.step == 6 and state.epoch == 2  # ceil(20 / 8) = 3 micro-batches per epoch
+    assert all(torch.isfinite(p).all() for p in d.unwrapped_student.parameters())

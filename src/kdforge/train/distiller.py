@@ -42,7 +42,7 @@ from kdforge.train.metrics import fidelity_sums
 from kdforge.train.objective import LossTerm, Objective
 from kdforge.train.onpolicy import GenerateFn, OnPolicyBatcher, OnPolicyConfig
 from kdforge.train.sampler import EpochSampler
-from kdforge.train.tasks import CausalLMTask, Task, module_device
+from kdforge.train.tasks import CausalLMTask, Task, module_device, teacher_module
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +75,33 @@ def lr_lambda(scheduler: str, warmup_steps: int, max_steps: int) -> Callable[[in
     return fn
 
 
+def _new_accelerator(cls: Any, kwargs: dict[str, Any]) -> Any:
+    """An ``Accelerator``; in a single process, a second one with another precision is allowed.
+
+    accelerate keeps one process-wide state and refuses to change its mixed precision; a script or
+    recipe that trains several models (teacher fp32, then students in bf16) hits that. Outside a
+    distributed launch the state is only a cache, so it is reset and rebuilt.
+    """
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        from accelerate.state import AcceleratorState, PartialState
+
+        if "already been initialized" not in str(exc) or PartialState().num_processes > 1:
+            raise
+        logger.info("re-initialising accelerate's process state for mixed_precision=%s", kwargs.get("mixed_precision"))
+        AcceleratorState._reset_state()
+        return cls(**kwargs)
+
+
 class Distiller:
     """Train a student to match a teacher (online module or cached signal) on a dataset.
 
     Args:
         student: the trainable model.
         teacher: a frozen teacher module (made ``eval()`` and ``requires_grad_(False)``; never
-            prepared/wrapped by accelerate), or None when batches carry a cached teacher signal or
+            prepared/wrapped by accelerate) or a wrapper holding one in ``.model`` (e.g.
+            :class:`kdforge.teachers.OnlineTeacher`, called as is), or None when batches carry a cached teacher signal or
             the objective is labels-only.
         task: a :class:`~kdforge.train.tasks.Task` (``ClassificationTask()``, ``CausalLMTask()``).
         objective: an :class:`Objective` or a list of loss-term dicts.
@@ -106,7 +126,7 @@ class Distiller:
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module | None = None,
+        teacher: Any = None,
         *,
         task: Task,
         objective: Objective | Sequence[LossTerm | Mapping[str, Any]],
@@ -149,14 +169,15 @@ class Distiller:
         # Teacher: frozen, eval mode, never prepared.
         self.teacher = teacher
         if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
+            t_module = teacher_module(teacher)
+            t_module.requires_grad_(False)
+            t_module.eval()
             if teacher_device == "auto":
-                if module_device(teacher) != acc.device:
-                    teacher.to(acc.device)
+                if module_device(t_module) != acc.device:
+                    t_module.to(acc.device)
             elif teacher_device is not None:
-                teacher.to(teacher_device)
-            shared = {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
+                t_module.to(teacher_device)
+            shared = {id(p) for p in t_module.parameters()} & {id(p) for p in student.parameters()}
             if shared:
                 logger.warning("%d parameter tensors are shared by teacher and student; they are frozen "
                                "(the teacher is frozen) and not trained", len(shared))
@@ -222,14 +243,14 @@ class Distiller:
         if self.config.log_with and self.run_dir is not None:
             kwargs.update(log_with=list(self.config.log_with), project_dir=str(self.run_dir))
         try:
-            return Accelerator(**kwargs)
+            return _new_accelerator(Accelerator, kwargs)
         except (ImportError, ValueError) as exc:
             if "log_with" not in kwargs:
                 raise
             logger.warning("trackers %s unavailable (%s); logging to metrics.jsonl only", self.config.log_with, exc)
             kwargs.pop("log_with")
             kwargs.pop("project_dir")
-            return Accelerator(**kwargs)
+            return _new_accelerator(Accelerator, kwargs)
 
     @staticmethod
     def _dataset_of(data: Any, collate_fn: Any, what: str) -> tuple[Any, Any]:
@@ -263,6 +284,10 @@ class Distiller:
                 self.state.batch_in_epoch = 0
                 continue
             self.state.batch_in_epoch += 1
+            if self.state.batch_in_epoch >= self.batches_per_epoch:  # epoch done: position = next epoch
+                self._iter = None
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
             return send_to_device(batch, self.accelerator.device)
 
     def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
@@ -290,7 +315,9 @@ class Distiller:
             self._resume(resume)
         state, acc = self.state, self.accelerator
         if self.config.log_with and self.run_dir is not None and getattr(acc, "log_with", None):
-            acc.init_trackers("tensorboard", config=self.config.model_dump(mode="json"))
+            hparams = {k: v if isinstance(v, int | float | str | bool) else str(v)
+                       for k, v in self.config.model_dump(mode="json").items()}
+            acc.init_trackers("tensorboard", config=hparams)
         for cb in self.callbacks:
             cb.on_train_begin(state)
         start = time.perf_counter()

@@ -203,8 +203,11 @@ class OnPolicyBatcher:
             if self.config.seq_kd:
                 if teacher is None:
                     raise ConfigError("seq_kd=True needs an online teacher module", "pass teacher=")
-                pad, _ = _special_ids(teacher, self.config)
-                out = build_batch(prompts, self.generate_fn(teacher, prompts, self.config), pad, device)
+                from kdforge.train.tasks import teacher_module
+
+                t_model = teacher_module(teacher)
+                pad, _ = _special_ids(t_model, self.config)
+                out = build_batch(prompts, self.generate_fn(t_model, prompts, self.config), pad, device)
                 source = "teacher"
             if self.use_student(step, micro):
                 pad, _ = _special_ids(student, self.config)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdforge.errors import DataError, ShapeError, VocabMismatchError
+from kdforge.errors import ConfigError, DataError, ShapeError, VocabMismatchError
 from kdforge.losses.signal import SparseTeacher
 
 IGNORE_INDEX = -100
@@ -124,13 +124,28 @@ def _check_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
         )
 
 
+def teacher_module(teacher: Any) -> nn.Module:
+    """The ``nn.Module`` behind a teacher: the teacher itself, or the ``.model`` of a wrapper such as
+    :class:`kdforge.teachers.OnlineTeacher` (which is called as is, keeping its vocabulary slicing)."""
+    if isinstance(teacher, nn.Module):
+        return teacher
+    model = getattr(teacher, "model", None)
+    if isinstance(model, nn.Module):
+        return model
+    raise ConfigError(
+        f"teacher must be an nn.Module or wrap one in `.model`, got {type(teacher).__name__}",
+        "pass the model itself or kdforge.teachers.OnlineTeacher(model)",
+    )
+
+
 @torch.no_grad()
-def run_teacher(teacher: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+def run_teacher(teacher: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Teacher logits under ``no_grad`` in eval mode; inputs moved to the teacher's device."""
-    if teacher.training:
-        teacher.eval()
-    device = module_device(teacher)
-    dtype = _module_float_dtype(teacher)
+    module = teacher_module(teacher)
+    if module.training:
+        module.eval()
+    device = module_device(module)
+    dtype = _module_float_dtype(module)
 
     def move(x: Any) -> Any:
         if torch.is_tensor(x):

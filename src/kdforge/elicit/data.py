@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class DataConfig(StrictModel):
     """Where the input rows come from: a file, or a bundled asset split."""
 
-    path: str | None = Field(None, description="a .jsonl/.json/.csv/.parquet/.txt file")
+    path: str | None = Field(None, description="a .jsonl/.json/.csv/.parquet/.txt file, or a generation output folder")
     asset: str | None = Field(None, description="a kdforge asset, e.g. rotten-tomatoes")
     split: str = Field("train", description="asset split (train/validation/test)")
     id_field: str | None = Field(None, description="column with a unique id per row (default: content hash)")
@@ -68,6 +68,12 @@ def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
 def read_table(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise DataError(f"data file not found: {path}", "check data.path (relative paths start at the working directory)")
+    if path.is_dir():
+        if (path / "shards").is_dir() or (path / "journal.partial.jsonl").exists():
+            from kdforge.elicit.store import read_records
+
+            return read_records(path)  # the output folder of an earlier generation job
+        raise DataError(f"{path} is a folder but not a generation output", "point data.path at a file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []

@@ -99,6 +99,10 @@ class TransformersBackend(Backend):
         kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if gguf_file:
             kw["gguf_file"] = gguf_file
+        if isinstance(model, str) and model.startswith("asset:"):
+            from kdforge.assets import ensure
+
+            model = str(ensure(model.split(":", 1)[1]))  # e.g. asset:smollm2 -> cached folder
         if isinstance(model, str | Path):
             self.model_name = str(model)
             try:

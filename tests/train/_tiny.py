@@ -77,3 +77,16 @@ def pad_collate(prompt: int = 2):
         return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
     return collate
+
+
+class BagLM(torch.nn.Module):
+    """A transformers-free causal 'LM' (embedding -> linear; logits [B, T, V]) for multi-process tests."""
+
+    def __init__(self, vocab: int = VOCAB, hidden: int = 16, scale: float = 1.0) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, hidden)
+        self.head = torch.nn.Linear(hidden, vocab)
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        return self.head(torch.tanh(self.emb(input_ids))) * self.scale

@@ -48,6 +48,8 @@ __all__ = [
     "answer_calibration",
     "block_batches",
     "evaluate_language_models",
+    "evaluate_lm_suite",
+    "results_markdown",
     "exact_match",
     "generate_answers",
     "load_qa_rows",
@@ -626,3 +628,123 @@ def evaluate_language_models(
             metrics.update(fid)
         out[name] = {"metrics": metrics, "reliability": lm_acc[name].bins.result().to_dict()}
     return out
+
+
+# ----------------------------------------------------------------------------- full suite
+ROLES = ("teacher", "baseline", "student")
+
+
+@torch.no_grad()
+def evaluate_lm_suite(
+    models: Mapping[str, tuple[str, torch.nn.Module]],
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    tokenizer: Any = None,
+    qa_rows: Sequence[Mapping[str, Any]] | None = None,
+    measure_cost: bool = True,
+    latency_repeats: int = 20,
+    max_new_tokens: int = 32,
+    n_bins: int = DEFAULT_BINS,
+    chunk_size: int = 1024,
+    data_description: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a teacher, baselines and students the same way; return ``results.json`` content.
+
+    Args:
+        models: name -> ``(role, model)``; role is ``teacher`` (at most one), ``baseline`` or
+            ``student``. Fidelity is measured against the teacher when there is one.
+        batches: LM evaluation batches (see :func:`block_batches`).
+        tokenizer: needed for ``qa_rows``.
+        qa_rows: rows from :func:`load_qa_rows`: generated answers are scored with exact match
+            and ROUGE-L; rows with ``choices`` + ``gold`` give answer-level calibration.
+        measure_cost: parameters and size (``kdforge.eval.cost``), and latency of one forward
+            pass over one ``[1, block]`` batch; speed-up and compression against the teacher.
+
+    Returns:
+        ``{"recipe": "eval", "created", "primary_metric": "perplexity", "higher_is_better":
+        False, "models": [...]}`` in the layout of ``docs/run-format.md``.
+    """
+    import datetime as _dt
+
+    from kdforge.eval.cost import cost_report
+
+    teachers = [n for n, (role, _) in models.items() if role == "teacher"]
+    for name, (role, _) in models.items():
+        if role not in ROLES:
+            raise ConfigError(f"model {name!r} has role {role!r}", f"use one of {', '.join(ROLES)}")
+    if len(teachers) > 1:
+        raise ConfigError(f"{len(teachers)} teachers given ({teachers})", "evaluate against one teacher at a time")
+    teacher = teachers[0] if teachers else None
+    if not batches:
+        raise DataError("no evaluation batches", "pass non-empty evaluation data")
+    lm = evaluate_language_models({n: m for n, (_, m) in models.items()}, batches, teacher=teacher,
+                                  n_bins=n_bins, chunk_size=chunk_size)
+    entries = []
+    for name, (role, model) in models.items():
+        metrics: dict[str, Any] = dict(lm[name]["metrics"])
+        entry: dict[str, Any] = {"name": name, "role": role}
+        if qa_rows:
+            if tokenizer is None:
+                raise ConfigError("QA evaluation needs a tokenizer", "pass --tokenizer (or a model folder with one)")
+            metrics.update(_qa_metrics(model, tokenizer, qa_rows, max_new_tokens=max_new_tokens, n_bins=n_bins))
+        if measure_cost:
+            example = {k: v[:1].to(_model_device(model)) for k, v in batches[0].items()}
+            cost = cost_report(model, example, warmup=2, repeats=max(latency_repeats, 1))
+            entry["params"] = cost["params"]
+            entry["size_mb"] = cost["size_mb"]
+            metrics.update({"params": float(cost["params"]), "size_mb": cost["size_mb"],
+                            "latency_ms": cost["latency_ms_p50"], "latency_ms_p95": cost["latency_ms_p95"],
+                            "tokens_per_s": cost["throughput_per_s"] * example["input_ids"].shape[1]})
+        entry["metrics"] = metrics
+        entry["reliability"] = lm[name]["reliability"]
+        entries.append(entry)
+    if teacher is not None and measure_cost:
+        t = next(e for e in entries if e["name"] == teacher)["metrics"]
+        for e in entries:
+            if e["name"] != teacher:
+                e["metrics"]["speedup_vs_teacher"] = t["latency_ms"] / e["metrics"]["latency_ms"]
+                e["metrics"]["compression_vs_teacher"] = t["params"] / max(e["metrics"]["params"], 1.0)
+    entries.sort(key=lambda e: ROLES.index(e["role"]))
+    return {
+        "recipe": "eval",
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "primary_metric": "perplexity",
+        "higher_is_better": False,
+        "data": data_description,
+        "n_tokens": int(next(iter(lm.values()))["metrics"]["n_tokens"]),
+        "models": entries,
+    }
+
+
+def _qa_metrics(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
+                max_new_tokens: int, n_bins: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    gen_rows = [r for r in rows if "answer" in r]
+    if gen_rows:
+        preds = generate_answers(model, tokenizer, [r["prompt"] for r in gen_rows], max_new_tokens=max_new_tokens)
+        refs = [r["answer"] for r in gen_rows]
+        out["exact_match"] = exact_match(preds, refs)
+        out["rouge_l"] = rouge_l(preds, refs)
+    mc_rows = [r for r in rows if "choices" in r]
+    if mc_rows:
+        scores, lengths = zip(*(score_choices(model, tokenizer, r["prompt"], r["choices"]) for r in mc_rows))
+        cal = answer_calibration(list(scores), [int(r["gold"]) for r in mc_rows], n_bins=n_bins)
+        out.update(cal.as_metrics())
+    return out
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """The ``results.md`` table of a results dict (same numbers as ``results.json``)."""
+    from kdforge.eval.report import fmt
+
+    keys: set[str] = set()
+    for m in results["models"]:
+        keys |= set(m["metrics"])
+    cols = fmt.ordered_metric_keys(keys, results.get("primary_metric")) + [
+        k for k in fmt.COST_KEYS if k in keys]
+    lines = ["| model | role | " + " | ".join(fmt.label(k) for k in cols) + " |",
+             "|---|---|" + "---:|" * len(cols)]
+    for m in results["models"]:
+        vals = [fmt.fmt_value(k, m["metrics"].get(k)) for k in cols]
+        lines.append(f"| {m['name']} | {m['role']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"

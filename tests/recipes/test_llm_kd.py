@@ -1,0 +1,132 @@
+"""The llm_kd recipe end to end on a tiny teacher and corpus, plus its config validation."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+from kdforge.config import validate
+from kdforge.errors import ConfigError, DataError
+from kdforge.recipes import load_recipe_file
+from kdforge.recipes.llm_kd import LLMKD, LLMKDConfig
+
+REPO = Path(__file__).resolve().parents[2]
+WORDS = [f"w{i}" for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm_kd")
+    vocab = {w: i for i, w in enumerate(["<eos>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "teacher")
+    fast.save_pretrained(root / "teacher")
+    rng = random.Random(0)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name in ("book_a", "book_b"):
+        paragraphs = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(30)]
+        (corpus / f"{name}.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
+    return root
+
+
+def _config(root: Path, **overrides) -> LLMKDConfig:
+    data = {
+        "teacher": {"model": str(root / "teacher")},
+        "student": {"layers": "first_last"},
+        "data": {"corpus": str(root / "corpus"), "train_docs": ["book_a"], "eval_docs": ["book_b"],
+                 "seq_len": 16, "train_sequences": 8, "eval_sequences": 4},
+        "cache": {"k": 8, "batch_size": 4},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1, "eval_every": 2,
+                  "progress": False},
+        "eval": {"batch_size": 2, "during_training_sequences": 2, "speed_batch": 2, "speed_repeats": 1},
+        **overrides,
+    }
+    return validate(LLMKDConfig, data, source="test")
+
+
+def test_recipe_trains_the_same_student_per_method_and_writes_the_run_folder(tiny_setup, tmp_path):
+    out = tmp_path / "run"
+    results = LLMKD().run(_config(tiny_setup, seeds=[0, 1]), out)
+
+    for name in ("config.yaml", "results.json", "results.md", "quickstart.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["primary_metric"] == "perplexity" and saved["higher_is_better"] is False
+    roles = [(m["name"], m["role"]) for m in saved["models"]]
+    assert roles == [("teacher", "teacher"), ("student / labels only", "baseline"),
+                     ("student / KD top-64", "student")]
+    teacher, baseline, kd = saved["models"]
+    assert teacher["metrics"]["perplexity"] > 1 and teacher["metrics"]["tokens_per_s"] > 0
+    for row in (baseline, kd):
+        m = row["metrics"]
+        assert {"perplexity", "agreement", "kl_to_teacher", "tokens_per_s", "perplexity_std"} <= set(m)
+        assert 0.0 <= m["agreement"] <= 1.0 and m["kl_to_teacher"] >= 0.0
+        assert [p["seed"] for p in row["per_seed"]] == [0, 1]
+        assert row["params"] < teacher["params"]
+    assert saved["student_init"]["source_layers"] == [0, 3]
+    assert results["models"][1]["metrics"]["perplexity"] == pytest.approx(baseline["metrics"]["perplexity"])
+
+    # same initial student and same first batch: the first logged CE is identical across methods
+    first_ce = []
+    for rel in (baseline["run_dir"][0], kd["run_dir"][0]):
+        recs = [json.loads(x) for x in (out / rel / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in recs if r["split"] == "train"]
+        assert [r["step"] for r in train] == [1, 2, 3]
+        assert any(r["split"] == "eval" and "eval/perplexity" in r for r in recs)
+        first_ce.append(train[0]["loss/cross_entropy"])
+    assert first_ce[0] == pytest.approx(first_ce[1], rel=1e-5)
+
+    student_dir = out / kd["run_dir"][1] / "student"
+    reloaded = AutoModelForCausalLM.from_pretrained(student_dir)
+    assert reloaded.config.num_hidden_layers == 2
+    assert "| teacher |" in (out / "results.md").read_text()
+
+
+def test_rerun_reuses_the_teacher_cache(tiny_setup, tmp_path, caplog):
+    out = tmp_path / "run"
+    cfg = _config(tiny_setup, methods=[{"name": "kd", "objective": [{"name": "forward_kl", "weight": 1.0}]}],
+                  save_students=False, plot=False)
+    LLMKD().run(cfg, out)
+    manifest = (out / "teacher_cache" / "manifest.json").read_bytes()
+    with caplog.at_level("INFO"):
+        LLMKD().run(cfg, out)
+    assert "already complete" in caplog.text
+    assert (out / "teacher_cache" / "manifest.json").read_bytes() == manifest
+
+
+def test_config_rejects_unknown_keys_duplicate_methods_and_empty_objectives():
+    with pytest.raises(ConfigError, match="unknown key"):
+        validate(LLMKDConfig, {"studnet": {}}, source="t")
+    with pytest.raises(ConfigError, match="unique"):
+        validate(LLMKDConfig, {"methods": [{"name": "a", "objective": [{"name": "cross_entropy", "weight": 1}]}] * 2},
+                 source="t")
+    with pytest.raises(ConfigError, match="at least one loss term"):
+        validate(LLMKDConfig, {"methods": [{"name": "a", "objective": []}]}, source="t")
+
+
+def test_shipped_quickstart_yaml_is_valid_and_uses_the_documented_regime():
+    recipe, config = load_recipe_file(REPO / "configs" / "quickstart.yaml")
+    assert isinstance(recipe, LLMKD)
+    assert config.data.train_sequences == 256 and config.data.seq_len == 128
+    assert config.train.max_steps == 100 and config.train.batch_size == 8 and config.train.lr == 1e-3
+    assert config.student.num_layers == 6 and config.student.freeze_embeddings
+    assert [m.role for m in config.methods] == ["baseline", "student"]
+    raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    assert raw["recipe"] == "llm_kd"
+
+
+def test_unknown_corpus_is_a_clear_error(tiny_setup, tmp_path):
+    cfg = _config(tiny_setup, data={"corpus": str(tmp_path / "nope"), "train_docs": ["a"], "eval_docs": ["b"]})
+    with pytest.raises(DataError, match="neither 'austen' nor a folder"):
+        LLMKD().run(cfg, tmp_path / "run")

@@ -24,7 +24,10 @@ access reads and decodes one sequence). Before compression the uint8 log-prob co
 delta-coded along k (``delta``): sorted by decreasing probability they rise monotonically, so the
 differences are small numbers the coder packs into ~3 bits instead of ~6 (measured on SmolLM2:
 -30% on the log-prob bytes). A byte-plane shuffle of multi-byte fields (``shuffle``) is
-available but off: measured, it does not help raw token ids.
+available but off: measured, it does not help raw token ids. Token ids are stored as their
+frequency rank within the shard (``id_remap``; the rank -> id table is one extra frame per shard):
+a handful of tokens (punctuation, "the", "and") fill most top-k lists, and small ranks compress far
+better than scattered BPE ids (measured: -15% on the id bytes).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class Encoding:
         logprob_min: lower end of the uint8 log-prob grid (nats).
         shuffle: byte-plane shuffle of multi-byte fields before compression.
         delta: delta-code uint8 log-prob codes along k before compression (mod 256, exact).
+        id_remap: store token ids as their frequency rank within the shard (a per-shard table
+            maps ranks back to ids), so frequent tokens get small numbers the coder packs tightly.
     """
 
     name: str
@@ -62,6 +67,7 @@ class Encoding:
     logprob_min: float = -20.0
     shuffle: bool = False
     delta: bool = False
+    id_remap: bool = False
 
     @property
     def stores_tail(self) -> bool:
@@ -80,8 +86,8 @@ for _enc, _desc in [
     (Encoding("raw-fp32", "float32"), "lossless: compact ids + float32 log-probs (8 B per top-k entry with uint16 ids)"),
     (Encoding("raw-fp16", "float16"), "compact ids + float16 log-probs (4 B per entry)"),
     (Encoding("compact-u8", "uint8"), "compact ids + uint8 log-prob codes + 16-bit tail mass (3 B per entry), memory-mappable"),
-    (Encoding("compact-u8-zstd", "uint8", "zstd", 10, delta=True), "compact-u8 then per-sequence zstd (default; needs the zstandard package)"),
-    (Encoding("compact-u8-zlib", "uint8", "zlib", 6, delta=True), "compact-u8 then per-sequence zlib (standard library only)"),
+    (Encoding("compact-u8-zstd", "uint8", "zstd", 10, delta=True, id_remap=True), "compact-u8 then per-sequence zstd (default; needs the zstandard package)"),
+    (Encoding("compact-u8-zlib", "uint8", "zlib", 6, delta=True, id_remap=True), "compact-u8 then per-sequence zlib (standard library only)"),
     (Encoding("raw-fp16-zstd", "float16", "zstd", 10), "raw-fp16 then per-sequence zstd"),
 ]:
     ENCODINGS.register(_enc.name, _desc)(_enc)
@@ -141,6 +147,12 @@ def encode_records(
     else:
         rec["logprobs"] = lp
     return rec
+
+
+def frequency_table(*arrays: np.ndarray) -> np.ndarray:
+    """Distinct values of ``arrays`` by decreasing count (ties by value): the rank -> id table."""
+    values, counts = np.unique(np.concatenate([a.reshape(-1) for a in arrays]), return_counts=True)
+    return values[np.lexsort((values, -counts))]
 
 
 def decode_record(encoding: Encoding, rec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -212,7 +224,7 @@ class RecordCompressor:
         self.dtype = dtype
         if encoding.compression == "zstd":
             zstd = _zstd()
-            self._c = zstd.ZstdCompressor(level=encoding.level, write_content_size=True)
+            self._c = zstd.ZstdCompressor(level=encoding.level, write_content_size=True, write_checksum=True)
             self._d = zstd.ZstdDecompressor()
         elif encoding.compression not in (None, "zlib"):
             raise ConfigError(f"unknown compression {encoding.compression!r}", "use zstd, zlib or none")
@@ -234,14 +246,22 @@ class RecordCompressor:
             return self._c.compress(data)
         return zlib.compress(data, self.encoding.level)
 
-    def decompress(self, data: bytes | memoryview) -> bytes:
+    def compress_blob(self, data: bytes) -> bytes:
+        """Compress auxiliary bytes (the shard's id table) with the encoding's coder."""
+        if self.encoding.compression == "zstd":
+            return self._c.compress(data)
+        return zlib.compress(data, self.encoding.level)
+
+    def decompress_blob(self, data: bytes | memoryview, max_size: int) -> bytes:
         try:
             if self.encoding.compression == "zstd":
-                raw = self._d.decompress(bytes(data), max_output_size=self.dtype.itemsize)
-            else:
-                raw = zlib.decompress(bytes(data))
+                return self._d.decompress(bytes(data), max_output_size=max_size)
+            return zlib.decompress(bytes(data))
         except Exception as exc:  # zstd.ZstdError / zlib.error: corrupted frame
-            raise CacheError(f"cannot decompress a cache record: {exc}", "rebuild the cache") from None
+            raise CacheError(f"cannot decompress a cache frame: {exc}", "rebuild the cache") from None
+
+    def decompress(self, data: bytes | memoryview) -> bytes:
+        raw = self.decompress_blob(data, self.dtype.itemsize)
         if len(raw) != self.dtype.itemsize:
             raise CacheError(
                 f"a cache record decompressed to {len(raw)} bytes, expected {self.dtype.itemsize}",

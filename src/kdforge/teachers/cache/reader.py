@@ -157,11 +157,19 @@ class TeacherCache:
                 mm = np.memmap(path, dtype=self.dtype, mode="r", shape=(n,))
             else:
                 raw = np.memmap(path, dtype=np.uint8, mode="r")
-                tail = len(INDEX_MAGIC) + 8 * (n + 1)
+                n_frames = n + (1 if self.encoding.id_remap else 0)
+                tail = len(INDEX_MAGIC) + 8 * (n_frames + 1)
                 if bytes(raw[-len(INDEX_MAGIC):]) != INDEX_MAGIC:
                     raise CacheError(f"cache shard {shard['file']} has no record index", _rebuild_fix(self.cache_dir))
                 offsets = np.frombuffer(bytes(raw[-tail : -len(INDEX_MAGIC)]), dtype="<u8")
-                mm = (raw, offsets)
+                table = None
+                if self.encoding.id_remap:
+                    idt = self.dtype["ids"].base
+                    blob = self._codec().decompress_blob(
+                        raw[int(offsets[n]) : int(offsets[n + 1])], self.vocab_size * idt.itemsize
+                    )
+                    table = np.frombuffer(blob, dtype=idt).astype(np.int64)
+                mm = (raw, offsets, table)
             self._maps[index] = mm
         return mm
 
@@ -174,17 +182,29 @@ class TeacherCache:
         mm = self._shard_map(s)
         if self.encoding.compression is None:
             return mm[local]
-        raw, offsets = mm
-        if self._compressor is None:
-            self._compressor = RecordCompressor(self.encoding, self.dtype)
+        raw, offsets, table = mm
         try:
-            data = self._compressor.decompress(raw[int(offsets[local]) : int(offsets[local + 1])])
+            data = self._codec().decompress(raw[int(offsets[local]) : int(offsets[local + 1])])
         except CacheError as exc:
             raise CacheError(
                 f"cache shard {self._shards[s]['file']}, sequence {index}: {exc.problem}",
                 _rebuild_fix(self.cache_dir),
             ) from None
-        return np.frombuffer(data, dtype=self.dtype)[0]
+        rec = np.frombuffer(data, dtype=self.dtype).copy()
+        if table is not None:
+            if int(rec["ids"].max()) >= len(table) or int(rec["input_ids"].max()) >= len(table):
+                raise CacheError(
+                    f"cache shard {self._shards[s]['file']}, sequence {index}: id rank outside the shard's table",
+                    _rebuild_fix(self.cache_dir),
+                )
+            rec["input_ids"] = table[rec["input_ids"]]
+            rec["ids"] = table[rec["ids"]]
+        return rec[0]
+
+    def _codec(self) -> RecordCompressor:
+        if self._compressor is None:
+            self._compressor = RecordCompressor(self.encoding, self.dtype)
+        return self._compressor
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(input_ids int64 [T], ids int64 [T, k], logprobs float32 [T, k])`` of sequence ``index``."""

@@ -30,6 +30,7 @@ from kdforge.losses.signal import SparseTeacher
 from kdforge.teachers.cache.codec import (
     Encoding,
     RecordCompressor,
+    frequency_table,
     get_encoding,
     id_dtype,
     record_dtype,
@@ -56,12 +57,24 @@ log = logging.getLogger(__name__)
 def encode_shard(
     encoding: Encoding, input_ids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, vocab_size: int
 ) -> bytes:
-    """Bytes of one shard file for ``[n, T]`` input ids and ``[n, T, k]`` top-k ids/log-probs."""
+    """Bytes of one shard file for ``[n, T]`` input ids and ``[n, T, k]`` top-k ids/log-probs.
+
+    Compressed encodings: ``n`` record frames, then (``id_remap``) the compressed rank -> id table
+    as frame ``n``, then the uint64 frame offsets and the index magic.
+    """
+    table = None
+    if encoding.compression is not None and encoding.id_remap:
+        table = frequency_table(input_ids, ids)
+        rank = np.zeros(vocab_size, dtype=np.int64)
+        rank[table] = np.arange(len(table))
+        input_ids, ids = rank[input_ids], rank[ids]
     rec = _encode(encoding, input_ids, ids, logprobs, vocab_size)
     if encoding.compression is None:
         return rec.tobytes()
     comp = RecordCompressor(encoding, rec.dtype)
     frames = [comp.compress(r.tobytes()) for r in rec]
+    if table is not None:
+        frames.append(comp.compress_blob(table.astype(id_dtype(vocab_size)).tobytes()))
     offsets = np.zeros(len(frames) + 1, dtype="<u8")
     offsets[1:] = np.cumsum([len(f) for f in frames])
     return b"".join(frames) + offsets.tobytes() + INDEX_MAGIC

@@ -299,3 +299,19 @@ def test_uniform_call_signature_works_for_every_registered_loss():
     for name in LOSSES.names():
         out = LOSSES.get(name)(s, t, mask=m, reduction="sum", temperature=2.0, labels=y)
         assert out.ndim == 0 and torch.isfinite(out), name
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_minus_inf_logits_masking_the_same_tokens_on_both_sides_stay_finite(name):
+    # e.g. both heads padded beyond the tokenizer with -inf: the fast kernel gives NaN, the safe one is exact
+    s = torch.randn(3, 10, dtype=torch.float64)
+    t = torch.randn(3, 10, dtype=torch.float64)
+    s[:, 8:] = float("-inf")
+    t[:, 8:] = float("-inf")
+    params = {"t": 0.5} if name == "taid" else {}
+    s_req = s.clone().requires_grad_()
+    out = call(name, s_req, t, **params)
+    out.backward()
+    expected = call(name, s[:, :8], t[:, :8], **params)
+    torch.testing.assert_close(out, expected)
+    assert torch.isfinite(s_req.grad).all()

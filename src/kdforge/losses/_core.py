@@ -1,7 +1,7 @@
 """Shared machinery of the divergence losses: validation, teacher signal -> log-distributions,
 temperature, masking, reduction, non-finite diagnosis.
 
-A divergence in kdforge is a *kernel*: a function ``kernel(logq, logp) -> [...]`` of two
+A divergence in kdforge is a *kernel*: a function ``kernel(logq, logp, safe) -> [...]`` of two
 log-distributions over the same last axis (student ``logq``, teacher ``logp``; both may contain
 ``-inf`` for zero-probability entries). :func:`distill` turns any teacher signal into such a
 pair and applies everything else (temperature, mask, reduction, ``T^2``), so every loss gets
@@ -37,7 +37,7 @@ from kdforge.errors import ConfigError, NonFiniteError, ShapeError, VocabMismatc
 from kdforge.losses.signal import SparseTeacher
 
 Teacher = torch.Tensor | SparseTeacher
-Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Kernel = Callable[..., torch.Tensor]  # kernel(logq, logp, safe: bool) -> [n]
 
 REDUCTIONS = ("mean", "sum", "none")
 SPARSE_POLICIES = ("tail_bucket", "renormalize")
@@ -300,11 +300,16 @@ def distill(
         per_pos = upcast(s).sum(-1)  # empty, keeps the graph: zero grads, no NaN
     else:
         logq, logp = make_pair(s, t, temperature, sparse_policy)
-        per_pos = kernel(logq, logp)
+        # Dense logits rarely contain -inf: try the fast kernel and redo safely only if needed.
+        safe = isinstance(t, SparseTeacher) or not check_finite
+        per_pos = kernel(logq, logp, safe=safe)
+        if check_finite and not bool(torch.isfinite(per_pos.detach()).all()):
+            if not safe:
+                per_pos = kernel(logq, logp, safe=True)
+            if not bool(torch.isfinite(per_pos.detach()).all()):
+                raise diagnose_nonfinite(name, s, t)
         if scale_t2 and temperature != 1.0:
             per_pos = per_pos * (temperature**2)
-        if check_finite and not bool(torch.isfinite(per_pos.detach()).all()):
-            raise diagnose_nonfinite(name, s, t)
     return reduce(per_pos, real, lead, reduction)
 
 
@@ -312,9 +317,14 @@ def distill(
 # elementwise helpers for kernels
 
 
-def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """Elementwise ``a * (log a - log b)`` with ``0 log 0 = 0`` and NaN-free gradients."""
-    if not bool(torch.isneginf(log_a).any()):  # common dense case: no zero-probability entries
+def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor, safe: bool = True) -> torch.Tensor:
+    """Elementwise ``a * (log a - log b)``.
+
+    ``safe=True`` handles zero-probability entries (``0 log 0 = 0``, NaN-free gradients);
+    ``safe=False`` is the fast path for inputs known to be finite (:func:`distill` falls back to
+    the safe path if the fast one produced a non-finite value).
+    """
+    if not safe:
         return log_a.exp() * (log_a - log_b)
     live = log_a > NEG_INF
     la = torch.where(live, log_a, 0.0)
@@ -322,17 +332,20 @@ def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return torch.where(live, la.exp() * (la - lb), 0.0)
 
 
-def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+def kl(log_a: torch.Tensor, log_b: torch.Tensor, safe: bool = True) -> torch.Tensor:
     """``KL(a || b) = sum_i a_i (log a_i - log b_i)`` over the last axis."""
-    return kl_terms(log_a, log_b).sum(-1)
+    return kl_terms(log_a, log_b, safe).sum(-1)
 
 
-def drop_dead(logq: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def drop_dead(logq: torch.Tensor, logp: torch.Tensor, safe: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Replace entries where both distributions are 0 by log 1 (masked out by the caller).
 
     Mixtures ``log(a q + b p)`` of two ``-inf`` entries have NaN gradients; this removes them.
-    Returns ``(logq, logp, dead)`` with ``dead=None`` when there is no such entry.
+    Returns ``(logq, logp, dead)`` with ``dead=None`` when there is no such entry (or not ``safe``).
     """
+    if not safe:
+        return logq, logp, None
     dead = torch.isneginf(logq) & torch.isneginf(logp)
     if not bool(dead.any()):
         return logq, logp, None

@@ -36,8 +36,10 @@ from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
 
 __all__ = ["TeacherHead", "auto_chunk_size", "chunked_distillation_loss"]
 
-# "auto" chunking keeps one chunk's float32 [chunk, V] array near this many elements (128 MiB).
-AUTO_CHUNK_ELEMENTS = 1 << 25
+# "auto" chunking keeps one chunk's float32 [chunk, V] array near this many elements (16 MiB), but
+# never below AUTO_MIN_ROWS rows so the LM-head matmuls stay efficient for huge vocabularies.
+AUTO_CHUNK_ELEMENTS = 1 << 22
+AUTO_MIN_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,14 @@ class TeacherHead:
 
 
 def auto_chunk_size(vocab_size: int, num_positions: int) -> int:
-    """Rows per chunk so that one float32 ``[rows, V]`` array stays near 128 MiB."""
-    return max(1, min(num_positions, AUTO_CHUNK_ELEMENTS // max(vocab_size, 1)))
+    """Rows per chunk: one float32 ``[rows, V]`` array near 16 MiB, at least 64 rows.
+
+    A chunk holds about a dozen such arrays at its peak (logits, two log-softmaxes, the loss's
+    temporaries, their gradients), so the chunked path's extra memory is ~200 MiB at V <= 64k and
+    ~12 * 64 * V * 4 bytes above, whatever the number of tokens.
+    """
+    rows = max(AUTO_MIN_ROWS, AUTO_CHUNK_ELEMENTS // max(vocab_size, 1))
+    return max(1, min(num_positions, rows))
 
 
 def _teacher_chunk(teacher: torch.Tensor | SparseTeacher | TeacherHead, rows: slice):
@@ -169,8 +177,9 @@ def chunked_distillation_loss(
         mask: bool ``[N]`` real positions (None: all real).
         kd_weight, ce_weight: weights of the KD and CE terms in ``"loss"``.
         temperature: passed to the KD loss (CE is always at T = 1).
-        chunk_size: positions per chunk, or ``"auto"`` (:func:`auto_chunk_size`: ~128 MiB per
-            float32 ``[chunk, V]`` array). Peak extra memory is a small multiple of one chunk.
+        chunk_size: positions per chunk, or ``"auto"`` (:func:`auto_chunk_size`: ~16 MiB per
+            float32 ``[chunk, V]`` array, recommended). Peak extra memory is about a dozen
+            ``[chunk, V]`` float32 arrays plus a ``[V, H]`` float32 weight-gradient buffer.
         lm_head_bias: optional ``[V]`` bias.
         reduction: ``"sum"`` (default: sums over real positions; divide by your global token
             count, e.g. across gradient-accumulation micro-batches) or ``"mean"`` (KD divided by

@@ -45,49 +45,49 @@ __all__ = [
 # kernels on log-distributions (logq = student, logp = teacher), shape [n, K] -> [n]
 
 
-def fkl_kernel(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+def fkl_kernel(logq: torch.Tensor, logp: torch.Tensor, safe: bool = True) -> torch.Tensor:
     """``KL(p || q)``."""
-    return kl(logp, logq)
+    return kl(logp, logq, safe)
 
 
-def rkl_kernel(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+def rkl_kernel(logq: torch.Tensor, logp: torch.Tensor, safe: bool = True) -> torch.Tensor:
     """``KL(q || p)``."""
-    return kl(logq, logp)
+    return kl(logq, logp, safe)
 
 
-def gjsd_kernel(logq: torch.Tensor, logp: torch.Tensor, beta: float) -> torch.Tensor:
+def gjsd_kernel(logq: torch.Tensor, logp: torch.Tensor, beta: float, safe: bool = True) -> torch.Tensor:
     """``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``; FKL at 0, RKL at 1."""
     if beta == 0.0:
-        return fkl_kernel(logq, logp)
+        return fkl_kernel(logq, logp, safe)
     if beta == 1.0:
-        return rkl_kernel(logq, logp)
-    lq, lp, dead = drop_dead(logq, logp)
+        return rkl_kernel(logq, logp, safe)
+    lq, lp, dead = drop_dead(logq, logp, safe)
     logm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
-    terms = beta * kl_terms(lp, logm) + (1.0 - beta) * kl_terms(lq, logm)
+    terms = beta * kl_terms(lp, logm, safe) + (1.0 - beta) * kl_terms(lq, logm, safe)
     return sum_alive(terms, dead)
 
 
-def tvd_kernel(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+def tvd_kernel(logq: torch.Tensor, logp: torch.Tensor, safe: bool = True) -> torch.Tensor:
     """``0.5 * sum |p - q|``."""
     return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
 
 
-def skew_fkl_kernel(logq: torch.Tensor, logp: torch.Tensor, alpha: float) -> torch.Tensor:
+def skew_fkl_kernel(logq: torch.Tensor, logp: torch.Tensor, alpha: float, safe: bool = True) -> torch.Tensor:
     """``KL(p || alpha p + (1 - alpha) q)``."""
     if alpha == 0.0:
-        return fkl_kernel(logq, logp)
-    lq, lp, dead = drop_dead(logq, logp)
+        return fkl_kernel(logq, logp, safe)
+    lq, lp, dead = drop_dead(logq, logp, safe)
     logm = torch.logaddexp(lp + math.log(alpha), lq + math.log1p(-alpha)) if alpha < 1 else lp
-    return sum_alive(kl_terms(lp, logm), dead)
+    return sum_alive(kl_terms(lp, logm, safe), dead)
 
 
-def skew_rkl_kernel(logq: torch.Tensor, logp: torch.Tensor, alpha: float) -> torch.Tensor:
+def skew_rkl_kernel(logq: torch.Tensor, logp: torch.Tensor, alpha: float, safe: bool = True) -> torch.Tensor:
     """``KL(q || alpha q + (1 - alpha) p)``."""
     if alpha == 0.0:
-        return rkl_kernel(logq, logp)
-    lq, lp, dead = drop_dead(logq, logp)
+        return rkl_kernel(logq, logp, safe)
+    lq, lp, dead = drop_dead(logq, logp, safe)
     logm = torch.logaddexp(lq + math.log(alpha), lp + math.log1p(-alpha)) if alpha < 1 else lq
-    return sum_alive(kl_terms(lq, logm), dead)
+    return sum_alive(kl_terms(lq, logm, safe), dead)
 
 
 def akl_weights(logq: torch.Tensor, logp: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,10 +113,10 @@ def akl_weights(logq: torch.Tensor, logp: torch.Tensor, mu: float) -> tuple[torc
         return w_head, 1.0 - w_head
 
 
-def akl_kernel(logq: torch.Tensor, logp: torch.Tensor, mu: float) -> torch.Tensor:
+def akl_kernel(logq: torch.Tensor, logp: torch.Tensor, mu: float, safe: bool = True) -> torch.Tensor:
     """``w_head * KL(p || q) + w_tail * KL(q || p)`` with the weights of :func:`akl_weights`."""
     w_head, w_tail = akl_weights(logq, logp, mu)
-    return w_head * fkl_kernel(logq, logp) + w_tail * rkl_kernel(logq, logp)
+    return w_head * fkl_kernel(logq, logp, safe) + w_tail * rkl_kernel(logq, logp, safe)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def generalized_jsd(
     Differs from ``trl``'s ``generalized_jsd_loss`` only by the ``T^2`` factor and the reduction.
     """
     check_unit_interval("beta", beta)
-    return distill("generalized_jsd", lambda lq, lp: gjsd_kernel(lq, lp, float(beta)), student_logits, teacher,
+    return distill("generalized_jsd", lambda lq, lp, safe: gjsd_kernel(lq, lp, float(beta), safe), student_logits, teacher,
                    mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)
 
 
@@ -256,7 +256,7 @@ def skew_forward_kl(
     gradients; ``alpha = 0`` is forward KL. The paper's default is ``alpha = 0.1``.
     """
     check_unit_interval("alpha", alpha)
-    return distill("skew_forward_kl", lambda lq, lp: skew_fkl_kernel(lq, lp, float(alpha)), student_logits,
+    return distill("skew_forward_kl", lambda lq, lp, safe: skew_fkl_kernel(lq, lp, float(alpha), safe), student_logits,
                    teacher, mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)
 
 
@@ -277,7 +277,7 @@ def skew_reverse_kl(
     ``alpha = 0`` is reverse KL. The paper's default is ``alpha = 0.1``.
     """
     check_unit_interval("alpha", alpha)
-    return distill("skew_reverse_kl", lambda lq, lp: skew_rkl_kernel(lq, lp, float(alpha)), student_logits,
+    return distill("skew_reverse_kl", lambda lq, lp, safe: skew_rkl_kernel(lq, lp, float(alpha), safe), student_logits,
                    teacher, mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)
 
 
@@ -305,5 +305,5 @@ def adaptive_kl(
     is currently wrong. Sorts ``[..., V]``: costs one sort per position.
     """
     check_unit_interval("mu", mu, open_low=True)
-    return distill("adaptive_kl", lambda lq, lp: akl_kernel(lq, lp, float(mu)), student_logits, teacher,
+    return distill("adaptive_kl", lambda lq, lp, safe: akl_kernel(lq, lp, float(mu), safe), student_logits, teacher,
                    mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)

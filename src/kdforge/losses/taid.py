@@ -27,7 +27,7 @@ from kdforge.losses.registry import LOSSES
 __all__ = ["TAIDSchedule", "taid", "taid_kernel"]
 
 
-def taid_kernel(logq: torch.Tensor, logp: torch.Tensor, t: float) -> torch.Tensor:
+def taid_kernel(logq: torch.Tensor, logp: torch.Tensor, t: float, safe: bool = True) -> torch.Tensor:
     """``KL(softmax((1 - t) sg(log q) + t log p) || q)`` per row."""
     if t >= 1.0:
         target = logp
@@ -35,7 +35,7 @@ def taid_kernel(logq: torch.Tensor, logp: torch.Tensor, t: float) -> torch.Tenso
         target = logq.detach()
     else:
         target = torch.log_softmax((1.0 - t) * logq.detach() + t * logp, dim=-1)
-    return kl(target, logq)
+    return kl(target, logq, safe)
 
 
 @LOSSES.register("taid", "TAID: forward KL to softmax((1-t)*sg(z_s) + t*z_t), t scheduled to 1 (param t)")
@@ -59,7 +59,7 @@ def taid(
         restricted to the buckets.
     """
     check_unit_interval("t", t)
-    return distill("taid", lambda lq, lp: taid_kernel(lq, lp, float(t)), student_logits, teacher, mask=mask,
+    return distill("taid", lambda lq, lp, safe: taid_kernel(lq, lp, float(t), safe), student_logits, teacher, mask=mask,
                    temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)
 
 

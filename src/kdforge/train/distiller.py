@@ -219,6 +219,9 @@ class Distiller:
             self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
             lr_lambda(self.config.scheduler, self.config.warmup_steps, max_steps),
         )
+        if eval_data is None and self.config.eval_every:
+            logger.warning("eval_every=%d is set but no eval_data was given: periodic evaluation is off",
+                           self.config.eval_every)
         self.state = TrainerState(max_steps=max_steps, batches_per_epoch=self.batches_per_epoch,
                                   run_dir=self.run_dir, is_main_process=acc.is_main_process)
         self._iter: Iterator[Any] | None = None
@@ -328,8 +331,9 @@ class Distiller:
             while state.step < state.max_steps and not state.should_stop:
                 stats = self._train_step()
                 state.step += 1
-                state.positions_seen += stats.pop("positions")
-                window_positions += stats.pop("positions_global")
+                positions = stats.pop("positions")  # global count (all processes)
+                state.positions_seen += positions
+                window_positions += positions
                 for key, value in stats.items():
                     window[key] = window.get(key, 0.0) + value
                 window_steps += 1
@@ -408,7 +412,7 @@ class Distiller:
         if not acc.optimizer_step_was_skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        stats: dict[str, Any] = {"loss": loss_sum, "positions": total, "positions_global": total}
+        stats: dict[str, Any] = {"loss": loss_sum, "positions": total}
         stats.update({f"loss/{k}": v for k, v in term_sums.items()})
         if grad_norm is not None:
             stats["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=16384, help="corpus size (multiple of --seq-len)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--ks", default="8,16,32,64")
-    ap.add_argument("--encodings", default="raw-fp32,raw-fp16,compact-u8,compact-u8-zlib,compact-u8-zstd")
+    ap.add_argument("--encodings", default="raw-fp32,raw-fp16,raw-fp16-zstd,compact-u8,compact-u8-zlib,compact-u8-zstd")
     ap.add_argument("--book", default="persuasion")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-size", type=int, default=8)

@@ -1,0 +1,337 @@
+"""One distillation training step: kdforge's Distiller vs TRL's GKDTrainer (lmbda=0).
+
+Cases (each runs in its own process, so memory peaks and allocator state never mix; each prints
+one JSON object):
+
+* ``teacher_forward`` — the teacher's forward pass alone on the batch (no grad);
+* ``sft`` — one student-only step with labels (forward, backward, clip, AdamW), plain PyTorch;
+* ``kdforge`` — one :class:`kdforge.train.Distiller` step with the online teacher and the
+  ``generalized_jsd`` loss (beta, T=1) on the same batch;
+* ``trl_gkd`` — one ``trl.experimental.gkd.GKDTrainer`` step with ``lmbda=0`` (no on-policy
+  generation, so it is off-policy KD like the kdforge case), same beta, T=1, same batch.
+
+All cases share the teacher, the student (built from the teacher's layers with
+:func:`kdforge.students.student_from_teacher`), the batch (random token blocks from a fixed
+seed), AdamW, lr and grad clipping. Reported per case: median step seconds over ``--steps``
+after ``--warmup`` steps, tokens/s (batch x seq_len / median), and peak memory (CUDA: max
+allocated during the steps; CPU: peak RSS of the process). The summary adds kdforge's
+speed-up over TRL and its overhead over (SFT step + teacher forward).
+
+Run::
+
+    .venv/bin/python benchmarks/kd_step.py                       # SmolLM2 teacher, 6-layer student
+    .venv/bin/python benchmarks/kd_step.py --teacher tiny        # tiny random Llama, seconds
+    .venv/bin/python benchmarks/kd_step.py --case kdforge        # one case (what the driver runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CASES = ("teacher_forward", "sft", "kdforge", "trl_gkd")
+
+
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", choices=CASES, help="run one case in this process (default: all, each in a subprocess)")
+    p.add_argument("--teacher", default="smollm2",
+                   help="'smollm2' (offline asset), 'tiny' (random 4-layer Llama), or a model folder / Hub id")
+    p.add_argument("--student-layers", type=int, default=6, help="teacher layers kept in the student")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--beta", type=float, default=0.5, help="generalised JSD beta (TRL convention)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON lines to this file")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- shared setup
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_models(args: argparse.Namespace):
+    """(teacher, student, tokenizer-or-None) on the chosen device/dtype, deterministic."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from kdforge.students.from_teacher import student_from_teacher
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    tokenizer = None
+    if args.teacher == "tiny":
+        cfg = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        teacher = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    else:
+        path = args.teacher
+        if path == "smollm2":
+            from kdforge.assets import ensure
+
+            path = str(ensure("smollm2"))
+        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    layers = min(args.student_layers, teacher.config.num_hidden_layers)
+    student = student_from_teacher(teacher, "every_k", num_layers=layers)
+    device = _device(args.device)
+    teacher.to(device).eval().requires_grad_(False)
+    student.to(device).train()
+    return teacher, student, tokenizer
+
+
+def make_batches(args: argparse.Namespace, vocab: int, n: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (n * args.batch, args.seq_len), generator=g)
+    return ids
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class _Memory:
+    def __init__(self, device) -> None:
+        import torch
+
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        self.rss_before = _rss_mb()
+
+    def result(self) -> dict[str, float]:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {"peak_mem_mb": torch.cuda.max_memory_allocated(self.device) / 2**20, "mem_kind": "cuda_allocated"}
+        return {"peak_mem_mb": _peak_rss_mb(), "rss_before_steps_mb": self.rss_before, "mem_kind": "cpu_peak_rss"}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- the cases
+def case_teacher_forward(args, teacher, student, tokenizer) -> list[float]:
+    import torch
+
+    device = next(teacher.parameters()).device
+    ids = make_batches(args, teacher.config.vocab_size, args.warmup + args.steps)
+    times = []
+    with torch.no_grad():
+        for i in range(args.warmup + args.steps):
+            batch = ids[i * args.batch:(i + 1) * args.batch].to(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            teacher(input_ids=batch, attention_mask=torch.ones_like(batch))
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return times[args.warmup:]
+
+
+def case_sft(args, teacher, student, tokenizer) -> list[float]:
+    import torch
+
+    device = next(student.parameters()).device
+    ids = make_batches(args, teacher.config.vocab_size, args.warmup + args.steps)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    times = []
+    for i in range(args.warmup + args.steps):
+        batch = ids[i * args.batch:(i + 1) * args.batch].to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = student(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times[args.warmup:]
+
+
+def case_kdforge(args, teacher, student, tokenizer) -> list[float]:
+    from kdforge.data.text import LMBlockDataset
+    from kdforge.train import Callback, CausalLMTask, Distiller
+
+    device = next(student.parameters()).device
+    ids = make_batches(args, teacher.config.vocab_size, args.warmup + args.steps)
+    stamps: list[float] = []
+
+    class Timer(Callback):
+        def on_step_end(self, state, logs) -> None:
+            _sync(device)
+            stamps.append(time.perf_counter())
+
+    config = {"max_steps": args.warmup + args.steps, "batch_size": args.batch, "lr": 1e-5,
+              "scheduler": "constant", "max_grad_norm": 1.0, "log_every": 10_000, "progress": False,
+              "mixed_precision": "no"}
+    distiller = Distiller(student, teacher, task=CausalLMTask(),
+                          objective=[{"name": "generalized_jsd", "weight": 1.0, "params": {"beta": args.beta}}],
+                          config=config, train_data=LMBlockDataset(ids), callbacks=[Timer()])
+    _sync(device)
+    stamps.append(time.perf_counter())
+    distiller.train()
+    steps = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    return steps[args.warmup:]
+
+
+def case_trl_gkd(args, teacher, student, tokenizer) -> list[float]:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError as exc:  # pragma: no cover
+        raise SystemExit(f"trl with trl.experimental.gkd is needed for this case: {exc}") from None
+
+    device = next(student.parameters()).device
+    ids = make_batches(args, teacher.config.vocab_size, args.warmup + args.steps)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist()})
+    stamps: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, targs, state, control, **kw):
+            _sync(device)
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, targs, state, control, **kw):
+            _sync(device)
+            stamps.append(time.perf_counter())
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        x = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+    if tokenizer is None:  # GKD builds a generation config from the tokenizer's pad id
+        from tokenizers import Tokenizer, models
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {f"t{i}": i for i in range(teacher.config.vocab_size)}
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                            unk_token="t0", pad_token="t0", eos_token="t1")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = GKDConfig(
+            output_dir=tmp, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
+            learning_rate=1e-5, lr_scheduler_type="constant", max_grad_norm=1.0, lmbda=0.0, beta=args.beta,
+            temperature=1.0, seq_kd=False, logging_steps=10_000, save_strategy="no", report_to="none",
+            disable_tqdm=True, use_cpu=device.type == "cpu", bf16=False, fp16=False,
+            max_length=args.seq_len, dataloader_num_workers=0, seed=0, remove_unused_columns=False,
+            gradient_checkpointing=False, optim="adamw_torch",
+        )
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=targs, train_dataset=dataset,
+                             data_collator=collate, processing_class=tokenizer, callbacks=[Timer()])
+        trainer.train()
+    steps = [stamps[i + 1] - stamps[i] for i in range(0, len(stamps) - 1, 2)]
+    return steps[args.warmup:]
+
+
+def run_case(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    teacher, student, tokenizer = build_models(args)
+    setup_s = time.perf_counter() - t0
+    device = next(student.parameters()).device
+    memory = _Memory(device)
+    fn = {"teacher_forward": case_teacher_forward, "sft": case_sft, "kdforge": case_kdforge,
+          "trl_gkd": case_trl_gkd}[args.case]
+    times = fn(args, teacher, student, tokenizer)
+    median = statistics.median(times)
+    tokens = args.batch * args.seq_len
+    from kdforge.students.from_teacher import count_parameters
+
+    return {
+        "case": args.case, "teacher": args.teacher, "teacher_params": count_parameters(teacher),
+        "student_params": count_parameters(student), "student_layers": student.config.num_hidden_layers,
+        "batch": args.batch, "seq_len": args.seq_len, "beta": args.beta, "dtype": args.dtype,
+        "device": str(device), "threads": torch.get_num_threads(), "steps": len(times),
+        "step_s_median": median, "step_s_all": [round(t, 4) for t in times],
+        "tokens_per_s": tokens / median, "setup_s": round(setup_s, 2), **memory.result(),
+    }
+
+
+def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"case": "summary"}
+    kd, trl, sft, fwd = (results.get(c) for c in ("kdforge", "trl_gkd", "sft", "teacher_forward"))
+    if kd and trl:
+        out["kdforge_speedup_vs_trl"] = kd["tokens_per_s"] / trl["tokens_per_s"]
+        out["kdforge_mem_vs_trl"] = kd["peak_mem_mb"] / trl["peak_mem_mb"]
+    if kd and sft and fwd:
+        floor = sft["step_s_median"] + fwd["step_s_median"]
+        out["sft_plus_teacher_forward_s"] = floor
+        out["kdforge_overhead"] = kd["step_s_median"] / floor
+        if trl:
+            out["trl_overhead"] = trl["step_s_median"] / floor
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = _parse(argv)
+    if args.case:
+        print(json.dumps(run_case(args)), flush=True)
+        return 0
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+    results: dict[str, dict[str, Any]] = {}
+    lines = []
+    for case in CASES:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *forwarded, "--case", case]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            record = {"case": case, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+        else:
+            record = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[case] = record
+        line = json.dumps(record)
+        lines.append(line)
+        print(line, flush=True)
+    summary = json.dumps(summarise(results))
+    lines.append(summary)
+    print(summary, flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+    return 0 if len(results) == len(CASES) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,8 +14,11 @@ All cases share the teacher, the student (built from the teacher's layers with
 :func:`kdforge.students.student_from_teacher`), the batch (random token blocks from a fixed
 seed), AdamW, lr and grad clipping. Reported per case: median step seconds over ``--steps``
 after ``--warmup`` steps, tokens/s (batch x seq_len / median), and peak memory (CUDA: max
-allocated during the steps; CPU: peak RSS of the process). The summary adds kdforge's
-speed-up over TRL and its overhead over (SFT step + teacher forward).
+allocated during the steps; CPU: peak RSS of the process). Every time is also taken as CPU
+seconds of the process (``time.process_time``): with ``--threads 1`` on a shared, loaded machine,
+CPU time is the contention-robust cost of a step (wall time mostly measures the other jobs).
+The summary adds kdforge's speed-up over TRL and its overhead over (SFT step + teacher
+forward), from wall and from CPU time.
 
 Run::
 
@@ -142,6 +145,16 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def _now() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): CPU time is what a step costs on a loaded
+    shared machine where wall time mostly measures the other jobs."""
+    return time.perf_counter(), time.process_time()
+
+
+def _diff(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return b[0] - a[0], b[1] - a[1]
+
+
 # ----------------------------------------------------------------------------- the cases
 def case_teacher_forward(args, teacher, student, tokenizer) -> list[float]:
     import torch
@@ -153,10 +166,10 @@ def case_teacher_forward(args, teacher, student, tokenizer) -> list[float]:
         for i in range(args.warmup + args.steps):
             batch = ids[i * args.batch:(i + 1) * args.batch].to(device)
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = _now()
             teacher(input_ids=batch, attention_mask=torch.ones_like(batch))
             _sync(device)
-            times.append(time.perf_counter() - t0)
+            times.append(_diff(t0, _now()))
     return times[args.warmup:]
 
 
@@ -170,14 +183,14 @@ def case_sft(args, teacher, student, tokenizer) -> list[float]:
     for i in range(args.warmup + args.steps):
         batch = ids[i * args.batch:(i + 1) * args.batch].to(device)
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = _now()
         out = student(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(_diff(t0, _now()))
     return times[args.warmup:]
 
 
@@ -187,12 +200,12 @@ def case_kdforge(args, teacher, student, tokenizer) -> list[float]:
 
     device = next(student.parameters()).device
     ids = make_batches(args, teacher.config.vocab_size, args.warmup + args.steps)
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     class Timer(Callback):
         def on_step_end(self, state, logs) -> None:
             _sync(device)
-            stamps.append(time.perf_counter())
+            stamps.append(_now())
 
     config = {"max_steps": args.warmup + args.steps, "batch_size": args.batch, "lr": 1e-5,
               "scheduler": "constant", "max_grad_norm": 1.0, "log_every": 10_000, "progress": False,
@@ -201,9 +214,9 @@ def case_kdforge(args, teacher, student, tokenizer) -> list[float]:
                           objective=[{"name": "generalized_jsd", "weight": 1.0, "params": {"beta": args.beta}}],
                           config=config, train_data=LMBlockDataset(ids), callbacks=[Timer()])
     _sync(device)
-    stamps.append(time.perf_counter())
+    stamps.append(_now())
     distiller.train()
-    steps = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    steps = [_diff(a, b) for a, b in zip(stamps[:-1], stamps[1:])]
     return steps[args.warmup:]
 
 
@@ -220,16 +233,16 @@ def case_trl_gkd(args, teacher, student, tokenizer) -> list[float]:
     device = next(student.parameters()).device
     ids = make_batches(args, teacher.config.vocab_size, args.warmup + args.steps)
     dataset = Dataset.from_dict({"input_ids": ids.tolist()})
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, targs, state, control, **kw):
             _sync(device)
-            stamps.append(time.perf_counter())
+            stamps.append(_now())
 
         def on_step_end(self, targs, state, control, **kw):
             _sync(device)
-            stamps.append(time.perf_counter())
+            stamps.append(_now())
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         x = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
@@ -258,7 +271,7 @@ def case_trl_gkd(args, teacher, student, tokenizer) -> list[float]:
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=targs, train_dataset=dataset,
                              data_collator=collate, processing_class=tokenizer, callbacks=[Timer()])
         trainer.train()
-    steps = [stamps[i + 1] - stamps[i] for i in range(0, len(stamps) - 1, 2)]
+    steps = [_diff(stamps[i], stamps[i + 1]) for i in range(0, len(stamps) - 1, 2)]
     return steps[args.warmup:]
 
 
@@ -274,8 +287,11 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     memory = _Memory(device)
     fn = {"teacher_forward": case_teacher_forward, "sft": case_sft, "kdforge": case_kdforge,
           "trl_gkd": case_trl_gkd}[args.case]
-    times = fn(args, teacher, student, tokenizer)
+    pairs = fn(args, teacher, student, tokenizer)
+    times = [w for w, _ in pairs]
+    cpu = [c for _, c in pairs]
     median = statistics.median(times)
+    cpu_median = statistics.median(cpu)
     tokens = args.batch * args.seq_len
     from kdforge.students.from_teacher import count_parameters
 
@@ -285,22 +301,26 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch, "seq_len": args.seq_len, "beta": args.beta, "dtype": args.dtype,
         "device": str(device), "threads": torch.get_num_threads(), "steps": len(times),
         "step_s_median": median, "step_s_all": [round(t, 4) for t in times],
-        "tokens_per_s": tokens / median, "setup_s": round(setup_s, 2), **memory.result(),
+        "tokens_per_s": tokens / median, "step_cpu_s_median": cpu_median,
+        "step_cpu_s_all": [round(c, 4) for c in cpu], "tokens_per_cpu_s": tokens / cpu_median,
+        "setup_s": round(setup_s, 2), **memory.result(),
     }
 
 
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"case": "summary"}
     kd, trl, sft, fwd = (results.get(c) for c in ("kdforge", "trl_gkd", "sft", "teacher_forward"))
+    for tag, key in (("", "step_s_median"), ("_cpu", "step_cpu_s_median")):
+        if kd and trl:
+            out[f"kdforge_speedup_vs_trl{tag}"] = trl[key] / kd[key]
+        if kd and sft and fwd:
+            floor = sft[key] + fwd[key]
+            out[f"sft_plus_teacher_forward_s{tag}"] = floor
+            out[f"kdforge_overhead{tag}"] = kd[key] / floor
+            if trl:
+                out[f"trl_overhead{tag}"] = trl[key] / floor
     if kd and trl:
-        out["kdforge_speedup_vs_trl"] = kd["tokens_per_s"] / trl["tokens_per_s"]
         out["kdforge_mem_vs_trl"] = kd["peak_mem_mb"] / trl["peak_mem_mb"]
-    if kd and sft and fwd:
-        floor = sft["step_s_median"] + fwd["step_s_median"]
-        out["sft_plus_teacher_forward_s"] = floor
-        out["kdforge_overhead"] = kd["step_s_median"] / floor
-        if trl:
-            out["trl_overhead"] = trl["step_s_median"] / floor
     return out
 
 

@@ -213,3 +213,17 @@ def test_bf16_mixed_precision_runs_where_supported_and_epochs_set_the_length():
     state = d.train()
     assert state.step == 6 and state.epoch == 2  # ceil(20 / 8) = 3 micro-batches per epoch
     assert all(torch.isfinite(p).all() for p in d.unwrapped_student.parameters())
+
+
+def test_optimizer_factory_replaces_adamw_and_gets_decay_groups():
+    seen = {}
+
+    def sgd(groups):
+        seen["decay"] = [g["weight_decay"] for g in groups]
+        return torch.optim.SGD(groups, lr=0.1)
+
+    d = Distiller(MLP(), MLP(), task=ClassificationTask(), objective=[LossTerm("forward_kl", 1.0)],
+                  config=_cfg(max_steps=2, weight_decay=0.01), train_data=ClassDataset(), optimizer_factory=sgd)
+    d.train()
+    assert isinstance(d.optimizer.optimizer, torch.optim.SGD)
+    assert seen["decay"] == [0.01, 0.0]

@@ -126,3 +126,12 @@ def test_resume_with_another_batch_size_is_refused(tmp_path):
 def test_resume_without_checkpoints_starts_fresh(tmp_path):
     state = _distiller(tmp_path, max_steps=2).train(resume=True)
     assert state.step == 2
+
+
+def test_leftover_temp_folder_from_a_crashed_save_is_ignored_and_cleaned(tmp_path):
+    _distiller(tmp_path, max_steps=3).train()
+    stale = tmp_path / "checkpoints" / ".tmp-step-5"
+    stale.mkdir()
+    (stale / "student.safetensors").write_bytes(b"partial")
+    state = _distiller(tmp_path, max_steps=6).train(resume=True)  # resumes from step-3, not the temp folder
+    assert state.step == 6 and not stale.exists()

@@ -169,8 +169,10 @@ class CheckpointWriter:
         self.final = self.root / f"step-{self.step}"
 
     def begin(self) -> None:
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
+        """Create the temporary folder; remove leftovers of writes interrupted by a crash."""
+        if self.root.is_dir():
+            for stale in self.root.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         self.tmp.mkdir(parents=True)
 
     def write_rng(self, rank: int) -> None:

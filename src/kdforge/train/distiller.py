@@ -121,6 +121,10 @@ class Distiller:
         accelerator: an existing ``accelerate.Accelerator`` (default: one built from ``config``).
         teacher_device: ``"auto"`` moves the teacher to the accelerator's device, None leaves it
             where it is, anything else is passed to ``teacher.to``.
+        num_workers: DataLoader worker processes.
+        optimizer_factory: ``f(param_groups) -> Optimizer`` replacing the default AdamW (groups
+            carry ``weight_decay``: ``config.weight_decay`` for matrices, 0 for biases/norms; the
+            factory sets ``lr`` and the rest).
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class Distiller:
         accelerator: Any = None,
         teacher_device: str | torch.device | None = "auto",
         num_workers: int = 0,
+        optimizer_factory: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None,
     ) -> None:
         self.config = config if isinstance(config, TrainConfig) else validate(TrainConfig, dict(config), source="train config")
         self.objective = objective if isinstance(objective, Objective) else Objective(objective)
@@ -198,7 +203,10 @@ class Distiller:
         groups = [{"params": decay, "weight_decay": self.config.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas)
+        if optimizer_factory is not None:
+            optimizer = optimizer_factory(groups)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas)
         prepared = acc.prepare(student, *extras, optimizer)
         self.student, *prep_extras, self.optimizer = prepared
         self.extras: dict[str, nn.Module] = dict(zip(self._extra_names, prep_extras))
@@ -325,11 +333,13 @@ class Distiller:
             cb.on_train_begin(state)
         start = time.perf_counter()
         window: dict[str, torch.Tensor] = {}
-        window_steps, window_positions, window_start = 0, 0, time.perf_counter()
+        window_steps, window_positions, window_time = 0, 0, 0.0  # throughput counts training steps only
         last_eval_step = last_save_step = -1
         try:
             while state.step < state.max_steps and not state.should_stop:
+                step_start = time.perf_counter()
                 stats = self._train_step()
+                window_time += time.perf_counter() - step_start
                 state.step += 1
                 positions = stats.pop("positions")  # global count (all processes)
                 state.positions_seen += positions
@@ -339,9 +349,8 @@ class Distiller:
                 window_steps += 1
                 logs = None
                 if state.step % self.config.log_every == 0 or state.step == state.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    logs = self._train_logs(window, window_steps, window_positions, elapsed, start)
-                    window, window_steps, window_positions, window_start = {}, 0, 0, time.perf_counter()
+                    logs = self._train_logs(window, window_steps, window_positions, window_time, start)
+                    window, window_steps, window_positions, window_time = {}, 0, 0, 0.0
                     state.last_logs = logs
                     logger.info("step %d/%d %s", state.step, state.max_steps,
                                 " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith("loss")))

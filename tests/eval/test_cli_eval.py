@@ -24,6 +24,7 @@ def saved(tmp_path_factory):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     (root / "heldout.txt").write_text("\n\n".join(CORPUS * 3))
+    (root / "animals.txt").write_text("\n\n".join(CORPUS[:3] * 3))
     (root / "qa.jsonl").write_text(
         json.dumps({"prompt": "the capital of france is", "answer": "paris"}) + "\n"
         + json.dumps({"prompt": "the cat sat on the", "choices": [" mat", " log"], "gold": 0}) + "\n"
@@ -35,6 +36,7 @@ def test_cli_eval_writes_results_json_with_all_roles_and_metrics(saved, tmp_path
     out = tmp_path / "eval"
     rc = main(["eval", "--teacher", str(saved / "teacher"), "--baseline", f"ce={saved / 'baseline'}",
                "--student", f"kd={saved / 'student'}", "--data", str(saved / "heldout.txt"),
+               "--data", f"zoo={saved / 'animals.txt'}",
                "--qa", str(saved / "qa.jsonl"), "--block-size", "8", "--batch-size", "4",
                "--max-new-tokens", "3", "--latency-repeats", "2", "-o", str(out)])
     assert rc == 0
@@ -55,6 +57,7 @@ def test_cli_eval_writes_results_json_with_all_roles_and_metrics(saved, tmp_path
         by_name["teacher"]["params"] / by_name["kd"]["params"])
     assert 0 <= kd["agreement"] <= 1 and kd["kl_to_teacher"] >= 0
     assert sum(by_name["kd"]["reliability"]["bin_count"]) == res["n_tokens"]
+    assert set(by_name["kd"]["breakdowns"]["perplexity by domain"]) == {"heldout", "zoo"}
     assert "| kd | student |" in (out / "results.md").read_text()
     # the report reads what eval wrote: lowest perplexity among students, compared with "ce"
     run = load_run(out)

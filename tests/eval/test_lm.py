@@ -191,3 +191,20 @@ def test_evaluator_on_blocks_and_score_choices_run_on_tiny_model():
     assert len(scores) == 2 and lengths == [1, 1] and all(s < 0 for s in scores)
     with pytest.raises(ShapeError):
         LMAccumulator().update(torch.randn(1, 3, 4), torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_domain_tagged_batches_give_per_domain_breakdowns_equal_to_separate_runs():
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), seed=0), tiny_llama(len(tok), seed=1)
+    a = block_batches(tok, CORPUS[:3], block_size=6, batch_size=2, domain="animals")
+    b = block_batches(tok, CORPUS[3:], block_size=6, batch_size=2, domain="capitals")
+    models = {"t": teacher, "s": student}
+    both = evaluate_language_models(models, a + b, teacher="t")
+    only_b = evaluate_language_models(models, b, teacher="t")
+    bd = both["s"]["breakdowns"]
+    assert set(bd["perplexity by domain"]) == {"animals", "capitals"}
+    assert bd["perplexity by domain"]["capitals"] == pytest.approx(only_b["s"]["metrics"]["perplexity"], rel=1e-6)
+    assert bd["agreement by domain"]["capitals"] == pytest.approx(only_b["s"]["metrics"]["agreement"])
+    assert "agreement by domain" not in both["t"]["breakdowns"]
+    untagged = evaluate_language_models(models, block_batches(tok, CORPUS, block_size=6), teacher="t")
+    assert "breakdowns" not in untagged["s"]

@@ -34,9 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=None, metavar="[NAME=]PATH", help="teacher model")
     p.add_argument("--baseline", action="append", default=[], metavar="[NAME=]PATH",
                    help="baseline model, e.g. the same student trained on labels only (repeatable)")
-    p.add_argument("--data", required=True,
+    p.add_argument("--data", required=True, action="append", metavar="[DOMAIN=]PATH",
                    help=".txt / .jsonl (field --text-field) / HF dataset folder, or token ids "
-                   "(.npy, .pt, .jsonl with input_ids)")
+                   "(.npy, .pt, .jsonl with input_ids); repeat for several domains (each gets "
+                   "its own perplexity/agreement breakdown; --max-tokens applies per domain)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--split", default=None, help="split of a DatasetDict folder (default test/validation)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: teacher's, else first student's)")
@@ -54,10 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _split_spec(spec: str, default_name: str) -> tuple[str, str]:
+    """``NAME=PATH`` -> (NAME, PATH); a bare PATH is named after its last component."""
     if "=" in spec and not Path(spec).exists():
         name, path = spec.split("=", 1)
         return name.strip(), path.strip()
-    return (Path(spec).name or default_name), spec
+    return (Path(spec).stem or default_name), spec
 
 
 def _resolve_device(device: str):
@@ -154,20 +156,24 @@ def handle(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must differ, got {names}", "name them with NAME=PATH")
 
-    data = Path(args.data)
+    data = [_split_spec(d, f"data{i}") for i, d in enumerate(args.data)]
     tok_source = args.tokenizer or (specs[0][2] if args.teacher else specs[-len(args.student)][2])
     tokenizer = None
-    if not _is_token_file(data) or args.qa:
+    if not all(_is_token_file(Path(path)) for _, path in data) or args.qa:
         tokenizer = _load_tokenizer(tok_source)
-    if _is_token_file(data):
-        blocks = lm.load_token_blocks(data, block_size=args.block_size)
-        if args.max_tokens:
-            blocks = blocks[: max(args.max_tokens // blocks.shape[1], 1)]
-        batches = lm.batches_from_blocks(blocks, batch_size=args.batch_size)
-    else:
-        texts = lm.load_texts(data, text_field=args.text_field, split=args.split)
-        batches = lm.block_batches(tokenizer, texts, block_size=args.block_size,
-                                   batch_size=args.batch_size, max_tokens=args.max_tokens)
+    batches: list[dict[str, Any]] = []
+    for domain, path in data:
+        tag = domain if len(data) > 1 else None
+        if _is_token_file(Path(path)):
+            blocks = lm.load_token_blocks(path, block_size=args.block_size)
+            if args.max_tokens:
+                blocks = blocks[: max(args.max_tokens // blocks.shape[1], 1)]
+            batches += lm.batches_from_blocks(blocks, batch_size=args.batch_size, domain=tag)
+        else:
+            texts = lm.load_texts(path, text_field=args.text_field, split=args.split)
+            batches += lm.block_batches(tokenizer, texts, block_size=args.block_size,
+                                        batch_size=args.batch_size, max_tokens=args.max_tokens,
+                                        domain=tag)
     qa_rows = lm.load_qa_rows(args.qa) if args.qa else None
 
     models = {}
@@ -177,7 +183,7 @@ def handle(args: argparse.Namespace) -> int:
     results = lm.evaluate_lm_suite(
         models, batches, tokenizer=tokenizer, qa_rows=qa_rows, measure_cost=not args.no_cost,
         latency_repeats=args.latency_repeats, max_new_tokens=args.max_new_tokens,
-        data_description=str(data),
+        data_description=", ".join(path for _, path in data),
     )
     results["device"] = str(device)
     results["dtype"] = str(dtype).replace("torch.", "")

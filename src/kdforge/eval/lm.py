@@ -504,7 +504,8 @@ def block_batches(
     block_size: int = 128,
     batch_size: int = 8,
     max_tokens: int | None = None,
-) -> list[dict[str, torch.Tensor]]:
+    domain: str | None = None,
+) -> list[dict[str, Any]]:
     """Concatenate tokenised texts (separated by EOS when the tokenizer has one) and cut them into
     ``[batch_size, block_size]`` batches, keeping at most ``max_tokens`` tokens."""
     stream: list[int] = []
@@ -518,15 +519,21 @@ def block_batches(
     if max_tokens is not None:
         stream = stream[:max_tokens]
     blocks = _to_blocks(torch.tensor(stream, dtype=torch.long), block_size)
-    return batches_from_blocks(blocks, batch_size=batch_size)
+    return batches_from_blocks(blocks, batch_size=batch_size, domain=domain)
 
 
-def batches_from_blocks(blocks: torch.Tensor, *, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
-    """``[n, L]`` id blocks -> list of ``{"input_ids", "attention_mask"}`` batches."""
-    return [
-        {"input_ids": b, "attention_mask": torch.ones_like(b)}
-        for b in blocks.split(max(batch_size, 1))
-    ]
+def batches_from_blocks(
+    blocks: torch.Tensor, *, batch_size: int = 8, domain: str | None = None
+) -> list[dict[str, Any]]:
+    """``[n, L]`` id blocks -> list of ``{"input_ids", "attention_mask"}`` batches (tagged with
+    ``"domain"`` when given, for per-domain breakdowns)."""
+    out: list[dict[str, Any]] = []
+    for b in blocks.split(max(batch_size, 1)):
+        batch: dict[str, Any] = {"input_ids": b, "attention_mask": torch.ones_like(b)}
+        if domain is not None:
+            batch["domain"] = domain
+        out.append(batch)
+    return out
 
 
 def load_qa_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -579,17 +586,23 @@ def evaluate_language_models(
     Returns:
         name -> ``{"metrics": {...}, "reliability": {...}}``; fidelity keys (``agreement``,
         ``kl_to_teacher``, ``kl_from_teacher``, ``js_to_teacher``) for non-teacher models.
+        Batches carrying a ``"domain"`` string add ``"breakdowns"``: perplexity (and agreement)
+        per domain.
     """
     if teacher is not None and teacher not in models:
         raise ConfigError(f"teacher {teacher!r} is not one of the models {list(models)}", "name the teacher's key")
     lm_acc = {name: LMAccumulator(n_bins=n_bins, chunk_size=chunk_size) for name in models}
     fid_acc = {name: FidelityAccumulator(chunk_size=chunk_size) for name in models if name != teacher}
+    dom_lm: dict[str, dict[str, LMAccumulator]] = {name: {} for name in models}
+    dom_fid: dict[str, dict[str, FidelityAccumulator]] = {name: {} for name in models}
     order = ([teacher] if teacher else []) + [n for n in models if n != teacher]
     n_batches = 0
+    warned_width = False
     for batch in batches:
         n_batches += 1
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
+        domain = batch.get("domain")
         t_logits = None
         for name in order:
             model = models[name]
@@ -602,20 +615,28 @@ def evaluate_language_models(
                 logits = logits[..., :vocab_size]
             s_logits, labels = shift_for_next_token(logits, kwargs["input_ids"], kwargs.get("attention_mask"))
             lm_acc[name].update(s_logits, labels)
+            if domain is not None:
+                dom_lm[name].setdefault(str(domain), LMAccumulator(n_bins=n_bins, chunk_size=chunk_size)).update(
+                    s_logits, labels)
             if name == teacher:
                 t_logits = s_logits
             elif t_logits is not None:
                 if int(t_logits.shape[-1]) != int(s_logits.shape[-1]):
                     v = min(int(t_logits.shape[-1]), int(s_logits.shape[-1]))
-                    log.warning(
-                        "teacher and %s logits differ in width (%d vs %d); comparing the first %d "
-                        "(pass vocab_size=len(tokenizer) to make this explicit)",
-                        name, t_logits.shape[-1], s_logits.shape[-1], v,
-                    )
+                    if not warned_width:
+                        warned_width = True
+                        log.warning(
+                            "teacher and %s logits differ in width (%d vs %d); comparing the first "
+                            "%d (pass vocab_size=len(tokenizer) to make this explicit)",
+                            name, t_logits.shape[-1], s_logits.shape[-1], v,
+                        )
                     t_cmp, s_cmp = t_logits[..., :v], s_logits[..., :v]
                 else:
                     t_cmp, s_cmp = t_logits, s_logits
                 fid_acc[name].update(s_cmp, t_cmp.to(s_cmp.device), labels != IGNORE_INDEX)
+                if domain is not None:
+                    dom_fid[name].setdefault(str(domain), FidelityAccumulator(chunk_size=chunk_size)).update(
+                        s_cmp, t_cmp.to(s_cmp.device), labels != IGNORE_INDEX)
             del logits, s_logits
     if n_batches == 0:
         raise DataError("no evaluation batches", "pass non-empty evaluation data")
@@ -627,6 +648,11 @@ def evaluate_language_models(
             fid.pop("n_tokens", None)
             metrics.update(fid)
         out[name] = {"metrics": metrics, "reliability": lm_acc[name].bins.result().to_dict()}
+        if dom_lm[name]:
+            bd = {"perplexity by domain": {d: a.compute()["perplexity"] for d, a in dom_lm[name].items()}}
+            if dom_fid[name]:
+                bd["agreement by domain"] = {d: a.compute()["agreement"] for d, a in dom_fid[name].items()}
+            out[name]["breakdowns"] = bd
     return out
 
 
@@ -688,7 +714,8 @@ def evaluate_lm_suite(
                 raise ConfigError("QA evaluation needs a tokenizer", "pass --tokenizer (or a model folder with one)")
             metrics.update(_qa_metrics(model, tokenizer, qa_rows, max_new_tokens=max_new_tokens, n_bins=n_bins))
         if measure_cost:
-            example = {k: v[:1].to(_model_device(model)) for k, v in batches[0].items()}
+            example = {k: v[:1].to(_model_device(model)) for k, v in batches[0].items()
+                       if isinstance(v, torch.Tensor)}
             cost = cost_report(model, example, warmup=2, repeats=max(latency_repeats, 1))
             entry["params"] = cost["params"]
             entry["size_mb"] = cost["size_mb"]
@@ -697,6 +724,8 @@ def evaluate_lm_suite(
                             "tokens_per_s": cost["throughput_per_s"] * example["input_ids"].shape[1]})
         entry["metrics"] = metrics
         entry["reliability"] = lm[name]["reliability"]
+        if "breakdowns" in lm[name]:
+            entry["breakdowns"] = lm[name]["breakdowns"]
         entries.append(entry)
     if teacher is not None and measure_cost:
         t = next(e for e in entries if e["name"] == teacher)["metrics"]

@@ -11,7 +11,7 @@ _FRACTION = ("accuracy", "agreement", "exact_match", "rouge", "ece", "f1", "prec
 _PREFERRED = ("accuracy", "perplexity", "nll", "exact_match", "rouge_l", "agreement",
               "kl_to_teacher", "kl_from_teacher", "js_to_teacher", "token_accuracy", "ece",
               "answer_accuracy", "answer_ece")
-COST_KEYS = ("params", "size_mb", "latency_ms", "throughput_per_s")
+COST_KEYS = ("params", "size_mb", "latency_ms", "throughput_per_s", "tokens_per_s", "samples_per_s")
 _HIDDEN = ("n_tokens", "n_samples", "latency_ms_p95", "latency_ms_mean", "latency_per_item_ms",
            "trainable_params", "state_bytes", "size_bytes", "latency_batch_size",
            "speedup_vs_teacher", "compression_vs_teacher")
@@ -22,6 +22,7 @@ _LABELS = {
     "token_accuracy": "Next-token acc.", "exact_match": "Exact match", "rouge_l": "ROUGE-L",
     "answer_accuracy": "Answer acc.", "answer_ece": "Answer ECE", "answer_brier": "Answer Brier",
     "params": "Params", "size_mb": "Size", "latency_ms": "Latency", "throughput_per_s": "Throughput",
+    "tokens_per_s": "Tokens/s", "samples_per_s": "Samples/s",
 }
 
 
@@ -70,8 +71,10 @@ def fmt_value(key: str, v: float | None, *, std: float | None = None) -> str:
     if key == "latency_ms":
         s = f"{v:.3g} ms"
         return s + (f" ± {std:.2g}" if std else "")
-    if key == "throughput_per_s":
+    if key in ("throughput_per_s", "samples_per_s"):
         return f"{human_count(v)}/s"
+    if key == "tokens_per_s":
+        return f"{human_count(v)} tok/s"
     if is_fraction(key) and "ece" not in key and 0 <= v <= 1:
         s = f"{100 * v:.1f}%"
         return s + (f" ± {100 * std:.1f}" if std is not None else "")

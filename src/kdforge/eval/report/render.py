@@ -200,7 +200,7 @@ def _breakdown_tables_html(run: RunData) -> str:
         for c in cats:
             vals = [m.breakdowns[name].get(c) for m in models]
             finite = [v for v in vals if v is not None]
-            top = max(finite) if finite else None
+            top = (min(finite) if fmt.lower_is_better(name) else max(finite)) if finite else None
             cells = "".join(
                 f'<td{" class=best" if v is not None and v == top and len(finite) > 1 else ""} '
                 f'data-v="{"" if v is None else v}">{_e(fmt.fmt_value("accuracy" if v is not None and 0 <= v <= 1 else name, v))}</td>'

@@ -155,6 +155,13 @@ class Distiller:
             raise ConfigError(f"task must be a kdforge Task, got {type(task).__name__}",
                               "pass ClassificationTask() or CausalLMTask()")
         self.task = task
+        missing = [n for n in self.objective.task_terms if n not in task.term_names]
+        if missing:
+            raise ConfigError(
+                f"objective terms {missing} have source 'task', but {type(task).__name__} computes "
+                f"{list(task.term_names) or 'no extra terms'}",
+                "use a task that provides them, or make them registered losses (source: loss)",
+            )
         self.eval_fn = eval_fn
         self.run_dir = Path(self.config.output_dir) if self.config.output_dir else None
         self.num_workers = num_workers

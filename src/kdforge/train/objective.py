@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -38,12 +38,17 @@ class LossTerm(StrictModel):
         params: keyword arguments passed to the loss, e.g. ``{"temperature": 2.0}``.
         label: key used in logs (``loss/<label>``); defaults to ``name``. Needed when the same loss
             appears twice.
+        source: ``"loss"`` (default): ``name`` is a registered loss applied to the logits;
+            ``"task"``: ``name`` is an auxiliary term the task computes itself (e.g. a feature/hint
+            loss through a projector), returned summed over real positions in
+            ``TaskOutput.extra_terms[name]``; ``params`` must then be empty.
     """
 
     name: str
     weight: float = Field(..., ge=0)
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
+    source: Literal["loss", "task"] = "loss"
 
     def __init__(self, name: str | None = None, weight: float | None = None,
                  params: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -127,7 +132,12 @@ class Objective:
         from kdforge.losses import LOSSES  # imported here: the losses package registers on import
 
         self.terms: list[LossTerm] = parsed
-        self._fns: list[Callable[..., torch.Tensor]] = [LOSSES.get(t.name) for t in parsed]
+        for t in parsed:
+            if t.source == "task" and t.params:
+                raise ConfigError(f"task term {t.name!r} takes no params (the task computes it)",
+                                  "configure the term on the task object instead")
+        self._fns: list[Callable[..., torch.Tensor] | None] = [
+            LOSSES.get(t.name) if t.source == "loss" else None for t in parsed]
         self.chunked = chunked
         self.chunk_size = int(chunk_size)
         if chunked:
@@ -144,7 +154,12 @@ class Objective:
     @property
     def needs_teacher(self) -> bool:
         """True when some term other than ``cross_entropy`` has a non-zero weight."""
-        return any(t.name != "cross_entropy" for t in self.terms)
+        return any(t.name != "cross_entropy" and t.source == "loss" for t in self.terms)
+
+    @property
+    def task_terms(self) -> list[str]:
+        """Names of the terms the task must provide in ``TaskOutput.extra_terms``."""
+        return [t.name for t in self.terms if t.source == "task"]
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{t.weight}*{t.key}{t.params or ''}" for t in self.terms)
@@ -164,8 +179,18 @@ class Objective:
         total: torch.Tensor | None = None
         terms: dict[str, torch.Tensor] = {}
         for term, fn in zip(self.terms, self._fns):
-            value = fn(out.student_logits, out.teacher, mask=out.mask, labels=out.labels,
-                       reduction="sum", **term.params) / norm
+            if fn is None:
+                extra = getattr(out, "extra_terms", None) or {}
+                if term.name not in extra:
+                    raise ConfigError(
+                        f"objective term {term.name!r} (source: task) was not computed by the task "
+                        f"(it provided: {', '.join(sorted(extra)) or 'nothing'})",
+                        "use a task that computes this term, or remove it from the objective",
+                    )
+                value = extra[term.name] / norm
+            else:
+                value = fn(out.student_logits, out.teacher, mask=out.mask, labels=out.labels,
+                           reduction="sum", **term.params) / norm
             _check_finite(value, term.key)
             terms[term.key] = value.detach()
             weighted = value * term.weight
@@ -176,6 +201,8 @@ class Objective:
     # -- chunked mode -------------------------------------------------------------------------
     def _check_chunkable(self) -> None:
         kd = [t for t in self.terms if t.name != "cross_entropy"]
+        if any(t.source == "task" for t in self.terms):
+            raise ConfigError("chunked=True does not support task terms", "set chunked=False")
         if len(kd) != 1 or len(self.terms) > 2:
             raise ConfigError(
                 f"chunked=True supports one distillation term plus an optional cross_entropy term, got {self!r}",

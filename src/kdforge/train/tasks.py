@@ -18,7 +18,7 @@ moved to the student's device.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,9 @@ class TaskOutput:
         mask: ``[...]`` bool, the real positions (the ones counted by the normaliser).
         student_hidden: ``[..., H]`` last hidden state (chunked mode only).
         lm_head_weight: ``[V, H]`` (chunked mode only).
+        extra_terms: auxiliary losses computed by the task (feature/hint losses through the
+            method's ``extras``), each **summed** over real positions; objective terms with
+            ``source="task"`` pick them by name and divide by the same count ``N``.
     """
 
     student_logits: torch.Tensor | None
@@ -50,6 +53,7 @@ class TaskOutput:
     mask: torch.Tensor
     student_hidden: torch.Tensor | None = None
     lm_head_weight: torch.Tensor | None = None
+    extra_terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_positions(self) -> int:
@@ -66,6 +70,8 @@ class Task:
 
     #: name of the counted unit in throughput logs (``tokens_per_s`` / ``samples_per_s``)
     unit: str = "samples"
+    #: names of the auxiliary terms this task puts in ``TaskOutput.extra_terms``
+    term_names: tuple[str, ...] = ()
 
     def count(self, batch: Mapping[str, Any]) -> int:
         raise NotImplementedError

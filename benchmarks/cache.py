@@ -98,7 +98,7 @@ def kl_stats(lp_exact: np.ndarray, lq: np.ndarray, negent: np.ndarray, vocab: in
     }
 
 
-def run_case(blocks, ids, lps, negent, vocab, k, encoding, root: Path, teacher_info) -> dict:
+def run_case(blocks, ids, lps, negent, vocab, k, encoding, root: Path, teacher_info, shard_size: int) -> dict:
     from kdforge.teachers.cache import TeacherCacheDataset, write_teacher_cache
     from kdforge.teachers.cache.codec import get_encoding
 
@@ -107,7 +107,7 @@ def run_case(blocks, ids, lps, negent, vocab, k, encoding, root: Path, teacher_i
     t0 = time.perf_counter()
     write_teacher_cache(
         topk, blocks, out, vocab_size=vocab, k=k, teacher_info=teacher_info, encoding=encoding,
-        batch_size=8, shard_size=64,
+        batch_size=8, shard_size=shard_size,
     )
     t_write = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--book", default="persuasion")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--shard-size", type=int, default=256, help="sequences per shard (library default 256)")
     ap.add_argument("--skip-end-to-end", action="store_true")
     ap.add_argument(
         "--teacher-pass", type=Path, default=None,
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_dtype": args.dtype,
         "corpus": f"austen/{args.book}",
         "seq_len": args.seq_len,
+        "shard_size": args.shard_size,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "teacher_tokens_per_s": teacher_tps,
@@ -197,14 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kdforge-bench-cache-") as tmp:
         for k in ks:
             for encoding in args.encodings.split(","):
-                row = {**run_case(blocks, ids, lps, negent, vocab, k, encoding, Path(tmp), info), **env}
+                row = {**run_case(blocks, ids, lps, negent, vocab, k, encoding, Path(tmp), info, args.shard_size), **env}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         if not args.skip_end_to_end:
             k, encoding = 16, "compact-u8-zstd"
             t0 = time.perf_counter()
             out = build_teacher_cache(teacher, blocks, Path(tmp) / "e2e", k=k, encoding=encoding,
-                                      batch_size=args.batch_size, shard_size=64, tokenizer=tokenizer,
+                                      batch_size=args.batch_size, shard_size=args.shard_size, tokenizer=tokenizer,
                                       weights_hash=info["weights_sha256"])
             t = time.perf_counter() - t0
             stats = json.loads((out / "manifest.json").read_text())["stats"]

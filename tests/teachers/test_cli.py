@@ -70,3 +70,25 @@ def test_cli_missing_tokenizer_folder_exits_2_naming_it(setup, tmp_path, capsys)
     config.write_text(yaml.safe_dump(data))
     assert main(["cache-teacher", str(config)]) == 2
     assert "cannot load tokenizer" in capsys.readouterr().err
+
+
+def test_cli_inspect_verifies_and_summarises_a_cache(setup, capsys):
+    config, out, _ = setup
+    assert main(["cache-teacher", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["cache-teacher", "--inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "OK (3 shards verified)" in text and "top-4 of 256" in text and "12 x 16 = 192 tokens" in text
+    shard = out / "shard-00001.kdc"
+    shard.write_bytes(shard.read_bytes()[::-1])
+    assert main(["cache-teacher", "--inspect", str(out)]) == 2
+    assert "shard-00001.kdc is corrupted" in capsys.readouterr().err
+
+
+def test_asset_prefix_resolves_through_kdforge_assets(monkeypatch, tmp_path):
+    import kdforge.assets
+    from kdforge.teachers.cache.config import resolve_path
+
+    monkeypatch.setattr(kdforge.assets, "ensure", lambda name: tmp_path / f"installed-{name}")
+    assert resolve_path("asset:austen") == str(tmp_path / "installed-austen")
+    assert resolve_path("/data/corpus.txt") == "/data/corpus.txt"

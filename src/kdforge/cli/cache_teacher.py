@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run the teacher once over a tokenised corpus and store its top-k "
         "distribution per position. Rerun the same command to resume an interrupted build.",
     )
-    p.add_argument("config", help="YAML config (teacher, corpus, output_dir, k, encoding...)")
+    p.add_argument("config", help="YAML config (teacher, corpus, output_dir, k, encoding...), or a cache folder with --inspect")
     p.add_argument(
         "--set",
         action="append",
@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
     p.add_argument("--list-encodings", action="store_true", help="list the encodings and exit")
+    p.add_argument(
+        "--inspect", action="store_true",
+        help="treat the argument as a cache folder: verify every shard's checksum and print its manifest summary",
+    )
     p.set_defaults(func=handle)
 
 
@@ -50,6 +54,8 @@ def handle(args: argparse.Namespace) -> int:
         for entry in ENCODINGS.entries():
             print(f"{entry.name:18s} {entry.description}")
         return 0
+    if args.inspect:
+        return _inspect(args.config)
     data = read_yaml(args.config)
     for key, value in parse_overrides(args.set).items():
         _apply(data, key, value)
@@ -62,4 +68,22 @@ def handle(args: argparse.Namespace) -> int:
         f"teacher cache ready at {out}: {stats['bytes_per_token']:.1f} bytes/token, "
         f"top-{config.k} mass mean {stats['topk_mass_mean']:.3f}"
     )
+    return 0
+
+
+def _inspect(cache_dir: str) -> int:
+    from kdforge.teachers.cache import open_teacher_cache
+
+    cache = open_teacher_cache(cache_dir, verify=True)  # raises CacheError naming a bad shard
+    m = cache.manifest
+    tok = m.get("tokenizer") or {}
+    stats = m.get("stats", {})
+    print(f"teacher cache {cache_dir}: OK ({len(m['shards'])} shards verified)")
+    print(f"  teacher     {m['teacher']['id']} ({m['teacher'].get('dtype', '?')}, weights {m['teacher']['weights_sha256'][:16]})")
+    print(f"  tokenizer   {tok.get('fingerprint', 'not recorded')[:16]} (size {tok.get('size', '?')})")
+    print(f"  corpus      {m['dataset']['num_sequences']} x {m['dataset']['seq_len']} = {m['dataset']['num_tokens']} tokens "
+          f"(fingerprint {m['dataset']['fingerprint'][:16]})")
+    print(f"  signal      top-{m['k']} of {m['vocab_size']}, encoding {m['encoding']['name']}")
+    print(f"  size        {stats.get('total_bytes', 0) / 1e6:.2f} MB, {stats.get('bytes_per_token', float('nan')):.1f} bytes/token")
+    print(f"  top-k mass  mean {stats.get('topk_mass_mean', float('nan')):.3f}, min {stats.get('topk_mass_min', float('nan')):.3f}")
     return 0

@@ -135,3 +135,10 @@ def test_leftover_temp_folder_from_a_crashed_save_is_ignored_and_cleaned(tmp_pat
     (stale / "student.safetensors").write_bytes(b"partial")
     state = _distiller(tmp_path, max_steps=6).train(resume=True)  # resumes from step-3, not the temp folder
     assert state.step == 6 and not stale.exists()
+
+
+def test_fresh_run_in_a_used_folder_starts_a_fresh_metrics_log(tmp_path):
+    _distiller(tmp_path, max_steps=3).train()
+    _distiller(tmp_path, max_steps=2).train()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

@@ -329,9 +329,15 @@ class Distiller:
         from accelerate.utils import set_seed
 
         set_seed(self.config.seed)
-        if resume:
-            self._resume(resume)
+        resumed = self._resume(resume) if resume else False
         state, acc = self.state, self.accelerator
+        if not resumed and state.step == 0 and self.run_dir is not None:
+            if self._jsonl is not None:
+                self._jsonl.resume_step = 0  # a fresh run starts a fresh metrics.jsonl
+            if latest_checkpoint(self.run_dir / "checkpoints") is not None:
+                logger.warning("%s already holds checkpoints of an earlier run; this fresh run will replace "
+                               "and prune them (use train(resume=True) to continue that run instead)",
+                               self.run_dir / "checkpoints")
         if self.config.log_with and self.run_dir is not None and getattr(acc, "log_with", None):
             hparams = {k: v if isinstance(v, int | float | str | bool) else str(v)
                        for k, v in self.config.model_dump(mode="json").items()}
@@ -567,11 +573,12 @@ class Distiller:
             "last_eval": s.last_eval,
         }
 
-    def _resume(self, resume: bool | str | Path) -> None:
+    def _resume(self, resume: bool | str | Path) -> bool:
+        """Load a checkpoint; return False when there is none (fresh start)."""
         path = Path(resume) if isinstance(resume, str | Path) else latest_checkpoint(self.checkpoint_root)
         if path is None:
             logger.info("no checkpoint under %s: starting a fresh run", self.checkpoint_root)
-            return
+            return False
         ckpt = LoadedCheckpoint(path)
         ts = ckpt.trainer_state
         for key, mine in (("batch_size", self.config.batch_size), ("num_processes", self.accelerator.num_processes),
@@ -615,6 +622,7 @@ class Distiller:
         if self._jsonl is not None:
             self._jsonl.resume_step = s.step
         logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, s.step, s.epoch, s.batch_in_epoch)
+        return True
 
     # -- export ------------------------------------------------------------------------------
     def save_student(self, path: str | Path) -> Path:

@@ -227,3 +227,12 @@ def test_optimizer_factory_replaces_adamw_and_gets_decay_groups():
     d.train()
     assert isinstance(d.optimizer.optimizer, torch.optim.SGD)
     assert seen["decay"] == [0.01, 0.0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_fp16_without_cuda_falls_back_to_full_precision_with_a_notice(caplog):
+    with caplog.at_level("WARNING", logger="kdforge.train.distiller"):
+        d = Distiller(MLP(), MLP(), task=ClassificationTask(), objective=[LossTerm("forward_kl", 1.0)],
+                      config=_cfg(max_steps=1, mixed_precision="fp16"), train_data=ClassDataset())
+    assert d.accelerator.mixed_precision == "no"
+    assert "fp16" in caplog.text and "full precision" in caplog.text

@@ -93,7 +93,7 @@ def test_seq_kd_generates_with_the_teacher():
     assert [m for m, _ in gen.calls] == [teacher]
 
 
-def test_gkd_with_real_sampling_reduces_divergence_on_student_samples():
+def test_gkd_with_real_hf_sampling_trains_the_student_toward_the_teacher():
     teacher, student = tiny_llama(1, head_scale=6.0), tiny_llama(2)
     data = TokenDataset(n=16)
     d = Distiller(student, teacher, task=CausalLMTask(), collate_fn=pad_collate(),

@@ -168,6 +168,7 @@ class LocalNorm:
 
 
 def run(name: str, args: argparse.Namespace, accelerator) -> None:  # noqa: ANN001
+    from kdforge.distributed import wrapper_of
     from kdforge.teachers import TeacherCacheDataset, build_teacher_cache, collate_teacher_cache
     from kdforge.train import CausalLMTask, ClassificationTask, Distiller, LossTerm, TrainConfig
 
@@ -214,8 +215,8 @@ def run(name: str, args: argparse.Namespace, accelerator) -> None:  # noqa: ANN0
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
         "student_is_ddp": isinstance(d.student, DistributedDataParallel),
         "teacher_is_ddp": isinstance(d.teacher, DistributedDataParallel),
-        "teacher_inside_ddp": teacher is not None and any(
-            isinstance(m, DistributedDataParallel) for m in d.teacher.modules()),
+        "teacher_wrapper": wrapper_of(d.teacher) if teacher is not None else None,
+        "student_wrapper": wrapper_of(d.student),
         "teacher_trainable": teacher is not None and any(p.requires_grad for p in d.teacher.parameters()),
         "teacher_in_optimizer": teacher is not None and bool(
             {id(p) for p in d.teacher.parameters()}
@@ -249,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True)
     from accelerate import Accelerator
 
+    from kdforge.distributed import check_process_group
+
     accelerator = Accelerator()
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise SystemExit(f"launched {launched} processes but the accelerator sees {accelerator.num_processes}")
+    check_process_group(accelerator)  # 2 launched processes must form one group
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for name in args.scenarios.split(","):
         if name.endswith("local_norm") and accelerator.num_processes == 1:

@@ -84,7 +84,7 @@ def test_launch_config_starts_two_gloo_processes_with_the_student_wrapped_in_ddp
         info = _info(runs["two"], "classifier", rank)
         assert (info["world"], info["rank"], info["backend"]) == (2, rank, "gloo")
         assert info["distributed_type"].endswith("MULTI_CPU")
-        assert info["student_is_ddp"]
+        assert info["student_is_ddp"] and info["student_wrapper"] == "DistributedDataParallel"
     assert not _info(runs["one"], "classifier", 0)["student_is_ddp"]
 
 
@@ -119,6 +119,6 @@ def test_per_rank_normalisation_control_does_not_match_so_the_equivalence_has_po
 def test_frozen_teacher_is_never_wrapped_in_ddp_nor_trained(runs, scenario):
     for rank in (0, 1):
         info = _info(runs["two"], scenario, rank)
-        assert not info["teacher_is_ddp"] and not info["teacher_inside_ddp"]
+        assert not info["teacher_is_ddp"] and info["teacher_wrapper"] is None
         assert not info["teacher_trainable"] and not info["teacher_in_optimizer"]
         assert info["teacher_hash_after"] == info["teacher_hash_before"]

@@ -65,7 +65,7 @@ def test_lower_is_better_primary_metric_picks_the_smallest(tmp_path):
         ]}))
     h = headline(load_run(root))
     assert h.best.name == "KD top-64"
-    assert "-19.8% over CE only" in h.text
+    assert "19.8% lower perplexity than CE only" in h.text
     assert "2.7× smaller than the teacher" in h.text
 
 

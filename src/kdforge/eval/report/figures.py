@@ -130,9 +130,25 @@ def tradeoff_figure(run: RunData) -> tuple[Figure, str] | None:
         ax.set_title(f"{better}   ← cheaper", loc="left", fontsize=8.5, color="#64748b",
                      fontweight="normal")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        narrow = hi / lo < 30  # less than ~1.5 decades: label the 2s and 5s too
+
+        def minor(v: float, _: object) -> str:
+            lead = round(v / 10 ** math.floor(math.log10(v)))
+            return f"{v:g}" if narrow and lead in (2, 5) else ""
+
+        ax.xaxis.set_minor_formatter(FuncFormatter(minor))
+        ys = [m.value(y_key) for m in pts]
+        if min(ys) > 0 and max(ys) / min(ys) > 20:
+            ax.set_yscale("log")
+            _plain_log_labels(ax.yaxis)
         fig.tight_layout()
     return fig, x_key
+
+
+def _plain_log_labels(axis: Any) -> None:
+    """``200``, ``1000`` instead of ``2×10^2``, ``10^3`` on a log axis."""
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
 def _mean_curve(histories: list[list[dict[str, Any]]], key: str, split: str | None):
@@ -214,6 +230,7 @@ def curves_figure(run: RunData, hacking_onsets: dict[str, int] | None = None) ->
             ax.set_xlabel("step", fontsize=8)
             if fmt.lower_is_better(key) and key.split("/")[-1] in ("perplexity",):
                 ax.set_yscale("log")
+                _plain_log_labels(ax.yaxis)
         for j in range(len(keys), nrows * ncols):
             axes[j // ncols][j % ncols].set_visible(False)
         handles, labels = [], []
@@ -223,9 +240,12 @@ def curves_figure(run: RunData, hacking_onsets: dict[str, int] | None = None) ->
                     if lab not in labels:
                         handles.append(h)
                         labels.append(lab)
-        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4),
-                   bbox_to_anchor=(0.5, 1.0 + 0.08 / nrows), fontsize=8.5)
-        fig.tight_layout()
+        ncol = min(len(labels), 4)
+        legend_in = 0.22 * math.ceil(len(labels) / ncol) + 0.1  # legend height in inches
+        fig_h = fig.get_size_inches()[1]
+        fig.tight_layout(rect=(0, 0, 1, 1 - legend_in / fig_h))
+        fig.legend(handles, labels, loc="upper center", ncol=ncol, bbox_to_anchor=(0.5, 1.0),
+                   fontsize=8.5)
     return fig
 
 

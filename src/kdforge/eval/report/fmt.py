@@ -44,7 +44,8 @@ def label(key: str) -> str:
 
 def ordered_metric_keys(keys: set[str], primary: str | None) -> list[str]:
     """Quality metrics in display order: primary first, then a preferred order, then the rest."""
-    quality = {k for k in keys if k not in COST_KEYS and not k.endswith("_std") and k not in _HIDDEN}
+    quality = {k for k in keys if k not in COST_KEYS and not k.endswith("_std") and k not in _HIDDEN
+               and not k.startswith("train_")}  # training statistics are not evaluation metrics
     out = [primary] if primary in quality else []
     out += [k for k in _PREFERRED if k in quality and k not in out]
     out += sorted(k for k in quality if k not in out)

@@ -118,7 +118,7 @@ def _as_float_dict(d: Any) -> dict[str, float]:
     return out
 
 
-def _breakdowns(model: dict[str, Any]) -> dict[str, dict[str, float]]:
+def _breakdowns(model: dict[str, Any], classes: list[str] | None = None) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     raw = model.get("breakdowns")
     if isinstance(raw, dict):
@@ -130,9 +130,11 @@ def _breakdowns(model: dict[str, Any]) -> dict[str, dict[str, float]]:
         vals = _as_float_dict(model.get(key))
         if vals:
             out.setdefault(key.replace("_", " "), vals)
-    pca = model.get("metrics", {}).get("per_class_accuracy") if isinstance(model.get("metrics"), dict) else None
+    pca = model.get("per_class_accuracy")
+    if pca is None and isinstance(model.get("metrics"), dict):
+        pca = model["metrics"].get("per_class_accuracy")
     if isinstance(pca, list) and pca:
-        names = model.get("class_names") or [str(i) for i in range(len(pca))]
+        names = model.get("class_names") or classes or [str(i) for i in range(len(pca))]
         out.setdefault("per class accuracy", {
             str(n): float(v) for n, v in zip(names, pca)
             if isinstance(v, int | float) and math.isfinite(float(v))
@@ -166,6 +168,7 @@ def load_run(run_dir: str | Path) -> RunData:
         raise DataError(f"{res_path} is not valid JSON ({exc.msg})", "re-run the job or fix the file") from exc
     if not isinstance(res, dict) or not isinstance(res.get("models"), list):
         raise DataError(f"{res_path} has no 'models' list", "write results.json as described in docs/run-format.md")
+    classes = [str(c) for c in res["classes"]] if isinstance(res.get("classes"), list) else None
     models = []
     for i, m in enumerate(res["models"]):
         if not isinstance(m, dict) or "name" not in m:
@@ -182,7 +185,7 @@ def load_run(run_dir: str | Path) -> RunData:
             name=str(m["name"]), role=role, metrics=metrics,
             per_seed=[s for s in m.get("per_seed", []) or [] if isinstance(s, dict)],
             reliability=m.get("reliability") if isinstance(m.get("reliability"), dict) else None,
-            breakdowns=_breakdowns(m), histories=_histories_for(root, m.get("run_dir")),
+            breakdowns=_breakdowns(m, classes), histories=_histories_for(root, m.get("run_dir")),
             source=root.name,
         ))
     if not any(mdl.histories for mdl in models) and (root / "metrics.jsonl").exists():

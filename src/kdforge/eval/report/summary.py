@@ -29,9 +29,28 @@ def _best(models: list[ModelEntry], key: str, higher: bool) -> ModelEntry | None
 
 
 def _relative(key: str, v: float, ref: float) -> str:
+    """Signed relative change, as a ratio once it exceeds 100% (``+22.6%``, ``97×``)."""
     if ref == 0:
         return fmt.fmt_delta(key, v - ref)
-    return f"{100 * (v - ref) / abs(ref):+.1f}%"
+    rel = (v - ref) / abs(ref)
+    if abs(rel) >= 1 and ref > 0 and v > 0:
+        return fmt.fmt_ratio(v / ref)
+    return f"{100 * rel:+.1f}%"
+
+
+def compare_phrase(key: str, v: float, ref: float, higher_is_better: bool, ref_name: str) -> str:
+    """``+1.7 pts over X`` / ``-0.4 pts vs X`` / ``19.8% lower perplexity than X``."""
+    better = v > ref if higher_is_better else v < ref
+    if fmt.is_fraction(key) and "ece" not in key:
+        return f"{fmt.fmt_delta(key, v - ref)} {'over' if better else 'vs'} {ref_name}"
+    if ref == 0:
+        return f"{fmt.fmt_delta(key, v - ref)} vs {ref_name}"
+    rel = abs(v - ref) / abs(ref)
+    amount = f"{fmt.fmt_ratio(v / ref)}" if v > ref and rel >= 1 and ref > 0 else f"{100 * rel:.1f}%"
+    word = "higher" if v > ref else "lower"
+    if amount.endswith("×"):
+        return f"{amount} the {fmt.label(key).lower()} of {ref_name}"
+    return f"{amount} {word} {fmt.label(key).lower()} than {ref_name}"
 
 
 def significance(a: ModelEntry, b: ModelEntry, key: str) -> str | None:
@@ -65,13 +84,20 @@ def headline(run: RunData) -> Headline | None:
     if base is not None:
         bv = base.value(key) or 0.0
         delta = fmt.fmt_delta(key, v - bv) if fraction else _relative(key, v, bv)
-        parts.append(f"({delta} over {base.name})")
+        parts.append(f"({compare_phrase(key, v, bv, hib, base.name)})")
         cards.append((f"vs {base.name}", delta, f"{base.name}: {fmt.fmt_value(key, bv, std=base.std(key))}"))
+        better = v > bv if hib else v < bv
         sig = significance(best, base, key)
-        if sig == "clear":
+        if not better:
+            verdict = f"No student beats {base.name} on {fmt.label(key).lower()} in this run."
+            if sig == "noise":
+                verdict += " The difference is within seed noise."
+        elif sig == "clear":
             verdict = f"The gain over {base.name} exceeds 2 standard errors across seeds."
         elif sig == "noise":
             verdict = f"The difference from {base.name} is within seed noise (under 2 standard errors)."
+        elif best.n_seeds < 2:
+            verdict = "Single seed: repeat over seeds before trusting the difference."
     tail = []
     if teacher is not None:
         tv = teacher.value(key)

@@ -73,8 +73,8 @@ def test_real_server_answers_both_endpoints_with_text_and_usage(server, tmp_path
 
 def test_retries_survive_drops_timeouts_429_and_5xx_without_loss_or_duplicates(server, proxy, tmp_path):
     # one of each fault, then normal service; the delayed request exceeds the client timeout
-    proxy.set_schedule(["drop", "status:429:0", "status:500", "delay:3", "status:503", "status:502"])
-    b = _backend(proxy.base_url, server["model"], timeout_s=1.5, max_retries=8)
+    proxy.set_schedule(["drop", "status:429:0", "status:500", "delay:6", "status:503", "status:502"])
+    b = _backend(proxy.base_url, server["model"], timeout_s=4, max_retries=8)
     summary, recs = generate(PROMPTS, b, tmp_path / "out", PARAMS, progress=False)
     ids = [r["id"] for r in recs]
     assert summary.generated == 8 and summary.failed == 0 and summary.complete

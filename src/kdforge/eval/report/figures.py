@@ -129,12 +129,12 @@ def tradeoff_figure(run: RunData) -> tuple[Figure, str] | None:
         better = "↓ better" if fmt.lower_is_better(y_key) else "↑ better"
         ax.set_title(f"{better}   ← cheaper", loc="left", fontsize=8.5, color="#64748b",
                      fontweight="normal")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt.fmt_tick(v)))
         narrow = hi / lo < 30  # less than ~1.5 decades: label the 2s and 5s too
 
         def minor(v: float, _: object) -> str:
             lead = round(v / 10 ** math.floor(math.log10(v)))
-            return f"{v:g}" if narrow and lead in (2, 5) else ""
+            return fmt.fmt_tick(v) if narrow and lead in (2, 5) else ""
 
         ax.xaxis.set_minor_formatter(FuncFormatter(minor))
         ys = [m.value(y_key) for m in pts]
@@ -147,7 +147,7 @@ def tradeoff_figure(run: RunData) -> tuple[Figure, str] | None:
 
 def _plain_log_labels(axis: Any) -> None:
     """``200``, ``1000`` instead of ``2×10^2``, ``10^3`` on a log axis."""
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: fmt.fmt_tick(v)))
     axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 

@@ -70,8 +70,9 @@ def fmt_value(key: str, v: float | None, *, std: float | None = None) -> str:
     if key == "size_mb":
         return f"{v:.1f} MB" if v >= 1 else f"{v * 1024:.0f} KB"
     if key == "latency_ms":
-        s = f"{v:.3g} ms"
-        return s + (f" ± {std:.2g}" if std else "")
+        if v >= 1000:
+            return f"{v / 1000:.3g} s" + (f" ± {std / 1000:.2g}" if std else "")
+        return f"{v:.3g} ms" + (f" ± {std:.2g}" if std else "")
     if key in ("throughput_per_s", "samples_per_s"):
         return f"{human_count(v)}/s"
     if key == "tokens_per_s":
@@ -80,6 +81,8 @@ def fmt_value(key: str, v: float | None, *, std: float | None = None) -> str:
         s = f"{100 * v:.1f}%"
         return s + (f" ± {100 * std:.1f}" if std is not None else "")
     mag = abs(v)
+    if mag >= 1e5:  # e.g. the perplexity of an untrained model: 2.4M, not 2404966.4
+        return human_count(v) + (f" ± {human_count(std)}" if std is not None else "")
     digits = 1 if mag >= 100 else 2 if mag >= 10 else 3
     s = f"{v:.{digits}f}"
     return s + (f" ± {std:.{digits}f}" if std is not None else "")
@@ -95,4 +98,11 @@ def fmt_delta(key: str, delta: float) -> str:
 
 
 def fmt_ratio(r: float) -> str:
+    if r >= 1000:
+        return f"{human_count(r)}×"
     return f"{r:.0f}×" if r >= 10 else f"{r:.1f}×"
+
+
+def fmt_tick(v: float) -> str:
+    """Axis tick label: ``200``, ``0.05``, ``10M``."""
+    return human_count(v) if abs(v) >= 1e5 else f"{v:g}"

@@ -38,7 +38,7 @@ from kdforge.train.checkpoint import (
     prune_checkpoints,
 )
 from kdforge.train.config import TrainConfig
-from kdforge.train.metrics import fidelity_sums
+from kdforge.train.metrics import FIDELITY_SUM_KEYS, fidelity_sums
 from kdforge.train.objective import LossTerm, Objective
 from kdforge.train.onpolicy import GenerateFn, OnPolicyBatcher, OnPolicyConfig
 from kdforge.train.sampler import EpochSampler
@@ -463,7 +463,8 @@ class Distiller:
         """Objective and fidelity on ``data`` (default: ``eval_data``), no grad.
 
         Returns ``eval/loss``, ``eval/loss/<term>``, ``eval/agreement`` (top-1 agreement with the
-        teacher), ``eval/kl_to_teacher`` (``KL(p_teacher || q_student)`` at T=1), ``eval/nll`` and
+        teacher), ``eval/kl_to_teacher`` (``KL(p_teacher || q_student)`` at T=1),
+        ``eval/kl_from_teacher`` (``KL(q || p)``), ``eval/js_to_teacher``, ``eval/nll`` and
         ``eval/perplexity`` (causal LMs) or ``eval/accuracy`` (classification), each averaged over
         real positions of all processes, plus ``eval_fn``'s metrics.
         """
@@ -474,7 +475,8 @@ class Distiller:
         dataset, collate = self._dataset_of(data, self.collate_fn, "eval_data")
         sampler = EpochSampler(len(dataset), shuffle=False, num_replicas=acc.num_processes, rank=acc.process_index)
         loader = self._loader(dataset, sampler, collate)
-        keys = ["count", *[f"term:{k}" for k in self.objective.keys], "agreement", "kl", "nll", "nll_count", "correct"]
+        keys = ["count", *[f"term:{k}" for k in self.objective.keys], *FIDELITY_SUM_KEYS, "nll", "nll_count",
+                "correct"]
         sums = torch.zeros(len(keys), dtype=torch.float64, device=acc.device)
         present: set[str] = set()
         training = self.student.training
@@ -504,9 +506,9 @@ class Distiller:
             metrics["eval/loss"] = sum(t.weight * s[f"term:{t.key}"] for t in self.objective.terms) / count
             for k in term_keys:
                 metrics[f"eval/loss/{k}"] = s[f"term:{k}"] / count
-        if "agreement" in present:
-            metrics["eval/agreement"] = s["agreement"] / count
-            metrics["eval/kl_to_teacher"] = s["kl"] / count
+        for key in FIDELITY_SUM_KEYS:
+            if key in present:
+                metrics[f"eval/{key}"] = s[key] / count
         if "nll" in present and s["nll_count"] > 0:
             nll = s["nll"] / s["nll_count"]
             metrics["eval/nll"] = nll

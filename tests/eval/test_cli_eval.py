@@ -94,3 +94,37 @@ def test_cli_eval_errors_are_short_and_actionable(saved, tmp_path, capsys):
     assert "no --student" in capsys.readouterr().err
     assert main(["eval", "--student", str(saved / "student"), "--data", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_eval_classification_task_reuses_classification_metrics(tmp_path, capsys):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = tiny_tokenizer()
+    rows = [("the cat sat on the mat", "animal"), ("paris is the capital of france", "place"),
+            ("a dog met a cat", "animal"), ("rome is the capital of italy", "place")] * 3
+    (tmp_path / "sent.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    for name, seed, hidden in (("teacher", 0, 48), ("student", 1, 32)):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                          num_labels=2, id2label={0: "animal", 1: "place"}, label2id={"animal": 0, "place": 1},
+                          pad_token_id=tok.pad_token_id)
+        LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    out = tmp_path / "eval"
+    rc = main(["eval", "--task", "classification", "--teacher", str(tmp_path / "teacher"),
+               "--student", str(tmp_path / "student"), "--data", str(tmp_path / "sent.jsonl"),
+               "--latency-repeats", "1", "-o", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["primary_metric"] == "accuracy" and res["classes"] == ["animal", "place"]
+    assert res["n_samples"] == 12
+    student = res["models"][1]["metrics"]
+    for key in ("accuracy", "ece", "nll", "agreement", "kl_to_teacher", "kl_from_teacher",
+                "js_to_teacher", "latency_ms", "params"):
+        assert key in student, key
+    assert len(res["models"][1]["per_class_accuracy"]) == 2
+    assert "12 samples" in capsys.readouterr().out
+    run = load_run(out)
+    assert "per class accuracy" in run.models[1].breakdowns

@@ -38,13 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=".txt / .jsonl (field --text-field) / HF dataset folder, or token ids "
                    "(.npy, .pt, .jsonl with input_ids); repeat for several domains (each gets "
                    "its own perplexity/agreement breakdown; --max-tokens applies per domain)")
+    p.add_argument("--task", choices=("lm", "classification"), default="lm",
+                   help="lm: causal LMs on text (default); classification: sequence classifiers "
+                   "(AutoModelForSequenceClassification) on labelled text")
     p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label", help="label column for --task classification")
     p.add_argument("--split", default=None, help="split of a DatasetDict folder (default test/validation)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: teacher's, else first student's)")
     p.add_argument("--qa", default=None, help=".jsonl of {prompt, answer} and/or {prompt, choices, gold}")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=20_000, help="evaluate at most this many tokens")
+    p.add_argument("--max-tokens", type=int, default=20_000,
+                   help="evaluate at most this many tokens (samples for --task classification)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation length for --qa")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16")
@@ -141,7 +146,6 @@ def _is_token_file(path: Path) -> bool:
 def handle(args: argparse.Namespace) -> int:
     from kdforge.errors import ConfigError
     from kdforge.eval import lm
-    from kdforge.io import write_json_atomic, write_text_atomic
 
     if not args.student:
         raise ConfigError("no --student given", "pass --student PATH (repeat for several students)")
@@ -155,6 +159,11 @@ def handle(args: argparse.Namespace) -> int:
     names = [n for _, n, _ in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must differ, got {names}", "name them with NAME=PATH")
+
+    if args.task == "classification":
+        results = _classify(args, specs, device, dtype)
+        _finish(args, results)
+        return 0
 
     data = [_split_spec(d, f"data{i}") for i, d in enumerate(args.data)]
     tok_source = args.tokenizer or (specs[0][2] if args.teacher else specs[-len(args.student)][2])
@@ -187,13 +196,149 @@ def handle(args: argparse.Namespace) -> int:
     )
     results["device"] = str(device)
     results["dtype"] = str(dtype).replace("torch.", "")
+    _finish(args, results)
+    return 0
+
+
+def _finish(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    from kdforge.eval import lm
+    from kdforge.io import write_json_atomic, write_text_atomic
+
     _print_table(results)
     if args.out:
         out = Path(args.out)
         write_json_atomic(out / "results.json", results)
         write_text_atomic(out / "results.md", lm.results_markdown(results))
         print(f"results: {out / 'results.json'}")
-    return 0
+
+
+def _load_labelled(path: str, text_field: str, label_field: str, split: str | None) -> tuple[list[str], list[Any]]:
+    """(texts, labels) from a .jsonl, .csv or dataset folder."""
+    import csv
+
+    from kdforge.errors import DataError
+
+    p = Path(path)
+    if p.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split or ("test" if "test" in ds else "validation" if "validation" in ds else next(iter(ds)))]
+        rows = list(ds)
+    elif p.suffix == ".csv":
+        with p.open(encoding="utf-8", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    elif p.suffix == ".jsonl":
+        from kdforge.eval.lm import _read_jsonl
+
+        rows = list(_read_jsonl(p))
+    else:
+        raise DataError(f"cannot read labelled data from {p}", "use a .jsonl, .csv or a save_to_disk folder")
+    if not rows:
+        raise DataError(f"no rows in {p}", "pass a non-empty labelled dataset")
+    missing = [f for f in (text_field, label_field) if f not in rows[0]]
+    if missing:
+        raise DataError(f"{p} has no field(s) {missing} (fields: {list(rows[0])})",
+                        "pass --text-field / --label-field")
+    return [str(r[text_field]) for r in rows], [r[label_field] for r in rows]
+
+
+def _label_ids(labels: list[Any], config: Any) -> tuple[Any, list[str]]:
+    """Integer label tensor and class names (from the model's label2id when labels are names)."""
+    import torch
+
+    from kdforge.errors import DataError
+
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    names = [id2label.get(i, str(i)) for i in range(int(config.num_labels))]
+    ids = []
+    for y in labels:
+        if isinstance(y, int) or (isinstance(y, str) and y.strip().lstrip("-").isdigit()):
+            ids.append(int(y))
+        elif str(y) in names:
+            ids.append(names.index(str(y)))
+        else:
+            raise DataError(f"label {y!r} is not a class of the model ({names})",
+                            "use integer labels or the model's id2label names")
+    if any(not 0 <= i < len(names) for i in ids):
+        raise DataError(f"labels outside 0..{len(names) - 1}", "check --label-field and the model's num_labels")
+    return torch.tensor(ids, dtype=torch.long), names
+
+
+def _classify(args: argparse.Namespace, specs: list[tuple[str, str, str]], device, dtype) -> dict[str, Any]:
+    """Sequence classifiers: accuracy, ECE, per-class accuracy, fidelity to the teacher, cost."""
+    import datetime as _dt
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from kdforge.errors import AssetError, DataError
+    from kdforge.eval.classification import classification_metrics
+    from kdforge.eval.cost import cost_report
+    from kdforge.eval.fidelity import fidelity
+
+    if len(args.data) != 1:
+        raise DataError("--task classification takes one --data", "pass one labelled dataset")
+    texts, raw_labels = _load_labelled(_split_spec(args.data[0], "data")[1], args.text_field,
+                                       args.label_field, args.split)
+    texts, raw_labels = texts[: args.max_tokens or None], raw_labels[: args.max_tokens or None]
+    tokenizer = _load_tokenizer(args.tokenizer or specs[0][2])
+    logits: dict[str, Any] = {}
+    entries: list[dict[str, Any]] = []
+    labels = names = None
+    for role, name, path in specs:
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        except (OSError, ValueError) as exc:
+            raise AssetError(f"cannot load classifier {path!r}: {str(exc).splitlines()[0]}",
+                             "pass a folder saved from an AutoModelForSequenceClassification") from None
+        if labels is None:
+            labels, names = _label_ids(raw_labels, model.config)
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), args.batch_size):
+                enc = tokenizer(texts[i : i + args.batch_size], padding=True, truncation=True,
+                                max_length=args.block_size, return_tensors="pt").to(device)
+                outs.append(model(**enc).logits.float().cpu())
+        logits[name] = torch.cat(outs)
+        entry: dict[str, Any] = {"name": name, "role": role}
+        if not args.no_cost:
+            example = tokenizer(texts[:1], return_tensors="pt")
+            cost = cost_report(model, dict(example), warmup=2, repeats=max(args.latency_repeats, 1))
+            entry.update(params=cost["params"], size_mb=cost["size_mb"])
+            entry["cost"] = {"latency_ms": cost["latency_ms_p50"], "params": float(cost["params"]),
+                             "size_mb": cost["size_mb"], "samples_per_s": cost["throughput_per_s"]}
+        entries.append(entry)
+        del model
+    teacher = next((n for r, n, _ in specs if r == "teacher"), None)
+    for entry in entries:
+        name = entry["name"]
+        m = classification_metrics(logits[name], labels,
+                                   teacher_logits=logits[teacher] if teacher and name != teacher else None)
+        metrics = {k: float(v) for k, v in m.items() if isinstance(v, int | float)}
+        if teacher and name != teacher:
+            fid = fidelity(logits[name], logits[teacher])
+            metrics.update({k: fid[k] for k in ("kl_from_teacher", "js_to_teacher")})
+        metrics.update(entry.pop("cost", {}))
+        entry["metrics"] = metrics
+        entry["per_class_accuracy"] = m["per_class_accuracy"]
+        entry["reliability"] = m["reliability"]
+    if teacher and not args.no_cost:
+        t = next(e for e in entries if e["name"] == teacher)["metrics"]
+        for e in entries:
+            if e["name"] != teacher:
+                e["metrics"]["speedup_vs_teacher"] = t["latency_ms"] / e["metrics"]["latency_ms"]
+                e["metrics"]["compression_vs_teacher"] = t["params"] / max(e["metrics"]["params"], 1.0)
+    roles = ("teacher", "baseline", "student")
+    entries.sort(key=lambda e: roles.index(e["role"]))
+    return {
+        "recipe": "eval", "task": "classification",
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "primary_metric": "accuracy", "higher_is_better": True, "classes": names,
+        "data": args.data[0], "n_samples": len(texts), "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""), "models": entries,
+    }
 
 
 def _print_table(results: dict[str, Any]) -> None:
@@ -207,7 +352,8 @@ def _print_table(results: dict[str, Any]) -> None:
         keys |= set(m["metrics"])
     cols = fmt.ordered_metric_keys(keys, results.get("primary_metric")) + [
         k for k in fmt.COST_KEYS if k in keys]
-    table = Table(title=f"kdforge eval ({results.get('n_tokens', 0)} tokens)")
+    size = f"{results['n_tokens']} tokens" if "n_tokens" in results else f"{results.get('n_samples', 0)} samples"
+    table = Table(title=f"kdforge eval ({size})")
     table.add_column("metric", style="bold")
     for m in results["models"]:
         table.add_column(f"{m['name']}\n({m['role']})", justify="right")

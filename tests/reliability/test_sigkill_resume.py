@@ -13,6 +13,7 @@ explore other kill points.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,8 +41,22 @@ TIMEOUT = 240
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONHASHSEED="0",
+               ACCELERATE_USE_CPU="1")
     return env
+
+
+def _launcher(processes: int) -> list[str]:
+    """Command prefix: plain Python, or ``accelerate launch`` with the 2-process CPU config."""
+    if processes == 1:
+        return [sys.executable]
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port)]
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
@@ -54,14 +69,29 @@ def _finish(proc: subprocess.Popen, what: str) -> str:
     try:
         out, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc)
         pytest.fail(f"{what} did not finish in {TIMEOUT} s")
     assert proc.returncode == 0, f"{what} failed (rc {proc.returncode}):\n{out[-4000:]}"
     return out
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and every process it spawned (torchrun puts workers in their own sessions,
+    so a process-group kill would miss them)."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        root = psutil.Process(proc.pid)
+        victims = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+
+
 def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float, what: str) -> None:
-    """SIGKILL ``proc``'s process group ``delay`` seconds after ``ready()`` first holds."""
+    """SIGKILL ``proc`` and its children ``delay`` seconds after ``ready()`` first holds."""
     deadline = time.monotonic() + TIMEOUT
     while not ready():
         if proc.poll() is not None:
@@ -69,11 +99,11 @@ def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float, 
             pytest.fail(f"{what} ended (rc {proc.returncode}) before the kill point "
                         f"(KDFORGE_KILL_SEED={KILL_SEED}):\n{out[-3000:]}")
         if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc)
             pytest.fail(f"{what} never reached the kill point")
         time.sleep(0.01)
     time.sleep(delay)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL, (
         f"{what} was meant to be killed mid-run but exited with {proc.returncode} "
@@ -90,16 +120,20 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_training_killed_at_a_random_step_resumes_to_bitwise_identical_weights(tmp_path):
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_training_killed_at_a_random_step_resumes_to_bitwise_identical_weights(tmp_path, processes):
+    """``processes=2``: two gloo processes under ``accelerate launch``, all killed at once (a
+    node failure), resumed with two processes; each rank's RNG state must come back."""
     rng = random.Random(KILL_SEED)
     kill_after = rng.randint(1, STEPS - 3)  # a checkpoint >= this step exists when the kill comes
     delay = rng.uniform(0.0, 2 * STEP_PAUSE)
     logger.info("KDFORGE_KILL_SEED=%d: kill after checkpoint %d + %.3f s", KILL_SEED, kill_after, delay)
-    ctx = f"(KDFORGE_KILL_SEED={KILL_SEED}, kill after step {kill_after} + {delay:.3f} s)"
+    ctx = (f"(KDFORGE_KILL_SEED={KILL_SEED}, {processes} process(es), kill after step {kill_after} "
+           f"+ {delay:.3f} s)")
     script = str(HERE / "_train_run.py")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    ref = _start([sys.executable, script, "--out", str(ref_dir), "--steps", str(STEPS)])
-    victim = _start([sys.executable, script, "--out", str(run_dir), "--steps", str(STEPS),
+    ref = _start([*_launcher(processes), script, "--out", str(ref_dir), "--steps", str(STEPS)])
+    victim = _start([*_launcher(processes), script, "--out", str(run_dir), "--steps", str(STEPS),
                      "--sleep", str(STEP_PAUSE)])
     _kill_when(victim, lambda: any(s >= kill_after for s in _steps_in(run_dir / "checkpoints")), delay,
                "the training run")
@@ -107,13 +141,16 @@ def test_training_killed_at_a_random_step_resumes_to_bitwise_identical_weights(t
     assert not (run_dir / "final.safetensors").exists(), ctx
     assert survivors and max(survivors) < STEPS, ctx
 
-    _finish(_start([sys.executable, script, "--out", str(run_dir), "--steps", str(STEPS), "--resume"]),
+    _finish(_start([*_launcher(processes), script, "--out", str(run_dir), "--steps", str(STEPS), "--resume"]),
             "the resumed run")
     _finish(ref, "the reference run")
 
     # it really resumed (from the newest complete checkpoint), it did not start over
     starts = [int(x) for x in (run_dir / "starts.txt").read_text().split()]
     assert starts[0] == 0 and starts[1] >= kill_after and starts[1] in survivors, (starts, survivors, ctx)
+    if processes == 2:
+        ckpt = run_dir / "checkpoints" / f"step-{STEPS}"
+        assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in ckpt.iterdir()}, ctx
     want, got = load_file(ref_dir / "final.safetensors"), load_file(run_dir / "final.safetensors")
     assert want.keys() == got.keys()
     for key in want:

@@ -148,3 +148,16 @@ def test_missing_weight_is_rejected_no_hidden_default(tmp_path):
     data = {"recipe": "fashion_mnist_kd", "methods": [{"name": "a", "terms": [{"name": "cross_entropy"}]}]}
     with pytest.raises(ConfigError, match="weight"):
         load_recipe_file(_write(tmp_path, data))
+
+
+def test_interrupted_teacher_resumes_from_its_checkpoint_instead_of_restarting(first_run, data_dir, caplog):
+    # simulate a crash after training but before the cache was committed: teacher.json is the marker
+    out, results = first_run
+    (out / "teacher" / "teacher.json").unlink()
+    recipe, config = tiny_recipe(data_dir)
+    with caplog.at_level("INFO"):
+        again = recipe.run(config, out)
+    assert again["teacher_cached"] is False
+    assert any("resumed from" in r.getMessage() for r in caplog.records)
+    # same weights as before the crash, so the same teacher accuracy
+    assert again["models"][0]["metrics"]["accuracy"] == results["models"][0]["metrics"]["accuracy"]

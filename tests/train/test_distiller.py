@@ -236,3 +236,23 @@ def test_fp16_without_cuda_falls_back_to_full_precision_with_a_notice(caplog):
                       config=_cfg(max_steps=1, mixed_precision="fp16"), train_data=ClassDataset())
     assert d.accelerator.mixed_precision == "no"
     assert "fp16" in caplog.text and "full precision" in caplog.text
+
+
+def test_save_student_writes_a_reloadable_hf_folder_or_safetensors(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    student = tiny_llama(2)
+    d = Distiller(student, tiny_llama(1), task=CausalLMTask(), collate_fn=pad_collate(),
+                  objective=[LossTerm("forward_kl", 1.0)], config=_cfg(max_steps=2), train_data=TokenDataset(n=8))
+    d.train()
+    reloaded = AutoModelForCausalLM.from_pretrained(d.save_student(tmp_path / "hf"))
+    for (name, a), b in zip(student.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    mlp = MLP()
+    d2 = Distiller(mlp, MLP(), task=ClassificationTask(), objective=[LossTerm("forward_kl", 1.0)],
+                   config=_cfg(max_steps=1), train_data=ClassDataset())
+    d2.train()
+    saved = load_file(d2.save_student(tmp_path / "plain") / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in mlp.state_dict().items())

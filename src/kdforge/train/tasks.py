@@ -256,8 +256,16 @@ class CausalLMTask(Task):
         mask = labels != IGNORE_INDEX
         hidden = head = None
         if chunked:
-            out = student(input_ids=input_ids, attention_mask=attention_mask,
-                          output_hidden_states=True, logits_to_keep=1)
+            try:  # logits for the last position only: the loss works from the hidden states
+                out = student(input_ids=input_ids, attention_mask=attention_mask,
+                              output_hidden_states=True, logits_to_keep=1)
+            except TypeError:  # a model without logits_to_keep
+                out = student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            if getattr(out, "hidden_states", None) is None:
+                raise ConfigError(
+                    f"{type(_unwrap(student)).__name__} returned no hidden_states, which chunked=True needs",
+                    "use a Hugging Face causal LM, or set chunked=False",
+                )
             hidden = out.hidden_states[-1][:, :-1]
             head = _unwrap(student).get_output_embeddings().weight
             logits = None

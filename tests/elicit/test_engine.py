@@ -73,3 +73,14 @@ def test_cost_estimate_uses_token_counts_and_prices(tmp_path, scripted):
                          price_per_1k_completion=2.0).run(build_requests(["a", "b"], SamplingParams()))
     assert s.prompt_tokens == 6 and s.completion_tokens == 6
     assert s.cost_usd == pytest.approx((6 * 1.0 + 6 * 2.0) / 1000)
+
+
+def test_reusing_user_ids_for_different_prompts_is_refused_not_silently_mixed(tmp_path, scripted):
+    from kdforge.errors import CacheError
+
+    b = scripted(lambda r: "x")
+    generate(["old prompt"], b, tmp_path, ids=["q1"], progress=False)
+    with pytest.raises(CacheError, match="different prompt"):
+        generate(["new prompt"], b, tmp_path, ids=["q1"], progress=False)
+    s, _ = generate(["old prompt"], b, tmp_path, ids=["q1"], progress=False)  # same request: fine
+    assert s.skipped == 1

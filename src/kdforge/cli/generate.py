@@ -40,4 +40,5 @@ def handle(args: argparse.Namespace) -> int:
         return 0
     result = run_job(cfg, args.output_dir)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list | dict) or k == "errors"}, indent=2))
-    return 0 if not result.get("failed") else 1
+    failed = result.get("failed") or (result.get("generation") or {}).get("failed")
+    return 1 if failed else 0

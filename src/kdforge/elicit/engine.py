@@ -37,7 +37,7 @@ from kdforge.elicit.types import (
     SamplingParams,
     build_requests,
 )
-from kdforge.errors import ConfigError, GenerationError
+from kdforge.errors import CacheError, ConfigError, GenerationError
 from kdforge.io import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,15 @@ class GenerationEngine:
         start = time.monotonic()
         with ShardedStore(self.output_dir, shard_size=self.shard_size, fmt=self.fmt) as store:
             done = store.done_ids()
+            changed = [r.id for r in unique.values()
+                       if r.id in done and store.fingerprint(r.id) not in (None, r.fingerprint)]
+            if changed:
+                raise CacheError(
+                    f"{self.output_dir} already holds results for {len(changed)} of these request ids "
+                    f"(e.g. {changed[0]!r}) made from a different prompt or sampling setting",
+                    "the data, template or sampling changed while the ids (data.id_field) stayed the "
+                    "same: write to a new output_dir, or delete the old one to regenerate",
+                )
             pending = [r for r in unique.values() if r.id not in done]
             summary.skipped = len(unique) - len(pending)
             if summary.skipped:
@@ -215,6 +224,7 @@ class GenerationEngine:
 def _record(req: GenerationRequest, res: GenerationResult) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "id": req.id,
+        "fingerprint": req.fingerprint,
         "prompt": req.prompt,
         "sample_index": req.sample_index,
         "text": res.text,

@@ -103,6 +103,7 @@ class ShardedStore:
         self._journal_fh: Any = None
         self._journal_records: list[dict[str, Any]] = []
         self._done: set[str] = set()
+        self._fingerprints: dict[str, str] = {}
         self._lock_fh: Any = None
         self.recovered = 0
         self.dropped_lines = 0
@@ -128,12 +129,12 @@ class ShardedStore:
         self.shard_dir.mkdir(exist_ok=True)
         self._acquire_lock()
         for rec in self._iter_shards():
-            self._done.add(rec["id"])
+            self._remember(rec)
         records, self.dropped_lines = recover_journal(self.journal_path)
         fresh = []
         for rec in records:
             if rec["id"] not in self._done:
-                self._done.add(rec["id"])
+                self._remember(rec)
                 fresh.append(rec)
         self.recovered = len(fresh)
         if records or self.dropped_lines:
@@ -172,7 +173,7 @@ class ShardedStore:
                 continue
             self._journal_fh.write(_json_line(rec) + "\n")
             self._journal_records.append(rec)
-            self._done.add(rid)
+            self._remember(rec)
             new += 1
         self._journal_fh.flush()
         if self.fsync and new:
@@ -223,7 +224,16 @@ class ShardedStore:
             "records": sum(s["records"] for s in shards),
         })
 
+    def _remember(self, rec: dict[str, Any]) -> None:
+        self._done.add(rec["id"])
+        if rec.get("fingerprint") is not None:
+            self._fingerprints[rec["id"]] = rec["fingerprint"]
+
     # ---- reading ---------------------------------------------------------------------------
+    def fingerprint(self, rid: str) -> str | None:
+        """The stored request fingerprint of a finished id (``None`` if unknown)."""
+        return self._fingerprints.get(rid)
+
     def done_ids(self) -> set[str]:
         """Ids of every finished record (sealed or journaled)."""
         return set(self._done)

@@ -84,6 +84,12 @@ class GenerationRequest:
     def is_chat(self) -> bool:
         return isinstance(self.prompt, list)
 
+    @property
+    def fingerprint(self) -> str:
+        """Hash of what the request asks (prompt + params + sample index), stored with its
+        result so a resumed job can tell that an id now means a different request."""
+        return request_id(self.prompt, self.params, self.sample_index)[:16]
+
 
 @dataclass
 class GenerationResult:

@@ -63,7 +63,7 @@ def test_cli_eval_writes_results_json_with_all_roles_and_metrics(saved, tmp_path
     run = load_run(out)
     assert [m.role for m in run.models] == ["teacher", "baseline", "student"]
     h = headline(run)
-    assert h is not None and h.best.name == "kd" and "over ce" in h.text
+    assert h is not None and h.best.name == "kd" and "perplexity than ce" in h.text
 
 
 def test_cli_eval_on_raw_token_ids_matches_the_python_api(saved, tmp_path):

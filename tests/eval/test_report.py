@@ -130,3 +130,16 @@ def test_cli_report_prints_the_output_path(tmp_path, capsys):
     assert (run / "report" / "report.html").exists()
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_runs_with_different_primary_metrics_stay_separate_sections(tmp_path):
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    (lm / "results.json").write_text(json.dumps({
+        "primary_metric": "perplexity", "higher_is_better": False, "models": [
+            {"name": "s", "role": "student", "metrics": {"perplexity": float("nan"), "nll": None}}]}))
+    groups = merge_runs([load_run(write_run(tmp_path / "fm")), load_run(lm)])
+    assert [g.primary_metric for g in groups] == ["accuracy", "perplexity"]
+    student = groups[1].models[0]
+    assert student.value("perplexity") is None  # NaN is "no value", shown as a dash
+    assert headline(groups[1]) is None

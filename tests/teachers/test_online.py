@@ -90,3 +90,12 @@ def test_load_teacher_from_local_folder(tmp_path, sequences):
 def test_load_teacher_missing_folder_raises_asset_error(tmp_path):
     with pytest.raises(AssetError, match="cannot load teacher"):
         load_teacher(tmp_path / "nowhere")
+
+
+@pytest.mark.gpu
+def test_cuda_teacher_in_bf16_returns_signal_on_the_callers_device(sequences):
+    teacher = OnlineTeacher(tiny_llama(), device="cuda", dtype="bfloat16")
+    sparse = teacher.topk(sequences[:2], k=4)  # CPU input, CUDA teacher
+    assert sparse.ids.device.type == "cpu" and sparse.logprobs.dtype == torch.float32
+    logits = teacher.logits(sequences[:2].cuda())
+    assert logits.device.type == "cuda" and logits.dtype == torch.bfloat16

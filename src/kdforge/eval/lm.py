@@ -610,7 +610,8 @@ def evaluate_language_models(
             kwargs = {"input_ids": ids.to(dev)}
             if mask is not None:
                 kwargs["attention_mask"] = mask.to(dev)
-            logits = model(**kwargs).logits
+            extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+            logits = model(**kwargs, **extra).logits  # no KV cache: one scoring pass
             if vocab_size is not None:
                 logits = logits[..., :vocab_size]
             s_logits, labels = shift_for_next_token(logits, kwargs["input_ids"], kwargs.get("attention_mask"))

@@ -87,3 +87,12 @@ def test_chat_prompt_without_a_template_is_a_clear_config_error(backend, tmp_pat
 def test_missing_model_folder_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot load the teacher model"):
         build_backend(TransformersConfig(model=str(tmp_path / "nope"), device="cpu"))
+
+
+def test_batched_scoring_of_many_prompts_matches_one_at_a_time(backend):
+    prompts = ["the movie was", [{"role": "user", "content": "fresh or rotten?"}], "a dull"]
+    conts = [" fresh", " rotten"]
+    many = backend.score_many(prompts, conts, batch_size=2)
+    for p, row in zip(prompts, many, strict=True):
+        for a, b in zip(row, backend.score_continuations(p, conts), strict=True):
+            assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4)

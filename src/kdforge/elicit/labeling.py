@@ -133,13 +133,19 @@ def label_rows(
     reqs = build_requests(prompts, params, ids=ids, namespace="label")
     summary = GenerationEngine(backend, out / "generations", **engine_kwargs).run(reqs)
     by_id = {rec["id"]: rec for rec in collect(out / "generations", reqs)}
+    scores: list[list[float]] | None = None
+    if labeling.score_loglik:
+        verbalizers = [" " + lab for lab in labeling.labels]
+        many = getattr(backend, "score_many", None)
+        scores = (many(prompts, verbalizers) if many is not None
+                  else [backend.score_continuations(p, verbalizers) for p in prompts])
     labeled = []
     for j, r in enumerate(rows):
         samples = [by_id.get(q.id, {}).get("text") for q in reqs[j * params.n:(j + 1) * params.n]]
         answers = [parse_label(s, labeling.labels, labeling.aliases) if s is not None else None for s in samples]
         item: dict[str, Any] = {"row": r, **aggregate_votes(answers), "samples": samples}
-        if labeling.score_loglik:
-            lls = backend.score_continuations(prompts[j], [" " + lab for lab in labeling.labels])
+        if scores is not None:
+            lls = scores[j]
             item["loglik"] = dict(zip(labeling.labels, lls, strict=True))
             item["label_probs"] = dict(zip(labeling.labels, softmax(lls), strict=True))
             item["loglik_label"] = labeling.labels[max(range(len(lls)), key=lls.__getitem__)]

@@ -240,17 +240,34 @@ class TransformersBackend(Backend):
         ``log p(c | x) = sum_t log softmax(logits_{t-1})[c_t]`` over the continuation tokens
         only; the prompt is rendered exactly as for generation (chat template included).
         """
-        torch = self._torch
+        return self.score_many([prompt], continuations)[0]
+
+    def score_many(self, prompts: list[str | list[Message]], continuations: list[str],
+                   *, batch_size: int | None = None) -> list[list[float]]:
+        """:meth:`score_continuations` for many prompts, batched: ``[len(prompts)][len(continuations)]``."""
         if not continuations:
-            return []
-        prefix = self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
-        rows, spans = [], []
+            return [[] for _ in prompts]
+        cont_ids = []
         for c in continuations:
             ids = self.tokenizer(c, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise ConfigError(f"continuation {c!r} tokenizes to nothing", "use non-empty label words")
-            rows.append(prefix + ids)
-            spans.append((len(prefix), len(prefix) + len(ids)))
+            cont_ids.append(ids)
+        pairs = []
+        for p in prompts:
+            prefix = self.tokenizer(self.render(p), add_special_tokens=False)["input_ids"]
+            pairs.extend((prefix, ids) for ids in cont_ids)
+        step = max(1, (batch_size or self.batch_size)) * len(cont_ids)
+        flat: list[float] = []
+        for i in range(0, len(pairs), step):
+            flat.extend(self._score_pairs(pairs[i:i + step]))
+        k = len(cont_ids)
+        return [flat[j * k:(j + 1) * k] for j in range(len(prompts))]
+
+    def _score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        torch = self._torch
+        rows = [p + c for p, c in pairs]
+        spans = [(len(p), len(p) + len(c)) for p, c in pairs]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
@@ -258,6 +275,5 @@ class TransformersBackend(Backend):
         with self._lock, torch.inference_mode():
             logits = self.model(input_ids=input_ids, attention_mask=mask).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = input_ids[:, 1:]
-        tok_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [B, width-1]
+        tok_lp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, width-1]
         return [float(tok_lp[b, s - 1:e - 1].sum()) for b, (s, e) in enumerate(spans)]

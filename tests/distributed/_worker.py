@@ -20,6 +20,9 @@ Scenarios:
 * ``lm_cached``: the same student trained from a sparse top-k teacher cache built with
   :func:`kdforge.teachers.build_teacher_cache` (built under ``main_process_first``), with a
   per-row number of masked label positions (uneven real tokens again).
+* ``lm_empty_rank``: as ``lm_online``, but every row rank 1 trains on in the first step has no
+  label: a process with zero real tokens must still join the gradient all-reduce (no hang, no
+  0/0) and the update must still equal the 1-process one.
 * ``lm_online_local_norm`` (2 processes only): the control. Each rank normalises by its own
   real-token count (what "mean per process" does); the test checks this run does *not* match
   the 1-process reference, so the equivalence test has power.
@@ -92,6 +95,35 @@ def pad_collate(rows: list[torch.Tensor], prompt: int = 2) -> dict[str, torch.Te
         attn[i, : len(r)] = 1
         labels[i, prompt : len(r)] = r[prompt:]
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+class EmptyForRank1(Dataset):
+    """``Rows`` whose items that rank 1 of 2 draws in the first optimizer step carry no label.
+
+    The rows are chosen from the trainer's own sampler order, so the 2-process run has a rank
+    with zero real tokens in a whole step while rank 0 has some; the 1-process run trains on the
+    very same (partly unlabelled) data.
+    """
+
+    def __init__(self, n: int, seed: int, first_step_items: int) -> None:
+        from kdforge.train import EpochSampler
+
+        self.rows = Rows(n)
+        self.empty = set(EpochSampler(n, seed=seed, num_replicas=2, rank=1).order(0)[:first_step_items])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        return self.rows[i], i in self.empty
+
+
+def collate_maybe_empty(items: list[tuple[torch.Tensor, bool]]) -> dict[str, torch.Tensor]:
+    batch = pad_collate([row for row, _ in items])
+    for j, (_, empty) in enumerate(items):
+        if empty:
+            batch["labels"][j] = -100
+    return batch
 
 
 class MaskedPrefix(Dataset):
@@ -185,6 +217,13 @@ def run(name: str, args: argparse.Namespace, accelerator) -> None:  # noqa: ANN0
         task = counting(CausalLMTask)()
         data, collate = Rows(args.n), pad_collate
         objective = [LossTerm("reverse_kl", 0.8, {"temperature": 1.5}), LossTerm("cross_entropy", 0.2)]
+    elif name == "lm_empty_rank":
+        teacher, student = tiny_llama(1, head_scale=4.0), tiny_llama(2)
+        task = counting(CausalLMTask)()
+        per_rank = args.batch if accelerator.num_processes == 2 else args.batch // 2
+        data = EmptyForRank1(args.n, seed=cfg.seed, first_step_items=per_rank * args.accum)
+        collate = collate_maybe_empty
+        objective = [LossTerm("forward_kl", 0.5), LossTerm("cross_entropy", 0.5)]
     elif name == "lm_cached":
         with accelerator.main_process_first():  # rank 0 builds; the others find it complete
             cache_teacher = tiny_llama(3, head_scale=4.0)
@@ -244,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--n", type=int, default=24, help="dataset size (a multiple of the global batch)")
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--scenarios", default="classifier,lm_online,lm_cached,lm_online_local_norm")
+    p.add_argument("--scenarios", default="classifier,lm_online,lm_cached,lm_empty_rank,lm_online_local_norm")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)

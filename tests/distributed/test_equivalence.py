@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_worker.py")
 CPU_2PROC = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
-SCENARIOS = ["classifier", "lm_online", "lm_cached"]
+SCENARIOS = ["classifier", "lm_online", "lm_cached", "lm_empty_rank"]
 GLOBAL_BATCH = 4
 TIMEOUT = 240
 
@@ -95,7 +95,7 @@ def test_two_processes_with_half_batch_match_one_process_final_weights(runs, sce
     assert _info(runs["two"], scenario, 0)["steps"] == _info(runs["one"], scenario, 0)["steps"] == 3
 
 
-@pytest.mark.parametrize("scenario", ["lm_online", "lm_cached"])
+@pytest.mark.parametrize("scenario", ["lm_online", "lm_cached", "lm_empty_rank"])
 def test_ranks_see_uneven_real_tokens_that_sum_to_the_single_process_counts(runs, scenario):
     single = _info(runs["one"], scenario, 0)
     r0, r1 = _info(runs["two"], scenario, 0), _info(runs["two"], scenario, 1)
@@ -106,6 +106,13 @@ def test_ranks_see_uneven_real_tokens_that_sum_to_the_single_process_counts(runs
     assert len(set(single["counts"])) > 1  # and uneven per micro-batch
     # the trainer's position counter is global on every rank
     assert r0["positions_seen"] == r1["positions_seen"] == single["positions_seen"] == sum(single["counts"])
+
+
+def test_a_rank_without_real_tokens_in_a_step_still_trains_in_lockstep(runs):
+    r0, r1 = _info(runs["two"], "lm_empty_rank", 0), _info(runs["two"], "lm_empty_rank", 1)
+    assert r1["counts"][:2] == [0, 0] and sum(r0["counts"][:2]) > 0  # step 1: rank 1 has nothing
+    assert r0["steps"] == r1["steps"] == 3
+    # (final weights equal to the 1-process run: test_two_processes_with_half_batch_match_...)
 
 
 def test_per_rank_normalisation_control_does_not_match_so_the_equivalence_has_power(runs):

@@ -316,7 +316,7 @@ def breakdown_figure(run: RunData, name: str) -> Figure | None:
         if scale == 100:
             lo = min(all_vals) * 100
             ax.set_ylim(max(0, lo - 10), 100)
-        ax.set_title(name, loc="left")
-        ax.legend(fontsize=8, ncol=min(4, len(models)))
+        ax.legend(fontsize=8, ncol=min(4, len(models)), loc="lower left", bbox_to_anchor=(0.0, 1.01),
+                  borderaxespad=0.0)
         fig.tight_layout()
     return fig

@@ -196,15 +196,17 @@ def _breakdown_tables_html(run: RunData) -> str:
         for m in models:
             cats += [c for c in m.breakdowns[name] if c not in cats]
         head = "".join(f"<th>{_e(m.name)}</th>" for m in models)
+        contender = [m.role != "teacher" for m in models]
         body = []
         for c in cats:
             vals = [m.breakdowns[name].get(c) for m in models]
-            finite = [v for v in vals if v is not None]
+            finite = [v for v, ok in zip(vals, contender) if v is not None and ok]
             top = (min(finite) if fmt.lower_is_better(name) else max(finite)) if finite else None
+            marks = [ok and v is not None and v == top and len(finite) > 1 for v, ok in zip(vals, contender)]
             cells = "".join(
-                f'<td{" class=best" if v is not None and v == top and len(finite) > 1 else ""} '
+                f'<td{" class=best" if mark else ""} '
                 f'data-v="{"" if v is None else v}">{_e(fmt.fmt_value("accuracy" if v is not None and 0 <= v <= 1 else name, v))}</td>'
-                for v in vals
+                for v, mark in zip(vals, marks)
             )
             body.append(f'<tr><td data-v="{_e(c)}">{_e(c)}</td>{cells}</tr>')
         out.append(

@@ -24,7 +24,7 @@ _TOKEN_FILES = (".npy", ".pt")
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="evaluate student/teacher/baseline LMs: perplexity, fidelity, calibration, cost",
+        help="evaluate student/teacher/baseline LMs or classifiers: quality, fidelity, calibration, cost",
         description="Evaluate causal LMs on held-out data: perplexity, next-token accuracy and "
         "ECE, fidelity to the teacher (top-1 agreement, KL both ways, JS), optional QA (exact "
         "match, ROUGE-L, answer calibration), parameters, size and latency.",

@@ -113,3 +113,32 @@ def test_on_policy_needs_causal_lm_task_and_online_teacher():
     with pytest.raises(ConfigError, match="online teacher"):
         Distiller(tiny_llama(2), None, task=CausalLMTask(), objective=[LossTerm("forward_kl", 1.0)],
                   config=TrainConfig(max_steps=1), train_data=TokenDataset(), on_policy={"lmbda": 0.5})
+
+
+def test_gkd_run_with_sampling_resumes_to_bitwise_identical_weights(tmp_path):
+    from kdforge.train import Callback
+
+    class Crash(Callback):
+        def on_step_end(self, state, logs):
+            if state.step == 3:
+                raise KeyboardInterrupt
+
+    def make(out, callbacks=()):
+        teacher, student = tiny_llama(1, head_scale=4.0), tiny_llama(2)
+        d = Distiller(student, teacher, task=CausalLMTask(), collate_fn=pad_collate(),
+                      objective=[LossTerm("generalized_jsd", 1.0, {"beta": 0.5})],
+                      config=TrainConfig(max_steps=4, batch_size=4, lr=1e-2, progress=False, log_every=1,
+                                         save_every=2, output_dir=str(out)),
+                      train_data=TokenDataset(n=12), on_policy=OnPolicyConfig(lmbda=0.5, max_new_tokens=4),
+                      callbacks=callbacks)
+        return d, student
+
+    ref, ref_student = make(tmp_path / "ref")
+    ref.train()
+    crashed, _ = make(tmp_path / "run", [Crash()])
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    resumed, student = make(tmp_path / "run")
+    resumed.train(resume=True)
+    for a, b in zip(ref_student.parameters(), student.parameters()):
+        assert torch.equal(a, b)

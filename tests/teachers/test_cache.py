@@ -304,3 +304,22 @@ def test_corrupted_frame_read_without_checksums_raises_cache_error(teacher, sequ
     ds = TeacherCacheDataset(path, verify=False)
     with pytest.raises(CacheError, match=r"shard-00000\.kdc, sequence 0"):
         ds[0]
+
+
+def test_concurrent_build_of_the_same_folder_is_refused_and_stale_lock_taken_over(teacher, sequences, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "c"
+    out.mkdir()
+    lock = out / ".build.lock"
+    lock.write_text(f"{socket.gethostname()}:{os.getpid()}")  # a live builder (this process)
+    with pytest.raises(CacheError, match="another build"):
+        _build(teacher, sequences, out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(f"{socket.gethostname()}:{dead.pid}")  # its builder died
+    _build(teacher, sequences, out)
+    assert not lock.exists() and TeacherCacheDataset(out).cache.manifest["complete"]

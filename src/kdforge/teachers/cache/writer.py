@@ -12,10 +12,13 @@ boundaries, so a resumed build writes the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,66 +213,68 @@ def write_teacher_cache(
         "shards": [],
         "stats": {},
     }
-    manifest = _resume_or_start(out, header, overwrite)
-    if manifest["complete"]:
-        log.info("teacher cache at %s is already complete; nothing to do", out)
-        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with build_lock(out):
+        manifest = _resume_or_start(out, header, overwrite)
+        if manifest["complete"]:
+            log.info("teacher cache at %s is already complete; nothing to do", out)
+            return out
 
-    ranges = shard_ranges(len(seqs), shard_size)
-    start_shard = len(manifest["shards"])
-    if start_shard:
-        log.info("resuming teacher cache at shard %d of %d", start_shard, len(ranges))
-    for index in range(start_shard, len(ranges)):
-        start, end = ranges[index]
-        t0 = time.perf_counter()
-        input_ids = seqs.rows(start, end)
-        ids_parts, lp_parts = [], []
-        for b in range(0, end - start, batch_size):
-            batch = torch.as_tensor(input_ids[b : b + batch_size])
-            sparse = topk_fn(batch, start + b)
-            if tuple(sparse.ids.shape) != (batch.shape[0], seqs.seq_len, k):
-                raise ShapeError(
-                    f"the teacher signal for rows {start + b}.. has shape {tuple(sparse.ids.shape)}, "
-                    f"expected {(batch.shape[0], seqs.seq_len, k)}",
-                    "return one top-k list of k entries per position",
-                )
-            ids_parts.append(sparse.ids.cpu().numpy())
-            lp_parts.append(sparse.logprobs.cpu().numpy())
-        ids = np.concatenate(ids_parts)
-        lps = np.concatenate(lp_parts)
-        if ids.max() >= vocab_size:
-            raise CacheError(f"teacher produced id {ids.max()} >= vocab {vocab_size}", "report this bug")
-        blob = encode_shard(enc, input_ids, ids, lps, vocab_size)
-        name = shard_name(index)
-        with atomic_write(out / name, "wb") as fh:
-            fh.write(blob)
-        mass = np.exp(lps.astype(np.float64)).sum(-1)
-        entry = {
-            "file": name,
-            "rows": [start, end],
-            "bytes": len(blob),
-            "sha256": hashlib.sha256(blob).hexdigest(),
-            "topk_mass_sum": float(mass.sum()),
-            "topk_mass_min": float(mass.min()),
-            "max_quant_error": _max_quant_error(enc, lps),
-        }
-        manifest["shards"].append(entry)
-        if index == len(ranges) - 1:
-            manifest["complete"] = True
-            manifest["stats"] = _stats(manifest)
-        write_json_atomic(out / MANIFEST, manifest)
-        n_tok = (end - start) * seqs.seq_len
-        log.info(
-            "shard %d/%d: %d tokens, %.1f B/token, %.0f tokens/s",
-            index + 1,
-            len(ranges),
-            n_tok,
-            len(blob) / n_tok,
-            n_tok / max(time.perf_counter() - t0, 1e-9),
-        )
-        if on_shard is not None:
-            on_shard(index, entry)
-    return out
+        ranges = shard_ranges(len(seqs), shard_size)
+        start_shard = len(manifest["shards"])
+        if start_shard:
+            log.info("resuming teacher cache at shard %d of %d", start_shard, len(ranges))
+        for index in range(start_shard, len(ranges)):
+            start, end = ranges[index]
+            t0 = time.perf_counter()
+            input_ids = seqs.rows(start, end)
+            ids_parts, lp_parts = [], []
+            for b in range(0, end - start, batch_size):
+                batch = torch.as_tensor(input_ids[b : b + batch_size])
+                sparse = topk_fn(batch, start + b)
+                if tuple(sparse.ids.shape) != (batch.shape[0], seqs.seq_len, k):
+                    raise ShapeError(
+                        f"the teacher signal for rows {start + b}.. has shape {tuple(sparse.ids.shape)}, "
+                        f"expected {(batch.shape[0], seqs.seq_len, k)}",
+                        "return one top-k list of k entries per position",
+                    )
+                ids_parts.append(sparse.ids.cpu().numpy())
+                lp_parts.append(sparse.logprobs.cpu().numpy())
+            ids = np.concatenate(ids_parts)
+            lps = np.concatenate(lp_parts)
+            if ids.max() >= vocab_size:
+                raise CacheError(f"teacher produced id {ids.max()} >= vocab {vocab_size}", "report this bug")
+            blob = encode_shard(enc, input_ids, ids, lps, vocab_size)
+            name = shard_name(index)
+            with atomic_write(out / name, "wb") as fh:
+                fh.write(blob)
+            mass = np.exp(lps.astype(np.float64)).sum(-1)
+            entry = {
+                "file": name,
+                "rows": [start, end],
+                "bytes": len(blob),
+                "sha256": hashlib.sha256(blob).hexdigest(),
+                "topk_mass_sum": float(mass.sum()),
+                "topk_mass_min": float(mass.min()),
+                "max_quant_error": _max_quant_error(enc, lps),
+            }
+            manifest["shards"].append(entry)
+            if index == len(ranges) - 1:
+                manifest["complete"] = True
+                manifest["stats"] = _stats(manifest)
+            write_json_atomic(out / MANIFEST, manifest)
+            n_tok = (end - start) * seqs.seq_len
+            log.info(
+                "shard %d/%d: %d tokens, %.1f B/token, %.0f tokens/s",
+                index + 1,
+                len(ranges),
+                n_tok,
+                len(blob) / n_tok,
+                n_tok / max(time.perf_counter() - t0, 1e-9),
+            )
+            if on_shard is not None:
+                on_shard(index, entry)
+        return out
 
 
 def _max_quant_error(enc: Encoding, lps: np.ndarray) -> float:
@@ -297,6 +302,58 @@ def _stats(manifest: dict[str, Any]) -> dict[str, Any]:
         "topk_mass_min": min(s["topk_mass_min"] for s in shards),
         "max_quant_error": max(s["max_quant_error"] for s in shards),
     }
+
+
+LOCK = ".build.lock"
+
+
+@contextlib.contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """Exclusive lock on a cache folder for the duration of a build.
+
+    The lock file holds ``host:pid``. A lock left by a dead process on this host is taken over;
+    a live one (or one from another host) makes the second build fail fast instead of racing
+    the first one's manifest (e.g. every rank of a multi-GPU launch calling the builder).
+    """
+    path = out / LOCK
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = path.read_text().strip()
+            except FileNotFoundError:
+                continue
+            host, _, pid = owner.rpartition(":")
+            if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                log.warning("removing stale build lock of dead process %s in %s", owner, out)
+                path.unlink(missing_ok=True)
+                continue
+            raise CacheError(
+                f"another build of the teacher cache at {out} is running ({owner})",
+                "wait for it to finish (build on one process only, e.g. rank 0, then let the others "
+                f"read), or delete {path} if that process is gone",
+            ) from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        break
+    else:  # pragma: no cover - lost a race twice
+        raise CacheError(f"could not lock {out} for building", "retry")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _resume_or_start(out: Path, header: dict[str, Any], overwrite: bool) -> dict[str, Any]:

@@ -68,3 +68,24 @@ def test_parquet_shards_round_trip_nested_fields(tmp_path):
         st.append(recs)
     assert list((tmp_path / "shards").glob("*.parquet"))
     assert read_records(tmp_path) == recs
+
+
+def test_a_journal_cut_at_any_byte_recovers_exactly_the_complete_lines(tmp_path):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    recs = [{"id": f"r{i}", "text": "é" * (i % 5) + f"text {i}"} for i in range(12)]
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode("utf-8")
+    ends = [i + 1 for i, b in enumerate(data) if b == ord("\n")]
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.integers(min_value=0, max_value=len(data)))
+    def check(cut):
+        j = tmp_path / JOURNAL
+        j.write_bytes(data[:cut])
+        got, bad = recover_journal(j)
+        complete = sum(e <= cut for e in ends)
+        assert got == recs[:complete]
+        assert bad == (0 if cut in ends or cut == 0 else 1)
+
+    check()

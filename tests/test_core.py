@@ -73,3 +73,14 @@ def test_cli_version_and_error_exit_code(capsys, tmp_path):
 def test_error_message_includes_fix():
     exc = KdforgeError("thing is broken", "do the fix")
     assert str(exc) == "thing is broken\n  Fix: do the fix"
+
+
+def test_atomic_write_gives_normal_file_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "perm.json", {})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "perm.json").stat().st_mode & 0o777 == 0o644

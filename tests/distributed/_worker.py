@@ -4,7 +4,7 @@
 Usage::
 
     python tests/distributed/_worker.py --out DIR --cache DIR --batch 4 --accum 2 --steps 3
-    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \\
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \\
         tests/distributed/_worker.py --out DIR --cache DIR --batch 2 --accum 2 --steps 3
 
 Every scenario trains a tiny student from a fixed initialisation on a fixed dataset and writes

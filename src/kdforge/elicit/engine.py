@@ -121,6 +121,11 @@ class GenerationEngine:
         self.on_error = on_error
         self.price = (price_per_1k_prompt, price_per_1k_completion)
 
+    def _cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        if self.price[0] is None and self.price[1] is None:
+            return None
+        return (prompt_tokens * (self.price[0] or 0.0) + completion_tokens * (self.price[1] or 0.0)) / 1000.0
+
     def run(self, requests: Sequence[GenerationRequest]) -> GenerationSummary:
         """Synchronous entry point (runs its own event loop)."""
         try:
@@ -187,9 +192,11 @@ class GenerationEngine:
                     summary.generated += store.append(records)
                     bar.update(len(batch))
                     el = max(time.monotonic() - start, 1e-9)
+                    cost = self._cost(summary.prompt_tokens, summary.completion_tokens)
                     bar.set_postfix_str(
                         f"tok in={summary.prompt_tokens} out={summary.completion_tokens} "
                         f"({summary.completion_tokens / el:.1f} out tok/s)"
+                        + (f" ${cost:.4f}" if cost is not None else "")
                         + (f" fail={summary.failed}" if summary.failed else ""),
                         refresh=False,
                     )
@@ -206,9 +213,7 @@ class GenerationEngine:
         summary.completion_tokens_per_s = summary.completion_tokens / el
         summary.retries = self.backend.stats.retries
         summary.errors = dict(self.backend.stats.errors)
-        if self.price[0] is not None or self.price[1] is not None:
-            summary.cost_usd = (summary.prompt_tokens * (self.price[0] or 0.0)
-                                + summary.completion_tokens * (self.price[1] or 0.0)) / 1000.0
+        summary.cost_usd = self._cost(summary.prompt_tokens, summary.completion_tokens)
         write_json_atomic(self.output_dir / "summary.json", summary.to_dict())
         log.info("generation finished:\n%s", summary.format())
         if first_error is not None and self.on_error == "raise":

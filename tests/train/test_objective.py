@@ -56,3 +56,10 @@ def test_chunked_objective_accepts_only_one_kd_term_plus_ce():
     with pytest.raises(ConfigError, match="chunked=True"):
         Objective([LossTerm("forward_kl", 1.0), LossTerm("reverse_kl", 1.0)], chunked=True)
     Objective([LossTerm("forward_kl", 1.0), LossTerm("cross_entropy", 1.0)], chunked=True)
+
+
+def test_direct_construction_errors_are_readable_config_errors():
+    with pytest.raises(ConfigError, match="lr"):
+        TrainConfig(max_steps=1, lr="fast")
+    with pytest.raises(ConfigError, match="weight"):
+        LossTerm("forward_kl", -1.0)

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from kdforge.config import StrictModel
+from kdforge.config import StrictModel, format_validation_error
+from kdforge.errors import ConfigError
 
 SchedulerName = Literal["constant", "linear", "cosine"]
 
 
-class TrainConfig(StrictModel):
+class FriendlyModel(StrictModel):
+    """A StrictModel whose direct construction (``TrainConfig(lr="fast")``) raises a readable
+    :class:`~kdforge.errors.ConfigError` instead of pydantic's ``ValidationError``."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, type(self), type(self).__name__),
+                              "fix the keys listed above (docs/training.md lists them)") from None
+
+
+class TrainConfig(FriendlyModel):
     """Hyper-parameters of one distillation run (validated; unknown keys are rejected).
 
     Exactly one of ``max_steps`` / ``epochs`` sets the length; a step is one *optimizer* step, i.e.

@@ -25,11 +25,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from kdforge.config import StrictModel, validate
+from kdforge.config import validate
 from kdforge.errors import ConfigError, NonFiniteError
+from kdforge.train.config import FriendlyModel
 
 
-class LossTerm(StrictModel):
+class LossTerm(FriendlyModel):
     """One weighted term of an :class:`Objective`.
 
     Args:

@@ -21,13 +21,13 @@ from typing import Any, Protocol
 import torch
 from pydantic import Field
 
-from kdforge.config import StrictModel
 from kdforge.errors import ConfigError, DataError, GenerationError
+from kdforge.train.config import FriendlyModel
 
 IGNORE_INDEX = -100
 
 
-class OnPolicyConfig(StrictModel):
+class OnPolicyConfig(FriendlyModel):
     """GKD settings.
 
     Attributes:

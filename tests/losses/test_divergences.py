@@ -208,7 +208,7 @@ def test_teacher_receives_no_gradient():
 logit_rows = st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=5, max_size=5)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(student=st.lists(logit_rows, min_size=1, max_size=3), teacher_seed=st.integers(0, 1000),
        name=st.sampled_from(DIVERGENCES))
 def test_every_divergence_is_non_negative(student, teacher_seed, name):
@@ -218,7 +218,7 @@ def test_every_divergence_is_non_negative(student, teacher_seed, name):
     assert call(name, s, t, reduction="none", **params).min().item() >= -1e-9
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(rows=st.lists(logit_rows, min_size=1, max_size=3), name=st.sampled_from(DIVERGENCES),
        temperature=st.sampled_from([0.5, 1.0, 3.0]))
 def test_every_divergence_is_zero_when_student_equals_teacher(rows, name, temperature):
@@ -227,7 +227,7 @@ def test_every_divergence_is_zero_when_student_equals_teacher(rows, name, temper
     assert call(name, x, x.clone(), temperature=temperature, **params).abs().item() < 1e-10
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), name=st.sampled_from(DIVERGENCES))
 def test_reductions_are_consistent(seed, name):
     g = torch.Generator().manual_seed(seed)

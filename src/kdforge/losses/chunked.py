@@ -36,9 +36,10 @@ from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
 
 __all__ = ["TeacherHead", "auto_chunk_size", "chunked_distillation_loss"]
 
-# "auto" chunking keeps one chunk's float32 [chunk, V] array near this many elements (16 MiB), but
-# never below AUTO_MIN_ROWS rows so the LM-head matmuls stay efficient for huge vocabularies.
-AUTO_CHUNK_ELEMENTS = 1 << 22
+# "auto" chunking: one chunk's float32 [rows, V] array holds about this many elements (16 MiB on
+# CPU, 64 MiB on accelerators, where bigger chunks keep kernels busy), never fewer than
+# AUTO_MIN_ROWS rows so the LM-head matmuls stay efficient for huge vocabularies.
+AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 22, "accelerator": 1 << 24}
 AUTO_MIN_ROWS = 64
 
 
@@ -66,14 +67,17 @@ class TeacherHead:
         return torch.nn.functional.linear(h, self.weight.detach(), b)
 
 
-def auto_chunk_size(vocab_size: int, num_positions: int) -> int:
-    """Rows per chunk: one float32 ``[rows, V]`` array near 16 MiB, at least 64 rows.
+def auto_chunk_size(vocab_size: int, num_positions: int, device: torch.device | str | None = None) -> int:
+    """Rows per chunk for ``chunk_size="auto"``: a multiple of 8, at least 64 (or ``num_positions``).
 
-    A chunk holds about a dozen such arrays at its peak (logits, two log-softmaxes, the loss's
-    temporaries, their gradients), so the chunked path's extra memory is ~200 MiB at V <= 64k and
-    ~12 * 64 * V * 4 bytes above, whatever the number of tokens.
+    One float32 ``[rows, V]`` array is kept near 16 MiB on CPU and 64 MiB on an accelerator. A
+    chunk holds about a dozen such arrays at its peak (logits, two log-softmaxes, the loss's
+    temporaries, their gradients), so the chunked path's extra memory is ~0.2 GiB (CPU) /
+    ~0.8 GiB (GPU) plus the ``[V, H]`` weight gradient, whatever the number of tokens.
     """
-    rows = max(AUTO_MIN_ROWS, AUTO_CHUNK_ELEMENTS // max(vocab_size, 1))
+    kind = "cpu" if device is None or torch.device(device).type == "cpu" else "accelerator"
+    rows = max(AUTO_MIN_ROWS, AUTO_CHUNK_ELEMENTS[kind] // max(vocab_size, 1))
+    rows -= rows % 8
     return max(1, min(num_positions, rows))
 
 
@@ -177,8 +181,8 @@ def chunked_distillation_loss(
         mask: bool ``[N]`` real positions (None: all real).
         kd_weight, ce_weight: weights of the KD and CE terms in ``"loss"``.
         temperature: passed to the KD loss (CE is always at T = 1).
-        chunk_size: positions per chunk, or ``"auto"`` (:func:`auto_chunk_size`: ~16 MiB per
-            float32 ``[chunk, V]`` array, recommended). Peak extra memory is about a dozen
+        chunk_size: positions per chunk, or ``"auto"`` (:func:`auto_chunk_size`: ~16 MiB (CPU) /
+            ~64 MiB (GPU) per float32 ``[chunk, V]`` array; recommended). Peak extra memory is about a dozen
             ``[chunk, V]`` float32 arrays plus a ``[V, H]`` float32 weight-gradient buffer.
         lm_head_bias: optional ``[V]`` bias.
         reduction: ``"sum"`` (default: sums over real positions; divide by your global token
@@ -213,7 +217,7 @@ def chunked_distillation_loss(
     elif isinstance(teacher, SparseTeacher):
         teacher = teacher.flatten()
     vocab = lm_head_weight.shape[0]
-    rows = auto_chunk_size(vocab, n) if chunk_size == "auto" else chunk_size
+    rows = auto_chunk_size(vocab, n, hidden.device) if chunk_size == "auto" else chunk_size
     if not isinstance(rows, int) or rows < 1:
         raise ConfigError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}", "use e.g. 1024")
 

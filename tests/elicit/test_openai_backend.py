@@ -23,12 +23,12 @@ pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from elicit_servers import FaultProxy, start_transformers_serve, stop_process  # noqa: E402
-
 from kdforge.elicit import GenerationEngine, SamplingParams, build_requests, generate, read_records  # noqa: E402
 from kdforge.elicit.backends import openai_backend as ob  # noqa: E402
 from kdforge.elicit.backends.openai_backend import OpenAIBackend  # noqa: E402
 from kdforge.errors import ConfigError, GenerationError  # noqa: E402
+
+from .elicit_servers import FaultProxy, start_transformers_serve, stop_process  # noqa: E402
 
 PROMPTS = ["the movie was", "a dull film", "fresh or rotten?", "think step by step"]
 

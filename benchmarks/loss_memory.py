@@ -12,7 +12,7 @@ Implementations:
 * ``naive``: ``h @ W.T`` then plain PyTorch forward KL (log_softmax + kl_div) on the full logits.
 
 kdforge and TRL compute the same loss (generalised JSD, ``--beta``, sum over tokens); naive is
-forward KL. Each case runs in its own subprocess and prints one JSON line:
+forward KL (``--kd-loss forward_kl`` runs kdforge on that loss for a like-for-like comparison). Each case runs in its own subprocess and prints one JSON line:
 ``{"impl", "tokens", "vocab", "peak_mib", "ms", "device", ...}``. Memory: on CUDA
 ``torch.cuda.max_memory_allocated`` minus what is allocated after setup; on CPU the growth of
 the process's peak resident set (Linux ``VmHWM``, reset after setup via ``/proc/self/clear_refs``)
@@ -116,8 +116,9 @@ def make_step(impl: str, args: argparse.Namespace, hidden, weight, t_logits, t_h
         teacher = TeacherHead(t_hidden, t_weight) if t_logits is None else t_logits
 
         def step():
-            out = chunked_distillation_loss(hidden, weight, teacher, loss="generalized_jsd", beta=args.beta,
-                                            chunk_size=rows, reduction="sum")
+            params = {"beta": args.beta} if args.kd_loss == "generalized_jsd" else {}
+            out = chunked_distillation_loss(hidden, weight, teacher, loss=args.kd_loss, chunk_size=rows,
+                                            reduction="sum", **params)
             out["loss"].backward()
             return out["loss"].detach()
 
@@ -205,6 +206,7 @@ def run_case(args: argparse.Namespace) -> dict:
     }
     if hasattr(step, "rows"):
         record["chunk_rows"] = step.rows
+        record["kd_loss"] = args.kd_loss
     if probe is not None and not probe.resettable:
         record["note"] = "VmHWM could not be reset; peak includes setup"
     return record
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--teacher", choices=("logits", "head"), default="logits")
     p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--kd-loss", choices=("generalized_jsd", "forward_kl"), default="generalized_jsd",
+                   help="loss of kdforge_chunked (generalized_jsd compares with trl_gjsd, forward_kl with naive)")
     p.add_argument("--chunk-size", default="auto", help="rows per chunk for kdforge, or 'auto'")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-gib", type=float, default=8.0, help="skip cases estimated above this peak")
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--tokens", str(tokens),
                        "--vocab", str(vocab), "--hidden", str(args.hidden), "--teacher", args.teacher,
-                       "--beta", str(args.beta), "--chunk-size", str(args.chunk_size), "--repeats",
+                       "--beta", str(args.beta), "--kd-loss", args.kd_loss, "--chunk-size", str(args.chunk_size), "--repeats",
                        str(args.repeats), "--device", args.device]
                 # Fixed mmap threshold: freed big arrays go back to the OS, so RSS tracks live memory.
                 env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}

@@ -256,3 +256,20 @@ def test_save_student_writes_a_reloadable_hf_folder_or_safetensors(tmp_path):
     d2.train()
     saved = load_file(d2.save_student(tmp_path / "plain") / "model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in mlp.state_dict().items())
+
+
+def test_metrics_added_by_a_user_callback_on_evaluate_reach_metrics_jsonl(tmp_path):
+    from kdforge.train import Callback
+
+    class Flagger(Callback):
+        def on_evaluate(self, state, metrics):
+            metrics["eval/flag"] = 1.0
+
+    d = Distiller(MLP(), MLP(scale=3.0), task=ClassificationTask(),
+                  objective=[LossTerm("forward_kl", 1.0)], callbacks=[Flagger()],
+                  config=_cfg(max_steps=2, eval_every=2, output_dir=str(tmp_path)),
+                  train_data=ClassDataset(), eval_data=ClassDataset(n=16))
+    d.train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert evals and all(r.get("eval/flag") == 1.0 for r in evals)

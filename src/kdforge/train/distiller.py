@@ -241,14 +241,15 @@ class Distiller:
                                   run_dir=self.run_dir, is_main_process=acc.is_main_process)
         self._iter: Iterator[Any] | None = None
 
-        self.callbacks: list[Callback] = []
+        # User callbacks run first, so metrics they add to a record (e.g. the teacher-hacking
+        # monitor's flags) reach the progress bar and metrics.jsonl written by the built-ins.
+        self.callbacks: list[Callback] = list(callbacks)
         self._jsonl: JsonlLogger | None = None
+        if self.config.progress:
+            self.callbacks.append(ProgressBar())
         if self.run_dir is not None:
             self._jsonl = JsonlLogger(self.run_dir / "metrics.jsonl")
             self.callbacks.append(self._jsonl)
-        if self.config.progress:
-            self.callbacks.append(ProgressBar())
-        self.callbacks.extend(callbacks)
         if self.run_dir is not None and run_config is not None and acc.is_main_process:
             data = run_config.model_dump(mode="json") if isinstance(run_config, BaseModel) else dict(run_config)
             write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))

@@ -12,16 +12,26 @@ from kdforge.errors import ConfigError
 SchedulerName = Literal["constant", "linear", "cosine"]
 
 
-class FriendlyModel(StrictModel):
-    """A StrictModel whose direct construction (``TrainConfig(lr="fast")``) raises a readable
-    :class:`~kdforge.errors.ConfigError` instead of pydantic's ``ValidationError``."""
+class _FriendlyMeta(type(StrictModel)):  # type: ignore[misc]
+    """Turns a ValidationError of a *direct* construction into a ConfigError.
 
-    def __init__(self, **data: Any) -> None:
+    Done in the metaclass, not in ``__init__``: pydantic calls a model's ``__init__`` when it
+    validates it nested inside another config (``train:`` of a recipe), and a ConfigError raised
+    there would be wrapped as a "Value error" that loses the dotted key path (``train.lr``).
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         try:
-            super().__init__(**data)
+            return super().__call__(*args, **kwargs)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, type(self), type(self).__name__),
+            raise ConfigError(format_validation_error(exc, cls, cls.__name__),
                               "fix the keys listed above (docs/training.md lists them)") from None
+
+
+class FriendlyModel(StrictModel, metaclass=_FriendlyMeta):
+    """A StrictModel whose direct construction (``TrainConfig(lr="fast")``) raises a readable
+    :class:`~kdforge.errors.ConfigError` instead of pydantic's ``ValidationError``; nested in
+    another config it reports its errors under their full dotted path (``train.lr``)."""
 
 
 class TrainConfig(FriendlyModel):

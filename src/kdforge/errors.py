@@ -60,3 +60,7 @@ class DeviceError(KdforgeError, RuntimeError):
 
 class GenerationError(KdforgeError, RuntimeError):
     """Teacher generation failed (backend unreachable, retries exhausted, bad response)."""
+
+
+class DiskFullError(KdforgeError):
+    """The disk filled up during a write; the previous version of the file is left intact."""

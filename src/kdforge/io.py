@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from kdforge.errors import KdforgeError
+from kdforge.errors import DiskFullError
 
 
 @contextlib.contextmanager
@@ -26,7 +26,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
     """Open a temporary file beside ``path``; on success rename it to ``path``.
 
     On any exception the temporary file is removed and ``path`` is left untouched. A full disk
-    raises :class:`KdforgeError` naming the path and the fix.
+    raises :class:`~kdforge.errors.DiskFullError` naming the path and the fix.
     """
     if mode not in ("wb", "w"):
         raise ValueError("atomic_write supports mode 'wb' or 'w'")
@@ -44,7 +44,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
     except OSError as exc:
         _remove_quietly(tmp)
         if exc.errno == errno.ENOSPC:
-            raise KdforgeError(
+            raise DiskFullError(
                 f"disk full while writing {target}; the previous version (if any) is intact",
                 "free disk space (or point the output to another disk) and run again; "
                 "finished work is kept and the job resumes",

@@ -8,7 +8,13 @@ one JSON object):
 * ``kdforge`` — one :class:`kdforge.train.Distiller` step with the online teacher and the
   ``generalized_jsd`` loss (beta, T=1) on the same batch;
 * ``trl_gkd`` — one ``trl.experimental.gkd.GKDTrainer`` step with ``lmbda=0`` (no on-policy
-  generation, so it is off-policy KD like the kdforge case), same beta, T=1, same batch.
+  generation, so it is off-policy KD like the kdforge case), same beta, T=1, same batch;
+* ``kdforge_chunked`` — the ``kdforge`` case with ``Objective(chunked=True)`` (the student's
+  ``[tokens, vocab]`` logits are never materialised at once);
+* ``kdforge_cached`` — kdforge's offline mode: the batches carry the teacher's top-``--k``
+  (computed before timing, as a teacher cache would), the step runs no teacher and the same
+  JSD on the sparse signal (tail bucket). Not the same computation as TRL's (the teacher pass is
+  amortised and the divergence is sparse): reported separately.
 
 All cases share the teacher, the student (built from the teacher's layers with
 :func:`kdforge.students.student_from_teacher`), the batch (random token blocks from a fixed
@@ -41,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASES = ("teacher_forward", "sft", "kdforge", "trl_gkd")
+CASES = ("teacher_forward", "sft", "kdforge", "trl_gkd", "kdforge_chunked", "kdforge_cached")
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +61,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--beta", type=float, default=0.5, help="generalised JSD beta (TRL convention)")
+    p.add_argument("--k", type=int, default=64, help="teacher top-k of the kdforge_cached case")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights dtype")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -194,12 +201,22 @@ def case_sft(args, teacher, student, tokenizer) -> list[float]:
     return times[args.warmup:]
 
 
-def case_kdforge(args, teacher, student, tokenizer) -> list[float]:
+def case_kdforge(args, teacher, student, tokenizer, *, chunked: bool = False, cached: bool = False) -> list[float]:
+    import torch
+
     from kdforge.data.text import LMBlockDataset
-    from kdforge.train import Callback, CausalLMTask, Distiller
+    from kdforge.train import Callback, CausalLMTask, Distiller, Objective
 
     device = next(student.parameters()).device
     ids = make_batches(args, teacher.config.vocab_size, args.warmup + args.steps)
+    extras = None
+    if cached:  # what a teacher cache holds: top-k ids and full-vocab log-probs per position
+        from kdforge.teachers import OnlineTeacher
+
+        online = OnlineTeacher(teacher)
+        parts = [online.topk(ids[i:i + args.batch].to(device), k=args.k) for i in range(0, len(ids), args.batch)]
+        extras = {"teacher_ids": torch.cat([p.ids for p in parts]).cpu(),
+                  "teacher_logprobs": torch.cat([p.logprobs for p in parts]).float().cpu()}
     stamps: list[tuple[float, float]] = []
 
     class Timer(Callback):
@@ -210,9 +227,10 @@ def case_kdforge(args, teacher, student, tokenizer) -> list[float]:
     config = {"max_steps": args.warmup + args.steps, "batch_size": args.batch, "lr": 1e-5,
               "scheduler": "constant", "max_grad_norm": 1.0, "log_every": 10_000, "progress": False,
               "mixed_precision": "no"}
-    distiller = Distiller(student, teacher, task=CausalLMTask(),
-                          objective=[{"name": "generalized_jsd", "weight": 1.0, "params": {"beta": args.beta}}],
-                          config=config, train_data=LMBlockDataset(ids), callbacks=[Timer()])
+    objective = Objective([{"name": "generalized_jsd", "weight": 1.0, "params": {"beta": args.beta}}],
+                          chunked=chunked)
+    distiller = Distiller(student, None if cached else teacher, task=CausalLMTask(), objective=objective,
+                          config=config, train_data=LMBlockDataset(ids, extras), callbacks=[Timer()])
     _sync(device)
     stamps.append(_now())
     distiller.train()
@@ -286,7 +304,9 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     device = next(student.parameters()).device
     memory = _Memory(device)
     fn = {"teacher_forward": case_teacher_forward, "sft": case_sft, "kdforge": case_kdforge,
-          "trl_gkd": case_trl_gkd}[args.case]
+          "trl_gkd": case_trl_gkd,
+          "kdforge_chunked": lambda *a: case_kdforge(*a, chunked=True),
+          "kdforge_cached": lambda *a: case_kdforge(*a, cached=True)}[args.case]
     pairs = fn(args, teacher, student, tokenizer)
     times = [w for w, _ in pairs]
     cpu = [c for _, c in pairs]
@@ -321,6 +341,11 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 out[f"trl_overhead{tag}"] = trl[key] / floor
     if kd and trl:
         out["kdforge_mem_vs_trl"] = kd["peak_mem_mb"] / trl["peak_mem_mb"]
+    for name in ("kdforge_chunked", "kdforge_cached"):
+        extra = results.get(name)
+        if extra and trl:
+            out[f"{name}_speedup_vs_trl_cpu"] = trl["step_cpu_s_median"] / extra["step_cpu_s_median"]
+            out[f"{name}_mem_vs_trl"] = extra["peak_mem_mb"] / trl["peak_mem_mb"]
     return out
 
 

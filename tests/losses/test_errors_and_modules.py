@@ -116,3 +116,18 @@ def test_module_wrappers_equal_the_functions_and_accept_overrides():
     torch.testing.assert_close(DistillationLoss("reverse_kl")(s, t), reverse_kl(s, t))
     with pytest.raises(ConfigError):
         DistillationLoss("nope")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_nan_is_never_silently_dropped_even_without_the_finite_check(sparse):
+    s = torch.randn(3, 6)
+    s[0, 0] = float("nan")
+    t = torch.randn(3, 6)
+    teacher = SparseTeacher.from_logits(t, 3) if sparse else t
+    for name in LOSSES.names():
+        if sparse and name == "dkd":
+            continue
+        out = LOSSES.get(name)(s, teacher, labels=torch.tensor([1, 2, 3]), check_finite=False)
+        assert torch.isnan(out), name
+        with pytest.raises(NonFiniteError):
+            LOSSES.get(name)(s, teacher, labels=torch.tensor([1, 2, 3]))

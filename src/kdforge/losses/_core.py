@@ -326,7 +326,7 @@ def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor, safe: bool = True) -> tor
     """
     if not safe:
         return log_a.exp() * (log_a - log_b)
-    live = log_a > NEG_INF
+    live = ~torch.isneginf(log_a)  # NaN stays "live" so it propagates instead of vanishing
     la = torch.where(live, log_a, 0.0)
     lb = torch.where(live, log_b, 0.0)
     return torch.where(live, la.exp() * (la - lb), 0.0)

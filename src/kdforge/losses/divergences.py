@@ -133,6 +133,7 @@ def forward_kl(
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
     sparse_policy: str = "tail_bucket",
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Forward KL, ``T^2 * KL(p || q) = T^2 * sum_v p_v (log p_v - log q_v)`` (Hinton et al., 2015).
 
@@ -146,6 +147,8 @@ def forward_kl(
         reduction: ``"mean"`` over real positions, ``"sum"``, or ``"none"`` (``[...]``).
         labels: ignored (uniform signature).
         sparse_policy: ``"tail_bucket"`` or ``"renormalize"`` for a sparse teacher.
+        check_finite: raise :class:`~kdforge.errors.NonFiniteError` when the loss is NaN/Inf (one
+            device sync per call; set False inside CUDA graphs or tight loops).
 
     Returns:
         Scalar, or ``[...]`` for ``reduction="none"``.
@@ -154,7 +157,7 @@ def forward_kl(
         >>> loss = forward_kl(student_logits, teacher_logits, mask=attention_mask.bool(), temperature=2.0)
     """
     return distill("forward_kl", fkl_kernel, student_logits, teacher, mask=mask, temperature=temperature,
-                   reduction=reduction, sparse_policy=sparse_policy)
+                   reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
 @LOSSES.register("reverse_kl", "KL(q_student || p_teacher) * T^2: mode-seeking (MiniLLM)")
@@ -167,6 +170,7 @@ def reverse_kl(
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
     sparse_policy: str = "tail_bucket",
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Reverse KL, ``T^2 * KL(q || p) = T^2 * sum_v q_v (log q_v - log p_v)`` (Gu et al., MiniLLM 2024).
 
@@ -174,7 +178,7 @@ def reverse_kl(
     where the teacher has little. Arguments as :func:`forward_kl`.
     """
     return distill("reverse_kl", rkl_kernel, student_logits, teacher, mask=mask, temperature=temperature,
-                   reduction=reduction, sparse_policy=sparse_policy)
+                   reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
 @LOSSES.register("generalized_jsd", "beta-skewed Jensen-Shannon (GKD); beta=0 forward KL, beta=1 reverse KL")
@@ -188,6 +192,7 @@ def generalized_jsd(
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
     sparse_policy: str = "tail_bucket",
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Generalised JSD (Agarwal et al., GKD 2024), TRL's ``beta`` convention.
 
@@ -200,7 +205,7 @@ def generalized_jsd(
     """
     check_unit_interval("beta", beta)
     return distill("generalized_jsd", lambda lq, lp, safe: gjsd_kernel(lq, lp, float(beta), safe), student_logits, teacher,
-                   mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)
+                   mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
 def jsd(
@@ -213,10 +218,11 @@ def jsd(
     labels: torch.Tensor | None = None,
     sparse_policy: str = "tail_bucket",
     beta: float = 0.5,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Jensen-Shannon divergence: :func:`generalized_jsd` with ``beta = 0.5`` by default."""
     return generalized_jsd(student_logits, teacher, beta=beta, mask=mask, temperature=temperature,
-                           reduction=reduction, sparse_policy=sparse_policy)
+                           reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
 LOSSES.add("jsd", jsd, "symmetric Jensen-Shannon divergence (generalized_jsd with beta=0.5)")
@@ -232,10 +238,11 @@ def tvd(
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
     sparse_policy: str = "tail_bucket",
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Total variation distance ``T^2 * 0.5 * sum_v |p_v - q_v|`` (used by DistiLLM-2 / Wen et al. 2023)."""
     return distill("tvd", tvd_kernel, student_logits, teacher, mask=mask, temperature=temperature,
-                   reduction=reduction, sparse_policy=sparse_policy)
+                   reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
 @LOSSES.register("skew_forward_kl", "DistiLLM skew KL: KL(p || alpha*p + (1-alpha)*q) * T^2")
@@ -249,6 +256,7 @@ def skew_forward_kl(
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
     sparse_policy: str = "tail_bucket",
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Skew forward KL (Ko et al., DistiLLM 2024): ``T^2 * KL(p || alpha p + (1 - alpha) q)``.
 
@@ -257,7 +265,7 @@ def skew_forward_kl(
     """
     check_unit_interval("alpha", alpha)
     return distill("skew_forward_kl", lambda lq, lp, safe: skew_fkl_kernel(lq, lp, float(alpha), safe), student_logits,
-                   teacher, mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)
+                   teacher, mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
 @LOSSES.register("skew_reverse_kl", "DistiLLM skew reverse KL: KL(q || alpha*q + (1-alpha)*p) * T^2")
@@ -271,6 +279,7 @@ def skew_reverse_kl(
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
     sparse_policy: str = "tail_bucket",
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Skew reverse KL (Ko et al., DistiLLM 2024): ``T^2 * KL(q || alpha q + (1 - alpha) p)``.
 
@@ -278,7 +287,7 @@ def skew_reverse_kl(
     """
     check_unit_interval("alpha", alpha)
     return distill("skew_reverse_kl", lambda lq, lp, safe: skew_rkl_kernel(lq, lp, float(alpha), safe), student_logits,
-                   teacher, mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)
+                   teacher, mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
 @LOSSES.register("adaptive_kl", "AKL: per-token mix of forward/reverse KL weighted by head/tail gaps")
@@ -292,6 +301,7 @@ def adaptive_kl(
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
     sparse_policy: str = "tail_bucket",
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Adaptive KL (Wu et al., 2024, "Rethinking KL divergence in KD for LLMs").
 
@@ -306,4 +316,4 @@ def adaptive_kl(
     """
     check_unit_interval("mu", mu, open_low=True)
     return distill("adaptive_kl", lambda lq, lp, safe: akl_kernel(lq, lp, float(mu), safe), student_logits, teacher,
-                   mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)
+                   mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)

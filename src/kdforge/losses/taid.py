@@ -49,6 +49,7 @@ def taid(
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
     sparse_policy: str = "tail_bucket",
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """TAID loss ``T^2 * KL(p_t || q)`` with ``p_t = softmax((1 - t) sg(z_s/T) + t z_t/T)``.
 
@@ -60,7 +61,7 @@ def taid(
     """
     check_unit_interval("t", t)
     return distill("taid", lambda lq, lp, safe: taid_kernel(lq, lp, float(t), safe), student_logits, teacher, mask=mask,
-                   temperature=temperature, reduction=reduction, sparse_policy=sparse_policy)
+                   temperature=temperature, reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
 class TAIDSchedule:

@@ -1,0 +1,301 @@
+"""Does a student trained from the offline top-k cache match one trained from the online teacher?
+
+Issue goal: "<= 64 bytes per token while a student trained from the cache matches one trained
+from full online logits (held-out KL to teacher within 2%)".
+
+One student template (SmolLM2-135M-Instruct cut to 6 of its 30 layers, embeddings/head copied and
+frozen: :func:`kdforge.students.student_from_teacher`, as in ``configs/quickstart.yaml``) is copied
+once per case and trained with :class:`kdforge.train.Distiller` for the same steps, on the same
+batches (the trainer's sampler order depends only on ``(seed, epoch)`` and the dataset length,
+which is the same for every case), with the same objective, forward KL at T=1::
+
+    L = 1/N * sum_t KL(p_teacher(. | x_<=t) || q_student(. | x_<=t))
+
+The only thing that changes is where ``p_teacher`` comes from:
+
+* ``online``: the live teacher's **full** logits ``[B, T, V]``, computed by the trainer at every
+  step (``Distiller(student, teacher, ...)``): the reference. Nothing is precomputed for it.
+* ``cache-k{k}-{encoding}-{policy}``: the teacher's top-k written once by
+  :func:`kdforge.teachers.build_teacher_cache` and replayed by
+  :class:`kdforge.teachers.TeacherCacheDataset`; the mass outside the top-k is handled by the
+  loss's ``sparse_policy`` (``tail_bucket``: one extra bucket; ``renormalize``: top-k only).
+
+Every trained student is then scored on held-out blocks of another novel against the teacher's
+full distribution (:func:`kdforge.eval.lm.evaluate_language_models`): ``KL(p_teacher || q_student)``
+per token, perplexity, top-1 agreement. ``kl_rel_gap`` = ``(KL_case - KL_online) / KL_online``.
+
+One JSON object per case (written as soon as the case finishes, so a cut run keeps its finished
+cases), then one ``{"summary": ...}`` line. Full size (the quickstart regime)::
+
+    .venv/bin/python benchmarks/cache_fidelity.py --out benchmarks/results/cache_fidelity.jsonl
+
+Reduced check: ``--steps 30``. Cases: ``--cases online,k16,k32,k64,k16:renormalize``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger("benchmarks.cache_fidelity")
+
+DEFAULT_CASES = "online,k16,k32,k64"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One way of feeding the teacher to the student.
+
+    ``k is None`` means the online teacher (full logits); otherwise a cache of the top-``k`` in
+    ``encoding``, replayed with ``policy`` for the mass outside the top-k.
+    """
+
+    k: int | None = None
+    encoding: str = "compact-u8-zstd"
+    policy: str = "tail_bucket"
+
+    @property
+    def name(self) -> str:
+        return "online" if self.k is None else f"cache-k{self.k}-{self.encoding}-{self.policy}"
+
+
+def parse_cases(spec: str, encoding: str = "compact-u8-zstd") -> list[Case]:
+    """``"online,k16,k32:renormalize"`` -> cases (``policy`` after a colon, default tail_bucket)."""
+    cases: list[Case] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if item == "online":
+            cases.append(Case())
+            continue
+        head, _, policy = item.partition(":")
+        if not head.startswith("k") or not head[1:].isdigit():
+            raise SystemExit(f"bad case {item!r}: use 'online', 'k16' or 'k16:renormalize'")
+        cases.append(Case(int(head[1:]), encoding, policy or "tail_bucket"))
+    if not cases:
+        raise SystemExit("--cases is empty")
+    return cases
+
+
+def kd_objective(policy: str) -> list[Any]:
+    """Forward KL at T=1 (the policy only matters for a sparse teacher) + CE logged with weight 0."""
+    from kdforge.train.objective import LossTerm
+
+    return [LossTerm("forward_kl", 1.0, {"sparse_policy": policy}), LossTerm("cross_entropy", 0.0)]
+
+
+def eval_batches(blocks: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": blocks[i: i + batch_size]} for i in range(0, blocks.shape[0], batch_size)]
+
+
+def run_cases(
+    teacher: nn.Module,
+    template: nn.Module,
+    train_blocks: torch.Tensor,
+    eval_blocks: torch.Tensor,
+    cases: Sequence[Case],
+    *,
+    train_config: dict[str, Any],
+    work_dir: Path,
+    tokenizer: Any = None,
+    eval_batch_size: int = 8,
+    cache_batch_size: int = 8,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train a copy of ``template`` per case on the same batches and score it on ``eval_blocks``.
+
+    Args:
+        teacher: frozen causal LM (full-vocabulary logits).
+        template: the untrained student; each case trains a deep copy.
+        train_blocks / eval_blocks: token blocks ``[N, T]`` (LongTensor).
+        cases: what to run; the ``online`` case, if present, is the reference of ``kl_rel_gap``
+            and is run first.
+        train_config: :class:`kdforge.train.TrainConfig` keys (``output_dir`` is set per case).
+        work_dir: caches and run folders go below it.
+        on_result: called with each case's record as soon as it exists.
+
+    Returns:
+        One record per case (see the module docstring for the keys).
+    """
+    from kdforge.data.text import LMBlockDataset
+    from kdforge.eval.lm import evaluate_language_models
+    from kdforge.teachers import TeacherCacheDataset, build_teacher_cache, collate_teacher_cache
+    from kdforge.train import CausalLMTask, Distiller
+
+    ordered = sorted(cases, key=lambda c: c.k is not None)  # online first: it is the reference
+    batches = eval_batches(eval_blocks, eval_batch_size)
+    vocab = int(teacher.get_output_embeddings().weight.shape[0])
+    records: list[dict[str, Any]] = []
+    reference_kl: float | None = None
+    for case in ordered:
+        slug = case.name
+        run_dir = work_dir / "runs" / slug
+        record: dict[str, Any] = {"case": slug, "source": "online" if case.k is None else "cache",
+                                  "k": case.k, "encoding": None if case.k is None else case.encoding,
+                                  "sparse_policy": None if case.k is None else case.policy}
+        if case.k is None:
+            train_data: Any = LMBlockDataset(train_blocks)
+            collate = None
+            signal_teacher: Any = teacher
+            record["bytes_per_token"] = None
+            record["full_logits_fp32_bytes_per_token"] = 4 * vocab
+            record["cache_build_s"] = 0.0
+        else:
+            cache_dir = work_dir / "caches" / f"k{case.k}-{case.encoding}"
+            t0 = time.perf_counter()
+            build_teacher_cache(teacher, train_blocks, cache_dir, k=case.k, encoding=case.encoding,
+                                batch_size=cache_batch_size, tokenizer=tokenizer)
+            record["cache_build_s"] = round(time.perf_counter() - t0, 2)
+            train_data = TeacherCacheDataset(cache_dir, sequences=train_blocks, tokenizer=tokenizer)
+            record["bytes_per_token"] = round(float(train_data.cache.bytes_per_token), 2)
+            collate = collate_teacher_cache
+            signal_teacher = None
+        cfg = {**train_config, "output_dir": str(run_dir)}
+        student = copy.deepcopy(template)
+        log.info("training %s (%s steps)", slug, cfg.get("max_steps"))
+        t0 = time.perf_counter()
+        distiller = Distiller(student, signal_teacher, task=CausalLMTask(), objective=kd_objective(case.policy),
+                              config=cfg, train_data=train_data, collate_fn=collate,
+                              run_config={"benchmark": "cache_fidelity", "case": record})
+        state = distiller.train()
+        train_s = time.perf_counter() - t0
+        model = distiller.unwrapped_student.eval()
+        record["train_s"] = round(train_s, 2)
+        record["train_s_per_step"] = round(train_s / max(state.step, 1), 3)
+        record["steps"] = int(state.step)
+        last = {k: float(v) for k, v in (state.last_logs or {}).items() if isinstance(v, int | float)}
+        record["train_loss_last"] = last.get("loss")
+
+        t0 = time.perf_counter()
+        scores = evaluate_language_models({"teacher": teacher, "student": model}, batches, teacher="teacher")
+        record["eval_s"] = round(time.perf_counter() - t0, 2)
+        m = scores["student"]["metrics"]
+        record["heldout_kl_to_teacher"] = float(m["kl_to_teacher"])
+        record["heldout_perplexity"] = float(m["perplexity"])
+        record["heldout_agreement"] = float(m["agreement"])
+        record["teacher_heldout_perplexity"] = float(scores["teacher"]["metrics"]["perplexity"])
+        if case.k is None:
+            reference_kl = record["heldout_kl_to_teacher"]
+        record["kl_rel_gap"] = (None if reference_kl is None
+                                else (record["heldout_kl_to_teacher"] - reference_kl) / reference_kl)
+        records.append(record)
+        if on_result is not None:
+            on_result(record)
+        del distiller, model, student
+    return records
+
+
+def summarize(records: Sequence[dict[str, Any]], *, max_bytes: float = 64.0, max_gap: float = 0.02) -> dict[str, Any]:
+    """Which cache cases meet the issue goal (<= ``max_bytes``/token and |KL gap| <= ``max_gap``)."""
+    rows = {r["case"]: {"bytes_per_token": r["bytes_per_token"], "kl": round(r["heldout_kl_to_teacher"], 4),
+                        "kl_rel_gap": None if r["kl_rel_gap"] is None else round(r["kl_rel_gap"], 4),
+                        "ppl": round(r["heldout_perplexity"], 2), "agreement": round(r["heldout_agreement"], 4),
+                        "train_s": r["train_s"]} for r in records}
+    meets = [r["case"] for r in records
+             if r["source"] == "cache" and r["kl_rel_gap"] is not None and r["bytes_per_token"] is not None
+             and r["bytes_per_token"] <= max_bytes and abs(r["kl_rel_gap"]) <= max_gap]
+    has_ref = any(r["source"] == "online" for r in records)
+    return {"summary": {"goal": f"<= {max_bytes:g} B/token and |held-out KL gap| <= {max_gap:.0%} vs online",
+                        "reference": "online" if has_ref else None, "cases": rows,
+                        "meets_goal": meets if has_ref else None}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default=DEFAULT_CASES, help=f"comma list (default {DEFAULT_CASES}); "
+                   "'kK:renormalize' picks the policy")
+    p.add_argument("--encoding", default="compact-u8-zstd")
+    p.add_argument("--teacher", default="smollm2", help="asset name, local folder or Hub id")
+    p.add_argument("--student-layers", type=int, default=6)
+    p.add_argument("--train-docs", default="prideprejudice")
+    p.add_argument("--eval-docs", default="persuasion")
+    p.add_argument("--train-sequences", type=int, default=256)
+    p.add_argument("--eval-sequences", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1 is ~6x faster than 2 on this oversubscribed 2-core box)")
+    p.add_argument("--work-dir", default=None, help="caches and run folders (default: a temp folder)")
+    p.add_argument("--out", default=None, help="append the JSON lines here too")
+    p.add_argument("--label", default=None, help="free text stored with every record (e.g. 'reduced')")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "accelerate", "kdforge.train"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdforge.data.text import make_lm_splits
+    from kdforge.recipes.llm_kd import load_documents, resolve_model_path
+    from kdforge.students.from_teacher import student_from_teacher
+
+    cases = parse_cases(args.cases, args.encoding)
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    path = resolve_model_path(args.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    teacher.requires_grad_(False).eval()
+    splits = make_lm_splits(load_documents("austen"), tokenizer, args.seq_len,
+                            train_docs=args.train_docs.split(","), eval_docs=args.eval_docs.split(","),
+                            max_train_blocks=args.train_sequences, max_eval_blocks=args.eval_sequences,
+                            seed=args.seed)
+    template = student_from_teacher(teacher, "every_k", num_layers=args.student_layers,
+                                    freeze_embeddings=True, freeze_head=True).eval()
+    train_config = {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                    "scheduler": "linear", "warmup_steps": args.warmup_steps, "max_grad_norm": 1.0,
+                    "log_every": 10, "seed": args.seed, "progress": False, "keep_last": 1}
+    context = {"teacher": args.teacher, "data": splits.summary(), "train": train_config,
+               "student_layers": list(template.config.kdforge_source_layers), "label": args.label,
+               "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch_threads": torch.get_num_threads(),
+               "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])}
+    out = Path(args.out) if args.out else None
+
+    def emit(obj: dict[str, Any]) -> None:
+        line = json.dumps(obj)
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("a", encoding="utf-8") as fh:  # append-only log of runs
+                fh.write(line + "\n")
+
+    def on_result(record: dict[str, Any]) -> None:
+        emit({**record, **context, "loadavg_1m": round(os.getloadavg()[0], 1),
+              "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+
+    with tempfile.TemporaryDirectory(prefix="kdforge-cache-fidelity-") as tmp:
+        work = Path(args.work_dir) if args.work_dir else Path(tmp)
+        t0 = time.perf_counter()
+        records = run_cases(teacher, template, splits.train, splits.eval, cases, train_config=train_config,
+                            work_dir=work, tokenizer=tokenizer, on_result=on_result)
+        total = time.perf_counter() - t0
+    summary = summarize(records)
+    summary["summary"].update({"total_s": round(total, 1), "loadavg_start": [round(x, 1) for x in load_start],
+                               "loadavg_end": [round(x, 1) for x in os.getloadavg()], **context,
+                               "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+    emit(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -45,7 +45,7 @@ def test_renormalize_reverse_kl_matches_hand_computed_restriction():
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
-@pytest.mark.parametrize("policy", ["tail_bucket", "renormalize"])
+@pytest.mark.parametrize("policy", ["tail_bucket", "renormalize", "student_full"])
 def test_sparse_teacher_with_k_equal_vocab_equals_dense(name, temperature, policy):
     s = torch.randn(3, 5, 12, dtype=torch.float64)
     t = torch.randn(3, 5, 12, dtype=torch.float64) * 3
@@ -110,3 +110,27 @@ def test_sparse_path_never_builds_a_dense_teacher(monkeypatch):
     sparse = SparseTeacher.from_logits(torch.randn(2, 3, 30), 5)
     for name in DIVERGENCES:
         LOSSES.get(name)(s, sparse, **PARAMS.get(name, {}))
+
+
+def test_student_full_forward_kl_matches_hand_computed_value():
+    s = torch.tensor(Q, dtype=torch.float64).log()
+    # teacher renormalised over its top-2, student's full (unrenormalised) probabilities
+    expected = 5 / 8 * math.log((5 / 8) / 0.1) + 3 / 8 * math.log((3 / 8) / 0.2)
+    assert forward_kl(s, top2(), sparse_policy="student_full").item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_student_full_is_infinite_for_reverse_kl_and_says_which_policy_to_use():
+    from kdforge.errors import NonFiniteError
+
+    s = torch.tensor(Q, dtype=torch.float64).log()
+    with pytest.raises(NonFiniteError, match="tail_bucket"):
+        reverse_kl(s, top2(), sparse_policy="student_full")
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "generalized_jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"])
+def test_student_full_gives_finite_gradients_for_bounded_and_forward_losses(name):
+    s = torch.randn(3, 30, requires_grad=True)
+    sparse = SparseTeacher.from_logits(torch.randn(3, 30), 4)
+    out = LOSSES.get(name)(s, sparse, sparse_policy="student_full", temperature=2.0, **PARAMS.get(name, {}))
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(s.grad).all()

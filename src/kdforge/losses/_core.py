@@ -20,6 +20,12 @@ Sparse teacher (top-k ids + full-vocabulary log-probs at T=1) policies:
 * ``"renormalize"``: both distributions restricted to the teacher's top-k ids and renormalised
   there (teacher ``softmax(log p / T)`` over the k ids — exact for any T; student
   ``softmax(z_s / T)`` over the same ids). Ignores everything outside the top-k.
+* ``"student_full"``: the teacher renormalised over its top-k (zero mass elsewhere), the student's
+  full distribution (its top-k probabilities plus its remaining mass as one bucket, which the
+  teacher gives probability 0). For forward KL this is ``sum_k p̂ (log p̂ - log q)``: the student is
+  pushed to put all its mass on the teacher's top-k (DistillKit/TRL-style sparse KL). Divergences
+  that weigh the student's mass where the teacher has none (reverse KL, AKL, TAID) are infinite
+  under this policy and raise ``NonFiniteError``; bounded ones (JSD, TVD, skew KL) are fine.
 
 Padding entries (repeated ids with teacher log-prob ``-inf``) get zero mass on both sides.
 The student's full ``[..., V]`` logits are used only through a log-softmax and a gather: the
@@ -40,7 +46,7 @@ Teacher = torch.Tensor | SparseTeacher
 Kernel = Callable[..., torch.Tensor]  # kernel(logq, logp, safe: bool) -> [n]
 
 REDUCTIONS = ("mean", "sum", "none")
-SPARSE_POLICIES = ("tail_bucket", "renormalize")
+SPARSE_POLICIES = ("tail_bucket", "renormalize", "student_full")
 NEG_INF = float("-inf")
 # Largest log-mass the top-k may claim before its complement is treated as "numerically empty";
 # keeps log(1 - sum p) and its gradient finite (float32 cannot resolve smaller tails anyway).
@@ -185,13 +191,16 @@ def sparse_pair(student_logits: torch.Tensor, teacher: SparseTeacher, temperatur
         s_sel = s.gather(-1, ids).masked_fill(pad, NEG_INF)
         t_sel = t_lp / temperature if temperature != 1.0 else t_lp
         return torch.log_softmax(s_sel, dim=-1), torch.log_softmax(t_sel, dim=-1)
-    # tail_bucket
+    # tail_bucket / student_full
     logq = torch.log_softmax(s, dim=-1).gather(-1, ids).masked_fill(pad, NEG_INF)
     vocab, k = teacher.vocab_size, teacher.k
     if k >= vocab:  # the top-k is the whole vocabulary: no tail, exactly the dense loss
         t_top = t_lp / temperature if temperature != 1.0 else t_lp
         return logq, torch.log_softmax(t_top, dim=-1)
     q_tail = log1mexp(torch.logsumexp(logq, dim=-1, keepdim=True).clamp(max=_LOG_MASS_CAP))
+    if policy == "student_full":
+        t_top = torch.log_softmax(t_lp / temperature if temperature != 1.0 else t_lp, dim=-1)
+        return torch.cat([logq, q_tail], dim=-1), torch.cat([t_top, torch.full_like(q_tail, NEG_INF)], dim=-1)
     t_tail = log1mexp(torch.logsumexp(t_lp, dim=-1, keepdim=True).clamp(max=_LOG_MASS_CAP))
     if temperature != 1.0:
         log_unseen = math.log(vocab - k)
@@ -264,7 +273,8 @@ def diagnose_nonfinite(name: str, student_logits: torch.Tensor, teacher: Teacher
         f"{name}: the loss is not finite although the logits are (a distribution puts zero mass where the other "
         "puts positive mass, e.g. -inf logits on the student for tokens the teacher uses)",
         "do not mask student logits with -inf on tokens the teacher can emit, or use a bounded divergence "
-        "(generalized_jsd, tvd, skew_forward_kl)",
+        "(generalized_jsd, tvd, skew_forward_kl); with a SparseTeacher, sparse_policy='student_full' gives the "
+        "teacher zero mass outside its top-k, so reverse-KL-type losses need 'tail_bucket' or 'renormalize'",
     )
 
 

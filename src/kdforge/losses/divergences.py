@@ -146,7 +146,8 @@ def forward_kl(
         temperature: softmax temperature ``T`` applied to both sides; the result is scaled by ``T^2``.
         reduction: ``"mean"`` over real positions, ``"sum"``, or ``"none"`` (``[...]``).
         labels: ignored (uniform signature).
-        sparse_policy: ``"tail_bucket"`` or ``"renormalize"`` for a sparse teacher.
+        sparse_policy: ``"tail_bucket"``, ``"renormalize"`` or ``"student_full"`` for a sparse
+            teacher (see :mod:`kdforge.losses._core`).
         check_finite: raise :class:`~kdforge.errors.NonFiniteError` when the loss is NaN/Inf (one
             device sync per call; set False inside CUDA graphs or tight loops).
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kdforge.config import validate
-from kdforge.errors import CheckpointError, ConfigError, DataError
+from kdforge.errors import CheckpointError, ConfigError, DataError, DeviceError
 from kdforge.io import write_text_atomic
 from kdforge.train.callbacks import Callback, JsonlLogger, ProgressBar, TrainerState
 from kdforge.train.checkpoint import (
@@ -92,6 +92,18 @@ def _new_accelerator(cls: Any, kwargs: dict[str, Any]) -> Any:
         logger.info("re-initialising accelerate's process state for mixed_precision=%s", kwargs.get("mixed_precision"))
         AcceleratorState._reset_state()
         return cls(**kwargs)
+
+
+def _refuse_meta(module: nn.Module, who: str) -> None:
+    """A model on the ``meta`` device has shapes but no weights: nothing can train or run it."""
+    meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if meta:
+        raise DeviceError(
+            f"the {who} has {len(meta)} tensors on the 'meta' device (e.g. {meta[0]!r}): its weights were "
+            "never loaded",
+            f"load the {who} with real weights (from_pretrained without device_map='meta' / init_empty_weights, "
+            "or to_empty() followed by load_state_dict) before passing it to Distiller",
+        )
 
 
 class Distiller:
@@ -180,8 +192,10 @@ class Distiller:
 
         # Teacher: frozen, eval mode, never prepared.
         self.teacher = teacher
+        _refuse_meta(student, "student")
         if teacher is not None:
             t_module = teacher_module(teacher)
+            _refuse_meta(t_module, "teacher")
             t_module.requires_grad_(False)
             t_module.eval()
             if teacher_device == "auto":

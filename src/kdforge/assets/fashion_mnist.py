@@ -22,6 +22,7 @@ Every folder is checked (all four files present) before it is returned.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -168,8 +169,8 @@ def _download(folder: Path) -> str | None:
         try:
             with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 (fixed https/http mirror)
                 data = response.read()
-        except OSError as exc:
-            return f"download of {url} failed: {exc}"
+        except (OSError, http.client.HTTPException) as exc:  # HTTPException: e.g. IncompleteRead, a dropped connection
+            return f"download of {url} failed: {exc!r}"
         digest = hashlib.md5(data).hexdigest()  # noqa: S324 (checksum published by the authors)
         if digest != md5:
             return f"{url} has MD5 {digest}, expected {md5}"

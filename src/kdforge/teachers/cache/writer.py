@@ -13,6 +13,7 @@ boundaries, so a resumed build writes the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 import kdforge
-from kdforge.errors import CacheError, ConfigError, ShapeError
+from kdforge.errors import CacheError, ConfigError, DiskFullError, ShapeError
 from kdforge.io import atomic_write, sha256_file, write_json_atomic
 from kdforge.losses.signal import SparseTeacher
 from kdforge.teachers.cache.codec import (
@@ -335,8 +336,17 @@ def build_lock(out: Path) -> Iterator[None]:
                 "wait for it to finish (build on one process only, e.g. rank 0, then let the others "
                 f"read), or delete {path} if that process is gone",
             ) from None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(me)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(me)
+        except OSError as exc:  # an empty lock left behind would block every later build
+            path.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(
+                    f"disk full while writing the build lock {path}; the cache's finished shards are intact",
+                    "free disk space (or build the cache on another disk) and run again; the build resumes",
+                ) from exc
+            raise
         break
     else:  # pragma: no cover - lost a race twice
         raise CacheError(f"could not lock {out} for building", "retry")

@@ -89,7 +89,8 @@ def _teacher_chunk(teacher: torch.Tensor | SparseTeacher | TeacherHead, rows: sl
     return teacher[rows].detach()
 
 
-def _validate(student_hidden, lm_head_weight, lm_head_bias, teacher, labels, mask, n: int) -> None:
+def _validate(student_hidden: torch.Tensor, lm_head_weight: torch.Tensor, lm_head_bias: torch.Tensor | None,
+              teacher: torch.Tensor | SparseTeacher | TeacherHead | None, n: int) -> None:
     if student_hidden.ndim != 2:
         raise ShapeError(f"student_hidden must be [N, H] after flattening, got {tuple(student_hidden.shape)}",
                          "pass the student's final hidden states (after the final norm)")
@@ -210,7 +211,7 @@ def chunked_distillation_loss(
         raise ConfigError("kd_weight != 0 but no teacher was given", "pass the teacher signal or set kd_weight=0")
     if ce_weight != 0 and flat_labels is None:
         raise ConfigError("ce_weight != 0 needs labels", "pass labels=[N] (ignore_index -100)")
-    _validate(hidden, lm_head_weight, lm_head_bias, teacher if kd_weight != 0 else None, flat_labels, flat_mask, n)
+    _validate(hidden, lm_head_weight, lm_head_bias, teacher if kd_weight != 0 else None, n)
     loss_fn = LOSSES.get(loss) if isinstance(loss, str) else loss
     if isinstance(teacher, torch.Tensor):
         teacher = teacher.reshape(-1, teacher.shape[-1])

@@ -202,3 +202,11 @@ def test_chunked_on_cuda_bf16_matches_float32_unchunked():
                     1.0, 1.0, 1.0, "sum", {})
     assert torch.isfinite(hb.grad).all()
     torch.testing.assert_close(out["loss"].cpu().double(), ref.detach(), rtol=0.05, atol=0.5)
+
+
+def test_cross_entropy_only_needs_no_teacher():
+    h, w, b, th, labels, mask = make()
+    out = chunked_distillation_loss(h, w, None, kd_weight=0.0, ce_weight=1.0, labels=labels, mask=mask, chunk_size=6)
+    ref = cross_entropy(torch.nn.functional.linear(h, w), labels=labels, mask=mask, reduction="sum")
+    torch.testing.assert_close(out["loss"], ref)
+    assert out["kd"].item() == 0.0

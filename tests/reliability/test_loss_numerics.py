@@ -261,9 +261,6 @@ def test_chunked_path_is_finite_and_equals_the_plain_loss_on_saturated_and_half_
         torch.testing.assert_close(out["loss"].float(), plain.detach(), rtol=1e-4, atol=1e-3, msg=where)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known: the chunked path defaults to T=1, DKD's own default is "
-                   "T=4, so an objective term {name: dkd} without a temperature changes value with "
-                   "chunked=True (reported to the losses/trainer owners)")
 def test_chunked_path_uses_each_loss_default_temperature_like_the_plain_path():
     from kdforge.losses import chunked_distillation_loss
 

@@ -22,6 +22,7 @@ Cost: one extra ``[V, H]`` float32 buffer for the weight gradient; the logits ar
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -159,7 +160,7 @@ def chunked_distillation_loss(
     mask: torch.Tensor | None = None,
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     chunk_size: int | str = 1024,
     lm_head_bias: torch.Tensor | None = None,
     reduction: str = "sum",
@@ -181,7 +182,8 @@ def chunked_distillation_loss(
         labels: int ``[N]`` targets for CE (and DKD), ``-100`` to ignore. Already shifted.
         mask: bool ``[N]`` real positions (None: all real).
         kd_weight, ce_weight: weights of the KD and CE terms in ``"loss"``.
-        temperature: passed to the KD loss (CE is always at T = 1).
+        temperature: passed to the KD loss (CE is always at T = 1); None uses the loss's own
+            default (1 for most, 4 for DKD), exactly like calling the loss directly.
         chunk_size: positions per chunk, or ``"auto"`` (:func:`auto_chunk_size`: ~16 MiB (CPU) /
             ~64 MiB (GPU) per float32 ``[chunk, V]`` array; recommended). Peak extra memory is about a dozen
             ``[chunk, V]`` float32 arrays plus a ``[V, H]`` float32 weight-gradient buffer.
@@ -194,6 +196,8 @@ def chunked_distillation_loss(
     Returns:
         ``{"loss": differentiable weighted total, "kd": detached KD, "ce": detached CE}``.
     """
+    if temperature is None:
+        temperature = _default_temperature(loss)
     check_temperature(temperature)
     check_reduction(reduction)
     if reduction == "none":
@@ -295,3 +299,12 @@ def chunked_distillation_loss(
         return {"loss": weighted, "kd": kd_out, "ce": ce_out}
     weighted, kd_out, ce_out = _FusedChunkedLoss.apply(hidden, lm_head_weight, lm_head_bias, run)
     return {"loss": weighted, "kd": kd_out, "ce": ce_out}
+
+
+def _default_temperature(loss: str | Callable[..., torch.Tensor]) -> float:
+    """The KD loss's own default temperature (DKD: 4), so the chunked path equals the plain one."""
+    fn = LOSSES.get(loss) if isinstance(loss, str) else loss
+    param = inspect.signature(fn).parameters.get("temperature")
+    if param is None or param.default is inspect.Parameter.empty:
+        return 1.0
+    return float(param.default)

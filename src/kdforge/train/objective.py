@@ -103,11 +103,12 @@ class Objective:
             :func:`kdforge.losses.chunked.chunked_distillation_loss`, so the ``[tokens, vocab]``
             student logits never exist at once. Allowed only for one distillation term plus an
             optional ``cross_entropy`` term.
-        chunk_size: tokens per chunk in the chunked mode.
+        chunk_size: tokens per chunk in the chunked mode, or ``"auto"`` (default: sized from the
+            vocabulary so each ``[chunk, V]`` float32 array is ~16 MiB on CPU, ~64 MiB on GPU).
     """
 
     def __init__(self, terms: Sequence[LossTerm | Mapping[str, Any]], *, chunked: bool = False,
-                 chunk_size: int = 1024) -> None:
+                 chunk_size: int | str = "auto") -> None:
         if isinstance(terms, Mapping | str) or not isinstance(terms, Sequence):
             raise ConfigError(
                 f"objective terms must be a list of loss terms, got {type(terms).__name__}",
@@ -140,7 +141,10 @@ class Objective:
         self._fns: list[Callable[..., torch.Tensor] | None] = [
             LOSSES.get(t.name) if t.source == "loss" else None for t in parsed]
         self.chunked = chunked
-        self.chunk_size = int(chunk_size)
+        if chunk_size != "auto" and not (isinstance(chunk_size, int) and chunk_size > 0):
+            raise ConfigError(f"chunk_size must be a positive integer or 'auto', got {chunk_size!r}",
+                              "use chunk_size='auto' (about 16 MiB per chunk array on CPU, 64 MiB on GPU)")
+        self.chunk_size: int | str = chunk_size
         if chunked:
             self._check_chunkable()
 
@@ -223,7 +227,7 @@ class Objective:
         kd = next(t for t in self.terms if t.name != "cross_entropy")
         ce = next((t for t in self.terms if t.name == "cross_entropy"), None)
         params = dict(kd.params)
-        temperature = params.pop("temperature", 1.0)
+        temperature = params.pop("temperature", None)  # None: the loss's own default
         hidden = out.student_hidden.reshape(-1, out.student_hidden.shape[-1])
         res = chunked_distillation_loss(
             hidden, out.lm_head_weight, out.teacher, loss=kd.name, labels=out.labels.reshape(-1),

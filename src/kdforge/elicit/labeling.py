@@ -8,7 +8,8 @@ as a confidence (self-consistency, Wang et al. 2022, "Self-Consistency Improves 
 Thought Reasoning in Language Models").
 
 With a local backend, ``score_loglik: true`` also scores every label by the teacher's
-log-likelihood ``log p(" " + label | prompt)`` and stores the softmax over labels
+log-likelihood ``log p(verbalizer | prompt)`` (verbalizer: ``" " + label`` unless
+``verbalizers`` maps the label to the word the prompt asks for) and stores the softmax over labels
 (``label_probs``) -- a soft label usable directly as a KD target, independent of sampling
 noise (the "verbalizer" scoring used by lm-eval-harness style multiple choice).
 
@@ -27,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from kdforge.config import StrictModel
 from kdforge.elicit.backends.base import Backend
@@ -49,6 +50,16 @@ class LabelingConfig(StrictModel):
     text_field: str = "text"
     gold_field: str | None = Field(None, description="column with a reference label, for accuracy")
     score_loglik: bool = Field(False, description="also score each label by log-likelihood (local backend)")
+    verbalizers: dict[str, str] = Field(
+        default_factory=dict,
+        description="label -> text scored for it (default ' ' + label); match the prompt's wording")
+
+    @model_validator(mode="after")
+    def _verbalizers_known(self) -> LabelingConfig:
+        unknown = set(self.verbalizers) - set(self.labels)
+        if unknown:
+            raise ValueError(f"verbalizers for unknown labels: {sorted(unknown)}")
+        return self
 
     @field_validator("labels")
     @classmethod
@@ -135,7 +146,7 @@ def label_rows(
     by_id = {rec["id"]: rec for rec in collect(out / "generations", reqs)}
     scores: list[list[float]] | None = None
     if labeling.score_loglik:
-        verbalizers = [" " + lab for lab in labeling.labels]
+        verbalizers = [labeling.verbalizers.get(lab, " " + lab) for lab in labeling.labels]
         many = getattr(backend, "score_many", None)
         scores = (many(prompts, verbalizers) if many is not None
                   else [backend.score_continuations(p, verbalizers) for p in prompts])

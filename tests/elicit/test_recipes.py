@@ -201,3 +201,17 @@ def test_rationales_vote_and_keep_a_rationale_that_agrees_with_the_majority(tmp_
 def test_split_rationale_drops_only_the_final_answer_line():
     assert split_rationale("a\nb\nAnswer: 3") == "a\nb"
     assert split_rationale("a\nb") == "a\nb"
+
+
+def test_loglik_scoring_uses_the_verbalizers_the_prompt_asks_for(tmp_path, tiny_model_dir):
+    from kdforge.elicit.data import PromptConfig, render_prompt
+
+    backend = build_backend(TransformersConfig(model=str(tiny_model_dir), device="cpu"))
+    cfg = LabelingConfig(labels=LABELS, score_loglik=True, verbalizers={"fresh": "Positive", "rotten": "Negative"},
+                         template="{text} positive or negative?")
+    labeled, _ = label_rows([{"text": "great fun"}], backend, tmp_path, labeling=cfg,
+                            params=SamplingParams(max_tokens=2), progress=False)
+    prompt = render_prompt({"text": "great fun", "labels": "fresh, rotten"}, PromptConfig(), cfg.template)
+    ref = backend.score_continuations(prompt, ["Positive", "Negative"])
+    assert labeled[0]["loglik"]["fresh"] == pytest.approx(ref[0], abs=1e-4)
+    assert labeled[0]["loglik"]["rotten"] == pytest.approx(ref[1], abs=1e-4)

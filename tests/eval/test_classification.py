@@ -47,11 +47,19 @@ def test_top1_agreement_is_fraction_of_equal_argmax():
 
 
 def test_ece_matches_hand_computed_value():
-    # 4 predictions at confidence 0.9 (3 correct) and 2 at 0.6 (1 correct), 15 bins:
-    # bin of 0.9: |0.75 - 0.9| * 4/6 = 0.1 ; bin of 0.6: |0.5 - 0.6| * 2/6 = 1/30
-    logits = logits_with_confidence([0.9] * 4 + [0.6] * 2, [0, 0, 0, 0, 1, 1])
+    # 4 predictions at confidence 0.9 (3 correct) and 2 at 0.62 (1 correct), 15 bins:
+    # bin of 0.9: |0.75 - 0.9| * 4/6 = 0.1 ; bin of 0.62: |0.5 - 0.62| * 2/6 = 0.04
+    logits = logits_with_confidence([0.9] * 4 + [0.62] * 2, [0, 0, 0, 0, 1, 1])
     labels = torch.tensor([0, 0, 0, 1, 1, 0])
-    assert expected_calibration_error(logits, labels, n_bins=15) == pytest.approx(0.1 + 1 / 30, abs=1e-5)
+    assert expected_calibration_error(logits, labels, n_bins=15) == pytest.approx(0.1 + 0.04, abs=1e-5)
+
+
+def test_ece_puts_different_confidences_in_different_bins():
+    # one bin holding both: accuracy 1/2, mean confidence 0.75 -> |0.5 - 0.75| = 0.25;
+    # separate bins: (|1 - 0.95| + |0 - 0.55|) / 2 = 0.30
+    logits = logits_with_confidence([0.95, 0.55], [0, 0])
+    assert expected_calibration_error(logits, torch.tensor([0, 1]), n_bins=15) == pytest.approx(0.30, abs=1e-5)
+    assert expected_calibration_error(logits, torch.tensor([0, 1]), n_bins=1) == pytest.approx(0.25, abs=1e-5)
 
 
 def test_perfectly_calibrated_bins_give_zero_ece():
@@ -60,10 +68,10 @@ def test_perfectly_calibrated_bins_give_zero_ece():
 
 
 def test_reliability_bins_are_equal_width_right_closed():
-    # confidence exactly 0.6 = 9/15 belongs to bin 8 ((8/15, 9/15]), 0.9 = 13.5/15 to bin 13
-    bins = reliability_bins(logits_with_confidence([0.6, 0.9, 0.9], [0, 1, 1]), torch.tensor([0, 1, 0]), n_bins=15)
+    # confidence 0.62 = 9.3/15 belongs to bin 9 ((9/15, 10/15]), 0.9 = 13.5/15 to bin 13
+    bins = reliability_bins(logits_with_confidence([0.62, 0.9, 0.9], [0, 1, 1]), torch.tensor([0, 1, 0]), n_bins=15)
     assert len(bins.count) == 15 and bins.lower[0] == 0.0 and bins.upper[-1] == 1.0
-    assert bins.count[8] == 1 and bins.count[13] == 2 and sum(bins.count) == 3
+    assert bins.count[9] == 1 and bins.count[13] == 2 and sum(bins.count) == 3
     assert bins.accuracy[13] == pytest.approx(0.5) and bins.confidence[13] == pytest.approx(0.9, abs=1e-6)
     assert math.isnan(bins.accuracy[0])
     as_dict = bins.to_dict()

@@ -151,13 +151,13 @@ def test_truncated_shard_is_caught_even_without_checksums(teacher, sequences, tm
         TeacherCacheDataset(path, verify=False)
 
 
-def test_rebuild_repairs_a_damaged_shard(teacher, sequences, tmp_path):
+def test_rebuild_repairs_only_the_damaged_shard(teacher, sequences, tmp_path):
     path = _build(teacher, sequences, tmp_path / "c")
     good = (path / "shard-00002.kdc").read_bytes()
     (path / "shard-00002.kdc").write_bytes(good[:-5])
     rewritten = []
     _build(teacher, sequences, path, on_shard=lambda i, e: rewritten.append(i))
-    assert rewritten == [2, 3] and (path / "shard-00002.kdc").read_bytes() == good
+    assert rewritten == [2] and (path / "shard-00002.kdc").read_bytes() == good  # intact shard 3 is kept
     TeacherCacheDataset(path)
 
 

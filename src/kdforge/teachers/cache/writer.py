@@ -6,8 +6,12 @@ the tokenizer, at the cost of a disk read per step.
 
 Crash safety: each shard is written with :func:`kdforge.io.atomic_write` and the manifest is
 rewritten atomically after it, so a kill at any instant leaves only complete shards listed.
-Rerunning the same build resumes at the first missing shard; batches never cross shard
-boundaries, so a resumed build writes the same bytes as an uninterrupted one.
+Rerunning the same build writes only the missing shards; batches never cross shard boundaries,
+so a resumed build writes the same bytes as an uninterrupted one.
+
+Data-parallel builds (``data_parallel=True`` under ``accelerate launch``): each rank writes its
+share of the shards plus its own progress record, rank 0 merges the manifest once; see
+:mod:`kdforge.teachers.cache.parallel`. The output does not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,13 @@ from kdforge.teachers.cache.format import (
     read_manifest,
     shard_name,
     shard_ranges,
+)
+from kdforge.teachers.cache.parallel import (
+    BuildGroup,
+    assign_shards,
+    join_launch_group,
+    progress_files,
+    progress_name,
 )
 from kdforge.teachers.online import OnlineTeacher
 from kdforge.teachers.vocab import tokenizer_fingerprint, tokenizer_size
@@ -103,6 +115,7 @@ def build_teacher_cache(
     weights_hash: str | None = None,
     overwrite: bool = False,
     on_shard: Callable[[int, dict[str, Any]], None] | None = None,
+    data_parallel: bool | BuildGroup = False,
 ) -> Path:
     """Run ``teacher`` once over ``sequences`` and write a top-k cache to ``out_dir``.
 
@@ -121,6 +134,12 @@ def build_teacher_cache(
         weights_hash: skip hashing the weights by passing a precomputed identifier.
         overwrite: replace an existing cache built with other settings instead of failing.
         on_shard: called as ``on_shard(index, shard_entry)`` after each shard is committed.
+        data_parallel: True: call this on *every* process of an ``accelerate launch`` /
+            ``torchrun`` launch; the unfinished shards are split round-robin over the ranks, each
+            writes its own, rank 0 merges the manifest once (the result is the same bytes as a
+            one-process build). False (default): this process builds alone (under a launch, call
+            it on one rank only, e.g. inside ``accelerator.main_process_first()``). A
+            :class:`~kdforge.teachers.cache.parallel.BuildGroup` gives the group explicitly.
 
     Returns:
         ``out_dir`` as a Path.
@@ -153,6 +172,7 @@ def build_teacher_cache(
         tokenizer=tokenizer,
         overwrite=overwrite,
         on_shard=on_shard,
+        data_parallel=data_parallel,
     )
 
 
@@ -170,10 +190,12 @@ def write_teacher_cache(
     tokenizer: Any = None,
     overwrite: bool = False,
     on_shard: Callable[[int, dict[str, Any]], None] | None = None,
+    data_parallel: bool | BuildGroup = False,
 ) -> Path:
     """Write a cache from any top-k source (see :data:`TopkFn`); :func:`build_teacher_cache`
     is this with a live model. ``teacher_info`` needs ``id`` and ``weights_sha256`` (any stable
-    identifier of the teacher, e.g. a served model's name and revision)."""
+    identifier of the teacher, e.g. a served model's name and revision). ``data_parallel``: see
+    :func:`build_teacher_cache` (each rank's ``topk_fn`` is called only on its own shards)."""
     if k < 1 or batch_size < 1 or shard_size < 1:
         raise ConfigError(
             f"k, batch_size and shard_size must be >= 1 (got {k}, {batch_size}, {shard_size})",
@@ -215,67 +237,198 @@ def write_teacher_cache(
         "stats": {},
     }
     out.mkdir(parents=True, exist_ok=True)
-    with build_lock(out):
-        manifest = _resume_or_start(out, header, overwrite)
+    group = _resolve_group(data_parallel)
+    ranges = shard_ranges(len(seqs), shard_size)
+    with contextlib.ExitStack() as stack:
+        # phase 1: rank 0 locks the folder, keeps what a killed build finished, publishes the plan
+        if group.rank == 0:
+            stack.enter_context(build_lock(out))
+            manifest = _resume_or_start(out, header, overwrite, ranges)
+            if group.world_size > 1 and not manifest["complete"]:
+                write_json_atomic(out / MANIFEST, manifest)
+        group.barrier()
+        if group.rank != 0:
+            manifest = _joined_manifest(out, header, group.rank)
         if manifest["complete"]:
             log.info("teacher cache at %s is already complete; nothing to do", out)
             return out
 
-        ranges = shard_ranges(len(seqs), shard_size)
-        start_shard = len(manifest["shards"])
-        if start_shard:
-            log.info("resuming teacher cache at shard %d of %d", start_shard, len(ranges))
-        for index in range(start_shard, len(ranges)):
+        # phase 2: every rank writes its share of the unfinished shards
+        done = {_shard_index(e, shard_size) for e in manifest["shards"]}
+        pending = [i for i in range(len(ranges)) if i not in done]
+        mine = assign_shards(pending, group.rank, group.world_size)
+        if done:
+            log.info("resuming teacher cache: %d of %d shards done", len(done), len(ranges))
+        if group.world_size > 1:
+            log.info("rank %d of %d writes %d of the %d unfinished shards", group.rank, group.world_size,
+                     len(mine), len(pending))
+        progress: list[dict[str, Any]] = []
+        for index in mine:
             start, end = ranges[index]
             t0 = time.perf_counter()
-            input_ids = seqs.rows(start, end)
-            ids_parts, lp_parts = [], []
-            for b in range(0, end - start, batch_size):
-                batch = torch.as_tensor(input_ids[b : b + batch_size])
-                sparse = topk_fn(batch, start + b)
-                if tuple(sparse.ids.shape) != (batch.shape[0], seqs.seq_len, k):
-                    raise ShapeError(
-                        f"the teacher signal for rows {start + b}.. has shape {tuple(sparse.ids.shape)}, "
-                        f"expected {(batch.shape[0], seqs.seq_len, k)}",
-                        "return one top-k list of k entries per position",
-                    )
-                ids_parts.append(sparse.ids.cpu().numpy())
-                lp_parts.append(sparse.logprobs.cpu().numpy())
-            ids = np.concatenate(ids_parts)
-            lps = np.concatenate(lp_parts)
-            if ids.max() >= vocab_size:
-                raise CacheError(f"teacher produced id {ids.max()} >= vocab {vocab_size}", "report this bug")
-            blob = encode_shard(enc, input_ids, ids, lps, vocab_size)
-            name = shard_name(index)
-            with atomic_write(out / name, "wb") as fh:
-                fh.write(blob)
-            mass = np.exp(lps.astype(np.float64)).sum(-1)
-            entry = {
-                "file": name,
-                "rows": [start, end],
-                "bytes": len(blob),
-                "sha256": hashlib.sha256(blob).hexdigest(),
-                "topk_mass_sum": float(mass.sum()),
-                "topk_mass_min": float(mass.min()),
-                "max_quant_error": _max_quant_error(enc, lps),
-            }
-            manifest["shards"].append(entry)
-            if index == len(ranges) - 1:
-                manifest["complete"] = True
-                manifest["stats"] = _stats(manifest)
-            write_json_atomic(out / MANIFEST, manifest)
+            entry, n_bytes = _write_shard(out, index, seqs, start, end, topk_fn, enc, k, vocab_size, batch_size)
+            if group.world_size == 1:  # the manifest is the progress record
+                manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["rows"][0])
+                if len(manifest["shards"]) == len(ranges):
+                    manifest["complete"] = True
+                    manifest["stats"] = _stats(manifest)
+                write_json_atomic(out / MANIFEST, manifest)
+            else:
+                progress.append(entry)
+                write_json_atomic(out / progress_name(group.rank), {"rank": group.rank, "shards": progress})
             n_tok = (end - start) * seqs.seq_len
             log.info(
                 "shard %d/%d: %d tokens, %.1f B/token, %.0f tokens/s",
                 index + 1,
                 len(ranges),
                 n_tok,
-                len(blob) / n_tok,
+                n_bytes / n_tok,
                 n_tok / max(time.perf_counter() - t0, 1e-9),
             )
             if on_shard is not None:
                 on_shard(index, entry)
+
+        # phase 3: rank 0 merges the ranks' records into the manifest, once
+        if group.world_size > 1:
+            group.barrier()
+            if group.rank == 0:
+                _merge_progress(out, manifest, ranges)
+            group.barrier()
         return out
+
+
+def _resolve_group(data_parallel: bool | BuildGroup) -> BuildGroup:
+    if isinstance(data_parallel, BuildGroup):
+        return data_parallel
+    return join_launch_group() if data_parallel else BuildGroup()
+
+
+def _shard_index(entry: dict[str, Any], shard_size: int) -> int:
+    return int(entry["rows"][0]) // shard_size
+
+
+def _write_shard(
+    out: Path,
+    index: int,
+    seqs: Any,
+    start: int,
+    end: int,
+    topk_fn: TopkFn,
+    enc: Encoding,
+    k: int,
+    vocab_size: int,
+    batch_size: int,
+) -> tuple[dict[str, Any], int]:
+    """Run ``topk_fn`` over rows ``[start, end)`` in batches, write the shard atomically, return
+    its manifest entry and size. Batches never cross shards: the bytes depend on the rows only."""
+    input_ids = seqs.rows(start, end)
+    ids_parts, lp_parts = [], []
+    for b in range(0, end - start, batch_size):
+        batch = torch.as_tensor(input_ids[b : b + batch_size])
+        sparse = topk_fn(batch, start + b)
+        if tuple(sparse.ids.shape) != (batch.shape[0], seqs.seq_len, k):
+            raise ShapeError(
+                f"the teacher signal for rows {start + b}.. has shape {tuple(sparse.ids.shape)}, "
+                f"expected {(batch.shape[0], seqs.seq_len, k)}",
+                "return one top-k list of k entries per position",
+            )
+        ids_parts.append(sparse.ids.cpu().numpy())
+        lp_parts.append(sparse.logprobs.cpu().numpy())
+    ids = np.concatenate(ids_parts)
+    lps = np.concatenate(lp_parts)
+    if ids.max() >= vocab_size:
+        raise CacheError(f"teacher produced id {ids.max()} >= vocab {vocab_size}", "report this bug")
+    blob = encode_shard(enc, input_ids, ids, lps, vocab_size)
+    name = shard_name(index)
+    with atomic_write(out / name, "wb") as fh:
+        fh.write(blob)
+    mass = np.exp(lps.astype(np.float64)).sum(-1)
+    entry = {
+        "file": name,
+        "rows": [start, end],
+        "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "topk_mass_sum": float(mass.sum()),
+        "topk_mass_min": float(mass.min()),
+        "max_quant_error": _max_quant_error(enc, lps),
+    }
+    return entry, len(blob)
+
+
+def _joined_manifest(out: Path, header: dict[str, Any], rank: int) -> dict[str, Any]:
+    """The manifest rank 0 published, checked against this rank's own settings and corpus."""
+    manifest = read_manifest(out)
+    diff = [key for key in COMPAT_KEYS if manifest.get(key) != header[key]]
+    if diff:
+        raise CacheError(
+            f"rank {rank} builds the teacher cache at {out} with other settings than rank 0 "
+            f"(differs in: {', '.join(diff)})",
+            "launch every process with the same config, teacher and corpus",
+        )
+    return manifest
+
+
+def _merge_progress(out: Path, manifest: dict[str, Any], ranges: Sequence[tuple[int, int]]) -> None:
+    """Fold every rank's progress record into ``manifest``, write it once, delete the records."""
+    entries = _progress_entries(out)
+    shards = _valid_entries(out, [*manifest["shards"], *entries], ranges, manifest["shard_size"], hash_check=False)
+    missing = sorted(set(range(len(ranges))) - {_shard_index(e, manifest["shard_size"]) for e in shards})
+    manifest["shards"] = shards
+    if missing:
+        write_json_atomic(out / MANIFEST, manifest)
+        raise CacheError(
+            f"the ranks finished but shards {missing[:8]} of the teacher cache at {out} are not recorded",
+            "rerun the same command: the build resumes and writes the missing shards",
+        )
+    manifest["complete"] = True
+    manifest["stats"] = _stats(manifest)
+    write_json_atomic(out / MANIFEST, manifest)
+    for path in progress_files(out):
+        path.unlink(missing_ok=True)
+
+
+def _progress_entries(out: Path) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    for path in progress_files(out):
+        try:
+            entries.extend(json.loads(path.read_text(encoding="utf-8"))["shards"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # written atomically: should not happen
+            log.warning("ignoring unreadable progress record %s (%s); its shards are rebuilt", path, exc)
+    return entries
+
+
+def _valid_entries(
+    out: Path,
+    entries: list[dict[str, Any]],
+    ranges: Sequence[tuple[int, int]],
+    shard_size: int,
+    *,
+    hash_check: bool = True,
+) -> list[dict[str, Any]]:
+    """Entries whose shard file is where, as large and (``hash_check``) as hashed as recorded,
+    at most one per shard, sorted by shard."""
+    kept: dict[int, dict[str, Any]] = {}
+    for entry in entries:
+        try:
+            index = _shard_index(entry, shard_size)
+            expected = index < len(ranges) and entry["rows"] == list(ranges[index]) and entry["file"] == shard_name(index)
+        except (KeyError, TypeError, ValueError, IndexError):
+            expected = False
+        if not expected:
+            log.warning("ignoring a malformed shard record in %s: %s", out, entry)
+            continue
+        if index in kept:
+            continue
+        path = out / entry["file"]
+        if (
+            path.is_file()
+            and path.stat().st_size == entry["bytes"]
+            and (not hash_check or sha256_file(path) == entry["sha256"])
+        ):
+            kept[index] = entry
+        else:
+            log.warning("shard %s is missing or damaged; it will be rebuilt", entry["file"])
+    return [kept[i] for i in sorted(kept)]
 
 
 def _max_quant_error(enc: Encoding, lps: np.ndarray) -> float:
@@ -333,8 +486,9 @@ def build_lock(out: Path) -> Iterator[None]:
                 continue
             raise CacheError(
                 f"another build of the teacher cache at {out} is running ({owner})",
-                "wait for it to finish (build on one process only, e.g. rank 0, then let the others "
-                f"read), or delete {path} if that process is gone",
+                "wait for it to finish (under a multi-process launch call the builder on every rank "
+                "with data_parallel=True, or on rank 0 only), or delete "
+                f"{path} if that process is gone",
             ) from None
         try:
             with os.fdopen(fd, "w") as fh:
@@ -366,8 +520,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _resume_or_start(out: Path, header: dict[str, Any], overwrite: bool) -> dict[str, Any]:
-    """Return the manifest to continue from: a verified prefix of an existing build, or ``header``."""
+def _resume_or_start(
+    out: Path, header: dict[str, Any], overwrite: bool, ranges: Sequence[tuple[int, int]]
+) -> dict[str, Any]:
+    """Return the manifest to continue from: the verified shards of an existing build, or ``header``.
+
+    The verified shards are those listed in the manifest or in a rank's progress record whose file
+    is intact (size and SHA-256); any other shard file, temp file or progress record is deleted.
+    """
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # temp files of an interrupted atomic write
         stale.unlink(missing_ok=True)
@@ -377,7 +537,7 @@ def _resume_or_start(out: Path, header: dict[str, Any], overwrite: bool) -> dict
                 f"{out} holds shard files but no manifest",
                 "delete the folder, or pass overwrite=True (--overwrite) to rebuild",
             )
-        _remove_shards(out, keep=0)
+        _remove_shards(out, keep=set())
         return header
     try:
         old = read_manifest(out)
@@ -394,29 +554,31 @@ def _resume_or_start(out: Path, header: dict[str, Any], overwrite: bool) -> dict
             )
         log.warning("overwriting the teacher cache at %s (differs in: %s)", out, ", ".join(diff) or "manifest")
         (out / MANIFEST).unlink()
-        _remove_shards(out, keep=0)
+        _remove_shards(out, keep=set())
         return header
-    kept = []
-    for entry in old["shards"]:
-        path = out / entry["file"]
-        if path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]:
-            kept.append(entry)
-        else:
-            log.warning("shard %s is missing or damaged; rebuilding from there", entry["file"])
-            break
+    records = _progress_entries(out)
+    kept = _valid_entries(out, [*old["shards"], *records], ranges, header["shard_size"])
     header["shards"] = kept
-    header["complete"] = old.get("complete", False) and len(kept) == len(old["shards"])
+    header["complete"] = bool(old.get("complete", False)) and len(kept) == len(old["shards"]) == len(ranges)
     if header["complete"]:
         header["stats"] = old.get("stats", {})
-    _remove_shards(out, keep=len(kept))
+    _remove_shards(out, keep={_shard_index(e, header["shard_size"]) for e in kept})
+    if records:  # a killed data-parallel build: record its finished shards before dropping the records
+        write_json_atomic(out / MANIFEST, header)
+        for path in progress_files(out):
+            path.unlink(missing_ok=True)
     return header
 
 
-def _remove_shards(out: Path, keep: int) -> None:
+def _remove_shards(out: Path, keep: set[int]) -> None:
+    """Delete shard files whose index is not in ``keep``, and every progress record."""
     for path in out.glob("shard-*.kdc"):
         try:
             index = int(path.stem.split("-")[1])
         except (IndexError, ValueError):
             continue
-        if index >= keep:
+        if index not in keep:
             path.unlink()
+    if not keep:
+        for path in progress_files(out):
+            path.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdforge.errors import ConfigError
+    from kdforge.errors import AssetError, ConfigError
     from kdforge.students.from_teacher import count_parameters, student_from_teacher
 
     source = args.teacher
@@ -37,7 +38,15 @@ def handle(args: argparse.Namespace) -> int:
         from kdforge.assets import ensure
 
         source = str(ensure("smollm2"))
-    teacher = AutoModelForCausalLM.from_pretrained(source)
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise AssetError(
+            f"cannot load the teacher {source!r}: {str(exc).splitlines()[0]}",
+            "check the folder holds config.json and weights"
+            if Path(source).exists()
+            else "check the path or Hub id (a Hub id needs the network: HF_HUB_OFFLINE=0), or use 'smollm2'",
+        ) from None
     if args.layers:
         try:
             spec: object = [int(x) for x in args.layers.split(",") if x.strip()]

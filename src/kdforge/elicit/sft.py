@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import ConfigError, DataError
+from kdforge.errors import AssetError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,19 @@ def build_sft_examples(records: list[dict[str, Any]], tokenizer: Any, max_length
     return examples
 
 
+def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(name)``; a missing folder or unreachable Hub id is an AssetError."""
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise AssetError(
+            f"cannot load the {what} {name!r}: {str(exc).splitlines()[0]}",
+            "check the folder holds config.json/tokenizer files and weights"
+            if Path(name).exists()
+            else "check the path or Hub id (a Hub id needs the network: HF_HUB_OFFLINE=0)",
+        ) from None
+
+
 def run_sft(data: str | Path, student: str, output_dir: str | Path, *, tokenizer: str | None = None,
             max_length: int = 512, train: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune ``student`` (HF folder or Hub id) on teacher generations; save it under
@@ -92,11 +105,12 @@ def run_sft(data: str | Path, student: str, output_dir: str | Path, *, tokenizer
     from kdforge.train import CausalLMTask, Distiller
 
     out = Path(output_dir)
-    tok = AutoTokenizer.from_pretrained(tokenizer or student)
+    records = load_sft_records(data)  # the cheap checks first: a bad data path fails before any model loads
+    tok = _from_pretrained(AutoTokenizer, tokenizer or student, "tokenizer")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-    examples = build_sft_examples(load_sft_records(data), tok, max_length)
+    model = _from_pretrained(AutoModelForCausalLM, student, "student", dtype=torch.float32)
+    examples = build_sft_examples(records, tok, max_length)
     cfg = {"batch_size": 8, "lr": 5e-5, "scheduler": "cosine", "warmup_steps": 0,
            **(train or {}), "output_dir": str(out)}
     if cfg.get("max_steps") is None and cfg.get("epochs") is None:

@@ -170,6 +170,9 @@ class OnlineTeacher:
                 f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}",
                 "add a batch dimension with input_ids.unsqueeze(0)",
             )
+        from kdforge.train.tasks import check_lm_input
+
+        check_lm_input(self.model, input_ids, "teacher")  # ids within the vocabulary, length within positions
         kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids.to(self.device)}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask.to(self.device)

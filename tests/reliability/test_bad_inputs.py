@@ -1,0 +1,789 @@
+"""The bad-input corpus: every way a user can feed kdforge something wrong gets a clear error.
+
+One table (:data:`CASES`). Each row says how to provoke a bad input through the public API or the
+CLI, which :class:`~kdforge.errors.KdforgeError` subclass must come out (exactly that class), words
+its ``problem`` must contain, words its ``fix`` must contain, and which files already on disk (a
+previous results file, checkpoint, cache shard, download) must be byte-identical afterwards.
+
+CLI rows are also run without ``--debug``: ``kdforge`` must return 2 and print
+``kdforge: error: ... Fix: ...`` with no traceback.
+
+docs/errors.md is the human-readable copy of this table; keep them in step.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import kdforge.io as kio
+from kdforge.cli.main import main
+from kdforge.errors import (
+    AssetError,
+    CacheError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DeviceError,
+    DiskFullError,
+    KdforgeError,
+    NonFiniteError,
+    ShapeError,
+    VocabMismatchError,
+)
+
+VOCAB = 256
+SEQ = 16
+
+
+# --------------------------------------------------------------------------------------------
+# tiny models, tokenizers, data (built from configs, seconds)
+# --------------------------------------------------------------------------------------------
+def tiny_llama(vocab: int = VOCAB, seed: int = 0, max_positions: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_tokenizer(extra: str = ""):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<eos>"], show_progress=False)
+    tok.train_from_iterator(["It is a truth universally acknowledged." + extra, "Emma Woodhouse, handsome."] * 10,
+                            trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, 8), nn.ReLU(), nn.Linear(8, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int = 12, d_in: int = 4, classes: int = 3) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, d_in, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"inputs": self.x[i], "labels": self.y[i]}
+
+
+class TokenRows(torch.utils.data.Dataset):
+    def __init__(self, n: int = 4, length: int = SEQ, vocab: int = VOCAB) -> None:
+        self.ids = torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
+
+
+@dataclass
+class Shared:
+    """Objects built once per module: a teacher, its tokenizer, token data, a complete cache."""
+
+    root: Path
+    _memo: dict[str, Any] = field(default_factory=dict)
+
+    def _get(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    @property
+    def teacher(self):
+        from kdforge.teachers import OnlineTeacher
+
+        return self._get("teacher", lambda: OnlineTeacher(tiny_llama()))
+
+    @property
+    def tokenizer(self):
+        return self._get("tokenizer", tiny_tokenizer)
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        return self._get("seqs", lambda: torch.randint(0, VOCAB, (8, SEQ), generator=torch.Generator().manual_seed(1)))
+
+    @property
+    def cache(self) -> Path:
+        """A complete 2-shard cache (template: cases copy it before touching it)."""
+        from kdforge.teachers import build_teacher_cache
+
+        return self._get("cache", lambda: build_teacher_cache(
+            self.teacher, self.sequences, self.root / "cache", k=4, shard_size=4, batch_size=4,
+            tokenizer=self.tokenizer))
+
+
+@dataclass
+class World:
+    """What a case's setup gets: a private folder, monkeypatch, the shared objects."""
+
+    tmp: Path
+    mp: pytest.MonkeyPatch
+    shared: Shared
+
+    def write(self, name: str, text: str) -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def cache_copy(self, name: str = "cache") -> Path:
+        return Path(shutil.copytree(self.shared.cache, self.tmp / name))
+
+
+Action = Callable[[], Any]
+Setup = Callable[[World], tuple[Action, list[Path]]]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    area: str
+    error: type[KdforgeError]
+    problem: tuple[str, ...]  # words (lower case) the problem must contain
+    fix: tuple[str, ...]  # words (lower case) the fix must contain
+    setup: Setup
+    cli: tuple[str, ...] | None = None  # set by cli(): argv run without --debug as well
+
+
+# --------------------------------------------------------------------------------------------
+# helpers to provoke errors
+# --------------------------------------------------------------------------------------------
+def cli_case(id: str, area: str, error: type[KdforgeError], problem: tuple[str, ...], fix: tuple[str, ...],
+             argv: Callable[[World], tuple[list[str], list[Path]]]) -> Case:
+    """A case run through ``kdforge`` (with ``--debug`` to see the class; without to see exit 2)."""
+
+    def setup(w: World) -> tuple[Action, list[Path]]:
+        args, keep = argv(w)
+        w.mp.setattr("sys.argv", ["kdforge", *args])  # recorded for the no-traceback test
+        return (lambda: main(["--debug", *args])), keep
+
+    return Case(id, area, error, problem, fix, setup, cli=("yes",))
+
+
+LLM_KD_OK = "recipe: llm_kd\noutput_dir: out\n"
+
+
+def run_yaml(text: str, *extra: str) -> Callable[[World], tuple[list[str], list[Path]]]:
+    def argv(w: World) -> tuple[list[str], list[Path]]:
+        return ["run", str(w.write("recipe.yaml", text)), "--dry-run", *extra], []
+
+    return argv
+
+
+class _FullDisk:
+    """A file object whose write puts half the bytes on disk, then fails with ENOSPC."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+
+    def write(self, data: Any) -> int:
+        self._fh.write(data[: len(data) // 2])
+        self._fh.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._fh.__exit__(*exc)
+
+
+class _OsWithFullDisk:
+    """The ``os`` module as kdforge.io sees it, with a full disk behind ``fdopen``."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    @staticmethod
+    def fdopen(fd: int, *args: Any, **kwargs: Any) -> _FullDisk:
+        return _FullDisk(os.fdopen(fd, *args, **kwargs))
+
+
+def fill_disk(w: World, *, everywhere: bool = False) -> None:
+    """From now on every kdforge.io.atomic_write (or, ``everywhere``, every os.fdopen) hits a full disk."""
+    if everywhere:
+        real = os.fdopen
+        w.mp.setattr(os, "fdopen", lambda fd, *a, **kw: _FullDisk(real(fd, *a, **kw)))
+    else:
+        w.mp.setattr(kio, "os", _OsWithFullDisk())
+
+
+def distiller(w: World, *, student: nn.Module | None = None, teacher: Any = None, data: Any = None,
+              objective: Any = None, out: Path | None = None, max_steps: int = 2, **cfg: Any):
+    from kdforge.train import ClassificationTask, Distiller, TrainConfig
+
+    torch.manual_seed(0)
+    cfg.setdefault("save_every", max_steps)
+    config = TrainConfig(max_steps=max_steps, batch_size=4, progress=False, output_dir=str(out) if out else None,
+                         **cfg)
+    return Distiller(student if student is not None else MLP(), teacher, task=ClassificationTask(),
+                     objective=objective or [{"name": "cross_entropy", "weight": 1.0}], config=config,
+                     train_data=Rows() if data is None else data)
+
+
+def lm_distiller(w: World, student: nn.Module, teacher: Any, data: Any, objective: list[dict]) -> Any:
+    from kdforge.train import CausalLMTask, Distiller, TrainConfig
+
+    return Distiller(student, teacher, task=CausalLMTask(), objective=objective,
+                     config=TrainConfig(max_steps=1, batch_size=2, progress=False), train_data=data)
+
+
+# --------------------------------------------------------------------------------------------
+# the cases
+# --------------------------------------------------------------------------------------------
+def _losses():
+    from kdforge import losses
+
+    return losses
+
+
+def _sparse(ids: list[list[int]], vocab: int):
+    from kdforge.losses import SparseTeacher
+
+    ids_t = torch.tensor(ids)
+    return SparseTeacher(ids_t, torch.full(ids_t.shape, -2.0), vocab)
+
+
+def _case_checkpoint_truncated(w: World):
+    out = w.tmp / "run"
+    distiller(w, out=out, max_steps=2, save_every=1, keep_last=2).train()
+    newest = out / "checkpoints" / "step-2" / "student.safetensors"
+    newest.write_bytes(newest.read_bytes()[:40])
+    keep = [out / "checkpoints" / "step-1", out / "checkpoints" / "step-2"]
+    return (lambda: distiller(w, out=out, max_steps=3, save_every=1).train(resume=True)), keep
+
+
+def _case_resume_other_config(w: World):
+    out = w.tmp / "run"
+    distiller(w, out=out, max_steps=2).train()
+    d = distiller(w, out=out, max_steps=3)
+    d.config = d.config.model_copy(update={"batch_size": 3})
+    return (lambda: d.train(resume=True)), [out / "checkpoints"]
+
+
+def _case_disk_full_checkpoint(w: World):
+    out = w.tmp / "run"
+    distiller(w, out=out, max_steps=2).train()
+    d = distiller(w, out=out, max_steps=4)
+
+    def act():
+        fill_disk(w)
+        d.train(resume=True)
+
+    return act, [out / "checkpoints" / "step-2"]
+
+
+def _case_disk_full_json(w: World):
+    results = w.write("run/results.json", json.dumps({"accuracy": 0.91}) + "\n")
+
+    def act():
+        fill_disk(w)
+        kio.write_json_atomic(results, {"accuracy": 0.12, "padding": "x" * 10_000})
+
+    return act, [results.parent]
+
+
+def _case_disk_full_cache(w: World, everywhere: bool = False):
+    from kdforge.teachers import build_teacher_cache
+
+    out = w.tmp / "cache"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(index: int, entry: dict) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):  # an interrupted build: shard 0 and its manifest are on disk
+        build_teacher_cache(w.shared.teacher, w.shared.sequences, out, k=4, shard_size=4, batch_size=4,
+                            on_shard=stop_after_first)
+    keep = [out / "manifest.json", out / "shard-00000.kdc"]
+
+    def act():
+        fill_disk(w, everywhere=everywhere)
+        try:
+            build_teacher_cache(w.shared.teacher, w.shared.sequences, out, k=4, shard_size=4, batch_size=4)
+        finally:
+            assert not (out / ".build.lock").exists(), "a failed build must not leave its lock behind"
+
+    return act, keep
+
+
+def _case_cache_corrupt(w: World):
+    from kdforge.teachers import TeacherCacheDataset
+
+    path = w.cache_copy()
+    shard = path / "shard-00001.kdc"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return (lambda: TeacherCacheDataset(path)), [path]
+
+
+def _case_cache_truncated(w: World):
+    from kdforge.teachers import TeacherCacheDataset
+
+    path = w.cache_copy()
+    shard = path / "shard-00001.kdc"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    return (lambda: TeacherCacheDataset(path, verify=False)), [path]
+
+
+def _case_cache_other_teacher(w: World):
+    from kdforge.teachers import OnlineTeacher, TeacherCacheDataset
+
+    path = w.cache_copy()
+    other = OnlineTeacher(tiny_llama(seed=5))
+    return (lambda: TeacherCacheDataset(path, teacher=other)), [path]
+
+
+def _case_cache_other_tokenizer(w: World):
+    from kdforge.teachers import TeacherCacheDataset
+
+    path = w.cache_copy()
+    other = tiny_tokenizer(extra=" Pemberley")
+    return (lambda: TeacherCacheDataset(path, tokenizer=other)), [path]
+
+
+def _case_cache_other_data(w: World):
+    from kdforge.teachers import TeacherCacheDataset
+
+    path = w.cache_copy()
+    other = w.shared.sequences.clone()
+    other[2, 3] = (other[2, 3] + 1) % VOCAB
+    return (lambda: TeacherCacheDataset(path, other)), [path]
+
+
+def _case_cache_rebuild_other_settings(w: World):
+    from kdforge.teachers import build_teacher_cache
+
+    path = w.cache_copy()
+    return (lambda: build_teacher_cache(w.shared.teacher, w.shared.sequences, path, k=2, shard_size=4,
+                                        tokenizer=w.shared.tokenizer)), [path]
+
+
+def _case_cache_locked(w: World):
+    import socket
+
+    from kdforge.teachers import build_teacher_cache
+
+    path = w.cache_copy()
+    (path / ".build.lock").write_text(f"{socket.gethostname()}:{os.getpid()}")  # a live builder: us
+    return (lambda: build_teacher_cache(w.shared.teacher, w.shared.sequences, path, k=4, shard_size=4)), [path]
+
+
+def _case_cache_ids_outside_student_vocab(w: World):
+    from kdforge.teachers import TeacherCacheDataset, collate_teacher_cache
+
+    ds = TeacherCacheDataset(w.cache_copy())
+    student = tiny_llama(vocab=VOCAB // 4, seed=1)  # 64 tokens; the cache holds ids up to 255
+    return (lambda: _train_with_collate(w, student, ds, collate_teacher_cache)), []
+
+
+def _train_with_collate(w: World, student: nn.Module, ds: Any, collate: Any) -> Any:
+    from kdforge.train import CausalLMTask, Distiller, TrainConfig
+
+    return Distiller(student, None, task=CausalLMTask(), objective=[{"name": "forward_kl", "weight": 1.0}],
+                     config=TrainConfig(max_steps=1, batch_size=2, progress=False), train_data=ds,
+                     collate_fn=collate).train()
+
+
+def _case_train_vocab_mismatch(w: World):
+    student = tiny_llama(vocab=VOCAB // 2, seed=1)
+    data = TokenRows(vocab=VOCAB // 2)
+    d = lm_distiller(w, student, w.shared.teacher, data, [{"name": "forward_kl", "weight": 1.0}])
+    return d.train, []
+
+
+def _case_train_too_long(w: World):
+    student = tiny_llama(max_positions=8, seed=1)
+    d = lm_distiller(w, student, None, TokenRows(length=12), [{"name": "cross_entropy", "weight": 1.0}])
+    return d.train, []
+
+
+def _case_teacher_meta(w: World):
+    with torch.device("meta"):
+        teacher = MLP()
+    return (lambda: distiller(w, teacher=teacher, objective=[{"name": "forward_kl", "weight": 1.0}])), []
+
+
+def _case_fmnist_interrupted(w: World):
+    from kdforge.assets import fashion_mnist
+
+    folder = w.tmp / "cache" / "fashion-mnist"
+    done = folder / "train-images-idx3-ubyte.gz"  # downloaded by an earlier run
+    done.parent.mkdir(parents=True)
+    done.write_bytes(b"a finished earlier download")
+
+    class Dropped:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            raise http.client.IncompleteRead(b"\x1f\x8b partial", 1000)
+
+    w.mp.setattr(fashion_mnist.urllib.request, "urlopen", lambda url, timeout: Dropped())
+    act = lambda: fashion_mnist.ensure(w.tmp / "cache", system_dir=w.tmp / "nowhere", allow_install=False)  # noqa: E731
+    return act, [folder]
+
+
+def _case_fmnist_partial(w: World):
+    from kdforge.assets import fashion_mnist
+
+    class Short:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return b"\x1f\x8b\x08\x00 the first bytes only"
+
+    w.mp.setattr(fashion_mnist.urllib.request, "urlopen", lambda url, timeout: Short())
+    act = lambda: fashion_mnist.ensure(w.tmp / "cache", system_dir=w.tmp / "nowhere", allow_install=False)  # noqa: E731
+    return act, []
+
+
+def _case_fmnist_truncated_gzip(w: World):
+    import gzip
+
+    from kdforge.data.vision import read_idx
+
+    path = w.tmp / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + bytes(10))[:-12])
+    return (lambda: read_idx(path)), [path]
+
+
+def _case_austen_no_apt(w: World):
+    from kdforge.assets import austen
+
+    w.mp.setattr(austen.shutil, "which", lambda name: None)
+    return (lambda: austen.ensure(w.tmp / "cache")), []
+
+
+def _case_missing_api_key(w: World):
+    from kdforge.elicit.backends.config import OpenAIConfig, build_backend
+
+    w.mp.delenv("KDFORGE_TEST_NO_SUCH_KEY", raising=False)
+    cfg = OpenAIConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env="KDFORGE_TEST_NO_SUCH_KEY")
+    return (lambda: build_backend(cfg)), []
+
+
+def _case_report_no_results(w: World):
+    from kdforge.eval.report import load_run
+
+    bad = w.write("run/results.json", "{not json")
+    return (lambda: load_run(bad.parent)), [bad]
+
+
+def _case_cache_too_long(w: World):
+    from kdforge.teachers import OnlineTeacher, build_teacher_cache
+
+    short = OnlineTeacher(tiny_llama(max_positions=8))
+    return (lambda: build_teacher_cache(short, w.shared.sequences, w.tmp / "c", k=4)), []
+
+
+def _case_cache_ids_outside_teacher_vocab(w: World):
+    from kdforge.teachers import build_teacher_cache
+
+    seqs = w.shared.sequences.clone()
+    seqs[1, 2] = VOCAB + 44  # tokenised with a bigger tokenizer than the teacher's
+    return (lambda: build_teacher_cache(w.shared.teacher, seqs, w.tmp / "c", k=4)), []
+
+
+def _case_checkpoint_no_checksums(w: World):
+    out = w.tmp / "run"
+    distiller(w, out=out, max_steps=2).train()
+    (out / "checkpoints" / "step-2" / "checksums.json").unlink()
+    return (lambda: distiller(w, out=out, max_steps=3).train(resume=True)), [out / "checkpoints"]
+
+
+def _case_fmnist_env_incomplete(w: World):
+    from kdforge.assets import fashion_mnist
+
+    folder = _mkdir(w.tmp / "fm")
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(b"x")
+    w.mp.setenv(fashion_mnist.ENV_VAR, str(folder))
+    return (lambda: fashion_mnist.ensure(w.tmp / "cache")), [folder]
+
+
+def _sft_data(w: World) -> str:
+    return str(w.write("sft.jsonl", json.dumps({"prompt": "Say hi.", "text": "Hi."}) + "\n"))
+
+
+CASES: list[Case] = [
+    # ---- recipe / config files (through `kdforge run`) -------------------------------------
+    cli_case("config-unknown-top-key", "config", ConfigError, ("unknown key", "epochz"), ("edit the keys",),
+             run_yaml(LLM_KD_OK + "epochz: 3\n")),
+    cli_case("config-unknown-nested-key", "config", ConfigError, ("train.lrr", "did you mean 'lr'"),
+             ("edit the keys",), run_yaml(LLM_KD_OK + "train: {lrr: 0.1}\n")),
+    cli_case("config-wrong-type", "config", ConfigError, ("train.lr", "valid number", "fast"), ("edit the keys",),
+             run_yaml(LLM_KD_OK + "train: {lr: fast}\n")),
+    cli_case("config-bad-enum", "config", ConfigError, ("train.scheduler", "exponential"), ("edit the keys",),
+             run_yaml(LLM_KD_OK + "train: {scheduler: exponential}\n")),
+    cli_case("config-missing-recipe-key", "config", ConfigError, ("missing top-level key 'recipe'",),
+             ("recipe:", "llm_kd"), run_yaml("output_dir: out\n")),
+    cli_case("config-unknown-recipe", "config", ConfigError, ("llm_kdd",), ("llm_kd",),
+             run_yaml("recipe: llm_kdd\n")),
+    cli_case("config-yaml-syntax", "config", ConfigError, ("not valid yaml",), ("yaml syntax",),
+             run_yaml("recipe: llm_kd\ntrain: {lr: 0.1\n")),
+    cli_case("config-not-a-mapping", "config", ConfigError, ("mapping", "list"), ("key: value",),
+             run_yaml("- recipe: llm_kd\n")),
+    cli_case("config-set-without-equals", "config", ConfigError, ("train.lr", "key=value"), ("--set",),
+             run_yaml(LLM_KD_OK, "--set", "train.lr")),
+    cli_case("config-set-into-a-list", "config", ConfigError, ("seeds", "not a mapping"), ("key path",),
+             run_yaml(LLM_KD_OK + "seeds: [0]\n", "--set", "seeds.first=1")),
+    cli_case("config-file-missing", "config", ConfigError, ("not found",), ("check the path",),
+             lambda w: (["run", str(w.tmp / "nope.yaml")], [])),
+    cli_case("config-empty-method-list", "config", ConfigError, ("methods",), ("edit the keys",),
+             run_yaml(LLM_KD_OK + "methods: []\n")),
+    cli_case("config-cache-teacher-unknown-key", "config", ConfigError, ("unknown key", "kk"), ("edit the keys",),
+             lambda w: (["cache-teacher", str(w.write("c.yaml", "teacher: {model: x}\nkk: 3\n"))], [])),
+    cli_case("elicit-bad-backend-name", "elicitation", ConfigError, ("backend", "openaii"), ("edit the keys",),
+             lambda w: (["generate", str(w.write("g.yaml", "task: generate\nbackend: {type: openaii, model: m}\n"
+                                                           "data: {path: x.jsonl}\n")), "--dry-run"], [])),
+    Case("elicit-missing-api-key", "elicitation", ConfigError, ("kdforge_test_no_such_key", "not set"),
+         ("export kdforge_test_no_such_key",), _case_missing_api_key),
+    # ---- losses -----------------------------------------------------------------------------
+    Case("loss-vocab-mismatch", "losses", VocabMismatchError, ("49216", "49152"), ("slice",),
+         lambda w: ((lambda: _losses().forward_kl(torch.randn(2, 49152), torch.randn(2, 49216))), [])),
+    Case("loss-position-mismatch", "losses", ShapeError, ("positions",), ("same",),
+         lambda w: ((lambda: _losses().reverse_kl(torch.randn(2, 5, 10), torch.randn(2, 6, 10))), [])),
+    Case("loss-mask-shape", "losses", ShapeError, ("mask",), ("mask",),
+         lambda w: ((lambda: _losses().forward_kl(torch.randn(2, 5, 10), torch.randn(2, 5, 10),
+                                                   mask=torch.ones(2, 4, dtype=torch.bool))), [])),
+    Case("loss-nan-student-logits", "losses", NonFiniteError, ("student logits", "nan"), ("learning rate",),
+         lambda w: ((lambda: _losses().forward_kl(torch.tensor([[0.0, float("nan")]]), torch.zeros(1, 2))), [])),
+    Case("loss-inf-teacher-logits", "losses", NonFiniteError, ("teacher", "inf"), ("teacher",),
+         lambda w: ((lambda: _losses().generalized_jsd(torch.zeros(1, 3),
+                                                        torch.tensor([[0.0, float("inf"), 1.0]]))), [])),
+    Case("loss-zero-temperature", "losses", ConfigError, ("temperature",), ("1.0",),
+         lambda w: ((lambda: _losses().forward_kl(torch.randn(2, 5), torch.randn(2, 5), temperature=0.0)), [])),
+    Case("loss-beta-out-of-range", "losses", ConfigError, ("beta",), ("beta", "range"),
+         lambda w: ((lambda: _losses().generalized_jsd(torch.randn(2, 5), torch.randn(2, 5), beta=1.5)), [])),
+    Case("loss-bad-reduction", "losses", ConfigError, ("avg",), ("mean",),
+         lambda w: ((lambda: _losses().forward_kl(torch.randn(2, 5), torch.randn(2, 5), reduction="avg")), [])),
+    Case("loss-sparse-ids-out-of-range", "losses", ShapeError, ("outside [0, 5)",), ("rebuild",),
+         lambda w: ((lambda: _losses().forward_kl(torch.randn(1, 5), _sparse([[0, 9]], 5))), [])),
+    Case("loss-unknown-name", "losses", ConfigError, ("foward_kl",), ("did you mean 'forward_kl'",),
+         lambda w: ((lambda: _losses().LOSSES.get("foward_kl")), [])),
+    Case("loss-empty-objective", "losses", ConfigError, ("no loss terms",), ("forward_kl",),
+         lambda w: ((lambda: __import__("kdforge.train", fromlist=["Objective"]).Objective([])), [])),
+    Case("loss-integer-logits", "losses", ShapeError, ("float",), ("logits",),
+         lambda w: ((lambda: _losses().forward_kl(torch.randint(0, 5, (2, 5)), torch.randn(2, 5))), [])),
+    # ---- trainer ----------------------------------------------------------------------------
+    Case("train-no-trainable-params", "trainer", ConfigError, ("no trainable parameters",), ("unfreeze",),
+         lambda w: ((lambda: distiller(w, student=MLP().requires_grad_(False))), [])),
+    Case("train-empty-dataset", "trainer", DataError, ("dataset is empty",), ("at least one example",),
+         lambda w: ((lambda: distiller(w, data=[])), [])),
+    Case("train-iterable-dataset", "trainer", DataError, ("map-style",), ("wrap",),
+         lambda w: ((lambda: distiller(w, data=iter(Rows()))), [])),
+    Case("train-kd-without-teacher", "trainer", ConfigError, ("needs a teacher signal",), ("teacher",),
+         lambda w: ((lambda: distiller(w, objective=[{"name": "forward_kl", "weight": 1.0}]).train()), [])),
+    Case("train-truncated-checkpoint", "trainer", CheckpointError, ("step-2", "checksum"), ("delete",),
+         _case_checkpoint_truncated),
+    Case("train-resume-other-config", "trainer", CheckpointError, ("batch_size",), ("output",),
+         _case_resume_other_config),
+    Case("train-teacher-student-vocab-mismatch", "trainer", VocabMismatchError, ("256", "128"), ("tokenizer",),
+         _case_train_vocab_mismatch),
+    Case("train-sequence-longer-than-model", "trainer", ShapeError, ("12 tokens", "max_position_embeddings=8"),
+         ("seq_len",), _case_train_too_long),
+    Case("train-teacher-on-meta-device", "trainer", DeviceError, ("meta",), ("load",), _case_teacher_meta),
+    Case("train-checkpoint-without-checksums", "trainer", CheckpointError, ("step-2", "incomplete or corrupted"),
+         ("delete",), _case_checkpoint_no_checksums),
+    Case("teacher-on-a-device-that-does-not-exist", "trainer", DeviceError, ("cuda:99",), ("device exists",),
+         lambda w: ((lambda: __import__("kdforge.teachers", fromlist=["x"]).OnlineTeacher(
+             tiny_llama(), device="cuda:99")), [])),
+    Case("teacher-unknown-dtype", "trainer", ConfigError, ("fp13",), ("bfloat16",),
+         lambda w: ((lambda: __import__("kdforge.teachers", fromlist=["x"]).OnlineTeacher(
+             tiny_llama(), dtype="fp13")), [])),
+    cli_case("make-student-missing-teacher", "trainer", AssetError, ("cannot load the teacher", "no-such-model"),
+             ("path or hub id",), lambda w: (["make-student", "no-such-model", str(w.tmp / "s"), "--num-layers", "1"],
+                                             [])),
+    cli_case("sft-missing-student", "trainer", AssetError, ("cannot load", "no-such-model"), ("path or hub id",),
+             lambda w: (["sft", _sft_data(w), "--student", "no-such-model", "-o", str(w.tmp / "o")], [])),
+    cli_case("sft-missing-data", "data", DataError, ("not found", "missing.jsonl"), ("data.path",),
+             lambda w: (["sft", str(w.tmp / "missing.jsonl"), "--student", "x", "-o", str(w.tmp / "o")], [])),
+    Case("train-cached-ids-outside-student-vocab", "trainer", VocabMismatchError, ("outside", "64"),
+         ("tokenizer",), _case_cache_ids_outside_student_vocab),
+    # ---- teacher caches ---------------------------------------------------------------------
+    Case("cache-missing-folder", "caches", CacheError, ("no teacher cache", "manifest.json is missing"), ("cache-teacher",),
+         lambda w: ((lambda: __import__("kdforge.teachers", fromlist=["x"]).TeacherCacheDataset(w.tmp / "none")),
+                    [])),
+    Case("cache-corrupted-shard", "caches", CacheError, ("shard-00001.kdc", "corrupted"), ("rebuild",),
+         _case_cache_corrupt),
+    Case("cache-truncated-shard", "caches", CacheError, ("shard-00001.kdc", "truncated"), ("rebuild",),
+         _case_cache_truncated),
+    Case("cache-other-teacher", "caches", CacheError, ("another teacher",), ("rebuild",), _case_cache_other_teacher),
+    Case("cache-other-tokenizer", "caches", CacheError, ("another tokenizer",), ("rebuild",),
+         _case_cache_other_tokenizer),
+    Case("cache-other-data", "caches", CacheError, ("other token sequences",), ("rebuild",), _case_cache_other_data),
+    Case("cache-rebuild-with-other-settings", "caches", CacheError, ("differs in: k",), ("overwrite",),
+         _case_cache_rebuild_other_settings),
+    Case("cache-sequences-longer-than-teacher", "caches", ShapeError, ("16 tokens", "max_position_embeddings=8"),
+         ("seq_len",), _case_cache_too_long),
+    Case("cache-ids-outside-teacher-vocab", "caches", VocabMismatchError, ("token id 300", "256"), ("tokenizer",),
+         _case_cache_ids_outside_teacher_vocab),
+    Case("cache-concurrent-build", "caches", CacheError, ("another build",), ("wait",), _case_cache_locked),
+    # ---- data -------------------------------------------------------------------------------
+    Case("data-missing-corpus", "data", DataError, ("corpus not found",), ("corpus.path",),
+         lambda w: ((lambda: _read_texts(w.tmp / "missing.jsonl")), [])),
+    Case("data-unsupported-format", "data", DataError, ("unknown corpus format", "parquet"), ("jsonl",),
+         lambda w: ((lambda: _read_texts(w.write("c.txt", "hello"), fmt="parquet")), [])),
+    Case("data-bad-jsonl-line", "data", DataError, ("c.jsonl:2", "not valid json"), ("one json object per line",),
+         lambda w: ((lambda: _read_texts(w.write("c.jsonl", '{"text": "a"}\n{oops\n'))), [])),
+    Case("data-missing-text-field", "data", DataError, ("no 'text' field",), ("text_field",),
+         lambda w: ((lambda: _read_texts(w.write("c.jsonl", '{"body": "a"}\n'))), [])),
+    Case("data-empty-corpus-folder", "data", DataError, ("no .txt files",), ("text file",),
+         lambda w: ((lambda: _read_texts(_mkdir(w.tmp / "empty"))), [])),
+    Case("data-empty-corpus", "data", DataError, ("0 tokens", "seq_len=8"), ("more text",),
+         lambda w: ((lambda: __import__("kdforge.data.text", fromlist=["x"]).pack_tokens(
+             [], w.shared.tokenizer, 8)), [])),
+    Case("data-no-sequences", "data", DataError, ("[num_sequences, seq_len]", "(0,)"), ("pack",),
+         lambda w: ((lambda: __import__("kdforge.teachers", fromlist=["x"]).build_teacher_cache(
+             w.shared.teacher, [], w.tmp / "c", k=4)), [])),
+    Case("data-ragged-sequences", "data", DataError, ("fixed-length",), ("pack",),
+         lambda w: ((lambda: __import__("kdforge.teachers", fromlist=["x"]).build_teacher_cache(
+             w.shared.teacher, [[1, 2, 3], [4, 5]], w.tmp / "c", k=4)), [])),
+    Case("data-recipe-corpus-without-texts", "data", DataError, ("no .txt files",), ("text file per document",),
+         lambda w: ((lambda: __import__("kdforge.recipes.llm_kd", fromlist=["x"]).load_documents(
+             str(_mkdir(w.tmp / "corpus")))), [])),
+    Case("data-truncated-gzip-idx", "data", DataError, ("corrupt gzip",), ("download or install it again",),
+         _case_fmnist_truncated_gzip),
+    # ---- assets -----------------------------------------------------------------------------
+    cli_case("asset-unknown-name", "assets", AssetError, ("unknown asset", "smollm3"), ("smollm2",),
+             lambda w: (["assets", "fetch", "smollm3"], [])),
+    Case("asset-interrupted-download", "assets", AssetError, ("fashion-mnist not found", "incompleteread"),
+         ("apt-get install",), _case_fmnist_interrupted),
+    Case("asset-partial-download", "assets", AssetError, ("md5",), ("apt-get install",), _case_fmnist_partial),
+    Case("asset-env-folder-incomplete", "assets", AssetError, ("kdforge_fashion_mnist_dir", "lacks"), ("unset it",),
+         _case_fmnist_env_incomplete),
+    Case("asset-no-apt", "assets", AssetError, ("apt-get is not available",), ("apt-get download",),
+         _case_austen_no_apt),
+    # ---- disk full --------------------------------------------------------------------------
+    Case("disk-full-json", "disk", DiskFullError, ("disk full", "results.json", "intact"), ("free disk space",),
+         _case_disk_full_json),
+    Case("disk-full-cache-shard", "disk", DiskFullError, ("disk full", "shard-00001.kdc"), ("free disk space",),
+         _case_disk_full_cache),
+    Case("disk-full-cache-build-lock", "disk", DiskFullError, ("disk full", ".build.lock", "intact"),
+         ("free disk space",), lambda w: _case_disk_full_cache(w, everywhere=True)),
+    Case("disk-full-checkpoint", "disk", DiskFullError, ("disk full",), ("free disk space",),
+         _case_disk_full_checkpoint),
+    # ---- eval / report ----------------------------------------------------------------------
+    cli_case("report-missing-run-folder", "eval", DataError, ("does not exist",), ("kdforge run",),
+             lambda w: (["report", str(w.tmp / "no-run")], [])),
+    cli_case("report-run-without-results", "eval", DataError, ("neither results.json",), ("run",),
+             lambda w: (["report", str(_mkdir(w.tmp / "run"))], [])),
+    Case("report-results-not-json", "eval", DataError, ("not valid json",), ("re-run",),
+         _case_report_no_results),
+]
+
+
+def _read_texts(path: Path, **kw: Any) -> list[str]:
+    from kdforge.teachers.cache import read_texts
+
+    return read_texts(path, **kw)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the tests
+# --------------------------------------------------------------------------------------------
+def _snapshot(paths: list[Path]) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for p in paths:
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for f in files:
+            out[str(f)] = f.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Shared:
+    torch.set_num_threads(1)
+    return Shared(tmp_path_factory.mktemp("shared"))
+
+
+def test_the_corpus_has_forty_distinct_cases_over_every_area():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)) >= 40
+    assert {c.area for c in CASES} >= {"config", "losses", "trainer", "caches", "data", "assets", "disk",
+                                       "elicitation", "eval"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_raises_its_error_naming_problem_and_fix_and_keeps_outputs(case, shared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    act, keep = case.setup(World(tmp_path, monkeypatch, shared))
+    before = _snapshot(keep)
+    assert before or not keep, "a protected output must exist before the bad input"
+    with pytest.raises(KdforgeError) as info:
+        act()
+    err = info.value
+    assert type(err) is case.error, f"{type(err).__name__}: {err}"
+    problem, fix = err.problem.lower(), (err.fix or "").lower()
+    for word in case.problem:
+        assert word in problem, f"problem lacks {word!r}: {err.problem}"
+    assert fix, f"no fix given: {err}"
+    for word in case.fix:
+        assert word in fix, f"fix lacks {word!r}: {err.fix}"
+    assert _snapshot(keep) == before, "pre-existing outputs changed"
+    for p in keep:
+        folder = p if p.is_dir() else p.parent
+        assert not list(folder.glob(".*.tmp")), f"temporary files left in {folder}"
+
+
+CLI_CASES = [c for c in CASES if c.cli]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
+def test_cli_prints_the_error_without_traceback_and_exits_2(case, shared, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    case.setup(World(tmp_path, monkeypatch, shared))
+    argv = sys.argv[1:]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdforge: error: ") and "\n  Fix: " in err, err
+    assert "Traceback" not in err

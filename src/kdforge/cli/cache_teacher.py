@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -13,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "cache-teacher",
         help="build an offline top-k teacher cache (resumable; see docs/teacher-cache.md)",
         description="Run the teacher once over a tokenised corpus and store its top-k "
-        "distribution per position. Rerun the same command to resume an interrupted build.",
+        "distribution per position. Rerun the same command to resume an interrupted build. "
+        "Under `accelerate launch` with N processes each process writes 1/N of the shards "
+        "(same bytes as one process).",
     )
     p.add_argument("config", help="YAML config (teacher, corpus, output_dir, k, encoding...), or a cache folder with --inspect")
     p.add_argument(
@@ -63,6 +66,8 @@ def handle(args: argparse.Namespace) -> int:
         data["overwrite"] = True
     config = validate(CacheTeacherConfig, data, source=args.config)
     out = run_cache_teacher(config)
+    if os.environ.get("RANK", "0") != "0":  # data-parallel launch: rank 0 reports
+        return 0
     stats = open_teacher_cache(out, verify=False).manifest["stats"]
     print(
         f"teacher cache ready at {out}: {stats['bytes_per_token']:.1f} bytes/token, "

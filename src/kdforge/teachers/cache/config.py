@@ -73,7 +73,15 @@ def resolve_path(value: str) -> str:
 
 
 def run_cache_teacher(config: CacheTeacherConfig) -> Path:
-    """Load teacher and tokenizer, read and pack the corpus, build the cache; returns its folder."""
+    """Load teacher and tokenizer, read and pack the corpus, build the cache; returns its folder.
+
+    Under ``accelerate launch`` / ``torchrun`` with several processes the build is data-parallel:
+    every process runs this with the same config, loads its own teacher copy (on
+    ``cuda:<LOCAL_RANK>`` when CUDA is available and ``teacher.device`` is unset) and writes its
+    share of the shards; the result is byte-identical to a one-process build.
+    """
+    import os
+
     import torch
     from transformers import AutoTokenizer
 
@@ -93,7 +101,12 @@ def run_cache_teacher(config: CacheTeacherConfig) -> Path:
             f"cannot load tokenizer {tok_path!r}: {str(exc).splitlines()[0]}",
             "set corpus.tokenizer to a folder holding tokenizer.json / tokenizer_config.json",
         ) from None
-    device = t.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from kdforge.distributed import launched_world_size
+
+    default_device = "cpu"
+    if torch.cuda.is_available():
+        default_device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if launched_world_size() > 1 else "cuda"
+    device = t.device or default_device
     teacher = load_teacher(teacher_path, dtype=t.dtype, device=device, gguf_file=t.gguf_file, vocab_size=t.vocab_size)
     teacher.name = t.name_or_path
 
@@ -110,4 +123,5 @@ def run_cache_teacher(config: CacheTeacherConfig) -> Path:
         shard_size=config.shard_size,
         tokenizer=tokenizer,
         overwrite=config.overwrite,
+        data_parallel=True,  # a one-process group when not launched with several processes
     )

@@ -215,3 +215,21 @@ def test_loglik_scoring_uses_the_verbalizers_the_prompt_asks_for(tmp_path, tiny_
     ref = backend.score_continuations(prompt, ["Positive", "Negative"])
     assert labeled[0]["loglik"]["fresh"] == pytest.approx(ref[0], abs=1e-4)
     assert labeled[0]["loglik"]["rotten"] == pytest.approx(ref[1], abs=1e-4)
+
+
+def test_contextual_calibration_subtracts_the_content_free_prior(tmp_path, tiny_model_dir):
+    import math
+
+    from kdforge.elicit.data import PromptConfig, render_prompt
+
+    backend = build_backend(TransformersConfig(model=str(tiny_model_dir), device="cpu"))
+    cfg = LabelingConfig(labels=LABELS, gold_field="label", score_loglik=True, calibrate=True)
+    labeled, res = label_rows([{"text": "great fun", "label": "fresh"}], backend, tmp_path, labeling=cfg,
+                              params=SamplingParams(max_tokens=2), progress=False)
+    free = render_prompt({"text": "N/A", "labels": "fresh, rotten"}, PromptConfig(), cfg.template)
+    prior = backend.score_continuations(free, [" fresh", " rotten"])
+    ll = labeled[0]["loglik"]
+    diff = (ll["fresh"] - prior[0]) - (ll["rotten"] - prior[1])
+    p = labeled[0]["label_probs_calibrated"]
+    assert math.log(p["fresh"] / p["rotten"]) == pytest.approx(diff, abs=1e-4)
+    assert "calibrated_accuracy" in res

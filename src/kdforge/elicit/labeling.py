@@ -11,7 +11,10 @@ With a local backend, ``score_loglik: true`` also scores every label by the teac
 log-likelihood ``log p(verbalizer | prompt)`` (verbalizer: ``" " + label`` unless
 ``verbalizers`` maps the label to the word the prompt asks for) and stores the softmax over labels
 (``label_probs``) -- a soft label usable directly as a KD target, independent of sampling
-noise (the "verbalizer" scoring used by lm-eval-harness style multiple choice).
+noise (the "verbalizer" scoring used by lm-eval-harness style multiple choice). With
+``calibrate: true`` the scores are also contextually calibrated (Zhao et al. 2021): the label
+prior that the prompt alone induces, measured on a content-free input (``"N/A"``), is
+subtracted in log space (``label_probs_calibrated``).
 
 Output ``OUTPUT_DIR/labels.jsonl``: one object per row: ``row`` (the input), ``label``,
 ``agreement``, ``votes``, ``n_valid``, ``samples`` (raw answers) and, if requested,
@@ -50,6 +53,9 @@ class LabelingConfig(StrictModel):
     text_field: str = "text"
     gold_field: str | None = Field(None, description="column with a reference label, for accuracy")
     score_loglik: bool = Field(False, description="also score each label by log-likelihood (local backend)")
+    calibrate: bool = Field(
+        False, description="contextual calibration of the log-likelihood scores with a content-free input")
+    content_free: str = Field("N/A", description="the content-free text used by calibrate")
     verbalizers: dict[str, str] = Field(
         default_factory=dict,
         description="label -> text scored for it (default ' ' + label); match the prompt's wording")
@@ -150,6 +156,13 @@ def label_rows(
         many = getattr(backend, "score_many", None)
         scores = (many(prompts, verbalizers) if many is not None
                   else [backend.score_continuations(p, verbalizers) for p in prompts])
+        if labeling.calibrate:
+            # Zhao et al. 2021 ("Calibrate Before Use"): the label prior the prompt alone induces,
+            # measured on a content-free input, is divided out: log p(y|x) - log p(y|"N/A").
+            free = render_prompt({**rows[0], labeling.text_field: labeling.content_free, "labels": label_list},
+                                 prompt, labeling.template)
+            prior = backend.score_continuations(free, verbalizers)
+            calibrated = [[a - b for a, b in zip(row, prior, strict=True)] for row in scores]
     labeled = []
     for j, r in enumerate(rows):
         samples = [by_id.get(q.id, {}).get("text") for q in reqs[j * params.n:(j + 1) * params.n]]
@@ -160,6 +173,10 @@ def label_rows(
             item["loglik"] = dict(zip(labeling.labels, lls, strict=True))
             item["label_probs"] = dict(zip(labeling.labels, softmax(lls), strict=True))
             item["loglik_label"] = labeling.labels[max(range(len(lls)), key=lls.__getitem__)]
+            if labeling.calibrate:
+                cal = calibrated[j]
+                item["label_probs_calibrated"] = dict(zip(labeling.labels, softmax(cal), strict=True))
+                item["calibrated_label"] = labeling.labels[max(range(len(cal)), key=cal.__getitem__)]
         if labeling.gold_field:
             gold = r.get(labeling.gold_field)
             item["gold"] = gold
@@ -186,6 +203,9 @@ def _summarize(labeled: list[dict[str, Any]], cfg: LabelingConfig) -> dict[str, 
         if cfg.score_loglik:
             res["loglik_accuracy"] = sum(
                 normalize(str(x["gold"])) == normalize(x["loglik_label"]) for x in labeled) / max(n, 1)
+        if cfg.score_loglik and cfg.calibrate:
+            res["calibrated_accuracy"] = sum(
+                normalize(str(x["gold"])) == normalize(x["calibrated_label"]) for x in labeled) / max(n, 1)
     return res
 
 

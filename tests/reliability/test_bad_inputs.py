@@ -240,7 +240,7 @@ def fill_disk(w: World, *, everywhere: bool = False) -> None:
 
 
 def distiller(w: World, *, student: nn.Module | None = None, teacher: Any = None, data: Any = None,
-              objective: Any = None, out: Path | None = None, max_steps: int = 2, **cfg: Any):
+              objective: Any = None, out: Path | None = None, max_steps: int = 2, callbacks: Any = (), **cfg: Any):
     from kdforge.train import ClassificationTask, Distiller, TrainConfig
 
     torch.manual_seed(0)
@@ -249,7 +249,7 @@ def distiller(w: World, *, student: nn.Module | None = None, teacher: Any = None
                          **cfg)
     return Distiller(student if student is not None else MLP(), teacher, task=ClassificationTask(),
                      objective=objective or [{"name": "cross_entropy", "weight": 1.0}], config=config,
-                     train_data=Rows() if data is None else data)
+                     train_data=Rows() if data is None else data, callbacks=callbacks)
 
 
 def lm_distiller(w: World, student: nn.Module, teacher: Any, data: Any, objective: list[dict]) -> Any:
@@ -293,15 +293,17 @@ def _case_resume_other_config(w: World):
 
 
 def _case_disk_full_checkpoint(w: World):
+    from kdforge.train import Callback
+
+    class DiskFillsAfterStep3(Callback):
+        def on_step_end(self, state: Any, logs: Any) -> None:
+            if state.step == 3:
+                fill_disk(w)
+
     out = w.tmp / "run"
     distiller(w, out=out, max_steps=2).train()
-    d = distiller(w, out=out, max_steps=4)
-
-    def act():
-        fill_disk(w)
-        d.train(resume=True)
-
-    return act, [out / "checkpoints" / "step-2"]
+    d = distiller(w, out=out, max_steps=4, save_every=2, callbacks=[DiskFillsAfterStep3()])
+    return (lambda: d.train(resume=True)), [out / "checkpoints" / "step-2"]
 
 
 def _case_disk_full_json(w: World):
@@ -573,7 +575,8 @@ CASES: list[Case] = [
     cli_case("config-empty-method-list", "config", ConfigError, ("methods",), ("edit the keys",),
              run_yaml(LLM_KD_OK + "methods: []\n")),
     cli_case("config-cache-teacher-unknown-key", "config", ConfigError, ("unknown key", "kk"), ("edit the keys",),
-             lambda w: (["cache-teacher", str(w.write("c.yaml", "teacher: {model: x}\nkk: 3\n"))], [])),
+             lambda w: (["cache-teacher", str(w.write("c.yaml", "teacher: {name_or_path: t}\ncorpus: {path: c.txt}\n"
+                                                                "output_dir: o\nkk: 3\n"))], [])),
     cli_case("elicit-bad-backend-name", "elicitation", ConfigError, ("backend", "openaii"), ("edit the keys",),
              lambda w: (["generate", str(w.write("g.yaml", "task: generate\nbackend: {type: openaii, model: m}\n"
                                                            "data: {path: x.jsonl}\n")), "--dry-run"], [])),
@@ -702,7 +705,7 @@ CASES: list[Case] = [
          _case_disk_full_cache),
     Case("disk-full-cache-build-lock", "disk", DiskFullError, ("disk full", ".build.lock", "intact"),
          ("free disk space",), lambda w: _case_disk_full_cache(w, everywhere=True)),
-    Case("disk-full-checkpoint", "disk", DiskFullError, ("disk full",), ("free disk space",),
+    Case("disk-full-checkpoint", "disk", DiskFullError, ("disk full", "step-4"), ("free disk space",),
          _case_disk_full_checkpoint),
     # ---- eval / report ----------------------------------------------------------------------
     cli_case("report-missing-run-folder", "eval", DataError, ("does not exist",), ("kdforge run",),

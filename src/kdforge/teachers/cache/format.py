@@ -21,7 +21,9 @@ Shard files:
 ``[start, end)``, ``bytes``, ``sha256``, ``topk_mass_sum``, ``max_quant_error``), ``stats``.
 
 The manifest is rewritten atomically after every shard, so it always describes exactly the
-shards that are complete on disk: an interrupted build resumes at the first missing shard.
+shards that are complete on disk: an interrupted build writes only the missing shards. A
+data-parallel build (:mod:`kdforge.teachers.cache.parallel`) also leaves ``.progress-rank<R>.json``
+files (the shards each rank finished) until rank 0 merges them into the manifest.
 """
 
 from __future__ import annotations

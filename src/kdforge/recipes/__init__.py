@@ -13,6 +13,7 @@ Recipe modules are imported lazily by name (see ``_RECIPE_MODULES``) so the CLI 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 from abc import ABC, abstractmethod
@@ -49,6 +50,12 @@ def load_recipe(name: str) -> type[Recipe]:
     module = _RECIPE_MODULES.get(name)
     if module is not None and name not in RECIPES:
         importlib.import_module(module)
+    if name not in RECIPES:  # the registry alone knows only the recipes imported so far
+        close = difflib.get_close_matches(name, known_recipes(), n=1)
+        raise ConfigError(
+            f"unknown recipe {name!r}",
+            f"{f'did you mean {close[0]!r}? ' if close else ''}choose one of: {', '.join(known_recipes())}",
+        )
     return RECIPES.get(name)
 
 

@@ -560,7 +560,7 @@ CASES: list[Case] = [
              run_yaml(LLM_KD_OK + "train: {scheduler: exponential}\n")),
     cli_case("config-missing-recipe-key", "config", ConfigError, ("missing top-level key 'recipe'",),
              ("recipe:", "llm_kd"), run_yaml("output_dir: out\n")),
-    cli_case("config-unknown-recipe", "config", ConfigError, ("llm_kdd",), ("llm_kd",),
+    cli_case("config-unknown-recipe", "config", ConfigError, ("llm_kdd",), ("did you mean 'llm_kd'", "fashion_mnist_kd", "pgkd"),
              run_yaml("recipe: llm_kdd\n")),
     cli_case("config-yaml-syntax", "config", ConfigError, ("not valid yaml",), ("yaml syntax",),
              run_yaml("recipe: llm_kd\ntrain: {lr: 0.1\n")),

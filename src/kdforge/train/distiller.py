@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kdforge.config import validate
+from kdforge.distributed import check_process_group, needs_cpu_process_group
 from kdforge.errors import CheckpointError, ConfigError, DataError, DeviceError
 from kdforge.io import write_text_atomic
 from kdforge.train.callbacks import Callback, JsonlLogger, ProgressBar, TrainerState
@@ -189,6 +190,9 @@ class Distiller:
 
         self.accelerator = accelerator or self._make_accelerator()
         acc = self.accelerator
+        # several launched processes that did not form one group would each train alone and
+        # write to the same run folder: refuse (also for an accelerator built by the caller)
+        check_process_group(acc)
 
         # Teacher: frozen, eval mode, never prepared.
         self.teacher = teacher
@@ -273,6 +277,8 @@ class Distiller:
         from accelerate import Accelerator
 
         kwargs: dict[str, Any] = {"mixed_precision": resolve_mixed_precision(self.config.mixed_precision)}
+        if needs_cpu_process_group():  # torchrun-style launch on a CPU-only machine: join a gloo group
+            kwargs["cpu"] = True
         if self.config.log_with and self.run_dir is not None:
             kwargs.update(log_with=list(self.config.log_with), project_dir=str(self.run_dir))
         try:

@@ -278,7 +278,7 @@ class OpenAIBackend(Backend):
             log.debug("request %s attempt %d failed (%s); retrying in %.2fs", req.id, attempt + 1, last, delay)
             await asyncio.sleep(delay)
         return GenerationError(
-            f"request {req.id} failed after {self.max_retries + 1} attempt(s); last error: {last}",
+            f"request {req.id} to {url} failed after {self.max_retries + 1} attempt(s); last error: {last}",
             "check the server (is it up? overloaded?); rerun the same command to resume: "
             "finished requests are kept and skipped",
         )

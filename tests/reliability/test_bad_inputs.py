@@ -37,6 +37,7 @@ from kdforge.errors import (
     DataError,
     DeviceError,
     DiskFullError,
+    GenerationError,
     KdforgeError,
     NonFiniteError,
     ShapeError,
@@ -580,6 +581,14 @@ CASES: list[Case] = [
     cli_case("elicit-bad-backend-name", "elicitation", ConfigError, ("backend", "openaii"), ("edit the keys",),
              lambda w: (["generate", str(w.write("g.yaml", "task: generate\nbackend: {type: openaii, model: m}\n"
                                                            "data: {path: x.jsonl}\n")), "--dry-run"], [])),
+    cli_case("elicit-server-unreachable", "elicitation", GenerationError, ("failed", "127.0.0.1:9"),
+             ("rerun the same command",),
+             lambda w: (["generate", str(w.write("g.yaml", "task: generate\noutput_dir: gen\n"
+                                                           "backend: {type: openai, model: m, base_url: "
+                                                           "'http://127.0.0.1:9/v1', max_retries: 0}\n"
+                                                           "data: {path: x.jsonl}\nprompt: {template: '{text}'}\n"
+                                                           "output: {on_error: raise}\n")),
+                         "--no-progress"], [w.write("x.jsonl", '{"id": 1, "text": "hi"}\n')])),
     Case("elicit-missing-api-key", "elicitation", ConfigError, ("kdforge_test_no_such_key", "not set"),
          ("export kdforge_test_no_such_key",), _case_missing_api_key),
     # ---- losses -----------------------------------------------------------------------------

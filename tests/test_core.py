@@ -84,3 +84,37 @@ def test_atomic_write_gives_normal_file_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "perm.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_kdforge_run_ends_by_writing_the_html_report_and_printing_its_path(tmp_path, capsys):
+    import json
+
+    from kdforge.config import StrictModel as _Strict
+    from kdforge.recipes import RECIPES, Recipe
+
+    class _Cfg(_Strict):
+        output_dir: str
+
+    class _Toy(Recipe):
+        config_model = _Cfg
+
+        def run(self, config, output_dir):
+            results = {"recipe": "toy_for_report", "primary_metric": "accuracy", "higher_is_better": True,
+                       "models": [{"name": "teacher", "role": "teacher", "params": 1000,
+                                   "metrics": {"accuracy": 0.9}},
+                                  {"name": "student", "role": "student", "params": 10,
+                                   "metrics": {"accuracy": 0.8}}]}
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(output_dir / "results.json", results)
+            return results
+
+    if "toy_for_report" not in RECIPES:
+        RECIPES.add("toy_for_report", _Toy, "test recipe")
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(f"recipe: toy_for_report\noutput_dir: {tmp_path / 'out'}\n")
+    assert main(["run", str(recipe)]) == 0
+    html = tmp_path / "out" / "report" / "report.html"
+    assert html.is_file()
+    assert "student" in html.read_text()
+    assert f"report: {html}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["recipe"] == "toy_for_report"

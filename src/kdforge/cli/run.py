@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -23,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="override a config key (dotted path, YAML value), e.g. --set train.epochs=2",
     )
     p.add_argument("--dry-run", action="store_true", help="validate the recipe and print it, run nothing")
+    p.add_argument("--no-report", action="store_true", help="do not render the HTML report at the end")
     p.set_defaults(func=handle)
 
 
@@ -45,4 +47,16 @@ def handle(args: argparse.Namespace) -> int:
         return 0
     output_dir = Path(args.output_dir or getattr(config, "output_dir", None) or "outputs/run")
     recipe.run(config, output_dir)
+    if not args.no_report and (output_dir / "results.json").is_file() and _is_main_process():
+        from kdforge.eval.report import build_report
+
+        paths = build_report([output_dir], output_dir / "report")
+        print(f"report: {paths.html}")
     return 0
+
+
+def _is_main_process() -> bool:
+    """Rank 0 (or not launched as a group): only one process renders the report."""
+    from kdforge.distributed import launched_world_size
+
+    return launched_world_size() <= 1 or os.environ.get("RANK", "0") == "0"

@@ -13,16 +13,27 @@ SchedulerName = Literal["constant", "linear", "cosine"]
 
 
 class _FriendlyMeta(type(StrictModel)):  # type: ignore[misc]
-    """Turns a ValidationError of a *direct* construction into a ConfigError.
+    """Turns a ValidationError of a *direct* construction into a ConfigError, and maps positional
+    arguments to the fields named in the class's ``_positional`` (e.g. ``LossTerm("kd", 1.0)``).
 
-    Done in the metaclass, not in ``__init__``: pydantic calls a model's ``__init__`` when it
-    validates it nested inside another config (``train:`` of a recipe), and a ConfigError raised
-    there would be wrapped as a "Value error" that loses the dotted key path (``train.lr``).
+    Done in the metaclass, not in ``__init__``: pydantic calls a model that defines ``__init__``
+    through that ``__init__`` when it validates it nested inside another config (``train:`` or
+    ``methods[].objective[]`` of a recipe), and a ConfigError raised there would be wrapped as a
+    "Value error" that loses the dotted key path (``train.lr``). So these models define no
+    ``__init__``.
     """
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        names: tuple[str, ...] = getattr(cls, "_positional", ())
+        if len(args) > len(names):
+            raise TypeError(f"{cls.__name__}() takes at most {len(names)} positional arguments ({len(args)} given)")
+        for field_name, value in zip(names, args):
+            if field_name in kwargs:
+                raise TypeError(f"{cls.__name__}() got multiple values for argument {field_name!r}")
+            if value is not None:
+                kwargs[field_name] = value
         try:
-            return super().__call__(*args, **kwargs)
+            return super().__call__(**kwargs)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, cls, cls.__name__),
                               "fix the keys listed above (docs/training.md lists them)") from None

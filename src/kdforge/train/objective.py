@@ -17,13 +17,15 @@ weight; an empty objective is an error.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from kdforge.config import validate
 from kdforge.errors import ConfigError, NonFiniteError
@@ -51,15 +53,14 @@ class LossTerm(FriendlyModel):
     label: str | None = None
     source: Literal["loss", "task"] = "loss"
 
-    def __init__(self, name: str | None = None, weight: float | None = None,
-                 params: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if name is not None:
-            kwargs["name"] = name
-        if weight is not None:
-            kwargs["weight"] = weight
-        if params is not None:
-            kwargs["params"] = params
-        super().__init__(**kwargs)
+    #: ``LossTerm("forward_kl", 1.0, {"temperature": 2.0})``: positional name, weight, params
+    #: (mapped by the metaclass; a real ``__init__`` would spoil nested config errors, see
+    #: :class:`~kdforge.train.config.FriendlyModel`).
+    _positional: ClassVar[tuple[str, ...]] = ("name", "weight", "params")
+
+    if TYPE_CHECKING:  # the signature type checkers see
+        def __init__(self, name: str | None = None, weight: float | None = None,
+                     params: dict[str, Any] | None = None, **kwargs: Any) -> None: ...
 
     @field_validator("weight")
     @classmethod
@@ -68,9 +69,38 @@ class LossTerm(FriendlyModel):
             raise ValueError("weight must be a finite number")
         return value
 
+    @model_validator(mode="after")
+    def _known_loss(self) -> LossTerm:
+        """A typo in a loss name or parameter fails when the config is read (``kdforge run
+        --dry-run``), not at the first training step after an expensive teacher cache was built."""
+        if self.source != "loss":
+            return self
+        from kdforge.losses import LOSSES  # imported here: the losses package registers on import
+
+        known = LOSSES.names()
+        if self.name not in LOSSES:
+            close = difflib.get_close_matches(self.name, known, n=1)
+            raise ValueError(f"unknown loss {self.name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                             f"registered losses: {', '.join(known)}")
+        params = inspect.signature(LOSSES.get(self.name)).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return self
+        takes = sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY
+                       and p.name not in _SET_BY_OBJECTIVE)
+        bad = sorted(set(self.params) - set(takes))
+        if bad:
+            close = difflib.get_close_matches(bad[0], takes, n=1)
+            raise ValueError(f"loss {self.name!r} has no parameter {bad[0]!r}"
+                             f"{f' (did you mean {close[0]!r}?)' if close else ''}; it takes: {', '.join(takes)}")
+        return self
+
     @property
     def key(self) -> str:
         return self.label or self.name
+
+
+# keyword arguments the Objective passes to every loss itself (not settable through params)
+_SET_BY_OBJECTIVE = frozenset({"mask", "labels", "reduction"})
 
 
 @dataclass

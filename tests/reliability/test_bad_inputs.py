@@ -575,6 +575,16 @@ CASES: list[Case] = [
              lambda w: (["run", str(w.tmp / "nope.yaml")], [])),
     cli_case("config-empty-method-list", "config", ConfigError, ("methods",), ("edit the keys",),
              run_yaml(LLM_KD_OK + "methods: []\n")),
+    cli_case("config-unknown-loss-in-recipe", "config", ConfigError,
+             ("methods.0.objective.0", "unknown loss 'foward_kl'", "did you mean 'forward_kl'"), ("edit the keys",),
+             run_yaml(LLM_KD_OK + "methods:\n  - name: kd\n    objective: [{name: foward_kl, weight: 1.0}]\n")),
+    cli_case("config-unknown-loss-param-in-recipe", "config", ConfigError,
+             ("methods.0.objective.0", "no parameter 'temprature'", "did you mean 'temperature'"), ("edit the keys",),
+             run_yaml(LLM_KD_OK + "methods:\n  - name: kd\n    objective:\n"
+                                  "      - {name: forward_kl, weight: 1.0, params: {temprature: 2.0}}\n")),
+    cli_case("config-negative-loss-weight-in-recipe", "config", ConfigError,
+             ("methods.0.objective.0.weight", "greater than or equal to 0"), ("edit the keys",),
+             run_yaml(LLM_KD_OK + "methods:\n  - name: kd\n    objective: [{name: forward_kl, weight: -1.0}]\n")),
     cli_case("config-cache-teacher-unknown-key", "config", ConfigError, ("unknown key", "kk"), ("edit the keys",),
              lambda w: (["cache-teacher", str(w.write("c.yaml", "teacher: {name_or_path: t}\ncorpus: {path: c.txt}\n"
                                                                 "output_dir: o\nkk: 3\n"))], [])),

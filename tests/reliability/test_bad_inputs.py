@@ -132,6 +132,18 @@ class Shared:
         return self._get("seqs", lambda: torch.randint(0, VOCAB, (8, SEQ), generator=torch.Generator().manual_seed(1)))
 
     @property
+    def model_dir(self) -> Path:
+        """The teacher and its tokenizer saved as a Hugging Face folder."""
+
+        def save() -> Path:
+            path = self.root / "model"
+            self.teacher.model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+            return path
+
+        return self._get("model_dir", save)
+
+    @property
     def cache(self) -> Path:
         """A complete 2-shard cache (template: cases copy it before touching it)."""
         from kdforge.teachers import build_teacher_cache
@@ -361,6 +373,14 @@ def _case_cache_truncated(w: World):
     shard = path / "shard-00001.kdc"
     shard.write_bytes(shard.read_bytes()[:-7])
     return (lambda: TeacherCacheDataset(path, verify=False)), [path]
+
+
+def _case_cache_manifest_unreadable(w: World):
+    from kdforge.teachers import TeacherCacheDataset
+
+    path = w.cache_copy()
+    (path / "manifest.json").write_text("{oops")
+    return (lambda: TeacherCacheDataset(path)), [path]
 
 
 def _case_cache_other_teacher(w: World):
@@ -671,6 +691,8 @@ CASES: list[Case] = [
          _case_cache_corrupt),
     Case("cache-truncated-shard", "caches", CacheError, ("shard-00001.kdc", "truncated"), ("rebuild",),
          _case_cache_truncated),
+    Case("cache-manifest-unreadable", "caches", CacheError, ("manifest.json is unreadable",), ("rebuild",),
+         _case_cache_manifest_unreadable),
     Case("cache-other-teacher", "caches", CacheError, ("another teacher",), ("rebuild",), _case_cache_other_teacher),
     Case("cache-other-tokenizer", "caches", CacheError, ("another tokenizer",), ("rebuild",),
          _case_cache_other_tokenizer),
@@ -731,6 +753,14 @@ CASES: list[Case] = [
              lambda w: (["report", str(w.tmp / "no-run")], [])),
     cli_case("report-run-without-results", "eval", DataError, ("neither results.json",), ("run",),
              lambda w: (["report", str(_mkdir(w.tmp / "run"))], [])),
+    cli_case("eval-missing-data", "eval", DataError, ("missing.jsonl", "does not exist"), ("existing",),
+             lambda w: (["eval", "--student", str(w.shared.model_dir), "--data", str(w.tmp / "missing.jsonl"),
+                         "--no-cost"], [])),
+    cli_case("eval-empty-data", "eval", DataError, ("fewer than 2 tokens",), ("more evaluation text",),
+             lambda w: (["eval", "--student", str(w.shared.model_dir), "--data",
+                         str(w.write("empty.jsonl", '{"text": ""}\n')), "--no-cost"], [])),
+    cli_case("report-results-wrong-shape", "eval", DataError, ("no 'models' list",), ("run-format.md",),
+             lambda w: (["report", str(w.write("run/results.json", "[1, 2]\n").parent)], [])),
     Case("report-results-not-json", "eval", DataError, ("not valid json",), ("re-run",),
          _case_report_no_results),
 ]

@@ -5,6 +5,7 @@ See docs/teacher-cache.md. Public API::
     build_teacher_cache(teacher, sequences, out_dir, k=16, encoding="compact-u8-zstd")
     TeacherCacheDataset(out_dir)           # torch Dataset for training
     open_teacher_cache(out_dir)            # low-level reader
+    build_teacher_cache(..., data_parallel=True)   # on every rank of an accelerate launch
 """
 
 from kdforge.teachers.cache.codec import ENCODINGS, Encoding, get_encoding
@@ -15,11 +16,13 @@ from kdforge.teachers.cache.dataset import (
     batch_sparse_teacher,
     collate_teacher_cache,
 )
+from kdforge.teachers.cache.parallel import BuildGroup, join_launch_group
 from kdforge.teachers.cache.reader import TeacherCache, open_teacher_cache
 from kdforge.teachers.cache.writer import build_teacher_cache, write_teacher_cache
 
 __all__ = [
     "BATCH_KEYS",
+    "BuildGroup",
     "ENCODINGS",
     "Encoding",
     "TeacherCache",
@@ -28,6 +31,7 @@ __all__ = [
     "build_teacher_cache",
     "collate_teacher_cache",
     "get_encoding",
+    "join_launch_group",
     "open_teacher_cache",
     "pack_tokens",
     "read_texts",

@@ -613,13 +613,23 @@ class Distiller:
                     f"resume with {key}={ts.get(key)}, or start a fresh run in a new output_dir",
                 )
         acc = self.accelerator
-        acc.unwrap_model(self.student).load_state_dict(ckpt.student_state())
-        extras_state = ckpt.extras_state() or {}
-        for name, module in self.extras.items():
-            prefix = f"{name}."
-            acc.unwrap_model(module).load_state_dict(
-                {k[len(prefix):]: v for k, v in extras_state.items() if k.startswith(prefix)})
-        self.optimizer.load_state_dict(ckpt.optimizer_state())
+        try:
+            acc.unwrap_model(self.student).load_state_dict(ckpt.student_state())
+            extras_state = ckpt.extras_state() or {}
+            for name, module in self.extras.items():
+                prefix = f"{name}."
+                acc.unwrap_model(module).load_state_dict(
+                    {k[len(prefix):]: v for k, v in extras_state.items() if k.startswith(prefix)})
+            self.optimizer.load_state_dict(ckpt.optimizer_state())
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, KeyError) as exc:  # torch: size mismatch, missing keys, param groups
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[:2])
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this run's student, extra modules or optimizer: {detail[:300]}",
+                "resume with the same student architecture and method that wrote it, "
+                "or start a fresh run in a new output_dir",
+            ) from None
         sched = ckpt.scheduler_state()
         if sched is not None:
             self.scheduler.load_state_dict(sched)

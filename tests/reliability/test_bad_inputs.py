@@ -305,6 +305,14 @@ def _case_resume_other_config(w: World):
     return (lambda: d.train(resume=True)), [out / "checkpoints"]
 
 
+def _case_resume_other_student(w: World):
+    out = w.tmp / "run"
+    distiller(w, out=out, max_steps=2).train()
+    wider = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    d = distiller(w, student=wider, out=out, max_steps=3)
+    return (lambda: d.train(resume=True)), [out / "checkpoints"]
+
+
 def _case_disk_full_checkpoint(w: World):
     from kdforge.train import Callback
 
@@ -661,6 +669,8 @@ CASES: list[Case] = [
          _case_checkpoint_truncated),
     Case("train-resume-other-config", "trainer", CheckpointError, ("batch_size",), ("output",),
          _case_resume_other_config),
+    Case("train-resume-other-student", "trainer", CheckpointError, ("step-2", "does not fit", "missing key"),
+         ("same student architecture",), _case_resume_other_student),
     Case("train-teacher-student-vocab-mismatch", "trainer", VocabMismatchError, ("256", "128"), ("tokenizer",),
          _case_train_vocab_mismatch),
     Case("train-sequence-longer-than-model", "trainer", ShapeError, ("12 tokens", "max_position_embeddings=8"),

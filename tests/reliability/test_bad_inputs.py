@@ -313,6 +313,16 @@ def _case_resume_other_student(w: World):
     return (lambda: d.train(resume=True)), [out / "checkpoints"]
 
 
+def _case_nan_student_mid_run(w: World):
+    out = w.tmp / "run"
+    distiller(w, out=out, max_steps=2).train()
+    broken = MLP()
+    with torch.no_grad():
+        broken.net[0].weight[0, 0] = float("nan")  # e.g. a diverged or badly loaded student
+    d = distiller(w, student=broken, out=out, max_steps=4, save_every=2)
+    return (lambda: d.train(resume=False)), [out / "checkpoints" / "step-2"]
+
+
 def _case_disk_full_checkpoint(w: World):
     from kdforge.train import Callback
 
@@ -669,6 +679,8 @@ CASES: list[Case] = [
          _case_checkpoint_truncated),
     Case("train-resume-other-config", "trainer", CheckpointError, ("batch_size",), ("output",),
          _case_resume_other_config),
+    Case("train-nan-student", "trainer", NonFiniteError, ("student logits", "nan"), ("learning rate",),
+         _case_nan_student_mid_run),
     Case("train-resume-other-student", "trainer", CheckpointError, ("step-2", "does not fit", "missing key"),
          ("same student architecture",), _case_resume_other_student),
     Case("train-teacher-student-vocab-mismatch", "trainer", VocabMismatchError, ("256", "128"), ("tokenizer",),

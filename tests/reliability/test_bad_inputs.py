@@ -160,6 +160,7 @@ class World:
     tmp: Path
     mp: pytest.MonkeyPatch
     shared: Shared
+    argv: list[str] = field(default_factory=list)  # set by CLI cases
 
     def write(self, name: str, text: str) -> Path:
         path = self.tmp / name
@@ -194,9 +195,8 @@ def cli_case(id: str, area: str, error: type[KdforgeError], problem: tuple[str, 
     """A case run through ``kdforge`` (with ``--debug`` to see the class; without to see exit 2)."""
 
     def setup(w: World) -> tuple[Action, list[Path]]:
-        args, keep = argv(w)
-        w.mp.setattr("sys.argv", ["kdforge", *args])  # recorded for the no-traceback test
-        return (lambda: main(["--debug", *args])), keep
+        w.argv, keep = argv(w)
+        return (lambda: main(["--debug", *w.argv])), keep
 
     return Case(id, area, error, problem, fix, setup, cli=("yes",))
 
@@ -583,6 +583,15 @@ def _case_fmnist_env_incomplete(w: World):
     return (lambda: fashion_mnist.ensure(w.tmp / "cache")), [folder]
 
 
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _sft_data(w: World) -> str:
     return str(w.write("sft.jsonl", json.dumps({"prompt": "Say hi.", "text": "Hi."}) + "\n"))
 
@@ -629,11 +638,11 @@ CASES: list[Case] = [
     cli_case("elicit-bad-backend-name", "elicitation", ConfigError, ("backend", "openaii"), ("edit the keys",),
              lambda w: (["generate", str(w.write("g.yaml", "task: generate\nbackend: {type: openaii, model: m}\n"
                                                            "data: {path: x.jsonl}\n")), "--dry-run"], [])),
-    cli_case("elicit-server-unreachable", "elicitation", GenerationError, ("failed", "127.0.0.1:9"),
+    cli_case("elicit-server-unreachable", "elicitation", GenerationError, ("failed", "http://127.0.0.1:"),
              ("rerun the same command",),
              lambda w: (["generate", str(w.write("g.yaml", "task: generate\noutput_dir: gen\n"
                                                            "backend: {type: openai, model: m, base_url: "
-                                                           "'http://127.0.0.1:9/v1', max_retries: 0}\n"
+                                                           f"'http://127.0.0.1:{_closed_port()}/v1', max_retries: 0}}\n"
                                                            "data: {path: x.jsonl}\nprompt: {template: '{text}'}\n"
                                                            "output: {on_error: raise}\n")),
                          "--no-progress"], [w.write("x.jsonl", '{"id": 1, "text": "hi"}\n')])),
@@ -851,13 +860,12 @@ CLI_CASES = [c for c in CASES if c.cli]
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
 def test_cli_prints_the_error_without_traceback_and_exits_2(case, shared, tmp_path, monkeypatch, capsys):
-    import sys
-
     monkeypatch.chdir(tmp_path)
-    case.setup(World(tmp_path, monkeypatch, shared))
-    argv = sys.argv[1:]
+    world = World(tmp_path, monkeypatch, shared)
+    case.setup(world)
     capsys.readouterr()
-    assert main(argv) == 2
+    assert main(world.argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kdforge: error: ") and "\n  Fix: " in err, err
+    message = err[err.index("kdforge: error: "):]  # log lines may come first
+    assert "\n  Fix: " in message, err
     assert "Traceback" not in err

@@ -118,3 +118,29 @@ def test_kdforge_run_ends_by_writing_the_html_report_and_printing_its_path(tmp_p
     assert "student" in html.read_text()
     assert f"report: {html}" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "results.json").read_text())["recipe"] == "toy_for_report"
+
+
+def test_config_typo_inside_a_tagged_union_gets_a_suggestion():
+    from typing import Annotated, Literal
+
+    from pydantic import Field as F
+
+    from kdforge.config import validate
+
+    class _A(StrictModel):
+        kind: Literal["a"] = "a"
+        concurrency: int = 1
+
+    class _B(StrictModel):
+        kind: Literal["b"] = "b"
+        depth: int = 1
+
+    class _Job(StrictModel):
+        backend: Annotated[_A | _B, F(discriminator="kind")]
+        items: list[_Inner] = []
+
+    with pytest.raises(ConfigError) as info:
+        validate(_Job, {"backend": {"kind": "a", "concurency": 3}, "items": [{"hiden": 1}]})
+    msg = str(info.value)
+    assert "backend.a.concurency: unknown key (did you mean 'concurrency'?)" in msg
+    assert "items.0.hiden: unknown key (did you mean 'hidden'?)" in msg

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,18 +86,54 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
 
 
 def _known_keys(model: type[BaseModel], parent: tuple[Any, ...]) -> list[str]:
-    """Field names of the (nested) model at ``parent``; empty if it cannot be resolved."""
+    """Field names of the (nested) model at ``parent``; empty if it cannot be resolved.
+
+    Follows nested models, ``Optional``/``list``/``dict`` wrappers and tagged unions (pydantic
+    puts the tag value in the error location, e.g. ``backend.openai.concurency``).
+    """
     current: Any = model
     for part in parent:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        if _is_model(current):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+            continue
+        members = _models_in(current)
+        tagged = [m for m in members if _has_literal(m, part)]
+        if len(tagged) == 1:  # ``part`` is a union tag: descend into that member
+            current = tagged[0]
+        elif len(members) == 1:  # list[Model] / dict[str, Model] / Optional[Model]: skip the index
+            current = members[0]
+        else:
             return []
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return []
-        current = field.annotation
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return sorted(current.model_fields)
-    return []
+    if not _is_model(current):
+        members = _models_in(current)
+        current = members[0] if len(members) == 1 else None
+    return sorted(current.model_fields) if _is_model(current) else []
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _models_in(tp: Any) -> list[type[BaseModel]]:
+    """Pydantic models inside a type annotation (unions, Annotated, containers)."""
+    if _is_model(tp):
+        return [tp]
+    out: list[type[BaseModel]] = []
+    for arg in typing.get_args(tp):
+        for m in _models_in(arg):
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def _has_literal(model: type[BaseModel], value: Any) -> bool:
+    for field in model.model_fields.values():
+        if typing.get_origin(field.annotation) is typing.Literal and value in typing.get_args(field.annotation):
+            return True
+    return False
 
 
 def load_config(model: type[M], path: str | os.PathLike) -> M:

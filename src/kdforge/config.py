@@ -61,7 +61,8 @@ def validate(model: type[M], data: dict[str, Any], *, source: str = "config") ->
         raise ConfigError(format_validation_error(exc, model, source), _FIX) from None
 
 
-_FIX = "edit the keys listed above; `kdforge run --help` and docs/configs.md describe every key"
+_FIX = ("edit the keys listed above; `kdforge run RECIPE.yaml --dry-run` prints every key with its "
+        "value, and docs/configs.md explains how configs work")
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:

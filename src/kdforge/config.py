@@ -82,7 +82,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-            lines.append(f"  - {loc}: {err['msg']}{shown}")
+            msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            lines.append(f"  - {loc}: {msg}{shown}")
     return "\n".join(lines)
 
 

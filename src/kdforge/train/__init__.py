@@ -16,11 +16,12 @@ from kdforge.train.metrics import fidelity_sums
 from kdforge.train.objective import LossTerm, Objective, ObjectiveValue
 from kdforge.train.onpolicy import GenerateFn, HFGenerator, OnPolicyBatcher, OnPolicyConfig
 from kdforge.train.sampler import EpochSampler
+from kdforge.train.taid import TAIDCallback
 from kdforge.train.tasks import CausalLMTask, ClassificationTask, Task, TaskOutput
 
 __all__ = [
     "Callback", "CausalLMTask", "ClassificationTask", "Distiller", "EarlyStopping", "EpochSampler",
     "GenerateFn", "HFGenerator", "JsonlLogger", "LossTerm", "Objective", "ObjectiveValue",
-    "OnPolicyBatcher", "OnPolicyConfig", "ProgressBar", "Task", "TaskOutput", "TrainConfig",
+    "OnPolicyBatcher", "OnPolicyConfig", "ProgressBar", "TAIDCallback", "Task", "TaskOutput", "TrainConfig",
     "TrainerState", "fidelity_sums", "latest_checkpoint", "verify_checkpoint",
 ]

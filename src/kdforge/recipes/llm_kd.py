@@ -44,7 +44,8 @@ from kdforge.errors import ConfigError, DataError
 from kdforge.io import write_json_atomic, write_text_atomic
 from kdforge.recipes import RECIPES, Recipe
 from kdforge.train.config import TrainConfig
-from kdforge.train.objective import LossTerm
+from kdforge.train.objective import LossTerm, Objective
+from kdforge.train.onpolicy import OnPolicyConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,51 @@ class CacheSpec(StrictModel):
     dir: str | None = Field(None, description="default: RUN_DIR/teacher_cache")
 
 
+class OnPolicySpec(OnPolicyConfig):
+    """GKD for one method (:class:`kdforge.train.OnPolicyConfig`) plus the prompt/completion split.
+
+    Each training block's first ``prompt_tokens`` tokens are the prompt (label -100); with
+    probability ``lmbda`` the rest is replaced by ``max_new_tokens`` tokens sampled from the student,
+    scored by the online teacher.
+    """
+
+    prompt_tokens: int = Field(32, ge=1, description="leading tokens of each block used as the prompt")
+
+    def to_config(self) -> OnPolicyConfig:
+        return OnPolicyConfig(**self.model_dump(exclude={"prompt_tokens"}))
+
+
+class TAIDSpec(StrictModel):
+    """The TAID schedule of a method (:class:`kdforge.losses.taid.TAIDSchedule`, run over train.max_steps)."""
+
+    t_start: float = Field(0.4, ge=0.0, le=1.0)
+    t_end: float = Field(1.0, ge=0.0, le=1.0)
+    mode: Literal["adaptive", "linear"] = "adaptive"
+    alpha: float = Field(5e-4, ge=0.0, le=1.0, description="adaptive step size")
+    beta: float = Field(0.99, ge=0.0, le=1.0, description="momentum of the relative loss change")
+    term: str | None = Field(None, description="label of the taid term to drive (default: the only one)")
+
+    @model_validator(mode="after")
+    def _rises(self) -> TAIDSpec:
+        if self.t_start > self.t_end:
+            raise ValueError(f"t_start={self.t_start} > t_end={self.t_end}: t must rise")
+        return self
+
+
 class MethodSpec(StrictModel):
-    """One way of training the student: a name, a role and an explicit objective."""
+    """One way of training the student: a name, a role and an explicit objective.
+
+    Optional regimes: ``on_policy`` (GKD with the online teacher instead of the cache), ``taid``
+    (a :class:`~kdforge.train.TAIDCallback` steps the objective's ``taid`` term), ``chunked``
+    (LM head + loss in chunks of positions: :class:`~kdforge.train.Objective` ``chunked=True``).
+    """
 
     name: str
     role: Literal["baseline", "student"] = "student"
     objective: list[LossTerm]
+    on_policy: OnPolicySpec | None = None
+    taid: TAIDSpec | None = None
+    chunked: bool = False
 
     @field_validator("objective")
     @classmethod
@@ -100,6 +140,24 @@ class MethodSpec(StrictModel):
         if not value:
             raise ValueError("an objective needs at least one loss term")
         return value
+
+    @model_validator(mode="after")
+    def _regimes(self) -> MethodSpec:
+        if self.taid is not None:
+            taid_keys = [t.key for t in self.objective if t.name == "taid" and t.source == "loss"]
+            if not taid_keys:
+                raise ValueError("taid: a TAID schedule needs a term {name: taid, weight: ...} in this method's "
+                                 "objective (or remove the taid key)")
+            if self.taid.term is None and len(taid_keys) > 1:
+                raise ValueError(f"taid.term: the objective has several taid terms {taid_keys}; name the one to drive")
+            if self.taid.term is not None and self.taid.term not in taid_keys:
+                raise ValueError(f"taid.term: {self.taid.term!r} is not a taid term of the objective {taid_keys}")
+        if self.chunked:
+            try:
+                Objective(self.objective, chunked=True)
+            except ConfigError as exc:
+                raise ValueError(f"chunked: {exc.problem}; {exc.fix or ''}".rstrip("; ")) from None
+        return self
 
 
 class EvalSpec(StrictModel):
@@ -152,7 +210,24 @@ class LLMKDConfig(StrictModel):
             raise ValueError(f"method names {names} collide once turned into folder names")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
+        for m in self.methods:
+            if m.on_policy is not None and m.on_policy.prompt_tokens >= self.data.seq_len:
+                raise ValueError(f"methods: {m.name!r} on_policy.prompt_tokens={m.on_policy.prompt_tokens} must be "
+                                 f"below data.seq_len={self.data.seq_len} (the rest of a block is the completion)")
         return self
+
+
+def _prompt_collate(prompt_tokens: int) -> Any:
+    """Collate LM blocks for on-policy GKD: the first ``prompt_tokens`` tokens are the prompt (label -100)."""
+    from torch.utils.data import default_collate
+
+    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = default_collate(items)
+        batch["labels"] = batch["labels"].clone()
+        batch["labels"][:, :prompt_tokens] = -100
+        return batch
+
+    return collate
 
 
 def _slug(name: str) -> str:
@@ -284,10 +359,25 @@ class LLMKD(Recipe):
                 student = copy.deepcopy(template)
                 log.info("training %r, seed %d -> %s", method.name, seed, run_dir)
                 t0 = time.perf_counter()
-                distiller = Distiller(student, None, task=CausalLMTask(), objective=method.objective,
-                                      config=train_cfg, train_data=train_data, collate_fn=collate_teacher_cache,
-                                      eval_data=inner_eval, run_config={"method": method.model_dump(mode="json"),
-                                                                         "train": train_cfg.model_dump(mode="json")})
+                objective = Objective(copy.deepcopy(method.objective), chunked=method.chunked)
+                if method.on_policy is not None:  # GKD: student samples need the online teacher
+                    m_teacher, m_data = teacher, LMBlockDataset(splits.train)
+                    m_collate = _prompt_collate(method.on_policy.prompt_tokens)
+                    on_policy: OnPolicyConfig | None = method.on_policy.to_config()
+                else:
+                    m_teacher, m_data, m_collate, on_policy = None, train_data, collate_teacher_cache, None
+                distiller = Distiller(student, m_teacher, task=CausalLMTask(), objective=objective,
+                                      config=train_cfg, train_data=m_data, collate_fn=m_collate,
+                                      eval_data=inner_eval, on_policy=on_policy,
+                                      run_config={"method": method.model_dump(mode="json"),
+                                                  "train": train_cfg.model_dump(mode="json")})
+                if method.taid is not None:
+                    from kdforge.losses.taid import TAIDSchedule
+                    from kdforge.train.taid import TAIDCallback
+
+                    spec = method.taid.model_dump(exclude={"term"})
+                    TAIDCallback(TAIDSchedule(distiller.state.max_steps, **spec),
+                                 term=method.taid.term).attach(distiller)
                 state = distiller.train()
                 elapsed = time.perf_counter() - t0
                 model = distiller.unwrapped_student.eval()
@@ -342,7 +432,9 @@ class LLMKD(Recipe):
                 per_seed.append({"seed": seed, **_metrics(f"{method.name}|{seed}"),
                                  "train_time_s": round(info["train_time_s"], 2),
                                  "train_tokens_per_s": round(info["train_tokens_per_s"], 1),
-                                 "train_loss_last": info["last_train_logs"].get("loss")})
+                                 "train_loss_last": info["last_train_logs"].get("loss"),
+                                 **({"taid_t_final": info["last_train_logs"]["taid/t"]}
+                                    if "taid/t" in info["last_train_logs"] else {})})
             metrics: dict[str, Any] = {}
             for key in per_seed[0]:
                 if key in ("seed",) or not isinstance(per_seed[0][key], int | float):
@@ -359,6 +451,7 @@ class LLMKD(Recipe):
                 "size_mb": round(student_params * 4 / 2**20, 1),
                 "metrics": metrics, "per_seed": per_seed,
                 "objective": [t.model_dump(mode="json") for t in method.objective],
+                "regime": method.model_dump(mode="json", include={"on_policy", "taid", "chunked"}),
                 "reliability": scores[first]["reliability"],
                 "run_dir": [f"{_slug(method.name)}/seed-{seed}" for seed in config.seeds],
             })

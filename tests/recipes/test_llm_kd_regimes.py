@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.recipes.test_llm_kd import _config, tiny_setup  # noqa: F401  (shared tiny teacher/corpus fixture)
 
 from kdforge.config import validate
 from kdforge.errors import ConfigError
 from kdforge.recipes import load_recipe_file
 from kdforge.recipes.llm_kd import LLMKD, LLMKDConfig
-from tests.recipes.test_llm_kd import _config, tiny_setup  # noqa: F401  (shared tiny teacher/corpus fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 TAID = {"name": "taid", "weight": 1.0}
@@ -50,16 +50,34 @@ def test_on_policy_taid_and_chunked_methods_train_and_write_results(tiny_setup, 
     assert rows["student / taid"]["per_seed"][0]["taid_t_final"] == pytest.approx(1.0)
     taid_log = [json.loads(x) for x in (out / "taid" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["taid/t"] for r in taid_log if r["split"] == "train"] == pytest.approx([0.4 + 0.6 * 2 / 4, 1.0])
-    # lmbda=1: every gkd batch is student-generated (prompt 6 + at most 6 new tokens), so the
-    # number of trained positions per step is at most 4 rows x 6 completions, not the 4 x 15 of the blocks
-    gkd_log = [json.loads(x) for x in (out / "gkd" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
-    labels_log = [json.loads(x) for x in (out / "labels-only" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
-    tokens = [r["tokens_per_s"] for r in gkd_log if r["split"] == "train"]
-    assert tokens and all(t > 0 for t in tokens)
-    first_gkd = next(r for r in gkd_log if r["split"] == "train")
-    first_labels = next(r for r in labels_log if r["split"] == "train")
-    assert first_gkd["loss"] != first_labels["loss"]
+    assert [r["step"] for r in gkd_log(out) if r["split"] == "train"] == [2, 4]
 
+
+def gkd_log(out):
+    return [json.loads(x) for x in (out / "gkd" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_on_policy_method_trains_on_student_samples_scored_by_the_online_teacher(tiny_setup, tmp_path,  # noqa: F811
+                                                                                monkeypatch):
+    from kdforge.train import onpolicy
+
+    calls = []
+    real = onpolicy.HFGenerator.__call__
+
+    def spy(self, model, prompts, config):
+        calls.append((type(model).__name__, [len(p) for p in prompts], config.max_new_tokens))
+        return real(self, model, prompts, config)
+
+    monkeypatch.setattr(onpolicy.HFGenerator, "__call__", spy)
+    methods = [{"name": "labels only", "role": "baseline", "objective": [CE]},
+               {"name": "gkd", "objective": [{"name": "reverse_kl", "weight": 1.0}],
+                "on_policy": {"lmbda": 1.0, "max_new_tokens": 5, "prompt_tokens": 7}}]
+    LLMKD().run(_fast(tiny_setup, methods), tmp_path / "run")
+    # lmbda=1: each of the 4 steps samples the student on 4 prompts of 7 tokens; the cached-teacher
+    # baseline never generates
+    assert len(calls) == 4
+    assert all(lengths == [7, 7, 7, 7] and new == 5 for _, lengths, new in calls)
+    assert all(r["loss/reverse_kl"] >= 0 for r in gkd_log(tmp_path / "run") if r["split"] == "train")
 
 def test_chunked_method_gives_the_same_training_as_the_unchunked_one(tiny_setup, tmp_path):  # noqa: F811
     kd = [{"name": "forward_kl", "weight": 1.0}, {"name": "cross_entropy", "weight": 0.5}]

@@ -9,8 +9,22 @@ from kdforge.data.text import (
     select_blocks,
     unwrap_paragraphs,
 )
+from kdforge.data.vision import (
+    ImageClassificationDataset,
+    ImageSplits,
+    load_fashion_mnist,
+    read_idx,
+    stratified_indices,
+    write_idx,
+)
 
 __all__ = [
+    "ImageClassificationDataset",
+    "ImageSplits",
+    "load_fashion_mnist",
+    "read_idx",
+    "stratified_indices",
+    "write_idx",
     "LMBlockDataset",
     "TextSplits",
     "lm_collate",

@@ -7,5 +7,6 @@ from kdforge.students.from_teacher import (
     select_layers,
     student_from_teacher,
 )
+from kdforge.students.vision import MLP, SmallCNN, TeacherCNN, build_vision_model
 
-__all__ = ["count_parameters", "find_layers", "narrow_student", "select_layers", "student_from_teacher"]
+__all__ = ["MLP", "SmallCNN", "TeacherCNN", "build_vision_model", "count_parameters", "find_layers", "narrow_student", "select_layers", "student_from_teacher"]

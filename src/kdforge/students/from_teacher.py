@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from kdforge.errors import ConfigError
+from kdforge.eval.cost import count_parameters  # re-exported: tied weights counted once
 
 log = logging.getLogger(__name__)
 
@@ -204,18 +205,6 @@ def _embedding_modules(model: nn.Module) -> list[nn.Module]:
     if wpe is not None:
         modules.append(wpe)
     return modules
-
-
-def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
 
 
 def narrow_student(

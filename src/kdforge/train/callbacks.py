@@ -32,6 +32,8 @@ class TrainerState:
         positions_seen: real positions (tokens/samples) trained on, all processes.
         run_dir: the run folder, or None.
         is_main_process: True on the process that writes files.
+        step_metrics: this optimizer step's raw metrics (local share of each ``loss/<term>``),
+            set before ``on_step_end`` on every step, not only on logging steps.
         last_logs / last_eval: latest train log and eval metrics.
         should_stop: set to True (e.g. by early stopping) to end training after this step.
     """
@@ -44,6 +46,7 @@ class TrainerState:
     positions_seen: int = 0
     run_dir: Path | None = None
     is_main_process: bool = True
+    step_metrics: dict[str, Any] = field(default_factory=dict)
     last_logs: dict[str, Any] = field(default_factory=dict)
     last_eval: dict[str, Any] = field(default_factory=dict)
     should_stop: bool = False

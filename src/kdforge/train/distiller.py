@@ -376,6 +376,7 @@ class Distiller:
                 window_time += time.perf_counter() - step_start
                 state.step += 1
                 positions = stats.pop("positions")  # global count (all processes)
+                state.step_metrics = dict(stats)
                 state.positions_seen += positions
                 window_positions += positions
                 for key, value in stats.items():

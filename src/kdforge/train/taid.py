@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -82,9 +81,9 @@ class TAIDCallback(Callback):
         schedule: the schedule (``total_steps`` usually ``distiller.state.max_steps``).
         term: log key (``label`` or name) of the ``taid`` term to drive; default: the only one.
 
-    Use :meth:`attach` (not ``callbacks=``): it needs the Distiller's objective and per-step
-    metrics. ``t`` is an explicit ``params["t"]`` given in the objective is overwritten by the
-    schedule (``schedule.t`` from the first step on).
+    Use :meth:`attach` (not ``callbacks=``): it needs the Distiller's objective. Each step's
+    TAID term value comes from ``state.step_metrics``. An explicit ``params["t"]`` given in the
+    objective is overwritten by the schedule (``schedule.t`` from the first step on).
     """
 
     def __init__(self, schedule: TAIDSchedule, *, term: str | None = None) -> None:
@@ -94,7 +93,6 @@ class TAIDCallback(Callback):
         self.schedule = schedule
         self.term_key = term
         self._term: LossTerm | None = None
-        self._pending: torch.Tensor | None = None  # this step's TAID term value (local share)
         self.history: list[float] = []  # t used at each step since construction (for inspection)
 
     @property
@@ -116,16 +114,6 @@ class TAIDCallback(Callback):
         if self.schedule.total_steps != distiller.state.max_steps:
             log.warning("TAID schedule spans %d steps, the run has %d", self.schedule.total_steps,
                         distiller.state.max_steps)
-        inner = distiller._train_step
-        key = f"loss/{self.term_key}"
-
-        @functools.wraps(inner)
-        def train_step() -> dict[str, Any]:
-            stats = inner()
-            self._pending = stats.get(key)
-            return stats
-
-        distiller._train_step = train_step  # type: ignore[method-assign]
         distiller.callbacks.insert(0, self)
         self._apply()
         return self
@@ -134,9 +122,8 @@ class TAIDCallback(Callback):
         if self._term is not None:
             self._term.params["t"] = float(self.schedule.t)
 
-    def _global_value(self) -> float | None:
-        value = self._pending
-        self._pending = None
+    def _global_value(self, state: TrainerState) -> float | None:
+        value = state.step_metrics.get(f"loss/{self.term_key}")
         if value is None:
             return None
         value = torch.as_tensor(value, dtype=torch.float32).detach().reshape(())
@@ -157,7 +144,7 @@ class TAIDCallback(Callback):
 
     def on_step_end(self, state: TrainerState, logs: dict[str, Any] | None) -> None:
         self.history.append(self.schedule.t)
-        value = self._global_value()
+        value = self._global_value(state)
         if value is None and self.schedule.mode == "adaptive":
             raise ConfigError(f"the step metrics have no 'loss/{self.term_key}' to step the adaptive TAID schedule",
                               "keep the taid term in the objective")

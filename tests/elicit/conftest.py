@@ -88,14 +88,3 @@ class ScriptedBackend(Backend):
 @pytest.fixture
 def scripted():
     return ScriptedBackend
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models thrash with several threads on a shared 2-core machine."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -80,7 +80,6 @@ def _config(data, out, rounds=2):
 def test_pgkd_adds_teacher_examples_for_student_errors_and_beats_labels_only(data, tmp_path, monkeypatch):
     teacher = RuleTeacher()
     monkeypatch.setattr(pg, "build_backend", lambda cfg: teacher)
-    torch.set_num_threads(1)
     cfg = _config(data, tmp_path / "run")
     res = load_recipe("pgkd")().run(cfg, tmp_path / "run")
     rounds = res["rounds"]

@@ -832,7 +832,6 @@ def _snapshot(paths: list[Path]) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> Shared:
-    torch.set_num_threads(1)
     return Shared(tmp_path_factory.mktemp("shared"))
 
 

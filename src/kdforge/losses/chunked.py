@@ -5,12 +5,16 @@ With ``N`` tokens and a vocabulary of ``V``, plain distillation materialises the
 at ``N = 4096, V = 131072`` each such float32 array is 2 GiB. This module never holds more than
 one chunk of ``chunk_size`` positions of them:
 
-for each chunk of positions ``c``:
+for each chunk of positions ``c`` (masked positions are dropped before the LM head):
   1. student logits ``h_c W^T (+ b)`` (and, for a :class:`TeacherHead`, the teacher's) for the chunk,
-  2. the registered loss on the chunk (the *same* pure function as the unchunked path, so every
-     loss in :data:`~kdforge.losses.LOSSES` works, dense or sparse teacher, with its masking),
-  3. its gradient w.r.t. the chunk's logits, immediately turned into ``dL/dh_c = g W`` and
-     accumulated ``dL/dW += g^T h_c`` (``dL/db += sum g``), then the chunk's arrays are freed.
+  2. the loss on the chunk *and* its gradient ``g`` w.r.t. the chunk's logits:
+     * forward/reverse KL, generalised JSD, TVD, skew KLs with a dense or head teacher, and
+       cross-entropy: closed-form values and gradients in one pass (:mod:`kdforge.losses.fused`),
+     * every other loss, and a sparse (top-k) teacher: the *same* registered pure function as the
+       unchunked path under autograd (so every loss in :data:`~kdforge.losses.LOSSES` works, dense
+       or sparse teacher, with its masking),
+  3. ``g`` immediately turned into ``dL/dh_c = g W`` and accumulated ``dL/dW += g^T h_c``
+     (``dL/db += sum g``), then the chunk's arrays are freed.
 
 This all happens inside the forward of a :class:`torch.autograd.Function`; backward only scales
 the stored gradients by the incoming gradient. Same idea as Liger-Kernel's
@@ -31,6 +35,7 @@ import torch
 
 from kdforge.errors import ConfigError, ShapeError, VocabMismatchError
 from kdforge.losses._core import check_reduction, check_temperature, upcast
+from kdforge.losses.fused import FusedKernel, fused_kernel_for
 from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
@@ -82,12 +87,97 @@ def auto_chunk_size(vocab_size: int, num_positions: int, device: torch.device | 
     return max(1, min(num_positions, rows))
 
 
-def _teacher_chunk(teacher: torch.Tensor | SparseTeacher | TeacherHead, rows: slice):
+def _teacher_chunk(teacher: torch.Tensor | SparseTeacher | TeacherHead, rows: slice,
+                   idx: torch.Tensor | None = None):
+    """The teacher signal of positions ``rows`` (then ``idx`` within them, when given)."""
     if isinstance(teacher, TeacherHead):
-        return teacher.logits(rows)
+        h = teacher.hidden.reshape(-1, teacher.hidden.shape[-1])[rows].detach()
+        if idx is not None:
+            h = h.index_select(0, idx)
+        b = None if teacher.bias is None else teacher.bias.detach()
+        return torch.nn.functional.linear(h, teacher.weight.detach(), b)
     if isinstance(teacher, SparseTeacher):
-        return teacher[rows]
-    return teacher[rows].detach()
+        return teacher[rows] if idx is None else teacher[rows][idx]
+    t = teacher[rows].detach()
+    return t if idx is None else t.index_select(0, idx)
+
+
+def _check_labels(labels: torch.Tensor | None, vocab: int) -> None:
+    if labels is None:
+        return
+    real = labels[labels != IGNORE_INDEX]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
+        raise ShapeError(
+            f"labels outside [0, {vocab}) (other than ignore_index={IGNORE_INDEX})",
+            "labels must index the student's vocabulary; use -100 for positions without a target",
+        )
+
+
+def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, teacher: torch.Tensor | None,
+                       labels: torch.Tensor | None, kernel: FusedKernel | None, temperature: float,
+                       c_kd: float, c_ce: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+    """KD and CE sums of one chunk and ``alpha, G`` with ``d(c_kd KD + c_ce CE)/dz_s = alpha * G``.
+
+    Closed forms (:mod:`kdforge.losses.fused`): the KD part is ``T * kernel.scale * G_kd`` per unit
+    of ``c_kd``; cross-entropy's gradient is ``softmax(z_s) - onehot(y)`` on labelled rows. At
+    ``T = 1`` both share the student's softmax: ``G = (c_kd T s / c_ce) G_kd + q * labelled - onehot``.
+    Returns None when the KD values are not finite (the caller reruns the chunk under autograd,
+    which handles ``-inf`` teacher logits and raises the diagnosed error).
+    """
+    if kernel is None and c_ce == 0:  # nothing to compute (kd_weight = ce_weight = 0)
+        zero = h.new_zeros((), dtype=h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32)
+        return zero, zero, None, 1.0
+    logits = upcast(torch.nn.functional.linear(h, w, b))  # a fresh buffer: modified in place below
+    zero = logits.new_zeros(())
+    rows_idx = targets = labelled = None
+    all_labelled = True
+    ce_val = zero
+    g_ce = None
+    if c_ce != 0:
+        labelled = labels != IGNORE_INDEX
+        all_labelled = bool(labelled.all())
+        rows_idx = labelled.nonzero().squeeze(1)
+        targets = labels[rows_idx].long()
+        minus_one = torch.full((rows_idx.numel(),), -1.0, dtype=logits.dtype, device=logits.device)
+        if kernel is None or temperature != 1.0:  # CE at T = 1 on its own softmax
+            logq1 = torch.log_softmax(logits, dim=-1)
+            ce_val = -logq1[rows_idx, targets].sum()
+            g_ce = logq1.exp_()
+            del logq1
+            if not all_labelled:
+                g_ce.mul_(labelled.unsqueeze(1))
+            g_ce.index_put_((rows_idx, targets), minus_one, accumulate=True)
+            if kernel is None:
+                return zero, ce_val, g_ce, c_ce
+    assert kernel is not None and teacher is not None
+    if temperature != 1.0:
+        logits.div_(temperature)
+    logq = torch.log_softmax(logits, dim=-1)
+    del logits
+    q = logq.exp()
+    if c_ce != 0 and temperature == 1.0:
+        ce_val = -logq[rows_idx, targets].sum()
+    t = upcast(teacher.detach()).to(logq.dtype)
+    if temperature != 1.0:
+        t = t / temperature
+    out = kernel(logq, q, t)
+    del logq, t
+    if not bool(torch.isfinite(out.per_pos).all()):
+        return None
+    kd_val = out.per_pos.sum() * (temperature**2)
+    g, alpha = out.grad, c_kd * temperature * out.scale
+    if c_ce == 0:
+        return kd_val, ce_val, g, alpha
+    g.mul_(alpha / c_ce)
+    if g_ce is not None:
+        g.add_(g_ce)
+    else:
+        if all_labelled:
+            g.add_(q)
+        else:
+            g.addcmul_(q, labelled.unsqueeze(1))
+        g.index_put_((rows_idx, targets), minus_one, accumulate=True)
+    return kd_val, ce_val, g, c_ce
 
 
 def _validate(student_hidden: torch.Tensor, lm_head_weight: torch.Tensor, lm_head_bias: torch.Tensor | None,
@@ -164,6 +254,7 @@ def chunked_distillation_loss(
     chunk_size: int | str = 1024,
     lm_head_bias: torch.Tensor | None = None,
     reduction: str = "sum",
+    closed_form: bool = True,
     **loss_params: Any,
 ) -> dict[str, torch.Tensor]:
     """``kd_weight * KD + ce_weight * CE`` from hidden states, chunked over positions.
@@ -191,6 +282,10 @@ def chunked_distillation_loss(
         reduction: ``"sum"`` (default: sums over real positions; divide by your global token
             count, e.g. across gradient-accumulation micro-batches) or ``"mean"`` (KD divided by
             the number of real positions, CE by the number of labelled real positions).
+        closed_form: compute forward/reverse KL, generalised JSD, TVD, skew KLs (dense or
+            :class:`TeacherHead` teacher) and cross-entropy with their closed-form gradients in one
+            pass (:mod:`kdforge.losses.fused`); False runs every loss under autograd per chunk
+            (the path every other loss and a ``SparseTeacher`` always take). Same results.
         **loss_params: extra parameters of the KD loss (``beta``, ``alpha``, ``t``, ``sparse_policy``...).
 
     Returns:
@@ -236,6 +331,27 @@ def chunked_distillation_loss(
     else:
         kd_norm = ce_norm = 1
 
+    c_kd, c_ce = kd_scale / kd_norm, ce_scale / ce_norm
+    if ce_scale != 0:
+        _check_labels(flat_labels, vocab)
+    kernel = fused_kernel_for(loss, teacher, loss_params) if closed_form and kd_scale != 0 else None
+    use_closed_form = closed_form and (kernel is not None or kd_scale == 0)
+
+    def autograd_chunk(h, w, b, t_c, y, want_any):
+        """The registered loss under autograd on one chunk: any loss, any teacher signal."""
+        with torch.enable_grad():
+            logits = upcast(torch.nn.functional.linear(h, w, b)).requires_grad_(want_any)
+            total = logits.new_zeros(())
+            kd = ce = total.detach()
+            if kd_scale != 0:
+                kd = loss_fn(logits, t_c, labels=y, temperature=temperature, reduction="sum", **loss_params)
+                total = total + kd * c_kd
+            if ce_scale != 0:
+                ce = cross_entropy(logits, None, labels=y, reduction="sum")
+                total = total + ce * c_ce
+            g = torch.autograd.grad(total, logits)[0] if want_any and total.requires_grad else None
+        return kd.detach(), ce.detach(), g, 1.0
+
     def run(h_all: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
         want_h = h_all.requires_grad
         want_w = w.requires_grad
@@ -251,38 +367,40 @@ def chunked_distillation_loss(
         ce_total = torch.zeros((), dtype=acc, device=h_all.device)
         for start in range(0, n, rows):
             sl = slice(start, min(start + rows, n))
-            h = h_all[sl]
-            m = None if flat_mask is None else flat_mask[sl]
-            y = None if flat_labels is None else flat_labels[sl]
-            with torch.enable_grad():
-                logits = upcast(torch.nn.functional.linear(h, w, b)).requires_grad_(want_any)
-                total = logits.new_zeros(())
-                if kd_scale != 0:
-                    kd = loss_fn(logits, _teacher_chunk(teacher, sl), mask=m, labels=y, temperature=temperature,
-                                 reduction="sum", **loss_params)
-                    kd_total += kd.detach()
-                    total = total + kd * (kd_scale / kd_norm)
-                if ce_scale != 0:
-                    ce = cross_entropy(logits, None, labels=y, mask=m, reduction="sum")
-                    ce_total += ce.detach()
-                    total = total + ce * (ce_scale / ce_norm)
-                if want_any and total.requires_grad:
-                    (g,) = torch.autograd.grad(total, logits)
-                else:
-                    g = None
-            del logits, total
-            if g is None:
+            idx = None  # masked positions are dropped before the LM head: no work, no gradient
+            if flat_mask is not None and not bool(flat_mask[sl].all()):
+                idx = flat_mask[sl].nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+            h = h_all[sl] if idx is None else h_all[sl].index_select(0, idx)
+            y = None if flat_labels is None else (flat_labels[sl] if idx is None else flat_labels[sl][idx])
+            t_c = _teacher_chunk(teacher, sl, idx) if kd_scale != 0 else None
+            res = None
+            if use_closed_form:
+                res = _closed_form_chunk(h, w, b, t_c, y, kernel, temperature, c_kd, c_ce)
+            if res is None:  # another loss, a sparse teacher, or a non-finite value (diagnosed there)
+                res = autograd_chunk(h, w, b, t_c, y, want_any)
+            kd_c, ce_c, g, alpha = res
+            kd_total += kd_c.to(acc)
+            ce_total += ce_c.to(acc)
+            if g is None or not want_any:
                 continue
             g_low = g.to(h.dtype)
             if want_h:
-                g_h[sl] = g_low @ w
+                gh = torch.mm(g_low, w)
+                if alpha != 1.0:
+                    gh.mul_(alpha)
+                if idx is None:
+                    g_h[sl] = gh
+                else:
+                    g_h[sl].index_copy_(0, idx, gh)
             if want_w:
                 if g_w.dtype == h.dtype:
-                    g_w.addmm_(g.t(), h)
+                    g_w.addmm_(g_low.t(), h, alpha=alpha)
                 else:
-                    g_w += (g_low.t() @ h).to(g_w.dtype)
+                    g_w.add_((g_low.t() @ h).to(g_w.dtype), alpha=alpha)
             if want_b:
-                g_b += g.sum(0).to(g_b.dtype)
+                g_b.add_(g.sum(0).to(g_b.dtype), alpha=alpha)
             del g, g_low
         kd_out = kd_total / kd_norm
         ce_out = ce_total / ce_norm

@@ -96,6 +96,26 @@ def wrapper_of(module: Any) -> str | None:
     """
     modules = module.modules() if hasattr(module, "modules") else [module]
     for m in modules:
-        if type(m).__name__ in WRAPPER_CLASSES:
-            return type(m).__name__
+        # FSDP2's fully_shard swaps the class for a subclass named FSDP<Original>: look at the MRO
+        for cls in type(m).__mro__:
+            if cls.__name__ in WRAPPER_CLASSES:
+                return cls.__name__
     return None
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """``obj`` as the main process (rank 0) has it, on every process (picklable objects).
+
+    A decision that several processes must take together (skip a finished sub-run, resume from
+    this checkpoint) is made once, on rank 0, and shared: if each rank read the files itself, a
+    rank that saw a file another had not yet seen would take another branch and the group would
+    hang at its next collective. Outside an initialised ``torch.distributed`` group, returns
+    ``obj`` unchanged.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -130,3 +130,43 @@ def test_unknown_corpus_is_a_clear_error(tiny_setup, tmp_path):
     cfg = _config(tiny_setup, data={"corpus": str(tmp_path / "nope"), "train_docs": ["a"], "eval_docs": ["b"]})
     with pytest.raises(DataError, match="neither 'austen' nor a folder"):
         LLMKD().run(cfg, tmp_path / "run")
+
+
+def _no_timings(rows):
+    return [{k: v for k, v in r.items() if k != "per_seed" and "per_s" not in k and "time" not in k}
+            | {"metrics": {k: v for k, v in r["metrics"].items() if "per_s" not in k}} for r in rows]
+
+
+def test_resume_reuses_finished_sub_runs_and_retrains_those_whose_config_changed(tiny_setup, tmp_path, caplog):
+    out = tmp_path / "run"
+    methods = [{"name": "ce", "role": "baseline", "objective": [{"name": "cross_entropy", "weight": 1.0}]},
+               {"name": "kd", "objective": [{"name": "forward_kl", "weight": 1.0}]}]
+    cfg = _config(tiny_setup, methods=methods, save_students=False, plot=False)
+    first = LLMKD().run(cfg, out)
+    assert json.loads((out / "kd" / "seed-0" / "subrun.json").read_text())["weights"] == "final.safetensors"
+    with caplog.at_level("INFO"):
+        again = LLMKD().run(cfg, out, resume=True)
+    assert "'ce', seed 0 finished earlier" in caplog.text and "'kd', seed 0 finished earlier" in caplog.text
+    assert _no_timings(again["models"]) == _no_timings(first["models"])  # the reloaded weights score the same
+
+    caplog.clear()
+    changed = _config(tiny_setup, methods=[methods[0], {**methods[1], "objective": [
+        {"name": "forward_kl", "weight": 0.5}]}], save_students=False, plot=False)
+    with caplog.at_level("INFO"):
+        LLMKD().run(changed, out, resume=True)
+    assert "'ce', seed 0 finished earlier" in caplog.text
+    assert "'kd', seed 0 finished earlier" not in caplog.text and "trained with another config" in caplog.text
+
+
+def test_resume_retrains_a_sub_run_whose_weights_no_longer_match_their_checksum(tiny_setup, tmp_path, caplog):
+    out = tmp_path / "run"
+    cfg = _config(tiny_setup, methods=[{"name": "kd", "objective": [{"name": "forward_kl", "weight": 1.0}]}],
+                  plot=False)  # save_students: the record points at student/model.safetensors
+    LLMKD().run(cfg, out)
+    record = json.loads((out / "kd" / "seed-0" / "subrun.json").read_text())
+    assert record["weights"] == "student/model.safetensors"
+    weights = out / "kd" / "seed-0" / record["weights"]
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with caplog.at_level("INFO"):
+        LLMKD().run(cfg, out, resume=True)
+    assert "do not match their checksum" in caplog.text and "finished earlier" not in caplog.text

@@ -47,6 +47,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from kdforge.config import StrictModel
+from kdforge.distributed import broadcast_from_main
 from kdforge.errors import CacheError, ConfigError
 from kdforge.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from kdforge.recipes import RECIPES, Recipe
@@ -217,16 +218,20 @@ def _fit(
     seed: int,
     run_dir: Path,
     save_every: int | None = None,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` (dict items) with the weighted ``terms`` via the Distiller.
 
     The teacher signal is the precomputed ``teacher_logits`` key of the batch (no online teacher).
     With ``save_every``, checkpoints go to ``run_dir/checkpoints`` and an interrupted run resumes
-    from the newest one. Returns the final step and the last train logs.
+    from the newest one. Under a launch of ``world_size`` processes (all of them call this),
+    ``batch_size`` is per process and an epoch is ``len(dataset) / (batch_size * world_size)``
+    steps, so 2 processes x 16 train like 1 process x 32. Returns the final step and the last
+    train logs.
     """
     from kdforge.train import ClassificationTask, Distiller, LossTerm, Objective, TrainConfig
 
-    steps_per_epoch = math.ceil(len(dataset) / batch_size)
+    steps_per_epoch = math.ceil(len(dataset) / (batch_size * world_size))
     total_steps = max(1, math.ceil(steps_per_epoch * epochs))
     config = TrainConfig(
         max_steps=total_steps,
@@ -260,17 +265,27 @@ class FashionMnistKD(Recipe):
     config_model = FashionMnistConfig
 
     def run(self, config: FashionMnistConfig, output_dir: Path) -> dict[str, Any]:
+        """Run the recipe into ``output_dir`` (finished teacher and students are reused).
+
+        Under ``accelerate launch`` / ``torchrun`` every process calls this: teacher and
+        students train data-parallel through the Distiller (``train.batch_size`` and
+        ``teacher.batch_size`` are per process); the main process alone computes logits and
+        metrics and writes every file; the others wait at barriers and return the same results.
+        """
         from kdforge.data.vision import (
             ImageClassificationDataset,
             load_fashion_mnist,
             normalize_images,
         )
+        from kdforge.teachers.cache.parallel import join_launch_group
 
         started = time.perf_counter()
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", yaml.safe_dump(
-            {"recipe": RECIPE_NAME, **config.model_dump(mode="json")}, sort_keys=False))
+        self._group = group = join_launch_group()
+        if group.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out / "config.yaml", yaml.safe_dump(
+                {"recipe": RECIPE_NAME, **config.model_dump(mode="json")}, sort_keys=False))
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
@@ -316,6 +331,9 @@ class FashionMnistKD(Recipe):
                     data_key)
         student_rows = [(m, [finished[m.name, s] for s in config.seeds]) for m in config.methods]
         timings["students_s"] = time.perf_counter() - t0
+        if group.rank != 0:  # costs, results and files are rank 0's: wait, return what it wrote
+            group.barrier()
+            return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
         t0 = time.perf_counter()
         from kdforge.eval.cost import cost_report
@@ -337,7 +355,14 @@ class FashionMnistKD(Recipe):
         plot_results(results, out)
         print_results(results)
         log.info("fashion_mnist_kd finished in %.1f s; results in %s", timings["total_s"], out)
+        group.barrier()
         return results
+
+    def _launch_group(self):
+        """The process group :meth:`run` joined (one process when called outside ``run``)."""
+        from kdforge.teachers.cache.parallel import BuildGroup
+
+        return getattr(self, "_group", None) or BuildGroup()
 
     # -- teacher ------------------------------------------------------------------------------
     def _teacher(self, config: FashionMnistConfig, out: Path, x_train: torch.Tensor, y_train: torch.Tensor,
@@ -361,7 +386,10 @@ class FashionMnistKD(Recipe):
         folder = out / "teacher"
         info_path, weights_path, logits_path = folder / "teacher.json", folder / "model.safetensors", folder / "logits.safetensors"
         teacher = build_vision_model(tc.arch, **tc.kwargs)
-        info = _read_json(info_path)
+        group = self._launch_group()
+        main = group.rank == 0
+        # rank 0 decides whether the cached teacher is usable; every rank takes the same branch
+        info = broadcast_from_main(_read_json(info_path) if main else None)
         if info is not None and info.get("fingerprint") == fingerprint and weights_path.is_file() and logits_path.is_file():
             try:
                 teacher.load_state_dict(load_file(weights_path))
@@ -385,17 +413,25 @@ class FashionMnistKD(Recipe):
         # teacher of this very config (the run folder is wiped when the fingerprint changed)
         run_dir = folder / "run"
         marker = run_dir / "fingerprint.txt"
-        if run_dir.exists() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
-            shutil.rmtree(run_dir)
-        write_text_atomic(marker, fingerprint + "\n")
+        if main:
+            if run_dir.exists() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
+                shutil.rmtree(run_dir)
+            write_text_atomic(marker, fingerprint + "\n")
+        group.barrier()  # every rank sees the same checkpoints before the Distiller looks for one
         t0 = time.perf_counter()
+        step_images = tc.batch_size * group.world_size
         _fit(teacher, ImageClassificationDataset(x_train[train_idx], y_train[train_idx]),
              [TermConfig(name="cross_entropy", weight=1.0)], epochs=tc.epochs, batch_size=tc.batch_size,
              lr=tc.lr, weight_decay=tc.weight_decay, scheduler="cosine", warmup_ratio=0.05, seed=tc.seed,
-             run_dir=run_dir, save_every=max(1, math.ceil(len(train_idx) / tc.batch_size) // 2))
+             run_dir=run_dir, save_every=max(1, math.ceil(len(train_idx) / step_images) // 2),
+             world_size=group.world_size)
         timings["teacher_train_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
         teacher.eval()
+        if not main:  # rank 0 computes the logits once and writes them; read them back
+            group.barrier()
+            logits = load_file(logits_path)
+            return teacher, _read_json(info_path), logits["train"], logits["test"]
+        t0 = time.perf_counter()
         train_logits = predict_logits(teacher, x_train)
         test_logits = predict_logits(teacher, x_test)
         timings["teacher_logits_s"] = time.perf_counter() - t0
@@ -414,6 +450,7 @@ class FashionMnistKD(Recipe):
         }
         # teacher.json is written last: it is the commit marker of a complete cache
         write_json_atomic(info_path, info)
+        group.barrier()
         return teacher, info, train_logits, test_logits
 
     # -- subsets ------------------------------------------------------------------------------
@@ -454,7 +491,9 @@ class FashionMnistKD(Recipe):
             "n_train": len(dataset),
             "ece_bins": config.eval.ece_bins,
         })
-        cached = _read_json(run_dir / "result.json")
+        group = self._launch_group()
+        main = group.rank == 0
+        cached = broadcast_from_main(_read_json(run_dir / "result.json") if main else None)
         if cached is not None and cached.get("fingerprint") == fingerprint:
             log.info("reusing %s seed %d from %s", method.name, seed, run_dir)
             return cached
@@ -464,14 +503,18 @@ class FashionMnistKD(Recipe):
         t0 = time.perf_counter()
         _fit(model, dataset, method.terms, epochs=epochs, batch_size=tr.batch_size, lr=tr.lr,
              weight_decay=tr.weight_decay, scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, seed=seed,
-             run_dir=run_dir)
+             run_dir=run_dir, world_size=group.world_size)
         seconds = time.perf_counter() - t0
+        if not main:  # rank 0 scores the student and writes its files
+            group.barrier()
+            return json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
         logits = predict_logits(model, x_test)
         metrics = classification_metrics(logits, y_test, teacher_logits=t_test_logits, n_bins=config.eval.ece_bins)
         write_bytes_atomic(run_dir / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
         result = {"fingerprint": fingerprint, "method": method.name, "seed": seed, "train_seconds": seconds,
                   "train_images": len(dataset), "epochs": epochs, "metrics": metrics}
         write_json_atomic(run_dir / "result.json", result)
+        group.barrier()
         return result
 
     # -- results ------------------------------------------------------------------------------

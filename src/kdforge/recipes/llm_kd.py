@@ -16,7 +16,12 @@ What one run does (the LLM quickstart, ``configs/quickstart.yaml``):
    perplexity, top-1 agreement and ``KL(p_teacher || q_student)``; measures parameters and
    inference tokens/s;
 7. writes ``RUN_DIR/{config.yaml, results.json, results.md, quickstart.png}`` (``docs/run-format.md``),
-   one nested run folder per (method, seed) with its ``metrics.jsonl``, and the trained students.
+   one nested run folder per (method, seed) with its ``metrics.jsonl``, and the trained students;
+   each finished (method, seed) also gets a ``subrun.json`` record, so ``kdforge run --resume``
+   skips it after a crash (and continues the interrupted one from its last checkpoint).
+
+Several processes (``accelerate launch``): every rank runs this recipe; the cache and the training
+are data-parallel, rank 0 alone evaluates and writes (``docs/scaling.md``).
 
 Why the default regime (small training set, several passes, frozen embeddings/head) is explained in
 ``docs/quickstart.md``: it is where distillation measurably beats labels-only training on this
@@ -26,6 +31,8 @@ CPU-sized budget.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import re
@@ -41,7 +48,7 @@ from pydantic import Field, field_validator, model_validator
 
 from kdforge.config import StrictModel
 from kdforge.errors import ConfigError, DataError
-from kdforge.io import write_json_atomic, write_text_atomic
+from kdforge.io import sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
 from kdforge.recipes import RECIPES, Recipe
 from kdforge.train.config import TrainConfig
 from kdforge.train.objective import LossTerm, Objective
@@ -281,6 +288,107 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 # --------------------------------------------------------------------------------------------
+# sub-runs (one per method x seed) and their records, for `kdforge run --resume`
+
+SUBRUN_RECORD = "subrun.json"
+FINGERPRINT_FILE = "fingerprint.txt"
+
+
+def subrun_fingerprint(config: LLMKDConfig, method: MethodSpec, seed: int) -> str:
+    """Hash of everything that determines one sub-run's trained student (not where it is written).
+
+    A finished sub-run is reused by ``--resume`` only under the same fingerprint; a changed
+    config (another lr, method, teacher...) retrains it.
+    """
+    key = {
+        "teacher": config.teacher.model_dump(mode="json"),
+        "student": config.student.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json"),
+        "cache": config.cache.model_dump(mode="json", exclude={"dir"}),
+        "train": config.train.model_dump(mode="json", exclude={"output_dir", "progress", "log_with"}),
+        "inner_eval": config.eval.during_training_sequences,
+        "method": method.model_dump(mode="json"),
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare_subrun_dir(run_dir: Path, fingerprint: str, resume: bool) -> None:
+    """Make ``run_dir`` ready for a sub-run that is about to (re)start (main process only).
+
+    Drops a stale completion record; on resume, drops checkpoints written under another
+    fingerprint (another config: continuing them would mix two runs).
+    """
+    import shutil
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SUBRUN_RECORD).unlink(missing_ok=True)
+    marker = run_dir / FINGERPRINT_FILE
+    old = marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+    if resume and old != fingerprint and (run_dir / "checkpoints").exists():
+        log.warning("resume: the checkpoints in %s were written by another config; starting this sub-run over",
+                    run_dir)
+        shutil.rmtree(run_dir / "checkpoints")
+    write_text_atomic(marker, fingerprint + "\n")
+
+
+def write_subrun_record(run_dir: Path, fingerprint: str, train_info: dict[str, Any], model: torch.nn.Module,
+                        weights: str | None) -> Path:
+    """Record a finished sub-run: ``subrun.json`` (written last) names its weights and their SHA-256.
+
+    ``weights`` is the student file already written (``student/model.safetensors``), or None to
+    write ``final.safetensors`` from ``model``.
+    """
+    from kdforge.train.checkpoint import state_dict_to_bytes
+
+    if weights is None:
+        weights = "final.safetensors"
+        write_bytes_atomic(run_dir / weights, state_dict_to_bytes(model.state_dict()))
+    record = {"fingerprint": fingerprint, "weights": weights, "weights_sha256": sha256_file(run_dir / weights),
+              "train_info": train_info}
+    write_json_atomic(run_dir / SUBRUN_RECORD, record)
+    return run_dir / SUBRUN_RECORD
+
+
+def read_finished_subrun(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The record of a sub-run that finished under ``fingerprint`` with intact weights, else None."""
+    try:
+        record = json.loads((run_dir / SUBRUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != fingerprint:
+        log.info("resume: %s was trained with another config; retraining it", run_dir)
+        return None
+    weights = run_dir / str(record.get("weights", ""))
+    if not weights.is_file() or sha256_file(weights) != record.get("weights_sha256"):
+        log.warning("resume: the weights of %s are missing or do not match their checksum; retraining it", run_dir)
+        return None
+    return record
+
+
+def load_subrun_student(run_dir: Path, record: dict[str, Any], template: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``template`` holding a finished sub-run's trained weights (eval mode).
+
+    Keys absent from the file must be tied to a loaded tensor (``save_pretrained`` stores a tied
+    LM head once).
+    """
+    from kdforge.errors import CheckpointError
+    from kdforge.train.checkpoint import state_dict_from_bytes
+
+    model = copy.deepcopy(template)
+    path = run_dir / record["weights"]
+    result = model.load_state_dict(state_dict_from_bytes(path.read_bytes()), strict=False)
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in state if k not in set(result.missing_keys)}
+    untied = [k for k in result.missing_keys if state[k].data_ptr() not in loaded]
+    if untied or result.unexpected_keys:
+        raise CheckpointError(f"{path} does not fit the student of this config (missing {untied[:3]}, "
+                              f"unexpected {list(result.unexpected_keys)[:3]})",
+                              f"delete {run_dir / SUBRUN_RECORD} to retrain this sub-run")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
 # the recipe
 
 
@@ -288,23 +396,43 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 class LLMKD(Recipe):
     config_model = LLMKDConfig
 
-    def run(self, config: LLMKDConfig, output_dir: Path) -> dict[str, Any]:
+    def run(self, config: LLMKDConfig, output_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+        """Run the recipe into ``output_dir``; return the results dict (also ``results.json``).
+
+        Args:
+            config: the validated config.
+            output_dir: RUN_DIR.
+            resume: keep the (method, seed) sub-runs that finished in an earlier run of the same
+                config (their ``subrun.json`` and weights are checked), continue an interrupted
+                one from its newest verified checkpoint (``train.save_every``), train the rest.
+                False: every sub-run trains from step 0 (the teacher cache is reused either way).
+
+        Under ``accelerate launch`` / ``torchrun`` every process calls this: the teacher cache is
+        built data-parallel, training is data-parallel (DDP) through the Distiller, and the main
+        process alone evaluates and writes ``config.yaml``, ``results.*``, the plot, the students
+        and the sub-run records; the others wait at barriers and return the same results.
+        """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from kdforge.data.text import LMBlockDataset, make_lm_splits
+        from kdforge.distributed import broadcast_from_main
         from kdforge.eval.cost import count_parameters
         from kdforge.eval.lm import evaluate_language_models
         from kdforge.students.from_teacher import student_from_teacher
         from kdforge.teachers import TeacherCacheDataset, build_teacher_cache, collate_teacher_cache
+        from kdforge.teachers.cache.parallel import join_launch_group
         from kdforge.train import CausalLMTask, Distiller
 
         start = time.perf_counter()
         timings: dict[str, float] = {}
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        run_config = {"recipe": "llm_kd", **config.model_dump(mode="json")}
-        run_config["output_dir"] = str(out)
-        write_text_atomic(out / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+        group = join_launch_group()  # one process, or every process of the launch (gloo on CPUs)
+        main = group.rank == 0
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            run_config = {"recipe": "llm_kd", **config.model_dump(mode="json")}
+            run_config["output_dir"] = str(out)
+            write_text_atomic(out / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
 
         # 1. teacher -------------------------------------------------------------------------
         t0 = time.perf_counter()
@@ -334,7 +462,8 @@ class LLMKD(Recipe):
         build_teacher_cache(teacher, splits.train, cache_dir, k=config.cache.k, encoding=config.cache.encoding,
                             batch_size=config.cache.batch_size, tokenizer=tokenizer,
                             teacher_id=config.teacher.model,
-                            overwrite=config.cache.dir is None)  # only our own RUN_DIR cache is replaced
+                            overwrite=config.cache.dir is None,  # only our own RUN_DIR cache is replaced
+                            data_parallel=group)  # every rank writes its share; rank 0 merges
         train_data = TeacherCacheDataset(cache_dir, sequences=splits.train, tokenizer=tokenizer)
         timings["teacher_cache_s"] = time.perf_counter() - t0
 
@@ -353,6 +482,19 @@ class LLMKD(Recipe):
         for seed in config.seeds:
             for method in config.methods:
                 run_dir = out / _slug(method.name) / f"seed-{seed}"
+                fingerprint = subrun_fingerprint(config, method, seed)
+                # rank 0 decides (it verifies the weights' checksum) and tells the others
+                finished = broadcast_from_main(
+                    read_finished_subrun(run_dir, fingerprint) if resume and main else None)
+                if finished is not None:
+                    log.info("resume: %r, seed %d finished earlier (%s); not retrained", method.name, seed, run_dir)
+                    if main:
+                        trained[(method.name, seed)] = load_subrun_student(run_dir, finished, template)
+                    train_info[(method.name, seed)] = finished["train_info"]
+                    continue
+                if main:
+                    prepare_subrun_dir(run_dir, fingerprint, resume)
+                group.barrier()  # every rank sees the same checkpoints before the Distiller looks
                 train_cfg = config.train.model_copy(update={"output_dir": str(run_dir), "seed": seed})
                 if inner_eval is None:
                     train_cfg = train_cfg.model_copy(update={"eval_every": None})
@@ -378,20 +520,32 @@ class LLMKD(Recipe):
                     spec = method.taid.model_dump(exclude={"term"})
                     TAIDCallback(TAIDSchedule(distiller.state.max_steps, **spec),
                                  term=method.taid.term).attach(distiller)
-                state = distiller.train()
+                state = distiller.train(resume=resume)
                 elapsed = time.perf_counter() - t0
                 model = distiller.unwrapped_student.eval()
-                trained[(method.name, seed)] = model
-                train_info[(method.name, seed)] = {
+                if main:
+                    trained[(method.name, seed)] = model
+                info = {
                     "train_time_s": elapsed,
                     "train_tokens_per_s": state.positions_seen / max(elapsed, 1e-9),
                     "last_train_logs": {k: v for k, v in (state.last_logs or {}).items()
                                         if isinstance(v, int | float)},
                 }
+                train_info[(method.name, seed)] = info
                 if config.save_students:
-                    distiller.save_student(run_dir / "student")
-                    tokenizer.save_pretrained(run_dir / "student")
+                    distiller.save_student(run_dir / "student")  # main writes, all wait
+                    if main:
+                        tokenizer.save_pretrained(run_dir / "student")
+                if main:
+                    write_subrun_record(run_dir, fingerprint, info, model,
+                                        weights="student/model.safetensors" if config.save_students else None)
+                group.barrier()
+                del distiller, student
         timings["train_s"] = sum(v["train_time_s"] for v in train_info.values())
+        if not main:
+            # evaluation and every file below are rank 0's; wait for it, return what it wrote
+            group.barrier()
+            return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
         # 6. held-out evaluation, teacher logits once per batch ------------------------------
         t0 = time.perf_counter()
@@ -480,6 +634,7 @@ class LLMKD(Recipe):
             except Exception as exc:  # a plot must never fail a finished run
                 log.warning("could not write the plot: %s", exc)
         log.info("results (%s):\n%s", out, table)
+        group.barrier()  # the other ranks read results.json after this
         return results
 
 
@@ -523,8 +678,6 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 def plot_run(out: Path, results: dict[str, Any]) -> Path:
     """``quickstart.png``: training CE and held-out perplexity over steps for every method."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,1 +1,59 @@
-"""kdforge.features"""
+"""Feature and relation distillation: hints (FitNets), attention/value relations (MiniLM), CKA.
+
+Where is ...?
+
+* the losses as pure functions (``hidden_mse``, ``cosine_hidden``, ``attention_kl``,
+  ``value_relation_kl``, ``linear_cka`` / ``cka_loss``) -> :mod:`.losses`
+* ``nn.Module`` wrappers with their projector (``HiddenMSE(256, 576)``) -> :mod:`.modules`
+* capturing intermediate outputs (``output_hidden_states`` / forward hooks) and layer maps -> :mod:`.taps`
+* the objective terms (registry :data:`FEATURE_LOSSES`, validated params, :class:`FeatureTerms`)
+  -> :mod:`.terms`
+
+In a training objective::
+
+    objective = Objective([
+        {"name": "forward_kl", "weight": 1.0},
+        {"name": "hidden_mse", "weight": 1.0, "params": {"layers": "uniform"}},
+    ])
+    Distiller(student, teacher, task=CausalLMTask(), objective=objective,
+              extra_modules=objective.bind(student, teacher), ...)
+
+See ``docs/features.md``.
+"""
+
+from kdforge.features.losses import (
+    attention_kl,
+    cka_loss,
+    cosine_hidden,
+    hidden_mse,
+    linear_cka,
+    relation_matrix,
+    value_relation_kl,
+)
+from kdforge.features.modules import (
+    AttentionKL,
+    CKALoss,
+    CosineHidden,
+    HiddenMSE,
+    ValueRelationKL,
+    make_projector,
+)
+from kdforge.features.taps import (
+    FeatureRequest,
+    Features,
+    ModuleTaps,
+    capture,
+    layer_map,
+    num_layers,
+    source_layers,
+    use_eager_attention,
+    value_modules,
+)
+from kdforge.features.terms import FEATURE_LOSSES, FeatureLossDef, FeatureTerms, build_feature_terms
+
+__all__ = [
+    "FEATURE_LOSSES", "AttentionKL", "CKALoss", "CosineHidden", "FeatureLossDef", "FeatureRequest", "FeatureTerms",
+    "Features", "HiddenMSE", "ModuleTaps", "ValueRelationKL", "attention_kl", "build_feature_terms", "capture",
+    "cka_loss", "cosine_hidden", "hidden_mse", "layer_map", "linear_cka", "make_projector", "num_layers",
+    "relation_matrix", "source_layers", "use_eager_attention", "value_modules", "value_relation_kl",
+]

@@ -13,6 +13,13 @@ weights short sequences more).
 
 There are no hidden defaults: every term names a loss from :data:`kdforge.losses.LOSSES` and its
 weight; an empty objective is an error.
+
+Feature terms (``hidden_mse``, ``cosine_hidden``, ``attention_kl``, ``value_relation_kl``,
+``cka``: :data:`kdforge.features.FEATURE_LOSSES`) compare intermediate tensors of the two models.
+They are written like any term (``{name: hidden_mse, weight: 1.0, params: {layers: uniform}}``);
+:meth:`Objective.bind` resolves them for a (student, teacher) pair into one
+:class:`~kdforge.features.FeatureTerms` module (layer maps, projectors), passed to the trainer as
+``extra_modules``; the task then captures hidden states/attentions only when such a term exists.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from torch import nn
 
 from kdforge.config import validate
 from kdforge.errors import ConfigError, NonFiniteError
@@ -42,8 +50,10 @@ class LossTerm(FriendlyModel):
         label: key used in logs (``loss/<label>``); defaults to ``name``. Needed when the same loss
             appears twice.
         source: ``"loss"`` (default): ``name`` is a registered loss applied to the logits;
-            ``"task"``: ``name`` is an auxiliary term the task computes itself (e.g. a feature/hint
-            loss through a projector), returned summed over real positions in
+            ``"feature"``: ``name`` is a feature loss of :data:`kdforge.features.FEATURE_LOSSES`
+            (set automatically for those names; ``params`` validated against the loss's parameter
+            model, see ``docs/features.md``); ``"task"``: ``name`` is an auxiliary term the task
+            computes itself, returned summed over real positions in
             ``TaskOutput.extra_terms[name]``; ``params`` must then be empty.
     """
 
@@ -51,7 +61,7 @@ class LossTerm(FriendlyModel):
     weight: float = Field(..., ge=0)
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
-    source: Literal["loss", "task"] = "loss"
+    source: Literal["loss", "task", "feature"] = "loss"
 
     #: ``LossTerm("forward_kl", 1.0, {"temperature": 2.0})``: positional name, weight, params
     #: (mapped by the metaclass; a real ``__init__`` would spoil nested config errors, see
@@ -69,19 +79,34 @@ class LossTerm(FriendlyModel):
             raise ValueError("weight must be a finite number")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _feature_source(cls, data: Any) -> Any:
+        """A feature loss name (``hidden_mse``...) makes a feature term without saying ``source``."""
+        if isinstance(data, Mapping) and "source" not in data and isinstance(data.get("name"), str):
+            from kdforge.features.terms import FEATURE_LOSSES
+
+            if data["name"] in FEATURE_LOSSES:
+                return {**data, "source": "feature"}
+        return data
+
     @model_validator(mode="after")
     def _known_loss(self) -> LossTerm:
         """A typo in a loss name or parameter fails when the config is read (``kdforge run
         --dry-run``), not at the first training step after an expensive teacher cache was built."""
+        if self.source == "feature":
+            return self._known_feature()
         if self.source != "loss":
             return self
+        from kdforge.features.terms import FEATURE_LOSSES
         from kdforge.losses import LOSSES  # imported here: the losses package registers on import
 
         known = LOSSES.names()
         if self.name not in LOSSES:
-            close = difflib.get_close_matches(self.name, known, n=1)
+            close = difflib.get_close_matches(self.name, [*known, *FEATURE_LOSSES.names()], n=1)
             raise ValueError(f"unknown loss {self.name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
-                             f"registered losses: {', '.join(known)}")
+                             f"registered losses: {', '.join(known)}; "
+                             f"feature losses: {', '.join(FEATURE_LOSSES.names())}")
         params = inspect.signature(LOSSES.get(self.name)).parameters.values()
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
             return self
@@ -92,6 +117,26 @@ class LossTerm(FriendlyModel):
             close = difflib.get_close_matches(bad[0], takes, n=1)
             raise ValueError(f"loss {self.name!r} has no parameter {bad[0]!r}"
                              f"{f' (did you mean {close[0]!r}?)' if close else ''}; it takes: {', '.join(takes)}")
+        return self
+
+    def _known_feature(self) -> LossTerm:
+        from kdforge.features.terms import FEATURE_LOSSES
+
+        if self.name not in FEATURE_LOSSES:
+            known = FEATURE_LOSSES.names()
+            close = difflib.get_close_matches(self.name, known, n=1)
+            raise ValueError(f"unknown feature loss {self.name!r}{f' (did you mean {close[0]!r}?)' if close else ''}"
+                             f"; feature losses: {', '.join(known)}")
+        try:
+            FEATURE_LOSSES.get(self.name).validate_params(self.params)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in e['loc']) or 'params'}: "
+                f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors())
+            model = FEATURE_LOSSES.get(self.name).params_model
+            raise ValueError(f"feature loss {self.name!r} params: {problems} "
+                             f"(it takes: {', '.join(model.model_fields)})") from None
         return self
 
     @property
@@ -170,6 +215,8 @@ class Objective:
                                   "configure the term on the task object instead")
         self._fns: list[Callable[..., torch.Tensor] | None] = [
             LOSSES.get(t.name) if t.source == "loss" else None for t in parsed]
+        self._features: nn.Module | None = None
+        self._bound: tuple[int, int] | None = None
         self.chunked = chunked
         if chunk_size != "auto" and not (isinstance(chunk_size, int) and chunk_size > 0):
             raise ConfigError(f"chunk_size must be a positive integer or 'auto', got {chunk_size!r}",
@@ -188,8 +235,48 @@ class Objective:
 
     @property
     def needs_teacher(self) -> bool:
-        """True when some term other than ``cross_entropy`` has a non-zero weight."""
-        return any(t.name != "cross_entropy" and t.source == "loss" for t in self.terms)
+        """True when some term other than ``cross_entropy`` needs a teacher signal."""
+        return any((t.name != "cross_entropy" and t.source == "loss") or t.source == "feature" for t in self.terms)
+
+    @property
+    def feature_terms(self) -> list[LossTerm]:
+        """The terms on intermediate features (need :meth:`bind` and an online teacher)."""
+        return [t for t in self.terms if t.source == "feature"]
+
+    def bind(self, student: nn.Module, teacher: Any) -> dict[str, nn.Module]:
+        """Resolve the feature terms for this student and teacher; the trainer's ``extra_modules``.
+
+        Builds one :class:`~kdforge.features.FeatureTerms` (layer maps, module paths checked,
+        projectors created on the student's device, eager attention switched on for
+        ``attention_kl``). Pass the result to :class:`~kdforge.train.Distiller` as
+        ``extra_modules`` so the projectors are optimised and checkpointed, and so the task captures
+        the features. Calling it again with the same models returns the same module.
+
+        Returns:
+            ``{"features": FeatureTerms}``, or ``{}`` when the objective has no feature terms.
+
+        Raises:
+            ConfigError: no teacher module (a teacher cache carries no features), or a term that
+                does not fit these models (layers out of range, unknown module path...).
+        """
+        from kdforge.features.terms import EXTRAS_KEY, build_feature_terms
+        from kdforge.train.tasks import teacher_module
+
+        if not self.feature_terms:
+            return {}
+        if teacher is None:
+            raise ConfigError(
+                f"feature terms {[t.key for t in self.feature_terms]} need a live teacher model, got none",
+                "pass the teacher module (a teacher cache stores only top-k logits, no hidden states), "
+                "or remove the feature terms",
+            )
+        t_module = teacher_module(teacher)
+        ident = (id(student), id(t_module))
+        if self._features is None or self._bound != ident:
+            self._features = build_feature_terms([(t.key, t.name, t.params) for t in self.feature_terms],
+                                                 student, t_module)
+            self._bound = ident
+        return {EXTRAS_KEY: self._features}
 
     @property
     def task_terms(self) -> list[str]:
@@ -214,7 +301,16 @@ class Objective:
         total: torch.Tensor | None = None
         terms: dict[str, torch.Tensor] = {}
         for term, fn in zip(self.terms, self._fns):
-            if fn is None:
+            if term.source == "feature":
+                extra = getattr(out, "extra_terms", None) or {}
+                if term.key not in extra:
+                    raise ConfigError(
+                        f"feature term {term.key!r} was not computed: the trainer has no bound feature module",
+                        "pass extra_modules=objective.bind(student, teacher) to the Distiller "
+                        "(and an online teacher: a teacher cache carries no features)",
+                    )
+                value = extra[term.key] / norm
+            elif fn is None:
                 extra = getattr(out, "extra_terms", None) or {}
                 if term.name not in extra:
                     raise ConfigError(
@@ -238,6 +334,11 @@ class Objective:
         kd = [t for t in self.terms if t.name != "cross_entropy"]
         if any(t.source == "task" for t in self.terms):
             raise ConfigError("chunked=True does not support task terms", "set chunked=False")
+        if self.feature_terms:
+            raise ConfigError(
+                f"chunked=True does not support feature terms ({', '.join(t.key for t in self.feature_terms)})",
+                "set chunked=False (feature terms need the full forward pass of both models)",
+            )
         if len(kd) != 1 or len(self.terms) > 2:
             raise ConfigError(
                 f"chunked=True supports one distillation term plus an optional cross_entropy term, got {self!r}",

@@ -13,6 +13,12 @@ built in:
 
 The teacher is always run under ``torch.no_grad()`` in eval mode on its own device; its outputs are
 moved to the student's device.
+
+Feature terms: when the trainer's ``extras`` hold a :class:`~kdforge.features.FeatureTerms` module
+(``extras["features"]``, from :meth:`kdforge.train.Objective.bind`), both tasks also capture what it
+requests (hidden states, attentions, hooked module outputs) from the student and the online teacher
+in the same forward passes and put each feature term, summed over real positions, in
+``TaskOutput.extra_terms``. Without such a module nothing extra is requested (no cost).
 """
 
 from __future__ import annotations
@@ -58,6 +64,67 @@ class TaskOutput:
     @property
     def num_positions(self) -> int:
         return int(self.mask.sum().item())
+
+
+def feature_module(extras: Mapping[str, nn.Module] | None) -> nn.Module | None:
+    """The (possibly wrapped) :class:`~kdforge.features.FeatureTerms` among ``extras``, or None."""
+    from kdforge.features.terms import EXTRAS_KEY, FeatureTerms
+
+    module = (extras or {}).get(EXTRAS_KEY)
+    if module is None:
+        return None
+    if not isinstance(_unwrap(module), FeatureTerms):
+        raise ConfigError(
+            f"extra module {EXTRAS_KEY!r} is a {type(_unwrap(module)).__name__}, but that name is reserved for the "
+            "objective's feature terms",
+            "rename your extra module, or pass the dict returned by objective.bind(student, teacher)",
+        )
+    return module
+
+
+def _refuse_cached_features(task: Task, batch: Mapping[str, Any], teacher: Any, features: nn.Module,
+                            chunked: bool) -> None:
+    keys = ", ".join(_unwrap(features).keys)
+    if task.has_cached_teacher(batch):
+        raise ConfigError(
+            f"feature terms ({keys}) need the teacher's intermediate features, but the batch carries a cached "
+            "teacher signal (a teacher cache stores only top-k logits)",
+            "train these terms with the online teacher model (batches without cached teacher keys), "
+            "or remove the feature terms from the objective",
+        )
+    if teacher is None:
+        raise ConfigError(f"feature terms ({keys}) need an online teacher model, got teacher=None",
+                          "pass the teacher module to the Distiller")
+    if chunked:
+        raise ConfigError(f"feature terms ({keys}) cannot run in chunked mode", "set chunked=False")
+
+
+@torch.no_grad()
+def run_teacher_features(teacher: Any, request: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """Like :func:`run_teacher`, also capturing the :class:`~kdforge.features.FeatureRequest`
+    ``request`` from the teacher module. Returns ``(logits, Features)``; a wrapper's ``vocab_size``
+    (:class:`~kdforge.teachers.OnlineTeacher`) still slices the logits."""
+    from kdforge.features.taps import capture
+
+    module = teacher_module(teacher)
+    if module.training:
+        module.eval()
+    device = module_device(module)
+    dtype = _module_float_dtype(module)
+
+    def move(x: Any) -> Any:
+        if torch.is_tensor(x):
+            x = x.to(device)
+            if x.is_floating_point() and dtype is not None:
+                x = x.to(dtype)
+        return x
+
+    out, feats = capture(module, request, *[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
+    logits = _logits_of(out)
+    vocab = None if isinstance(teacher, nn.Module) else getattr(teacher, "vocab_size", None)
+    if isinstance(vocab, int):
+        logits = logits[..., :vocab]
+    return logits, feats
 
 
 class Task:
@@ -196,20 +263,32 @@ class ClassificationTask(Task):
     def forward(self, student: nn.Module, teacher: nn.Module | None, batch: Mapping[str, Any], *,
                 extras: Mapping[str, nn.Module] | None = None, chunked: bool = False) -> TaskOutput:
         inputs = self._inputs(batch)
-        logits = _logits_of(student(inputs))
+        features = feature_module(extras)
+        if features is not None:
+            from kdforge.features.taps import capture
+
+            _refuse_cached_features(self, batch, teacher, features, chunked)
+            out, s_feats = capture(student, _unwrap(features).student_request, inputs)
+            logits = _logits_of(out)
+        else:
+            logits = _logits_of(student(inputs))
         labels = batch.get(self.label_key)
         if labels is not None:
             labels = labels.to(logits.device).long()
         mask = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
         signal: torch.Tensor | None = None
+        extra: dict[str, torch.Tensor] = {}
         if self.teacher_key in batch:
             signal = batch[self.teacher_key]
+        elif teacher is not None and features is not None:
+            signal, t_feats = run_teacher_features(teacher, _unwrap(features).teacher_request, inputs)
+            extra = features(s_feats, t_feats, mask)
         elif teacher is not None:
             signal = run_teacher(teacher, inputs)
         if signal is not None:
             signal = signal.to(device=logits.device, dtype=logits.dtype)
             _check_vocab(logits, signal)
-        return TaskOutput(logits, signal, labels, mask)
+        return TaskOutput(logits, signal, labels, mask, extra_terms=extra)
 
 
 class CausalLMTask(Task):
@@ -258,7 +337,17 @@ class CausalLMTask(Task):
         labels = self.shifted_labels(batch).to(input_ids.device)
         mask = labels != IGNORE_INDEX
         hidden = head = None
-        if chunked:
+        features = feature_module(extras)
+        s_feats = None
+        if features is not None:
+            from kdforge.features.taps import capture
+
+            _refuse_cached_features(self, batch, teacher, features, chunked)
+            s_out, s_feats = capture(student, _unwrap(features).student_request, input_ids=input_ids,
+                                     attention_mask=attention_mask)
+            logits = _logits_of(s_out)[:, :-1]
+            vocab, ref_device, ref_dtype = logits.shape[-1], logits.device, logits.dtype
+        elif chunked:
             try:  # logits for the last position only: the loss works from the hidden states
                 out = student(input_ids=input_ids, attention_mask=attention_mask,
                               output_hidden_states=True, logits_to_keep=1)
@@ -278,10 +367,21 @@ class CausalLMTask(Task):
             vocab, ref_device, ref_dtype = logits.shape[-1], logits.device, logits.dtype
 
         signal: TeacherSignal | None = None
+        extra: dict[str, torch.Tensor] = {}
         if self.ids_key in batch:
             signal = self._cached(batch, labels.shape, vocab, ref_device)
         elif teacher is not None:
-            t_logits = run_teacher(teacher, input_ids=input_ids, attention_mask=attention_mask)[:, :-1]
+            if features is not None:
+                t_logits, t_feats = run_teacher_features(teacher, _unwrap(features).teacher_request,
+                                                         input_ids=input_ids, attention_mask=attention_mask)
+                # features cover all T positions; the real ones are those of the logit positions
+                # (mask [B, T-1]), the last position has no next-token target
+                feat_mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
+                key_mask = attention_mask.bool() if attention_mask is not None else None
+                extra = features(s_feats, t_feats, feat_mask, key_mask=key_mask, causal=True)
+                t_logits = t_logits[:, :-1]
+            else:
+                t_logits = run_teacher(teacher, input_ids=input_ids, attention_mask=attention_mask)[:, :-1]
             signal = t_logits.to(device=ref_device, dtype=ref_dtype)
             if logits is not None:
                 _check_vocab(logits, signal)
@@ -290,7 +390,7 @@ class CausalLMTask(Task):
                     f"teacher has {signal.shape[-1]} tokens, student {vocab}",
                     "use a student with the teacher's tokenizer",
                 )
-        return TaskOutput(logits, signal, labels, mask, hidden, head)
+        return TaskOutput(logits, signal, labels, mask, hidden, head, extra_terms=extra)
 
     def _cached(self, batch: Mapping[str, Any], pos_shape: torch.Size, vocab: int,
                 device: torch.device) -> SparseTeacher:

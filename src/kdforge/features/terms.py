@@ -1,0 +1,364 @@
+"""Feature terms of an objective: registry, validated parameters, and the :class:`FeatureTerms` module.
+
+An objective term such as ``{name: hidden_mse, weight: 1.0, params: {layers: uniform}}`` names a
+loss registered in :data:`FEATURE_LOSSES`; its ``params`` are validated against that loss's
+parameter model when the config is read. :meth:`kdforge.train.Objective.bind` turns the feature
+terms into one :class:`FeatureTerms` module for a given (student, teacher) pair: it resolves the
+layer map, the tensors to capture from each model, and builds the learned projectors (the only
+trainable state of the method, optimised with the student and checkpointed in
+``extras.safetensors``, never inside the student).
+
+Every term's value is **summed over real positions and averaged over its matched layer pairs**,
+so its weight does not grow with the number of layers matched and it shares the objective's
+normaliser (real positions of the whole accumulated batch).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from kdforge.config import StrictModel
+from kdforge.errors import ConfigError, ShapeError
+from kdforge.features.losses import (
+    attention_kl,
+    cka_loss,
+    cosine_hidden,
+    hidden_mse,
+    value_relation_kl,
+)
+from kdforge.features.taps import (
+    FeatureRequest,
+    Features,
+    layer_map,
+    num_layers,
+    resolve_module,
+    source_layers,
+    use_eager_attention,
+    value_modules,
+)
+from kdforge.registry import Registry
+
+__all__ = ["EXTRAS_KEY", "FEATURE_LOSSES", "FeatureLossDef", "FeatureTerms", "build_feature_terms"]
+
+#: name of the :class:`FeatureTerms` module among the trainer's ``extra_modules`` (checkpoint
+#: keys ``features.projectors.<term>_<pair>.weight`` in ``extras.safetensors``)
+EXTRAS_KEY = "features"
+
+LayerField = Literal["auto", "uniform", "last", "kept"] | list[int] | dict[int, int]
+Kind = Literal["hint", "cka", "attention", "value"]
+
+
+# -- parameters (what a YAML `params:` may hold) ------------------------------------------------
+class _Tapped(StrictModel):
+    student_modules: list[str] | None = Field(
+        None, description="module paths of the student to tap with hooks (instead of layers)")
+    teacher_modules: list[str] | None = Field(None, description="matching module paths of the teacher")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> _Tapped:
+        s, t = self.student_modules, self.teacher_modules
+        if (s is None) != (t is None):
+            raise ValueError("give both student_modules and teacher_modules (matched one to one), or neither")
+        if s is not None and t is not None:
+            if not s or len(s) != len(t):
+                raise ValueError(f"student_modules ({len(s)}) and teacher_modules ({len(t)}) must be "
+                                 "non-empty lists of the same length")
+            if "layers" in self.model_fields_set:
+                raise ValueError("set either layers or student_modules/teacher_modules, not both")
+        return self
+
+
+class HintParams(_Tapped):
+    """``hidden_mse`` / ``cosine_hidden``."""
+
+    layers: LayerField = Field("auto", description="auto (kept layers, else uniform), uniform, last, kept, "
+                                                   "a list of teacher indices or {student: teacher}")
+    projector: Literal["auto", "linear", "identity"] = Field(
+        "auto", description="auto: identity when widths match, else a learned linear map")
+
+
+class CKAParams(_Tapped):
+    """``cka``."""
+
+    layers: LayerField = "last"
+
+
+class AttentionParams(StrictModel):
+    """``attention_kl``."""
+
+    layers: LayerField = "last"
+    heads: Literal["auto", "match", "average"] = Field(
+        "auto", description="match head i with head i (same count), or average each side's heads")
+
+
+class ValueRelationParams(_Tapped):
+    """``value_relation_kl``."""
+
+    layers: LayerField = "last"
+    relation_heads: int | None = Field(None, ge=1, description="default: gcd of the two models' KV head counts")
+    causal: bool | None = Field(None, description="relations to past tokens only (default: true for causal LMs)")
+
+
+@dataclass(frozen=True)
+class FeatureLossDef:
+    """A registered feature loss: the pure function, what it reads and its parameter model."""
+
+    fn: Callable[..., torch.Tensor]
+    kind: Kind
+    params_model: type[StrictModel]
+
+    def validate_params(self, params: Mapping[str, Any]) -> StrictModel:
+        return self.params_model.model_validate(dict(params))
+
+
+FEATURE_LOSSES: Registry[FeatureLossDef] = Registry("feature loss")
+FEATURE_LOSSES.add("hidden_mse", FeatureLossDef(hidden_mse, "hint", HintParams),
+                   "FitNets hint: MSE(proj(h_student), h_teacher) on matched hidden states")
+FEATURE_LOSSES.add("cosine_hidden", FeatureLossDef(cosine_hidden, "hint", HintParams),
+                   "1 - cos(proj(h_student), h_teacher) on matched hidden states")
+FEATURE_LOSSES.add("attention_kl", FeatureLossDef(attention_kl, "attention", AttentionParams),
+                   "MiniLM: KL(teacher attention || student attention) per query, heads matched or averaged")
+FEATURE_LOSSES.add("value_relation_kl", FeatureLossDef(value_relation_kl, "value", ValueRelationParams),
+                   "MiniLM(v2): KL between softmax(V V^T / sqrt(d)) value relations, any head counts")
+FEATURE_LOSSES.add("cka", FeatureLossDef(cka_loss, "cka", CKAParams),
+                   "1 - linear CKA between student and teacher hidden states (widths may differ)")
+
+
+# -- plans ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    key: str
+    name: str
+    kind: Kind
+    source: Literal["hidden_states", "attentions", "modules"]
+    pairs: tuple[tuple[int | str, int | str], ...]
+    params: StrictModel
+    projectors: tuple[str | None, ...]  # key in FeatureTerms.projectors per pair, None = identity
+
+
+def _config(model: nn.Module) -> Any:
+    return getattr(model, "config", None)
+
+
+def _hidden_width(model: nn.Module) -> int:
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(_config(model), name, None)
+        if isinstance(value, int):
+            return value
+    emb = getattr(model, "get_input_embeddings", None)
+    if callable(emb) and hasattr(emb(), "embedding_dim"):
+        return int(emb().embedding_dim)
+    raise ConfigError(f"cannot tell the hidden width of {type(model).__name__}", "use projector: identity")
+
+
+def _module_width(model: nn.Module, path: str) -> int:
+    """Channel/feature width of a module's output, from its attributes (no forward pass)."""
+    module = resolve_module(model, path)
+    candidates = [module]
+    if isinstance(module, nn.Sequential | nn.ModuleList):
+        candidates = list(reversed(list(module.modules())))
+    for m in candidates:
+        for attr in ("out_features", "out_channels", "num_features", "embedding_dim"):
+            value = getattr(m, attr, None)
+            if isinstance(value, int):
+                return value
+        shape = getattr(m, "normalized_shape", None)
+        if shape:
+            return int(shape[-1])
+    if re.search(r"\.\d+$", path):  # a transformer block: its output has the hidden width
+        return _hidden_width(model)
+    raise ConfigError(f"cannot tell the output width of module {path!r} ({type(module).__name__}) for a projector",
+                      "tap a Linear/Conv/Norm module, or set projector: identity when the widths match")
+
+
+def _kv_heads(model: nn.Module) -> int | None:
+    c = _config(model)
+    for name in ("num_key_value_heads", "num_attention_heads", "n_head"):
+        value = getattr(c, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _safe(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", key)
+
+
+class FeatureTerms(nn.Module):
+    """All feature terms of one objective for one (student, teacher) pair.
+
+    Build it with :meth:`kdforge.train.Objective.bind` (or :func:`build_feature_terms`). It tells a
+    task what to capture (:attr:`student_request`, :attr:`teacher_request`) and computes every
+    term from the captured :class:`~kdforge.features.taps.Features`. Its only parameters are the
+    projectors (``projectors[<term>_<pair>]``, ``nn.Linear(H_s, H_t)``, applied to the student
+    side on the first feature axis).
+    """
+
+    def __init__(self, plans: Sequence[_Plan], projectors: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.plans = list(plans)
+        self.projectors = nn.ModuleDict(dict(projectors))
+
+    @property
+    def keys(self) -> list[str]:
+        return [p.key for p in self.plans]
+
+    def _request(self, side: int) -> FeatureRequest:
+        req = FeatureRequest()
+        for p in self.plans:
+            req = req | FeatureRequest(
+                hidden_states=p.source == "hidden_states", attentions=p.source == "attentions",
+                modules=tuple(str(pair[side]) for pair in p.pairs) if p.source == "modules" else ())
+        return req
+
+    @property
+    def student_request(self) -> FeatureRequest:
+        return self._request(0)
+
+    @property
+    def teacher_request(self) -> FeatureRequest:
+        return self._request(1)
+
+    def project(self, x: torch.Tensor, key: str | None, feature_axis: int) -> torch.Tensor:
+        """Apply projector ``key`` to axis ``feature_axis`` of ``x`` (identity for None)."""
+        if key is None:
+            return x
+        proj = self.projectors[key]
+        weight = getattr(proj, "weight", None)
+        if weight is not None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight.dtype)
+        if x.shape[feature_axis] != getattr(proj, "in_features", x.shape[feature_axis]):
+            raise ShapeError(f"projector {key!r} expects width {proj.in_features}, the student feature has "
+                             f"{x.shape[feature_axis]} on axis {feature_axis} (shape {tuple(x.shape)})",
+                             "check the tapped modules / layers of this term")
+        if feature_axis == x.dim() - 1:
+            return proj(x)
+        return proj(x.movedim(feature_axis, -1)).movedim(-1, feature_axis)
+
+    def forward(self, student: Features, teacher: Features, mask: torch.Tensor, *,
+                key_mask: torch.Tensor | None = None, causal: bool = False) -> dict[str, torch.Tensor]:
+        """Each term summed over real positions, averaged over its layer pairs.
+
+        Args:
+            student: captured student features (with grad).
+            teacher: captured teacher features (no grad).
+            mask: ``[*P]`` bool, the real positions of the features (``[B, T]`` tokens, ``[B]`` samples).
+            key_mask: ``[B, T]`` bool, tokens that exist (attention mask), for relations.
+            causal: decoder model (value relations to past tokens only, unless the term says).
+
+        Returns:
+            ``{term key: scalar}`` (float32, graph attached to student and projectors).
+        """
+        out: dict[str, torch.Tensor] = {}
+        for plan in self.plans:
+            total: torch.Tensor | None = None
+            for (s_ref, t_ref), proj in zip(plan.pairs, plan.projectors):
+                s = student.get(plan.source, s_ref)
+                t = teacher.get(plan.source, t_ref).to(s.device)
+                m = mask.to(s.device)
+                if plan.kind == "hint":
+                    value = FEATURE_LOSSES.get(plan.name).fn(self.project(s, proj, m.dim()), t, m, reduction="sum")
+                elif plan.kind == "cka":
+                    value = cka_loss(s, t, m, reduction="sum")
+                elif plan.kind == "attention":
+                    value = attention_kl(s, t, m, heads=plan.params.heads, reduction="sum")  # type: ignore[attr-defined]
+                else:
+                    p: ValueRelationParams = plan.params  # type: ignore[assignment]
+                    value = value_relation_kl(s, t, m, relation_heads=int(p.relation_heads or 1),
+                                              key_mask=key_mask, causal=causal if p.causal is None else p.causal,
+                                              reduction="sum")
+                total = value if total is None else total + value
+            assert total is not None
+            out[plan.key] = total / len(plan.pairs)
+        return out
+
+    def extra_repr(self) -> str:
+        return "; ".join(f"{p.key}: {p.source} {list(p.pairs)}" for p in self.plans)
+
+
+def build_feature_terms(terms: Sequence[tuple[str, str, Mapping[str, Any] | StrictModel]], student: nn.Module,
+                        teacher: nn.Module) -> FeatureTerms:
+    """Resolve feature terms ``(key, loss name, params)`` for ``student`` and ``teacher``.
+
+    Layer maps are resolved against the two models' depths, module paths are checked, projectors
+    are created (a square projector starts as the identity, so a student equal to its teacher starts
+    at zero loss), and models are switched to eager attention when an ``attention_kl`` term needs
+    attention weights.
+
+    Raises:
+        ConfigError: unknown loss, bad parameters, layers out of range, unknown module paths,
+            ``projector: identity`` with different widths.
+    """
+    plans: list[_Plan] = []
+    projectors: dict[str, nn.Module] = {}
+    device = next((p.device for p in student.parameters()), torch.device("cpu"))
+    for key, name, raw in terms:
+        spec = FEATURE_LOSSES.get(name)
+        params = raw if isinstance(raw, StrictModel) else spec.validate_params(raw)
+        tapped = getattr(params, "student_modules", None)
+        s_layers = t_layers = 0
+        if not tapped:
+            s_layers, t_layers = num_layers(student), num_layers(teacher)
+        kept = source_layers(student)
+        layers = getattr(params, "layers", "last")
+        if spec.kind in ("hint", "cka"):
+            if tapped:
+                source, pairs = "modules", list(zip(tapped, params.teacher_modules))  # type: ignore[attr-defined]
+                for s_path, t_path in pairs:
+                    resolve_module(student, s_path), resolve_module(teacher, t_path)
+            else:
+                source = "hidden_states"
+                pairs = layer_map(layers, s_layers, t_layers, space="hidden_states", kept=kept)
+        elif spec.kind == "attention":
+            source = "attentions"
+            pairs = layer_map(layers, s_layers, t_layers, space="blocks", kept=kept)
+            use_eager_attention(student)
+            use_eager_attention(teacher)
+        else:
+            source = "modules"
+            if tapped:
+                pairs = list(zip(tapped, params.teacher_modules))  # type: ignore[attr-defined]
+                for s_path, t_path in pairs:
+                    resolve_module(student, s_path), resolve_module(teacher, t_path)
+            else:
+                vs, vt = value_modules(student), value_modules(teacher)
+                blocks = layer_map(layers, len(vs), len(vt), space="blocks", kept=kept)
+                pairs = [(vs[s], vt[t]) for s, t in blocks]
+            if params.relation_heads is None:  # type: ignore[attr-defined]
+                hs, ht = _kv_heads(student), _kv_heads(teacher)
+                params = params.model_copy(update={"relation_heads": math.gcd(hs, ht) if hs and ht else 1})
+        proj_keys: list[str | None] = []
+        for i, (s_ref, t_ref) in enumerate(pairs):
+            if spec.kind != "hint":
+                proj_keys.append(None)
+                continue
+            if source == "modules":
+                ws, wt = _module_width(student, str(s_ref)), _module_width(teacher, str(t_ref))
+            else:
+                ws, wt = _hidden_width(student), _hidden_width(teacher)
+            mode = params.projector  # type: ignore[attr-defined]
+            if mode == "identity" and ws != wt:
+                raise ConfigError(f"term {key!r}: projector identity, but the student width {ws} differs from the "
+                                  f"teacher width {wt} at pair {s_ref} -> {t_ref}",
+                                  "use projector: linear (or auto)")
+            if mode == "identity" or (mode == "auto" and ws == wt):
+                proj_keys.append(None)
+                continue
+            proj = nn.Linear(ws, wt)
+            with torch.no_grad():
+                if ws == wt:
+                    proj.weight.copy_(torch.eye(ws))
+                proj.bias.zero_()
+            pkey = f"{_safe(key)}_{i}"
+            projectors[pkey] = proj.to(device)
+            proj_keys.append(pkey)
+        plans.append(_Plan(key, name, spec.kind, source, tuple(pairs), params, tuple(proj_keys)))
+    return FeatureTerms(plans, projectors)

@@ -34,7 +34,7 @@ def _tiny_teacher(vocab: int = 64):
     return model.requires_grad_(False).eval()
 
 
-def _run(bench, tmp_path, cases):
+def _run(bench, tmp_path, cases, precompute=False, seed=0):
     from kdforge.students.from_teacher import student_from_teacher
 
     teacher = _tiny_teacher()
@@ -42,10 +42,12 @@ def _run(bench, tmp_path, cases):
     g = torch.Generator().manual_seed(1)
     train = torch.randint(0, 64, (8, 16), generator=g)
     held = torch.randint(0, 64, (4, 16), generator=g)
-    cfg = {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "seed": 0, "progress": False, "log_every": 1}
+    cfg = {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "seed": seed, "progress": False, "log_every": 1}
     seen = []
+    pre = (bench.teacher_pass(teacher, train), bench.teacher_pass(teacher, held)) if precompute else None
     records = bench.run_cases(teacher, template, train, held, cases, train_config=cfg,
-                              work_dir=tmp_path, eval_batch_size=2, cache_batch_size=4, on_result=seen.append)
+                              work_dir=tmp_path, eval_batch_size=2, cache_batch_size=4, on_result=seen.append,
+                              precomputed=pre)
     return records, seen
 
 
@@ -87,3 +89,38 @@ def test_case_spec_parsing(bench):
                                        "cache-k32-compact-u8-zstd-renormalize"]
     with pytest.raises(SystemExit):
         bench.parse_cases("top16")
+
+
+def test_case_spec_parsing_of_tail_samples(bench):
+    cases = bench.parse_cases("k16+s16,s32:student_full", "compact-u8-zstd")
+    assert [(c.k, c.tail_samples, c.policy) for c in cases] == [(16, 16, "tail_bucket"), (0, 32, "student_full")]
+    assert cases[0].name == "cache-k16+s16-compact-u8-zstd-tail_bucket"
+    with pytest.raises(SystemExit):
+        bench.parse_cases("k16+x4")
+
+
+def test_precomputed_teacher_pass_gives_the_same_students_as_the_live_teacher(bench, tmp_path):
+    # the --precompute-teacher speed-up must not change what is measured: the online student and
+    # a cache (top-k, and with tail draws) built from the stored logits match the live-teacher runs
+    cases = bench.parse_cases("online,k4,k2+s4")
+    live, _ = _run(bench, tmp_path / "live", cases)
+    pre, _ = _run(bench, tmp_path / "pre", cases, precompute=True)
+    for a, b in zip(live, pre):
+        assert a["case"] == b["case"] and b["teacher_precomputed"] and not a["teacher_precomputed"]
+        assert b["heldout_kl_to_teacher"] == pytest.approx(a["heldout_kl_to_teacher"], rel=1e-4)
+        if a["bytes_per_token"] is not None:  # None for the online case
+            assert b["bytes_per_token"] == pytest.approx(a["bytes_per_token"], rel=0.02)
+
+
+def test_sampled_tail_case_trains_and_seeds_are_summarised_with_mean_and_std(bench, tmp_path):
+    cases = bench.parse_cases("online,k2+s4")
+    records = []
+    for seed in (0, 1):
+        records += _run(bench, tmp_path, cases, precompute=True, seed=seed)[0]
+    sampled = [r for r in records if r["tail_samples"] == 4]
+    assert len(sampled) == 2 and all(math.isfinite(r["kl_rel_gap"]) for r in sampled)
+    assert sampled[1].get("cache_reused")  # the second seed replays the first seed's cache
+    row = bench.summarize(records, max_bytes=1e9, max_gap=10.0)["summary"]["cases"]["cache-k2+s4-compact-u8-zstd-tail_bucket"]
+    assert row["seeds"] == [0, 1] and len(row["kl_rel_gaps"]) == 2
+    assert row["kl_rel_gap"] == pytest.approx(sum(row["kl_rel_gaps"]) / 2, abs=1e-4)
+    assert row["kl_rel_gap_std"] is not None and row["every_seed_within"] is True

@@ -134,3 +134,87 @@ def test_student_full_gives_finite_gradients_for_bounded_and_forward_losses(name
     out = LOSSES.get(name)(s, sparse, sparse_policy="student_full", temperature=2.0, **PARAMS.get(name, {}))
     out.backward()
     assert torch.isfinite(out) and torch.isfinite(s.grad).all()
+
+
+# ---- sampled tail (SparseTeacher.num_exact): unbiased estimate of the teacher ----------------------
+
+P6 = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.06, 0.04], dtype=torch.float64)  # top-2 = {0, 1}, tail 0.4
+Z6 = torch.tensor([0.3, -0.2, 0.5, 0.1, -0.4, 0.2], dtype=torch.float64)  # student logits
+
+
+def _sampled_outcomes(m: int = 2):
+    """Every ordered draw of m=2 tail ids, its probability and the sampled SparseTeacher it gives."""
+    top, tail_ids = [0, 1], [2, 3, 4, 5]
+    r = float(P6[2:].sum())
+    pi = P6[2:] / r
+    for i, a in enumerate(tail_ids):
+        for j, b in enumerate(tail_ids):
+            prob = float(pi[i] * pi[j])
+            if a == b:
+                ids, w = [a, a], [r, 0.0]  # one id drawn twice; the second slot is padding
+            else:
+                ids, w = [a, b], [r / 2, r / 2]
+            lp = torch.tensor([*P6[:2].tolist(), *w], dtype=torch.float64).log()
+            yield prob, SparseTeacher(torch.tensor([*top, *ids]), lp, 6, num_exact=2)
+
+
+def _grad(teacher) -> torch.Tensor:
+    z = Z6.clone().requires_grad_(True)
+    forward_kl(z, teacher).backward()
+    return z.grad
+
+
+def test_forward_kl_gradient_of_sampled_teacher_is_q_minus_p_hat_and_its_expectation_is_exact():
+    q = torch.softmax(Z6, -1)
+    expected = torch.zeros(6, dtype=torch.float64)
+    total = 0.0
+    for prob, teacher in _sampled_outcomes():
+        p_hat = torch.zeros(6, dtype=torch.float64).scatter_add(0, teacher.ids, teacher.logprobs.exp())
+        g = _grad(teacher)
+        assert torch.allclose(g, q - p_hat, atol=1e-9)  # per outcome: q - p_hat
+        expected += prob * g
+        total += prob
+    assert total == pytest.approx(1.0)
+    dense = _grad(P6.log())  # the online teacher's full distribution
+    assert torch.allclose(expected, dense, atol=1e-9) and torch.allclose(dense, q - P6, atol=1e-9)
+
+
+def test_sampled_teacher_is_the_same_estimate_under_tail_bucket_and_student_full():
+    _, teacher = next(_sampled_outcomes())
+    a = forward_kl(Z6, teacher, sparse_policy="tail_bucket")
+    b = forward_kl(Z6, teacher, sparse_policy="student_full")
+    assert float(a) == pytest.approx(float(b), abs=1e-12)
+
+
+@pytest.mark.parametrize("name", [n for n in DIVERGENCES if n != "forward_kl"])
+def test_losses_not_linear_in_the_teacher_refuse_a_sampled_teacher(name):
+    from kdforge.errors import ConfigError
+
+    _, teacher = next(_sampled_outcomes())
+    with pytest.raises(ConfigError, match="linear"):
+        LOSSES.get(name)(Z6, teacher, **PARAMS.get(name, {}))
+
+
+def test_sampled_teacher_refuses_temperature_and_renormalize_with_the_fix():
+    from kdforge.errors import ConfigError
+
+    _, teacher = next(_sampled_outcomes())
+    with pytest.raises(ConfigError, match="temperature 1.0"):
+        forward_kl(Z6, teacher, temperature=2.0)
+    with pytest.raises(ConfigError, match="tail_bucket"):
+        forward_kl(Z6, teacher, sparse_policy="renormalize")
+
+
+def test_sampled_teacher_keeps_num_exact_through_masking_and_batching():
+    _, one = next(_sampled_outcomes())
+    ids = one.ids.expand(2, 3, -1).clone()
+    lps = one.logprobs.expand(2, 3, -1).clone()
+    teacher = SparseTeacher(ids, lps, 6, num_exact=2)
+    z = Z6.expand(2, 3, -1).clone()
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    masked = forward_kl(z, teacher, mask=mask)
+    assert float(masked) == pytest.approx(float(forward_kl(Z6, one)), rel=1e-12)
+    from kdforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="linear"):  # a batched, masked sampled teacher is refused too
+        reverse_kl(z, teacher, mask=mask)

@@ -27,6 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="override a config key (dotted path, YAML value), e.g. --set k=32",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
+    p.add_argument(
+        "--tail-samples", type=int, default=None, metavar="M",
+        help="also store M draws per position from the teacher's distribution outside the top-k (an unbiased "
+        "estimate of the full distribution; forward KL only); same as --set tail_samples=M",
+    )
     p.add_argument("--list-encodings", action="store_true", help="list the encodings and exit")
     p.add_argument(
         "--inspect", action="store_true",
@@ -64,14 +69,17 @@ def handle(args: argparse.Namespace) -> int:
         _apply(data, key, value)
     if args.overwrite:
         data["overwrite"] = True
+    if args.tail_samples is not None:
+        data["tail_samples"] = args.tail_samples
     config = validate(CacheTeacherConfig, data, source=args.config)
     out = run_cache_teacher(config)
     if os.environ.get("RANK", "0") != "0":  # data-parallel launch: rank 0 reports
         return 0
     stats = open_teacher_cache(out, verify=False).manifest["stats"]
+    samples = f" + {config.tail_samples} tail draws" if config.tail_samples else ""
     print(
         f"teacher cache ready at {out}: {stats['bytes_per_token']:.1f} bytes/token, "
-        f"top-{config.k} mass mean {stats['topk_mass_mean']:.3f}"
+        f"top-{config.k} mass mean {stats['topk_mass_mean']:.3f}{samples}"
     )
     return 0
 
@@ -88,7 +96,9 @@ def _inspect(cache_dir: str) -> int:
     print(f"  tokenizer   {tok.get('fingerprint', 'not recorded')[:16]} (size {tok.get('size', '?')})")
     print(f"  corpus      {m['dataset']['num_sequences']} x {m['dataset']['seq_len']} = {m['dataset']['num_tokens']} tokens "
           f"(fingerprint {m['dataset']['fingerprint'][:16]})")
-    print(f"  signal      top-{m['k']} of {m['vocab_size']}, encoding {m['encoding']['name']}")
+    samples = m.get("tail_samples", 0)
+    drawn = f" + {samples} tail draws per position (seed {m.get('sample_seed', 0)})" if samples else ""
+    print(f"  signal      top-{m['k']} of {m['vocab_size']}{drawn}, encoding {m['encoding']['name']}")
     print(f"  size        {stats.get('total_bytes', 0) / 1e6:.2f} MB, {stats.get('bytes_per_token', float('nan')):.1f} bytes/token")
     print(f"  top-k mass  mean {stats.get('topk_mass_mean', float('nan')):.3f}, min {stats.get('topk_mass_min', float('nan')):.3f}")
     return 0

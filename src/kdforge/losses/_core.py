@@ -27,6 +27,18 @@ Sparse teacher (top-k ids + full-vocabulary log-probs at T=1) policies:
   that weigh the student's mass where the teacher has none (reverse KL, AKL, TAID) are infinite
   under this policy and raise ``NonFiniteError``; bounded ones (JSD, TVD, skew KL) are fine.
 
+**Sampled tail** (``SparseTeacher.num_exact`` set: exact top-k + importance-weighted tail draws,
+an unbiased estimate ``p_hat`` of the teacher with ``sum p_hat = 1``, see
+:mod:`kdforge.losses.signal`): the pair is the student's log-probs gathered at the entries plus
+its remaining mass as one bucket, against ``log p_hat`` and zero on that bucket, whatever the
+policy (there is no tail mass left to place). For forward KL the gradient w.r.t. the student
+logits is then ``q - p_hat``, whose expectation is the exact ``q - p``. Only losses *linear in
+the teacher distribution* keep that unbiasedness; :data:`SAMPLED_TEACHER_LOSSES` lists them and
+:func:`distill` raises ``ConfigError`` for any other loss, for ``T != 1`` (tempering ``p^(1/T)``
+is not linear in ``p``) and for ``sparse_policy="renormalize"`` (it would drop the student's mass
+outside the drawn ids). The loss *value* ``sum p_hat log(p_hat / q)`` is not an unbiased estimate
+of the KL (its entropy term is a plug-in estimate); its gradient is.
+
 Padding entries (repeated ids with teacher log-prob ``-inf``) get zero mass on both sides.
 The student's full ``[..., V]`` logits are used only through a log-softmax and a gather: the
 sparse teacher is never densified.
@@ -47,6 +59,10 @@ Kernel = Callable[..., torch.Tensor]  # kernel(logq, logp, safe: bool) -> [n]
 
 REDUCTIONS = ("mean", "sum", "none")
 SPARSE_POLICIES = ("tail_bucket", "renormalize", "student_full")
+#: losses (by the name they pass to :func:`distill`) whose gradient is linear in the teacher
+#: distribution, so that a sampled-tail teacher (an unbiased estimate of p) gives an unbiased
+#: gradient. Forward KL: d/dz KL(p || softmax z) = softmax(z) - p.
+SAMPLED_TEACHER_LOSSES = frozenset({"forward_kl"})
 NEG_INF = float("-inf")
 # Largest log-mass the top-k may claim before its complement is treated as "numerically empty";
 # keeps log(1 - sum p) and its gradient finite (float32 cannot resolve smaller tails anyway).
@@ -187,6 +203,11 @@ def sparse_pair(student_logits: torch.Tensor, teacher: SparseTeacher, temperatur
     s = upcast(student_logits)
     if temperature != 1.0:
         s = s / temperature
+    if teacher.sampled:  # unbiased estimate summing to 1: student entries + rest bucket vs p_hat + 0
+        check_sampled(teacher, temperature, policy)
+        logq = torch.log_softmax(s, dim=-1).gather(-1, ids).masked_fill(pad, NEG_INF)
+        q_rest = log1mexp(torch.logsumexp(logq, dim=-1, keepdim=True).clamp(max=_LOG_MASS_CAP))
+        return torch.cat([logq, q_rest], dim=-1), torch.cat([t_lp, torch.full_like(q_rest, NEG_INF)], dim=-1)
     if policy == "renormalize":
         s_sel = s.gather(-1, ids).masked_fill(pad, NEG_INF)
         t_sel = t_lp / temperature if temperature != 1.0 else t_lp
@@ -212,6 +233,32 @@ def sparse_pair(student_logits: torch.Tensor, teacher: SparseTeacher, temperatur
     if temperature != 1.0:
         logp = torch.log_softmax(logp, dim=-1)
     return torch.cat([logq, q_tail], dim=-1), logp
+
+
+def check_sampled(teacher: SparseTeacher, temperature: float, policy: str, name: str | None = None) -> None:
+    """ConfigError unless a sampled-tail teacher is used where its estimate stays unbiased."""
+    if not teacher.sampled:
+        return
+    fix_cache = "or build the cache without tail_samples (top-k only)"
+    if name is not None and name not in SAMPLED_TEACHER_LOSSES:
+        raise ConfigError(
+            f"{name} cannot use a sampled-tail teacher cache: the sampled entries are an unbiased estimate of the "
+            f"teacher distribution only for losses linear in it ({', '.join(sorted(SAMPLED_TEACHER_LOSSES))}); "
+            f"{name} would be biased",
+            f"use forward_kl with this cache, {fix_cache}",
+        )
+    if temperature != 1.0:
+        raise ConfigError(
+            f"temperature={temperature} with a sampled-tail teacher cache: the tempered teacher p^(1/T) is not linear "
+            "in p, so the sampled estimate would be biased",
+            f"use temperature 1.0 with this cache, {fix_cache}",
+        )
+    if policy == "renormalize":
+        raise ConfigError(
+            "sparse_policy='renormalize' with a sampled-tail teacher cache drops the student's mass outside the "
+            "drawn ids (biased; it diverged in benchmarks even for top-k)",
+            "use sparse_policy='tail_bucket' or 'student_full' (identical for a sampled teacher)",
+        )
 
 
 def make_pair(student_logits: torch.Tensor, teacher: Teacher, temperature: float, sparse_policy: str
@@ -301,6 +348,8 @@ def distill(
     check_reduction(reduction)
     if sparse_policy not in SPARSE_POLICIES:
         raise ConfigError(f"unknown sparse_policy {sparse_policy!r}", f"use one of {', '.join(SPARSE_POLICIES)}")
+    if isinstance(teacher, SparseTeacher):
+        check_sampled(teacher, temperature, sparse_policy, name)
     lead = tuple(student_logits.shape[:-1])
     check_positions("mask", mask, lead)
     real = real_positions(lead, mask, student_logits.device)

@@ -9,7 +9,14 @@ field          shape        content
 ``ids``        ``[T, k]``   top-k token ids per logit position, by decreasing probability
 ``logprobs``   ``[T, k]``   float32 / float16 log-probs, or uint8 codes (see below)
 ``tail``       ``[T]``      uint16 code of the tail mass ``1 - sum_k p_k`` (compact encodings)
+``sids``       ``[T, m]``   sampled tail ids (only when the cache has ``tail_samples = m > 0``)
+``scounts``    ``[T, m]``   uint8 draw counts of ``sids`` (0 = unused slot, id repeated)
 =============  ===========  ====================================================================
+
+Sampled tail (``tail_samples = m``): ``m`` draws from the teacher's renormalised tail per position
+(:func:`kdforge.losses.signal.sample_tail`), stored as distinct ids + counts; the decoder turns
+them into log weights ``log(r * c / m)`` with ``r`` the decoded tail mass, so the decoded
+``k + m`` entries sum to 1 exactly and are an unbiased estimate of the teacher's distribution.
 
 Log-prob quantisation (``compact-u8*``): ``code = round(255 * lp / lp_min)`` clipped to
 ``[0, 255]``, with ``lp_min = -20`` by default, i.e. a uniform grid in log space with step
@@ -103,8 +110,8 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def record_dtype(encoding: Encoding, seq_len: int, k: int, vocab_size: int) -> np.dtype:
-    """Packed structured dtype of one record (one sequence)."""
+def record_dtype(encoding: Encoding, seq_len: int, k: int, vocab_size: int, tail_samples: int = 0) -> np.dtype:
+    """Packed structured dtype of one record (one sequence); ``tail_samples`` adds ``sids``/``scounts``."""
     idt = id_dtype(vocab_size)
     lpt = {"float32": "<f4", "float16": "<f2", "uint8": "u1"}[encoding.logprob_dtype]
     fields: list[tuple[str, Any, tuple[int, ...]]] = [
@@ -114,7 +121,29 @@ def record_dtype(encoding: Encoding, seq_len: int, k: int, vocab_size: int) -> n
     ]
     if encoding.stores_tail:
         fields.append(("tail", np.dtype("<u2"), (seq_len,)))
+    if tail_samples:
+        fields.append(("sids", idt, (seq_len, tail_samples)))
+        fields.append(("scounts", np.dtype("u1"), (seq_len, tail_samples)))
     return np.dtype(fields)
+
+
+def counts_from_weights(log_weights: np.ndarray, m: int) -> np.ndarray:
+    """Sampled-slot log weights ``log(r * c / m)`` ``[..., m]`` -> uint8 counts ``c``.
+
+    ``r`` is recovered as the sum of the weights (the counts sum to ``m``, or to 0 when nothing was
+    drawn). Raises CacheError when the weights are not multiples of ``r / m`` (not a sample of
+    ``m`` draws).
+    """
+    w = np.exp(log_weights.astype(np.float64))
+    total = w.sum(-1, keepdims=True)
+    scaled = np.where(total > 0, w * m / np.where(total > 0, total, 1.0), 0.0)
+    counts = np.rint(scaled)
+    if np.abs(scaled - counts).max(initial=0.0) > 1e-3:
+        raise CacheError(
+            "sampled teacher entries are not m draws with replacement (weights are not multiples of tail/m)",
+            "produce the signal with kdforge.losses.signal.sample_tail, or with weights r * count / m",
+        )
+    return counts.astype(np.uint8)
 
 
 def quantize_logprobs(logprobs: np.ndarray, logprob_min: float) -> np.ndarray:
@@ -133,10 +162,14 @@ def encode_records(
     ids: np.ndarray,
     logprobs: np.ndarray,
     vocab_size: int,
+    sample_ids: np.ndarray | None = None,
+    sample_counts: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Pack ``[n, T]`` input ids and ``[n, T, k]`` top-k ids/log-probs into ``[n]`` records."""
+    """Pack ``[n, T]`` input ids and ``[n, T, k]`` top-k ids/log-probs (plus, for a sampled tail,
+    ``[n, T, m]`` sampled ids and counts) into ``[n]`` records."""
     n, seq_len, k = ids.shape
-    rec = np.zeros(n, dtype=record_dtype(encoding, seq_len, k, vocab_size))
+    m = 0 if sample_ids is None else sample_ids.shape[-1]
+    rec = np.zeros(n, dtype=record_dtype(encoding, seq_len, k, vocab_size, m))
     rec["input_ids"] = input_ids
     rec["ids"] = ids
     lp = logprobs.astype(np.float32)
@@ -146,6 +179,9 @@ def encode_records(
         rec["tail"] = np.rint(tail * TAIL_SCALE).astype(np.uint16)
     else:
         rec["logprobs"] = lp
+    if m:
+        rec["sids"] = sample_ids
+        rec["scounts"] = sample_counts
     return rec
 
 
@@ -156,19 +192,32 @@ def frequency_table(*arrays: np.ndarray) -> np.ndarray:
 
 
 def decode_record(encoding: Encoding, rec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One record -> ``(input_ids int64 [T], ids int64 [T, k], logprobs float32 [T, k])``.
+    """One record -> ``(input_ids int64 [T], ids int64 [T, k(+m)], logprobs float32 [T, k(+m)])``.
 
     For quantised encodings the top-k probabilities are rescaled so they sum to ``1 - tail``.
+    A record with sampled tail slots (``sids``/``scounts``) decodes to ``k + m`` entries, the
+    sampled ones with log weights ``log(tail * count / m)`` (``-inf`` for unused slots).
     """
     input_ids = rec["input_ids"].astype(np.int64)
     ids = rec["ids"].astype(np.int64)
+    names = rec.dtype.names or ()
     if encoding.logprob_dtype == "uint8":
         lp = dequantize_logprobs(rec["logprobs"], encoding.logprob_min)
-        head = np.maximum(1.0 - rec["tail"].astype(np.float32) / np.float32(TAIL_SCALE), 1e-30)
-        total = np.exp(lp).sum(-1)
-        lp = lp + (np.log(head) - np.log(total))[..., None].astype(np.float32)
+        tail = rec["tail"].astype(np.float64) / TAIL_SCALE
+        if lp.shape[-1]:
+            head = np.maximum(1.0 - tail.astype(np.float32), np.float32(1e-30))
+            total = np.exp(lp).sum(-1)
+            lp = lp + (np.log(head) - np.log(total))[..., None].astype(np.float32)
     else:
         lp = rec["logprobs"].astype(np.float32)
+        tail = np.clip(1.0 - np.exp(lp.astype(np.float64)).sum(-1), 0.0, 1.0)
+    if "sids" in names:
+        counts = rec["scounts"].astype(np.float64)
+        m = counts.shape[-1]
+        with np.errstate(divide="ignore"):
+            w = np.log(tail[..., None] * counts / m).astype(np.float32)
+        ids = np.concatenate([ids, rec["sids"].astype(np.int64)], axis=-1)
+        lp = np.concatenate([lp, w], axis=-1)
     return input_ids, ids, lp
 
 
@@ -231,6 +280,8 @@ class RecordCompressor:
 
     def _delta_view(self, buf: np.ndarray) -> np.ndarray:
         sub, offset = self.dtype.fields["logprobs"][:2]
+        if sub.itemsize == 0:  # k = 0 (pure sampling): nothing to delta-code
+            return buf[offset:offset].reshape(sub.shape)
         return buf[offset : offset + sub.itemsize].reshape(sub.shape)
 
     def compress(self, raw: bytes) -> bytes:

@@ -11,6 +11,7 @@ Example ``configs/cache-smollm2-austen.yaml``::
       max_sequences: 1024
     output_dir: outputs/cache/smollm2-austen-k16
     k: 16
+    tail_samples: 0                   # e.g. 16: + 16 draws from the tail per position (forward KL only)
     encoding: compact-u8-zstd
     batch_size: 8
     shard_size: 256
@@ -22,7 +23,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kdforge.config import StrictModel
 
@@ -56,11 +57,23 @@ class CacheTeacherConfig(StrictModel):
     teacher: TeacherSpec
     corpus: CorpusSpec
     output_dir: str
-    k: int = Field(16, ge=1)
+    k: int = Field(16, ge=0, description="exact top-k entries per position (0 only with tail_samples)")
+    tail_samples: int = Field(
+        0, ge=0, le=255,
+        description="draws per position from the teacher's distribution outside the top-k (unbiased tail; "
+        "valid for forward KL at T=1 only); 0 = top-k only",
+    )
+    sample_seed: int = Field(0, ge=0, description="seed of the tail draws (row r uses (sample_seed, r))")
     encoding: str = "compact-u8-zstd"
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(256, ge=1, description="sequences per shard (resume granularity)")
     overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _k_or_samples(self) -> CacheTeacherConfig:
+        if self.k == 0 and self.tail_samples == 0:
+            raise ValueError("k=0 keeps nothing: set k >= 1, or tail_samples >= 1 for a pure-sampling cache")
+        return self
 
 
 def resolve_path(value: str) -> str:
@@ -118,6 +131,8 @@ def run_cache_teacher(config: CacheTeacherConfig) -> Path:
         blocks,
         config.output_dir,
         k=config.k,
+        tail_samples=config.tail_samples,
+        sample_seed=config.sample_seed,
         encoding=config.encoding,
         batch_size=config.batch_size,
         shard_size=config.shard_size,

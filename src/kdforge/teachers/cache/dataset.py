@@ -7,6 +7,9 @@ Each item is one cached sequence::
     labels            int64   [T]      = input_ids (Hugging Face convention: the trainer shifts)
     teacher_ids       int64   [T, k]   top-k ids at logit position t
     teacher_logprobs  float32 [T, k]   their full-vocabulary log-probs at T=1
+    teacher_num_exact int64   []       only for a cache with sampled tail entries: the number k of
+                                       exact entries; the [T, k + m] signal's last m entries are
+                                       tail draws with log weights (SparseTeacher.num_exact)
 
 Position ``t`` of ``teacher_ids``/``teacher_logprobs`` is the teacher's distribution over token
 ``t+1`` given tokens ``<= t``: it lines up with the student's ``logits[:, t]`` (the same
@@ -58,7 +61,13 @@ class TeacherCacheDataset(Dataset):
 
     @property
     def k(self) -> int:
+        """Exact top-k entries per position."""
         return self.cache.k
+
+    @property
+    def num_exact(self) -> int | None:
+        """``k`` for a cache with sampled tail entries (each item then has ``k + m`` entries), else None."""
+        return self.cache.num_exact
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -66,13 +75,16 @@ class TeacherCacheDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         input_ids, ids, lp = self.cache.read(int(index))
         x = torch.from_numpy(input_ids)
-        return {
+        item = {
             "input_ids": x,
             "attention_mask": torch.ones_like(x),
             "labels": x.clone(),
             "teacher_ids": torch.from_numpy(ids),
             "teacher_logprobs": torch.from_numpy(lp),
         }
+        if self.cache.num_exact is not None:
+            item["teacher_num_exact"] = torch.tensor(self.cache.num_exact, dtype=torch.int64)
+        return item
 
 
 def collate_teacher_cache(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -80,6 +92,14 @@ def collate_teacher_cache(items: list[dict[str, torch.Tensor]]) -> dict[str, tor
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
+def batch_num_exact(batch: dict[str, torch.Tensor]) -> int | None:
+    """``num_exact`` of a collated batch (None for a top-k-only cache)."""
+    value = batch.get("teacher_num_exact")
+    if value is None:
+        return None
+    return int(value.reshape(-1)[0])
+
+
 def batch_sparse_teacher(batch: dict[str, torch.Tensor], vocab_size: int) -> SparseTeacher:
-    """The :class:`SparseTeacher` ``[B, T, k]`` of a collated batch."""
-    return SparseTeacher(batch["teacher_ids"], batch["teacher_logprobs"], vocab_size)
+    """The :class:`SparseTeacher` ``[B, T, e]`` of a collated batch (``num_exact`` carried over)."""
+    return SparseTeacher(batch["teacher_ids"], batch["teacher_logprobs"], vocab_size, batch_num_exact(batch))

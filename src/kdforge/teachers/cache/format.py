@@ -15,7 +15,9 @@ Shard files:
 
 ``manifest.json`` keys: ``format``, ``format_version``, ``complete``, ``teacher`` (``id``,
 ``weights_sha256``, ``dtype``), ``tokenizer`` (``fingerprint``, ``size``, or null),
-``vocab_size``, ``k``, ``encoding`` (codec parameters), ``id_dtype``, ``tail_policy``,
+``vocab_size``, ``k``, ``tail_samples`` (``m`` sampled tail draws per position, 0 = none; absent
+in caches written before it existed, read as 0) and ``sample_seed``, ``encoding`` (codec
+parameters), ``id_dtype``, ``tail_policy``,
 ``dataset`` (``fingerprint`` = SHA-256 of the token ids, ``num_sequences``, ``seq_len``,
 ``num_tokens``), ``shard_size``, ``record_bytes``, ``shards`` (per shard: ``file``, ``rows``
 ``[start, end)``, ``bytes``, ``sha256``, ``topk_mass_sum``, ``max_quant_error``), ``stats``.
@@ -40,7 +42,10 @@ import torch
 from kdforge.errors import CacheError, DataError
 
 FORMAT_NAME = "kdforge-teacher-cache"
-FORMAT_VERSION = 1
+#: newest format this kdforge writes; 2 = version 1 + sampled tail slots (``tail_samples > 0``).
+#: A cache without samples is still written as version 1, so older kdforge reads it.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 INDEX_MAGIC = b"KDCIDX01"
 TAIL_POLICY = (
@@ -49,7 +54,25 @@ TAIL_POLICY = (
     "the log-probs (raw encodings). Losses choose how to use it (sparse_policy)."
 )
 #: manifest keys that must match for a build to resume into an existing folder
-COMPAT_KEYS = ("format_version", "teacher", "tokenizer", "vocab_size", "k", "encoding", "dataset", "shard_size")
+COMPAT_KEYS = ("format_version", "teacher", "tokenizer", "vocab_size", "k", "encoding", "dataset", "shard_size",
+               "tail_samples", "sample_seed")
+#: values of keys that manifests written before they existed lack
+KEY_DEFAULTS = {"tail_samples": 0, "sample_seed": 0}
+
+
+def format_version_for(tail_samples: int) -> int:
+    """Version a new cache is written with: 1 without samples (readable by older kdforge), else 2."""
+    return 2 if tail_samples else 1
+
+
+def manifest_value(manifest: dict[str, Any], key: str) -> Any:
+    """``manifest[key]``, or the default of keys added after version 1 (old manifests lack them)."""
+    return manifest.get(key, KEY_DEFAULTS.get(key))
+
+
+def compat_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The :data:`COMPAT_KEYS` whose values differ between two manifests (defaults applied)."""
+    return [key for key in COMPAT_KEYS if manifest_value(old, key) != manifest_value(new, key)]
 
 
 def shard_name(index: int) -> str:
@@ -72,9 +95,10 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
         ) from None
     if manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{path} is not a kdforge teacher cache manifest", "point to a cache folder")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CacheError(
-            f"{path} has format version {manifest.get('format_version')}, this kdforge reads {FORMAT_VERSION}",
+            f"{path} has format version {manifest.get('format_version')}, this kdforge reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}",
             "rebuild the cache with this kdforge version",
         )
     return manifest

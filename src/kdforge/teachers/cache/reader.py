@@ -20,7 +20,13 @@ from kdforge.errors import CacheError
 from kdforge.io import sha256_file
 from kdforge.losses.signal import SparseTeacher
 from kdforge.teachers.cache.codec import Encoding, RecordCompressor, decode_record, record_dtype
-from kdforge.teachers.cache.format import INDEX_MAGIC, MANIFEST, as_sequences, read_manifest
+from kdforge.teachers.cache.format import (
+    INDEX_MAGIC,
+    MANIFEST,
+    as_sequences,
+    manifest_value,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +62,9 @@ class TeacherCache:
         self.encoding = Encoding(**m["encoding"])
         self.seq_len = int(m["dataset"]["seq_len"])
         self.k = int(m["k"])
+        self.tail_samples = int(manifest_value(m, "tail_samples"))
         self.vocab_size = int(m["vocab_size"])
-        self.dtype = record_dtype(self.encoding, self.seq_len, self.k, self.vocab_size)
+        self.dtype = record_dtype(self.encoding, self.seq_len, self.k, self.vocab_size, self.tail_samples)
         if self.dtype.itemsize != m["record_bytes"]:
             raise CacheError(
                 f"{self.cache_dir / MANIFEST} says records have {m['record_bytes']} bytes, expected {self.dtype.itemsize}",
@@ -69,6 +76,16 @@ class TeacherCache:
             self._check_shard(shard, verify)
         self._maps: dict[int, Any] = {}
         self._compressor: RecordCompressor | None = None
+
+    @property
+    def num_exact(self) -> int | None:
+        """``k`` when the cache carries sampled tail entries (a sampled signal), else None."""
+        return self.k if self.tail_samples else None
+
+    @property
+    def entries(self) -> int:
+        """Entries per position a read returns: ``k`` exact + ``tail_samples`` sampled."""
+        return self.k + self.tail_samples
 
     # -- validation ----------------------------------------------------------------------------
     def _check_shard(self, shard: dict[str, Any], verify: bool) -> None:
@@ -192,13 +209,14 @@ class TeacherCache:
             ) from None
         rec = np.frombuffer(data, dtype=self.dtype).copy()
         if table is not None:
-            if int(rec["ids"].max()) >= len(table) or int(rec["input_ids"].max()) >= len(table):
+            fields = [f for f in ("input_ids", "ids", "sids") if f in (self.dtype.names or ())]
+            if any(rec[f].size and int(rec[f].max()) >= len(table) for f in fields):
                 raise CacheError(
                     f"cache shard {self._shards[s]['file']}, sequence {index}: id rank outside the shard's table",
                     _rebuild_fix(self.cache_dir),
                 )
-            rec["input_ids"] = table[rec["input_ids"]]
-            rec["ids"] = table[rec["ids"]]
+            for f in fields:
+                rec[f] = table[rec[f]]
         return rec[0]
 
     def _codec(self) -> RecordCompressor:
@@ -207,13 +225,15 @@ class TeacherCache:
         return self._compressor
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(input_ids int64 [T], ids int64 [T, k], logprobs float32 [T, k])`` of sequence ``index``."""
+        """``(input_ids int64 [T], ids int64 [T, e], logprobs float32 [T, e])`` of sequence
+        ``index``, ``e = k + tail_samples`` (:attr:`entries`; sampled entries carry log weights)."""
         return decode_record(self.encoding, self.record(index))
 
     def sparse(self, index: int) -> SparseTeacher:
-        """The cached teacher signal of one sequence as a :class:`SparseTeacher` ``[T, k]``."""
+        """The cached teacher signal of one sequence as a :class:`SparseTeacher` ``[T, e]``
+        (``num_exact = k`` when the cache has sampled tail entries)."""
         _, ids, lp = self.read(index)
-        return SparseTeacher(torch.from_numpy(ids), torch.from_numpy(lp), self.vocab_size)
+        return SparseTeacher(torch.from_numpy(ids), torch.from_numpy(lp), self.vocab_size, self.num_exact)
 
     @property
     def bytes_per_token(self) -> float:

@@ -35,10 +35,11 @@ from torch import nn
 import kdforge
 from kdforge.errors import CacheError, ConfigError, DiskFullError, ShapeError
 from kdforge.io import atomic_write, sha256_file, write_json_atomic
-from kdforge.losses.signal import SparseTeacher
+from kdforge.losses.signal import SparseTeacher, sample_tail
 from kdforge.teachers.cache.codec import (
     Encoding,
     RecordCompressor,
+    counts_from_weights,
     frequency_table,
     get_encoding,
     id_dtype,
@@ -46,13 +47,13 @@ from kdforge.teachers.cache.codec import (
 )
 from kdforge.teachers.cache.codec import encode_records as _encode
 from kdforge.teachers.cache.format import (
-    COMPAT_KEYS,
     FORMAT_NAME,
-    FORMAT_VERSION,
     INDEX_MAGIC,
     MANIFEST,
     TAIL_POLICY,
     as_sequences,
+    compat_diff,
+    format_version_for,
     read_manifest,
     shard_name,
     shard_ranges,
@@ -71,20 +72,30 @@ log = logging.getLogger(__name__)
 
 
 def encode_shard(
-    encoding: Encoding, input_ids: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, vocab_size: int
+    encoding: Encoding,
+    input_ids: np.ndarray,
+    ids: np.ndarray,
+    logprobs: np.ndarray,
+    vocab_size: int,
+    sample_ids: np.ndarray | None = None,
+    sample_counts: np.ndarray | None = None,
 ) -> bytes:
-    """Bytes of one shard file for ``[n, T]`` input ids and ``[n, T, k]`` top-k ids/log-probs.
+    """Bytes of one shard file for ``[n, T]`` input ids and ``[n, T, k]`` top-k ids/log-probs
+    (plus ``[n, T, m]`` sampled tail ids and counts when the cache has ``tail_samples``).
 
     Compressed encodings: ``n`` record frames, then (``id_remap``) the compressed rank -> id table
     as frame ``n``, then the uint64 frame offsets and the index magic.
     """
     table = None
     if encoding.compression is not None and encoding.id_remap:
-        table = frequency_table(input_ids, ids)
+        arrays = [input_ids, ids] + ([] if sample_ids is None else [sample_ids])
+        table = frequency_table(*arrays)
         rank = np.zeros(vocab_size, dtype=np.int64)
         rank[table] = np.arange(len(table))
         input_ids, ids = rank[input_ids], rank[ids]
-    rec = _encode(encoding, input_ids, ids, logprobs, vocab_size)
+        if sample_ids is not None:
+            sample_ids = rank[sample_ids]
+    rec = _encode(encoding, input_ids, ids, logprobs, vocab_size, sample_ids, sample_counts)
     if encoding.compression is None:
         return rec.tobytes()
     comp = RecordCompressor(encoding, rec.dtype)
@@ -97,8 +108,31 @@ def encode_shard(
 
 
 #: ``topk_fn(input_ids [B, T], first_row) -> SparseTeacher [B, T, k]``: the teacher signal of
-#: rows ``first_row .. first_row + B`` of the corpus (a live model, a server, precomputed arrays)
+#: rows ``first_row .. first_row + B`` of the corpus (a live model, a server, precomputed arrays).
+#: With ``tail_samples = m`` it returns ``[B, T, k + m]`` with ``num_exact = k`` (see
+#: :func:`kdforge.losses.signal.sample_tail`, seeded with :func:`row_seed`).
 TopkFn = Callable[[torch.Tensor, int], SparseTeacher]
+
+
+def row_seed(sample_seed: int, row: int) -> tuple[int, int]:
+    """Seed of the tail draws of corpus row ``row``: depends on the row, not on batch or rank."""
+    return (int(sample_seed), int(row))
+
+
+def sampled_topk_fn(logits_fn: Callable[[torch.Tensor], torch.Tensor], k: int, tail_samples: int,
+                    sample_seed: int = 0) -> TopkFn:
+    """A :data:`TopkFn` drawing ``tail_samples`` tail tokens per position from full logits.
+
+    ``logits_fn(input_ids [B, T]) -> [B, T, V]`` (a live teacher, or precomputed logits looked
+    up by row); row ``r`` is seeded with :func:`row_seed` ``(sample_seed, r)``.
+    """
+
+    def fn(input_ids: torch.Tensor, first_row: int) -> SparseTeacher:
+        logits = logits_fn(input_ids)
+        seeds = [row_seed(sample_seed, first_row + i) for i in range(input_ids.shape[0])]
+        return sample_tail(logits, k, tail_samples, seeds)[0]
+
+    return fn
 
 
 def build_teacher_cache(
@@ -107,6 +141,8 @@ def build_teacher_cache(
     out_dir: str | Path,
     *,
     k: int = 16,
+    tail_samples: int = 0,
+    sample_seed: int = 0,
     encoding: str | Encoding = "compact-u8-zstd",
     batch_size: int = 8,
     shard_size: int = 256,
@@ -124,7 +160,14 @@ def build_teacher_cache(
         sequences: fixed-length token ids ``[N, T]``: LongTensor/ndarray, ``datasets.Dataset``
             with ``input_ids``, or a list of equal-length lists.
         out_dir: cache folder (created; resumed if it holds a compatible unfinished build).
-        k: entries kept per position (measured defaults: docs/teacher-cache.md).
+        k: exact top-k entries kept per position (measured defaults: docs/teacher-cache.md); 0 is
+            allowed with ``tail_samples`` (pure sampling from the teacher).
+        tail_samples: ``m > 0`` also stores ``m`` draws (with replacement, duplicates merged into
+            counts) from the teacher's distribution outside the top-k, so the replayed signal is an
+            unbiased estimate of the full distribution (see
+            :func:`kdforge.losses.signal.sample_tail`; valid for forward KL only).
+        sample_seed: seed of the draws; row ``r`` uses ``(sample_seed, r)``, so the bytes do not
+            depend on batch size, process count or resumption.
         encoding: a name from :data:`~kdforge.teachers.cache.codec.ENCODINGS`.
         batch_size: sequences per teacher forward (batches never cross shards).
         shard_size: sequences per shard file (the resume granularity).
@@ -155,12 +198,21 @@ def build_teacher_cache(
         probe = teacher.logits(torch.as_tensor(seqs.rows(0, 1)[:, : min(2, seqs.seq_len)]))
     vocab_size = int(probe.shape[-1])
     kk = min(k, vocab_size)
+    if tail_samples:
+        kk = min(k, vocab_size - 1)  # leave a tail to sample from
+        topk_fn = sampled_topk_fn(lambda ids: teacher.logits(ids, torch.ones_like(ids)), kk, tail_samples,
+                                  sample_seed)
+    else:
+        def topk_fn(input_ids: torch.Tensor, first_row: int) -> SparseTeacher:
+            return teacher.topk(input_ids, torch.ones_like(input_ids), k=kk)
     return write_teacher_cache(
-        lambda input_ids, first_row: teacher.topk(input_ids, torch.ones_like(input_ids), k=kk),
+        topk_fn,
         seqs,
         out_dir,
         vocab_size=vocab_size,
         k=kk,
+        tail_samples=tail_samples,
+        sample_seed=sample_seed,
         teacher_info={
             "id": teacher_id or teacher.name,
             "weights_sha256": weights_hash or teacher.weights_hash(),
@@ -184,6 +236,8 @@ def write_teacher_cache(
     vocab_size: int,
     k: int,
     teacher_info: dict[str, Any],
+    tail_samples: int = 0,
+    sample_seed: int = 0,
     encoding: str | Encoding = "compact-u8-zstd",
     batch_size: int = 8,
     shard_size: int = 256,
@@ -195,12 +249,18 @@ def write_teacher_cache(
     """Write a cache from any top-k source (see :data:`TopkFn`); :func:`build_teacher_cache`
     is this with a live model. ``teacher_info`` needs ``id`` and ``weights_sha256`` (any stable
     identifier of the teacher, e.g. a served model's name and revision). ``data_parallel``: see
-    :func:`build_teacher_cache` (each rank's ``topk_fn`` is called only on its own shards)."""
-    if k < 1 or batch_size < 1 or shard_size < 1:
+    :func:`build_teacher_cache` (each rank's ``topk_fn`` is called only on its own shards).
+    ``tail_samples = m > 0``: ``topk_fn`` returns ``k + m`` entries with ``num_exact = k``
+    (:func:`sampled_topk_fn`); ``sample_seed`` is recorded in the manifest."""
+    if k < (0 if tail_samples else 1) or batch_size < 1 or shard_size < 1:
         raise ConfigError(
-            f"k, batch_size and shard_size must be >= 1 (got {k}, {batch_size}, {shard_size})",
+            f"k, batch_size and shard_size must be >= 1 (got {k}, {batch_size}, {shard_size}; k may be 0 "
+            "only with tail_samples)",
             "use positive values",
         )
+    if not (isinstance(tail_samples, int) and 0 <= tail_samples <= 255):
+        raise ConfigError(f"tail_samples must be an int in [0, 255], got {tail_samples!r}",
+                          "use 0 (top-k only), 16 or 32")
     missing = {"id", "weights_sha256"} - set(teacher_info)
     if missing:
         raise ConfigError(f"teacher_info lacks {sorted(missing)}", "pass the teacher's id and a weights hash")
@@ -212,16 +272,18 @@ def write_teacher_cache(
     tok = None
     if tokenizer is not None:
         tok = {"fingerprint": tokenizer_fingerprint(tokenizer), "size": tokenizer_size(tokenizer)}
-    dtype = record_dtype(enc, seqs.seq_len, k, vocab_size)
+    dtype = record_dtype(enc, seqs.seq_len, k, vocab_size, tail_samples)
     header: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(tail_samples),
         "kdforge_version": kdforge.__version__,
         "complete": False,
         "teacher": dict(teacher_info),
         "tokenizer": tok,
         "vocab_size": vocab_size,
         "k": k,
+        "tail_samples": tail_samples,
+        "sample_seed": int(sample_seed),
         "encoding": enc.to_dict(),
         "id_dtype": id_dtype(vocab_size).name,
         "tail_policy": TAIL_POLICY,
@@ -266,7 +328,8 @@ def write_teacher_cache(
         for index in mine:
             start, end = ranges[index]
             t0 = time.perf_counter()
-            entry, n_bytes = _write_shard(out, index, seqs, start, end, topk_fn, enc, k, vocab_size, batch_size)
+            entry, n_bytes = _write_shard(out, index, seqs, start, end, topk_fn, enc, k, vocab_size, batch_size,
+                                          tail_samples)
             if group.world_size == 1:  # the manifest is the progress record
                 manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["rows"][0])
                 if len(manifest["shards"]) == len(ranges):
@@ -318,27 +381,38 @@ def _write_shard(
     k: int,
     vocab_size: int,
     batch_size: int,
+    tail_samples: int = 0,
 ) -> tuple[dict[str, Any], int]:
     """Run ``topk_fn`` over rows ``[start, end)`` in batches, write the shard atomically, return
     its manifest entry and size. Batches never cross shards: the bytes depend on the rows only."""
     input_ids = seqs.rows(start, end)
     ids_parts, lp_parts = [], []
+    width = k + tail_samples
     for b in range(0, end - start, batch_size):
         batch = torch.as_tensor(input_ids[b : b + batch_size])
         sparse = topk_fn(batch, start + b)
-        if tuple(sparse.ids.shape) != (batch.shape[0], seqs.seq_len, k):
+        if tuple(sparse.ids.shape) != (batch.shape[0], seqs.seq_len, width):
             raise ShapeError(
                 f"the teacher signal for rows {start + b}.. has shape {tuple(sparse.ids.shape)}, "
-                f"expected {(batch.shape[0], seqs.seq_len, k)}",
-                "return one top-k list of k entries per position",
+                f"expected {(batch.shape[0], seqs.seq_len, width)}",
+                f"return one list of k={k} top-k (+ tail_samples={tail_samples} sampled) entries per position",
+            )
+        if tail_samples and sparse.num_exact != k:
+            raise ShapeError(
+                f"the teacher signal for rows {start + b}.. has num_exact={sparse.num_exact}, expected k={k}",
+                "build it with kdforge.losses.signal.sample_tail(logits, k, tail_samples, seeds)",
             )
         ids_parts.append(sparse.ids.cpu().numpy())
         lp_parts.append(sparse.logprobs.cpu().numpy())
     ids = np.concatenate(ids_parts)
     lps = np.concatenate(lp_parts)
-    if ids.max() >= vocab_size:
+    if ids.size and ids.max() >= vocab_size:
         raise CacheError(f"teacher produced id {ids.max()} >= vocab {vocab_size}", "report this bug")
-    blob = encode_shard(enc, input_ids, ids, lps, vocab_size)
+    sample_ids = sample_counts = None
+    if tail_samples:
+        ids, sample_ids = ids[..., :k], ids[..., k:]
+        lps, sample_counts = lps[..., :k], counts_from_weights(lps[..., k:], tail_samples)
+    blob = encode_shard(enc, input_ids, ids, lps, vocab_size, sample_ids, sample_counts)
     name = shard_name(index)
     with atomic_write(out / name, "wb") as fh:
         fh.write(blob)
@@ -358,7 +432,7 @@ def _write_shard(
 def _joined_manifest(out: Path, header: dict[str, Any], rank: int) -> dict[str, Any]:
     """The manifest rank 0 published, checked against this rank's own settings and corpus."""
     manifest = read_manifest(out)
-    diff = [key for key in COMPAT_KEYS if manifest.get(key) != header[key]]
+    diff = compat_diff(manifest, header)
     if diff:
         raise CacheError(
             f"rank {rank} builds the teacher cache at {out} with other settings than rank 0 "
@@ -545,7 +619,7 @@ def _resume_or_start(
         if not overwrite:
             raise
         old = None
-    diff = [] if old is None else [key for key in COMPAT_KEYS if old.get(key) != header[key]]
+    diff = [] if old is None else compat_diff(old, header)
     if old is None or diff:
         if not overwrite:
             raise CacheError(

@@ -58,6 +58,9 @@ class VLLMConfig(StrictModel):
     max_model_len: int | None = None
     batch_size: int = Field(256, ge=1)
     trust_remote_code: bool = False
+    chat_template: str | None = Field(
+        None, description="Jinja chat template (text or file path) instead of the tokenizer's")
+    seed: int = Field(0, description="engine seed (each request still carries its own sampling seed)")
 
 
 BackendConfig = Annotated[TransformersConfig | OpenAIConfig | VLLMConfig, Field(discriminator="type")]

@@ -2,20 +2,30 @@
 
 vLLM schedules a whole batch with continuous batching and paged attention, so the engine hands
 it large batches (``batch_size``, default 256) in one call. Chat prompts go through
-``LLM.chat`` (the model's chat template), text prompts through ``LLM.generate``. Each request
-keeps its own seed (vLLM supports per-request seeds), so samples are reproducible regardless of
-batching.
+``LLM.chat(messages, sampling_params=..., chat_template=..., add_generation_prompt=True)`` (the
+tokenizer's chat template, or ``chat_template`` given as Jinja text or a file), text prompts
+through ``LLM.generate(prompts, sampling_params=...)``; both take one ``SamplingParams`` per
+prompt. Each request is one sample (``n=1``; the engine expands ``n`` into requests with seeds
+``seed + i``) and keeps its own seed (vLLM supports per-request seeds), so samples are
+reproducible regardless of batching. Stop strings are excluded from the text (vLLM's default,
+the same contract as the other backends). ``model: asset:NAME`` resolves a kdforge asset folder.
+
+API used (checked against vLLM's ``LLM.chat``/``LLM.generate``/``SamplingParams`` and the
+``RequestOutput``/``CompletionOutput`` fields ``prompt_token_ids``, ``outputs[0].text``,
+``.token_ids``, ``.finish_reason``), tested with a fake ``vllm`` module in
+``tests/elicit/test_vllm_backend.py`` and against a real vLLM on a GPU (``-m gpu``).
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from kdforge.elicit.backends.base import Backend
 from kdforge.elicit.backends.config import VLLMConfig
 from kdforge.elicit.types import GenerationRequest, GenerationResult
-from kdforge.errors import ConfigError, GenerationError
+from kdforge.errors import ConfigError, GenerationError, KdforgeError
 
 
 def _import_vllm() -> Any:
@@ -30,6 +40,17 @@ def _import_vllm() -> Any:
     return vllm
 
 
+def _read_template(template: str | None) -> str | None:
+    """A chat template given inline (Jinja text) or as a path to a file holding it."""
+    if template is None or "{" in template:
+        return template
+    path = Path(template)
+    if not path.is_file():
+        raise ConfigError(f"chat_template {template!r} is neither Jinja text nor an existing file",
+                          "give the template text (it contains '{%' / '{{') or a path to a .jinja file")
+    return path.read_text(encoding="utf-8")
+
+
 class VLLMBackend(Backend):
     """vLLM ``LLM`` engine as the teacher."""
 
@@ -38,15 +59,21 @@ class VLLMBackend(Backend):
 
     def __init__(self, model: str, *, dtype: str = "auto", tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
-                 batch_size: int = 256, trust_remote_code: bool = False) -> None:
+                 batch_size: int = 256, trust_remote_code: bool = False,
+                 chat_template: str | None = None, seed: int = 0) -> None:
         super().__init__()
         vllm = _import_vllm()
         self._vllm = vllm
+        if model.startswith("asset:"):
+            from kdforge.assets import ensure
+
+            model = str(ensure(model.split(":", 1)[1]))
         self.model_name = model
         self.batch_size = batch_size
+        self.chat_template = _read_template(chat_template)
         kw: dict[str, Any] = {"dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
                               "gpu_memory_utilization": gpu_memory_utilization,
-                              "trust_remote_code": trust_remote_code}
+                              "trust_remote_code": trust_remote_code, "seed": seed}
         if max_model_len:
             kw["max_model_len"] = max_model_len
         self.llm = vllm.LLM(model=model, **kw)
@@ -55,10 +82,12 @@ class VLLMBackend(Backend):
     def from_config(cls, cfg: VLLMConfig) -> VLLMBackend:
         return cls(cfg.model, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
                    gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                   batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+                   batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code,
+                   chat_template=cfg.chat_template, seed=cfg.seed)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "model": self.model_name, "batch_size": self.batch_size}
+        return {"backend": self.name, "model": self.model_name, "batch_size": self.batch_size,
+                "chat_template": "custom" if self.chat_template else "tokenizer"}
 
     def _sampling(self, p: dict[str, Any]) -> Any:
         return self._vllm.SamplingParams(
@@ -69,26 +98,38 @@ class VLLMBackend(Backend):
         return await asyncio.to_thread(self._run, requests)
 
     def _run(self, requests: list[GenerationRequest]) -> list[GenerationResult | BaseException]:
+        """Chat prompts in one ``LLM.chat`` call, text prompts in one ``LLM.generate`` call; a
+        failing call fails only its own requests (the other group's results are kept)."""
         out: list[GenerationResult | BaseException] = [GenerationError("not generated")] * len(requests)
         chat = [i for i, r in enumerate(requests) if r.is_chat]
         text = [i for i, r in enumerate(requests) if not r.is_chat]
-        try:
-            if chat:
-                res = self.llm.chat([requests[i].prompt for i in chat],
-                                    [self._sampling(requests[i].params) for i in chat], use_tqdm=False)
-                for i, o in zip(chat, res, strict=True):
+        for idx, call in ((chat, self._chat), (text, self._generate)):
+            if not idx:
+                continue
+            try:
+                res = call([requests[i] for i in idx])
+                if len(res) != len(idx):
+                    raise GenerationError(f"vLLM returned {len(res)} outputs for {len(idx)} prompts",
+                                          "report this vLLM version; the backend expects one output per prompt")
+                for i, o in zip(idx, res, strict=True):
                     out[i] = self._result(o)
-            if text:
-                res = self.llm.generate([requests[i].prompt for i in text],
-                                        [self._sampling(requests[i].params) for i in text], use_tqdm=False)
-                for i, o in zip(text, res, strict=True):
-                    out[i] = self._result(o)
-        except Exception as exc:  # noqa: BLE001 - reported per request
-            err = GenerationError(f"vLLM generation failed: {type(exc).__name__}: {exc}",
-                                  "check GPU memory (gpu_memory_utilization, max_model_len) and the prompts")
-            return [err] * len(requests)
-        self.stats.requests += len(requests)
+            except Exception as exc:  # noqa: BLE001 - reported per request
+                err = exc if isinstance(exc, KdforgeError) else GenerationError(
+                    f"vLLM generation failed: {type(exc).__name__}: {exc}",
+                    "check GPU memory (gpu_memory_utilization, max_model_len) and the prompts")
+                for i in idx:
+                    out[i] = err
+                continue
+            self.stats.requests += len(idx)
         return out
+
+    def _chat(self, reqs: list[GenerationRequest]) -> list[Any]:
+        return self.llm.chat([r.prompt for r in reqs], sampling_params=[self._sampling(r.params) for r in reqs],
+                             use_tqdm=False, chat_template=self.chat_template, add_generation_prompt=True)
+
+    def _generate(self, reqs: list[GenerationRequest]) -> list[Any]:
+        return self.llm.generate([r.prompt for r in reqs], sampling_params=[self._sampling(r.params) for r in reqs],
+                                 use_tqdm=False)
 
     def _result(self, o: Any) -> GenerationResult:
         c = o.outputs[0]

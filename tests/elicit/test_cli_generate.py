@@ -59,3 +59,22 @@ def test_local_model_job_runs_end_to_end_and_resumes(tmp_path, tiny_model_dir, c
     assert main(["generate", str(p)]) == 0
     res2 = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res2["generation"]["generated"] == 0 and res2["generation"]["skipped"] == 6
+
+
+def test_a_failed_request_prints_one_problem_and_one_fix_not_nested_ones(tmp_path, capsys, monkeypatch, scripted):
+    from kdforge.elicit import job
+    from kdforge.errors import GenerationError
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    teacher = scripted(lambda r: GenerationError("request was rejected by the server (HTTP 401)",
+                                                 "check the API key in $TEACHER_KEY"))
+    monkeypatch.setattr(job, "build_backend", lambda cfg: teacher)
+    p = _write(tmp_path, {"output_dir": str(tmp_path / "out"), "progress": False, "data": {"path": str(data)},
+                          "backend": {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}})
+    assert main(["generate", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("Fix:") == 1 and "Traceback" not in err
+    problem, fix = err.split("Fix:")
+    assert "1 request(s) failed for good (request was rejected by the server (HTTP 401))" in problem
+    assert fix.strip().startswith("check the API key in $TEACHER_KEY; then rerun the same command")

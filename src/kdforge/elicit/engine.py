@@ -37,7 +37,7 @@ from kdforge.elicit.types import (
     SamplingParams,
     build_requests,
 )
-from kdforge.errors import CacheError, ConfigError, GenerationError
+from kdforge.errors import CacheError, ConfigError, GenerationError, KdforgeError
 from kdforge.io import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -217,13 +217,24 @@ class GenerationEngine:
         write_json_atomic(self.output_dir / "summary.json", summary.to_dict())
         log.info("generation finished:\n%s", summary.format())
         if first_error is not None and self.on_error == "raise":
+            cause, cause_fix = split_error(first_error)
             raise GenerationError(
-                f"{summary.failed} request(s) failed for good ({first_error}); "
+                f"{summary.failed} request(s) failed for good ({cause}); "
                 f"{summary.skipped + summary.generated} of {summary.requests} are saved in {self.output_dir}",
-                "fix the cause and rerun the same command: finished requests are skipped "
+                (f"{cause_fix.rstrip('.')}; then rerun" if cause_fix else "fix the cause and rerun")
+                + " the same command: finished requests are skipped "
                 "(or set on_error: skip to keep going past failures)",
             )
         return summary
+
+
+def split_error(exc: BaseException) -> tuple[str, str | None]:
+    """(problem, fix) of an error, so a wrapping error can say both once: a
+    :class:`~kdforge.errors.KdforgeError` keeps its own fix; any other exception is
+    ``"TypeName: message"`` with no fix."""
+    if isinstance(exc, KdforgeError):
+        return exc.problem, exc.fix
+    return f"{type(exc).__name__}: {exc}", None
 
 
 def _record(req: GenerationRequest, res: GenerationResult) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from kdforge.elicit.backends.base import Backend
 from kdforge.elicit.backends.config import TransformersConfig
 from kdforge.elicit.backends.openai_backend import truncate_at_stop
 from kdforge.elicit.types import GenerationRequest, GenerationResult, Message
-from kdforge.errors import ConfigError, DeviceError, GenerationError
+from kdforge.errors import ConfigError, DeviceError, GenerationError, KdforgeError
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class TransformersBackend(Backend):
         except (KeyboardInterrupt, asyncio.CancelledError):
             raise
         except Exception as exc:  # a failed batch fails its requests, not the process
-            if isinstance(exc, ConfigError | GenerationError):
+            if isinstance(exc, KdforgeError):  # already says what is wrong and how to fix it
                 return [exc] * len(requests)
             return [GenerationError(f"local generation failed: {type(exc).__name__}: {exc}",
                                     "check the model, prompt lengths and device memory "

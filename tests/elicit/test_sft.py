@@ -40,7 +40,7 @@ def test_records_come_from_generation_folders_and_curated_files(tmp_path, script
     assert sorted(r["text"] for r in load_sft_records(tmp_path / "gen")) == ["resp a", "resp b"]
     cur = tmp_path / "curated.jsonl"
     cur.write_text(json.dumps({"row": {"prompt": "p", "text": "t"}, "weight": 0.5}) + "\n")
-    assert load_sft_records(cur) == [{"prompt": "p", "text": "t"}]
+    assert load_sft_records(cur) == [{"prompt": "p", "text": "t", "weight": 0.5}]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q"}) + "\n")
     with pytest.raises(DataError, match="'prompt' and 'text'"):
@@ -69,3 +69,111 @@ def test_sft_cli_trains_the_student_towards_the_teacher_outputs(tmp_path, tiny_m
     after = nll(tmp_path / "run" / "student")
     assert after < before - 1.0
     assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ---- per-sample weights ----------------------------------------------------------------------
+def _write(path, items):
+    path.write_text("".join(json.dumps(x) + "\n" for x in items))
+    return path
+
+
+def test_weights_come_from_curated_items_or_a_row_field_and_bad_ones_are_refused(tmp_path):
+    cur = _write(tmp_path / "curated.jsonl", [{"row": {"prompt": "p", "text": "t"}, "weight": 0.5},
+                                              {"row": {"prompt": "q", "text": "u"}, "weight": 2}])
+    assert [r["weight"] for r in load_sft_records(cur)] == [0.5, 2.0]
+    assert all("weight" not in r for r in load_sft_records(cur, weight_field=None))
+    col = _write(tmp_path / "col.jsonl", [{"prompt": "p", "text": "t", "score": 3}])
+    assert load_sft_records(col, weight_field="score")[0]["weight"] == 3.0
+    assert "weight" not in load_sft_records(col)[0]  # no 'weight' anywhere: unweighted
+    for rows, msg in [([{"prompt": "p", "text": "t", "weight": 1}, {"prompt": "q", "text": "u"}], "1 of 2 records"),
+                      ([{"prompt": "p", "text": "t", "weight": -1}], "finite numbers >= 0"),
+                      ([{"prompt": "p", "text": "t", "weight": "high"}], "non-numeric"),
+                      ([{"prompt": "p", "text": "t", "weight": 0}], "every 'weight' is 0")]:
+        with pytest.raises(DataError, match=msg):
+            load_sft_records(_write(tmp_path / "bad.jsonl", rows))
+
+
+def _loss_and_grads(model, tok, records):
+    """One trainer-style step on a single batch: the task's weighted term divided by the
+    task's count, as the Distiller does; returns (loss, flat gradient)."""
+    import torch
+
+    from kdforge.elicit.sft import WeightedCausalLMTask, weighted_collate
+    from kdforge.train import Objective
+
+    task = WeightedCausalLMTask()
+    batch = weighted_collate(build_sft_examples(records, tok, 64), pad_token_id=tok.pad_token_id)
+    objective = Objective([{"name": "weighted_cross_entropy", "source": "task", "weight": 1.0}])
+    model.zero_grad(set_to_none=True)
+    value = objective(task.forward(model, None, batch), task.count(batch))
+    value.total.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return float(value.total.detach()), grads
+
+
+@pytest.fixture
+def tiny_lm(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+A = {"prompt": "the movie", "text": " was fresh and great fun"}
+B = {"prompt": "a dull", "text": " rotten"}
+
+
+def test_weight_two_equals_the_sample_twice(tiny_lm, tok):
+    import torch
+
+    loss_w, g_w = _loss_and_grads(tiny_lm, tok, [{**A, "weight": 2.0}, {**B, "weight": 1.0}])
+    loss_d, g_d = _loss_and_grads(tiny_lm, tok, [{**A, "weight": 1.0}, {**A, "weight": 1.0}, {**B, "weight": 1.0}])
+    assert loss_w == pytest.approx(loss_d, rel=1e-6)
+    assert torch.allclose(g_w, g_d, rtol=1e-5, atol=1e-7)
+    loss_1, _ = _loss_and_grads(tiny_lm, tok, [{**A, "weight": 1.0}, {**B, "weight": 1.0}])
+    assert abs(loss_1 - loss_w) > 1e-4  # the weight does change the loss
+
+
+def test_a_zero_weight_sample_leaves_no_gradient(tiny_lm, tok):
+    import torch
+
+    loss_a, g_a = _loss_and_grads(tiny_lm, tok, [{**A, "weight": 1.0}])
+    loss_ab, g_ab = _loss_and_grads(tiny_lm, tok, [{**A, "weight": 1.0}, {**B, "weight": 0.0}])
+    assert loss_ab == pytest.approx(loss_a, rel=1e-6)  # not diluted by B's tokens either
+    assert torch.allclose(g_a, g_ab, rtol=1e-5, atol=1e-7)
+    _, g_b = _loss_and_grads(tiny_lm, tok, [{**B, "weight": 0.0}])
+    assert float(g_b.abs().max()) == 0.0
+
+
+def test_fractional_weights_normalise_by_weighted_tokens(tiny_lm, tok):
+    import torch
+    import torch.nn.functional as F
+
+    recs = [{**A, "weight": 0.3}, {**B, "weight": 1.7}]
+    loss, _ = _loss_and_grads(tiny_lm, tok, recs)
+    num = den = 0.0
+    for r in recs:  # hand-computed: sum_b w_b sum_t l_bt / sum_b w_b n_b
+        (ex,) = build_sft_examples([r], tok, 64)
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"][1:])
+        with torch.no_grad():
+            logits = tiny_lm(ids).logits[0, :-1]
+        nll = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        num += r["weight"] * float(nll)
+        den += r["weight"] * int((labels != -100).sum())
+    assert loss == pytest.approx(num / den, rel=1e-4)
+
+
+def test_sft_cli_trains_with_curation_weights(tmp_path, tiny_model_dir):
+    items = [{"row": {"prompt": f"review {i}", "text": " fresh fresh"}, "weight": 1.0 + i % 2} for i in range(8)]
+    _write(tmp_path / "curated.jsonl", items)
+    rc = main(["sft", str(tmp_path / "curated.jsonl"), "--student", str(tiny_model_dir), "-o", str(tmp_path / "run"),
+               "--max-steps", "3", "--batch-size", "4", "--no-progress"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "run" / "sft_summary.json").read_text())
+    assert summary["weighted"] is True and summary["weight_field"] == "weight"
+    logs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/weighted_cross_entropy" in x for x in logs)
+    rc = main(["sft", str(tmp_path / "curated.jsonl"), "--student", str(tiny_model_dir), "-o", str(tmp_path / "run2"),
+               "--max-steps", "1", "--batch-size", "4", "--no-progress", "--weight-field", "none"])
+    assert rc == 0 and json.loads((tmp_path / "run2" / "sft_summary.json").read_text())["weighted"] is False

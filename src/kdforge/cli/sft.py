@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    p.add_argument("--weight-field", default="weight",
+                   help="per-sample weight field (curated.jsonl's 'weight' by default); the loss becomes the "
+                        "weighted token mean; 'none' ignores weights")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=handle)
 
@@ -29,6 +32,7 @@ def handle(args: argparse.Namespace) -> int:
     length = {"max_steps": args.max_steps} if args.max_steps else {"epochs": args.epochs}
     summary = run_sft(args.data, args.student, args.output_dir, tokenizer=args.tokenizer,
                       max_length=args.max_length,
+                weight_field=None if args.weight_field.lower() == "none" else args.weight_field,
                       train={**length, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                              "mixed_precision": args.mixed_precision, "progress": not args.no_progress})
     print(json.dumps(summary, indent=2))

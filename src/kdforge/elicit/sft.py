@@ -11,25 +11,44 @@ Input: a generation output folder (``kdforge generate``), a ``curated.jsonl`` fr
 or any JSONL with ``prompt`` (text or messages) and ``text`` (response) fields. Training runs
 on :class:`kdforge.train.Distiller` (``CausalLMTask``, ``cross_entropy``), so checkpoints,
 resume, ``metrics.jsonl`` and mixed precision follow the trainer's contract.
+
+Per-sample weights (``weight_field``, default ``"weight"``: curation's weight, or a column of
+the rows): when present, the loss is the weighted token mean (:class:`WeightedCausalLMTask`)
+
+.. math::  \mathcal{L} = \frac{\sum_b w_b \sum_t \ell_{bt}}{\sum_b w_b n_b}
+
+over the whole accumulated batch (``n_b`` = response tokens of sample ``b``, ``\ell_{bt}`` its
+token cross-entropies), so a weight of 2 is exactly a duplicated sample and a weight of 0
+contributes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from kdforge.errors import AssetError, ConfigError, DataError
+from kdforge.train.tasks import IGNORE_INDEX, CausalLMTask, TaskOutput
 
 log = logging.getLogger(__name__)
 
 
-def load_sft_records(path: str | Path) -> list[dict[str, Any]]:
-    """(prompt, response) records from a generation folder, curated.jsonl or a JSONL file.
+def load_sft_records(path: str | Path, weight_field: str | None = "weight") -> list[dict[str, Any]]:
+    """(prompt, response[, weight]) records from a generation folder, curated.jsonl or a JSONL file.
 
     Curated items (``{"row": record, "weight": w}``) are unwrapped; rows with an empty
-    response are skipped.
+    response are skipped. ``weight_field``: the per-sample weight, read from the curated item
+    or else from the row; when no row has it the records are unweighted (no ``weight`` key),
+    when only some have it, or a weight is not a finite number ``>= 0``, it is a DataError.
+    ``None`` ignores weights.
     """
     from kdforge.elicit.data import read_table
 
@@ -42,14 +61,39 @@ def load_sft_records(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{p}: records need 'prompt' and 'text' fields (got {sorted(rec)})",
                             "give a `kdforge generate` output folder or a JSONL of {prompt, text}")
         if str(rec["text"]).strip():
-            out.append({"prompt": rec["prompt"], "text": str(rec["text"])})
+            item: dict[str, Any] = {"prompt": rec["prompt"], "text": str(rec["text"])}
+            if weight_field is not None:
+                w = r[weight_field] if weight_field in r else rec.get(weight_field)
+                if w is not None:
+                    item["weight"] = _check_weight(w, p, len(out))
+            out.append(item)
     if not out:
         raise DataError(f"{p} has no non-empty responses", "check the generation output")
+    weighted = sum("weight" in x for x in out)
+    if weighted and weighted < len(out):
+        raise DataError(f"{p}: {len(out) - weighted} of {len(out)} records have no {weight_field!r} field",
+                        "give every record a weight, or train unweighted with weight_field=None "
+                        "(CLI: --weight-field none)")
+    if weighted and not any(x["weight"] > 0 for x in out):
+        raise DataError(f"{p}: every {weight_field!r} is 0, nothing would be learned",
+                        "check the curation settings, or train unweighted (--weight-field none)")
     return out
 
 
+def _check_weight(w: Any, path: Path, i: int) -> float:
+    try:
+        value = float(w)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: record {i} has a non-numeric weight {w!r}",
+                        "weights must be numbers >= 0") from None
+    if not math.isfinite(value) or value < 0:
+        raise DataError(f"{path}: record {i} has weight {w!r}", "weights must be finite numbers >= 0")
+    return value
+
+
 def build_sft_examples(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
-    """Tokenize (prompt, response) pairs: ``input_ids``, ``labels`` (-100 on the prompt).
+    """Tokenize (prompt, response) pairs: ``input_ids``, ``labels`` (-100 on the prompt), and
+    ``weight`` when the record has one.
 
     Prompts longer than ``max_length`` leave no room for the response: those records are
     dropped (logged); responses are truncated to fit.
@@ -72,12 +116,68 @@ def build_sft_examples(records: list[dict[str, Any]], tokenizer: Any, max_length
             dropped += 1
             continue
         r_ids = r_ids[:room]
-        examples.append({"input_ids": p_ids + r_ids, "labels": [-100] * len(p_ids) + r_ids})
+        ex: dict[str, Any] = {"input_ids": p_ids + r_ids, "labels": [-100] * len(p_ids) + r_ids}
+        if "weight" in rec:
+            ex["weight"] = float(rec["weight"])
+        examples.append(ex)
     if dropped:
         log.warning("dropped %d record(s) whose prompt alone exceeds max_length=%d", dropped, max_length)
     if not examples:
         raise DataError("no training examples fit in max_length", "raise --max-length")
     return examples
+
+
+WEIGHT_SCALE = 1000
+
+
+class WeightedCausalLMTask(CausalLMTask):
+    """:class:`~kdforge.train.CausalLMTask` with a weight per sample: its loss term
+    ``weighted_cross_entropy`` is the weighted token mean (module docstring), normalised by the
+    weighted real tokens of the whole accumulated batch.
+
+    Batches carry ``weight`` ``[B]`` (:func:`weighted_collate`). The trainer divides each term
+    by the integer count :meth:`count` returns for the accumulated batch, so the task counts
+    weighted tokens in fixed point, ``round(SCALE * sum_b w_b n_b)``, and its term is
+    ``SCALE * sum_b w_b sum_t l_bt``: the ratio is the weighted mean (relative rounding error
+    below ``1 / (2 * SCALE * sum_b w_b n_b)``; exact for integer weights). Logged throughput is
+    therefore in ``weighted_tokens_x1000`` per second.
+    """
+
+    scale = WEIGHT_SCALE
+    unit = f"weighted_tokens_x{WEIGHT_SCALE}"
+    term_names = ("weighted_cross_entropy",)
+
+    @staticmethod
+    def _weights(batch: Mapping[str, Any]) -> torch.Tensor:
+        if "weight" not in batch:
+            raise DataError("a weighted SFT batch has no 'weight'", "collate with weighted_collate")
+        return batch["weight"]
+
+    def count(self, batch: Mapping[str, Any]) -> int:
+        n = (self.shifted_labels(batch) != IGNORE_INDEX).sum(dim=1).double()
+        return int(round(float((n * self._weights(batch).double().to(n.device)).sum()) * self.scale))
+
+    def forward(self, student: nn.Module, teacher: nn.Module | None, batch: Mapping[str, Any], *,
+                extras: Mapping[str, nn.Module] | None = None, chunked: bool = False) -> TaskOutput:
+        if chunked:
+            raise ConfigError("weighted SFT does not support chunked=True", "set chunked=False")
+        out = super().forward(student, teacher, batch, extras=extras, chunked=False)
+        logits, labels = out.student_logits, out.labels
+        assert logits is not None and labels is not None
+        tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                              ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+        w = self._weights(batch).to(device=tok.device, dtype=tok.dtype)
+        out.extra_terms["weighted_cross_entropy"] = (tok * out.mask * w[:, None]).sum() * self.scale
+        return out
+
+
+def weighted_collate(batch: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """:func:`kdforge.data.text.lm_collate` plus ``weight`` ``[B]`` float32."""
+    from kdforge.data.text import lm_collate
+
+    out = lm_collate([{k: v for k, v in ex.items() if k != "weight"} for ex in batch], pad_token_id=pad_token_id)
+    out["weight"] = torch.tensor([float(ex["weight"]) for ex in batch], dtype=torch.float32)
+    return out
 
 
 def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
@@ -94,18 +194,23 @@ def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
 
 
 def run_sft(data: str | Path, student: str, output_dir: str | Path, *, tokenizer: str | None = None,
-            max_length: int = 512, train: dict[str, Any] | None = None) -> dict[str, Any]:
+            max_length: int = 512, train: dict[str, Any] | None = None,
+            weight_field: str | None = "weight") -> dict[str, Any]:
     """Fine-tune ``student`` (HF folder or Hub id) on teacher generations; save it under
-    ``output_dir/student``; return the final training metrics."""
-    import torch
+    ``output_dir/student``; return the final training metrics.
+
+    ``weight_field``: per-sample weights (see :func:`load_sft_records`); when the data has them
+    the loss is the weighted token mean (:class:`WeightedCausalLMTask`), otherwise plain
+    response-token cross-entropy.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdforge.data.text import lm_collate
     from kdforge.io import write_json_atomic
-    from kdforge.train import CausalLMTask, Distiller
+    from kdforge.train import Distiller
 
     out = Path(output_dir)
-    records = load_sft_records(data)  # the cheap checks first: a bad data path fails before any model loads
+    records = load_sft_records(data, weight_field)  # the cheap checks first: a bad data path fails before any model loads
     tok = _from_pretrained(AutoTokenizer, tokenizer or student, "tokenizer")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -115,13 +220,22 @@ def run_sft(data: str | Path, student: str, output_dir: str | Path, *, tokenizer
            **(train or {}), "output_dir": str(out)}
     if cfg.get("max_steps") is None and cfg.get("epochs") is None:
         cfg["epochs"] = 1
-    d = Distiller(model, None, task=CausalLMTask(), objective=[{"name": "cross_entropy", "weight": 1.0}],
-                  config=cfg, train_data=examples,
-                  collate_fn=lambda b: lm_collate(b, pad_token_id=tok.pad_token_id))
+    weighted = "weight" in examples[0]
+    if weighted:
+        task: CausalLMTask = WeightedCausalLMTask()
+        objective = [{"name": "weighted_cross_entropy", "source": "task", "weight": 1.0}]
+        collate = lambda b: weighted_collate(b, pad_token_id=tok.pad_token_id)  # noqa: E731
+        log.info("per-sample weights from %r: sum %.3f over %d examples", weight_field,
+                 sum(e["weight"] for e in examples), len(examples))
+    else:
+        task, objective = CausalLMTask(), [{"name": "cross_entropy", "weight": 1.0}]
+        collate = lambda b: lm_collate(b, pad_token_id=tok.pad_token_id)  # noqa: E731
+    d = Distiller(model, None, task=task, objective=objective, config=cfg, train_data=examples, collate_fn=collate)
     state = d.train()
     path = d.save_student(out / "student")
     tok.save_pretrained(path)
     summary = {"task": "sft", "examples": len(examples), "student": str(path),
+               "weighted": weighted, "weight_field": weight_field if weighted else None,
                "steps": getattr(state, "step", None), "data": str(data)}
     write_json_atomic(out / "sft_summary.json", summary)
     log.info("SFT finished: %s", json.dumps(summary))

@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    from kdforge.runtime import keep_freed_memory
+
+    keep_freed_memory()  # ~20% faster CPU training steps; KDFORGE_MALLOC_TUNING=0 opts out
     try:
         return int(args.func(args) or 0)
     except KdforgeError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +127,141 @@ def test_pgkd_stops_early_when_the_teacher_adds_nothing(data, tmp_path, monkeypa
     res = load_recipe("pgkd")().run(_config(data, tmp_path / "run", rounds=5), tmp_path / "run")
     assert [r["added"] for r in res["rounds"]] == [0, 0]  # round 1 brings no gain: stop (patience 1)
     assert res["models"][1]["name"].endswith("(round 0)")
+
+
+# ---- few-shot generation, filters, seeds ------------------------------------------------------
+class FewshotTeacher(Backend):
+    """Continues a few-shot prompt: writes a review with a sentiment word taken from the shots
+    (every third one with the *opposite* sentiment: a careless teacher), and judges a text by
+    its sentiment word (log-likelihood-like scores for the verbalizers)."""
+
+    name = "fewshot-teacher"
+    batch_size = 8
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+        self.scored: list[str] = []
+
+    async def generate_batch(self, requests):
+        out = []
+        for r in requests:
+            self.requests.append(r)
+            lab = re.search(r"Sentiment: (\w+)\nReview:$", r.prompt).group(1)
+            shots = re.findall(r"^Review: (.+)$", r.prompt, flags=re.M)
+            w = next(x for x in FRESH + ROTTEN if x in shots[len(self.requests) % len(shots)].split())
+            if len(self.requests) % 3 == 0:
+                w = ROTTEN[FRESH.index(w)] if w in FRESH else FRESH[ROTTEN.index(w)]
+            out.append(GenerationResult(text=f' "a {w} film {FILLER[len(self.requests) % 6]} take '
+                                             f'{len(self.requests)} {lab}"\nSentiment: more', completion_tokens=9,
+                                        prompt_tokens=50))
+        return out
+
+    def score_continuations(self, prompt, continuations):
+        text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+        self.scored.append(text)
+        fresh = any(w in text.split() for w in FRESH)
+        rotten = any(w in text.split() for w in ROTTEN)
+        return [float(fresh), float(rotten)]
+
+
+def _fewshot_config(data, out, **over):
+    return validate(pg.PGKDConfig, {
+        "output_dir": str(out), "teacher": {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "t"},
+        "data": {"asset": None, **data, "train_limit": None, "validation_limit": None},
+        "student": {"buckets": 4096, "dim": 16}, "train": {"epochs": 30, "batch_size": 16, "lr": 0.05},
+        "rounds": 1, "patience": 1, "prompts_per_round": 12, "hard_per_prompt": 3,
+        "sampling": {"temperature": 0.9, "max_tokens": 40, "seed": 0},
+        "generation": {"mode": "fewshot", "verbalizers": {"fresh": "positive", "rotten": "negative"},
+                       "label_name": "Sentiment", "text_name": "Review", "filters": ["teacher_agrees"],
+                       "judge_template": "Review: {text}\nPositive or negative?", "judge_prompt": {"chat": True}},
+        **over,
+    })
+
+
+def test_fewshot_prompts_show_one_labels_misclassified_rows_and_the_judge_drops_mislabelled_output(
+        data, tmp_path, monkeypatch):
+    teacher = FewshotTeacher()
+    monkeypatch.setattr(pg, "build_backend", lambda cfg: teacher)
+    cfg = _fewshot_config(data, tmp_path / "run")
+    res = load_recipe("pgkd")().run(cfg, tmp_path / "run")
+    rows = [json.loads(x) for k in ("train_path", "validation_path") for x in Path(data[k]).read_text().splitlines()]
+    label_of = {r["text"]: r["label"] for r in rows}
+    assert len(teacher.requests) == 12
+    word = {"positive": "fresh", "negative": "rotten"}
+    for r in teacher.requests:
+        assert isinstance(r.prompt, str) and r.params["stop"] == ["\n"]  # completion prompt, one line back
+        lab = word[re.search(r"Sentiment: (\w+)\nReview:$", r.prompt).group(1)]
+        shots = re.findall(r"^Review: (.+)$", r.prompt, flags=re.M)
+        assert len(shots) == 3 and all(label_of[s] == lab for s in shots)  # shots of the asked label
+        assert set(re.findall(r"^Sentiment: (\w+)$", r.prompt, flags=re.M)) == {word_ for word_, v in word.items()
+                                                                                if v == lab}
+    assert sum(r.meta["label"] == "fresh" for r in teacher.requests) == 6  # split evenly over the labels
+
+    t = res["rounds"][1]["teacher"]
+    assert t["generation_calls"] == 12 and t["completion_tokens"] == 12 * 9 and t["prompt_tokens"] == 12 * 50
+    assert t["parsed"] == 12 and t["duplicates"] == 0 and t["rejected"]["teacher_agrees"] == 4  # the flipped
+    assert t["added"] == 12 - 4 - t["duplicates"] and t["judge_calls"] == 12 - t["duplicates"] + 1
+    added = json.loads((tmp_path / "run" / "rounds" / "round-01" / "added.json").read_text())
+    for row in added:  # only texts whose sentiment word matches the requested label were kept
+        assert any(w in row["text"].split() for w in (FRESH if row["label"] == "fresh" else ROTTEN))
+        assert not row["text"].startswith('"')  # quotes stripped, first line only
+    assert res["teacher_spent"]["generation_calls"] == 12
+
+    n_req, n_scored = len(teacher.requests), len(teacher.scored)  # rerun: nothing generated or scored again
+    res2 = load_recipe("pgkd")().run(cfg, tmp_path / "run")
+    assert (len(teacher.requests), len(teacher.scored)) == (n_req, n_scored)
+    assert res2["rounds"][1]["teacher"]["judge_calls"] == t["judge_calls"]
+
+
+def test_student_wrong_filter_keeps_only_rows_the_current_student_misclassifies(data, tmp_path, monkeypatch):
+    teacher = FewshotTeacher()
+    monkeypatch.setattr(pg, "build_backend", lambda cfg: teacher)
+    seen = {}
+    real_grow = pg.PGKD._grow
+
+    def spy(self, cfg, backend, out, rnd, last, train, val, names, dedup, pool_x, pool_y, rng, model):
+        seen["model"] = model
+        return real_grow(self, cfg, backend, out, rnd, last, train, val, names, dedup, pool_x, pool_y, rng, model)
+
+    monkeypatch.setattr(pg.PGKD, "_grow", spy)
+    cfg = _fewshot_config(data, tmp_path / "run", generation={"mode": "fewshot", "label_name": "Sentiment",
+                                                               "text_name": "Review", "filters": ["student_wrong"],
+                                                               "verbalizers": {"fresh": "positive",
+                                                                               "rotten": "negative"}})
+    res = load_recipe("pgkd")().run(cfg, tmp_path / "run")
+    added = json.loads((tmp_path / "run" / "rounds" / "round-01" / "added.json").read_text())
+    t = res["rounds"][1]["teacher"]
+    assert t["added"] == len(added) and t["added"] + t["rejected"]["student_wrong"] + t["duplicates"] == 12
+    assert teacher.scored == []  # no judge asked
+    if added:
+        probs = pg.predict(seen["model"], [a["text"] for a in added], cfg.student)
+        assert all(p != ["fresh", "rotten"].index(a["label"]) for p, a in zip(probs.argmax(-1).tolist(), added))
+
+
+def test_seeds_run_the_loop_per_seed_and_report_mean_and_std(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(pg, "build_backend", lambda cfg: FewshotTeacher())
+    cfg = _fewshot_config(data, tmp_path / "run", seeds=[0, 1], prompts_per_round=4)
+    res = load_recipe("pgkd")().run(cfg, tmp_path / "run")
+    base, student = res["models"]
+    assert [s["seed"] for s in base["per_seed"]] == [0, 1] and base["run_dir"][1].startswith("seed-1/")
+    accs = [s["accuracy"] for s in student["per_seed"]]
+    assert student["metrics"]["accuracy"] == pytest.approx(sum(accs) / 2)
+    assert student["metrics"]["accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+    assert [r["round"] for r in res["rounds_mean"]] == [0, 1] and res["rounds_mean"][1]["generation_calls"] == 4
+    for s in (0, 1):
+        per = json.loads((tmp_path / "run" / f"seed-{s}" / "results.json").read_text())
+        assert per["seed"] == s and {"seed": s, **per["models"][0]["metrics"]} == base["per_seed"][s]
+    assert "± " in (tmp_path / "run" / "results.md").read_text()
+    from kdforge.eval.report import build_report
+
+    paths = build_report([tmp_path / "run"])  # the aggregated results.json follows the run-folder contract
+    assert "PGKD" in Path(paths.html).read_text()
+
+
+def test_parse_completion_takes_the_first_line_and_checks_its_length():
+    assert pg.parse_completion(' "A warm, witty film."\nSentiment: positive') == "A warm, witty film."
+    assert pg.parse_completion("\n\n  too short\n") is None
+    assert pg.parse_completion("one two three four", max_words=3) is None
+    gen = pg.PGKDGeneration(header="Reviews.", label_name="S", text_name="R")
+    assert pg.fewshot_prompt(["a\nb", "c"], "pos", gen) == "Reviews.\n\nS: pos\nR: a b\n\nS: pos\nR: c\n\nS: pos\nR:"

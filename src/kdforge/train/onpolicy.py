@@ -8,23 +8,58 @@ batch first gets teacher-generated completions (sequence-level KD, Kim & Rush 20
 on-policy draw then applies on top, as in the paper's Algorithm 1.
 
 Prompt/completion split: in a causal-LM batch the prompt of a row is its attended tokens before
-the first label that is not ``-100``. Generation is a pluggable callable (:class:`GenerateFn`), so
-a vLLM or remote backend can replace :class:`HFGenerator` on GPU machines.
+the first label that is not ``-100``. Generation is a pluggable callable (:class:`GenerateFn`):
+``backend: transformers`` (default, :class:`HFGenerator`) or ``backend: vllm``
+(:class:`~kdforge.train.vllm_generation.VLLMGenerator`: a colocated vLLM engine re-synced with the
+student's weights every ``vllm.sync_every`` optimizer steps), or any callable passed as
+``generate_fn``.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kdforge.errors import ConfigError, DataError, GenerationError
 from kdforge.train.config import FriendlyModel
 
 IGNORE_INDEX = -100
+
+
+class VLLMSettings(FriendlyModel):
+    """The colocated vLLM engine of ``backend: vllm`` (:mod:`kdforge.train.vllm_generation`).
+
+    Attributes:
+        sync_every: push the student's trainable weights into the engine every this many
+            optimizer steps (1 = every step: strictly on-policy samples).
+        gpu_memory_utilization: share of the GPU memory vLLM may take (weights + KV cache); the
+            rest stays for training. vLLM's own default (0.9) would starve the trainer.
+        dtype: engine dtype; pushed tensors are cast to it.
+        max_model_len: longest prompt + completion (default: the model's).
+        enforce_eager: skip CUDA-graph capture (faster start, fine for short completions).
+        sleep: put the engine to sleep (level 1: weights to CPU, KV cache freed) between
+            generations, so training gets the memory back.
+        seed: engine sampling seed.
+        model: start the engine from this checkpoint instead of a snapshot of the model (must hold
+            the same weights, e.g. the student's initial checkpoint).
+        tmp_dir: where the snapshot is written (default: the system temp folder).
+        engine_kwargs: extra ``vllm.LLM`` keyword arguments (override the above).
+    """
+
+    sync_every: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int | None = Field(None, ge=1)
+    enforce_eager: bool = True
+    sleep: bool = False
+    seed: int = 0
+    model: str | None = None
+    tmp_dir: str | None = None
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class OnPolicyConfig(FriendlyModel):
@@ -36,6 +71,8 @@ class OnPolicyConfig(FriendlyModel):
         seq_kd: replace completions by teacher generations first (sequence-level KD).
         temperature, top_p, top_k, max_new_tokens: sampling parameters of generation.
         pad_token_id, eos_token_id: default to the model's generation config / config.
+        backend: ``transformers`` (``model.generate``) or ``vllm`` (colocated engine, GPU only).
+        vllm: engine and weight-sync settings of ``backend: vllm``.
     """
 
     lmbda: float = Field(0.5, ge=0.0, le=1.0)
@@ -46,6 +83,24 @@ class OnPolicyConfig(FriendlyModel):
     max_new_tokens: int = Field(64, ge=1)
     pad_token_id: int | None = None
     eos_token_id: int | None = None
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm: VLLMSettings | None = None
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> OnPolicyConfig:
+        if self.vllm is not None and self.backend != "vllm":
+            raise ValueError("vllm: engine settings are given but backend is 'transformers'; "
+                             "set backend: vllm or remove the vllm key")
+        return self
+
+
+def make_generator(config: OnPolicyConfig) -> GenerateFn:
+    """The generation backend ``config.backend`` names (vLLM checks its package and GPU here)."""
+    if config.backend == "vllm":
+        from kdforge.train.vllm_generation import VLLMGenerator
+
+        return VLLMGenerator(config.vllm)
+    return HFGenerator()
 
 
 class GenerateFn(Protocol):
@@ -179,12 +234,14 @@ class OnPolicyBatcher:
     """Turns a data batch into the batch GKD trains on (data, teacher- or student-generated).
 
     The on-policy draw for micro-batch ``m`` of step ``s`` is a pure function of
-    ``(seed, s, m)``, so it is identical across processes and after a resume.
+    ``(seed, s, m)``, so it is identical across processes and after a resume. A backend with a
+    ``set_step(step)`` method (:class:`~kdforge.train.vllm_generation.VLLMGenerator`) is told the
+    optimizer step before it generates, to know when the weights changed.
     """
 
     def __init__(self, config: OnPolicyConfig, generate_fn: GenerateFn | None = None, seed: int = 0) -> None:
         self.config = config
-        self.generate_fn: GenerateFn = generate_fn or HFGenerator()
+        self.generate_fn: GenerateFn = generate_fn or make_generator(config)
         self.seed = seed
 
     def use_student(self, step: int, micro: int) -> bool:
@@ -200,6 +257,9 @@ class OnPolicyBatcher:
         device = batch["input_ids"].device
         if self.config.seq_kd or self.use_student(step, micro):
             prompts = split_prompts(batch)
+            set_step = getattr(self.generate_fn, "set_step", None)
+            if callable(set_step):
+                set_step(step)
             if self.config.seq_kd:
                 if teacher is None:
                     raise ConfigError("seq_kd=True needs an online teacher module", "pass teacher=")

@@ -6,6 +6,7 @@ Where is ...?
   ``value_relation_kl``, ``linear_cka`` / ``cka_loss``) -> :mod:`.losses`
 * ``nn.Module`` wrappers with their projector (``HiddenMSE(256, 576)``) -> :mod:`.modules`
 * capturing intermediate outputs (``output_hidden_states`` / forward hooks) and layer maps -> :mod:`.taps`
+* per-layer linear CKA between a student and its teacher (a diagnostic) -> :mod:`.diagnostics`
 * the objective terms (registry :data:`FEATURE_LOSSES`, validated params, :class:`FeatureTerms`)
   -> :mod:`.terms`
 
@@ -21,6 +22,7 @@ In a training objective::
 See ``docs/features.md``.
 """
 
+from kdforge.features.diagnostics import LayerSimilarity, layer_similarity
 from kdforge.features.losses import (
     attention_kl,
     cka_loss,
@@ -52,8 +54,32 @@ from kdforge.features.taps import (
 from kdforge.features.terms import FEATURE_LOSSES, FeatureLossDef, FeatureTerms, build_feature_terms
 
 __all__ = [
-    "FEATURE_LOSSES", "AttentionKL", "CKALoss", "CosineHidden", "FeatureLossDef", "FeatureRequest", "FeatureTerms",
-    "Features", "HiddenMSE", "ModuleTaps", "ValueRelationKL", "attention_kl", "build_feature_terms", "capture",
-    "cka_loss", "cosine_hidden", "hidden_mse", "layer_map", "linear_cka", "make_projector", "num_layers",
-    "relation_matrix", "source_layers", "use_eager_attention", "value_modules", "value_relation_kl",
+    "AttentionKL",
+    "CKALoss",
+    "CosineHidden",
+    "FEATURE_LOSSES",
+    "FeatureLossDef",
+    "FeatureRequest",
+    "FeatureTerms",
+    "Features",
+    "HiddenMSE",
+    "LayerSimilarity",
+    "ModuleTaps",
+    "ValueRelationKL",
+    "attention_kl",
+    "build_feature_terms",
+    "capture",
+    "cka_loss",
+    "cosine_hidden",
+    "hidden_mse",
+    "layer_map",
+    "layer_similarity",
+    "linear_cka",
+    "make_projector",
+    "num_layers",
+    "relation_matrix",
+    "source_layers",
+    "use_eager_attention",
+    "value_modules",
+    "value_relation_kl",
 ]

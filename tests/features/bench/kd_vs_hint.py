@@ -6,7 +6,8 @@ Both methods see the same batches from the same initial student; the teacher run
 forward KL at T=1) because feature terms need its hidden states. Held-out metrics from
 kdforge.eval.lm.evaluate_language_models.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/features/bench/kd_vs_hint.py --steps 30 --hint-weight 1.0
+    OMP_NUM_THREADS=1 .venv/bin/python tests/features/bench/kd_vs_hint.py --steps 30 \
+        --hint cosine_hidden:1.0 --hint hidden_mse:0.001
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--hint-weight", type=float, default=1.0)
+    ap.add_argument("--hint", action="append", default=[],
+                    help="NAME:WEIGHT of a feature term added to KD (repeatable), e.g. hidden_mse:0.001")
     ap.add_argument("--train-sequences", type=int, default=256)
     ap.add_argument("--eval-sequences", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
@@ -47,11 +49,11 @@ def main() -> None:
                             eval_docs=["persuasion"], max_train_blocks=args.train_sequences,
                             max_eval_blocks=args.eval_sequences, seed=0, unwrap=True)
     template = student_from_teacher(teacher, "every_k", num_layers=6, freeze_embeddings=True, freeze_head=True)
-    methods = {
-        "KD (online, forward_kl)": [{"name": "forward_kl", "weight": 1.0}],
-        f"KD + hidden_mse (w={args.hint_weight})": [{"name": "forward_kl", "weight": 1.0},
-                                                     {"name": "hidden_mse", "weight": args.hint_weight}],
-    }
+    kd = {"name": "forward_kl", "weight": 1.0}
+    methods = {"KD (online, forward_kl)": [kd]}
+    for spec in args.hint or ["hidden_mse:1.0"]:
+        name, weight = spec.split(":")
+        methods[f"KD + {name} (w={weight})"] = [kd, {"name": name, "weight": float(weight)}]
     models: dict[str, torch.nn.Module] = {"teacher": teacher, "student init": template}
     timing = {}
     for name, terms in methods.items():

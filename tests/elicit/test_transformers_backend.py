@@ -95,3 +95,17 @@ def test_batched_scoring_of_many_prompts_matches_one_at_a_time(backend):
     for p, row in zip(prompts, many, strict=True):
         for a, b in zip(row, backend.score_continuations(p, conts), strict=True):
             assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_one_token_labels_are_scored_in_one_pass_with_the_same_numbers(backend):
+    tok = backend.tokenizer
+    conts = [" fresh", " rotten"]
+    ids = [tok(c, add_special_tokens=False)["input_ids"] for c in conts]
+    assert all(len(i) == 1 for i in ids)  # the premise: the fast path applies
+    prompts = ["the movie was", [{"role": "user", "content": "fresh or rotten?"}], "a dull film"]
+    fast = backend.score_many(prompts, conts, batch_size=3)
+    prefixes = [tok(backend.render(p), add_special_tokens=False)["input_ids"] for p in prompts]
+    slow = backend._score_pairs([(p, i) for p in prefixes for i in ids])  # the general path
+    for j, row in enumerate(fast):
+        for k, a in enumerate(row):
+            assert math.isclose(a, slow[j * 2 + k], rel_tol=1e-4, abs_tol=1e-4)

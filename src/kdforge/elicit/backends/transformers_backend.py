@@ -253,16 +253,36 @@ class TransformersBackend(Backend):
             if not ids:
                 raise ConfigError(f"continuation {c!r} tokenizes to nothing", "use non-empty label words")
             cont_ids.append(ids)
-        pairs = []
-        for p in prompts:
-            prefix = self.tokenizer(self.render(p), add_special_tokens=False)["input_ids"]
-            pairs.extend((prefix, ids) for ids in cont_ids)
+        prefixes = [self.tokenizer(self.render(p), add_special_tokens=False)["input_ids"] for p in prompts]
+        if all(len(ids) == 1 for ids in cont_ids):
+            # one-token continuations (label verbalizers): one forward per prompt scores them all
+            # from the next-token distribution at its last position (same numbers, 1/k the work)
+            first = [ids[0] for ids in cont_ids]
+            step = max(1, (batch_size or self.batch_size))
+            out: list[list[float]] = []
+            for i in range(0, len(prefixes), step):
+                out.extend(self._score_next(prefixes[i:i + step], first))
+            return out
+        pairs = [(prefix, ids) for prefix in prefixes for ids in cont_ids]
         step = max(1, (batch_size or self.batch_size)) * len(cont_ids)
         flat: list[float] = []
         for i in range(0, len(pairs), step):
             flat.extend(self._score_pairs(pairs[i:i + step]))
         k = len(cont_ids)
         return [flat[j * k:(j + 1) * k] for j in range(len(prompts))]
+
+    def _score_next(self, prefixes: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+        """``log p(token | prefix)`` for each prefix (right-padded batch) and each token id."""
+        torch = self._torch
+        width = max(len(r) for r in prefixes)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in prefixes], device=self.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in prefixes], device=self.device)
+        last = torch.tensor([len(r) - 1 for r in prefixes], device=self.device)
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+        logp = torch.log_softmax(logits[torch.arange(len(prefixes), device=self.device), last].float(), dim=-1)
+        return logp[:, token_ids].tolist()
 
     def _score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
         torch = self._torch

@@ -33,3 +33,33 @@ def test_rng_state_roundtrip_replays_python_numpy_and_torch_draws():
     set_rng_state(state)
     again = (random.random(), float(np.random.rand()), torch.rand(3))
     assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+
+
+def test_deepspeed_student_with_save_every_is_refused_before_training():
+    """ZeRO partitions the optimizer state inside the engine; a rank-0 checkpoint would resume wrong."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from kdforge.errors import CheckpointError
+    from kdforge.train import ClassificationTask, Distiller, LossTerm, TrainConfig
+
+    class DeepSpeedEngine(nn.Module):  # matched by class name, like the real engine
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    class FakeAccelerator:
+        num_processes, process_index, is_main_process, device = 1, 0, True, torch.device("cpu")
+
+        def prepare(self, *objs):
+            return (DeepSpeedEngine(objs[0]), *objs[1:])
+
+    data = [{"inputs": torch.zeros(4), "labels": torch.tensor(0)}] * 4
+    kwargs = dict(task=ClassificationTask(), objective=[LossTerm("cross_entropy", 1.0)], train_data=data,
+                  accelerator=FakeAccelerator())
+    with pytest.raises(CheckpointError, match="DeepSpeed") as err:
+        Distiller(nn.Linear(4, 3), config=TrainConfig(max_steps=1, batch_size=2, save_every=1, progress=False),
+                  **kwargs)
+    assert "fsdp" in err.value.fix
+    Distiller(nn.Linear(4, 3), config=TrainConfig(max_steps=1, batch_size=2, progress=False), **kwargs)

@@ -5,12 +5,23 @@ Layout of ``RUN_DIR/checkpoints/step-N/``::
     student.safetensors     student weights (tied tensors stored once, aliases in the metadata)
     extras.safetensors      the method's extra learnable modules (projectors...), if any; never
                             inside the student file
-    optimizer.pt            optimizer state_dict
+    optimizer.pt            optimizer state: ``optimizer.state_dict()`` (one process, DDP), or under
+                            FSDP the *full* state gathered from every shard, keyed by parameter
+                            name (``trainer_state.json`` ``optimizer_format``: "torch" / "full-fqn")
     scheduler.pt            LR scheduler state_dict
     scaler.pt               fp16 grad-scaler state (fp16 runs only)
     rng-rank<R>.pt          python / numpy / torch / CUDA RNG states of process R
     trainer_state.json      step, data position (epoch, batch in epoch), callback states
     checksums.json          SHA-256 of every file above; written last
+
+Sharded training (FSDP1/FSDP2): parameters and optimizer moments live in shards, one per
+process, so ``optimizer.state_dict()`` on the main process would save one shard only. The
+student and optimizer states are then gathered into full, unsharded state dicts with
+``torch.distributed.checkpoint.state_dict`` (a collective every process joins) and written by the
+main process; on resume every process reads the full state and keeps its own shard
+(:func:`gather_optimizer_state`, :func:`restore_optimizer_state`, :func:`restore_model_state`).
+The layout stays the same single-folder, checksummed one, and such a checkpoint can be resumed
+under another number of processes' shards (the data position still requires the same count).
 
 The folder is assembled under ``checkpoints/.tmp-step-N`` and renamed into place with
 ``os.replace``, so a crash leaves either no ``step-N`` or a complete one. A folder whose
@@ -82,6 +93,90 @@ def _torch_bytes(obj: Any) -> bytes:
 
 def _torch_load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -- sharded (FSDP) model and optimizer state -------------------------------------------------
+#: ``optimizer.pt`` formats: this process's ``optimizer.state_dict()`` (parameter indices), or the
+#: full state gathered from all FSDP shards, keyed by parameter name (fully qualified name)
+OPTIMIZER_FORMATS = ("torch", "full-fqn")
+
+
+def is_fully_sharded(module: Any) -> bool:
+    """True when ``module`` or a submodule is FSDP-wrapped (FSDP1 ``FullyShardedDataParallel`` or
+    FSDP2 ``fully_shard``): its parameters and optimizer state are split over processes."""
+    from kdforge.distributed import wrapper_of
+
+    return wrapper_of(module) in ("FullyShardedDataParallel", "FSDPModule")
+
+
+def _full_options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[str, dict[str, Any]]:
+    """``(format, state)`` of ``optimizer`` for ``optimizer.pt``.
+
+    Unsharded ``model`` (one process, DDP): ``("torch", optimizer.state_dict())``, complete on
+    every process. FSDP ``model``: a collective (**every process must call it**) that gathers the
+    full, unsharded state keyed by parameter name, on CPU, on rank 0 (``{}`` elsewhere):
+    ``("full-fqn", state)``. ``optimizer`` is the torch optimizer (unwrap accelerate's
+    ``AcceleratedOptimizer`` first).
+    """
+    if not is_fully_sharded(model):
+        return "torch", optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return "full-fqn", get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+
+
+def gather_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full state dict of ``model`` (collective under FSDP: every process calls it; rank 0 gets it)."""
+    if not is_fully_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
+
+
+def restore_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Any,
+                            fmt: str = "torch") -> None:
+    """Load ``state`` written by :func:`gather_optimizer_state` into ``optimizer``.
+
+    ``"full-fqn"`` goes through ``set_optimizer_state_dict``: under FSDP each process keeps its
+    own shard of the full state (every process must call it); for an unsharded model it loads the
+    whole state, so a checkpoint written under FSDP also resumes in one process.
+    """
+    if fmt not in OPTIMIZER_FORMATS:
+        raise CheckpointError(f"unknown optimizer state format {fmt!r}",
+                              f"this kdforge reads {', '.join(OPTIMIZER_FORMATS)}; upgrade kdforge")
+    if fmt == "torch":
+        if is_fully_sharded(model):
+            raise CheckpointError(
+                "this checkpoint holds one process's optimizer state (format 'torch'), but the student is "
+                "now sharded with FSDP: each shard would get the wrong moments",
+                "resume it without FSDP (the launch config it was written with), or start a fresh run",
+            )
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_full_options())
+
+
+def restore_model_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a full state dict into ``model`` (under FSDP every process keeps its shard; collective)."""
+    if not is_fully_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    # Each tensor is scattered to the shards by a collective, in the dict's order: every rank must
+    # use the same order, and a safetensors file's load order is not fixed across processes.
+    order = {name: i for i, name in enumerate(model.state_dict())}
+    ordered = dict(sorted(state.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    set_model_state_dict(model, ordered, options=_full_options())
 
 
 # -- RNG ---------------------------------------------------------------------------------------
@@ -180,11 +275,15 @@ class CheckpointWriter:
 
     def write_main(self, *, student_state: Mapping[str, torch.Tensor],
                    extras_state: Mapping[str, torch.Tensor] | None, optimizer: Any, scheduler: Any,
-                   scaler: Any, trainer_state: dict[str, Any]) -> None:
+                   scaler: Any, trainer_state: dict[str, Any], optimizer_state: Any = None) -> None:
+        """Write the main process's files. ``optimizer_state`` (e.g. from
+        :func:`gather_optimizer_state`) replaces ``optimizer.state_dict()`` when given."""
         write_bytes_atomic(self.tmp / "student.safetensors", state_dict_to_bytes(student_state))
         if extras_state:
             write_bytes_atomic(self.tmp / "extras.safetensors", state_dict_to_bytes(extras_state))
-        write_bytes_atomic(self.tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+        if optimizer_state is None:
+            optimizer_state = optimizer.state_dict()
+        write_bytes_atomic(self.tmp / "optimizer.pt", _torch_bytes(optimizer_state))
         if scheduler is not None:
             write_bytes_atomic(self.tmp / "scheduler.pt", _torch_bytes(scheduler.state_dict()))
         if scaler is not None:
@@ -241,6 +340,11 @@ class LoadedCheckpoint:
 
     def optimizer_state(self) -> Any:
         return self._load("optimizer.pt")
+
+    @property
+    def optimizer_format(self) -> str:
+        """``"torch"`` (also for checkpoints written before the format was recorded) or ``"full-fqn"``."""
+        return str(self.trainer_state.get("optimizer_format", "torch"))
 
     def scheduler_state(self) -> Any | None:
         return self._load("scheduler.pt") if (self.path / "scheduler.pt").is_file() else None

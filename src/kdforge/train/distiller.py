@@ -28,15 +28,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kdforge.config import validate
-from kdforge.distributed import check_process_group, needs_cpu_process_group
+from kdforge.distributed import check_process_group, needs_cpu_process_group, wrapper_of
 from kdforge.errors import CheckpointError, ConfigError, DataError, DeviceError
 from kdforge.io import write_text_atomic
 from kdforge.train.callbacks import Callback, JsonlLogger, ProgressBar, TrainerState
 from kdforge.train.checkpoint import (
     CheckpointWriter,
     LoadedCheckpoint,
+    gather_optimizer_state,
+    is_fully_sharded,
     latest_checkpoint,
     prune_checkpoints,
+    restore_model_state,
+    restore_optimizer_state,
 )
 from kdforge.train.config import TrainConfig
 from kdforge.train.metrics import FIDELITY_SUM_KEYS, fidelity_sums
@@ -235,6 +239,15 @@ class Distiller:
         prepared = acc.prepare(student, *extras, optimizer)
         self.student, *prep_extras, self.optimizer = prepared
         self.extras: dict[str, nn.Module] = dict(zip(self._extra_names, prep_extras))
+        if self.config.save_every and wrapper_of(self.student) == "DeepSpeedEngine":
+            # ZeRO partitions the optimizer state inside the engine: a checkpoint of rank 0's view
+            # would resume with the wrong moments. Refuse before training, not at the first save.
+            raise CheckpointError(
+                "save_every is set, but kdforge checkpoints cannot save DeepSpeed ZeRO's partitioned "
+                "optimizer state (a resume would be silently wrong)",
+                "use FSDP for a sharded, resumable run (configs/accelerate/fsdp_8gpu.yaml), or set "
+                "save_every: null under DeepSpeed",
+            )
 
         # Data (kdforge owns the sampler: order = f(seed, epoch), resumable mid-epoch).
         self.train_dataset, self.collate_fn = self._dataset_of(train_data, collate_fn, "train_data")
@@ -335,6 +348,11 @@ class Distiller:
             for model in (self.student, *self.extras.values()):
                 stack.enter_context(self.accelerator.no_sync(model))
         return stack
+
+    @property
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` wrapper."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -574,11 +592,26 @@ class Distiller:
         student_state = acc.get_state_dict(self.student)
         extras_state = {f"{name}.{k}": v for name, m in self.extras.items()
                         for k, v in acc.get_state_dict(m).items()}
+        # Under FSDP the optimizer state is sharded: gather the full state (all ranks take part);
+        # otherwise the main process's optimizer.state_dict() is the whole state.
+        sharded = is_fully_sharded(self.student)
+        if sharded and self.extras:
+            raise CheckpointError(
+                "checkpointing an FSDP-sharded student together with extra learnable modules (projectors) "
+                "is not supported: their optimizer state cannot be gathered by the student's parameter names",
+                "train methods with extra modules under DDP (configs/accelerate/ddp_8gpu.yaml), or set "
+                "save_every: null",
+            )
+        optim_format, optim_state = "torch", None
+        if sharded or acc.is_main_process:
+            optim_format, optim_state = gather_optimizer_state(self.student, self._torch_optimizer)
         acc.wait_for_everyone()
         if acc.is_main_process:
+            trainer_state = self._trainer_state_dict()
+            trainer_state["optimizer_format"] = optim_format
             writer.write_main(student_state=student_state, extras_state=extras_state, optimizer=self.optimizer,
                               scheduler=self.scheduler, scaler=getattr(acc, "scaler", None),
-                              trainer_state=self._trainer_state_dict())
+                              trainer_state=trainer_state, optimizer_state=optim_state)
             writer.publish()
             prune_checkpoints(self.checkpoint_root, self.config.keep_last)
         acc.wait_for_everyone()
@@ -595,6 +628,7 @@ class Distiller:
             "objective": self.objective.keys, "extras": self._extra_names,
             "callbacks": {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)},
             "last_eval": s.last_eval,
+            "last_logs": {k: v for k, v in (s.last_logs or {}).items() if isinstance(v, int | float | str)},
         }
 
     def _resume(self, resume: bool | str | Path) -> bool:
@@ -615,13 +649,17 @@ class Distiller:
                 )
         acc = self.accelerator
         try:
-            acc.unwrap_model(self.student).load_state_dict(ckpt.student_state())
+            if is_fully_sharded(self.student):  # every rank keeps its shard of the full state
+                restore_model_state(self.student, ckpt.student_state())
+            else:
+                acc.unwrap_model(self.student).load_state_dict(ckpt.student_state())
             extras_state = ckpt.extras_state() or {}
             for name, module in self.extras.items():
                 prefix = f"{name}."
                 acc.unwrap_model(module).load_state_dict(
                     {k[len(prefix):]: v for k, v in extras_state.items() if k.startswith(prefix)})
-            self.optimizer.load_state_dict(ckpt.optimizer_state())
+            restore_optimizer_state(self.student, self._torch_optimizer, ckpt.optimizer_state(),
+                                    ckpt.optimizer_format)
         except CheckpointError:
             raise
         except (RuntimeError, ValueError, KeyError) as exc:  # torch: size mismatch, missing keys, param groups
@@ -646,6 +684,8 @@ class Distiller:
         s.step, s.epoch, s.batch_in_epoch = int(ts["step"]), int(ts["epoch"]), int(ts["batch_in_epoch"])
         s.positions_seen = int(ts.get("positions_seen", 0))
         s.last_eval = ts.get("last_eval") or {}
+        if ts.get("last_logs"):
+            s.last_logs = ts["last_logs"]
         s.should_stop = False
         self._iter = None
         saved_cbs = ts.get("callbacks", {})

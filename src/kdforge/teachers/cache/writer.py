@@ -95,6 +95,8 @@ def encode_shard(
         input_ids, ids = rank[input_ids], rank[ids]
         if sample_ids is not None:
             sample_ids = rank[sample_ids]
+    if sample_ids is not None and encoding.compression is not None:
+        sample_ids, sample_counts = sort_samples(sample_ids, sample_counts)
     rec = _encode(encoding, input_ids, ids, logprobs, vocab_size, sample_ids, sample_counts)
     if encoding.compression is None:
         return rec.tobytes()
@@ -105,6 +107,18 @@ def encode_shard(
     offsets = np.zeros(len(frames) + 1, dtype="<u8")
     offsets[1:] = np.cumsum([len(f) for f in frames])
     return b"".join(frames) + offsets.tobytes() + INDEX_MAGIC
+
+
+def sort_samples(sample_ids: np.ndarray, sample_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drawn ids of each position sorted ascending (with their counts), unused slots (count 0)
+    last repeating the last drawn id: the layout the compressed encodings delta-code."""
+    used = sample_counts > 0
+    order = np.argsort(np.where(used, sample_ids, np.iinfo(np.int64).max), axis=-1, kind="stable")
+    ids = np.take_along_axis(sample_ids, order, -1)
+    counts = np.take_along_axis(sample_counts, order, -1)
+    used = counts > 0
+    last = np.maximum.accumulate(np.where(used, ids, -1), axis=-1)
+    return np.where(used, ids, np.maximum(last, 0)), counts
 
 
 #: ``topk_fn(input_ids [B, T], first_row) -> SparseTeacher [B, T, k]``: the teacher signal of

@@ -97,6 +97,9 @@ def test_chunked_method_gives_the_same_training_as_the_unchunked_one(tiny_setup,
     ({"name": "m", "objective": [CE], "on_policy": {"max_new_tokns": 4}}, "max_new_tokns"),
     ({"name": "m", "objective": [TAID, CE, {"name": "reverse_kl", "weight": 1.0}], "chunked": True}, "chunked"),
     ({"name": "m", "objective": [CE], "on_policy": {"prompt_tokens": 16}}, "prompt_tokens"),
+    ({"name": "m", "objective": [CE], "on_policy": {"vllm": {"sync_every": 2}}}, "backend"),
+    ({"name": "m", "objective": [CE], "on_policy": {"backend": "vllm", "vllm": {"sync_evry": 2}}}, "sync_evry"),
+    ({"name": "m", "objective": [CE], "on_policy": {"backend": "sglang"}}, "backend"),
 ])
 def test_bad_regime_option_is_a_config_error_naming_the_key(tiny_setup, method, key):  # noqa: F811
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:

@@ -80,6 +80,13 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside an FSDP1 root wrapper (which has no ``save_pretrained``)."""
+    while not hasattr(model, "save_pretrained") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 def _clean_name(name: str) -> str:
     parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
     while parts and parts[0] == "module":
@@ -120,6 +127,7 @@ def iter_sync_tensors(model: torch.nn.Module, *, trainable_only: bool, dtype: to
     ``dtype``. With ``trainable_only`` frozen parameters are skipped.
     """
     model = unwrap_model(model)
+    gathered = _is_fsdp1(model)  # the full parameters are freed again when the context exits: copy
     seen: set[int] = set()
     with _gathered(model), torch.no_grad():
         for name, param in model.named_parameters():
@@ -130,8 +138,10 @@ def iter_sync_tensors(model: torch.nn.Module, *, trainable_only: bool, dtype: to
                 continue
             seen.add(key)
             tensor = _full(param.detach())
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
+            if tensor.is_floating_point() and (dtype is not None or gathered):
+                tensor = tensor.to(dtype or tensor.dtype, copy=gathered)
+            elif gathered:
+                tensor = tensor.clone()
             yield _clean_name(name), tensor
 
 
@@ -213,14 +223,14 @@ class VLLMGenerator:
         path: Path | None = None
         source = s.model
         if source is None:  # snapshot the current model, so the engine starts in sync
-            if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+            if not hasattr(_hf_model(model), "save_pretrained"):
                 raise ConfigError(
                     f"vLLM generation needs a Hugging Face model to snapshot, got {type(model).__name__}",
                     "use a transformers causal LM, or set on_policy.vllm.model to a checkpoint of the same weights",
                 )
             path = Path(tempfile.mkdtemp(prefix="kdforge-vllm-", dir=s.tmp_dir))
             state = dict(iter_sync_tensors(model, trainable_only=False, dtype=None))
-            model.save_pretrained(path, state_dict=state, safe_serialization=True)
+            _hf_model(model).save_pretrained(path, state_dict=state, safe_serialization=True)
             source = str(path)
         kwargs: dict[str, Any] = {
             "model": source, "dtype": s.dtype, "gpu_memory_utilization": s.gpu_memory_utilization,
@@ -232,6 +242,7 @@ class VLLMGenerator:
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank
+            kwargs["seed"] = s.seed + torch.distributed.get_rank()        # ranks sample independently
         kwargs.update(s.engine_kwargs)
         try:
             llm = self._vllm.LLM(**kwargs)

@@ -6,6 +6,7 @@ See docs/teacher-cache.md. Public API::
     TeacherCacheDataset(out_dir)           # torch Dataset for training
     open_teacher_cache(out_dir)            # low-level reader
     build_teacher_cache(..., data_parallel=True)   # on every rank of an accelerate launch
+    build_teacher_cache(..., k=16, tail_samples=16)  # + 16 draws from the tail (unbiased, forward KL)
 """
 
 from kdforge.teachers.cache.codec import ENCODINGS, Encoding, get_encoding
@@ -18,7 +19,12 @@ from kdforge.teachers.cache.dataset import (
 )
 from kdforge.teachers.cache.parallel import BuildGroup, join_launch_group
 from kdforge.teachers.cache.reader import TeacherCache, open_teacher_cache
-from kdforge.teachers.cache.writer import build_teacher_cache, write_teacher_cache
+from kdforge.teachers.cache.writer import (
+    build_teacher_cache,
+    row_seed,
+    sampled_topk_fn,
+    write_teacher_cache,
+)
 
 __all__ = [
     "BATCH_KEYS",
@@ -35,5 +41,7 @@ __all__ = [
     "open_teacher_cache",
     "pack_tokens",
     "read_texts",
+    "row_seed",
+    "sampled_topk_fn",
     "write_teacher_cache",
 ]

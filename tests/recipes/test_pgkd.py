@@ -154,7 +154,8 @@ class FewshotTeacher(Backend):
                 w = ROTTEN[FRESH.index(w)] if w in FRESH else FRESH[ROTTEN.index(w)]
             out.append(GenerationResult(text=f' "a {w} film {FILLER[len(self.requests) % 6]} take '
                                              f'{len(self.requests)} {lab}"\nSentiment: more', completion_tokens=9,
-                                        prompt_tokens=50))
+                                        prompt_tokens=50,
+                                        finish_reason="length" if len(self.requests) == 5 else "stop"))
         return out
 
     def score_continuations(self, prompt, continuations):
@@ -200,8 +201,9 @@ def test_fewshot_prompts_show_one_labels_misclassified_rows_and_the_judge_drops_
 
     t = res["rounds"][1]["teacher"]
     assert t["generation_calls"] == 12 and t["completion_tokens"] == 12 * 9 and t["prompt_tokens"] == 12 * 50
-    assert t["parsed"] == 12 and t["duplicates"] == 0 and t["rejected"]["teacher_agrees"] == 4  # the flipped
-    assert t["added"] == 12 - 4 - t["duplicates"] and t["judge_calls"] == 12 - t["duplicates"] + 1
+    assert t["truncated"] == 1 and t["parsed"] == 11  # the one cut by max_tokens is dropped
+    assert t["duplicates"] == 0 and t["rejected"]["teacher_agrees"] == 4  # the flipped ones
+    assert t["added"] == 11 - 4 and t["judge_calls"] == 11 + 1  # + the content-free calibration input
     added = json.loads((tmp_path / "run" / "rounds" / "round-01" / "added.json").read_text())
     for row in added:  # only texts whose sentiment word matches the requested label were kept
         assert any(w in row["text"].split() for w in (FRESH if row["label"] == "fresh" else ROTTEN))
@@ -232,7 +234,8 @@ def test_student_wrong_filter_keeps_only_rows_the_current_student_misclassifies(
     res = load_recipe("pgkd")().run(cfg, tmp_path / "run")
     added = json.loads((tmp_path / "run" / "rounds" / "round-01" / "added.json").read_text())
     t = res["rounds"][1]["teacher"]
-    assert t["added"] == len(added) and t["added"] + t["rejected"]["student_wrong"] + t["duplicates"] == 12
+    assert t["added"] == len(added)
+    assert t["added"] + t["rejected"]["student_wrong"] + t["duplicates"] + t["truncated"] == 12
     assert teacher.scored == []  # no judge asked
     if added:
         probs = pg.predict(seen["model"], [a["text"] for a in added], cfg.student)

@@ -10,7 +10,10 @@ one JSON object):
 * ``trl_gkd`` — one ``trl.experimental.gkd.GKDTrainer`` step with ``lmbda=0`` (no on-policy
   generation, so it is off-policy KD like the kdforge case), same beta, T=1, same batch;
 * ``kdforge_chunked`` — the ``kdforge`` case with ``Objective(chunked=True)`` (the student's
-  ``[tokens, vocab]`` logits are never materialised at once);
+  ``[tokens, vocab]`` logits are never materialised at once; the JSD's value and gradient come
+  from the closed-form kernel of :mod:`kdforge.losses.fused`);
+* ``kdforge_chunked_autograd`` — the same with the chunked path's autograd-per-chunk fallback
+  (``closed_form=False``), i.e. what ``chunked=True`` cost before the closed forms;
 * ``kdforge_cached`` — kdforge's offline mode: the batches carry the teacher's top-``--k``
   (computed before timing, as a teacher cache would), the step runs no teacher and the same
   JSD on the sparse signal (tail bucket). Not the same computation as TRL's (the teacher pass is
@@ -31,6 +34,8 @@ Run::
     .venv/bin/python benchmarks/kd_step.py                       # SmolLM2 teacher, 6-layer student
     .venv/bin/python benchmarks/kd_step.py --teacher tiny        # tiny random Llama, seconds
     .venv/bin/python benchmarks/kd_step.py --case kdforge        # one case (what the driver runs)
+    .venv/bin/python benchmarks/kd_step.py --cases sft kdforge_chunked   # a subset, one process each
+    .venv/bin/python benchmarks/kd_step.py --case kdforge_chunked --profile prof.txt  # + torch.profiler table
 """
 
 from __future__ import annotations
@@ -47,12 +52,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASES = ("teacher_forward", "sft", "kdforge", "trl_gkd", "kdforge_chunked", "kdforge_cached")
+CASES = ("teacher_forward", "sft", "kdforge", "trl_gkd", "kdforge_chunked", "kdforge_chunked_autograd",
+         "kdforge_cached")
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", choices=CASES, help="run one case in this process (default: all, each in a subprocess)")
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                   help="cases the driver runs, each in its own subprocess (default: all)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="with --case: write a torch.profiler table (CPU time by op, all steps) to this file")
     p.add_argument("--teacher", default="smollm2",
                    help="'smollm2' (offline asset), 'tiny' (random 4-layer Llama), or a model folder / Hub id")
     p.add_argument("--student-layers", type=int, default=6, help="teacher layers kept in the student")
@@ -201,8 +211,17 @@ def case_sft(args, teacher, student, tokenizer) -> list[float]:
     return times[args.warmup:]
 
 
-def case_kdforge(args, teacher, student, tokenizer, *, chunked: bool = False, cached: bool = False) -> list[float]:
+def case_kdforge(args, teacher, student, tokenizer, *, chunked: bool = False, cached: bool = False,
+                 closed_form: bool = True) -> list[float]:
+    import functools
+
     import torch
+
+    if not closed_form:  # the Objective calls the module attribute: route it to the autograd fallback
+        import kdforge.losses.chunked as chunked_mod
+
+        chunked_mod.chunked_distillation_loss = functools.partial(chunked_mod.chunked_distillation_loss,
+                                                                  closed_form=False)
 
     from kdforge.data.text import LMBlockDataset
     from kdforge.train import Callback, CausalLMTask, Distiller, Objective
@@ -306,8 +325,18 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     fn = {"teacher_forward": case_teacher_forward, "sft": case_sft, "kdforge": case_kdforge,
           "trl_gkd": case_trl_gkd,
           "kdforge_chunked": lambda *a: case_kdforge(*a, chunked=True),
+          "kdforge_chunked_autograd": lambda *a: case_kdforge(*a, chunked=True, closed_form=False),
           "kdforge_cached": lambda *a: case_kdforge(*a, cached=True)}[args.case]
-    pairs = fn(args, teacher, student, tokenizer)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            pairs = fn(args, teacher, student, tokenizer)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        args.profile.write_text(f"# {args.case}: {args.warmup} warm-up + {args.steps} timed steps, all profiled\n"
+                                + table + "\n")
+    else:
+        pairs = fn(args, teacher, student, tokenizer)
     times = [w for w, _ in pairs]
     cpu = [c for _, c in pairs]
     median = statistics.median(times)
@@ -341,11 +370,14 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 out[f"trl_overhead{tag}"] = trl[key] / floor
     if kd and trl:
         out["kdforge_mem_vs_trl"] = kd["peak_mem_mb"] / trl["peak_mem_mb"]
-    for name in ("kdforge_chunked", "kdforge_cached"):
+    for name in ("kdforge_chunked", "kdforge_chunked_autograd", "kdforge_cached"):
         extra = results.get(name)
         if extra and trl:
             out[f"{name}_speedup_vs_trl_cpu"] = trl["step_cpu_s_median"] / extra["step_cpu_s_median"]
             out[f"{name}_mem_vs_trl"] = extra["peak_mem_mb"] / trl["peak_mem_mb"]
+        if extra and sft and fwd:
+            out[f"{name}_overhead_cpu"] = extra["step_cpu_s_median"] / (sft["step_cpu_s_median"]
+                                                                      + fwd["step_cpu_s_median"])
     return out
 
 
@@ -355,10 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.case:
         print(json.dumps(run_case(args)), flush=True)
         return 0
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+    forwarded = _without_cases(list(argv if argv is not None else sys.argv[1:]))
     results: dict[str, dict[str, Any]] = {}
     lines = []
-    for case in CASES:
+    for case in args.cases:
         cmd = [sys.executable, str(Path(__file__).resolve()), *forwarded, "--case", case]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -375,7 +407,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
-    return 0 if len(results) == len(CASES) else 1
+    return 0 if len(results) == len(args.cases) else 1
+
+
+def _without_cases(argv: list[str]) -> list[str]:
+    """The driver's arguments minus ``--cases ...`` (each subprocess gets ``--case NAME``)."""
+    out, skipping = [], False
+    for a in argv:
+        if a == "--cases" or a.startswith("--cases="):
+            skipping = a == "--cases"
+            continue
+        if skipping and not a.startswith("--"):
+            continue
+        skipping = False
+        out.append(a)
+    return out
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ work for the full-logit implementations, per chunk for kdforge).
 
 Implementations:
 
-* ``kdforge_chunked``: :func:`kdforge.losses.chunked_distillation_loss` (fused head + loss, chunked),
+* ``kdforge_chunked``: :func:`kdforge.losses.chunked_distillation_loss` (fused head + loss, chunked;
+  closed-form value and gradient per chunk, :mod:`kdforge.losses.fused`),
+* ``kdforge_chunked_autograd``: the same with ``closed_form=False`` (the registered loss under
+  autograd per chunk: what the chunked path cost before the closed forms),
 * ``trl_gjsd``: ``h @ W.T`` then TRL's ``GKDTrainer.generalized_jsd_loss`` on the full logits,
 * ``naive``: ``h @ W.T`` then plain PyTorch forward KL (log_softmax + kl_div) on the full logits.
 
@@ -38,7 +41,7 @@ import sys
 import time
 import warnings
 
-IMPLS = ("kdforge_chunked", "trl_gjsd", "naive")
+IMPLS = ("kdforge_chunked", "kdforge_chunked_autograd", "trl_gjsd", "naive")
 MIB = 1 << 20
 
 
@@ -108,17 +111,18 @@ def make_step(impl: str, args: argparse.Namespace, hidden, weight, t_logits, t_h
     """One forward + backward of ``impl``; returns the loss value."""
     import torch
 
-    if impl == "kdforge_chunked":
+    if impl in ("kdforge_chunked", "kdforge_chunked_autograd"):
         from kdforge.losses import TeacherHead, auto_chunk_size, chunked_distillation_loss
 
-        rows = (auto_chunk_size(weight.shape[0], hidden.shape[0], hidden.device) if args.chunk_size == "auto"
+        rows = (auto_chunk_size(weight.shape[0], hidden.shape[0], hidden.device,
+                                closed_form=impl == "kdforge_chunked") if args.chunk_size == "auto"
                 else int(args.chunk_size))
         teacher = TeacherHead(t_hidden, t_weight) if t_logits is None else t_logits
 
         def step():
             params = {"beta": args.beta} if args.kd_loss == "generalized_jsd" else {}
             out = chunked_distillation_loss(hidden, weight, teacher, loss=args.kd_loss, chunk_size=rows,
-                                            reduction="sum", **params)
+                                            reduction="sum", closed_form=impl == "kdforge_chunked", **params)
             out["loss"].backward()
             return out["loss"].detach()
 

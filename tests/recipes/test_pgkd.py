@@ -203,7 +203,7 @@ def test_fewshot_prompts_show_one_labels_misclassified_rows_and_the_judge_drops_
     assert t["generation_calls"] == 12 and t["completion_tokens"] == 12 * 9 and t["prompt_tokens"] == 12 * 50
     assert t["truncated"] == 1 and t["parsed"] == 11  # the one cut by max_tokens is dropped
     assert t["duplicates"] == 0 and t["rejected"]["teacher_agrees"] == 4  # the flipped ones
-    assert t["added"] == 11 - 4 and t["judge_calls"] == 11 + 1  # + the content-free calibration input
+    assert t["added"] == 11 - 4 and t["judge_calls"] == 11  # batch calibration: no extra input
     added = json.loads((tmp_path / "run" / "rounds" / "round-01" / "added.json").read_text())
     for row in added:  # only texts whose sentiment word matches the requested label were kept
         assert any(w in row["text"].split() for w in (FRESH if row["label"] == "fresh" else ROTTEN))
@@ -268,3 +268,12 @@ def test_parse_completion_takes_the_first_line_and_checks_its_length():
     assert pg.parse_completion("one two three four", max_words=3) is None
     gen = pg.PGKDGeneration(header="Reviews.", label_name="S", text_name="R")
     assert pg.fewshot_prompt(["a\nb", "c"], "pos", gen) == "Reviews.\n\nS: pos\nR: a b\n\nS: pos\nR: c\n\nS: pos\nR:"
+
+
+def test_judge_calibration_removes_the_label_prior():
+    raw = [[-1.0, -3.0], [-2.0, -2.5], [-0.5, -2.9], [-1.5, -1.0]]  # a judge that leans to label 0
+    pick = lambda rows: [max(range(2), key=r.__getitem__) for r in rows]  # noqa: E731
+    assert pick(pg.calibrate_scores(raw, "none")) == [0, 0, 0, 1]
+    assert pick(pg.calibrate_scores(raw, "content_free", prior=[-1.0, -2.0])) == [0, 1, 0, 1]
+    batch = pg.calibrate_scores(raw, "batch")  # column means [-1.25, -2.35] subtracted
+    assert batch[0] == pytest.approx([0.25, -0.65]) and pick(batch) == [0, 1, 0, 1]

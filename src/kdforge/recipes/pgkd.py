@@ -28,7 +28,7 @@ Two ways to ask (``generation.mode``):
 
 Generated rows may then be filtered (``generation.filters``, all must pass):
 ``teacher_agrees`` keeps a row only when the teacher, asked to classify it (log-likelihood of
-each label's verbalizer, contextually calibrated), picks the requested label;
+each label's verbalizer, calibrated: :func:`calibrate_scores`), picks the requested label;
 ``student_wrong`` keeps it only when the current student misclassifies it.
 
 The teacher is any :mod:`kdforge.elicit` backend (local, OpenAI-compatible, vLLM); each round's
@@ -131,7 +131,9 @@ class PGKDGeneration(StrictModel):
     judge_verbalizers: dict[str, str] = Field(
         default_factory=dict,
         description="label -> exact continuation scored for it (default ' ' + its verbalizer)")
-    content_free: str = Field("N/A", description="teacher_agrees: content-free text for calibration")
+    judge_calibration: Literal["batch", "content_free", "none"] = Field(
+        "batch", description="teacher_agrees: how the judge's label prior is removed (calibrate_scores)")
+    content_free: str = Field("N/A", description="judge_calibration content_free: the content-free text")
     min_words: int = Field(3, ge=1)
     max_words: int = Field(120, ge=1)
 
@@ -333,24 +335,36 @@ def fewshot_prompt(examples: list[str], label_word: str, gen: PGKDGeneration) ->
 
 
 def teacher_judge(backend: Any, texts: list[str], names: list[str], gen: PGKDGeneration) -> list[list[float]]:
-    """Calibrated log-likelihood label scores ``[len(texts)][len(names)]`` from the teacher.
-
-    ``score(y | x) = log p(v_y | prompt(x)) - log p(v_y | prompt(content_free))`` with ``v_y``
-    the label's verbalizer (Zhao et al. 2021, "Calibrate Before Use"): the label prior a small
-    model puts on the prompt alone is divided out. Needs a backend with log-likelihood scoring
-    (the local ``transformers`` backend).
-    """
+    """Raw log-likelihood label scores ``[len(texts)][len(names)]`` from the teacher:
+    ``log p(v_y | prompt(x))`` with ``v_y`` the label's verbalizer (:meth:`PGKDGeneration.continuation`)
+    after ``judge_template``. Needs a backend with log-likelihood scoring (local ``transformers``).
+    Calibration is applied by :func:`calibrate_scores`."""
     conts = [gen.continuation(n) for n in names]
     label_list = ", ".join(gen.word(n) for n in names)
-
-    def prompt(t: str) -> Any:
-        return render_prompt({"text": t, "labels": label_list}, gen.judge_prompt, gen.judge_template)
-
-    prompts = [prompt(t) for t in texts]
+    prompts = [render_prompt({"text": t, "labels": label_list}, gen.judge_prompt, gen.judge_template) for t in texts]
     many = getattr(backend, "score_many", None)
-    scores = many(prompts, conts) if many is not None else [backend.score_continuations(q, conts) for q in prompts]
-    prior = backend.score_continuations(prompt(gen.content_free), conts)
-    return [[a - b for a, b in zip(row, prior, strict=True)] for row in scores]
+    return many(prompts, conts) if many is not None else [backend.score_continuations(q, conts) for q in prompts]
+
+
+def calibrate_scores(scores: list[list[float]], how: str, prior: list[float] | None = None) -> list[list[float]]:
+    """Remove the judge's label prior from raw scores ``[N][C]``.
+
+    * ``content_free`` (Zhao et al. 2021, "Calibrate Before Use"): subtract the scores of a
+      content-free input (``prior``, e.g. the prompt with ``"N/A"``).
+    * ``batch`` (Zhou et al. 2024, "Batch Calibration"): subtract the mean score of each label
+      over the batch being judged. Right when the batch is balanced over labels by
+      construction, as PGKD's few-shot requests are.
+    * ``none``: raw scores.
+    """
+    if how == "none" or not scores:
+        return scores
+    if how == "content_free":
+        if prior is None:
+            raise ValueError("content_free calibration needs the content-free prior")
+        ref = prior
+    else:
+        ref = [sum(col) / len(scores) for col in zip(*scores, strict=True)]
+    return [[a - b for a, b in zip(row, ref, strict=True)] for row in scores]
 
 
 def _count_tokens(backend: Any, prompts: list[Any], conts: list[str]) -> int | None:
@@ -660,23 +674,27 @@ class PGKD(Recipe):
 
     def _judge(self, backend: Any, path: Path, texts: list[str], names: list[str], gen: PGKDGeneration,
                stats: dict[str, Any]) -> list[int]:
-        """Teacher labels (indices) of ``texts``. Cached in ``path`` with the calls and tokens
-        spent, so a rerun scores nothing twice and still reports the full spend."""
+        """Teacher labels (indices) of ``texts`` after ``gen.judge_calibration``. Raw scores are
+        cached in ``path`` with the calls and tokens spent, so a rerun (or another calibration)
+        scores nothing twice and still reports the full spend."""
         import json
 
-        cache: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"labels": {}, "calls": 0,
-                                                                                   "tokens": 0}
-        todo = [t for t in dict.fromkeys(texts) if t not in cache["labels"]]
-        if todo:
-            scores = teacher_judge(backend, todo, names, gen)
-            for t, row in zip(todo, scores, strict=True):
-                cache["labels"][t] = max(range(len(row)), key=row.__getitem__)
+        cache: dict[str, Any] = (json.loads(path.read_text()) if path.exists()
+                                 else {"scores": {}, "prior": None, "calls": 0, "tokens": 0})
+        todo = [t for t in dict.fromkeys(texts) if t not in cache["scores"]]
+        need_prior = gen.judge_calibration == "content_free" and cache["prior"] is None
+        if todo or need_prior:
+            asked = todo + ([gen.content_free] if need_prior else [])
+            scores = teacher_judge(backend, asked, names, gen)
+            if need_prior:
+                cache["prior"] = scores.pop()
+            cache["scores"].update(zip(todo, scores, strict=True))
             conts = [gen.continuation(n) for n in names]
             words = ", ".join(gen.word(n) for n in names)
-            prompts = [render_prompt({"text": t, "labels": words}, gen.judge_prompt, gen.judge_template)
-                       for t in [*todo, gen.content_free]]
-            cache["calls"] += len(todo) + 1
+            prompts = [render_prompt({"text": t, "labels": words}, gen.judge_prompt, gen.judge_template) for t in asked]
+            cache["calls"] += len(asked)
             cache["tokens"] += _count_tokens(backend, prompts, conts) or 0
             write_json_atomic(path, cache)
         stats["judge_calls"], stats["judge_tokens"] = cache["calls"], cache["tokens"]
-        return [cache["labels"][t] for t in texts]
+        cal = calibrate_scores([cache["scores"][t] for t in texts], gen.judge_calibration, cache["prior"])
+        return [max(range(len(row)), key=row.__getitem__) for row in cal]

@@ -136,3 +136,19 @@ def test_fashion_mnist_under_two_processes_matches_one_process_and_only_rank_0_w
     assert _rank1_extra(writes["rank1"]) == [], f"rank 1 published files: {writes['rank1']}"
     rank0 = [Path(p).relative_to(two).as_posix() for p in writes["rank0"]]
     assert rank0.count("results.json") == 1 and rank0.count("teacher/teacher.json") == 1
+
+
+def test_two_processes_refuse_a_used_output_folder_together_without_hanging(tmp_path):
+    """Rank 0 checks the folder and shares its verdict before anyone writes: both ranks raise the
+    ConfigError (exit 2) instead of one refusing while the other waits at a barrier forever."""
+    root = make_teacher_and_corpus(tmp_path / "setup")
+    config = recipe_yaml(root, tmp_path / "recipe.yaml")
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    proc = subprocess.run([*_launch_prefix(), str(WORKER), "run", str(config), "-o", str(out), "--no-report"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert text.count("already holds a run") == 2, text[-3000:]  # both ranks, same message
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # nothing was written

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_sigkill_resume import KILL_SEED, _kill_when, _steps_in
+from .test_sigkill_resume import KILL_SEED, _kill_when, _launcher, _steps_in
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -41,12 +41,16 @@ def _tiny():
     return _tiny_llm
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full = dict(os.environ)
-    full.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONHASHSEED="0",
-                **(env or {}))
-    return subprocess.run([sys.executable, str(WORKER), *args], cwd=REPO, env=full, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONHASHSEED="0",
+               ACCELERATE_USE_CPU="1", **extra)
+    return env
+
+
+def _cli(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
+    return subprocess.run([*_launcher(processes), str(WORKER), *args], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=TIMEOUT)
 
 
 def _without_timings(obj):
@@ -62,7 +66,10 @@ def _losses(run: Path) -> list[tuple[int, str, float]]:
     return [(r["step"], r["split"], r.get("loss", r.get("eval/loss"))) for r in recs]
 
 
-def test_llm_kd_killed_in_its_second_sub_run_resumes_to_the_uninterrupted_results(tmp_path):
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_llm_kd_killed_in_its_second_sub_run_resumes_to_the_uninterrupted_results(tmp_path, processes):
+    """``processes=2``: every run is a 2-process ``accelerate launch`` (gloo); the kill takes the
+    launcher and both ranks at once, the resume is launched with 2 processes again."""
     tiny = _tiny()
     root = tiny.make_teacher_and_corpus(tmp_path / "setup")
     config = str(tiny.recipe_yaml(root, tmp_path / "recipe.yaml",
@@ -71,19 +78,17 @@ def test_llm_kd_killed_in_its_second_sub_run_resumes_to_the_uninterrupted_result
     rng = random.Random(KILL_SEED + 2)
     kill_after = rng.randint(1, STEPS - 2)
     delay = rng.uniform(0.0, 2 * STEP_PAUSE)
-    ctx = f"(KDFORGE_KILL_SEED={KILL_SEED}, kill after KD checkpoint {kill_after} + {delay:.3f} s)"
+    ctx = (f"(KDFORGE_KILL_SEED={KILL_SEED}, {processes} process(es), kill after KD checkpoint {kill_after} "
+           f"+ {delay:.3f} s)")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     second = run_dir / "kd-top-64" / "seed-0"
 
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONHASHSEED="0",
-               KDFORGE_STEP_SLEEP=str(STEP_PAUSE))
-    victim = subprocess.Popen([sys.executable, str(WORKER), "run", config, "-o", str(run_dir), "--no-report"],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    env.pop("KDFORGE_STEP_SLEEP")
-    reference = subprocess.Popen([sys.executable, str(WORKER), "run", config, "-o", str(ref_dir), "--no-report"],
-                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = subprocess.Popen([*_launcher(processes), str(WORKER), "run", config, "-o", str(run_dir), "--no-report"],
+                              cwd=REPO, env=_env(KDFORGE_STEP_SLEEP=str(STEP_PAUSE)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    reference = subprocess.Popen([*_launcher(processes), str(WORKER), "run", config, "-o", str(ref_dir),
+                                  "--no-report"], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
     _kill_when(victim, lambda: any(s >= kill_after for s in _steps_in(second / "checkpoints")), delay,
                "the recipe run")
     ref_out, _ = reference.communicate(timeout=TIMEOUT)
@@ -94,16 +99,18 @@ def test_llm_kd_killed_in_its_second_sub_run_resumes_to_the_uninterrupted_result
     assert not (second / "subrun.json").exists() and survivors and max(survivors) < STEPS, ctx
     first_log = (run_dir / "labels-only" / "seed-0" / "metrics.jsonl").read_bytes()
 
-    refused = _cli("run", config, "-o", str(run_dir), "--no-report")
-    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    refused = _cli("run", config, "-o", str(run_dir), "--no-report", processes=processes)
+    assert refused.returncode == 2 if processes == 1 else refused.returncode != 0, refused.stderr[-2000:]
     assert "already holds a run" in refused.stderr + refused.stdout and "--resume" in refused.stderr + refused.stdout
 
-    resumed = _cli("run", config, "-o", str(run_dir), "--no-report", "--resume")
+    resumed = _cli("run", config, "-o", str(run_dir), "--no-report", "--resume", processes=processes)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out[-4000:]
     assert "'labels only', seed 0 finished earlier" in out, ctx
     assert f"resumed from {second / 'checkpoints' / f'step-{max(survivors)}'}" in out, ctx
     assert (run_dir / "labels-only" / "seed-0" / "metrics.jsonl").read_bytes() == first_log  # not retrained
+    final_state = json.loads((second / "checkpoints" / f"step-{STEPS}" / "trainer_state.json").read_text())
+    assert final_state["num_processes"] == processes, ctx
 
     want = _without_timings(json.loads((ref_dir / "results.json").read_text()))
     got = _without_timings(json.loads((run_dir / "results.json").read_text()))

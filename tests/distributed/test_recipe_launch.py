@@ -112,6 +112,7 @@ def test_llm_kd_under_two_processes_matches_one_process_and_only_rank_0_writes(t
     assert outputs["the 2-process run (batch 2 each)"].count(f"results ({two}):") == 1  # rank 0 logs the table
 
 
+@pytest.mark.slow
 def test_fashion_mnist_under_two_processes_matches_one_process_and_only_rank_0_writes(tmp_path):
     from kdforge.data.vision import write_synthetic_fashion_mnist
 
@@ -138,6 +139,7 @@ def test_fashion_mnist_under_two_processes_matches_one_process_and_only_rank_0_w
     assert rank0.count("results.json") == 1 and rank0.count("teacher/teacher.json") == 1
 
 
+@pytest.mark.slow
 def test_two_processes_refuse_a_used_output_folder_together_without_hanging(tmp_path):
     """Rank 0 checks the folder and shares its verdict before anyone writes: both ranks raise the
     ConfigError (exit 2) instead of one refusing while the other waits at a barrier forever."""

@@ -219,6 +219,7 @@ def _fit(
     run_dir: Path,
     save_every: int | None = None,
     world_size: int = 1,
+    factory: Any = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` (dict items) with the weighted ``terms`` via the Distiller.
 
@@ -226,8 +227,9 @@ def _fit(
     With ``save_every``, checkpoints go to ``run_dir/checkpoints`` and an interrupted run resumes
     from the newest one. Under a launch of ``world_size`` processes (all of them call this),
     ``batch_size`` is per process and an epoch is ``len(dataset) / (batch_size * world_size)``
-    steps, so 2 processes x 16 train like 1 process x 32. Returns the final step and the last
-    train logs.
+    steps, so 2 processes x 16 train like 1 process x 32. Returns the final step, the last
+    train logs and ``model``: the trained model as a plain module (under FSDP, whose parameters
+    are shards, the full weights gathered into ``factory()`` on rank 0; None on other ranks).
     """
     from kdforge.train import ClassificationTask, Distiller, LossTerm, Objective, TrainConfig
 
@@ -251,7 +253,16 @@ def _fit(
     objective = Objective([LossTerm(t.name, t.weight, t.params, label=t.label) for t in terms])
     distiller = Distiller(model, task=ClassificationTask(), objective=objective, config=config, train_data=dataset)
     state = distiller.train(resume=save_every is not None)
-    return {"steps": state.step, "last_logs": dict(state.last_logs)}
+    trained: torch.nn.Module | None = model
+    from kdforge.train.checkpoint import is_fully_sharded
+
+    if is_fully_sharded(distiller.student):  # collective: every rank joins the gather
+        full = distiller.accelerator.get_state_dict(distiller.student)
+        trained = None
+        if distiller.accelerator.is_main_process:
+            trained = factory()
+            trained.load_state_dict(full)
+    return {"steps": state.step, "last_logs": dict(state.last_logs), "model": trained}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,18 +431,19 @@ class FashionMnistKD(Recipe):
         group.barrier()  # every rank sees the same checkpoints before the Distiller looks for one
         t0 = time.perf_counter()
         step_images = tc.batch_size * group.world_size
-        _fit(teacher, ImageClassificationDataset(x_train[train_idx], y_train[train_idx]),
-             [TermConfig(name="cross_entropy", weight=1.0)], epochs=tc.epochs, batch_size=tc.batch_size,
-             lr=tc.lr, weight_decay=tc.weight_decay, scheduler="cosine", warmup_ratio=0.05, seed=tc.seed,
-             run_dir=run_dir, save_every=max(1, math.ceil(len(train_idx) / step_images) // 2),
-             world_size=group.world_size)
+        teacher = _fit(teacher, ImageClassificationDataset(x_train[train_idx], y_train[train_idx]),
+                       [TermConfig(name="cross_entropy", weight=1.0)], epochs=tc.epochs, batch_size=tc.batch_size,
+                       lr=tc.lr, weight_decay=tc.weight_decay, scheduler="cosine", warmup_ratio=0.05, seed=tc.seed,
+                       run_dir=run_dir, save_every=max(1, math.ceil(len(train_idx) / step_images) // 2),
+                       world_size=group.world_size,
+                       factory=lambda: build_vision_model(tc.arch, **tc.kwargs))["model"]
         timings["teacher_train_s"] = time.perf_counter() - t0
-        teacher.eval()
         if not main:  # rank 0 computes the logits once and writes them; read them back
             group.barrier()
             logits = load_file(logits_path)
             return teacher, _read_json(info_path), logits["train"], logits["test"]
         t0 = time.perf_counter()
+        teacher.eval()
         train_logits = predict_logits(teacher, x_train)
         test_logits = predict_logits(teacher, x_test)
         timings["teacher_logits_s"] = time.perf_counter() - t0
@@ -501,9 +513,10 @@ class FashionMnistKD(Recipe):
         torch.manual_seed(seed)
         model = build_vision_model(config.student.arch, **config.student.kwargs)
         t0 = time.perf_counter()
-        _fit(model, dataset, method.terms, epochs=epochs, batch_size=tr.batch_size, lr=tr.lr,
-             weight_decay=tr.weight_decay, scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, seed=seed,
-             run_dir=run_dir, world_size=group.world_size)
+        model = _fit(model, dataset, method.terms, epochs=epochs, batch_size=tr.batch_size, lr=tr.lr,
+                     weight_decay=tr.weight_decay, scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, seed=seed,
+                     run_dir=run_dir, world_size=group.world_size,
+                     factory=lambda: build_vision_model(config.student.arch, **config.student.kwargs))["model"]
         seconds = time.perf_counter() - t0
         if not main:  # rank 0 scores the student and writes its files
             group.barrier()

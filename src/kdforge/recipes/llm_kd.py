@@ -366,6 +366,25 @@ def read_finished_subrun(run_dir: Path, fingerprint: str) -> dict[str, Any] | No
     return record
 
 
+def plain_student(distiller: Any, template: torch.nn.Module, main: bool) -> torch.nn.Module | None:
+    """The trained student as a plain module for rank 0's evaluation (eval mode).
+
+    Under DDP (or one process) that is the unwrapped student itself. Under FSDP its parameters are
+    shards that only a collective forward can use, so the full weights are gathered (every rank
+    must call this) into a copy of ``template`` on rank 0; other ranks get None.
+    """
+    from kdforge.train.checkpoint import is_fully_sharded
+
+    if not is_fully_sharded(distiller.student):
+        return distiller.unwrapped_student.eval()
+    state = distiller.accelerator.get_state_dict(distiller.student)
+    if not main:
+        return None
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def load_subrun_student(run_dir: Path, record: dict[str, Any], template: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``template`` holding a finished sub-run's trained weights (eval mode).
 
@@ -522,7 +541,7 @@ class LLMKD(Recipe):
                                  term=method.taid.term).attach(distiller)
                 state = distiller.train(resume=resume)
                 elapsed = time.perf_counter() - t0
-                model = distiller.unwrapped_student.eval()
+                model = plain_student(distiller, template, main)
                 if main:
                     trained[(method.name, seed)] = model
                 info = {

@@ -61,3 +61,25 @@ def test_wrapper_of_finds_a_data_parallel_wrapper_anywhere_in_the_module_tree():
     assert wrapper_of(plain) is None
     assert wrapper_of(DistributedDataParallel(plain)) == "DistributedDataParallel"
     assert wrapper_of(nn.Sequential(nn.DataParallel(nn.Linear(2, 2)))) == "DataParallel"
+
+
+def test_wrapper_of_sees_fsdp2_which_renames_the_class_of_the_module_it_shards():
+    from torch import nn
+
+    from kdforge.distributed import wrapper_of
+
+    class FSDPModule:  # stands in for torch.distributed.fsdp.FSDPModule (matched by name)
+        pass
+
+    # fully_shard swaps the module's class for a new subclass named FSDP<Original>
+    sharded = nn.Sequential(nn.Linear(2, 2))
+    sharded[0].__class__ = type("FSDPLinear", (FSDPModule, nn.Linear), {})
+    assert wrapper_of(sharded) == "FSDPModule"
+    assert wrapper_of(nn.Sequential(nn.Linear(2, 2))) is None
+
+
+def test_broadcast_from_main_outside_a_process_group_returns_the_object_itself():
+    from kdforge.distributed import broadcast_from_main
+
+    obj = {"finished": True}
+    assert broadcast_from_main(obj) is obj

@@ -26,11 +26,11 @@ assets: venv
 	$(BIN)/kdforge assets fetch quickstart
 
 quickstart: assets
-	$(BIN)/kdforge run configs/quickstart.yaml
+	$(BIN)/kdforge run configs/quickstart.yaml --resume
 
 quickstart-fmnist: venv
 	$(BIN)/kdforge assets fetch fashion-mnist
-	$(BIN)/kdforge run configs/fashion_mnist.yaml
+	$(BIN)/kdforge run configs/fashion_mnist.yaml --resume
 
 test: venv browser
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -46,8 +46,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         if exc.errno == errno.ENOSPC:
             raise DiskFullError(
                 f"disk full while writing {target}; the previous version (if any) is intact",
-                "free disk space (or point the output to another disk) and run again; "
-                "finished work is kept and the job resumes",
+                "free disk space (or point the output to another disk) and run the same command again "
+                "with --resume: finished work is kept and the job continues from it",
             ) from exc
         raise
     except BaseException:

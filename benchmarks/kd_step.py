@@ -14,6 +14,8 @@ one JSON object):
   from the closed-form kernel of :mod:`kdforge.losses.fused`);
 * ``kdforge_chunked_autograd`` — the same with the chunked path's autograd-per-chunk fallback
   (``closed_form=False``), i.e. what ``chunked=True`` cost before the closed forms;
+* ``kdforge_chunked_compiled`` — ``kdforge_chunked`` with ``compile_kernels=True`` (the JSD kernel
+  through ``torch.compile``; compilation happens in the warm-up steps);
 * ``kdforge_cached`` — kdforge's offline mode: the batches carry the teacher's top-``--k``
   (computed before timing, as a teacher cache would), the step runs no teacher and the same
   JSD on the sparse signal (tail bucket). Not the same computation as TRL's (the teacher pass is
@@ -53,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 CASES = ("teacher_forward", "sft", "kdforge", "trl_gkd", "kdforge_chunked", "kdforge_chunked_autograd",
-         "kdforge_cached")
+         "kdforge_chunked_compiled", "kdforge_cached")
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +63,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--case", choices=CASES, help="run one case in this process (default: all, each in a subprocess)")
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
                    help="cases the driver runs, each in its own subprocess (default: all)")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="run --cases in ONE process, ROUNDS times in turn (same models), and report the median over "
+                        "all timed steps: a paired comparison that a changing machine load affects alike")
     p.add_argument("--profile", type=Path, default=None,
                    help="with --case: write a torch.profiler table (CPU time by op, all steps) to this file")
     p.add_argument("--teacher", default="smollm2",
@@ -212,16 +217,23 @@ def case_sft(args, teacher, student, tokenizer) -> list[float]:
 
 
 def case_kdforge(args, teacher, student, tokenizer, *, chunked: bool = False, cached: bool = False,
-                 closed_form: bool = True) -> list[float]:
+                 closed_form: bool = True, compile_kernels: bool = False) -> list[float]:
     import functools
 
+    import kdforge.losses.chunked as chunked_mod
+
+    original = chunked_mod.chunked_distillation_loss
+    if not closed_form or compile_kernels:  # the Objective calls the module attribute: route its options
+        chunked_mod.chunked_distillation_loss = functools.partial(
+            original, closed_form=closed_form, compile_kernels=compile_kernels)
+    try:
+        return _kdforge_steps(args, teacher, student, chunked=chunked, cached=cached)
+    finally:
+        chunked_mod.chunked_distillation_loss = original
+
+
+def _kdforge_steps(args, teacher, student, *, chunked: bool, cached: bool) -> list[tuple[float, float]]:
     import torch
-
-    if not closed_form:  # the Objective calls the module attribute: route it to the autograd fallback
-        import kdforge.losses.chunked as chunked_mod
-
-        chunked_mod.chunked_distillation_loss = functools.partial(chunked_mod.chunked_distillation_loss,
-                                                                  closed_form=False)
 
     from kdforge.data.text import LMBlockDataset
     from kdforge.train import Callback, CausalLMTask, Distiller, Objective
@@ -326,6 +338,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
           "trl_gkd": case_trl_gkd,
           "kdforge_chunked": lambda *a: case_kdforge(*a, chunked=True),
           "kdforge_chunked_autograd": lambda *a: case_kdforge(*a, chunked=True, closed_form=False),
+          "kdforge_chunked_compiled": lambda *a: case_kdforge(*a, chunked=True, compile_kernels=True),
           "kdforge_cached": lambda *a: case_kdforge(*a, cached=True)}[args.case]
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -368,13 +381,14 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             out[f"kdforge_overhead{tag}"] = kd[key] / floor
             if trl:
                 out[f"trl_overhead{tag}"] = trl[key] / floor
-    if kd and trl:
+    if kd and trl and "peak_mem_mb" in kd and "peak_mem_mb" in trl:
         out["kdforge_mem_vs_trl"] = kd["peak_mem_mb"] / trl["peak_mem_mb"]
-    for name in ("kdforge_chunked", "kdforge_chunked_autograd", "kdforge_cached"):
+    for name in ("kdforge_chunked", "kdforge_chunked_autograd", "kdforge_chunked_compiled", "kdforge_cached"):
         extra = results.get(name)
         if extra and trl:
             out[f"{name}_speedup_vs_trl_cpu"] = trl["step_cpu_s_median"] / extra["step_cpu_s_median"]
-            out[f"{name}_mem_vs_trl"] = extra["peak_mem_mb"] / trl["peak_mem_mb"]
+            if "peak_mem_mb" in extra and "peak_mem_mb" in trl:
+                out[f"{name}_mem_vs_trl"] = extra["peak_mem_mb"] / trl["peak_mem_mb"]
         if extra and sft and fwd:
             out[f"{name}_overhead_cpu"] = extra["step_cpu_s_median"] / (sft["step_cpu_s_median"]
                                                                       + fwd["step_cpu_s_median"])
@@ -387,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.case:
         print(json.dumps(run_case(args)), flush=True)
         return 0
+    if args.interleave:
+        return run_interleaved(args)
     forwarded = _without_cases(list(argv if argv is not None else sys.argv[1:]))
     results: dict[str, dict[str, Any]] = {}
     lines = []
@@ -408,6 +424,50 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
     return 0 if len(results) == len(args.cases) else 1
+
+
+def run_interleaved(args: argparse.Namespace) -> int:
+    """All ``--cases`` in this process, ``--interleave`` rounds in turn; medians over every timed step.
+
+    Peak memory is not reported (the cases share one process); use the per-process mode for it.
+    """
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher, student, tokenizer = build_models(args)
+    fns = {"teacher_forward": case_teacher_forward, "sft": case_sft, "kdforge": case_kdforge, "trl_gkd": case_trl_gkd,
+           "kdforge_chunked": lambda *a: case_kdforge(*a, chunked=True),
+           "kdforge_chunked_autograd": lambda *a: case_kdforge(*a, chunked=True, closed_form=False),
+           "kdforge_chunked_compiled": lambda *a: case_kdforge(*a, chunked=True, compile_kernels=True),
+           "kdforge_cached": lambda *a: case_kdforge(*a, cached=True)}
+    cpu: dict[str, list[float]] = {c: [] for c in args.cases}
+    wall: dict[str, list[float]] = {c: [] for c in args.cases}
+    for _ in range(args.interleave):
+        for case in args.cases:
+            for w, c in fns[case](args, teacher, student, tokenizer):
+                wall[case].append(w)
+                cpu[case].append(c)
+    results: dict[str, dict[str, Any]] = {}
+    lines = []
+    tokens = args.batch * args.seq_len
+    for case in args.cases:
+        rec = {"case": case, "mode": f"interleaved x{args.interleave}", "teacher": args.teacher,
+               "batch": args.batch, "seq_len": args.seq_len, "beta": args.beta, "dtype": args.dtype,
+               "threads": torch.get_num_threads(), "steps": len(cpu[case]),
+               "step_s_median": statistics.median(wall[case]), "step_cpu_s_median": statistics.median(cpu[case]),
+               "step_cpu_s_all": [round(c, 4) for c in cpu[case]],
+               "tokens_per_cpu_s": tokens / statistics.median(cpu[case])}
+        results[case] = rec
+        lines.append(json.dumps(rec))
+        print(lines[-1], flush=True)
+    lines.append(json.dumps({**summarise(results), "mode": f"interleaved x{args.interleave}"}))
+    print(lines[-1], flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return 0
 
 
 def _without_cases(argv: list[str]) -> list[str]:

@@ -261,3 +261,17 @@ def test_property_chunked_closed_form_equals_unchunked(n, v, chunk, case, temper
     torch.testing.assert_close(out["loss"], ref)
     for got, exp in zip(grads(out["loss"], [h, w]), grads(ref, [h, w])):
         torch.testing.assert_close(got, exp)
+
+
+@pytest.mark.slow  # torch.compile of three kernels: tens of seconds on a CPU
+@pytest.mark.parametrize(("name", "params"), [("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.3})])
+def test_compiled_kernels_equal_the_eager_closed_forms(name, params):
+    h, w, b, teacher, labels, mask = make(dtype=torch.float32)
+    for chunk in (6, 9):  # two row counts: the compiled kernel is shape-dynamic
+        out = chunked_distillation_loss(h, w, teacher, loss=name, labels=labels, mask=mask, ce_weight=0.5,
+                                        chunk_size=chunk, compile_kernels=True, **params)
+        ref = chunked_distillation_loss(h, w, teacher, loss=name, labels=labels, mask=mask, ce_weight=0.5,
+                                        chunk_size=chunk, **params)
+        torch.testing.assert_close(out["loss"], ref["loss"])
+        for got, exp in zip(grads(out["loss"], [h, w]), grads(ref["loss"], [h, w])):
+            torch.testing.assert_close(got, exp)

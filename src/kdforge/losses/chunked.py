@@ -35,7 +35,7 @@ import torch
 
 from kdforge.errors import ConfigError, ShapeError, VocabMismatchError
 from kdforge.losses._core import check_reduction, check_temperature, upcast
-from kdforge.losses.fused import FusedKernel, fused_kernel_for
+from kdforge.losses.fused import FusedKernel, compiled_kernel, fused_kernel_for
 from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
@@ -260,6 +260,7 @@ def chunked_distillation_loss(
     lm_head_bias: torch.Tensor | None = None,
     reduction: str = "sum",
     closed_form: bool = True,
+    compile_kernels: bool = False,
     **loss_params: Any,
 ) -> dict[str, torch.Tensor]:
     """``kd_weight * KD + ce_weight * CE`` from hidden states, chunked over positions.
@@ -291,6 +292,9 @@ def chunked_distillation_loss(
             :class:`TeacherHead` teacher) and cross-entropy with their closed-form gradients in one
             pass (:mod:`kdforge.losses.fused`); False runs every loss under autograd per chunk
             (the path every other loss and a ``SparseTeacher`` always take). Same results.
+        compile_kernels: run the forward/reverse KL and JSD closed forms through
+            ``torch.compile`` (fused loops; compiled once per process and loss, dynamic row
+            count). Off by default: see docs/benchmarks.md (kd_step) for when it pays.
         **loss_params: extra parameters of the KD loss (``beta``, ``alpha``, ``t``, ``sparse_policy``...).
 
     Returns:
@@ -337,6 +341,8 @@ def chunked_distillation_loss(
     if ce_scale != 0:
         _check_labels(flat_labels, vocab)
     kernel = fused_kernel_for(loss, teacher, loss_params) if closed_form and kd_scale != 0 else None
+    if kernel is not None and compile_kernels:
+        kernel = compiled_kernel(kernel) or kernel
     use_closed_form = closed_form and (kernel is not None or kd_scale == 0)
     rows = (auto_chunk_size(vocab, n, hidden.device, closed_form=use_closed_form) if chunk_size == "auto"
             else chunk_size)

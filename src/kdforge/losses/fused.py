@@ -57,7 +57,7 @@ import torch
 from kdforge.losses._core import SPARSE_POLICIES, check_unit_interval
 from kdforge.losses.registry import LOSSES
 
-__all__ = ["FusedKernel", "KernelOut", "fused_kernel_for", "rowdot"]
+__all__ = ["FusedKernel", "KernelOut", "compiled_kernel", "fused_kernel_for", "rowdot"]
 
 
 @dataclass
@@ -133,6 +133,7 @@ def _jsd_kernel(beta: float) -> FusedKernel:
         shift = math.log1p(-beta)
         return KernelOut(beta * (kl_p - shift) + (1.0 - beta) * (kl_q - shift), grad, 1.0 - beta)
 
+    kernel.beta = beta  # type: ignore[attr-defined]  # read by compiled_kernel
     return kernel
 
 
@@ -239,3 +240,58 @@ def fused_kernel_for(loss: str | Callable[..., torch.Tensor], teacher: Any, para
     except Exception:  # noqa: BLE001 - the autograd path raises the user-facing ConfigError
         return None
     return factory(float(value))
+
+
+# --------------------------------------------------------------------------------------------
+# optional torch.compile variants (``chunked_distillation_loss(..., compile_kernels=True)``)
+#
+# The same closed forms written functionally, so TorchInductor can fuse the passes over the
+# chunk into a few loops. Only the three main divergences; compiled once per (loss, device) with
+# a dynamic row count (the last chunk is shorter; the real positions change between batches).
+
+
+def _fkl_functional(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor):
+    logp = torch.log_softmax(t, dim=-1)
+    p = logp.exp()
+    return (p * (logp - logq)).sum(-1), q - p
+
+
+def _rkl_functional(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor):
+    d = logq - torch.log_softmax(t, dim=-1)
+    kl = (q * d).sum(-1)
+    return kl, q * (d - kl.unsqueeze(1))
+
+
+def _jsd_functional(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor, beta: float):
+    logp = torch.log_softmax(t, dim=-1)
+    p = logp.exp()
+    logm = torch.log((q + p * (beta / (1.0 - beta))).clamp_min(torch.finfo(q.dtype).tiny))
+    shift = math.log1p(-beta)
+    kl_p = (p * (logp - logm)).sum(-1) - shift
+    d = logq - logm
+    kl_q = (q * d).sum(-1)
+    return beta * kl_p + (1.0 - beta) * (kl_q - shift), q * (d - kl_q.unsqueeze(1))
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def compiled_kernel(kernel: FusedKernel) -> FusedKernel | None:
+    """A ``torch.compile``-d equivalent of ``kernel`` (forward/reverse KL, JSD), or None."""
+    if kernel is forward_kl_kernel:
+        key, fn, scale, extra = "fkl", _fkl_functional, 1.0, ()
+    elif kernel is reverse_kl_kernel:
+        key, fn, scale, extra = "rkl", _rkl_functional, 1.0, ()
+    elif getattr(kernel, "beta", None) is not None:
+        key, fn, scale, extra = "jsd", _jsd_functional, 1.0 - kernel.beta, (kernel.beta,)
+    else:
+        return None
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=True)
+    compiled = _COMPILED[key]
+
+    def run(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> KernelOut:
+        per_pos, grad = compiled(logq, q, t, *extra)
+        return KernelOut(per_pos, grad, scale)
+
+    return run

@@ -90,7 +90,44 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra config override (YAML value), e.g. train.batch_size=4")
     p.add_argument("--no-references", action="store_true", help="skip the teacher / student-init lines")
     p.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file")
+    p.add_argument("--table", type=Path, default=None,
+                   help="only print the Markdown table of an existing results file (latest line per method)")
     return p.parse_args(argv)
+
+
+def markdown_table(path: Path) -> str:
+    """The docs table from a results JSONL (the latest line of each method wins)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            latest[rec["method"]] = rec
+
+    def f(x: Any, spec: str) -> str:
+        return "–" if x is None else format(x, spec)
+
+    lines = [
+        "| method | held-out ppl | agreement | KL(T‖S) | teacher NLL of own samples | KL(S‖T) own | KL(T‖S) own "
+        "| agreement own | distinct-2 | train CPU s (wall s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    refs: dict[str, float] = {}
+    for rec in latest.values():  # the recipe's held-out perplexity of the references
+        if "teacher_offpolicy_ppl" in rec:
+            refs = {"teacher": rec["teacher_offpolicy_ppl"], "student_init": rec.get("student_init_ppl")}
+    order = ["teacher", "student_init", "labels", "kd_cache", "kd_online", "gkd", "seq_kd"]
+    for key in sorted(latest, key=lambda k: order.index(k) if k in order else len(order)):
+        rec = latest[key]
+        off, on = rec.get("offpolicy") or {}, rec.get("onpolicy") or {}
+        name = rec.get("name", key)
+        ppl = off.get("perplexity", refs.get(key))
+        cpu = f"{f(rec.get('train_cpu_s'), '.0f')} ({f(rec.get('train_wall_s'), '.0f')})" if "train_cpu_s" in rec else "–"
+        lines.append(
+            f"| {name} | {f(ppl, '.1f')} | {f(off.get('agreement'), '.3f')} | {f(off.get('kl_to_teacher'), '.2f')} "
+            f"| {f(on.get('teacher_nll'), '.2f')} | {f(on.get('kl_from_teacher'), '.2f')} "
+            f"| {f(on.get('kl_to_teacher'), '.2f')} | {f(on.get('agreement'), '.3f')} "
+            f"| {f(on.get('distinct_2'), '.3f')} | {cpu} |")
+    return "\n".join(lines)
 
 
 def _emit(record: dict[str, Any], out: Path | None) -> None:
@@ -104,6 +141,9 @@ def _emit(record: dict[str, Any], out: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.table is not None:
+        print(markdown_table(args.table))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
     import yaml

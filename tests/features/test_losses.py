@@ -222,3 +222,18 @@ def test_gradients_of_every_feature_loss_match_finite_differences():
     check(lambda a: attention_kl(torch.softmax(a, -1), ta, mask, reduction="sum"), 1, 2, 3, 3)
     tv = rand(1, 3, 6)
     check(lambda a: value_relation_kl(a, tv, mask, relation_heads=2, causal=True, reduction="sum"), 1, 3, 4)
+
+
+def test_normalized_hidden_mse_is_two_minus_twice_the_correlation_and_ignores_scale():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(2, 3, 16, generator=g, dtype=torch.float64), torch.randn(2, 3, 16, generator=g,
+                                                                                dtype=torch.float64)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    sc, tc = s - s.mean(-1, keepdim=True), t - t.mean(-1, keepdim=True)
+    r = (sc * tc).sum(-1) / (sc.norm(dim=-1) * tc.norm(dim=-1))
+    got = hidden_mse(s, t, mask, reduction="none", normalize=True)
+    assert torch.allclose(got, 2 * (1 - r), atol=1e-4)
+    scaled = hidden_mse(s, 1000.0 * t + 7.0, mask, normalize=True)
+    assert scaled.item() == pytest.approx(hidden_mse(s, t, mask, normalize=True).item(), rel=1e-5)
+    assert torch.autograd.gradcheck(lambda a: hidden_mse(a, t, mask, reduction="sum", normalize=True),
+                                    (s.clone().requires_grad_(),), eps=1e-6, atol=1e-5)

@@ -171,3 +171,20 @@ def test_an_unbound_feature_term_is_a_config_error_naming_bind():
 def test_the_features_extra_name_is_reserved():
     with pytest.raises(ConfigError, match="reserved"):
         CausalLMTask().forward(tiny_llama(), tiny_llama(), _batch([[3, 4]]), extras={"features": nn.Linear(2, 2)})
+
+
+def test_hidden_mse_normalize_is_a_validated_hidden_mse_only_option_that_reaches_the_loss():
+    from kdforge.features import hidden_mse
+
+    with pytest.raises(ConfigError, match="normalize: unknown key"):
+        LossTerm("cosine_hidden", 1.0, {"normalize": True})
+    teacher, student = tiny_llama(layers=2, seed=1), tiny_llama(layers=2, seed=2)
+    obj = Objective([{"name": "hidden_mse", "weight": 1.0, "params": {"normalize": True, "layers": "last"}}])
+    batch = _batch([[3, 4, 5, 6]])
+    out = CausalLMTask().forward(student, teacher, batch, extras=obj.bind(student, teacher))
+    with torch.no_grad():
+        hs = student(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+        ht = teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+    mask = torch.tensor([[True, True, True, False]])
+    expected = hidden_mse(hs, ht, mask, reduction="sum", normalize=True)
+    assert out.extra_terms["hidden_mse"].item() == pytest.approx(expected.item(), rel=1e-5)

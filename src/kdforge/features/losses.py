@@ -83,7 +83,7 @@ def _same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None
 
 # -- hints -------------------------------------------------------------------------------------
 def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None, *,
-               reduction: Reduction = "mean") -> torch.Tensor:
+               reduction: Reduction = "mean", normalize: bool = False, eps: float = 1e-5) -> torch.Tensor:
     """FitNets hint loss: mean squared error between (projected) student and teacher features.
 
     .. math::
@@ -94,17 +94,27 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor 
     mapped to the teacher's width (FitNets' regressor ``r(h_s)``; see
     :class:`~kdforge.features.modules.HiddenMSE`).
 
+    With ``normalize=True`` both sides are first standardised per position over their feature axes
+    (``(x - mean) / sqrt(var + eps)``, a layer norm without parameters), which makes the loss
+    independent of the models' activation scale: it equals ``2 (1 - r)`` with ``r`` the Pearson
+    correlation of ``s_n`` and ``t_n`` (up to ``eps``). Useful for LLMs whose hidden states reach
+    mean squares of ``1e3``-``1e4`` (see ``docs/features.md``).
+
     Args:
         student: ``[*P, *F]`` (projected) student features.
         teacher: ``[*P, *F]`` teacher features (detached).
         mask: ``[*P]`` bool, real positions (None: all).
         reduction: ``"mean"`` over real positions, ``"sum"`` or ``"none"`` (``[*P]``).
+        normalize: standardise each position's features on both sides first.
 
     Paper: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.
     """
     _same_shape(student, teacher, "hidden_mse")
     mask = _check_mask(student, mask if mask is not None else _all(student, 1), "hidden_mse")
-    diff = _up(student) - _up(teacher.detach())
+    s, t = _up(student), _up(teacher.detach())
+    if normalize:
+        s, t = _standardize(s, mask.dim(), eps), _standardize(t, mask.dim(), eps)
+    diff = s - t
     per_pos = diff.pow(2).flatten(mask.dim()).mean(-1) if diff.dim() > mask.dim() else diff.pow(2)
     return _reduce(per_pos, mask, reduction)
 
@@ -134,6 +144,14 @@ def cosine_hidden(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
     t = _up(teacher.detach()).flatten(mask.dim())
     cos = (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1)).clamp_min(eps)
     return _reduce(1.0 - cos, mask, reduction)
+
+
+def _standardize(x: torch.Tensor, position_dims: int, eps: float) -> torch.Tensor:
+    """Zero mean, unit variance per position over the feature axes (parameter-free layer norm)."""
+    if x.dim() == position_dims:
+        raise ShapeError("normalize=True needs feature axes after the position axes",
+                         "pass features [*P, *F], or normalize=False")
+    return torch.nn.functional.layer_norm(x, x.shape[position_dims:], eps=eps)
 
 
 def _all(x: torch.Tensor, feature_dims: int) -> torch.Tensor:

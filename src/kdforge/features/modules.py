@@ -69,11 +69,19 @@ class HiddenMSE(_Hint):
     """FitNets hint: :func:`~kdforge.features.losses.hidden_mse` of ``projector(student)`` and ``teacher``.
 
     The projector acts on the first feature axis (the width ``H`` of ``[B, T, H]``, the channels of
-    ``[B, C, H, W]`` with a ``[B]`` mask: a 1x1 convolution).
+    ``[B, C, H, W]`` with a ``[B]`` mask: a 1x1 convolution). ``normalize=True`` standardises each
+    position's features on both sides first (scale-free).
     """
 
+    def __init__(self, student_width: int, teacher_width: int,
+                 projector: Literal["auto", "linear", "identity"] = "auto", reduction: Reduction = "mean",
+                 normalize: bool = False) -> None:
+        super().__init__(student_width, teacher_width, projector, reduction)
+        self.normalize = normalize
+
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return hidden_mse(self._project(student, mask), teacher, mask, reduction=self.reduction)
+        return hidden_mse(self._project(student, mask), teacher, mask, reduction=self.reduction,
+                          normalize=self.normalize)
 
 
 class CosineHidden(_Hint):

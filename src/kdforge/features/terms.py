@@ -85,6 +85,13 @@ class HintParams(_Tapped):
         "auto", description="auto: identity when widths match, else a learned linear map")
 
 
+class HiddenMSEParams(HintParams):
+    """``hidden_mse``."""
+
+    normalize: bool = Field(False, description="standardise each token's features on both sides first "
+                                               "(scale-free; for LLMs with very large activations)")
+
+
 class CKAParams(_Tapped):
     """``cka``."""
 
@@ -120,7 +127,7 @@ class FeatureLossDef:
 
 
 FEATURE_LOSSES: Registry[FeatureLossDef] = Registry("feature loss")
-FEATURE_LOSSES.add("hidden_mse", FeatureLossDef(hidden_mse, "hint", HintParams),
+FEATURE_LOSSES.add("hidden_mse", FeatureLossDef(hidden_mse, "hint", HiddenMSEParams),
                    "FitNets hint: MSE(proj(h_student), h_teacher) on matched hidden states")
 FEATURE_LOSSES.add("cosine_hidden", FeatureLossDef(cosine_hidden, "hint", HintParams),
                    "1 - cos(proj(h_student), h_teacher) on matched hidden states")
@@ -265,7 +272,9 @@ class FeatureTerms(nn.Module):
                 t = teacher.get(plan.source, t_ref).to(s.device)
                 m = mask.to(s.device)
                 if plan.kind == "hint":
-                    value = FEATURE_LOSSES.get(plan.name).fn(self.project(s, proj, m.dim()), t, m, reduction="sum")
+                    extra = {"normalize": True} if getattr(plan.params, "normalize", False) else {}
+                    value = FEATURE_LOSSES.get(plan.name).fn(self.project(s, proj, m.dim()), t, m, reduction="sum",
+                                                             **extra)
                 elif plan.kind == "cka":
                     value = cka_loss(s, t, m, reduction="sum")
                 elif plan.kind == "attention":

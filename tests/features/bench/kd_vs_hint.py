@@ -25,7 +25,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--hint", action="append", default=[],
-                    help="NAME:WEIGHT of a feature term added to KD (repeatable), e.g. hidden_mse:0.001")
+                    help="NAME:WEIGHT[:KEY=VALUE,...] of a feature term added to KD (repeatable), "
+                         "e.g. hidden_mse:0.001 or hidden_mse:1.0:normalize=true")
+    ap.add_argument("--skip-kd", action="store_true", help="do not train the KD-only baseline")
     ap.add_argument("--train-sequences", type=int, default=256)
     ap.add_argument("--eval-sequences", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
@@ -50,10 +52,14 @@ def main() -> None:
                             max_eval_blocks=args.eval_sequences, seed=0, unwrap=True)
     template = student_from_teacher(teacher, "every_k", num_layers=6, freeze_embeddings=True, freeze_head=True)
     kd = {"name": "forward_kl", "weight": 1.0}
-    methods = {"KD (online, forward_kl)": [kd]}
+    import yaml
+
+    methods = {} if args.skip_kd else {"KD (online, forward_kl)": [kd]}
     for spec in args.hint or ["hidden_mse:1.0"]:
-        name, weight = spec.split(":")
-        methods[f"KD + {name} (w={weight})"] = [kd, {"name": name, "weight": float(weight)}]
+        name, weight, *rest = spec.split(":")
+        params = {k: yaml.safe_load(v) for k, v in (kv.split("=") for kv in rest[0].split(","))} if rest else {}
+        methods[f"KD + {name} (w={weight}{''.join(f', {k}={v}' for k, v in params.items())})"] = [
+            kd, {"name": name, "weight": float(weight), "params": params}]
     models: dict[str, torch.nn.Module] = {"teacher": teacher, "student init": template}
     timing = {}
     for name, terms in methods.items():

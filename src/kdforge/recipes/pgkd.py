@@ -463,7 +463,7 @@ class PGKD(Recipe):
                 best, stale = entry, 0
             else:
                 stale += 1
-                if stale >= cfg.patience:
+                if stale >= cfg.patience and rnd < cfg.rounds:
                     log.info("early stopping: %d round(s) without validation gain", stale)
                     break
         assert best is not None

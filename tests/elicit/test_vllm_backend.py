@@ -180,11 +180,28 @@ def test_missing_vllm_says_how_to_install_it(monkeypatch):
         build_backend(VLLMConfig(model="m"))
 
 
+def _vllm_sized_model(tiny_model_dir, out):
+    """The tiny test tokenizer with a 2-layer Llama whose head size (64) vLLM's attention
+    kernels support (the shared tiny model has head size 8)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.save_pretrained(out)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
 @pytest.mark.gpu
 def test_real_vllm_generates_chat_and_text_with_per_request_seeds(tiny_model_dir, tmp_path):
     pytest.importorskip("vllm")
-    b = build_backend(VLLMConfig(model=str(tiny_model_dir), gpu_memory_utilization=0.3, max_model_len=256,
-                                 dtype="float32"))
+    model = _vllm_sized_model(tiny_model_dir, tmp_path / "model")
+    b = build_backend(VLLMConfig(model=str(model), gpu_memory_utilization=0.3, max_model_len=256,
+                                 dtype="bfloat16"))
     reqs = build_requests(["the movie", [{"role": "user", "content": "hi"}]],
                           SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=0))
     s = GenerationEngine(b, tmp_path / "a", progress=False).run(reqs)

@@ -144,3 +144,11 @@ def test_config_typo_inside_a_tagged_union_gets_a_suggestion():
     msg = str(info.value)
     assert "backend.a.concurency: unknown key (did you mean 'concurrency'?)" in msg
     assert "items.0.hiden: unknown key (did you mean 'hidden'?)" in msg
+
+
+def test_kdforge_losses_lists_logit_and_feature_losses(capsys):
+    from kdforge.cli.main import main
+
+    assert main(["losses"]) == 0
+    out = capsys.readouterr().out
+    assert "forward_kl" in out and "hidden_mse" in out and "attention_kl" in out

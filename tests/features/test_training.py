@@ -132,9 +132,13 @@ def test_conv_hints_by_module_path_train_a_1x1_projector_on_a_classifier():
     assert _hooks(student) == 0 and _hooks(teacher) == 0
 
 
-def test_llm_kd_recipe_with_a_feature_term_on_the_cached_teacher_fails_with_a_config_error(tmp_path, capsys):
-    """The recipe trains from the teacher cache, which carries no features; until it binds feature
-    terms to an online teacher (see docs/features.md) `kdforge run` must stop with a clear error."""
+def test_llm_kd_recipe_trains_a_feature_term_with_the_online_teacher_and_saves_its_projector(tmp_path, capsys):
+    """The teacher cache carries no hidden states, so a method with a feature term trains with the
+    live teacher; the term is bound by the Distiller (projectors optimised and checkpointed)."""
+    import json
+
+    from safetensors.torch import load_file
+
     from kdforge.cli.main import main
 
     root = _tiny_llm_assets(tmp_path)
@@ -146,19 +150,24 @@ def test_llm_kd_recipe_with_a_feature_term_on_the_cached_teacher_fails_with_a_co
         "data": {"corpus": str(root / "corpus"), "train_docs": ["book_a"], "eval_docs": ["book_b"],
                  "seq_len": 16, "train_sequences": 8, "eval_sequences": 4},
         "cache": {"k": 8, "batch_size": 4},
-        "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "log_every": 1, "progress": False},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1, "progress": False,
+                  "save_every": 3},
         "eval": {"batch_size": 2, "during_training_sequences": 0, "speed_batch": 2, "speed_repeats": 1},
         "methods": [{"name": "kd+hint", "objective": [
-            {"name": "forward_kl", "weight": 1.0}, {"name": "hidden_mse", "weight": 1.0}]}],
+            {"name": "forward_kl", "weight": 1.0}, {"name": "hidden_mse", "weight": 1.0, "params": {"projector": "linear"}}]}],
         "plot": False, "save_students": False,
     }
     path = tmp_path / "hint.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "--dry-run"]) == 0  # the term validates as part of the recipe config
     capsys.readouterr()
-    assert main(["run", str(path)]) == 2  # a ConfigError (printed without traceback), not a crash
-    err = capsys.readouterr().err
-    assert "feature term 'hidden_mse' was not computed" in err and "Traceback" not in err
+    assert main(["run", str(path), "--no-report"]) == 0, capsys.readouterr().err
+    run = tmp_path / "run" / "kd-hint" / "seed-0"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    hint = [r["loss/hidden_mse"] for r in rows if r.get("split") == "train" and "loss/hidden_mse" in r]
+    assert len(hint) == 3 and all(v > 0 for v in hint)
+    extras = load_file(str(next((run / "checkpoints").glob("step-*")) / "extras.safetensors"))
+    assert any(name.startswith("features.projectors.") for name in extras)
 
 
 def _tiny_llm_assets(root):

@@ -525,6 +525,8 @@ class LLMKD(Recipe):
                     m_teacher, m_data = teacher, LMBlockDataset(splits.train)
                     m_collate = _prompt_collate(method.on_policy.prompt_tokens)
                     on_policy: OnPolicyConfig | None = method.on_policy.to_config()
+                elif objective.feature_terms:  # hidden states/attentions: only a live teacher has them
+                    m_teacher, m_data, m_collate, on_policy = teacher, LMBlockDataset(splits.train), None, None
                 else:
                     m_teacher, m_data, m_collate, on_policy = None, train_data, collate_teacher_cache, None
                 distiller = Distiller(student, m_teacher, task=CausalLMTask(), objective=objective,

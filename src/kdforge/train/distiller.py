@@ -216,6 +216,12 @@ class Distiller:
                 logger.warning("%d parameter tensors are shared by teacher and student; they are frozen "
                                "(the teacher is frozen) and not trained", len(shared))
 
+        # Feature terms (hidden_mse, attention_kl, ...) own learnable projectors: bind them to this
+        # student/teacher pair so they are optimised and checkpointed with the student. bind()
+        # returns the same modules on a repeat call, so a caller that bound them already is fine.
+        if self.objective.feature_terms:
+            extra_modules = {**self.objective.bind(student, teacher), **dict(extra_modules or {})}
+
         # Optimizer over the student's and the method's trainable parameters only.
         self._extra_names = list(extra_modules or {})
         extras = list((extra_modules or {}).values())

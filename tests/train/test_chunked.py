@@ -36,3 +36,23 @@ def test_chunked_objective_matches_plain_gradients_and_logged_terms(kd_name):
         torch.testing.assert_close(g_chunk[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
     for key in ("loss", f"loss/{kd_name}", "loss/cross_entropy"):
         assert abs(logs_chunk[key] - logs_plain[key]) < 1e-5 * max(1.0, abs(logs_plain[key]))
+
+
+def test_objective_hands_compile_kernels_to_the_chunked_loss(monkeypatch):
+    import kdforge.losses.chunked as chunked_mod
+
+    seen = []
+    real = chunked_mod.chunked_distillation_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("compile_kernels"))
+        return real(*args, **{**kwargs, "compile_kernels": False})  # the compiled kernels' own test is slow-marked
+
+    monkeypatch.setattr(chunked_mod, "chunked_distillation_loss", spy)
+    for flag in (False, True):
+        teacher, student = tiny_llama(1), tiny_llama(2)
+        objective = Objective([KD_TERMS["forward_kl"]], chunked=True, compile_kernels=flag)
+        Distiller(student, teacher, task=CausalLMTask(), collate_fn=pad_collate(), objective=objective,
+                  config=TrainConfig(max_steps=1, batch_size=4, progress=False, log_every=1),
+                  train_data=TokenDataset(n=4)).train()
+    assert seen == [False, True]

@@ -218,3 +218,20 @@ def test_sampled_teacher_keeps_num_exact_through_masking_and_batching():
 
     with pytest.raises(ConfigError, match="linear"):  # a batched, masked sampled teacher is refused too
         reverse_kl(z, teacher, mask=mask)
+
+
+def test_chunked_loss_from_hidden_states_uses_the_sampled_entries_like_the_plain_loss():
+    from kdforge.errors import ConfigError
+    from kdforge.losses.chunked import chunked_distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    outcomes = [t for _, t in _sampled_outcomes()][:7]
+    teacher = SparseTeacher(torch.stack([t.ids for t in outcomes]), torch.stack([t.logprobs for t in outcomes]), 6,
+                            num_exact=2)
+    plain = forward_kl(h @ w.T, teacher, reduction="sum")
+    chunked = chunked_distillation_loss(h, w, teacher, loss="forward_kl", chunk_size=3, reduction="sum")
+    assert float(chunked["kd"]) == pytest.approx(float(plain), rel=1e-9)
+    with pytest.raises(ConfigError, match="linear"):  # the chunked path refuses non-linear losses too
+        chunked_distillation_loss(h, w, teacher, loss="reverse_kl", chunk_size=3)

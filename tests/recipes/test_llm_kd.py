@@ -170,3 +170,20 @@ def test_resume_retrains_a_sub_run_whose_weights_no_longer_match_their_checksum(
     with caplog.at_level("INFO"):
         LLMKD().run(cfg, out, resume=True)
     assert "do not match their checksum" in caplog.text and "finished earlier" not in caplog.text
+
+
+def test_a_cache_with_sampled_tail_trains_forward_kl_and_refuses_a_nonlinear_loss(tiny_setup, tmp_path):
+    """cache.tail_samples reaches the cache and the trainer: the batches carry how many entries are
+    exact, so forward KL trains on the unbiased estimate and JSD (not linear in p) is refused."""
+    cfg = _config(tiny_setup, cache={"k": 2, "tail_samples": 4, "batch_size": 4},
+                  methods=[{"name": "kd", "objective": [{"name": "forward_kl", "weight": 1.0}]}],
+                  save_students=False, plot=False)
+    saved = LLMKD().run(cfg, tmp_path / "ok")
+    manifest = json.loads((tmp_path / "ok" / "teacher_cache" / "manifest.json").read_text())
+    assert manifest["tail_samples"] == 4
+    assert saved["models"][1]["metrics"]["kl_to_teacher"] >= 0.0
+
+    jsd = cfg.model_copy(update={"methods": [validate(type(cfg.methods[0]), {
+        "name": "jsd", "objective": [{"name": "generalized_jsd", "weight": 1.0}]}, source="test")]})
+    with pytest.raises(ConfigError, match="sampled|estimate|forward"):
+        LLMKD().run(jsd, tmp_path / "refused")

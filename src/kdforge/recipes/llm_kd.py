@@ -89,7 +89,11 @@ class DataSpec(StrictModel):
 class CacheSpec(StrictModel):
     """The offline teacher top-k cache over the training blocks."""
 
-    k: int = Field(64, ge=1)
+    k: int = Field(64, ge=0)
+    tail_samples: int = Field(0, ge=0, description=(
+        "draws per position from the teacher's distribution outside the top-k (an unbiased estimate "
+        "of the tail; forward KL at T=1 only; docs/teacher-cache.md), e.g. k: 8, tail_samples: 16"))
+    sample_seed: int = 0
     encoding: str = "compact-u8-zlib"
     batch_size: int = Field(8, ge=1)
     dir: str | None = Field(None, description="default: RUN_DIR/teacher_cache")
@@ -479,6 +483,7 @@ class LLMKD(Recipe):
         t0 = time.perf_counter()
         cache_dir = Path(config.cache.dir) if config.cache.dir else out / "teacher_cache"
         build_teacher_cache(teacher, splits.train, cache_dir, k=config.cache.k, encoding=config.cache.encoding,
+                            tail_samples=config.cache.tail_samples, sample_seed=config.cache.sample_seed,
                             batch_size=config.cache.batch_size, tokenizer=tokenizer,
                             teacher_id=config.teacher.model,
                             overwrite=config.cache.dir is None,  # only our own RUN_DIR cache is replaced

@@ -414,7 +414,11 @@ class CausalLMTask(Task):
                 f"cached teacher token id {max_id} is outside the student's vocabulary of {vocab}",
                 "build the cache with the student's tokenizer, or use a student with the teacher's vocabulary",
             )
-        return SparseTeacher(ids.to(device).long(), logprobs.to(device).float(), vocab)
+        # a cache with sampled tail draws (tail_samples > 0) says how many entries are exact top-k:
+        # the losses then treat the rest as an unbiased estimate (and refuse non-linear losses)
+        num_exact = batch.get("teacher_num_exact")
+        exact = int(num_exact.reshape(-1)[0]) if torch.is_tensor(num_exact) else num_exact
+        return SparseTeacher(ids.to(device).long(), logprobs.to(device).float(), vocab, num_exact=exact)
 
 
 def check_lm_input(model: nn.Module, input_ids: torch.Tensor, who: str = "model") -> None:

@@ -277,3 +277,13 @@ def test_judge_calibration_removes_the_label_prior():
     assert pick(pg.calibrate_scores(raw, "content_free", prior=[-1.0, -2.0])) == [0, 1, 0, 1]
     batch = pg.calibrate_scores(raw, "batch")  # column means [-1.25, -2.35] subtracted
     assert batch[0] == pytest.approx([0.25, -0.65]) and pick(batch) == [0, 1, 0, 1]
+
+
+def test_pgkd_under_a_multi_process_launch_is_refused_before_any_work(tmp_path, monkeypatch):
+    from kdforge.errors import ConfigError
+    from kdforge.recipes.pgkd import PGKD
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="one process"):
+        PGKD().run(None, tmp_path / "run")  # refused before the config is even read
+    assert not (tmp_path / "run").exists()

@@ -62,7 +62,7 @@ from kdforge.elicit.engine import GenerationEngine, collect
 from kdforge.elicit.expansion import Deduplicator
 from kdforge.elicit.labeling import normalize, parse_label
 from kdforge.elicit.types import SamplingParams, build_requests
-from kdforge.errors import DataError
+from kdforge.errors import ConfigError, DataError
 from kdforge.io import write_json_atomic, write_text_atomic
 from kdforge.recipes import RECIPES, Recipe
 
@@ -415,6 +415,15 @@ class PGKD(Recipe):
     def run(self, config: PGKDConfig, output_dir: Path) -> dict[str, Any]:
         import yaml
 
+        from kdforge.distributed import launched_world_size
+
+        if launched_world_size() > 1:
+            # every rank would call the teacher and write the same rounds: refuse before any work
+            raise ConfigError(
+                f"pgkd runs in one process, but this is one of {launched_world_size()} launched processes",
+                "run `kdforge run` without accelerate launch (its student trains in seconds; the teacher "
+                "calls are the cost: point teacher at a vLLM or OpenAI-compatible server for throughput)",
+            )
         cfg = config
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ in the same forward passes and put each feature term, summed over real positions
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,21 @@ def _refuse_cached_features(task: Task, batch: Mapping[str, Any], teacher: Any, 
         raise ConfigError(f"feature terms ({keys}) cannot run in chunked mode", "set chunked=False")
 
 
+def _input_mover(module: nn.Module) -> Callable[[Any], Any]:
+    """Moves a tensor argument to ``module``'s device (float tensors also to its float dtype)."""
+    device = module_device(module)
+    dtype = _module_float_dtype(module)
+
+    def move(x: Any) -> Any:
+        if torch.is_tensor(x):
+            x = x.to(device)
+            if x.is_floating_point() and dtype is not None:
+                x = x.to(dtype)
+        return x
+
+    return move
+
+
 @torch.no_grad()
 def run_teacher_features(teacher: Any, request: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """Like :func:`run_teacher`, also capturing the :class:`~kdforge.features.FeatureRequest`
@@ -109,15 +124,7 @@ def run_teacher_features(teacher: Any, request: Any, *args: Any, **kwargs: Any) 
     module = teacher_module(teacher)
     if module.training:
         module.eval()
-    device = module_device(module)
-    dtype = _module_float_dtype(module)
-
-    def move(x: Any) -> Any:
-        if torch.is_tensor(x):
-            x = x.to(device)
-            if x.is_floating_point() and dtype is not None:
-                x = x.to(dtype)
-        return x
+    move = _input_mover(module)
 
     out, feats = capture(module, request, *[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
     logits = _logits_of(out)
@@ -217,15 +224,7 @@ def run_teacher(teacher: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
     module = teacher_module(teacher)
     if module.training:
         module.eval()
-    device = module_device(module)
-    dtype = _module_float_dtype(module)
-
-    def move(x: Any) -> Any:
-        if torch.is_tensor(x):
-            x = x.to(device)
-            if x.is_floating_point() and dtype is not None:
-                x = x.to(dtype)
-        return x
+    move = _input_mover(module)
 
     out = teacher(*[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
     return _logits_of(out)

@@ -374,3 +374,40 @@ def test_real_vllm_generates_like_hf_greedy_before_and_after_a_weight_sync(tmp_p
         assert gen.sync_count(student) == 1
     finally:
         gen.close()
+
+
+_FSDP2_SCRIPT = r"""
+import os, sys, socket, torch
+sys.path.insert(0, sys.argv[1])
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+torch.set_num_threads(1)
+torch.distributed.init_process_group("gloo")
+from torch.distributed.fsdp import fully_shard
+from _tiny import tiny_llama
+from kdforge.train.vllm_generation import iter_sync_tensors
+m = tiny_llama(2)
+m.model.embed_tokens.requires_grad_(False)
+ref = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+for layer in m.model.layers:
+    fully_shard(layer)
+fully_shard(m)
+assert type(next(m.model.layers.parameters())).__name__ == "DTensor"
+got = dict(iter_sync_tensors(m, trainable_only=True, dtype=torch.bfloat16))
+assert sorted(got) == sorted(ref), (sorted(got), sorted(ref))
+assert all(type(t) is torch.Tensor and torch.equal(t, ref[k].to(torch.bfloat16)) for k, t in got.items())
+torch.distributed.destroy_process_group()
+print("ok")
+"""
+
+
+def test_fsdp2_sharded_parameters_are_gathered_into_plain_full_tensors():
+    """One gloo process on CPU: FSDP2 DTensor shards come back as whole tensors with HF names."""
+    import os
+    import subprocess
+
+    here = Path(__file__).parent
+    out = subprocess.run([sys.executable, "-c", _FSDP2_SCRIPT, str(here)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

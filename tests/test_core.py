@@ -152,3 +152,19 @@ def test_kdforge_losses_lists_logit_and_feature_losses(capsys):
     assert main(["losses"]) == 0
     out = capsys.readouterr().out
     assert "forward_kl" in out and "hidden_mse" in out and "attention_kl" in out
+
+
+def test_set_overrides_index_into_lists_of_methods():
+    from kdforge.errors import ConfigError
+    from kdforge.recipes import _set_dotted
+
+    data = {"methods": [{"name": "a"}, {"name": "b", "on_policy": {"lmbda": 0.5}}], "seeds": [0]}
+    _set_dotted(data, "methods.1.on_policy.lmbda", 0.8)
+    _set_dotted(data, "seeds.0", 3)
+    _set_dotted(data, "train.lr", 1e-3)
+    assert data["methods"][1]["on_policy"]["lmbda"] == 0.8 and data["seeds"] == [3]
+    assert data["train"] == {"lr": 1e-3}
+    with pytest.raises(ConfigError, match="index 0..1"):
+        _set_dotted(data, "methods.2.name", "c")
+    with pytest.raises(ConfigError, match="not a mapping or a list"):
+        _set_dotted(data, "methods.0.name.x", 1)

@@ -616,7 +616,7 @@ CASES: list[Case] = [
              run_yaml("- recipe: llm_kd\n")),
     cli_case("config-set-without-equals", "config", ConfigError, ("train.lr", "key=value"), ("--set",),
              run_yaml(LLM_KD_OK, "--set", "train.lr")),
-    cli_case("config-set-into-a-list", "config", ConfigError, ("seeds", "not a mapping"), ("key path",),
+    cli_case("config-set-into-a-list", "config", ConfigError, ("seeds", "is a list", "index"), ("key path",),
              run_yaml(LLM_KD_OK + "seeds: [0]\n", "--set", "seeds.first=1")),
     cli_case("config-file-missing", "config", ConfigError, ("not found",), ("check the path",),
              lambda w: (["run", str(w.tmp / "nope.yaml")], [])),

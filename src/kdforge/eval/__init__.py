@@ -53,6 +53,7 @@ from kdforge.eval.monitor import (
     TeacherHackingMonitor,
     detect_teacher_hacking,
 )
+from kdforge.eval.onpolicy import onpolicy_fidelity, sample_continuations, score_continuations
 from kdforge.eval.report import ReportPaths, build_report
 
 __all__ = [
@@ -83,11 +84,14 @@ __all__ = [
     "fidelity_per_position",
     "kl_to_teacher",
     "measure_latency",
+    "onpolicy_fidelity",
     "per_class_accuracy",
     "perplexity_from_loglik",
     "predict_logits",
     "reliability_bins",
     "rouge_l",
+    "sample_continuations",
+    "score_continuations",
     "state_dict_bytes",
     "top1_agreement",
 ]

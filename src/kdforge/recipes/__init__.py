@@ -82,10 +82,28 @@ def load_recipe_file(
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``--set a.b.c=v``; a number indexes a list (``methods.1.on_policy.lmbda=0.8``)."""
     parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a mapping", "check the key path")
-    node[parts[-1]] = value
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"override {dotted!r}: {'.'.join(parts[:depth]) or 'the top level'} is a list of "
+                    f"{len(node)} item(s), so {part!r} must be an index 0..{len(node) - 1}",
+                    "check the key path (`kdforge run RECIPE.yaml --dry-run` prints the config)",
+                )
+            index = int(part)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:depth])!r} is not a mapping or a list",
+                              "check the key path")

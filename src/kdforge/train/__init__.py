@@ -14,7 +14,14 @@ from kdforge.train.config import TrainConfig
 from kdforge.train.distiller import Distiller
 from kdforge.train.metrics import fidelity_sums
 from kdforge.train.objective import LossTerm, Objective, ObjectiveValue
-from kdforge.train.onpolicy import GenerateFn, HFGenerator, OnPolicyBatcher, OnPolicyConfig
+from kdforge.train.onpolicy import (
+    GenerateFn,
+    HFGenerator,
+    OnPolicyBatcher,
+    OnPolicyConfig,
+    VLLMSettings,
+    make_generator,
+)
 from kdforge.train.sampler import EpochSampler
 from kdforge.train.taid import TAIDCallback
 from kdforge.train.tasks import CausalLMTask, ClassificationTask, Task, TaskOutput
@@ -23,5 +30,5 @@ __all__ = [
     "Callback", "CausalLMTask", "ClassificationTask", "Distiller", "EarlyStopping", "EpochSampler",
     "GenerateFn", "HFGenerator", "JsonlLogger", "LossTerm", "Objective", "ObjectiveValue",
     "OnPolicyBatcher", "OnPolicyConfig", "ProgressBar", "TAIDCallback", "Task", "TaskOutput", "TrainConfig",
-    "TrainerState", "fidelity_sums", "latest_checkpoint", "verify_checkpoint",
+    "TrainerState", "VLLMSettings", "fidelity_sums", "latest_checkpoint", "make_generator", "verify_checkpoint",
 ]

@@ -118,8 +118,8 @@ def test_config_rejects_unknown_keys_duplicate_methods_and_empty_objectives():
 def test_shipped_quickstart_yaml_is_valid_and_uses_the_documented_regime():
     recipe, config = load_recipe_file(REPO / "configs" / "quickstart.yaml")
     assert isinstance(recipe, LLMKD)
-    assert config.data.train_sequences == 192 and config.data.seq_len == 128
-    assert config.train.max_steps == 72 and config.train.batch_size == 8 and config.train.lr == 1e-3
+    assert config.data.train_sequences == 160 and config.data.seq_len == 128
+    assert config.train.max_steps == 60 and config.train.batch_size == 8 and config.train.lr == 1e-3
     assert config.student.num_layers == 6 and config.student.freeze_embeddings
     assert [m.role for m in config.methods] == ["baseline", "student"]
     raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
+
+from kdforge.teachers.cache.parallel import BuildGroup
 
 
 def tiny_llama(vocab_size: int = 256, seed: int = 0, hidden: int = 32):
@@ -57,3 +61,24 @@ def tokenizer():
 def sequences():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 256, (20, 16), generator=g)
+
+
+def run_ranks(world: int, fn) -> dict[int, BaseException | None]:
+    """Run ``fn(group)`` for ranks 0..world-1 in threads; return each rank's exception (or None)."""
+    barrier = threading.Barrier(world, timeout=60)
+    errors: dict[int, BaseException | None] = {}
+
+    def target(rank: int) -> None:
+        try:
+            fn(BuildGroup(rank, world, barrier.wait))
+            errors[rank] = None
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            errors[rank] = exc
+            barrier.abort()  # like a launcher stopping the group when one process fails
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return errors

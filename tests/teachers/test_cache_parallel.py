@@ -16,7 +16,7 @@ from kdforge.errors import CacheError
 from kdforge.teachers import OnlineTeacher, TeacherCacheDataset, build_teacher_cache
 from kdforge.teachers.cache.parallel import BuildGroup, assign_shards
 
-from .conftest import tiny_llama
+from .conftest import run_ranks, tiny_llama
 
 SHARD = 3  # 20 sequences -> 7 shards, the last one holds 2 rows
 
@@ -32,27 +32,6 @@ def teacher():
 
 def _build(teacher, sequences, path, **kw):
     return build_teacher_cache(teacher, sequences, path, k=6, shard_size=SHARD, batch_size=2, **kw)
-
-
-def _run_ranks(world: int, fn) -> dict[int, BaseException | None]:
-    """Run ``fn(group)`` for ranks 0..world-1 in threads; return each rank's exception (or None)."""
-    barrier = threading.Barrier(world, timeout=60)
-    errors: dict[int, BaseException | None] = {}
-
-    def target(rank: int) -> None:
-        try:
-            fn(BuildGroup(rank, world, barrier.wait))
-            errors[rank] = None
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            errors[rank] = exc
-            barrier.abort()  # like a launcher stopping the group when one process fails
-
-    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return errors
 
 
 def _files(path) -> dict[str, bytes]:
@@ -84,7 +63,7 @@ def test_parallel_build_writes_the_same_files_as_one_process(teacher, sequences,
         _build(teacher, sequences, out, data_parallel=group,
                on_shard=lambda i, e: written.setdefault(group.rank, []).append(i))
 
-    assert _run_ranks(world, build) == {r: None for r in range(world)}
+    assert run_ranks(world, build) == {r: None for r in range(world)}
     assert _files(out) == reference  # same shard bytes, same manifest bytes, no progress records left
     assert written == {r: list(range(r, 7, world)) for r in range(world)}
     TeacherCacheDataset(out, sequences)
@@ -101,7 +80,7 @@ def test_killed_parallel_build_resumes_with_any_world_size_without_recomputing(
 
         _build(teacher, sequences, out, data_parallel=group, on_shard=hook)
 
-    errors = _run_ranks(2, die_after_first)
+    errors = run_ranks(2, die_after_first)
     assert all(isinstance(e, Stop) for e in errors.values())
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"] and manifest["shards"] == []  # only rank 0's plan was published
@@ -117,7 +96,7 @@ def test_killed_parallel_build_resumes_with_any_world_size_without_recomputing(
         with lock:
             recomputed.append(i)
 
-    errors = _run_ranks(resume_world, lambda g: _build(teacher, sequences, out, data_parallel=g, on_shard=record))
+    errors = run_ranks(resume_world, lambda g: _build(teacher, sequences, out, data_parallel=g, on_shard=record))
     assert all(e is None for e in errors.values()), errors
     assert sorted(recomputed) == [2, 3, 4, 5, 6]  # shards 0 and 1 (one per killed rank) were kept
     assert _files(out) == reference
@@ -125,7 +104,7 @@ def test_killed_parallel_build_resumes_with_any_world_size_without_recomputing(
 
 def test_shard_written_but_not_recorded_is_rebuilt_and_stale_records_ignored(teacher, sequences, tmp_path, reference):
     out = tmp_path / "par"
-    errors = _run_ranks(2, lambda g: _build(teacher, sequences, out, data_parallel=g,
+    errors = run_ranks(2, lambda g: _build(teacher, sequences, out, data_parallel=g,
                                             on_shard=lambda i, e: (_ for _ in ()).throw(Stop(i))))
     assert all(isinstance(e, Stop) for e in errors.values())
     # rank 1 died after writing shard 3 but before its progress record was rewritten
@@ -146,7 +125,7 @@ def test_rank_with_other_settings_than_rank_0_is_refused(teacher, sequences, tmp
         seqs = sequences if group.rank == 0 else sequences.flip(0)
         _build(teacher, seqs, out, data_parallel=group)
 
-    errors = _run_ranks(2, build)
+    errors = run_ranks(2, build)
     assert isinstance(errors[1], CacheError) and "differs in: dataset" in str(errors[1])
 
 
@@ -154,7 +133,7 @@ def test_parallel_rerun_of_a_complete_cache_changes_nothing(teacher, sequences, 
     out = _build(teacher, sequences, tmp_path / "c")
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     written: list[int] = []
-    errors = _run_ranks(2, lambda g: _build(teacher, sequences, out, data_parallel=g,
+    errors = run_ranks(2, lambda g: _build(teacher, sequences, out, data_parallel=g,
                                             on_shard=lambda i, e: written.append(i)))
     assert all(e is None for e in errors.values()) and written == []
     assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}

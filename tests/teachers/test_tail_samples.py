@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -20,9 +19,8 @@ from kdforge.teachers.cache import (
     open_teacher_cache,
     write_teacher_cache,
 )
-from kdforge.teachers.cache.parallel import BuildGroup
 
-from .conftest import tiny_llama, train_tiny_tokenizer
+from .conftest import run_ranks, tiny_llama, train_tiny_tokenizer
 
 INFO = {"id": "t", "weights_sha256": "w"}
 
@@ -161,29 +159,9 @@ def _files(path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
-def _run_ranks(world: int, fn) -> dict[int, BaseException | None]:
-    barrier = threading.Barrier(world, timeout=60)
-    errors: dict[int, BaseException | None] = {}
-
-    def target(rank: int) -> None:
-        try:
-            fn(BuildGroup(rank, world, barrier.wait))
-            errors[rank] = None
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            errors[rank] = exc
-            barrier.abort()
-
-    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return errors
-
-
 def test_data_parallel_build_with_samples_writes_the_same_bytes_as_one_process(teacher, sequences, tmp_path):
     reference = _files(_build(teacher, sequences, tmp_path / "ref"))
-    errors = _run_ranks(2, lambda g: _build(teacher, sequences, tmp_path / "par", data_parallel=g))
+    errors = run_ranks(2, lambda g: _build(teacher, sequences, tmp_path / "par", data_parallel=g))
     assert all(e is None for e in errors.values()), errors
     assert _files(tmp_path / "par") == reference
     # and the batch size does not change the draws either

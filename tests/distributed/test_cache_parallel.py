@@ -19,9 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from ._cache_worker import NUM_SEQ, SHARD, make_cli_setup
+from ._launch import run_side_by_side
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_cache_worker.py")
@@ -49,18 +48,7 @@ def _launch(*args: str) -> list[str]:
 
 def _run_all(cmds: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
     """Start the commands side by side, wait for all; kill all if one hangs."""
-    procs = {name: subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True) for name, cmd in cmds.items()}
-    done = {}
-    for name, proc in procs.items():
-        try:
-            out, _ = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for p in procs.values():
-                p.kill()
-            pytest.fail(f"{name} did not finish in {TIMEOUT} s")
-        done[name] = subprocess.CompletedProcess(cmds[name], proc.returncode, out)
-    return done
+    return run_side_by_side({name: (cmd, _env()) for name, cmd in cmds.items()}, TIMEOUT)
 
 
 def _files(folder: Path) -> dict[str, bytes]:

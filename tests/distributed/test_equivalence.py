@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from ._launch import run_side_by_side
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_worker.py")
@@ -55,17 +56,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     launched = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
                 "--main_process_port", str(_free_port()), str(WORKER), "--out", str(two),
                 "--cache", str(root / "cache2"), "--batch", str(GLOBAL_BATCH // 2), *common]
-    procs = {name: subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)
-             for name, cmd in (("one", single), ("two", launched))}
-    for name, proc in procs.items():
-        try:
-            out, _ = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for p in procs.values():
-                p.kill()
-            pytest.fail(f"the {name}-process run did not finish in {TIMEOUT} s")
-        assert proc.returncode == 0, f"{name}-process run failed:\n{out[-4000:]}"
+    runs = run_side_by_side({"the one-process run": (single, _env()), "the two-process run": (launched, _env())},
+                            TIMEOUT)
+    for name, run in runs.items():
+        assert run.returncode == 0, f"{name} failed:\n{run.stdout[-4000:]}"
     return {"one": one, "two": two}
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from ._launch import run_side_by_side
 from ._tiny_llm import make_teacher_and_corpus, recipe_yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,18 +49,10 @@ def _launch_prefix() -> list[str]:
 
 
 def _run_side_by_side(cmds: dict[str, tuple[list[str], dict[str, str]]]) -> dict[str, str]:
-    procs = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True) for name, (cmd, env) in cmds.items()}
     outputs = {}
-    for name, proc in procs.items():
-        try:
-            out, _ = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for p in procs.values():
-                p.kill()
-            pytest.fail(f"{name} did not finish in {TIMEOUT} s")
-        assert proc.returncode == 0, f"{name} failed (rc {proc.returncode}):\n{out[-5000:]}"
-        outputs[name] = out
+    for name, run in run_side_by_side(cmds, TIMEOUT).items():
+        assert run.returncode == 0, f"{name} failed (rc {run.returncode}):\n{run.stdout[-5000:]}"
+        outputs[name] = run.stdout
     return outputs
 
 

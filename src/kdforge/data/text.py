@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from kdforge.constants import IGNORE_INDEX
 from kdforge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 _BLANK_LINES = re.compile(r"\n\s*\n")
 

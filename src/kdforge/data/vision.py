@@ -37,7 +37,6 @@ _IDX_DTYPES: dict[int, np.dtype] = {
 }
 _IDX_CODES: dict[str, int] = {np.dtype(v).newbyteorder("=").str[1:]: k for k, v in _IDX_DTYPES.items()}
 
-IGNORE_INDEX = -100
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top",

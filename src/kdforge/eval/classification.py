@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kdforge.constants import IGNORE_INDEX
 from kdforge.errors import ShapeError
-
-IGNORE_INDEX = -100
 
 
 def _as_preds(logits_or_preds: torch.Tensor) -> torch.Tensor:

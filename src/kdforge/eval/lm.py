@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
+from kdforge.constants import IGNORE_INDEX
 from kdforge.errors import ConfigError, DataError, ShapeError
 from kdforge.eval.classification import ReliabilityBins
 from kdforge.eval.fidelity import FidelityAccumulator
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 DEFAULT_BINS = 15
 
 __all__ = [

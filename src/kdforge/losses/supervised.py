@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from kdforge.constants import IGNORE_INDEX
 from kdforge.errors import ShapeError
 from kdforge.losses._core import (
     Teacher,
@@ -17,8 +18,6 @@ from kdforge.losses._core import (
     upcast,
 )
 from kdforge.losses.registry import LOSSES
-
-IGNORE_INDEX = -100
 
 __all__ = ["IGNORE_INDEX", "cross_entropy"]
 

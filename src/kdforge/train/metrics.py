@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from kdforge.constants import IGNORE_INDEX
 from kdforge.losses.signal import SparseTeacher
 
-IGNORE_INDEX = -100
 FIDELITY_SUM_KEYS = ("agreement", "kl_to_teacher", "kl_from_teacher", "js_to_teacher")
 
 

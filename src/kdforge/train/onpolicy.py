@@ -24,10 +24,9 @@ from typing import Any, Literal, Protocol
 import torch
 from pydantic import Field, model_validator
 
+from kdforge.constants import IGNORE_INDEX
 from kdforge.errors import ConfigError, DataError, GenerationError
 from kdforge.train.config import FriendlyModel
-
-IGNORE_INDEX = -100
 
 
 class VLLMSettings(FriendlyModel):

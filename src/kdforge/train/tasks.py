@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdforge.constants import IGNORE_INDEX
 from kdforge.errors import ConfigError, DataError, ShapeError, VocabMismatchError
 from kdforge.losses.signal import SparseTeacher
 
-IGNORE_INDEX = -100
 TeacherSignal = torch.Tensor | SparseTeacher
 
 

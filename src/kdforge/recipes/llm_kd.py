@@ -31,25 +31,33 @@ CPU-sized budget.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
-import re
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import Field, field_validator, model_validator
 
 from kdforge.config import StrictModel
 from kdforge.errors import ConfigError, DataError
-from kdforge.io import sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
 from kdforge.recipes import RECIPES, Recipe
+from kdforge.recipes.subrun import (
+    FINGERPRINT_FILE,
+    SUBRUN_RECORD,
+    RecipeRun,
+    copy_of,
+    fingerprint,
+    slug,
+    timed,
+    train_student,
+)
 from kdforge.train.config import TrainConfig
 from kdforge.train.objective import LossTerm, Objective
 from kdforge.train.onpolicy import OnPolicyConfig
@@ -217,7 +225,7 @@ class LLMKDConfig(StrictModel):
             raise ValueError("methods must list at least one method")
         if len(set(names)) != len(names):
             raise ValueError(f"method names must be unique, got {names}")
-        if len(set(map(_slug, names))) != len(names):
+        if len(set(map(slug, names))) != len(names):
             raise ValueError(f"method names {names} collide once turned into folder names")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
@@ -241,8 +249,9 @@ def _prompt_collate(prompt_tokens: int) -> Any:
     return collate
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "method"
+_slug = slug  # the folder name of a method (older callers import this name)
+__all__ = ["FINGERPRINT_FILE", "LLMKD", "SUBRUN_RECORD", "LLMKDConfig", "MethodSpec", "load_documents",
+           "load_teacher", "resolve_model_path", "results_markdown", "subrun_fingerprint"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,10 +301,7 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 # --------------------------------------------------------------------------------------------
-# sub-runs (one per method x seed) and their records, for `kdforge run --resume`
-
-SUBRUN_RECORD = "subrun.json"
-FINGERPRINT_FILE = "fingerprint.txt"
+# sub-runs (one per method x seed), for `kdforge run --resume` (kdforge.recipes.subrun)
 
 
 def subrun_fingerprint(config: LLMKDConfig, method: MethodSpec, seed: int) -> str:
@@ -304,7 +310,11 @@ def subrun_fingerprint(config: LLMKDConfig, method: MethodSpec, seed: int) -> st
     A finished sub-run is reused by ``--resume`` only under the same fingerprint; a changed
     config (another lr, method, teacher...) retrains it.
     """
-    key = {
+    return fingerprint(_subrun_key(config, method, seed))
+
+
+def _subrun_key(config: LLMKDConfig, method: MethodSpec, seed: int) -> dict[str, Any]:
+    return {
         "teacher": config.teacher.model_dump(mode="json"),
         "student": config.student.model_dump(mode="json"),
         "data": config.data.model_dump(mode="json"),
@@ -314,101 +324,29 @@ def subrun_fingerprint(config: LLMKDConfig, method: MethodSpec, seed: int) -> st
         "method": method.model_dump(mode="json"),
         "seed": seed,
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def prepare_subrun_dir(run_dir: Path, fingerprint: str, resume: bool) -> None:
-    """Make ``run_dir`` ready for a sub-run that is about to (re)start (main process only).
+@dataclass
+class _Inputs:
+    """What every sub-run of one ``llm_kd`` run shares (built once by :meth:`LLMKD.run`)."""
 
-    Drops a stale completion record; on resume, drops checkpoints written under another
-    fingerprint (another config: continuing them would mix two runs).
-    """
-    import shutil
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / SUBRUN_RECORD).unlink(missing_ok=True)
-    marker = run_dir / FINGERPRINT_FILE
-    old = marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
-    if resume and old != fingerprint and (run_dir / "checkpoints").exists():
-        log.warning("resume: the checkpoints in %s were written by another config; starting this sub-run over",
-                    run_dir)
-        shutil.rmtree(run_dir / "checkpoints")
-    write_text_atomic(marker, fingerprint + "\n")
+    config: LLMKDConfig
+    run: RecipeRun
+    teacher: torch.nn.Module
+    tokenizer: Any
+    splits: Any  # kdforge.data.text.LMSplits
+    cache_dir: Path
+    train_data: Any  # the TeacherCacheDataset over splits.train
+    template: torch.nn.Module  # the untrained student every sub-run starts from
+    inner_eval: Any  # held-out blocks scored during training, or None
 
 
-def write_subrun_record(run_dir: Path, fingerprint: str, train_info: dict[str, Any], model: torch.nn.Module,
-                        weights: str | None) -> Path:
-    """Record a finished sub-run: ``subrun.json`` (written last) names its weights and their SHA-256.
+@dataclass
+class _Trained:
+    """Every (method, seed): its trained student (rank 0 only) and its training record."""
 
-    ``weights`` is the student file already written (``student/model.safetensors``), or None to
-    write ``final.safetensors`` from ``model``.
-    """
-    from kdforge.train.checkpoint import state_dict_to_bytes
-
-    if weights is None:
-        weights = "final.safetensors"
-        write_bytes_atomic(run_dir / weights, state_dict_to_bytes(model.state_dict()))
-    record = {"fingerprint": fingerprint, "weights": weights, "weights_sha256": sha256_file(run_dir / weights),
-              "train_info": train_info}
-    write_json_atomic(run_dir / SUBRUN_RECORD, record)
-    return run_dir / SUBRUN_RECORD
-
-
-def read_finished_subrun(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The record of a sub-run that finished under ``fingerprint`` with intact weights, else None."""
-    try:
-        record = json.loads((run_dir / SUBRUN_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if record.get("fingerprint") != fingerprint:
-        log.info("resume: %s was trained with another config; retraining it", run_dir)
-        return None
-    weights = run_dir / str(record.get("weights", ""))
-    if not weights.is_file() or sha256_file(weights) != record.get("weights_sha256"):
-        log.warning("resume: the weights of %s are missing or do not match their checksum; retraining it", run_dir)
-        return None
-    return record
-
-
-def plain_student(distiller: Any, template: torch.nn.Module, main: bool) -> torch.nn.Module | None:
-    """The trained student as a plain module for rank 0's evaluation (eval mode).
-
-    Under DDP (or one process) that is the unwrapped student itself. Under FSDP its parameters are
-    shards that only a collective forward can use, so the full weights are gathered (every rank
-    must call this) into a copy of ``template`` on rank 0; other ranks get None.
-    """
-    from kdforge.train.checkpoint import is_fully_sharded
-
-    if not is_fully_sharded(distiller.student):
-        return distiller.unwrapped_student.eval()
-    state = distiller.accelerator.get_state_dict(distiller.student)
-    if not main:
-        return None
-    model = copy.deepcopy(template)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def load_subrun_student(run_dir: Path, record: dict[str, Any], template: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``template`` holding a finished sub-run's trained weights (eval mode).
-
-    Keys absent from the file must be tied to a loaded tensor (``save_pretrained`` stores a tied
-    LM head once).
-    """
-    from kdforge.errors import CheckpointError
-    from kdforge.train.checkpoint import state_dict_from_bytes
-
-    model = copy.deepcopy(template)
-    path = run_dir / record["weights"]
-    result = model.load_state_dict(state_dict_from_bytes(path.read_bytes()), strict=False)
-    state = model.state_dict()
-    loaded = {state[k].data_ptr() for k in state if k not in set(result.missing_keys)}
-    untied = [k for k in result.missing_keys if state[k].data_ptr() not in loaded]
-    if untied or result.unexpected_keys:
-        raise CheckpointError(f"{path} does not fit the student of this config (missing {untied[:3]}, "
-                              f"unexpected {list(result.unexpected_keys)[:3]})",
-                              f"delete {run_dir / SUBRUN_RECORD} to retrain this sub-run")
-    return model.eval()
+    models: dict[tuple[str, int], torch.nn.Module] = field(default_factory=dict)
+    info: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,233 +373,232 @@ class LLMKD(Recipe):
         process alone evaluates and writes ``config.yaml``, ``results.*``, the plot, the students
         and the sub-run records; the others wait at barriers and return the same results.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from kdforge.data.text import LMBlockDataset, make_lm_splits
-        from kdforge.distributed import broadcast_from_main
-        from kdforge.eval.cost import count_parameters
-        from kdforge.eval.lm import evaluate_language_models
-        from kdforge.students.from_teacher import student_from_teacher
-        from kdforge.teachers import TeacherCacheDataset, build_teacher_cache, collate_teacher_cache
-        from kdforge.teachers.cache.parallel import join_launch_group
-        from kdforge.train import CausalLMTask, Distiller
-
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        out = Path(output_dir)
-        group = join_launch_group()  # one process, or every process of the launch (gloo on CPUs)
-        main = group.rank == 0
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            run_config = {"recipe": "llm_kd", **config.model_dump(mode="json")}
-            run_config["output_dir"] = str(out)
-            write_text_atomic(out / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+        run = RecipeRun.start("llm_kd", config, output_dir, record_output_dir=True)
+        inputs = _prepare_inputs(config, run, timings)
+        trained = _Trained()
+        for seed in config.seeds:
+            for method in config.methods:
+                _train_or_reuse(inputs, method, seed, resume, trained)
+        timings["train_s"] = sum(v["train_time_s"] for v in trained.info.values())
+        if not run.main:  # evaluation and every file below are rank 0's
+            return run.wait_for_results()
+        scores, speeds = _evaluate(inputs, trained, timings)
+        timings["total_s"] = time.perf_counter() - start
+        results = _results(inputs, trained, scores, speeds, timings)
+        table = results_markdown(results)
+        run.publish(results, table, plots=[lambda: plot_run(run.out, results)] if config.plot else [])
+        log.info("results (%s):\n%s", run.out, table)
+        return results
 
-        # 1. teacher -------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        path = resolve_model_path(config.teacher.model)
-        dtype = getattr(torch, config.teacher.dtype)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except OSError as exc:
-            raise ConfigError(f"cannot load teacher {config.teacher.model!r}: {str(exc).splitlines()[0]}",
-                              "use 'smollm2' (offline asset), a local HF folder, or a Hub id with a network") from None
-        teacher.requires_grad_(False).eval()
-        timings["load_teacher_s"] = time.perf_counter() - t0
 
-        # 2. data ----------------------------------------------------------------------------
-        t0 = time.perf_counter()
+def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, float]) -> _Inputs:
+    """Teacher, data, the one teacher pass into the top-k cache, and the student template."""
+    from kdforge.data.text import LMBlockDataset, make_lm_splits
+    from kdforge.students.from_teacher import student_from_teacher
+    from kdforge.teachers import TeacherCacheDataset, build_teacher_cache
+
+    with timed(timings, "load_teacher_s"):
+        teacher, tokenizer = load_teacher(config.teacher)
+    with timed(timings, "data_s"):
         d = config.data
         splits = make_lm_splits(load_documents(d.corpus), tokenizer, d.seq_len, train_docs=d.train_docs,
                                 eval_docs=d.eval_docs, max_train_blocks=d.train_sequences,
                                 max_eval_blocks=d.eval_sequences, seed=d.seed, unwrap=d.unwrap_paragraphs)
-        timings["data_s"] = time.perf_counter() - t0
-        log.info("data: %s", splits.summary())
-
-        # 3. teacher cache (the one teacher pass over the training tokens) -------------------
-        t0 = time.perf_counter()
-        cache_dir = Path(config.cache.dir) if config.cache.dir else out / "teacher_cache"
-        build_teacher_cache(teacher, splits.train, cache_dir, k=config.cache.k, encoding=config.cache.encoding,
-                            tail_samples=config.cache.tail_samples, sample_seed=config.cache.sample_seed,
-                            batch_size=config.cache.batch_size, tokenizer=tokenizer,
-                            teacher_id=config.teacher.model,
-                            overwrite=config.cache.dir is None,  # only our own RUN_DIR cache is replaced
-                            data_parallel=group)  # every rank writes its share; rank 0 merges
+    log.info("data: %s", splits.summary())
+    with timed(timings, "teacher_cache_s"):
+        c = config.cache
+        cache_dir = Path(c.dir) if c.dir else run.out / "teacher_cache"
+        build_teacher_cache(teacher, splits.train, cache_dir, k=c.k, encoding=c.encoding,
+                            tail_samples=c.tail_samples, sample_seed=c.sample_seed,
+                            batch_size=c.batch_size, tokenizer=tokenizer, teacher_id=config.teacher.model,
+                            overwrite=c.dir is None,  # only our own RUN_DIR cache is replaced
+                            data_parallel=run.group)  # every rank writes its share; rank 0 merges
         train_data = TeacherCacheDataset(cache_dir, sequences=splits.train, tokenizer=tokenizer)
-        timings["teacher_cache_s"] = time.perf_counter() - t0
+    s = config.student
+    template = student_from_teacher(teacher, s.layers, num_layers=s.num_layers if s.layers == "every_k" else None,
+                                    freeze_embeddings=s.freeze_embeddings, freeze_head=s.freeze_head)
+    template.eval()
+    n_inner = config.eval.during_training_sequences
+    inner_eval = LMBlockDataset(splits.eval[:n_inner]) if n_inner else None
+    return _Inputs(config, run, teacher, tokenizer, splits, cache_dir, train_data, template, inner_eval)
 
-        # 4. the student template ------------------------------------------------------------
-        s = config.student
-        template = student_from_teacher(teacher, s.layers,
-                                         num_layers=s.num_layers if s.layers == "every_k" else None,
-                                         freeze_embeddings=s.freeze_embeddings, freeze_head=s.freeze_head)
-        template.eval()
 
-        # 5. train every (method, seed) from the same initial student ------------------------
-        n_inner = config.eval.during_training_sequences
-        inner_eval = LMBlockDataset(splits.eval[:n_inner]) if n_inner else None
-        trained: dict[tuple[str, int], torch.nn.Module] = {}
-        train_info: dict[tuple[str, int], dict[str, Any]] = {}
-        for seed in config.seeds:
-            for method in config.methods:
-                run_dir = out / _slug(method.name) / f"seed-{seed}"
-                fingerprint = subrun_fingerprint(config, method, seed)
-                # rank 0 decides (it verifies the weights' checksum) and tells the others
-                finished = broadcast_from_main(
-                    read_finished_subrun(run_dir, fingerprint) if resume and main else None)
-                if finished is not None:
-                    log.info("resume: %r, seed %d finished earlier (%s); not retrained", method.name, seed, run_dir)
-                    if main:
-                        trained[(method.name, seed)] = load_subrun_student(run_dir, finished, template)
-                    train_info[(method.name, seed)] = finished["train_info"]
-                    continue
-                if main:
-                    prepare_subrun_dir(run_dir, fingerprint, resume)
-                group.barrier()  # every rank sees the same checkpoints before the Distiller looks
-                train_cfg = config.train.model_copy(update={"output_dir": str(run_dir), "seed": seed})
-                if inner_eval is None:
-                    train_cfg = train_cfg.model_copy(update={"eval_every": None})
-                student = copy.deepcopy(template)
-                log.info("training %r, seed %d -> %s", method.name, seed, run_dir)
-                t0 = time.perf_counter()
-                objective = Objective(copy.deepcopy(method.objective), chunked=method.chunked)
-                if method.on_policy is not None:  # GKD: student samples need the online teacher
-                    m_teacher, m_data = teacher, LMBlockDataset(splits.train)
-                    m_collate = _prompt_collate(method.on_policy.prompt_tokens)
-                    on_policy: OnPolicyConfig | None = method.on_policy.to_config()
-                elif objective.feature_terms:  # hidden states/attentions: only a live teacher has them
-                    m_teacher, m_data, m_collate, on_policy = teacher, LMBlockDataset(splits.train), None, None
-                else:
-                    m_teacher, m_data, m_collate, on_policy = None, train_data, collate_teacher_cache, None
-                distiller = Distiller(student, m_teacher, task=CausalLMTask(), objective=objective,
-                                      config=train_cfg, train_data=m_data, collate_fn=m_collate,
-                                      eval_data=inner_eval, on_policy=on_policy,
-                                      run_config={"method": method.model_dump(mode="json"),
-                                                  "train": train_cfg.model_dump(mode="json")})
-                if method.taid is not None:
-                    from kdforge.losses.taid import TAIDSchedule
-                    from kdforge.train.taid import TAIDCallback
+def load_teacher(spec: TeacherSpec) -> tuple[torch.nn.Module, Any]:
+    """The frozen teacher (eval mode) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-                    spec = method.taid.model_dump(exclude={"term"})
-                    TAIDCallback(TAIDSchedule(distiller.state.max_steps, **spec),
-                                 term=method.taid.term).attach(distiller)
-                state = distiller.train(resume=resume)
-                elapsed = time.perf_counter() - t0
-                model = plain_student(distiller, template, main)
-                if main:
-                    trained[(method.name, seed)] = model
-                info = {
-                    "train_time_s": elapsed,
-                    "train_tokens_per_s": state.positions_seen / max(elapsed, 1e-9),
-                    "last_train_logs": {k: v for k, v in (state.last_logs or {}).items()
-                                        if isinstance(v, int | float)},
-                }
-                train_info[(method.name, seed)] = info
-                if config.save_students:
-                    distiller.save_student(run_dir / "student")  # main writes, all wait
-                    if main:
-                        tokenizer.save_pretrained(run_dir / "student")
-                if main:
-                    write_subrun_record(run_dir, fingerprint, info, model,
-                                        weights="student/model.safetensors" if config.save_students else None)
-                group.barrier()
-                del distiller, student
-        timings["train_s"] = sum(v["train_time_s"] for v in train_info.values())
-        if not main:
-            # evaluation and every file below are rank 0's; wait for it, return what it wrote
-            group.barrier()
-            return json.loads((out / "results.json").read_text(encoding="utf-8"))
+    path = resolve_model_path(spec.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.dtype))
+    except OSError as exc:
+        raise ConfigError(f"cannot load teacher {spec.model!r}: {str(exc).splitlines()[0]}",
+                          "use 'smollm2' (offline asset), a local HF folder, or a Hub id with a network") from None
+    teacher.requires_grad_(False).eval()
+    return teacher, tokenizer
 
-        # 6. held-out evaluation, teacher logits once per batch ------------------------------
-        t0 = time.perf_counter()
-        models: dict[str, torch.nn.Module] = {"teacher": teacher, "student init": template}
-        for (name, seed), model in trained.items():
+
+def _train_or_reuse(inputs: _Inputs, method: MethodSpec, seed: int, resume: bool, trained: _Trained) -> None:
+    """One (method, seed) sub-run: reuse it if it finished earlier (``resume``), else train it."""
+    config, run = inputs.config, inputs.run
+    sub = run.subrun(f"{method.name!r}, seed {seed}", Path(slug(method.name)) / f"seed-{seed}",
+                     _subrun_key(config, method, seed))
+    finished = sub.reuse(resume)  # rank 0 decides (it verifies the weights' checksum) and tells the others
+    if finished is not None:
+        if run.main:
+            trained.models[(method.name, seed)] = sub.load_weights(finished, copy.deepcopy(inputs.template))
+        trained.info[(method.name, seed)] = finished["train_info"]
+        return
+    sub.prepare(resume)
+    distiller = _distiller(inputs, method, seed, sub.dir)
+    log.info("training %r, seed %d -> %s", method.name, seed, sub.dir)
+    result = train_student(distiller, resume=resume, empty=copy_of(inputs.template))
+    state = result.state
+    info = {
+        "train_time_s": result.seconds,
+        "train_tokens_per_s": state.positions_seen / max(result.seconds, 1e-9),
+        "last_train_logs": {k: v for k, v in (state.last_logs or {}).items() if isinstance(v, int | float)},
+    }
+    if run.main:
+        trained.models[(method.name, seed)] = result.model
+    trained.info[(method.name, seed)] = info
+    if config.save_students:
+        distiller.save_student(sub.dir / "student")  # main writes, all wait
+        if run.main:
+            inputs.tokenizer.save_pretrained(sub.dir / "student")
+        sub.finish({"train_info": info}, weights="student/model.safetensors")
+    else:
+        sub.finish({"train_info": info}, weights="final.safetensors", model=result.model)
+    run.barrier()
+
+
+def _distiller(inputs: _Inputs, method: MethodSpec, seed: int, run_dir: Path) -> Any:
+    """The Distiller of one sub-run: the cached teacher, or the live one for on-policy/feature terms."""
+    from kdforge.data.text import LMBlockDataset
+    from kdforge.teachers import collate_teacher_cache
+    from kdforge.train import CausalLMTask, Distiller
+
+    train_cfg = inputs.config.train.model_copy(update={"output_dir": str(run_dir), "seed": seed})
+    if inputs.inner_eval is None:
+        train_cfg = train_cfg.model_copy(update={"eval_every": None})
+    objective = Objective(copy.deepcopy(method.objective), chunked=method.chunked)
+    on_policy: OnPolicyConfig | None = None
+    if method.on_policy is not None:  # GKD: student samples need the online teacher
+        teacher, data, collate = inputs.teacher, LMBlockDataset(inputs.splits.train), _prompt_collate(
+            method.on_policy.prompt_tokens)
+        on_policy = method.on_policy.to_config()
+    elif objective.feature_terms:  # hidden states/attentions: only a live teacher has them
+        teacher, data, collate = inputs.teacher, LMBlockDataset(inputs.splits.train), None
+    else:
+        teacher, data, collate = None, inputs.train_data, collate_teacher_cache
+    distiller = Distiller(copy.deepcopy(inputs.template), teacher, task=CausalLMTask(), objective=objective,
+                          config=train_cfg, train_data=data, collate_fn=collate, eval_data=inputs.inner_eval,
+                          on_policy=on_policy, run_config={"method": method.model_dump(mode="json"),
+                                                           "train": train_cfg.model_dump(mode="json")})
+    if method.taid is not None:
+        from kdforge.losses.taid import TAIDSchedule
+        from kdforge.train.taid import TAIDCallback
+
+        spec = method.taid.model_dump(exclude={"term"})
+        TAIDCallback(TAIDSchedule(distiller.state.max_steps, **spec), term=method.taid.term).attach(distiller)
+    return distiller
+
+
+def _evaluate(inputs: _Inputs, trained: _Trained,
+              timings: dict[str, float]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Held-out scores of every model (teacher logits once per batch) and inference tokens/s."""
+    from kdforge.eval.lm import evaluate_language_models
+
+    config, teacher = inputs.config, inputs.teacher
+    with timed(timings, "eval_s"):
+        models: dict[str, torch.nn.Module] = {"teacher": teacher, "student init": inputs.template}
+        for (name, seed), model in trained.models.items():
             models[f"{name}|{seed}"] = model
-        eval_blocks = splits.eval
-        batches = [{"input_ids": eval_blocks[i: i + config.eval.batch_size]}
-                   for i in range(0, eval_blocks.shape[0], config.eval.batch_size)]
+        blocks, size = inputs.splits.eval, config.eval.batch_size
+        batches = [{"input_ids": blocks[i: i + size]} for i in range(0, blocks.shape[0], size)]
         scores = evaluate_language_models(models, batches, teacher="teacher")
-        timings["eval_s"] = time.perf_counter() - t0
+    with timed(timings, "speed_s"):
+        speed_blocks, repeats = inputs.splits.eval[: config.eval.speed_batch], config.eval.speed_repeats
+        speeds = {"teacher": measure_tokens_per_s(teacher, speed_blocks, repeats),
+                  "student": measure_tokens_per_s(inputs.template, speed_blocks, repeats)}
+    return scores, speeds
 
-        t0 = time.perf_counter()
-        speed_blocks = eval_blocks[: config.eval.speed_batch]
-        speeds = {"teacher": measure_tokens_per_s(teacher, speed_blocks, config.eval.speed_repeats),
-                  "student": measure_tokens_per_s(template, speed_blocks, config.eval.speed_repeats)}
-        timings["speed_s"] = time.perf_counter() - t0
 
-        # 7. results -------------------------------------------------------------------------
-        def _metrics(key: str) -> dict[str, float]:
-            m = scores[key]["metrics"]
-            keep = ("perplexity", "nll", "token_accuracy", "ece", "agreement", "kl_to_teacher", "js_to_teacher")
-            return {k: float(m[k]) for k in keep if k in m}
+_KEPT_METRICS = ("perplexity", "nll", "token_accuracy", "ece", "agreement", "kl_to_teacher", "js_to_teacher")
 
-        teacher_params = count_parameters(teacher)
-        student_params = count_parameters(template)
-        student_trainable = count_parameters(template, trainable_only=True)
-        rows: list[dict[str, Any]] = [{
-            "name": "teacher", "role": "teacher", "params": teacher_params,
-            "size_mb": round(teacher_params * teacher.dtype.itemsize / 2**20, 1),
-            "metrics": {**_metrics("teacher"), "tokens_per_s": speeds["teacher"]},
-            "reliability": scores["teacher"]["reliability"],
-        }]
-        for method in config.methods:
-            per_seed = []
-            for seed in config.seeds:
-                info = train_info[(method.name, seed)]
-                per_seed.append({"seed": seed, **_metrics(f"{method.name}|{seed}"),
-                                 "train_time_s": round(info["train_time_s"], 2),
-                                 "train_tokens_per_s": round(info["train_tokens_per_s"], 1),
-                                 "train_loss_last": info["last_train_logs"].get("loss"),
-                                 **({"taid_t_final": info["last_train_logs"]["taid/t"]}
-                                    if "taid/t" in info["last_train_logs"] else {})})
-            metrics: dict[str, Any] = {}
-            for key in per_seed[0]:
-                if key in ("seed",) or not isinstance(per_seed[0][key], int | float):
-                    continue
-                mean, std = _mean_std([p[key] for p in per_seed])
-                metrics[key] = mean
-                if std is not None:
-                    metrics[f"{key}_std"] = std
-            metrics["tokens_per_s"] = speeds["student"]
-            first = f"{method.name}|{config.seeds[0]}"
-            rows.append({
-                "name": f"student / {method.name}", "role": method.role, "params": student_params,
-                "trainable_params": student_trainable,
-                "size_mb": round(student_params * 4 / 2**20, 1),
-                "metrics": metrics, "per_seed": per_seed,
-                "objective": [t.model_dump(mode="json") for t in method.objective],
-                "regime": method.model_dump(mode="json", include={"on_policy", "taid", "chunked"}),
-                "reliability": scores[first]["reliability"],
-                "run_dir": [f"{_slug(method.name)}/seed-{seed}" for seed in config.seeds],
-            })
-        timings["total_s"] = time.perf_counter() - start
-        results: dict[str, Any] = {
-            "recipe": "llm_kd",
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "primary_metric": "perplexity",
-            "higher_is_better": False,
-            "models": rows,
-            "student_init": {**_metrics("student init"), "params": student_params,
-                             "trainable_params": student_trainable,
-                             "source_layers": list(template.config.kdforge_source_layers)},
-            "data": splits.summary(),
-            "teacher_cache": {"dir": str(cache_dir), "k": config.cache.k, "encoding": config.cache.encoding},
-            "seeds": list(config.seeds),
-            "timings": {k: round(v, 2) for k, v in timings.items()},
-            "torch_threads": torch.get_num_threads(),
-        }
-        write_json_atomic(out / "results.json", results)
-        table = results_markdown(results)
-        write_text_atomic(out / "results.md", table)
-        if config.plot:
-            try:
-                plot_run(out, results)
-            except Exception as exc:  # a plot must never fail a finished run
-                log.warning("could not write the plot: %s", exc)
-        log.info("results (%s):\n%s", out, table)
-        group.barrier()  # the other ranks read results.json after this
-        return results
+
+def _results(inputs: _Inputs, trained: _Trained, scores: dict[str, Any], speeds: dict[str, float],
+             timings: dict[str, float]) -> dict[str, Any]:
+    """``results.json`` (``docs/run-format.md``): one row for the teacher, one per method."""
+    from kdforge.eval.cost import count_parameters
+
+    config, teacher, template = inputs.config, inputs.teacher, inputs.template
+
+    def metrics(key: str) -> dict[str, float]:
+        m = scores[key]["metrics"]
+        return {k: float(m[k]) for k in _KEPT_METRICS if k in m}
+
+    teacher_params, student_params = count_parameters(teacher), count_parameters(template)
+    rows: list[dict[str, Any]] = [{
+        "name": "teacher", "role": "teacher", "params": teacher_params,
+        "size_mb": round(teacher_params * teacher.dtype.itemsize / 2**20, 1),
+        "metrics": {**metrics("teacher"), "tokens_per_s": speeds["teacher"]},
+        "reliability": scores["teacher"]["reliability"],
+    }]
+    trainable = count_parameters(template, trainable_only=True)
+    for method in config.methods:
+        rows.append(_method_row(config, method, trained, scores, metrics, student_params, trainable,
+                                speeds["student"]))
+    return {
+        "recipe": "llm_kd",
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "primary_metric": "perplexity",
+        "higher_is_better": False,
+        "models": rows,
+        "student_init": {**metrics("student init"), "params": student_params, "trainable_params": trainable,
+                         "source_layers": list(template.config.kdforge_source_layers)},
+        "data": inputs.splits.summary(),
+        "teacher_cache": {"dir": str(inputs.cache_dir), "k": config.cache.k, "encoding": config.cache.encoding},
+        "seeds": list(config.seeds),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _method_row(config: LLMKDConfig, method: MethodSpec, trained: _Trained, scores: dict[str, Any],
+                metrics: Callable[[str], dict[str, float]], params: int, trainable: int,
+                tokens_per_s: float) -> dict[str, Any]:
+    """The results row of one method: its metrics as mean (and std) over seeds, and each seed's."""
+    per_seed = []
+    for seed in config.seeds:
+        info = trained.info[(method.name, seed)]
+        logs = info["last_train_logs"]
+        per_seed.append({"seed": seed, **metrics(f"{method.name}|{seed}"),
+                         "train_time_s": round(info["train_time_s"], 2),
+                         "train_tokens_per_s": round(info["train_tokens_per_s"], 1),
+                         "train_loss_last": logs.get("loss"),
+                         **({"taid_t_final": logs["taid/t"]} if "taid/t" in logs else {})})
+    summary: dict[str, Any] = {}
+    for key in per_seed[0]:
+        if key in ("seed",) or not isinstance(per_seed[0][key], int | float):
+            continue
+        mean, std = _mean_std([p[key] for p in per_seed])
+        summary[key] = mean
+        if std is not None:
+            summary[f"{key}_std"] = std
+    summary["tokens_per_s"] = tokens_per_s
+    return {
+        "name": f"student / {method.name}", "role": method.role, "params": params,
+        "trainable_params": trainable,
+        "size_mb": round(params * 4 / 2**20, 1),
+        "metrics": summary, "per_seed": per_seed,
+        "objective": [t.model_dump(mode="json") for t in method.objective],
+        "regime": method.model_dump(mode="json", include={"on_policy", "taid", "chunked"}),
+        "reliability": scores[f"{method.name}|{config.seeds[0]}"]["reliability"],
+        "run_dir": [f"{slug(method.name)}/seed-{seed}" for seed in config.seeds],
+    }
 
 
 def results_markdown(results: dict[str, Any]) -> str:

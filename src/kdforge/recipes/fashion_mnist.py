@@ -33,24 +33,31 @@ import hashlib
 import json
 import logging
 import math
-import re
-import shutil
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from kdforge.config import StrictModel
-from kdforge.distributed import broadcast_from_main
 from kdforge.errors import CacheError, ConfigError
-from kdforge.io import write_bytes_atomic, write_json_atomic, write_text_atomic
+from kdforge.io import write_bytes_atomic
 from kdforge.recipes import RECIPES, Recipe
+from kdforge.recipes.subrun import (
+    RecipeRun,
+    SubRun,
+    fingerprint,
+    read_json,
+    slug,
+    timed,
+    train_student,
+)
+from kdforge.train.objective import LossTerm
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +107,25 @@ class OptimConfig(StrictModel):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="fraction of steps of linear warm-up")
 
 
-class TermConfig(StrictModel):
-    """One weighted loss term: ``weight * LOSSES[name](student, teacher, **params)``."""
+class TermSpec(LossTerm):
+    """One weighted loss term of a method (:class:`kdforge.train.LossTerm`, the same YAML keys:
+    ``name``, ``weight``, ``params``, ``label``).
 
-    name: str
-    weight: float = Field(..., ge=0)
-    params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = None
+    The only addition: an unknown loss name is reported at its key (``methods.0.terms.0.name``),
+    not at the term, so the config error points at the line to fix.
+    """
 
-    @field_validator("name")
+    @model_validator(mode="wrap")
     @classmethod
-    def _registered(cls, value: str) -> str:
-        from kdforge.losses import LOSSES
-
-        if value not in LOSSES:
-            raise ValueError(f"unknown loss {value!r}; registered: {', '.join(LOSSES.names())}")
-        return value
+    def _name_error_at_name(cls, data: Any, handler: Any) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("name", *e["loc"]), "input": data.get("name")}
+                      if not e["loc"] and str(e["msg"]).startswith("Value error, unknown loss")
+                      and isinstance(data, Mapping) else e
+                      for e in exc.errors()]
+            raise ValidationError.from_exception_data(exc.title, errors) from None
 
 
 class MethodConfig(StrictModel):
@@ -123,7 +133,7 @@ class MethodConfig(StrictModel):
 
     name: str
     role: Literal["baseline", "student"] = "student"
-    terms: list[TermConfig] = Field(..., min_length=1)
+    terms: list[TermSpec] = Field(..., min_length=1)
     transfer_set: bool = Field(False, description="also train on data.transfer unlabelled images (teacher targets only)")
     epochs: float | None = Field(None, gt=0, description="override train.epochs for this method")
 
@@ -137,12 +147,12 @@ class EvalConfig(StrictModel):
 
 def _default_methods() -> list[MethodConfig]:
     return [
-        MethodConfig(name="labels only", role="baseline", terms=[TermConfig(name="cross_entropy", weight=1.0)]),
+        MethodConfig(name="labels only", role="baseline", terms=[TermSpec(name="cross_entropy", weight=1.0)]),
         MethodConfig(
             name="KD T=2 a=0.5",
             terms=[
-                TermConfig(name="forward_kl", weight=0.5, params={"temperature": 2.0}),
-                TermConfig(name="cross_entropy", weight=0.5),
+                TermSpec(name="forward_kl", weight=0.5, params={"temperature": 2.0}),
+                TermSpec(name="cross_entropy", weight=0.5),
             ],
         ),
     ]
@@ -166,7 +176,7 @@ class FashionMnistConfig(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"method names must be unique, repeated: {', '.join(dupes)}")
-        slugs = [_slug(n) for n in names]
+        slugs = [slug(n) for n in names]
         if len(set(slugs)) != len(slugs):
             raise ValueError("method names must differ in more than punctuation (they name folders)")
         if len(set(self.seeds)) != len(self.seeds):
@@ -174,27 +184,29 @@ class FashionMnistConfig(StrictModel):
         return self
 
 
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "method"
-
-
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+def _terms_json(terms: Sequence[LossTerm]) -> list[dict[str, Any]]:
+    """The terms as the recipe has always written them (``source`` only when not the default)."""
+    out = []
+    for t in terms:
+        d = t.model_dump(mode="json")
+        if d.get("source") == "loss":
+            del d["source"]
+        out.append(d)
+    return out
+
+
+def _method_json(method: MethodConfig) -> dict[str, Any]:
+    return {**method.model_dump(mode="json"), "terms": _terms_json(method.terms)}
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -204,10 +216,16 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+def _safetensors(model: torch.nn.Module) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in model.state_dict().items()})
+
+
 def _fit(
     model: torch.nn.Module,
     dataset: torch.utils.data.Dataset,
-    terms: Sequence[TermConfig],
+    terms: Sequence[LossTerm],
     *,
     epochs: float,
     batch_size: int,
@@ -229,9 +247,10 @@ def _fit(
     ``batch_size`` is per process and an epoch is ``len(dataset) / (batch_size * world_size)``
     steps, so 2 processes x 16 train like 1 process x 32. Returns the final step, the last
     train logs and ``model``: the trained model as a plain module (under FSDP, whose parameters
-    are shards, the full weights gathered into ``factory()`` on rank 0; None on other ranks).
+    are shards, the full weights gathered into ``factory()`` on rank 0; None on other ranks:
+    :func:`kdforge.recipes.subrun.gather_student`).
     """
-    from kdforge.train import ClassificationTask, Distiller, LossTerm, Objective, TrainConfig
+    from kdforge.train import ClassificationTask, Distiller, Objective, TrainConfig
 
     steps_per_epoch = math.ceil(len(dataset) / (batch_size * world_size))
     total_steps = max(1, math.ceil(steps_per_epoch * epochs))
@@ -250,23 +269,26 @@ def _fit(
         keep_last=1,
         progress=False,
     )
-    objective = Objective([LossTerm(t.name, t.weight, t.params, label=t.label) for t in terms])
+    objective = Objective([LossTerm(**t.model_dump()) for t in terms])
     distiller = Distiller(model, task=ClassificationTask(), objective=objective, config=config, train_data=dataset)
-    state = distiller.train(resume=save_every is not None)
-    trained: torch.nn.Module | None = model
-    from kdforge.train.checkpoint import is_fully_sharded
-
-    if is_fully_sharded(distiller.student):  # collective: every rank joins the gather
-        full = distiller.accelerator.get_state_dict(distiller.student)
-        trained = None
-        if distiller.accelerator.is_main_process:
-            trained = factory()
-            trained.load_state_dict(full)
-    return {"steps": state.step, "last_logs": dict(state.last_logs), "model": trained}
+    trained = train_student(distiller, resume=save_every is not None, empty=factory)
+    return {"steps": trained.state.step, "last_logs": dict(trained.state.last_logs), "model": trained.model}
 
 
 # ---------------------------------------------------------------------------------------------
 # the recipe
+
+
+@dataclass
+class _Data:
+    """The normalised images of one run and the teacher's logits over them."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    t_train_logits: torch.Tensor | None = None
+    t_test_logits: torch.Tensor | None = None
 
 
 @RECIPES.register(RECIPE_NAME, "classic KD on Fashion-MNIST: cached CNN teacher, small student, CE vs KD vs DKD over seeds")
@@ -283,187 +305,124 @@ class FashionMnistKD(Recipe):
         ``teacher.batch_size`` are per process); the main process alone computes logits and
         metrics and writes every file; the others wait at barriers and return the same results.
         """
-        from kdforge.data.vision import (
-            ImageClassificationDataset,
-            load_fashion_mnist,
-            normalize_images,
-        )
-        from kdforge.teachers.cache.parallel import join_launch_group
-
         started = time.perf_counter()
-        out = Path(output_dir)
-        self._group = group = join_launch_group()
-        if group.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out / "config.yaml", yaml.safe_dump(
-                {"recipe": RECIPE_NAME, **config.model_dump(mode="json")}, sort_keys=False))
+        run = RecipeRun.start(RECIPE_NAME, config, output_dir)
         timings: dict[str, float] = {}
-
-        t0 = time.perf_counter()
-        splits = load_fashion_mnist(config.data.root)
-        x_train = normalize_images(splits.train_images)
-        x_test = normalize_images(splits.test_images)
-        y_train, y_test = splits.train_labels, splits.test_labels
-        if config.data.test_limit is not None:
-            x_test, y_test = x_test[: config.data.test_limit], y_test[: config.data.test_limit]
-        timings["data_s"] = time.perf_counter() - t0
-
-        teacher, teacher_info, t_train_logits, t_test_logits = self._teacher(
-            config, out, x_train, y_train, x_test, y_test, timings)
-
-        labelled_idx, transfer_idx = self._subsets(config, y_train)
-        log.info("students: %d labelled images, %d transfer images, %d test images",
-                 len(labelled_idx), len(transfer_idx), len(y_test))
-
-        datasets: dict[bool, ImageClassificationDataset] = {}
-
-        def dataset_for(transfer: bool) -> ImageClassificationDataset:
-            if transfer not in datasets:
-                idx = torch.cat([labelled_idx, transfer_idx]) if transfer else labelled_idx
-                labels = y_train[idx].clone()
-                if transfer:
-                    labels[len(labelled_idx):] = -100
-                datasets[transfer] = ImageClassificationDataset(x_train[idx], labels, t_train_logits[idx])
-            return datasets[transfer]
-
-        data_key = {
-            "labelled": _tensor_digest(labelled_idx),
-            "transfer": _tensor_digest(transfer_idx),
-            "test": _tensor_digest(y_test),
-            "teacher": teacher_info["fingerprint"],
-        }
-        t0 = time.perf_counter()
-        # seed-major order: an interrupted run has finished every method for its first seeds
-        finished: dict[tuple[str, int], dict[str, Any]] = {}
-        for seed in config.seeds:
-            for method in config.methods:
-                finished[method.name, seed] = self._student(
-                    config, method, seed, out, dataset_for(method.transfer_set), x_test, y_test, t_test_logits,
-                    data_key)
-        student_rows = [(m, [finished[m.name, s] for s in config.seeds]) for m in config.methods]
-        timings["students_s"] = time.perf_counter() - t0
-        if group.rank != 0:  # costs, results and files are rank 0's: wait, return what it wrote
-            group.barrier()
-            return json.loads((out / "results.json").read_text(encoding="utf-8"))
-
-        t0 = time.perf_counter()
-        from kdforge.eval.cost import cost_report
-        from kdforge.students.vision import build_vision_model
-
-        example = x_test[: config.eval.latency_batch_size]
-        cost_kwargs = {"warmup": config.eval.latency_warmup, "repeats": config.eval.latency_repeats}
-        teacher_cost = cost_report(teacher, example, **cost_kwargs)
-        student_cost = cost_report(build_vision_model(config.student.arch, **config.student.kwargs), example,
-                                   **cost_kwargs)
-        timings["latency_s"] = time.perf_counter() - t0
-
+        with timed(timings, "data_s"):
+            data = _load_data(config)
+        teacher, teacher_info = self._teacher(run, config, data, timings)
+        with timed(timings, "students_s"):
+            student_rows = self._students(run, config, data, teacher_info)
+        if not run.main:  # costs, results and files are rank 0's: wait, return what it wrote
+            return run.wait_for_results()
+        with timed(timings, "latency_s"):
+            teacher_cost, student_cost = _costs(config, teacher, data.x_test)
         results = self._results(config, teacher_info, teacher_cost, student_rows, student_cost, timings)
         timings["total_s"] = time.perf_counter() - started
         results["timings"] = timings
-        write_json_atomic(out / "results.json", results)
-        write_text_atomic(out / "results.md", results_markdown(results))
-        self._metrics_jsonl(out, results)
-        plot_results(results, out)
+        run.publish(results, results_markdown(results), plots=[lambda: plot_results(results, run.out)],
+                    extra={"metrics.jsonl": _metrics_jsonl(results)})
         print_results(results)
-        log.info("fashion_mnist_kd finished in %.1f s; results in %s", timings["total_s"], out)
-        group.barrier()
+        log.info("fashion_mnist_kd finished in %.1f s; results in %s", timings["total_s"], run.out)
         return results
 
-    def _launch_group(self):
-        """The process group :meth:`run` joined (one process when called outside ``run``)."""
-        from kdforge.teachers.cache.parallel import BuildGroup
-
-        return getattr(self, "_group", None) or BuildGroup()
-
     # -- teacher ------------------------------------------------------------------------------
-    def _teacher(self, config: FashionMnistConfig, out: Path, x_train: torch.Tensor, y_train: torch.Tensor,
-                 x_test: torch.Tensor, y_test: torch.Tensor, timings: dict[str, float]):
-        from safetensors.torch import load_file, save
-
-        from kdforge.data.vision import ImageClassificationDataset, stratified_indices
-        from kdforge.eval.classification import classification_metrics, predict_logits
+    def _teacher(self, run: RecipeRun, config: FashionMnistConfig, data: _Data,
+                 timings: dict[str, float]) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The teacher and its ``teacher.json`` record: reused when cached under the same
+        fingerprint, else trained (resuming its own checkpoints) and its logits computed once."""
+        from kdforge.data.vision import stratified_indices
         from kdforge.students.vision import build_vision_model
 
         tc = config.teacher
-        train_idx = (torch.arange(len(y_train)) if tc.train_size is None
-                     else stratified_indices(y_train, tc.train_size, seed=tc.seed))
-        fingerprint = _fingerprint({
+        train_idx = (torch.arange(len(data.y_train)) if tc.train_size is None
+                     else stratified_indices(data.y_train, tc.train_size, seed=tc.seed))
+        folder = run.out / "teacher"
+        sub = SubRun(run, "the teacher", folder / "run", fingerprint({
             "teacher": tc.model_dump(mode="json"),
-            "train_labels": _tensor_digest(y_train),
-            "train_pixels": _tensor_digest(x_train[:: max(1, len(x_train) // 64)]),
-            "test_labels": _tensor_digest(y_test),
+            "train_labels": _tensor_digest(data.y_train),
+            "train_pixels": _tensor_digest(data.x_train[:: max(1, len(data.x_train) // 64)]),
+            "test_labels": _tensor_digest(data.y_test),
             "ece_bins": config.eval.ece_bins,
-        })
-        folder = out / "teacher"
-        info_path, weights_path, logits_path = folder / "teacher.json", folder / "model.safetensors", folder / "logits.safetensors"
+        }, length=16), folder / "teacher.json")
         teacher = build_vision_model(tc.arch, **tc.kwargs)
-        group = self._launch_group()
-        main = group.rank == 0
-        # rank 0 decides whether the cached teacher is usable; every rank takes the same branch
-        info = broadcast_from_main(_read_json(info_path) if main else None)
-        if info is not None and info.get("fingerprint") == fingerprint and weights_path.is_file() and logits_path.is_file():
-            try:
-                teacher.load_state_dict(load_file(weights_path))
-                logits = load_file(logits_path)
-                train_logits, test_logits = logits["train"], logits["test"]
-            except Exception as exc:  # corrupt cache: a torn file from a crash cannot happen, but a hand edit can
-                raise CacheError(f"teacher cache in {folder} cannot be read: {exc}",
-                                 f"delete {folder} and run again (the teacher is retrained)") from None
-            if len(train_logits) == len(x_train) and len(test_logits) == len(x_test):
-                log.info("reusing cached teacher from %s (test accuracy %.4f)", folder, info["metrics"]["accuracy"])
-                info["cached"] = True
-                timings["teacher_train_s"] = 0.0
-                timings["teacher_logits_s"] = 0.0
-                return teacher.eval(), info, train_logits, test_logits
-        if info is not None:
-            log.info("teacher cache in %s was built for another config; retraining", folder)
+        info = sub.reuse()  # rank 0 decides whether the cached teacher is usable; every rank follows
+        if info is not None and _load_cached_teacher(teacher, folder, data):
+            log.info("reusing cached teacher from %s (test accuracy %.4f)", folder, info["metrics"]["accuracy"])
+            timings["teacher_train_s"] = timings["teacher_logits_s"] = 0.0
+            return teacher.eval(), {**info, "cached": True}
         log.info("training teacher %s on %d images for %g epochs", tc.arch, len(train_idx), tc.epochs)
         torch.manual_seed(tc.seed)
         teacher = build_vision_model(tc.arch, **tc.kwargs)
-        # checkpoints twice per epoch: an interrupted teacher resumes where it stopped, but only a
-        # teacher of this very config (the run folder is wiped when the fingerprint changed)
-        run_dir = folder / "run"
-        marker = run_dir / "fingerprint.txt"
-        if main:
-            if run_dir.exists() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
-                shutil.rmtree(run_dir)
-            write_text_atomic(marker, fingerprint + "\n")
-        group.barrier()  # every rank sees the same checkpoints before the Distiller looks for one
-        t0 = time.perf_counter()
-        step_images = tc.batch_size * group.world_size
-        teacher = _fit(teacher, ImageClassificationDataset(x_train[train_idx], y_train[train_idx]),
-                       [TermConfig(name="cross_entropy", weight=1.0)], epochs=tc.epochs, batch_size=tc.batch_size,
-                       lr=tc.lr, weight_decay=tc.weight_decay, scheduler="cosine", warmup_ratio=0.05, seed=tc.seed,
-                       run_dir=run_dir, save_every=max(1, math.ceil(len(train_idx) / step_images) // 2),
-                       world_size=group.world_size,
-                       factory=lambda: build_vision_model(tc.arch, **tc.kwargs))["model"]
-        timings["teacher_train_s"] = time.perf_counter() - t0
-        if not main:  # rank 0 computes the logits once and writes them; read them back
-            group.barrier()
-            logits = load_file(logits_path)
-            return teacher, _read_json(info_path), logits["train"], logits["test"]
-        t0 = time.perf_counter()
-        teacher.eval()
-        train_logits = predict_logits(teacher, x_train)
-        test_logits = predict_logits(teacher, x_test)
-        timings["teacher_logits_s"] = time.perf_counter() - t0
-        write_bytes_atomic(weights_path, save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
-        write_bytes_atomic(logits_path, save({"train": train_logits.contiguous(), "test": test_logits.contiguous()}))
-        info = {
-            "fingerprint": fingerprint,
-            "arch": tc.arch,
-            "train_images": len(train_idx),
-            "test_images": len(y_test),
+        sub.prepare(resume=True)  # an interrupted teacher of this very config resumes from its checkpoints
+        with timed(timings, "teacher_train_s"):
+            from kdforge.data.vision import ImageClassificationDataset
+
+            step_images = tc.batch_size * run.world_size
+            teacher = _fit(teacher, ImageClassificationDataset(data.x_train[train_idx], data.y_train[train_idx]),
+                           [LossTerm("cross_entropy", 1.0)], epochs=tc.epochs, batch_size=tc.batch_size,
+                           lr=tc.lr, weight_decay=tc.weight_decay, scheduler="cosine", warmup_ratio=0.05,
+                           seed=tc.seed, run_dir=sub.dir,
+                           save_every=max(1, math.ceil(len(train_idx) / step_images) // 2),
+                           world_size=run.world_size, factory=lambda: build_vision_model(tc.arch, **tc.kwargs))["model"]
+        if run.main:
+            info = self._score_teacher(sub, teacher, data, config, len(train_idx), timings)
+        run.barrier()
+        if not run.main:  # rank 0 computed the logits once and wrote them; read them back
+            _load_cached_teacher(None, folder, data)
+            info = read_json(sub.record)
+        return teacher, info
+
+    @staticmethod
+    def _score_teacher(sub: SubRun, teacher: torch.nn.Module, data: _Data, config: FashionMnistConfig,
+                       n_train: int, timings: dict[str, float]) -> dict[str, Any]:
+        """Rank 0: the teacher's logits over every image, its weights and logits files, and its
+        record ``teacher.json``, written last (the commit marker of a complete cache)."""
+        from safetensors.torch import save
+
+        from kdforge.eval.classification import classification_metrics, predict_logits
+
+        folder = sub.record.parent
+        with timed(timings, "teacher_logits_s"):
+            teacher.eval()
+            data.t_train_logits = predict_logits(teacher, data.x_train)
+            data.t_test_logits = predict_logits(teacher, data.x_test)
+        write_bytes_atomic(folder / "model.safetensors", _safetensors(teacher))
+        write_bytes_atomic(folder / "logits.safetensors", save({"train": data.t_train_logits.contiguous(),
+                                                                "test": data.t_test_logits.contiguous()}))
+        return sub.finish({
+            "arch": config.teacher.arch,
+            "train_images": n_train,
+            "test_images": len(data.y_test),
             "train_seconds": timings["teacher_train_s"],
             "logits_seconds": timings["teacher_logits_s"],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "cached": False,
-            "metrics": classification_metrics(test_logits, y_test, n_bins=config.eval.ece_bins),
+            "metrics": classification_metrics(data.t_test_logits, data.y_test, n_bins=config.eval.ece_bins),
+        }, weights="model.safetensors")
+
+    # -- students -----------------------------------------------------------------------------
+    def _students(self, run: RecipeRun, config: FashionMnistConfig, data: _Data,
+                  teacher_info: Mapping[str, Any]) -> list[tuple[MethodConfig, list[dict[str, Any]]]]:
+        """Every (method, seed) record, trained or reused; seed-major order, so an interrupted run
+        has finished every method for its first seeds."""
+        labelled_idx, transfer_idx = self._subsets(config, data.y_train)
+        log.info("students: %d labelled images, %d transfer images, %d test images",
+                 len(labelled_idx), len(transfer_idx), len(data.y_test))
+        datasets = {transfer: _student_dataset(data, labelled_idx, transfer_idx if transfer else None)
+                    for transfer in sorted({m.transfer_set for m in config.methods})}
+        data_key = {
+            "labelled": _tensor_digest(labelled_idx),
+            "transfer": _tensor_digest(transfer_idx),
+            "test": _tensor_digest(data.y_test),
+            "teacher": teacher_info["fingerprint"],
         }
-        # teacher.json is written last: it is the commit marker of a complete cache
-        write_json_atomic(info_path, info)
-        group.barrier()
-        return teacher, info, train_logits, test_logits
+        finished: dict[tuple[str, int], dict[str, Any]] = {}
+        for seed in config.seeds:
+            for method in config.methods:
+                finished[method.name, seed] = self._student(run, config, method, seed,
+                                                            datasets[method.transfer_set], data, data_key)
+        return [(m, [finished[m.name, s] for s in config.seeds]) for m in config.methods]
 
     # -- subsets ------------------------------------------------------------------------------
     @staticmethod
@@ -483,51 +442,49 @@ class FashionMnistKD(Recipe):
         return labelled, transfer
 
     # -- one student --------------------------------------------------------------------------
-    def _student(self, config: FashionMnistConfig, method: MethodConfig, seed: int, out: Path,
-                 dataset, x_test: torch.Tensor, y_test: torch.Tensor, t_test_logits: torch.Tensor,
-                 data_key: Mapping[str, str]) -> dict[str, Any]:
-        from safetensors.torch import save
-
+    def _student(self, run: RecipeRun, config: FashionMnistConfig, method: MethodConfig, seed: int,
+                 dataset: Any, data: _Data, data_key: Mapping[str, str]) -> dict[str, Any]:
+        """One student's ``result.json`` record: reused under the same fingerprint, else trained
+        (all ranks), scored on the test set and recorded (rank 0)."""
         from kdforge.eval.classification import classification_metrics, predict_logits
         from kdforge.students.vision import build_vision_model
 
         tr = config.train
         epochs = method.epochs if method.epochs is not None else tr.epochs
-        run_dir = out / "students" / _slug(method.name) / f"seed-{seed}"
-        fingerprint = _fingerprint({
+        folder = Path("students") / slug(method.name) / f"seed-{seed}"
+        sub = run.subrun(f"{method.name!r}, seed {seed}", folder, {
             "student": config.student.model_dump(mode="json"),
             "train": tr.model_dump(mode="json"),
-            "method": method.model_dump(mode="json"),
+            "method": _method_json(method),
             "seed": seed,
             "data": dict(data_key),
             "n_train": len(dataset),
             "ece_bins": config.eval.ece_bins,
-        })
-        group = self._launch_group()
-        main = group.rank == 0
-        cached = broadcast_from_main(_read_json(run_dir / "result.json") if main else None)
-        if cached is not None and cached.get("fingerprint") == fingerprint:
-            log.info("reusing %s seed %d from %s", method.name, seed, run_dir)
+        }, length=16, record="result.json")
+        cached = sub.reuse()
+        if cached is not None:
             return cached
         log.info("training student %r seed %d (%d images, %g epochs)", method.name, seed, len(dataset), epochs)
+        sub.prepare(resume=False)
         torch.manual_seed(seed)
         model = build_vision_model(config.student.arch, **config.student.kwargs)
         t0 = time.perf_counter()
         model = _fit(model, dataset, method.terms, epochs=epochs, batch_size=tr.batch_size, lr=tr.lr,
                      weight_decay=tr.weight_decay, scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, seed=seed,
-                     run_dir=run_dir, world_size=group.world_size,
+                     run_dir=sub.dir, world_size=run.world_size,
                      factory=lambda: build_vision_model(config.student.arch, **config.student.kwargs))["model"]
         seconds = time.perf_counter() - t0
-        if not main:  # rank 0 scores the student and writes its files
-            group.barrier()
-            return json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
-        logits = predict_logits(model, x_test)
-        metrics = classification_metrics(logits, y_test, teacher_logits=t_test_logits, n_bins=config.eval.ece_bins)
-        write_bytes_atomic(run_dir / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
-        result = {"fingerprint": fingerprint, "method": method.name, "seed": seed, "train_seconds": seconds,
-                  "train_images": len(dataset), "epochs": epochs, "metrics": metrics}
-        write_json_atomic(run_dir / "result.json", result)
-        group.barrier()
+        if not run.main:  # rank 0 scores the student and writes its files
+            run.barrier()
+            return json.loads(sub.record.read_text(encoding="utf-8"))
+        logits = predict_logits(model, data.x_test)
+        metrics = classification_metrics(logits, data.y_test, teacher_logits=data.t_test_logits,
+                                         n_bins=config.eval.ece_bins)
+        write_bytes_atomic(sub.dir / "model.safetensors", _safetensors(model))
+        result = sub.finish({"method": method.name, "seed": seed, "train_seconds": seconds,
+                             "train_images": len(dataset), "epochs": epochs, "metrics": metrics},
+                            weights="model.safetensors")
+        run.barrier()
         return result
 
     # -- results ------------------------------------------------------------------------------
@@ -565,7 +522,7 @@ class FashionMnistKD(Recipe):
                 "arch": config.student.arch,
                 "params": student_cost["params"],
                 "size_mb": student_cost["size_mb"],
-                "terms": [t.model_dump(mode="json") for t in method.terms],
+                "terms": _terms_json(method.terms),
                 "transfer_set": method.transfer_set,
                 "train_images": per_seed[0]["train_images"],
                 "epochs": per_seed[0]["epochs"],
@@ -574,7 +531,7 @@ class FashionMnistKD(Recipe):
                 "reliability": _pool_reliability([r["metrics"]["reliability"] for r in per_seed]),
                 "per_seed": [{"seed": r["seed"], **{k: r["metrics"][k] for k in ("accuracy", "agreement", "kl_to_teacher", "ece")},
                               "train_seconds": r["train_seconds"]} for r in per_seed],
-                "run_dir": [f"students/{_slug(method.name)}/seed-{r['seed']}" for r in per_seed],
+                "run_dir": [f"students/{slug(method.name)}/seed-{r['seed']}" for r in per_seed],
             }
             if method.role == "baseline" and baseline_acc is None:
                 baseline_acc = summary["accuracy"]
@@ -600,14 +557,69 @@ class FashionMnistKD(Recipe):
             "models": models,
         }
 
-    @staticmethod
-    def _metrics_jsonl(out: Path, results: dict[str, Any]) -> None:
-        lines = []
-        for i, m in enumerate(results["models"]):
-            record = {"step": i, "split": "eval", "model": m["name"]}
-            record |= {f"eval/{k}": v for k, v in m["metrics"].items() if isinstance(v, int | float)}
-            lines.append(json.dumps(record))
-        write_text_atomic(out / "metrics.jsonl", "\n".join(lines) + "\n")
+
+def _load_data(config: FashionMnistConfig) -> _Data:
+    from kdforge.data.vision import load_fashion_mnist, normalize_images
+
+    splits = load_fashion_mnist(config.data.root)
+    x_test, y_test = normalize_images(splits.test_images), splits.test_labels
+    if config.data.test_limit is not None:
+        x_test, y_test = x_test[: config.data.test_limit], y_test[: config.data.test_limit]
+    return _Data(normalize_images(splits.train_images), splits.train_labels, x_test, y_test)
+
+
+def _load_cached_teacher(teacher: torch.nn.Module | None, folder: Path, data: _Data) -> bool:
+    """Load the cached teacher logits into ``data`` (and its weights into ``teacher``); False when
+    the cache is incomplete or was computed over other images."""
+    from safetensors.torch import load_file
+
+    weights, logits_path = folder / "model.safetensors", folder / "logits.safetensors"
+    if not (weights.is_file() and logits_path.is_file()):
+        return False
+    try:
+        if teacher is not None:
+            teacher.load_state_dict(load_file(weights))
+        logits = load_file(logits_path)
+    except Exception as exc:  # corrupt cache: a torn file from a crash cannot happen, but a hand edit can
+        raise CacheError(f"teacher cache in {folder} cannot be read: {exc}",
+                         f"delete {folder} and run again (the teacher is retrained)") from None
+    if len(logits["train"]) != len(data.x_train) or len(logits["test"]) != len(data.x_test):
+        return False
+    data.t_train_logits, data.t_test_logits = logits["train"], logits["test"]
+    return True
+
+
+def _student_dataset(data: _Data, labelled_idx: torch.Tensor, transfer_idx: torch.Tensor | None) -> Any:
+    """The labelled images, plus the transfer images (label -100: teacher targets only) if given."""
+    from kdforge.constants import IGNORE_INDEX
+    from kdforge.data.vision import ImageClassificationDataset
+
+    idx = labelled_idx if transfer_idx is None else torch.cat([labelled_idx, transfer_idx])
+    labels = data.y_train[idx].clone()
+    labels[len(labelled_idx):] = IGNORE_INDEX
+    return ImageClassificationDataset(data.x_train[idx], labels, data.t_train_logits[idx])
+
+
+def _costs(config: FashionMnistConfig, teacher: torch.nn.Module,
+           x_test: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parameters, size and CPU latency of the teacher and of an (untrained) student."""
+    from kdforge.eval.cost import cost_report
+    from kdforge.students.vision import build_vision_model
+
+    example = x_test[: config.eval.latency_batch_size]
+    kwargs = {"warmup": config.eval.latency_warmup, "repeats": config.eval.latency_repeats}
+    student = build_vision_model(config.student.arch, **config.student.kwargs)
+    return cost_report(teacher, example, **kwargs), cost_report(student, example, **kwargs)
+
+
+def _metrics_jsonl(results: Mapping[str, Any]) -> str:
+    """One eval record per model (``metrics.jsonl`` of the run folder, for ``kdforge report``)."""
+    lines = []
+    for i, m in enumerate(results["models"]):
+        record = {"step": i, "split": "eval", "model": m["name"]}
+        record |= {f"eval/{k}": v for k, v in m["metrics"].items() if isinstance(v, int | float)}
+        lines.append(json.dumps(record))
+    return "\n".join(lines) + "\n"
 
 
 def _pool_reliability(bins: list[dict[str, list]]) -> dict[str, list]:

@@ -287,3 +287,46 @@ def test_pgkd_under_a_multi_process_launch_is_refused_before_any_work(tmp_path, 
     with pytest.raises(ConfigError, match="one process"):
         PGKD().run(None, tmp_path / "run")  # refused before the config is even read
     assert not (tmp_path / "run").exists()
+
+
+def _f1_by_counting(pred, labels, names):
+    """Reference: accuracy and per-class F1 counted row by row (the definition)."""
+    out = {"accuracy": sum(p == y for p, y in zip(pred, labels)) / len(labels)}
+    f1s = []
+    for c, name in enumerate(names):
+        tp = sum(p == c and y == c for p, y in zip(pred, labels))
+        fp = sum(p == c and y != c for p, y in zip(pred, labels))
+        fn = sum(p != c and y == c for p, y in zip(pred, labels))
+        prec, rec = (tp / (tp + fp) if tp + fp else 0.0), (tp / (tp + fn) if tp + fn else 0.0)
+        out[f"f1/{name}"] = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        f1s.append(out[f"f1/{name}"])
+    out["macro_f1"] = sum(f1s) / len(f1s)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_from_kdforge_eval_equal_accuracy_and_f1_counted_by_hand(seed):
+    """pgkd's metrics come from kdforge.eval (float32) and equal the counted definition; a class
+    that is never predicted (seed 0 drops class 2 from the predictions) has F1 0."""
+    g = torch.Generator().manual_seed(seed)
+    names = ["a", "b", "c"]
+    labels = torch.randint(0, 3, (57,), generator=g).tolist()
+    probs = torch.rand(57, 3, generator=g)
+    if seed == 0:
+        probs[:, 2] = 0.0
+    got = pg.classification_metrics(probs, labels, names)
+    want = _f1_by_counting(probs.argmax(-1).tolist(), labels, names)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    if seed == 0:
+        assert got["f1/c"] == 0.0
+
+
+def test_metrics_of_a_hand_worked_example():
+    # labels a a b b, predictions a b b b: accuracy 3/4; a: P 1, R 1/2, F1 2/3; b: P 2/3, R 1, F1 4/5
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.1, 0.9], [0.4, 0.6]])
+    got = pg.classification_metrics(probs, [0, 0, 1, 1], ["a", "b"])
+    assert got["accuracy"] == pytest.approx(0.75)
+    assert got["f1/a"] == pytest.approx(2 / 3, rel=1e-6) and got["f1/b"] == pytest.approx(0.8, rel=1e-6)
+    assert got["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2, rel=1e-6)

@@ -43,6 +43,7 @@ as the student, test metrics for both.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import statistics
@@ -257,18 +258,26 @@ def predict(model: nn.Module, texts: list[str], cfg: StudentConfig) -> torch.Ten
 
 
 def classification_metrics(probs: torch.Tensor, labels: list[int], names: list[str]) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall/F1 and macro F1."""
-    pred = probs.argmax(-1).tolist()
-    n = max(len(labels), 1)
-    out: dict[str, Any] = {"accuracy": sum(p == y for p, y in zip(pred, labels, strict=True)) / n}
+    """Accuracy, per-class F1 (``f1/<name>``) and macro F1 of class probabilities ``[N, C]``.
+
+    Built on :mod:`kdforge.eval.classification`: accuracy is :func:`~kdforge.eval.accuracy`;
+    recall of class ``c`` is :func:`~kdforge.eval.per_class_accuracy`
+    ``#(pred = c, y = c) / #(y = c)``, and with predictions and labels swapped the same function
+    gives the precision ``#(pred = c, y = c) / #(pred = c)``. ``F1 = 2 P R / (P + R)``; a class
+    never predicted or never present counts as P or R = 0 (then F1 = 0). Values are float32
+    fractions as everywhere in ``kdforge.eval``.
+    """
+    from kdforge.eval.classification import accuracy, per_class_accuracy
+
+    y = torch.tensor(labels, dtype=torch.long)
+    pred = probs.argmax(-1)
+    out: dict[str, Any] = {"accuracy": accuracy(pred, y) if labels else 0.0}
+    recall = per_class_accuracy(pred, y, len(names))
+    precision = per_class_accuracy(y, pred, len(names))
     f1s = []
-    for c, name in enumerate(names):
-        tp = sum(p == c and y == c for p, y in zip(pred, labels, strict=True))
-        fp = sum(p == c and y != c for p, y in zip(pred, labels, strict=True))
-        fn = sum(p != c and y == c for p, y in zip(pred, labels, strict=True))
-        prec = tp / (tp + fp) if tp + fp else 0.0
-        rec = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    for name, p, r in zip(names, precision, recall, strict=True):
+        p, r = (0.0 if math.isnan(p) else p), (0.0 if math.isnan(r) else r)
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
         out[f"f1/{name}"] = f1
         f1s.append(f1)
     out["macro_f1"] = sum(f1s) / len(f1s)

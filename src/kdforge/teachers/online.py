@@ -32,6 +32,10 @@ from torch import nn
 
 from kdforge.errors import AssetError, ConfigError, DeviceError, ShapeError
 from kdforge.losses.signal import SparseTeacher
+from kdforge.teachers.forward import extract_logits as _extract_logits
+from kdforge.teachers.forward import run_model, run_model_features
+from kdforge.teachers.signal import TeacherSignal
+from kdforge.teachers.sources.base import TeacherSource
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +61,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ConfigError(
             f"unknown dtype {dtype!r}", f"use one of: auto, {', '.join(sorted(_DTYPES))}"
         ) from None
-
-
-def _extract_logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, tuple | list) and output:
-        logits = output[0]
-    if not isinstance(logits, torch.Tensor):
-        raise ShapeError(
-            f"the teacher returned {type(output).__name__}, which has no logits tensor",
-            "pass a causal LM (AutoModelForCausalLM) or a module returning logits [B, T, V]",
-        )
-    return logits
 
 
 def topk_logprobs(logits: torch.Tensor, k: int, *, chunk_tokens: int = 1024) -> SparseTeacher:
@@ -100,7 +90,7 @@ def topk_logprobs(logits: torch.Tensor, k: int, *, chunk_tokens: int = 1024) -> 
     return SparseTeacher(ids_out.reshape(*lead, k), lp_out.reshape(*lead, k), vocab)
 
 
-class OnlineTeacher:
+class OnlineTeacher(TeacherSource):
     """A frozen teacher model producing logits or a sparse top-k signal.
 
     Args:
@@ -112,7 +102,14 @@ class OnlineTeacher:
         vocab_size: if set, logits are sliced to ``[..., :vocab_size]`` (drops embedding padding
             rows beyond the tokenizer; see :mod:`kdforge.teachers.vocab`).
         name: identifier written to cache manifests (default: ``model.config._name_or_path``).
+
+    As a :class:`~kdforge.teachers.sources.TeacherSource` it gives dense logits (and captured
+    features) at the task's loss positions. Given an explicit ``device``, it stays there (a second
+    GPU, say); otherwise the trainer places it on its own device.
     """
+
+    provides = frozenset({"dense", "features"})
+    scores_new_samples = True
 
     def __init__(
         self,
@@ -140,6 +137,7 @@ class OnlineTeacher:
         model.requires_grad_(False)
         model.eval()
         self.model = model
+        self.pinned = device is not None
         self.vocab_size = vocab_size
         config = getattr(model, "config", None)
         self.name = name or str(getattr(config, "_name_or_path", "") or type(model).__name__)
@@ -179,12 +177,7 @@ class OnlineTeacher:
         with torch.no_grad():
             logits = _extract_logits(self.model(**kwargs))
         if self.vocab_size is not None:
-            if logits.shape[-1] < self.vocab_size:
-                raise ShapeError(
-                    f"teacher logits have {logits.shape[-1]} entries, fewer than vocab_size={self.vocab_size}",
-                    "set vocab_size to at most the teacher's output size",
-                )
-            logits = logits[..., : self.vocab_size]
+            logits = _slice_vocab(logits, self.vocab_size)
         return logits
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,11 +199,42 @@ class OnlineTeacher:
             sparse = topk_logprobs(logits, k)
         return sparse.to(input_ids.device)
 
+    # -- TeacherSource ---------------------------------------------------------------------------
+    def modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def place(self, device: torch.device | str) -> None:
+        """Move the model to ``device`` unless it was given its own device at construction."""
+        if not self.pinned and self.device != torch.device(device):
+            self.model.to(device)
+
+    def signal(self, batch: Any, task: Any, *, features: Any = None) -> TeacherSignal:
+        """Dense logits at ``task``'s loss positions (no gradient), and the requested ``features``."""
+        args, kwargs = task.model_inputs(batch)
+        task.check_inputs(self.model, batch, "teacher")
+        feats = None
+        if features is not None:
+            logits, feats = run_model_features(self.model, features, *args, **kwargs)
+        else:
+            logits = run_model(self.model, *args, **kwargs)
+        if self.vocab_size is not None:
+            logits = _slice_vocab(logits, self.vocab_size)
+        return TeacherSignal(logits=task.to_loss_positions(logits, batch, what="teacher logits"), features=feats)
+
     def weights_hash(self) -> str:
         """SHA-256 over parameter/buffer names, shapes, dtypes and bytes (computed once)."""
         if self._weights_hash is None:
             self._weights_hash = model_weights_hash(self.model)
         return self._weights_hash
+
+
+def _slice_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    if logits.shape[-1] < vocab_size:
+        raise ShapeError(
+            f"teacher logits have {logits.shape[-1]} entries, fewer than vocab_size={vocab_size}",
+            "set vocab_size to at most the teacher's output size",
+        )
+    return logits[..., :vocab_size]
 
 
 def model_weights_hash(model: nn.Module) -> str:

@@ -1,0 +1,38 @@
+"""Teacher sources: where the teacher signal comes from (see :mod:`.base` for the contract).
+
+* :class:`~kdforge.teachers.online.OnlineTeacher` — a live frozen model (dense logits, features),
+* :class:`CachedTeacher` — the top-k cache's keys in the batch (sparse),
+* :func:`as_source` — the one place that turns what a user passes as ``teacher=`` into a source.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from kdforge.errors import ConfigError
+from kdforge.teachers.sources.base import TeacherSource
+from kdforge.teachers.sources.cached import CachedTeacher
+
+__all__ = ["CachedTeacher", "TeacherSource", "as_source"]
+
+
+def as_source(teacher: Any) -> TeacherSource | None:
+    """The :class:`TeacherSource` for ``teacher=``: a source as is, an ``nn.Module`` wrapped in an
+    :class:`~kdforge.teachers.online.OnlineTeacher`, ``"cache"`` a :class:`CachedTeacher`, None none."""
+    from kdforge.teachers.online import OnlineTeacher
+
+    if teacher is None or isinstance(teacher, TeacherSource):
+        return teacher
+    if teacher == "cache":
+        return CachedTeacher()
+    if isinstance(teacher, nn.Module):
+        return OnlineTeacher(teacher)
+    model = getattr(teacher, "model", None)
+    if isinstance(model, nn.Module):
+        return OnlineTeacher(model, vocab_size=getattr(teacher, "vocab_size", None))
+    raise ConfigError(
+        f"teacher must be an nn.Module, a TeacherSource or 'cache', got {type(teacher).__name__}",
+        "pass the model itself, kdforge.teachers.OnlineTeacher(model), CachedTeacher() or another source",
+    )

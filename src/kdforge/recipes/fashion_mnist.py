@@ -488,7 +488,10 @@ class FashionMnistKD(Recipe):
         return result
 
     # -- results ------------------------------------------------------------------------------
-    def _results(self, config, teacher_info, teacher_cost, student_rows, student_cost, timings) -> dict[str, Any]:
+    def _results(self, config: FashionMnistConfig, teacher_info: Mapping[str, Any], teacher_cost: Mapping[str, Any],
+                 student_rows: list[tuple[MethodConfig, list[dict[str, Any]]]], student_cost: Mapping[str, Any],
+                 timings: dict[str, float]) -> dict[str, Any]:
+        """``results.json`` (``docs/run-format.md``): the teacher row, one row per method."""
         models = [{
             "name": "teacher",
             "role": "teacher",
@@ -506,33 +509,8 @@ class FashionMnistKD(Recipe):
         }]
         baseline_acc = None
         for method, per_seed in student_rows:
-            summary: dict[str, float] = {}
-            for key in ("accuracy", "agreement", "kl_to_teacher", "ece", "nll"):
-                mean, std = _mean_std([r["metrics"].get(key) for r in per_seed])
-                summary[key], summary[f"{key}_std"] = mean, std
-            summary |= {"latency_ms": student_cost["latency_per_item_ms"],
-                        "latency_ms_p95": student_cost["latency_ms_p95"] / student_cost["latency_batch_size"],
-                        "throughput_per_s": student_cost["throughput_per_s"]}
-            n_classes = len(per_seed[0]["metrics"]["per_class_accuracy"])
-            per_class = [statistics.fmean(r["metrics"]["per_class_accuracy"][c] for r in per_seed) for c in range(n_classes)]
-            entry = {
-                "name": f"student / {method.name}",
-                "method": method.name,
-                "role": method.role,
-                "arch": config.student.arch,
-                "params": student_cost["params"],
-                "size_mb": student_cost["size_mb"],
-                "terms": _terms_json(method.terms),
-                "transfer_set": method.transfer_set,
-                "train_images": per_seed[0]["train_images"],
-                "epochs": per_seed[0]["epochs"],
-                "metrics": summary,
-                "per_class_accuracy": per_class,
-                "reliability": _pool_reliability([r["metrics"]["reliability"] for r in per_seed]),
-                "per_seed": [{"seed": r["seed"], **{k: r["metrics"][k] for k in ("accuracy", "agreement", "kl_to_teacher", "ece")},
-                              "train_seconds": r["train_seconds"]} for r in per_seed],
-                "run_dir": [f"students/{slug(method.name)}/seed-{r['seed']}" for r in per_seed],
-            }
+            entry = _student_entry(config, method, per_seed, student_cost)
+            summary = entry["metrics"]
             if method.role == "baseline" and baseline_acc is None:
                 baseline_acc = summary["accuracy"]
             models.append(entry)
@@ -556,6 +534,39 @@ class FashionMnistKD(Recipe):
             "teacher_cached": bool(teacher_info.get("cached")),
             "models": models,
         }
+
+
+def _student_entry(config: FashionMnistConfig, method: MethodConfig, per_seed: list[dict[str, Any]],
+                   student_cost: Mapping[str, Any]) -> dict[str, Any]:
+    """The results row of one method: metrics as mean and std over its seeds, pooled reliability."""
+    summary: dict[str, float] = {}
+    for key in ("accuracy", "agreement", "kl_to_teacher", "ece", "nll"):
+        mean, std = _mean_std([r["metrics"].get(key) for r in per_seed])
+        summary[key], summary[f"{key}_std"] = mean, std
+    summary |= {"latency_ms": student_cost["latency_per_item_ms"],
+                "latency_ms_p95": student_cost["latency_ms_p95"] / student_cost["latency_batch_size"],
+                "throughput_per_s": student_cost["throughput_per_s"]}
+    n_classes = len(per_seed[0]["metrics"]["per_class_accuracy"])
+    per_class = [statistics.fmean(r["metrics"]["per_class_accuracy"][c] for r in per_seed) for c in range(n_classes)]
+    entry = {
+        "name": f"student / {method.name}",
+        "method": method.name,
+        "role": method.role,
+        "arch": config.student.arch,
+        "params": student_cost["params"],
+        "size_mb": student_cost["size_mb"],
+        "terms": _terms_json(method.terms),
+        "transfer_set": method.transfer_set,
+        "train_images": per_seed[0]["train_images"],
+        "epochs": per_seed[0]["epochs"],
+        "metrics": summary,
+        "per_class_accuracy": per_class,
+        "reliability": _pool_reliability([r["metrics"]["reliability"] for r in per_seed]),
+        "per_seed": [{"seed": r["seed"], **{k: r["metrics"][k] for k in ("accuracy", "agreement", "kl_to_teacher", "ece")},
+                      "train_seconds": r["train_seconds"]} for r in per_seed],
+        "run_dir": [f"students/{slug(method.name)}/seed-{r['seed']}" for r in per_seed],
+    }
+    return entry
 
 
 def _load_data(config: FashionMnistConfig) -> _Data:

@@ -8,8 +8,9 @@ batch first gets teacher-generated completions (sequence-level KD, Kim & Rush 20
 on-policy draw then applies on top, as in the paper's Algorithm 1.
 
 Prompt/completion split: in a causal-LM batch the prompt of a row is its attended tokens before
-the first label that is not ``-100``. Generation is a pluggable callable (:class:`GenerateFn`):
-``backend: transformers`` (default, :class:`HFGenerator`) or ``backend: vllm``
+the first label that is not ``-100``. Generation is a pluggable callable
+(:class:`~kdforge.train.generation.GenerateFn`): ``backend: transformers`` (default,
+:class:`~kdforge.train.generation.HFGenerator`) or ``backend: vllm``
 (:class:`~kdforge.train.vllm_generation.VLLMGenerator`: a colocated vLLM engine re-synced with the
 student's weights every ``vllm.sync_every`` optimizer steps), or any callable passed as
 ``generate_fn``.
@@ -19,46 +20,25 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from kdforge.constants import IGNORE_INDEX
-from kdforge.errors import ConfigError, DataError, GenerationError
+from kdforge.errors import ConfigError, DataError
 from kdforge.train.config import FriendlyModel
+from kdforge.train.generation import GenerateFn, HFGenerator, special_token_ids
+from kdforge.train.vllm_generation import VLLMGenerator, VLLMSettings
 
+__all__ = [
+    "GenerateFn", "HFGenerator", "OnPolicyBatcher", "OnPolicyConfig", "VLLMSettings", "build_batch",
+    "make_generator", "split_prompts",
+]
 
-class VLLMSettings(FriendlyModel):
-    """The colocated vLLM engine of ``backend: vllm`` (:mod:`kdforge.train.vllm_generation`).
-
-    Attributes:
-        sync_every: push the student's trainable weights into the engine every this many
-            optimizer steps (1 = every step: strictly on-policy samples).
-        gpu_memory_utilization: share of the GPU memory vLLM may take (weights + KV cache); the
-            rest stays for training. vLLM's own default (0.9) would starve the trainer.
-        dtype: engine dtype; pushed tensors are cast to it.
-        max_model_len: longest prompt + completion (default: the model's).
-        enforce_eager: skip CUDA-graph capture (faster start, fine for short completions).
-        sleep: put the engine to sleep (level 1: weights to CPU, KV cache freed) between
-            generations, so training gets the memory back.
-        seed: engine sampling seed.
-        model: start the engine from this checkpoint instead of a snapshot of the model (must hold
-            the same weights, e.g. the student's initial checkpoint).
-        tmp_dir: where the snapshot is written (default: the system temp folder).
-        engine_kwargs: extra ``vllm.LLM`` keyword arguments (override the above).
-    """
-
-    sync_every: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    max_model_len: int | None = Field(None, ge=1)
-    enforce_eager: bool = True
-    sleep: bool = False
-    seed: int = 0
-    model: str | None = None
-    tmp_dir: str | None = None
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+#: former private name, still imported by :mod:`kdforge.eval.onpolicy`; use
+#: :func:`kdforge.train.generation.special_token_ids`
+_special_ids = special_token_ids
 
 
 class OnPolicyConfig(FriendlyModel):
@@ -96,94 +76,8 @@ class OnPolicyConfig(FriendlyModel):
 def make_generator(config: OnPolicyConfig) -> GenerateFn:
     """The generation backend ``config.backend`` names (vLLM checks its package and GPU here)."""
     if config.backend == "vllm":
-        from kdforge.train.vllm_generation import VLLMGenerator
-
         return VLLMGenerator(config.vllm)
     return HFGenerator()
-
-
-class GenerateFn(Protocol):
-    """Generation backend: completions (token ids, no prompt, no padding) for each prompt."""
-
-    def __call__(self, model: torch.nn.Module, prompts: list[torch.Tensor], config: OnPolicyConfig,
-                 ) -> list[torch.Tensor]: ...
-
-
-def _special_ids(model: torch.nn.Module, config: OnPolicyConfig) -> tuple[int, int | None]:
-    gen_cfg = getattr(model, "generation_config", None)
-    cfg = getattr(model, "config", None)
-
-    def pick(name: str) -> Any:
-        explicit = getattr(config, name)
-        if explicit is not None:
-            return explicit
-        for src in (gen_cfg, cfg):
-            value = getattr(src, name, None) if src is not None else None
-            if value is not None:
-                return value
-        return None
-
-    eos = pick("eos_token_id")
-    if isinstance(eos, list | tuple):
-        eos = eos[0] if eos else None
-    pad = pick("pad_token_id")
-    if pad is None:
-        pad = eos
-    if pad is None:
-        raise ConfigError(
-            "on-policy generation needs a pad token id, and the model defines neither pad nor eos",
-            "set on_policy.pad_token_id (e.g. the tokenizer's pad_token_id)",
-        )
-    return int(pad), (int(eos) if eos is not None else None)
-
-
-class HFGenerator:
-    """Sampling with Hugging Face ``model.generate`` (left-padded prompt batch, no grad, eval mode).
-
-    Returns each completion cut after its first EOS (the EOS is kept), as a 1-D int64 tensor.
-    """
-
-    def __call__(self, model: torch.nn.Module, prompts: list[torch.Tensor], config: OnPolicyConfig,
-                 ) -> list[torch.Tensor]:
-        if not hasattr(model, "generate"):
-            raise ConfigError(
-                f"{type(model).__name__} has no generate() method",
-                "use a Hugging Face causal LM, or pass generate_fn= with your own backend",
-            )
-        pad, eos = _special_ids(model, config)
-        device = next(model.parameters()).device
-        width = max(int(p.numel()) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            if p.numel():
-                ids[i, width - p.numel():] = p
-                attn[i, width - p.numel():] = 1
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                    temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or 0,
-                    max_new_tokens=config.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-                )
-        except Exception as exc:
-            raise GenerationError(f"generation with {type(model).__name__} failed: {exc}",
-                                  "check the sampling settings and that prompts are non-empty") from exc
-        finally:
-            model.train(was_training)
-        completions = []
-        for row in out[:, width:].cpu():
-            if eos is not None:
-                hits = (row == eos).nonzero()
-                if len(hits):
-                    row = row[: int(hits[0]) + 1]
-                    completions.append(row)
-                    continue
-            # no EOS: the tail may be padding only when pad != eos; keep full length otherwise
-            completions.append(row)
-        return completions
 
 
 def split_prompts(batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -265,11 +159,11 @@ class OnPolicyBatcher:
                 from kdforge.train.tasks import teacher_module
 
                 t_model = teacher_module(teacher)
-                pad, _ = _special_ids(t_model, self.config)
+                pad, _ = special_token_ids(t_model, self.config)
                 out = build_batch(prompts, self.generate_fn(t_model, prompts, self.config), pad, device)
                 source = "teacher"
             if self.use_student(step, micro):
-                pad, _ = _special_ids(student, self.config)
+                pad, _ = special_token_ids(student, self.config)
                 out = build_batch(prompts, self.generate_fn(student, prompts, self.config), pad, device)
                 source = "student"
         return out, source

@@ -1,6 +1,6 @@
 """Student sampling for on-policy distillation with a colocated vLLM engine and weight sync.
 
-:class:`VLLMGenerator` is a :class:`~kdforge.train.onpolicy.GenerateFn`: GKD's student samples
+:class:`VLLMGenerator` is a :class:`~kdforge.train.generation.GenerateFn`: GKD's student samples
 come from a ``vllm.LLM`` that lives in the training process (colocated, tensor-parallel size 1,
 one engine per process and per model) instead of Hugging Face ``generate``. Because the student
 trains between generations, the engine's copy of the weights goes stale; the generator pushes
@@ -32,7 +32,8 @@ the student's current weights into the engine before generating when they change
 Generation requests carry the :class:`~kdforge.train.onpolicy.OnPolicyConfig` sampling settings
 (temperature, top_p, top_k, max_new_tokens, EOS as a stop token) as ``vllm.SamplingParams`` and
 token-id prompts (the engine is started with ``skip_tokenizer_init``); completions come back as
-1-D int64 CPU tensors cut after the first EOS, like :class:`~kdforge.train.onpolicy.HFGenerator`.
+1-D int64 CPU tensors cut after the first EOS, like :class:`~kdforge.train.generation.HFGenerator`.
+The engine settings are :class:`VLLMSettings` (``on_policy.vllm``).
 
 References: Agarwal et al. 2024 (GKD); Kwon et al. 2023 (vLLM / PagedAttention). TRL's GKD/GRPO
 colocate mode and OpenRLHF push weights the same way (per-tensor ``load_weights``); here only the
@@ -50,18 +51,50 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from kdforge.errors import ConfigError, DeviceError, GenerationError
-
-if TYPE_CHECKING:
-    from kdforge.train.onpolicy import OnPolicyConfig, VLLMSettings
+from kdforge.train.config import FriendlyModel
+from kdforge.train.generation import SamplingSettings, cut_after_eos, special_token_ids
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VLLMGenerator", "iter_sync_tensors", "unwrap_model"]
+__all__ = ["VLLMGenerator", "VLLMSettings", "iter_sync_tensors", "unwrap_model"]
+
+
+class VLLMSettings(FriendlyModel):
+    """The colocated vLLM engine of ``on_policy.backend: vllm`` (:class:`VLLMGenerator`).
+
+    Attributes:
+        sync_every: push the student's trainable weights into the engine every this many
+            optimizer steps (1 = every step: strictly on-policy samples).
+        gpu_memory_utilization: share of the GPU memory vLLM may take (weights + KV cache); the
+            rest stays for training. vLLM's own default (0.9) would starve the trainer.
+        dtype: engine dtype; pushed tensors are cast to it.
+        max_model_len: longest prompt + completion (default: the model's).
+        enforce_eager: skip CUDA-graph capture (faster start, fine for short completions).
+        sleep: put the engine to sleep (level 1: weights to CPU, KV cache freed) between
+            generations, so training gets the memory back.
+        seed: engine sampling seed.
+        model: start the engine from this checkpoint instead of a snapshot of the model (must hold
+            the same weights, e.g. the student's initial checkpoint).
+        tmp_dir: where the snapshot is written (default: the system temp folder).
+        engine_kwargs: extra ``vllm.LLM`` keyword arguments (override the above).
+    """
+
+    sync_every: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int | None = Field(None, ge=1)
+    enforce_eager: bool = True
+    sleep: bool = False
+    seed: int = 0
+    model: str | None = None
+    tmp_dir: str | None = None
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 #: name components added by wrappers (FSDP1, activation checkpointing, torch.compile); DDP's
 #: ``module`` is dropped only at the front (a model may have its own submodule called "module")
@@ -170,7 +203,7 @@ class VLLMGenerator:
     """A colocated ``vllm.LLM`` per model, re-synced with the training weights (see module docs).
 
     Args:
-        settings: :class:`~kdforge.train.onpolicy.VLLMSettings` (engine options, ``sync_every``).
+        settings: :class:`VLLMSettings` (engine options, ``sync_every``).
         require_cuda: refuse to start without a CUDA device (vLLM's GPU engine). Tests with a
             fake ``vllm`` module turn it off.
 
@@ -179,8 +212,6 @@ class VLLMGenerator:
     """
 
     def __init__(self, settings: VLLMSettings | None = None, *, require_cuda: bool = True) -> None:
-        from kdforge.train.onpolicy import VLLMSettings
-
         self.settings = settings or VLLMSettings()
         try:
             self._vllm = importlib.import_module("vllm")
@@ -284,12 +315,10 @@ class VLLMGenerator:
         return self._step - engine.synced_step >= self.settings.sync_every
 
     # -- GenerateFn -------------------------------------------------------------------------------
-    def __call__(self, model: torch.nn.Module, prompts: list[torch.Tensor], config: OnPolicyConfig,
+    def __call__(self, model: torch.nn.Module, prompts: list[torch.Tensor], config: SamplingSettings,
                  ) -> list[torch.Tensor]:
-        from kdforge.train.onpolicy import _special_ids
-
         base = unwrap_model(model)
-        _, eos = _special_ids(base, config)
+        _, eos = special_token_ids(base, config)
         engine = self._engines.get(id(base))
         if engine is None:
             engine = self._engines[id(base)] = self._start(base)
@@ -317,15 +346,8 @@ class VLLMGenerator:
         if len(outputs) != len(prompts):
             raise GenerationError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts",
                                   "report this with your vLLM version")
-        completions = []
-        for out in outputs:
-            row = torch.tensor(list(out.outputs[0].token_ids), dtype=torch.long)
-            if eos is not None:
-                hits = (row == eos).nonzero()
-                if len(hits):
-                    row = row[: int(hits[0]) + 1]
-            completions.append(row)
-        return completions
+        return [cut_after_eos(torch.tensor(list(out.outputs[0].token_ids), dtype=torch.long), eos)
+                for out in outputs]
 
     def close(self) -> None:
         """Shut the engines down and delete the snapshots."""

@@ -51,3 +51,34 @@ def test_auto_device_on_cuda_generates_in_half_precision(tiny_model_dir, tmp_pat
     assert b.device.type == "cuda" and next(b.model.parameters()).dtype in (torch.bfloat16, torch.float16)
     s, recs = generate(["the movie", "a dull"], b, tmp_path, SamplingParams(max_tokens=4), progress=False)
     assert s.generated == 2 and all(isinstance(r["text"], str) for r in recs)
+
+
+def test_each_config_type_builds_the_backend_registered_under_it():
+    from kdforge.elicit.backends.base import backend_class, registered_backends
+    from kdforge.elicit.backends.openai_backend import OpenAIBackend
+    from kdforge.elicit.backends.transformers_backend import TransformersBackend
+    from kdforge.elicit.backends.vllm_backend import VLLMBackend
+
+    assert registered_backends() == ["openai", "transformers", "vllm"]
+    assert backend_class("openai") is OpenAIBackend
+    assert backend_class("transformers") is TransformersBackend
+    assert backend_class("vllm") is VLLMBackend
+    from kdforge.elicit.backends import OpenAIConfig
+
+    b = build_backend(OpenAIConfig(base_url="http://127.0.0.1:1/v1", model="m", concurrency=3))
+    assert isinstance(b, OpenAIBackend) and b.concurrency == 3
+
+
+def test_unknown_or_doubly_registered_backend_type_is_a_config_error():
+    from kdforge.elicit.backends.base import Backend, backend_class, register_backend
+
+    with pytest.raises(ConfigError, match="no backend is registered for type 'nope'"):
+        backend_class("nope")
+
+    class Impostor(Backend):
+        async def generate_batch(self, requests):  # pragma: no cover - never called
+            return []
+
+    with pytest.raises(ConfigError, match="already registered"):
+        register_backend("openai")(Impostor)
+    assert backend_class("openai").__name__ == "OpenAIBackend"

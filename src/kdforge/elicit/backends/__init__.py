@@ -5,12 +5,14 @@
   serve``, hosted APIs), async with retries, backoff and rate limits.
 * ``vllm``: vLLM's offline engine (optional extra ``kdforge[vllm]``).
 
-Backend modules import their heavy dependencies lazily; :func:`build_backend` picks one from a
-config by its ``type``.
+Backend modules import their heavy dependencies lazily; importing them here registers each
+class under its config ``type`` (:func:`~kdforge.elicit.backends.base.register_backend`), and
+:func:`build_backend` picks one from a config by its ``type``.
 """
 
 from __future__ import annotations
 
+from kdforge.elicit.backends import openai_backend, transformers_backend, vllm_backend  # noqa: F401  (register)
 from kdforge.elicit.backends.base import Backend, BackendStats
 from kdforge.elicit.backends.config import (
     BackendConfig,

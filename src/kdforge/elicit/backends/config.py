@@ -1,4 +1,8 @@
-"""Validated backend configs (the ``backend:`` section of a generation recipe)."""
+"""Validated backend configs (the ``backend:`` section of a generation recipe).
+
+The models here import no backend module: :func:`build_backend` finds the backend class of a
+config's ``type`` in the registry of :mod:`kdforge.elicit.backends.base`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from kdforge.config import StrictModel
-from kdforge.elicit.backends.base import Backend
+from kdforge.elicit.backends.base import Backend, backend_class
 
 
 class TransformersConfig(StrictModel):
@@ -67,15 +71,10 @@ BackendConfig = Annotated[TransformersConfig | OpenAIConfig | VLLMConfig, Field(
 
 
 def build_backend(config: TransformersConfig | OpenAIConfig | VLLMConfig) -> Backend:
-    """Instantiate the backend a config describes (heavy imports happen here)."""
-    if isinstance(config, TransformersConfig):
-        from kdforge.elicit.backends.transformers_backend import TransformersBackend
+    """Instantiate the backend a config describes (heavy imports happen here, in the backend).
 
-        return TransformersBackend.from_config(config)
-    if isinstance(config, OpenAIConfig):
-        from kdforge.elicit.backends.openai_backend import OpenAIBackend
-
-        return OpenAIBackend.from_config(config)
-    from kdforge.elicit.backends.vllm_backend import VLLMBackend
-
-    return VLLMBackend.from_config(config)
+    Raises:
+        ConfigError: no backend is registered for ``config.type``, or the backend's optional
+            dependency is missing (e.g. ``vllm``).
+    """
+    return backend_class(config.type).from_config(config)

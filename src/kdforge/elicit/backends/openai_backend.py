@@ -35,7 +35,7 @@ import os
 import random
 from typing import Any
 
-from kdforge.elicit.backends.base import Backend
+from kdforge.elicit.backends.base import Backend, register_backend, truncate_at_stop
 from kdforge.elicit.backends.config import OpenAIConfig
 from kdforge.elicit.backends.ratelimit import TokenBucket, backoff_delay, parse_retry_after
 from kdforge.elicit.types import GenerationRequest, GenerationResult, Message
@@ -46,13 +46,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 409, 425, 429})
 
 
-def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """Cut ``text`` before the first occurrence of any stop string (OpenAI semantics: the stop
-    string itself is not returned). Returns (text, whether a stop string was found)."""
-    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
+@register_backend("openai")
 class OpenAIBackend(Backend):
     """Async client for an OpenAI-compatible endpoint (see the module docstring).
 

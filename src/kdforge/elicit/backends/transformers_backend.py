@@ -23,9 +23,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kdforge.elicit.backends.base import Backend
+from kdforge.elicit.backends.base import Backend, register_backend, truncate_at_stop
 from kdforge.elicit.backends.config import TransformersConfig
-from kdforge.elicit.backends.openai_backend import truncate_at_stop
 from kdforge.elicit.types import GenerationRequest, GenerationResult, Message
 from kdforge.errors import ConfigError, DeviceError, GenerationError, KdforgeError
 
@@ -61,6 +60,7 @@ def resolve_dtype(dtype: str, device: Any) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+@register_backend("transformers")
 class TransformersBackend(Backend):
     """A local causal LM as the teacher.
 

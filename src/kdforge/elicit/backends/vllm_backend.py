@@ -22,7 +22,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from kdforge.elicit.backends.base import Backend
+from kdforge.elicit.backends.base import Backend, register_backend
 from kdforge.elicit.backends.config import VLLMConfig
 from kdforge.elicit.types import GenerationRequest, GenerationResult
 from kdforge.errors import ConfigError, GenerationError, KdforgeError
@@ -51,6 +51,7 @@ def _read_template(template: str | None) -> str | None:
     return path.read_text(encoding="utf-8")
 
 
+@register_backend("vllm")
 class VLLMBackend(Backend):
     """vLLM ``LLM`` engine as the teacher."""
 

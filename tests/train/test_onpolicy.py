@@ -142,3 +142,38 @@ def test_gkd_run_with_sampling_resumes_to_bitwise_identical_weights(tmp_path):
     resumed.train(resume=True)
     for a, b in zip(ref_student.parameters(), student.parameters()):
         assert torch.equal(a, b)
+
+
+def test_special_token_ids_prefer_config_then_generation_config_then_model_config():
+    from types import SimpleNamespace
+
+    from kdforge.train.generation import special_token_ids
+
+    model = torch.nn.Linear(1, 1)
+    model.generation_config = SimpleNamespace(eos_token_id=[7, 8], pad_token_id=None)
+    model.config = SimpleNamespace(eos_token_id=3, pad_token_id=4)
+    assert special_token_ids(model, OnPolicyConfig()) == (4, 7)  # first of an EOS list; pad from config
+    assert special_token_ids(model, OnPolicyConfig(pad_token_id=1, eos_token_id=9)) == (1, 9)
+    model.config = SimpleNamespace()
+    assert special_token_ids(model, OnPolicyConfig()) == (7, 7)  # pad falls back to EOS
+    model.generation_config = SimpleNamespace()
+    with pytest.raises(ConfigError, match="pad token id"):
+        special_token_ids(model, OnPolicyConfig())
+
+
+def test_cut_after_eos_keeps_the_first_eos_and_a_row_without_one_whole():
+    from kdforge.train.generation import cut_after_eos
+
+    assert cut_after_eos(torch.tensor([5, 2, 6, 2]), 2).tolist() == [5, 2]
+    assert cut_after_eos(torch.tensor([5, 6]), 2).tolist() == [5, 6]
+    assert cut_after_eos(torch.tensor([5, 2]), None).tolist() == [5, 2]
+
+
+def test_generation_names_stay_importable_from_onpolicy_and_train():
+    import kdforge.train as train
+    from kdforge.train import generation, onpolicy, vllm_generation
+
+    for name in ("GenerateFn", "HFGenerator"):
+        assert getattr(onpolicy, name) is getattr(generation, name) is getattr(train, name)
+    assert onpolicy.VLLMSettings is vllm_generation.VLLMSettings is train.VLLMSettings
+    assert onpolicy._special_ids is generation.special_token_ids  # still imported by kdforge.eval.onpolicy

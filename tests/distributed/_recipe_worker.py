@@ -36,14 +36,14 @@ def _record_writes(log_dir: Path) -> None:
 def _slow_steps(seconds: float) -> None:
     from kdforge.train.distiller import Distiller
 
-    step = Distiller._train_step
+    step = Distiller.training_step
 
     def slow(self):
         out = step(self)
         time.sleep(seconds)
         return out
 
-    Distiller._train_step = slow
+    Distiller.training_step = slow
 
 
 def main() -> int:

@@ -211,7 +211,6 @@ class OnlineTeacher(TeacherSource):
     def signal(self, batch: Any, task: Any, *, features: Any = None) -> TeacherSignal:
         """Dense logits at ``task``'s loss positions (no gradient), and the requested ``features``."""
         args, kwargs = task.model_inputs(batch)
-        task.check_inputs(self.model, batch, "teacher")
         feats = None
         if features is not None:
             logits, feats = run_model_features(self.model, features, *args, **kwargs)

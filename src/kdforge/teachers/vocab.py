@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kdforge.errors import ShapeError, VocabMismatchError
+from kdforge.errors import ConfigError, ShapeError, VocabMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +195,82 @@ def check_vocab(
             shared,
         )
     return VocabAlignment(shared, teacher_size, student_size)
+
+
+#: named ways to bring a teacher signal onto the student's vocabulary (see :func:`align_signal`)
+VOCAB_POLICIES = ("exact", "shared_prefix")
+
+
+def align_signal(
+    signal: Any,
+    *,
+    vocab_size: int,
+    positions: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    policy: str = "exact",
+    validate: bool = True,
+) -> tuple[Any, int | None]:
+    """Bring a :class:`~kdforge.teachers.signal.TeacherSignal` onto the student's vocabulary and device.
+
+    The one vocabulary transform of the trainer, with a named policy:
+
+    * ``"exact"`` (default): dense teacher logits must have the student's width ``vocab_size``
+      (else :class:`~kdforge.errors.VocabMismatchError`); sparse ids must index into it.
+    * ``"shared_prefix"``: same tokenizer, padded embeddings (a family pads its matrices to a
+      multiple of 64/128): both sides keep the first ``min(V_teacher, V_student)`` entries. The
+      caller slices the student side to the returned size.
+
+    Dense logits are cast to the student's ``dtype`` and moved to ``device``; a sparse signal
+    with ``vocab_size`` 0 ("the student's", a cache) gets the student's. ``validate`` runs the
+    checks that read values (ids within the vocabulary) — the trainer asks for them on the first
+    batch and when the batch layout changes.
+
+    Returns:
+        ``(aligned signal, student width to slice to or None)``.
+    """
+    from dataclasses import replace
+
+    from kdforge.losses.signal import SparseTeacher
+
+    if policy not in VOCAB_POLICIES:
+        raise ConfigError(f"unknown vocab_policy {policy!r}", f"use one of: {', '.join(VOCAB_POLICIES)}")
+    student_slice: int | None = None
+    if signal.logits is not None:
+        t = signal.logits
+        if tuple(t.shape[:-1]) != tuple(positions):
+            raise ShapeError(
+                f"teacher logits {tuple(t.shape)} do not line up with the student's positions {tuple(positions)}",
+                "feed teacher and student the same batch (same padding and length)",
+            )
+        width = t.shape[-1]
+        if width != vocab_size:
+            if policy != "shared_prefix":
+                raise VocabMismatchError(
+                    f"teacher has {width} output classes/tokens, student has {vocab_size}",
+                    "use a student with the teacher's vocabulary (same tokenizer); for a shared tokenizer with "
+                    "padded embeddings set vocab_policy: shared_prefix; for different tokenizers, "
+                    + _CROSS_TOKENIZER_FIX,
+                )
+            shared = min(width, vocab_size)
+            t = t[..., :shared]
+            student_slice = shared if vocab_size != shared else None
+        return replace(signal, logits=t.to(device=device, dtype=dtype)), student_slice
+    if signal.sparse is not None:
+        sp = signal.sparse
+        if validate and sp.ids.numel():
+            top = int(sp.ids.max().item())
+            if top >= vocab_size:
+                raise VocabMismatchError(
+                    f"teacher token id {top} is outside the student's vocabulary of {vocab_size}",
+                    "build the cache with the student's tokenizer, or use a student with the teacher's vocabulary",
+                )
+        vocab = vocab_size if sp.vocab_size in (0, vocab_size) or policy == "shared_prefix" else sp.vocab_size
+        if vocab != vocab_size:
+            raise VocabMismatchError(
+                f"the sparse teacher signal indexes a vocabulary of {sp.vocab_size}, the student has {vocab_size}",
+                "use a student with the teacher's vocabulary, or set vocab_policy: shared_prefix for a padded one",
+            )
+        aligned = SparseTeacher(sp.ids.to(device).long(), sp.logprobs.to(device).float(), vocab, num_exact=sp.num_exact)
+        return replace(signal, sparse=aligned), None
+    return signal, None

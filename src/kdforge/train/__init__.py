@@ -8,7 +8,14 @@ Public API::
 See ``docs/training.md``.
 """
 
-from kdforge.train.callbacks import Callback, EarlyStopping, JsonlLogger, ProgressBar, TrainerState
+from kdforge.train.callbacks import (
+    Callback,
+    EarlyStopping,
+    JsonlLogger,
+    ProgressBar,
+    TrainerState,
+    TrainingContext,
+)
 from kdforge.train.checkpoint import latest_checkpoint, verify_checkpoint
 from kdforge.train.config import TrainConfig
 from kdforge.train.distiller import Distiller
@@ -25,10 +32,11 @@ from kdforge.train.onpolicy import (
 from kdforge.train.sampler import EpochSampler
 from kdforge.train.taid import TAIDCallback
 from kdforge.train.tasks import CausalLMTask, ClassificationTask, Task, TaskOutput
+from kdforge.train.transforms import BatchTransform, OnPolicyTransform, StepContext
 
 __all__ = [
-    "Callback", "CausalLMTask", "ClassificationTask", "Distiller", "EarlyStopping", "EpochSampler",
+    "BatchTransform", "Callback", "CausalLMTask", "ClassificationTask", "Distiller", "EarlyStopping", "EpochSampler",
     "GenerateFn", "HFGenerator", "JsonlLogger", "LossTerm", "Objective", "ObjectiveValue",
-    "OnPolicyBatcher", "OnPolicyConfig", "ProgressBar", "TAIDCallback", "Task", "TaskOutput", "TrainConfig",
-    "TrainerState", "VLLMSettings", "fidelity_sums", "latest_checkpoint", "make_generator", "verify_checkpoint",
+    "OnPolicyBatcher", "OnPolicyConfig", "OnPolicyTransform", "StepContext", "ProgressBar", "TAIDCallback", "Task", "TaskOutput", "TrainConfig",
+    "TrainerState", "TrainingContext", "VLLMSettings", "fidelity_sums", "latest_checkpoint", "make_generator", "verify_checkpoint",
 ]

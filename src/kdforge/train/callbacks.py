@@ -63,8 +63,42 @@ class TrainerState:
         return data
 
 
+class TrainingContext:
+    """What a callback may read and change besides the state: the trainer and its parts.
+
+    Attributes (live views of the trainer): ``trainer``, ``objective``, ``state``,
+    ``teacher_source``, ``schedules`` (the objective's scheduled values), ``optimizer``.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    @property
+    def objective(self) -> Any:
+        return self.trainer.objective
+
+    @property
+    def state(self) -> TrainerState:
+        return self.trainer.state
+
+    @property
+    def teacher_source(self) -> Any:
+        return self.trainer.teacher_source
+
+    @property
+    def schedules(self) -> Any:
+        return self.trainer.schedules
+
+    @property
+    def optimizer(self) -> Any:
+        return self.trainer.optimizer
+
+
 class Callback:
-    """Base class: every hook is a no-op."""
+    """Base class: every hook is a no-op. The trainer sets :attr:`context` before training."""
+
+    #: the :class:`TrainingContext` of the trainer this callback is attached to
+    context: TrainingContext | None = None
 
     def on_train_begin(self, state: TrainerState) -> None: ...
 

@@ -1,14 +1,24 @@
 """The :class:`Distiller` training loop (on Hugging Face ``accelerate``).
 
-The loop is short because the work lives in small pieces: :class:`~kdforge.train.TrainConfig`
-(hyper-parameters), :class:`~kdforge.train.Objective` (weighted registered losses),
-a :class:`~kdforge.train.tasks.Task` (batch -> logits, labels, mask, teacher signal),
-:mod:`~kdforge.train.checkpoint` (atomic, verified checkpoints), callbacks (logging, progress,
-early stopping) and, optionally, :class:`~kdforge.train.onpolicy.OnPolicyBatcher` (GKD).
+The loop is short because the work lives in small pieces, each replaceable:
+
+* a :class:`~kdforge.teachers.sources.TeacherSource` gives the teacher signal of a batch (a live
+  model, a cache, a server, an ensemble, the student's EMA) — decided once, in :func:`as_source`;
+* a :class:`~kdforge.train.tasks.Task` runs the student on a batch (logits, labels, mask);
+* an :class:`~kdforge.train.Objective` sums weighted registered losses over real positions;
+* :mod:`~kdforge.train.transforms` rewrite micro-batches (on-policy GKD is one);
+* a sampler orders the data (:mod:`~kdforge.train.stream`); callbacks see a
+  :class:`~kdforge.train.callbacks.TrainingContext`; :mod:`~kdforge.train.checkpoint` writes
+  atomic, verified checkpoints.
+
+The step is public: :meth:`Distiller.compute_loss` (one micro-batch -> :class:`ObjectiveValue`)
+and :meth:`Distiller.training_step` (one optimizer step); a regime overrides either.
 
 One optimizer step = ``grad_accum_steps`` micro-batches. Their real positions are counted first
 and summed over processes (``N``); every loss term is a ``reduction="sum"`` value divided by
-``N``, so the update equals one big batch exactly (see :mod:`kdforge.train.objective`).
+``N``, so the update equals one big batch exactly (see :mod:`kdforge.train.objective`). Inputs
+are validated on the first micro-batch and whenever the batch layout changes; the loss is
+checked for finiteness once per optimizer step, so a step has one blocking host read (the count).
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +39,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdforge.config import validate
 from kdforge.distributed import check_process_group, needs_cpu_process_group, wrapper_of
-from kdforge.errors import CheckpointError, ConfigError, DataError, DeviceError
+from kdforge.errors import CheckpointError, ConfigError, NonFiniteError
 from kdforge.io import write_text_atomic
-from kdforge.train.callbacks import Callback, JsonlLogger, ProgressBar, TrainerState
+from kdforge.teachers.sources import TeacherSource, as_source
+from kdforge.train.callbacks import (
+    Callback,
+    JsonlLogger,
+    ProgressBar,
+    TrainerState,
+    TrainingContext,
+)
 from kdforge.train.checkpoint import (
     CheckpointWriter,
     LoadedCheckpoint,
@@ -44,82 +61,37 @@ from kdforge.train.checkpoint import (
 )
 from kdforge.train.config import TrainConfig
 from kdforge.train.metrics import FIDELITY_SUM_KEYS, fidelity_sums
-from kdforge.train.objective import LossTerm, Objective
-from kdforge.train.onpolicy import GenerateFn, OnPolicyBatcher, OnPolicyConfig
+from kdforge.train.objective import LossTerm, Objective, ObjectiveValue
+from kdforge.train.onpolicy import GenerateFn, OnPolicyConfig
+from kdforge.train.optim import (
+    lr_lambda,
+    new_accelerator,
+    param_groups,
+    refuse_meta,
+    resolve_mixed_precision,
+)
 from kdforge.train.sampler import EpochSampler
-from kdforge.train.tasks import CausalLMTask, Task, module_device, teacher_module
+from kdforge.train.stream import BatchStream, dataset_of
+from kdforge.train.tasks import CausalLMTask, Task, TaskOutput, attach_teacher, pick_source
+from kdforge.train.transforms import BatchTransform, OnPolicyTransform, StepContext
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["Distiller", "lr_lambda", "resolve_mixed_precision"]
 
-def resolve_mixed_precision(requested: str) -> str:
-    """``requested`` if this machine supports it, else ``"no"`` with a logged notice."""
-    if requested == "fp16" and not torch.cuda.is_available():
-        logger.warning("mixed_precision='fp16' needs a CUDA device; training in full precision instead")
-        return "no"
-    if requested == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        logger.warning("this GPU does not support bf16; training in full precision instead")
-        return "no"
-    return requested
-
-
-def lr_lambda(scheduler: str, warmup_steps: int, max_steps: int) -> Callable[[int], float]:
-    """Multiplier of the base LR at optimizer step ``s``: linear warm-up, then constant/linear/cosine."""
-
-    def fn(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if scheduler == "constant":
-            return 1.0
-        span = max(max_steps - warmup_steps, 1)
-        progress = min(max(step - warmup_steps, 0) / span, 1.0)
-        if scheduler == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
-
-
-def _new_accelerator(cls: Any, kwargs: dict[str, Any]) -> Any:
-    """An ``Accelerator``; in a single process, a second one with another precision is allowed.
-
-    accelerate keeps one process-wide state and refuses to change its mixed precision; a script or
-    recipe that trains several models (teacher fp32, then students in bf16) hits that. Outside a
-    distributed launch the state is only a cache, so it is reset and rebuilt.
-    """
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        from accelerate.state import AcceleratorState, PartialState
-
-        if "already been initialized" not in str(exc) or PartialState().num_processes > 1:
-            raise
-        logger.info("re-initialising accelerate's process state for mixed_precision=%s", kwargs.get("mixed_precision"))
-        AcceleratorState._reset_state()
-        return cls(**kwargs)
-
-
-def _refuse_meta(module: nn.Module, who: str) -> None:
-    """A model on the ``meta`` device has shapes but no weights: nothing can train or run it."""
-    meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if meta:
-        raise DeviceError(
-            f"the {who} has {len(meta)} tensors on the 'meta' device (e.g. {meta[0]!r}): its weights were "
-            "never loaded",
-            f"load the {who} with real weights (from_pretrained without device_map='meta' / init_empty_weights, "
-            "or to_empty() followed by load_state_dict) before passing it to Distiller",
-        )
+#: prefix of a teacher source's tensors (an EMA teacher's weights) inside ``extras.safetensors``
+_SOURCE_PREFIX = "__teacher_source__."
 
 
 class Distiller:
-    """Train a student to match a teacher (online module or cached signal) on a dataset.
+    """Train a student to match a teacher signal on a dataset.
 
     Args:
         student: the trainable model.
-        teacher: a frozen teacher module (made ``eval()`` and ``requires_grad_(False)``; never
-            prepared/wrapped by accelerate) or a wrapper holding one in ``.model`` (e.g.
-            :class:`kdforge.teachers.OnlineTeacher`, called as is), or None when batches carry a cached teacher signal or
-            the objective is labels-only.
+        teacher: a :class:`~kdforge.teachers.sources.TeacherSource` (``OnlineTeacher``,
+            ``CachedTeacher``, ``ServedTeacher``, ``EnsembleTeacher``, ``SelfTeacher``...), a frozen
+            ``nn.Module`` (wrapped in an ``OnlineTeacher``: frozen, eval mode, never wrapped by
+            accelerate), or None (labels only, or batches that carry a cached signal).
         task: a :class:`~kdforge.train.tasks.Task` (``ClassificationTask()``, ``CausalLMTask()``).
         objective: an :class:`Objective` or a list of loss-term dicts.
         config: :class:`TrainConfig` or a dict validated into one.
@@ -131,13 +103,17 @@ class Distiller:
             checkpointed separately, passed to the task as ``extras``.
         callbacks: extra :class:`Callback` objects.
         eval_fn: ``eval_fn(student) -> dict`` of extra eval metrics (prefixed ``eval/``).
-        on_policy: :class:`OnPolicyConfig` (or dict) enabling GKD; needs a causal-LM task and an
-            online teacher.
+        on_policy: :class:`OnPolicyConfig` (or dict): GKD, as the first batch transform; needs a
+            causal-LM task and a teacher that can score new samples.
         generate_fn: generation backend for GKD (default :class:`~kdforge.train.onpolicy.HFGenerator`).
+        transforms: further :class:`~kdforge.train.transforms.BatchTransform` objects, applied in order.
+        sampler: a sampler replacing the default :class:`EpochSampler` (see :mod:`kdforge.train.stream`).
         run_config: the full job config; written to ``RUN_DIR/config.yaml``.
         accelerator: an existing ``accelerate.Accelerator`` (default: one built from ``config``).
-        teacher_device: ``"auto"`` moves the teacher to the accelerator's device, None leaves it
-            where it is, anything else is passed to ``teacher.to``.
+        teacher_device: ``"auto"`` places the teacher on the accelerator's device (unless the
+            source was given its own device), None leaves it where it is, anything else moves it there.
+        vocab_policy: how a teacher's vocabulary meets the student's (``"exact"`` or
+            ``"shared_prefix"``, see :func:`kdforge.teachers.vocab.align_signal`).
         num_workers: DataLoader worker processes.
         optimizer_factory: ``f(param_groups) -> Optimizer`` replacing the default AdamW (groups
             carry ``weight_decay``: ``config.weight_decay`` for matrices, 0 for biases/norms; the
@@ -160,18 +136,40 @@ class Distiller:
         eval_fn: Callable[[nn.Module], Mapping[str, Any]] | None = None,
         on_policy: OnPolicyConfig | Mapping[str, Any] | None = None,
         generate_fn: GenerateFn | None = None,
+        transforms: Iterable[BatchTransform] = (),
+        sampler: Any = None,
         run_config: BaseModel | Mapping[str, Any] | None = None,
         accelerator: Any = None,
         teacher_device: str | torch.device | None = "auto",
+        vocab_policy: str = "exact",
         num_workers: int = 0,
         optimizer_factory: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None,
     ) -> None:
         self.config = config if isinstance(config, TrainConfig) else validate(TrainConfig, dict(config), source="train config")
         self.objective = objective if isinstance(objective, Objective) else Objective(objective)
+        self.task = self._check_task(task)
+        self.eval_fn, self.num_workers, self.vocab_policy = eval_fn, num_workers, vocab_policy
+        self.run_dir = Path(self.config.output_dir) if self.config.output_dir else None
+        self.teacher = teacher
+        self.teacher_source: TeacherSource | None = as_source(teacher)
+        self.transforms: list[BatchTransform] = self._transforms(on_policy, generate_fn, transforms)
+        self.accelerator = accelerator or self._make_accelerator()
+        check_process_group(self.accelerator)  # launched processes that formed no group would each train alone
+        refuse_meta(student, "student")
+        self._setup_teacher(student, teacher_device)
+        if self.objective.feature_terms:  # bind() returns the same modules on a repeat call
+            extra_modules = {**self.objective.bind(student, self.teacher_source), **dict(extra_modules or {})}
+        self._setup_optimization(student, dict(extra_modules or {}), optimizer_factory)
+        self._setup_data(train_data, eval_data, collate_fn, sampler)
+        self._setup_callbacks(callbacks, run_config)
+        self._layout: Any = None  # the batch layout last validated (keys, dtypes, ranks)
+        self._largest: dict[str, tuple[int, ...]] = {}  # the largest shape seen per batch key
+
+    # -- setup -------------------------------------------------------------------------------
+    def _check_task(self, task: Task) -> Task:
         if not isinstance(task, Task):
             raise ConfigError(f"task must be a kdforge Task, got {type(task).__name__}",
                               "pass ClassificationTask() or CausalLMTask()")
-        self.task = task
         missing = [n for n in self.objective.task_terms if n not in task.term_names]
         if missing:
             raise ConfigError(
@@ -179,71 +177,75 @@ class Distiller:
                 f"{list(task.term_names) or 'no extra terms'}",
                 "use a task that provides them, or make them registered losses (source: loss)",
             )
-        self.eval_fn = eval_fn
-        self.run_dir = Path(self.config.output_dir) if self.config.output_dir else None
-        self.num_workers = num_workers
-        self.on_policy: OnPolicyBatcher | None = None
+        return task
+
+    def _transforms(self, on_policy: Any, generate_fn: GenerateFn | None,
+                    extra: Iterable[BatchTransform]) -> list[BatchTransform]:
+        chain: list[BatchTransform] = []
         if on_policy is not None:
             op = on_policy if isinstance(on_policy, OnPolicyConfig) else validate(OnPolicyConfig, dict(on_policy), source="on_policy")
-            if not isinstance(task, CausalLMTask):
+            if not isinstance(self.task, CausalLMTask):
                 raise ConfigError("on-policy distillation works with CausalLMTask only", "use CausalLMTask()")
-            if teacher is None:
+            if self.teacher_source is None or not self.teacher_source.scores_new_samples:
                 raise ConfigError("on-policy distillation needs an online teacher module to score student samples",
                                   "pass teacher= (a cached top-k signal cannot score new samples)")
-            self.on_policy = OnPolicyBatcher(op, generate_fn, seed=self.config.seed)
+            chain.append(OnPolicyTransform(op, generate_fn, seed=self.config.seed))
+        return [*chain, *extra]
 
-        self.accelerator = accelerator or self._make_accelerator()
-        acc = self.accelerator
-        # several launched processes that did not form one group would each train alone and
-        # write to the same run folder: refuse (also for an accelerator built by the caller)
-        check_process_group(acc)
+    @property
+    def on_policy(self) -> Any:
+        """The GKD batcher when on-policy distillation is on (the first transform), else None."""
+        first = self.transforms[0] if self.transforms else None
+        return first.batcher if isinstance(first, OnPolicyTransform) else None
 
-        # Teacher: frozen, eval mode, never prepared.
-        self.teacher = teacher
-        _refuse_meta(student, "student")
-        if teacher is not None:
-            t_module = teacher_module(teacher)
-            _refuse_meta(t_module, "teacher")
-            t_module.requires_grad_(False)
-            t_module.eval()
-            if teacher_device == "auto":
-                if module_device(t_module) != acc.device:
-                    t_module.to(acc.device)
-            elif teacher_device is not None:
-                t_module.to(teacher_device)
-            shared = {id(p) for p in t_module.parameters()} & {id(p) for p in student.parameters()}
+    def _make_accelerator(self) -> Any:
+        from accelerate import Accelerator
+
+        kwargs: dict[str, Any] = {"mixed_precision": resolve_mixed_precision(self.config.mixed_precision)}
+        if needs_cpu_process_group():  # torchrun-style launch on a CPU-only machine: join a gloo group
+            kwargs["cpu"] = True
+        if self.config.log_with and self.run_dir is not None:
+            kwargs.update(log_with=list(self.config.log_with), project_dir=str(self.run_dir))
+        try:
+            return new_accelerator(Accelerator, kwargs)
+        except (ImportError, ValueError) as exc:
+            if "log_with" not in kwargs:
+                raise
+            logger.warning("trackers %s unavailable (%s); logging to metrics.jsonl only", self.config.log_with, exc)
+            kwargs.pop("log_with")
+            kwargs.pop("project_dir")
+            return new_accelerator(Accelerator, kwargs)
+
+    def _setup_teacher(self, student: nn.Module, teacher_device: Any) -> None:
+        """Freeze the source's modules and place them (the teacher is never prepared/wrapped)."""
+        source = self.teacher_source
+        if source is None:
+            return
+        for module in source.modules():
+            refuse_meta(module, "teacher")
+            module.requires_grad_(False)
+            module.eval()
+            shared = {id(p) for p in module.parameters()} & {id(p) for p in student.parameters()}
             if shared:
                 logger.warning("%d parameter tensors are shared by teacher and student; they are frozen "
                                "(the teacher is frozen) and not trained", len(shared))
+        if teacher_device == "auto":
+            source.place(self.accelerator.device)
+        elif teacher_device is not None:
+            for module in source.modules():
+                module.to(teacher_device)
 
-        # Feature terms (hidden_mse, attention_kl, ...) own learnable projectors: bind them to this
-        # student/teacher pair so they are optimised and checkpointed with the student. bind()
-        # returns the same modules on a repeat call, so a caller that bound them already is fine.
-        if self.objective.feature_terms:
-            extra_modules = {**self.objective.bind(student, teacher), **dict(extra_modules or {})}
-
-        # Optimizer over the student's and the method's trainable parameters only.
-        self._extra_names = list(extra_modules or {})
-        extras = list((extra_modules or {}).values())
-        params = [p for m in (student, *extras) for p in m.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError("the student has no trainable parameters", "unfreeze some student parameters")
-        seen: set[int] = set()
-        decay, no_decay = [], []
-        for p in params:
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.config.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
+    def _setup_optimization(self, student: nn.Module, extra_modules: dict[str, nn.Module],
+                            optimizer_factory: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None) -> None:
+        """Optimizer over the student's and the method's trainable parameters; accelerate prepares them."""
+        self._extra_names = list(extra_modules)
+        extras = list(extra_modules.values())
+        groups = param_groups([student, *extras], self.config.weight_decay)
         if optimizer_factory is not None:
             optimizer = optimizer_factory(groups)
         else:
             optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas)
-        prepared = acc.prepare(student, *extras, optimizer)
-        self.student, *prep_extras, self.optimizer = prepared
+        self.student, *prep_extras, self.optimizer = self.accelerator.prepare(student, *extras, optimizer)
         self.extras: dict[str, nn.Module] = dict(zip(self._extra_names, prep_extras))
         if self.config.save_every and wrapper_of(self.student) == "DeepSpeedEngine":
             # ZeRO partitions the optimizer state inside the engine: a checkpoint of rank 0's view
@@ -255,29 +257,29 @@ class Distiller:
                 "save_every: null under DeepSpeed",
             )
 
-        # Data (kdforge owns the sampler: order = f(seed, epoch), resumable mid-epoch).
-        self.train_dataset, self.collate_fn = self._dataset_of(train_data, collate_fn, "train_data")
+    def _setup_data(self, train_data: Any, eval_data: Any, collate_fn: Any, sampler: Any) -> None:
+        """Data (kdforge owns the default sampler: order = f(seed, epoch), resumable mid-epoch)."""
+        acc, cfg = self.accelerator, self.config
+        dataset, self.collate_fn = dataset_of(train_data, collate_fn, "train_data")
+        self.train_dataset = dataset
         self.eval_data = eval_data
-        self.sampler = EpochSampler(len(self.train_dataset), seed=self.config.seed, shuffle=True,
-                                    num_replicas=acc.num_processes, rank=acc.process_index)
-        self.batches_per_epoch = math.ceil(self.sampler.per_rank / self.config.batch_size)
-        if self.batches_per_epoch == 0:
-            raise DataError("the training dataset is empty", "pass a dataset with at least one example")
-        if self.config.max_steps is not None:
-            max_steps = self.config.max_steps
-        else:
-            max_steps = math.ceil(self.config.epochs * self.batches_per_epoch / self.config.grad_accum_steps)
+        self.sampler = sampler if sampler is not None else EpochSampler(
+            len(dataset), seed=cfg.seed, shuffle=True, num_replicas=acc.num_processes, rank=acc.process_index)
+        self.state = TrainerState(run_dir=self.run_dir, is_main_process=acc.is_main_process)
+        self.stream = BatchStream(dataset, self.collate_fn, self.sampler, batch_size=cfg.batch_size, seed=cfg.seed,
+                                  num_workers=self.num_workers, device=acc.device, state=self.state)
+        self.batches_per_epoch = self.stream.batches_per_epoch
+        max_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(
+            cfg.epochs * self.batches_per_epoch / cfg.grad_accum_steps)
+        self.state.max_steps, self.state.batches_per_epoch = max_steps, self.batches_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
-            lr_lambda(self.config.scheduler, self.config.warmup_steps, max_steps),
-        )
-        if eval_data is None and self.config.eval_every:
+            self._torch_optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, max_steps))
+        self.schedules = self.objective.schedules(max_steps)
+        if eval_data is None and cfg.eval_every:
             logger.warning("eval_every=%d is set but no eval_data was given: periodic evaluation is off",
-                           self.config.eval_every)
-        self.state = TrainerState(max_steps=max_steps, batches_per_epoch=self.batches_per_epoch,
-                                  run_dir=self.run_dir, is_main_process=acc.is_main_process)
-        self._iter: Iterator[Any] | None = None
+                           cfg.eval_every)
 
+    def _setup_callbacks(self, callbacks: Iterable[Callback], run_config: Any) -> None:
         # User callbacks run first, so metrics they add to a record (e.g. the teacher-hacking
         # monitor's flags) reach the progress bar and metrics.jsonl written by the built-ins.
         self.callbacks: list[Callback] = list(callbacks)
@@ -287,66 +289,19 @@ class Distiller:
         if self.run_dir is not None:
             self._jsonl = JsonlLogger(self.run_dir / "metrics.jsonl")
             self.callbacks.append(self._jsonl)
-        if self.run_dir is not None and run_config is not None and acc.is_main_process:
+        self.context = TrainingContext(self)
+        for cb in self.callbacks:
+            cb.context = self.context
+        if self.run_dir is not None and run_config is not None and self.accelerator.is_main_process:
             data = run_config.model_dump(mode="json") if isinstance(run_config, BaseModel) else dict(run_config)
             write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
 
-    # -- setup helpers -----------------------------------------------------------------------
-    def _make_accelerator(self) -> Any:
-        from accelerate import Accelerator
+    # -- small helpers -------------------------------------------------------------------------
+    def _dataset_of(self, data: Any, collate_fn: Any, what: str) -> tuple[Any, Any]:
+        return dataset_of(data, collate_fn, what)
 
-        kwargs: dict[str, Any] = {"mixed_precision": resolve_mixed_precision(self.config.mixed_precision)}
-        if needs_cpu_process_group():  # torchrun-style launch on a CPU-only machine: join a gloo group
-            kwargs["cpu"] = True
-        if self.config.log_with and self.run_dir is not None:
-            kwargs.update(log_with=list(self.config.log_with), project_dir=str(self.run_dir))
-        try:
-            return _new_accelerator(Accelerator, kwargs)
-        except (ImportError, ValueError) as exc:
-            if "log_with" not in kwargs:
-                raise
-            logger.warning("trackers %s unavailable (%s); logging to metrics.jsonl only", self.config.log_with, exc)
-            kwargs.pop("log_with")
-            kwargs.pop("project_dir")
-            return _new_accelerator(Accelerator, kwargs)
-
-    @staticmethod
-    def _dataset_of(data: Any, collate_fn: Any, what: str) -> tuple[Any, Any]:
-        if isinstance(data, DataLoader):
-            return data.dataset, collate_fn or data.collate_fn
-        if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
-            raise DataError(f"{what} must be a map-style dataset (with __len__ and __getitem__) or a DataLoader, "
-                            f"got {type(data).__name__}", "wrap an iterable in a list or a datasets.Dataset")
-        return data, collate_fn
-
-    def _loader(self, dataset: Any, sampler: EpochSampler, collate_fn: Any) -> DataLoader:
-        # A private generator keeps the loader from drawing from the global torch RNG (exact resume).
-        gen = torch.Generator()
-        gen.manual_seed(self.config.seed)
-        return DataLoader(dataset, batch_size=self.config.batch_size, sampler=sampler, collate_fn=collate_fn,
-                          num_workers=self.num_workers, generator=gen)
-
-    def _next_batch(self) -> Any:
-        from accelerate.utils import send_to_device
-
-        while True:
-            if self._iter is None:
-                self.sampler.set_epoch(self.state.epoch)
-                self.sampler.set_start(self.state.batch_in_epoch * self.config.batch_size)
-                self._iter = iter(self._loader(self.train_dataset, self.sampler, self.collate_fn))
-            try:
-                batch = next(self._iter)
-            except StopIteration:
-                self._iter = None
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
-                continue
-            self.state.batch_in_epoch += 1
-            if self.state.batch_in_epoch >= self.batches_per_epoch:  # epoch done: position = next epoch
-                self._iter = None
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
-            return send_to_device(batch, self.accelerator.device)
+    def _loader(self, dataset: Any, sampler: Any, collate_fn: Any) -> DataLoader:
+        return self.stream.loader(dataset, sampler, collate_fn)
 
     def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
@@ -363,6 +318,97 @@ class Distiller:
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    # -- the step ------------------------------------------------------------------------------
+    def task_output(self, batch: Mapping[str, Any], *, chunked: bool | None = None) -> TaskOutput:
+        """The student's outputs on ``batch`` joined with the teacher signal (and feature terms)."""
+        source = pick_source(self.teacher_source, self.task, batch)
+        if chunked is None:
+            chunked = self.objective.use_chunked(self.task, source)
+        if type(self.task).forward is not Task.forward:
+            # a task that extends forward() (its own extra terms) gets the teacher it was given
+            out = self.task.forward(self.student, self.teacher if source is self.teacher_source else source, batch,
+                                    extras=self.extras, chunked=chunked)
+        else:
+            layout = _layout_of(batch)
+            check = _grew(batch, self._largest) or layout != self._layout
+            out = attach_teacher(self.task, self.student, source, batch, extras=self.extras, chunked=chunked,
+                                 validate=check, vocab_policy=self.vocab_policy)
+            self._layout = layout
+        return out
+
+    def compute_loss(self, batch: Mapping[str, Any], normalizer: float) -> ObjectiveValue:
+        """The objective on one micro-batch, normalised by ``normalizer`` real positions (all
+        micro-batches of the step, all processes); the scheduled values of this step applied."""
+        out = self.task_output(batch)
+        if out.teacher is None and self.objective.needs_teacher:
+            raise ConfigError(
+                f"the objective {self.objective!r} needs a teacher signal, but there is no teacher "
+                "module and the batch carries no cached teacher signal",
+                "pass teacher=, add the cached teacher keys to the batches, or use only cross_entropy",
+            )
+        return self.objective(out, normalizer, values=self.schedules.current(self.state.step), check_finite=False)
+
+    def next_micro_batches(self) -> list[Mapping[str, Any]]:
+        """The step's ``grad_accum_steps`` micro-batches, each through the transform chain."""
+        micro = []
+        student = self.accelerator.unwrap_model(self.student)
+        for m in range(self.config.grad_accum_steps):
+            batch = self.stream.next()
+            ctx = StepContext(step=self.state.step, micro=m, student=student, teacher=self.teacher_source)
+            for transform in self.transforms:
+                batch = transform(batch, ctx)
+            micro.append(batch)
+        return micro
+
+    def training_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its raw metrics (``loss``, ``loss/<term>``, ``positions``...)."""
+        acc, cfg = self.accelerator, self.config
+        micro = self.next_micro_batches()
+        local = sum(self.task.count_tensor(b).to(acc.device) for b in micro)
+        total = int(acc.reduce(torch.as_tensor(local, device=acc.device, dtype=torch.long), "sum").item())
+        self.student.train()
+        for module in self.extras.values():
+            module.train()
+        loss_sum = torch.zeros((), device=acc.device)
+        term_sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro):
+            with self._no_sync(i < len(micro) - 1):
+                value = self.compute_loss(batch, total)
+                # DDP averages gradients over processes; the loss is already a global mean.
+                acc.backward(value.total * acc.num_processes)
+            loss_sum += value.total.detach()
+            for key, v in value.terms.items():
+                term_sums[key] = term_sums.get(key, 0.0) + v
+        self._check_finite(loss_sum, term_sums)
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_(self._trainable(), cfg.max_grad_norm)
+        self.optimizer.step()
+        if not acc.optimizer_step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.teacher_source is not None:
+            self.teacher_source.on_step_end(acc.unwrap_model(self.student), self.state.step + 1)
+        stats: dict[str, Any] = {"loss": loss_sum, "positions": total}
+        stats.update({f"loss/{k}": v for k, v in term_sums.items()})
+        stats.update(self.schedules.log_values(self.state.step))
+        if grad_norm is not None:
+            stats["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
+        return stats
+
+    @staticmethod
+    def _check_finite(loss_sum: torch.Tensor, term_sums: Mapping[str, torch.Tensor]) -> None:
+        """One host read per optimizer step: a non-finite loss stops before the update."""
+        if bool(torch.isfinite(loss_sum)):
+            return
+        bad = [k for k, v in term_sums.items() if not bool(torch.isfinite(torch.as_tensor(v)))] or ["total"]
+        value = float(term_sums[bad[0]]) if bad[0] in term_sums else float(loss_sum)
+        raise NonFiniteError(
+            f"loss term {bad[0]!r} is {value} (not finite)",
+            "lower the learning rate, enable max_grad_norm, check the data for empty targets, "
+            "or use bf16 instead of fp16",
+        )
+
     # -- training ----------------------------------------------------------------------------
     def train(self, resume: bool | str | Path = False) -> TrainerState:
         """Train to ``max_steps`` (or ``epochs``); return the final :class:`TrainerState`.
@@ -375,41 +421,25 @@ class Distiller:
 
         set_seed(self.config.seed)
         resumed = self._resume(resume) if resume else False
+        self._begin(resumed)
         state, acc = self.state, self.accelerator
-        if not resumed and state.step == 0 and self.run_dir is not None:
-            if self._jsonl is not None:
-                self._jsonl.resume_step = 0  # a fresh run starts a fresh metrics.jsonl
-            if latest_checkpoint(self.run_dir / "checkpoints") is not None:
-                logger.warning("%s already holds checkpoints of an earlier run; this fresh run will replace "
-                               "and prune them (use train(resume=True) to continue that run instead)",
-                               self.run_dir / "checkpoints")
-        if self.config.log_with and self.run_dir is not None and getattr(acc, "log_with", None):
-            hparams = {k: v if isinstance(v, int | float | str | bool) else str(v)
-                       for k, v in self.config.model_dump(mode="json").items()}
-            acc.init_trackers("tensorboard", config=hparams)
-        for cb in self.callbacks:
-            cb.on_train_begin(state)
         start = time.perf_counter()
-        window: dict[str, torch.Tensor] = {}
-        window_steps, window_positions, window_time = 0, 0, 0.0  # throughput counts training steps only
+        window = _Window()
         last_eval_step = last_save_step = -1
         try:
             while state.step < state.max_steps and not state.should_stop:
                 step_start = time.perf_counter()
-                stats = self._train_step()
-                window_time += time.perf_counter() - step_start
+                stats = self.training_step()
                 state.step += 1
                 positions = stats.pop("positions")  # global count (all processes)
                 state.step_metrics = dict(stats)
                 state.positions_seen += positions
-                window_positions += positions
-                for key, value in stats.items():
-                    window[key] = window.get(key, 0.0) + value
-                window_steps += 1
+                window.add(stats, positions, time.perf_counter() - step_start)
+                self.schedules.observe(state.step_metrics)
                 logs = None
                 if state.step % self.config.log_every == 0 or state.step == state.max_steps:
-                    logs = self._train_logs(window, window_steps, window_positions, window_time, start)
-                    window, window_steps, window_positions, window_time = {}, 0, 0, 0.0
+                    logs = self._train_logs(window.values, window.steps, window.positions, window.time, start)
+                    window = _Window()
                     state.last_logs = logs
                     logger.info("step %d/%d %s", state.step, state.max_steps,
                                 " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith("loss")))
@@ -418,12 +448,10 @@ class Distiller:
                 for cb in self.callbacks:
                     cb.on_step_end(state, logs)
                 done = state.step >= state.max_steps or state.should_stop
-                if self.config.eval_every and self.eval_data is not None and (
-                        state.step % self.config.eval_every == 0 or done):
+                if self._due(self.config.eval_every, done) and self.eval_data is not None:
                     self._evaluate_and_report(start)
                     last_eval_step = state.step
-                if self.config.save_every and self.run_dir is not None and (
-                        state.step % self.config.save_every == 0 or done):
+                if self._due(self.config.save_every, done) and self.run_dir is not None:
                     self.save_checkpoint()
                     last_save_step = state.step
             if self.config.eval_every and self.eval_data is not None and last_eval_step != state.step:
@@ -441,50 +469,24 @@ class Distiller:
                 acc.end_training()
         return state
 
-    def _train_step(self) -> dict[str, Any]:
-        acc, cfg = self.accelerator, self.config
-        micro = []
-        for m in range(cfg.grad_accum_steps):
-            batch = self._next_batch()
-            if self.on_policy is not None:
-                batch, _ = self.on_policy(batch, student=acc.unwrap_model(self.student), teacher=self.teacher,
-                                          step=self.state.step, micro=m)
-            micro.append(batch)
-        local = sum(self.task.count(b) for b in micro)
-        total = int(acc.reduce(torch.tensor(local, device=acc.device, dtype=torch.long), "sum").item())
-        self.student.train()
-        for module in self.extras.values():
-            module.train()
-        loss_sum = torch.zeros((), device=acc.device)
-        term_sums: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(micro):
-            with self._no_sync(i < len(micro) - 1):
-                out = self.task.forward(self.student, self.teacher, batch, extras=self.extras,
-                                        chunked=self.objective.chunked)
-                if out.teacher is None and self.objective.needs_teacher:
-                    raise ConfigError(
-                        f"the objective {self.objective!r} needs a teacher signal, but there is no teacher "
-                        "module and the batch carries no cached teacher signal",
-                        "pass teacher=, add the cached teacher keys to the batches, or use only cross_entropy",
-                    )
-                value = self.objective(out, total)
-                # DDP averages gradients over processes; the loss is already a global mean.
-                acc.backward(value.total * acc.num_processes)
-            loss_sum += value.total.detach()
-            for key, v in value.terms.items():
-                term_sums[key] = term_sums.get(key, 0.0) + v
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(self._trainable(), cfg.max_grad_norm)
-        self.optimizer.step()
-        if not acc.optimizer_step_was_skipped:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        stats: dict[str, Any] = {"loss": loss_sum, "positions": total}
-        stats.update({f"loss/{k}": v for k, v in term_sums.items()})
-        if grad_norm is not None:
-            stats["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
-        return stats
+    def _due(self, every: int | None, done: bool) -> bool:
+        return bool(every) and (self.state.step % every == 0 or done)  # type: ignore[operator]
+
+    def _begin(self, resumed: bool) -> None:
+        state, acc = self.state, self.accelerator
+        if not resumed and state.step == 0 and self.run_dir is not None:
+            if self._jsonl is not None:
+                self._jsonl.resume_step = 0  # a fresh run starts a fresh metrics.jsonl
+            if latest_checkpoint(self.run_dir / "checkpoints") is not None:
+                logger.warning("%s already holds checkpoints of an earlier run; this fresh run will replace "
+                               "and prune them (use train(resume=True) to continue that run instead)",
+                               self.run_dir / "checkpoints")
+        if self.config.log_with and self.run_dir is not None and getattr(acc, "log_with", None):
+            hparams = {k: v if isinstance(v, int | float | str | bool) else str(v)
+                       for k, v in self.config.model_dump(mode="json").items()}
+            acc.init_trackers("tensorboard", config=hparams)
+        for cb in self.callbacks:
+            cb.on_train_begin(state)
 
     def _train_logs(self, window: dict[str, Any], steps: int, positions: int, elapsed: float,
                     start: float) -> dict[str, Any]:
@@ -493,9 +495,10 @@ class Distiller:
         values = torch.stack([torch.as_tensor(window[k], dtype=torch.float32).to(acc.device) for k in keys])
         if acc.num_processes > 1:
             values = acc.reduce(values, "sum")
-            # grad_norm is identical on all processes: undo the sum
-            if "grad_norm" in keys:
-                values[keys.index("grad_norm")] /= acc.num_processes
+            # grad_norm and scheduled values are identical on all processes: undo the sum
+            for i, k in enumerate(keys):
+                if k == "grad_norm" or k.startswith("sched/"):
+                    values[i] /= acc.num_processes
         logs: dict[str, Any] = {"step": self.state.step, "split": "train", "epoch": round(self.state.epoch_float, 4),
                                 "time": round(time.perf_counter() - start, 3)}
         for k, v in zip(keys, values.tolist()):
@@ -532,10 +535,10 @@ class Distiller:
         with torch.no_grad():
             for batch in loader:
                 batch = send_to_device(batch, acc.device)
-                out = self.task.forward(self.student, self.teacher, batch, extras=self.extras)
+                out = self.task_output(batch, chunked=False)
                 stats: dict[str, torch.Tensor] = {}
                 if out.teacher is not None or not self.objective.needs_teacher:
-                    value = self.objective(out, 1.0)  # sums, divided once below
+                    value = self.objective(out, 1.0, values=self.schedules.current(self.state.step))  # sums
                     stats.update({f"term:{k}": v for k, v in value.terms.items()})
                 stats.update(fidelity_sums(out.student_logits, out.teacher, out.mask, out.labels))
                 for k, v in stats.items():
@@ -598,6 +601,8 @@ class Distiller:
         student_state = acc.get_state_dict(self.student)
         extras_state = {f"{name}.{k}": v for name, m in self.extras.items()
                         for k, v in acc.get_state_dict(m).items()}
+        source_tensors, source_meta = _split_state(self.teacher_source.state_dict() if self.teacher_source else {})
+        extras_state.update({_SOURCE_PREFIX + k: v for k, v in source_tensors.items()})
         # Under FSDP the optimizer state is sharded: gather the full state (all ranks take part);
         # otherwise the main process's optimizer.state_dict() is the whole state.
         sharded = is_fully_sharded(self.student)
@@ -614,6 +619,7 @@ class Distiller:
         acc.wait_for_everyone()
         if acc.is_main_process:
             trainer_state = self._trainer_state_dict()
+            trainer_state["teacher_source"] = source_meta
             trainer_state["optimizer_format"] = optim_format
             writer.write_main(student_state=student_state, extras_state=extras_state, optimizer=self.optimizer,
                               scheduler=self.scheduler, scaler=getattr(acc, "scaler", None),
@@ -634,6 +640,8 @@ class Distiller:
             "objective": self.objective.keys, "extras": self._extra_names,
             "callbacks": {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)},
             "last_eval": s.last_eval,
+            "schedules": self.schedules.state_dict(),
+            "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
             "last_logs": {k: v for k, v in (s.last_logs or {}).items() if isinstance(v, int | float | str)},
         }
 
@@ -660,6 +668,10 @@ class Distiller:
             else:
                 acc.unwrap_model(self.student).load_state_dict(ckpt.student_state())
             extras_state = ckpt.extras_state() or {}
+            if self.teacher_source is not None:
+                source_tensors = {k[len(_SOURCE_PREFIX):]: v for k, v in extras_state.items()
+                                  if k.startswith(_SOURCE_PREFIX)}
+                self.teacher_source.load_state_dict({**(ts.get("teacher_source") or {}), **source_tensors})
             for name, module in self.extras.items():
                 prefix = f"{name}."
                 acc.unwrap_model(module).load_state_dict(
@@ -693,7 +705,11 @@ class Distiller:
         if ts.get("last_logs"):
             s.last_logs = ts["last_logs"]
         s.should_stop = False
-        self._iter = None
+        self.stream.reset()
+        if ts.get("schedules"):
+            self.schedules.load_state_dict(ts["schedules"])
+        if ts.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(ts["sampler"])
         saved_cbs = ts.get("callbacks", {})
         for i, cb in enumerate(self.callbacks):
             key = f"{i}:{type(cb).__name__}"
@@ -726,3 +742,44 @@ class Distiller:
     @property
     def unwrapped_student(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.student)
+
+
+class _Window:
+    """Metrics summed over the optimizer steps since the last log."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.steps, self.positions, self.time = 0, 0, 0.0
+
+    def add(self, stats: Mapping[str, Any], positions: int, seconds: float) -> None:
+        for key, value in stats.items():
+            self.values[key] = self.values.get(key, 0.0) + value
+        self.steps += 1
+        self.positions += positions
+        self.time += seconds
+
+
+def _layout_of(batch: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What must stay equal for a batch to skip re-validation: keys, dtypes and ranks (shapes are
+    compared separately: a batch larger than any seen is validated again)."""
+    return tuple((k, v.dtype, v.ndim) if torch.is_tensor(v) else (k, type(v).__name__)
+                 for k, v in sorted(batch.items(), key=lambda kv: kv[0]))
+
+
+def _grew(batch: Mapping[str, Any], largest: dict[str, tuple[int, ...]]) -> bool:
+    """True (and ``largest`` updated) when a tensor of ``batch`` is larger than seen before in a dim."""
+    grew = False
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            seen = largest.get(k)
+            shape = tuple(v.shape)
+            if seen is None or len(seen) != len(shape) or any(a > b for a, b in zip(shape, seen)):
+                largest[k] = shape if seen is None or len(seen) != len(shape) else tuple(map(max, shape, seen))
+                grew = True
+    return grew
+
+
+def _split_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A source's state split into tensors (checkpointed as safetensors) and the rest (JSON)."""
+    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
+    return tensors, {k: v for k, v in state.items() if not torch.is_tensor(v)}

@@ -62,6 +62,10 @@ class LossTerm(FriendlyModel):
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
     source: Literal["loss", "task", "feature"] = "loss"
+    scheduled: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="schedules of this term's weight ('weight') and loss params ('params.<name>'); filled from "
+                    "`weight: {schedule: ...}` / `params: {name: {schedule: ...}}` (docs/schedules.md)")
 
     #: ``LossTerm("forward_kl", 1.0, {"temperature": 2.0})``: positional name, weight, params
     #: (mapped by the metaclass; a real ``__init__`` would spoil nested config errors, see
@@ -78,6 +82,63 @@ class LossTerm(FriendlyModel):
         if not math.isfinite(value):
             raise ValueError("weight must be a finite number")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_schedules(cls, data: Any) -> Any:
+        """``weight: {schedule: ...}`` and ``params: {x: {schedule: ...}}`` become entries of
+        ``scheduled`` (the weight keeps 0.0 as a placeholder; a scheduled param leaves ``params``)."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        scheduled = dict(data.get("scheduled") or {})
+        if isinstance(data.get("weight"), Mapping):
+            scheduled["weight"] = dict(data["weight"])
+            data["weight"] = 0.0
+        params = data.get("params")
+        if isinstance(params, Mapping):
+            kept = {}
+            for name, value in params.items():
+                if isinstance(value, Mapping) and "schedule" in value:
+                    scheduled[f"params.{name}"] = dict(value)
+                else:
+                    kept[name] = value
+            data["params"] = kept
+        if scheduled:
+            data["scheduled"] = scheduled
+        return data
+
+    @field_validator("scheduled")
+    @classmethod
+    def _valid_schedules(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for path, spec in value.items():
+            if path != "weight" and not path.startswith("params."):
+                raise ValueError(f"scheduled key {path!r} must be 'weight' or 'params.<name>'")
+            from kdforge.train.schedules import build_schedule
+
+            build_schedule(spec)  # raises a clear error for an unknown kind or a bad key
+        return value
+
+    @property
+    def weight_schedule(self) -> dict[str, Any] | None:
+        return self.scheduled.get("weight")
+
+    @property
+    def scheduled_params(self) -> dict[str, dict[str, Any]]:
+        return {k[len("params."):]: v for k, v in self.scheduled.items() if k.startswith("params.")}
+
+    def current(self, values: Mapping[str, float] | None) -> tuple[float, dict[str, Any]]:
+        """This term's weight and params with the scheduled values of ``values`` applied."""
+        if not self.scheduled:
+            return self.weight, self.params
+        if values is None:
+            raise ConfigError(
+                f"loss term {self.key!r} has scheduled values ({', '.join(self.scheduled)}), but no values were given",
+                "train it with the Distiller, or pass values=objective.schedules(max_steps).current(step)",
+            )
+        weight = values[f"{self.key}.weight"] if "weight" in self.scheduled else self.weight
+        params = {**self.params, **{n: values[f"{self.key}.params.{n}"] for n in self.scheduled_params}}
+        return weight, params
 
     @model_validator(mode="before")
     @classmethod
@@ -186,7 +247,7 @@ class Objective:
             compilation per process and needs a C++ toolchain on CPU, hence off by default.
     """
 
-    def __init__(self, terms: Sequence[LossTerm | Mapping[str, Any]], *, chunked: bool = False,
+    def __init__(self, terms: Sequence[LossTerm | Mapping[str, Any]], *, chunked: bool | str = "auto",
                  chunk_size: int | str = "auto", compile_kernels: bool = False) -> None:
         if isinstance(terms, Mapping | str) or not isinstance(terms, Sequence):
             raise ConfigError(
@@ -219,15 +280,19 @@ class Objective:
                                   "configure the term on the task object instead")
         self._fns: list[Callable[..., torch.Tensor] | None] = [
             LOSSES.get(t.name) if t.source == "loss" else None for t in parsed]
+        self._auto_chunked: bool | None = None
         self._features: nn.Module | None = None
         self._bound: tuple[int, int] | None = None
-        self.chunked = chunked
+        if chunked not in (True, False, "auto"):
+            raise ConfigError(f"chunked must be true, false or 'auto', got {chunked!r}",
+                              "use chunked: auto (the closed-form chunked path wherever it applies)")
+        self.chunked: bool | str = chunked
         if chunk_size != "auto" and not (isinstance(chunk_size, int) and chunk_size > 0):
             raise ConfigError(f"chunk_size must be a positive integer or 'auto', got {chunk_size!r}",
                               "use chunk_size='auto' (about 16 MiB per chunk array on CPU, 64 MiB on GPU)")
         self.chunk_size: int | str = chunk_size
         self.compile_kernels = bool(compile_kernels)
-        if chunked:
+        if chunked is True:
             self._check_chunkable()
 
     @classmethod
@@ -292,7 +357,48 @@ class Objective:
         inner = ", ".join(f"{t.weight}*{t.key}{t.params or ''}" for t in self.terms)
         return f"Objective({inner}{', chunked' if self.chunked else ''})"
 
-    def __call__(self, out: Any, normalizer: float) -> ObjectiveValue:
+    def use_chunked(self, task: Any, source: Any) -> bool:
+        """Whether a micro-batch of ``task`` with teacher ``source`` runs the chunked LM-head path.
+
+        ``chunked=True``/``False`` decide it; ``"auto"`` picks it where it is exact and cheaper: a
+        causal LM, one distillation term with a closed-form chunk kernel (plus an optional
+        ``cross_entropy``), a dense teacher (a live model) and no scheduled loss parameter.
+        """
+        if self.chunked != "auto":
+            return bool(self.chunked)
+        if self._auto_chunked is None:
+            self._auto_chunked = self._chunkable_by_kernel()
+        from kdforge.train.tasks import CausalLMTask
+
+        return (self._auto_chunked and isinstance(task, CausalLMTask) and source is not None
+                and "dense" in source.provides and "sparse" not in source.provides)
+
+    def _chunkable_by_kernel(self) -> bool:
+        try:
+            self._check_chunkable()
+        except ConfigError:
+            return False
+        kd = next(t for t in self.terms if t.name != "cross_entropy")
+        if kd.scheduled_params:
+            return False
+        from kdforge.losses.fused import fused_kernel_for
+
+        return fused_kernel_for(kd.name, torch.empty(0), dict(kd.params)) is not None
+
+    def schedules(self, max_steps: int) -> Any:
+        """The scheduled weights and loss parameters of this objective for a run of ``max_steps``
+        (:class:`~kdforge.train.schedules.ScheduledValues`; a no-op when nothing is scheduled)."""
+        scheduled = {f"{t.key}.weight": t.weight_schedule for t in self.terms if t.weight_schedule is not None}
+        for t in self.terms:
+            scheduled.update({f"{t.key}.params.{n}": v for n, v in t.scheduled_params.items()})
+        if not scheduled:
+            return NoSchedules()
+        from kdforge.train.schedules import ScheduledValues, build_schedule
+
+        return ScheduledValues({path: build_schedule(spec) for path, spec in scheduled.items()}, max_steps=max_steps)
+
+    def __call__(self, out: Any, normalizer: float, *, values: Mapping[str, float] | None = None,
+                 check_finite: bool = True) -> ObjectiveValue:
         """Weighted, normalised loss of a :class:`~kdforge.train.tasks.TaskOutput`.
 
         Args:
@@ -300,8 +406,8 @@ class Objective:
                 a ``SparseTeacher`` ``[..., k]`` or None), ``labels [...]``, ``mask [...]``.
             normalizer: ``N``, real positions in the whole accumulated batch (all processes).
         """
-        if self.chunked and out.student_hidden is not None:
-            return self._chunked(out, normalizer)
+        if out.student_hidden is not None and out.student_logits is None:
+            return self._chunked(out, normalizer, values, check_finite)
         norm = float(max(normalizer, 1))
         total: torch.Tensor | None = None
         terms: dict[str, torch.Tensor] = {}
@@ -326,10 +432,11 @@ class Objective:
                 value = extra[term.name] / norm
             else:
                 value = fn(out.student_logits, out.teacher, mask=out.mask, labels=out.labels,
-                           reduction="sum", **term.params) / norm
-            _check_finite(value, term.key)
+                           reduction="sum", **term.current(values)[1]) / norm
+            if check_finite:
+                _check_finite(value, term.key)
             terms[term.key] = value.detach()
-            weighted = value * term.weight
+            weighted = value * term.current(values)[0]
             total = weighted if total is None else total + weighted
         assert total is not None
         return ObjectiveValue(total, terms)
@@ -357,23 +464,26 @@ class Objective:
                 "set chunked=False",
             ) from exc
 
-    def _chunked(self, out: Any, normalizer: float) -> ObjectiveValue:
+    def _chunked(self, out: Any, normalizer: float, values: Mapping[str, float] | None = None,
+                 check_finite: bool = True) -> ObjectiveValue:
         from kdforge.losses.chunked import chunked_distillation_loss
 
         kd = next(t for t in self.terms if t.name != "cross_entropy")
         ce = next((t for t in self.terms if t.name == "cross_entropy"), None)
-        params = dict(kd.params)
+        kd_weight, params = kd.current(values)
+        params = dict(params)
         temperature = params.pop("temperature", None)  # None: the loss's own default
         hidden = out.student_hidden.reshape(-1, out.student_hidden.shape[-1])
         res = chunked_distillation_loss(
             hidden, out.lm_head_weight, out.teacher, loss=kd.name, labels=out.labels.reshape(-1),
-            mask=out.mask.reshape(-1), kd_weight=kd.weight, ce_weight=ce.weight if ce else 0.0,
+            mask=out.mask.reshape(-1), kd_weight=kd_weight, ce_weight=ce.current(values)[0] if ce else 0.0,
             temperature=temperature, chunk_size=self.chunk_size, reduction="sum",
             compile_kernels=self.compile_kernels, **params,
         )
         norm = float(max(normalizer, 1))
         total = res["loss"] / norm
-        _check_finite(total, "chunked loss")
+        if check_finite:
+            _check_finite(total, "chunked loss")
         terms = {kd.key: (res["kd"] / norm).detach()}
         if ce is not None:
             terms[ce.key] = (res["ce"] / norm).detach()
@@ -387,3 +497,22 @@ def _check_finite(value: torch.Tensor, key: str) -> None:
             "lower the learning rate, enable max_grad_norm, check the data for empty targets, "
             "or use bf16 instead of fp16",
         )
+
+
+class NoSchedules:
+    """The scheduled values of an objective without schedules: nothing to apply, log or restore."""
+
+    def current(self, step: int) -> dict[str, float]:
+        return {}
+
+    def observe(self, metrics: Mapping[str, Any]) -> None:
+        """Nothing adapts."""
+
+    def log_values(self, step: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore."""

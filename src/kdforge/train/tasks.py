@@ -1,29 +1,29 @@
-"""Task adapters: how a batch becomes student logits, labels, a mask and a teacher signal.
+"""Task adapters: how a batch becomes student logits, labels and a mask — the student side only.
 
-A task knows the batch layout of one kind of model; the objective and the loop do not. Two are
-built in:
+A task knows the batch layout of one kind of model; the teacher, the objective and the loop do
+not. The teacher side is a :class:`~kdforge.teachers.sources.TeacherSource`, which asks the task
+how to call a model on a batch (:meth:`Task.model_inputs`) and how its outputs line up with the
+loss positions (:meth:`Task.to_loss_positions`). Two tasks are built in:
 
 * :class:`ClassificationTask` — ``{"inputs": Tensor, "labels": LongTensor[B]}``, one position per
-  sample; the teacher is a module or precomputed ``"teacher_logits"`` ``[B, C]`` in the batch.
+  sample; a teacher cache may put ``"teacher_logits"`` ``[B, C]`` in the batch.
 * :class:`CausalLMTask` — ``{"input_ids", "attention_mask", "labels"}`` (HF convention, ``-100``
-  = ignored); logits at position ``t`` predict token ``t+1``, so the task shifts
-  (``logits[:, :-1]`` vs ``labels[:, 1:]``). The teacher is an online module or a cached top-k
-  signal ``"teacher_ids"``/``"teacher_logprobs"`` ``[B, T, k]`` aligned with the logit positions
-  of ``input_ids`` (position ``t`` = distribution of token ``t+1``).
+  = ignored); logits at position ``t`` predict token ``t+1``, so loss positions are
+  ``[:, :-1]`` (``labels[:, 1:]``). A cache puts ``"teacher_ids"``/``"teacher_logprobs"``
+  ``[B, T, k]`` (or ``[B, T-1, k]``) in the batch.
 
-The teacher is always run under ``torch.no_grad()`` in eval mode on its own device; its outputs are
-moved to the student's device.
+:meth:`Task.run_student` runs the student (full logits, or the last hidden state and LM head in
+chunked mode) and captures the student features a feature term requests; :meth:`Task.forward`
+composes it with a teacher source for callers outside the trainer.
 
-Feature terms: when the trainer's ``extras`` hold a :class:`~kdforge.features.FeatureTerms` module
-(``extras["features"]``, from :meth:`kdforge.train.Objective.bind`), both tasks also capture what it
-requests (hidden states, attentions, hooked module outputs) from the student and the online teacher
-in the same forward passes and put each feature term, summed over real positions, in
-``TaskOutput.extra_terms``. Without such a module nothing extra is requested (no cost).
+Validation (token ids within the embedding table, lengths within the position table) runs when
+``validate=True``: the trainer asks for it on the first batch and whenever the batch layout
+changes, so the hot path has no blocking host reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +33,15 @@ from torch import nn
 from kdforge.constants import IGNORE_INDEX
 from kdforge.errors import ConfigError, DataError, ShapeError, VocabMismatchError
 from kdforge.losses.signal import SparseTeacher
+from kdforge.teachers.forward import extract_logits, module_device, run_model
+from kdforge.teachers.signal import TeacherSignal
+from kdforge.teachers.sources import CachedTeacher, TeacherSource, as_source
+from kdforge.teachers.sources.cached import BatchLogitsTeacher
 
-TeacherSignal = torch.Tensor | SparseTeacher
+__all__ = [
+    "IGNORE_INDEX", "CausalLMTask", "ClassificationTask", "Task", "TaskOutput", "check_lm_input", "feature_module",
+    "module_device", "run_teacher", "teacher_module",
+]
 
 
 @dataclass
@@ -43,27 +50,39 @@ class TaskOutput:
 
     Attributes:
         student_logits: ``[..., V]`` (None in chunked mode).
-        teacher: ``[..., V]`` dense logits, ``SparseTeacher`` ``[..., k]``, or None (labels only).
+        teacher: the teacher distribution the losses take: ``[..., V]`` dense logits, a
+            ``SparseTeacher`` ``[..., k]``, or None (labels only). ``signal.distribution``.
         labels: ``[...]`` int64, ``-100`` where ignored.
         mask: ``[...]`` bool, the real positions (the ones counted by the normaliser).
         student_hidden: ``[..., H]`` last hidden state (chunked mode only).
         lm_head_weight: ``[V, H]`` (chunked mode only).
-        extra_terms: auxiliary losses computed by the task (feature/hint losses through the
-            method's ``extras``), each **summed** over real positions; objective terms with
-            ``source="task"`` pick them by name and divide by the same count ``N``.
+        extra_terms: auxiliary losses computed by the task or the feature terms, each **summed**
+            over real positions; objective terms with ``source="task"``/``"feature"`` pick them by
+            name and divide by the same count ``N``.
+        signal: the full :class:`~kdforge.teachers.signal.TeacherSignal` (None without a teacher).
+        student_features: the student's captured features (feature terms only).
     """
 
     student_logits: torch.Tensor | None
-    teacher: TeacherSignal | None
+    teacher: torch.Tensor | SparseTeacher | None
     labels: torch.Tensor | None
     mask: torch.Tensor
     student_hidden: torch.Tensor | None = None
     lm_head_weight: torch.Tensor | None = None
     extra_terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    signal: TeacherSignal | None = None
+    student_features: Any = None
 
     @property
     def num_positions(self) -> int:
         return int(self.mask.sum().item())
+
+    @property
+    def vocab_size(self) -> int:
+        if self.student_logits is not None:
+            return int(self.student_logits.shape[-1])
+        assert self.lm_head_weight is not None
+        return int(self.lm_head_weight.shape[0])
 
 
 def feature_module(extras: Mapping[str, nn.Module] | None) -> nn.Module | None:
@@ -82,131 +101,9 @@ def feature_module(extras: Mapping[str, nn.Module] | None) -> nn.Module | None:
     return module
 
 
-def _refuse_cached_features(task: Task, batch: Mapping[str, Any], teacher: Any, features: nn.Module,
-                            chunked: bool) -> None:
-    keys = ", ".join(_unwrap(features).keys)
-    if task.has_cached_teacher(batch):
-        raise ConfigError(
-            f"feature terms ({keys}) need the teacher's intermediate features, but the batch carries a cached "
-            "teacher signal (a teacher cache stores only top-k logits)",
-            "train these terms with the online teacher model (batches without cached teacher keys), "
-            "or remove the feature terms from the objective",
-        )
-    if teacher is None:
-        raise ConfigError(f"feature terms ({keys}) need an online teacher model, got teacher=None",
-                          "pass the teacher module to the Distiller")
-    if chunked:
-        raise ConfigError(f"feature terms ({keys}) cannot run in chunked mode", "set chunked=False")
-
-
-def _input_mover(module: nn.Module) -> Callable[[Any], Any]:
-    """Moves a tensor argument to ``module``'s device (float tensors also to its float dtype)."""
-    device = module_device(module)
-    dtype = _module_float_dtype(module)
-
-    def move(x: Any) -> Any:
-        if torch.is_tensor(x):
-            x = x.to(device)
-            if x.is_floating_point() and dtype is not None:
-                x = x.to(dtype)
-        return x
-
-    return move
-
-
-@torch.no_grad()
-def run_teacher_features(teacher: Any, request: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """Like :func:`run_teacher`, also capturing the :class:`~kdforge.features.FeatureRequest`
-    ``request`` from the teacher module. Returns ``(logits, Features)``; a wrapper's ``vocab_size``
-    (:class:`~kdforge.teachers.OnlineTeacher`) still slices the logits."""
-    from kdforge.features.taps import capture
-
-    module = teacher_module(teacher)
-    if module.training:
-        module.eval()
-    move = _input_mover(module)
-
-    out, feats = capture(module, request, *[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
-    logits = _logits_of(out)
-    vocab = None if isinstance(teacher, nn.Module) else getattr(teacher, "vocab_size", None)
-    if isinstance(vocab, int):
-        logits = logits[..., :vocab]
-    return logits, feats
-
-
-class Task:
-    """Base class of task adapters.
-
-    Subclasses implement :meth:`count` (real positions in a batch, without a forward pass: used to
-    normalise the loss over the whole accumulated batch) and :meth:`forward`. ``extras`` holds the
-    method's extra learnable modules (e.g. projectors), already prepared by the accelerator.
-    """
-
-    #: name of the counted unit in throughput logs (``tokens_per_s`` / ``samples_per_s``)
-    unit: str = "samples"
-    #: names of the auxiliary terms this task puts in ``TaskOutput.extra_terms``
-    term_names: tuple[str, ...] = ()
-
-    def count(self, batch: Mapping[str, Any]) -> int:
-        raise NotImplementedError
-
-    def forward(self, student: nn.Module, teacher: nn.Module | None, batch: Mapping[str, Any], *,
-                extras: Mapping[str, nn.Module] | None = None, chunked: bool = False) -> TaskOutput:
-        raise NotImplementedError
-
-    def has_cached_teacher(self, batch: Mapping[str, Any]) -> bool:
-        return False
-
-
-def _logits_of(output: Any) -> torch.Tensor:
-    if torch.is_tensor(output):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, Mapping):
-        logits = output.get("logits")
-    if logits is None and isinstance(output, tuple | list) and output and torch.is_tensor(output[0]):
-        logits = output[0]
-    if logits is None:
-        raise ShapeError(
-            f"cannot find logits in a model output of type {type(output).__name__}",
-            "return a tensor, or an object/dict with a `logits` field",
-        )
-    return logits
-
-
-def module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    for b in module.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-def _module_float_dtype(module: nn.Module) -> torch.dtype | None:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
-
-
-def _check_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ShapeError(
-            f"teacher logits {tuple(teacher_logits.shape)} do not line up with student logits "
-            f"{tuple(student_logits.shape)}",
-            "feed teacher and student the same batch (same padding and length)",
-        )
-    if student_logits.shape[-1] != teacher_logits.shape[-1]:
-        raise VocabMismatchError(
-            f"teacher has {teacher_logits.shape[-1]} output classes/tokens, student has "
-            f"{student_logits.shape[-1]}",
-            "use a student with the teacher's vocabulary (same tokenizer), or a cross-tokenizer method",
-        )
-
-
 def teacher_module(teacher: Any) -> nn.Module:
     """The ``nn.Module`` behind a teacher: the teacher itself, or the ``.model`` of a wrapper such as
-    :class:`kdforge.teachers.OnlineTeacher` (which is called as is, keeping its vocabulary slicing)."""
+    :class:`kdforge.teachers.OnlineTeacher`."""
     if isinstance(teacher, nn.Module):
         return teacher
     model = getattr(teacher, "model", None)
@@ -218,16 +115,132 @@ def teacher_module(teacher: Any) -> nn.Module:
     )
 
 
-@torch.no_grad()
 def run_teacher(teacher: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Teacher logits under ``no_grad`` in eval mode; inputs moved to the teacher's device."""
-    module = teacher_module(teacher)
-    if module.training:
-        module.eval()
-    move = _input_mover(module)
+    return run_model(teacher_module(teacher), *args, **kwargs)
 
-    out = teacher(*[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
-    return _logits_of(out)
+
+class Task:
+    """Base class of task adapters (the student side of a batch).
+
+    Subclasses implement :meth:`count` (real positions in a batch, without a forward pass: used to
+    normalise the loss over the whole accumulated batch), :meth:`model_inputs`,
+    :meth:`to_loss_positions`, :meth:`run_student` and :meth:`cached_source`.
+    """
+
+    #: name of the counted unit in throughput logs (``tokens_per_s`` / ``samples_per_s``)
+    unit: str = "samples"
+    #: names of the auxiliary terms this task puts in ``TaskOutput.extra_terms``
+    term_names: tuple[str, ...] = ()
+
+    def count(self, batch: Mapping[str, Any]) -> int:
+        return int(self.count_tensor(batch).item())
+
+    def count_tensor(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Real positions of ``batch`` as a 0-d int64 tensor (no host read)."""
+        return torch.tensor(self.count(batch), dtype=torch.long)
+
+    def model_inputs(self, batch: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` to call a model of this task on ``batch``."""
+        raise NotImplementedError
+
+    def to_loss_positions(self, x: torch.Tensor, batch: Mapping[str, Any], *, what: str = "teacher output"
+                          ) -> torch.Tensor:
+        """A per-input-position tensor ``x`` restricted to the loss positions."""
+        return x
+
+    def check_inputs(self, model: nn.Module, batch: Mapping[str, Any], who: str) -> None:
+        """Refuse a batch ``model`` cannot take (clear error instead of a deep torch failure)."""
+
+    def cached_source(self) -> TeacherSource | None:
+        """The source that reads a teacher signal stored in this task's batches (a cache)."""
+        return None
+
+    def has_cached_teacher(self, batch: Mapping[str, Any]) -> bool:
+        source = self.cached_source()
+        return source is not None and source.present_in(batch)  # type: ignore[attr-defined]
+
+    def run_student(self, student: nn.Module, batch: Mapping[str, Any], *, features: Any = None,
+                    chunked: bool = False, validate: bool = True) -> TaskOutput:
+        """Run the student: logits (or hidden states + head), labels, mask, requested features."""
+        raise NotImplementedError
+
+    def feature_terms(self, features: nn.Module, out: TaskOutput, signal: TeacherSignal,
+                      batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Each feature term, summed over real positions, from both models' captured features."""
+        return features(out.student_features, signal.features, out.mask)
+
+    def forward(self, student: nn.Module, teacher: Any, batch: Mapping[str, Any], *,
+                extras: Mapping[str, nn.Module] | None = None, chunked: bool = False) -> TaskOutput:
+        """Student outputs joined with the teacher signal (for use outside the trainer).
+
+        ``teacher`` is a :class:`~kdforge.teachers.sources.TeacherSource`, a module (wrapped in an
+        :class:`~kdforge.teachers.OnlineTeacher`), or None (the batch's cached signal if it has one).
+        """
+        source = pick_source(as_source(teacher), self, batch)
+        return attach_teacher(self, student, source, batch, extras=extras, chunked=chunked)
+
+
+def pick_source(source: TeacherSource | None, task: Task, batch: Mapping[str, Any]) -> TeacherSource | None:
+    """The source for ``batch``: the cache stored in the batch if it carries one, else ``source``.
+
+    A batch with cached teacher keys is read from the cache even when a live teacher is given
+    (that teacher then scores only batches without them, e.g. on-policy samples).
+    """
+    cached = task.cached_source()
+    if cached is not None and cached.present_in(batch):  # type: ignore[attr-defined]
+        return cached
+    return source
+
+
+def attach_teacher(task: Task, student: nn.Module, source: TeacherSource | None, batch: Mapping[str, Any], *,
+                   extras: Mapping[str, nn.Module] | None = None, chunked: bool = False, validate: bool = True,
+                   vocab_policy: str = "exact") -> TaskOutput:
+    """One micro-batch's :class:`TaskOutput`: the student run by ``task``, the signal of ``source``
+    (aligned to the student's vocabulary and device), and the feature terms."""
+    from kdforge.teachers.vocab import align_signal
+
+    features = feature_module(extras)
+    if features is not None:
+        _refuse_cached_features(source, features, chunked)
+    request = _unwrap(features).student_request if features is not None else None
+    out = task.run_student(student, batch, features=request, chunked=chunked, validate=validate)
+    if source is None:
+        return out
+    if validate:
+        for module in source.modules():
+            task.check_inputs(module, batch, "teacher")
+    t_request = _unwrap(features).teacher_request if features is not None else None
+    signal = source.signal(batch, task, features=t_request)
+    ref = out.student_logits if out.student_logits is not None else out.student_hidden
+    assert ref is not None
+    signal, student_slice = align_signal(signal, vocab_size=out.vocab_size, positions=tuple(out.mask.shape),
+                                         device=ref.device, dtype=ref.dtype, policy=vocab_policy, validate=validate)
+    if student_slice is not None:  # vocab_policy shared_prefix: the student's padding rows are dropped
+        if out.student_logits is not None:
+            out.student_logits = out.student_logits[..., :student_slice]
+        else:
+            out.lm_head_weight = out.lm_head_weight[:student_slice]  # type: ignore[index]
+    out.signal, out.teacher = signal, signal.distribution
+    if features is not None:
+        out.extra_terms.update(task.feature_terms(features, out, signal, batch))
+    return out
+
+
+def _refuse_cached_features(source: TeacherSource | None, features: nn.Module, chunked: bool) -> None:
+    keys = ", ".join(_unwrap(features).keys)
+    if source is not None and "features" not in source.provides:
+        raise ConfigError(
+            f"feature terms ({keys}) need the teacher's intermediate features, but the teacher is a "
+            f"{type(source).__name__} (a teacher cache stores only top-k logits)",
+            "train these terms with the online teacher model (batches without cached teacher keys), "
+            "or remove the feature terms from the objective",
+        )
+    if source is None:
+        raise ConfigError(f"feature terms ({keys}) need an online teacher model, got teacher=None",
+                          "pass the teacher module to the Distiller")
+    if chunked:
+        raise ConfigError(f"feature terms ({keys}) cannot run in chunked mode", "set chunked=False")
 
 
 class ClassificationTask(Task):
@@ -244,6 +257,7 @@ class ClassificationTask(Task):
     def __init__(self, input_key: str = "inputs", label_key: str = "labels",
                  teacher_key: str = "teacher_logits") -> None:
         self.input_key, self.label_key, self.teacher_key = input_key, label_key, teacher_key
+        self._cached = BatchLogitsTeacher(teacher_key)
 
     def _inputs(self, batch: Mapping[str, Any]) -> torch.Tensor:
         if self.input_key not in batch:
@@ -256,38 +270,31 @@ class ClassificationTask(Task):
     def count(self, batch: Mapping[str, Any]) -> int:
         return int(self._inputs(batch).shape[0])
 
-    def has_cached_teacher(self, batch: Mapping[str, Any]) -> bool:
-        return self.teacher_key in batch
+    def count_tensor(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return torch.tensor(self.count(batch), dtype=torch.long)
 
-    def forward(self, student: nn.Module, teacher: nn.Module | None, batch: Mapping[str, Any], *,
-                extras: Mapping[str, nn.Module] | None = None, chunked: bool = False) -> TaskOutput:
+    def model_inputs(self, batch: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._inputs(batch),), {}
+
+    def cached_source(self) -> TeacherSource:
+        return self._cached
+
+    def run_student(self, student: nn.Module, batch: Mapping[str, Any], *, features: Any = None,
+                    chunked: bool = False, validate: bool = True) -> TaskOutput:
         inputs = self._inputs(batch)
-        features = feature_module(extras)
+        s_feats = None
         if features is not None:
             from kdforge.features.taps import capture
 
-            _refuse_cached_features(self, batch, teacher, features, chunked)
-            out, s_feats = capture(student, _unwrap(features).student_request, inputs)
-            logits = _logits_of(out)
+            out, s_feats = capture(student, features, inputs)
+            logits = extract_logits(out)
         else:
-            logits = _logits_of(student(inputs))
+            logits = extract_logits(student(inputs))
         labels = batch.get(self.label_key)
         if labels is not None:
             labels = labels.to(logits.device).long()
         mask = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
-        signal: torch.Tensor | None = None
-        extra: dict[str, torch.Tensor] = {}
-        if self.teacher_key in batch:
-            signal = batch[self.teacher_key]
-        elif teacher is not None and features is not None:
-            signal, t_feats = run_teacher_features(teacher, _unwrap(features).teacher_request, inputs)
-            extra = features(s_feats, t_feats, mask)
-        elif teacher is not None:
-            signal = run_teacher(teacher, inputs)
-        if signal is not None:
-            signal = signal.to(device=logits.device, dtype=logits.dtype)
-            _check_vocab(logits, signal)
-        return TaskOutput(logits, signal, labels, mask, extra_terms=extra)
+        return TaskOutput(logits, None, labels, mask, student_features=s_feats)
 
 
 class CausalLMTask(Task):
@@ -305,6 +312,7 @@ class CausalLMTask(Task):
 
     def __init__(self, ids_key: str = "teacher_ids", logprobs_key: str = "teacher_logprobs") -> None:
         self.ids_key, self.logprobs_key = ids_key, logprobs_key
+        self._cached = CachedTeacher(ids_key, logprobs_key)
 
     @staticmethod
     def shifted_labels(batch: Mapping[str, Any]) -> torch.Tensor:
@@ -321,103 +329,78 @@ class CausalLMTask(Task):
         return labels[:, 1:].long()
 
     def count(self, batch: Mapping[str, Any]) -> int:
-        return int((self.shifted_labels(batch) != IGNORE_INDEX).sum().item())
+        return int(self.count_tensor(batch).item())
 
-    def has_cached_teacher(self, batch: Mapping[str, Any]) -> bool:
-        return self.ids_key in batch
+    def count_tensor(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return (self.shifted_labels(batch) != IGNORE_INDEX).sum()
 
-    def forward(self, student: nn.Module, teacher: nn.Module | None, batch: Mapping[str, Any], *,
-                extras: Mapping[str, nn.Module] | None = None, chunked: bool = False) -> TaskOutput:
-        input_ids = batch["input_ids"]
-        attention_mask = batch.get("attention_mask")
-        check_lm_input(_unwrap(student), input_ids, "student")
-        if teacher is not None:
-            check_lm_input(teacher_module(teacher), input_ids, "teacher")
+    def model_inputs(self, batch: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if "input_ids" not in batch:
+            self.shifted_labels(batch)  # raises the DataError
+        return (), {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+
+    def to_loss_positions(self, x: torch.Tensor, batch: Mapping[str, Any], *, what: str = "teacher output"
+                          ) -> torch.Tensor:
+        b, t = batch["input_ids"].shape[:2]
+        if tuple(x.shape[:2]) == (b, t):
+            return x[:, :-1]
+        if tuple(x.shape[:2]) == (b, t - 1):
+            return x
+        raise ShapeError(
+            f"{what} {tuple(x.shape)} does not match the batch: expected [B, T, ...] or [B, T-1, ...] with "
+            f"B, T = {(b, t)}",
+            "rebuild the cache with the same sequence length and packing as the training data"
+            if "cache" in what else "feed teacher and student the same batch (same padding and length)",
+        )
+
+    def check_inputs(self, model: nn.Module, batch: Mapping[str, Any], who: str) -> None:
+        check_lm_input(_unwrap(model), batch["input_ids"], who)
+
+    def cached_source(self) -> TeacherSource:
+        return self._cached
+
+    def run_student(self, student: nn.Module, batch: Mapping[str, Any], *, features: Any = None,
+                    chunked: bool = False, validate: bool = True) -> TaskOutput:
+        _, kwargs = self.model_inputs(batch)
+        input_ids = kwargs["input_ids"]
+        if validate:
+            self.check_inputs(student, batch, "student")
         labels = self.shifted_labels(batch).to(input_ids.device)
         mask = labels != IGNORE_INDEX
-        hidden = head = None
-        features = feature_module(extras)
-        s_feats = None
         if features is not None:
             from kdforge.features.taps import capture
 
-            _refuse_cached_features(self, batch, teacher, features, chunked)
-            s_out, s_feats = capture(student, _unwrap(features).student_request, input_ids=input_ids,
-                                     attention_mask=attention_mask)
-            logits = _logits_of(s_out)[:, :-1]
-            vocab, ref_device, ref_dtype = logits.shape[-1], logits.device, logits.dtype
-        elif chunked:
-            try:  # logits for the last position only: the loss works from the hidden states
-                out = student(input_ids=input_ids, attention_mask=attention_mask,
-                              output_hidden_states=True, logits_to_keep=1)
-            except TypeError:  # a model without logits_to_keep
-                out = student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-            if getattr(out, "hidden_states", None) is None:
-                raise ConfigError(
-                    f"{type(_unwrap(student)).__name__} returned no hidden_states, which chunked=True needs",
-                    "use a Hugging Face causal LM, or set chunked=False",
-                )
-            hidden = out.hidden_states[-1][:, :-1]
-            head = _unwrap(student).get_output_embeddings().weight
-            logits = None
-            vocab, ref_device, ref_dtype = head.shape[0], hidden.device, hidden.dtype
-        else:
-            logits = _logits_of(student(input_ids=input_ids, attention_mask=attention_mask))[:, :-1]
-            vocab, ref_device, ref_dtype = logits.shape[-1], logits.device, logits.dtype
+            s_out, s_feats = capture(student, features, **kwargs)
+            return TaskOutput(extract_logits(s_out)[:, :-1], None, labels, mask, student_features=s_feats)
+        if chunked:
+            hidden, head = _hidden_and_head(student, kwargs)
+            return TaskOutput(None, None, labels, mask, hidden, head)
+        logits = extract_logits(student(**kwargs))[:, :-1]
+        return TaskOutput(logits, None, labels, mask)
 
-        signal: TeacherSignal | None = None
-        extra: dict[str, torch.Tensor] = {}
-        if self.ids_key in batch:
-            signal = self._cached(batch, labels.shape, vocab, ref_device)
-        elif teacher is not None:
-            if features is not None:
-                t_logits, t_feats = run_teacher_features(teacher, _unwrap(features).teacher_request,
-                                                         input_ids=input_ids, attention_mask=attention_mask)
-                # features cover all T positions; the real ones are those of the logit positions
-                # (mask [B, T-1]), the last position has no next-token target
-                feat_mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
-                key_mask = attention_mask.bool() if attention_mask is not None else None
-                extra = features(s_feats, t_feats, feat_mask, key_mask=key_mask, causal=True)
-                t_logits = t_logits[:, :-1]
-            else:
-                t_logits = run_teacher(teacher, input_ids=input_ids, attention_mask=attention_mask)[:, :-1]
-            signal = t_logits.to(device=ref_device, dtype=ref_dtype)
-            if logits is not None:
-                _check_vocab(logits, signal)
-            elif signal.shape[-1] != vocab:
-                raise VocabMismatchError(
-                    f"teacher has {signal.shape[-1]} tokens, student {vocab}",
-                    "use a student with the teacher's tokenizer",
-                )
-        return TaskOutput(logits, signal, labels, mask, hidden, head, extra_terms=extra)
+    def feature_terms(self, features: nn.Module, out: TaskOutput, signal: TeacherSignal,
+                      batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        # features cover all T positions; the real ones are those of the logit positions (mask
+        # [B, T-1]), the last position has no next-token target
+        mask = out.mask
+        feat_mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
+        attention_mask = batch.get("attention_mask")
+        key_mask = attention_mask.bool() if attention_mask is not None else None
+        return features(out.student_features, signal.features, feat_mask, key_mask=key_mask, causal=True)
 
-    def _cached(self, batch: Mapping[str, Any], pos_shape: torch.Size, vocab: int,
-                device: torch.device) -> SparseTeacher:
-        if self.logprobs_key not in batch:
-            raise DataError(
-                f"batch has {self.ids_key!r} but no {self.logprobs_key!r}",
-                "collate both top-k tensors from the teacher cache",
-            )
-        ids, logprobs = batch[self.ids_key], batch[self.logprobs_key]
-        if ids.shape[1] == pos_shape[1] + 1:
-            ids, logprobs = ids[:, :-1], logprobs[:, :-1]
-        if tuple(ids.shape[:2]) != tuple(pos_shape):
-            raise ShapeError(
-                f"cached teacher top-k {tuple(ids.shape)} does not match the batch: expected "
-                f"[B, T, k] or [B, T-1, k] with B, T-1 = {tuple(pos_shape)}",
-                "rebuild the cache with the same sequence length and packing as the training data",
-            )
-        max_id = int(ids.max().item()) if ids.numel() else -1
-        if max_id >= vocab:
-            raise VocabMismatchError(
-                f"cached teacher token id {max_id} is outside the student's vocabulary of {vocab}",
-                "build the cache with the student's tokenizer, or use a student with the teacher's vocabulary",
-            )
-        # a cache with sampled tail draws (tail_samples > 0) says how many entries are exact top-k:
-        # the losses then treat the rest as an unbiased estimate (and refuse non-linear losses)
-        num_exact = batch.get("teacher_num_exact")
-        exact = int(num_exact.reshape(-1)[0]) if torch.is_tensor(num_exact) else num_exact
-        return SparseTeacher(ids.to(device).long(), logprobs.to(device).float(), vocab, num_exact=exact)
+
+def _hidden_and_head(student: nn.Module, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden state ``[B, T-1, H]`` and LM head weight ``[V, H]`` (chunked mode)."""
+    try:  # logits for the last position only: the loss works from the hidden states
+        out = student(**kwargs, output_hidden_states=True, logits_to_keep=1)
+    except TypeError:  # a model without logits_to_keep
+        out = student(**kwargs, output_hidden_states=True)
+    if getattr(out, "hidden_states", None) is None:
+        raise ConfigError(
+            f"{type(_unwrap(student)).__name__} returned no hidden_states, which chunked=True needs",
+            "use a Hugging Face causal LM, or set chunked=False",
+        )
+    return out.hidden_states[-1][:, :-1], _unwrap(student).get_output_embeddings().weight
 
 
 def check_lm_input(model: nn.Module, input_ids: torch.Tensor, who: str = "model") -> None:

@@ -18,7 +18,7 @@ from kdforge.losses.signal import SparseTeacher
 from kdforge.teachers.signal import TeacherSignal
 from kdforge.teachers.sources.base import TeacherSource
 
-__all__ = ["CachedTeacher"]
+__all__ = ["BatchLogitsTeacher", "CachedTeacher"]
 
 
 class CachedTeacher(TeacherSource):
@@ -63,3 +63,21 @@ class CachedTeacher(TeacherSource):
         # 0 = "the student's": the trainer's vocabulary alignment fills it in (and checks the ids)
         vocab = self.vocab_size if self.vocab_size is not None else 0
         return TeacherSignal(sparse=SparseTeacher(ids.long(), logprobs.float(), vocab, num_exact=exact))
+
+
+class BatchLogitsTeacher(TeacherSource):
+    """Dense teacher logits precomputed into the batch (``batch[key]``, ``[B, C]`` for a classifier)."""
+
+    provides = frozenset({"dense"})
+
+    def __init__(self, key: str = "teacher_logits") -> None:
+        self.key = key
+
+    def present_in(self, batch: Mapping[str, Any]) -> bool:
+        return self.key in batch
+
+    def signal(self, batch: Mapping[str, Any], task: Any, *, features: Any = None) -> TeacherSignal:
+        if self.key not in batch:
+            raise DataError(f"the batch has no precomputed teacher logits {self.key!r} (keys: {sorted(batch)})",
+                            "precompute the teacher's logits into the batch, or pass the teacher model")
+        return TeacherSignal(logits=task.to_loss_positions(batch[self.key], batch, what="precomputed teacher logits"))

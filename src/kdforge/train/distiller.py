@@ -61,7 +61,7 @@ from kdforge.train.checkpoint import (
 )
 from kdforge.train.config import TrainConfig
 from kdforge.train.metrics import FIDELITY_SUM_KEYS, fidelity_sums
-from kdforge.train.objective import LossTerm, Objective, ObjectiveValue
+from kdforge.train.objective import LossTerm, NoSchedules, Objective, ObjectiveValue
 from kdforge.train.onpolicy import GenerateFn, OnPolicyConfig
 from kdforge.train.optim import (
     lr_lambda,
@@ -435,7 +435,8 @@ class Distiller:
                 state.step_metrics = dict(stats)
                 state.positions_seen += positions
                 window.add(stats, positions, time.perf_counter() - step_start)
-                self.schedules.observe(state.step_metrics)
+                if not isinstance(self.schedules, NoSchedules):
+                    self.schedules.observe(self._global_losses(state.step_metrics))
                 logs = None
                 if state.step % self.config.log_every == 0 or state.step == state.max_steps:
                     logs = self._train_logs(window.values, window.steps, window.positions, window.time, start)
@@ -468,6 +469,15 @@ class Distiller:
             if getattr(acc, "trackers", None):
                 acc.end_training()
         return state
+
+    def _global_losses(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """This step's ``loss``/``loss/<term>`` summed over processes (each holds its share)."""
+        keys = sorted(k for k in metrics if k == "loss" or k.startswith("loss/"))
+        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).to(self.accelerator.device)
+                              for k in keys])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, "sum")
+        return dict(zip(keys, values.tolist()))
 
     def _due(self, every: int | None, done: bool) -> bool:
         return bool(every) and (self.state.step % every == 0 or done)  # type: ignore[operator]

@@ -116,7 +116,10 @@ class LossTerm(FriendlyModel):
                 raise ValueError(f"scheduled key {path!r} must be 'weight' or 'params.<name>'")
             from kdforge.train.schedules import build_schedule
 
-            build_schedule(spec)  # raises a clear error for an unknown kind or a bad key
+            try:
+                build_schedule(spec)
+            except ConfigError as exc:
+                raise ValueError(f"{path}: {exc.problem}; {exc.fix}") from None
         return value
 
     @property
@@ -393,9 +396,9 @@ class Objective:
             scheduled.update({f"{t.key}.params.{n}": v for n, v in t.scheduled_params.items()})
         if not scheduled:
             return NoSchedules()
-        from kdforge.train.schedules import ScheduledValues, build_schedule
+        from kdforge.train.schedules import ScheduledValues
 
-        return ScheduledValues({path: build_schedule(spec) for path, spec in scheduled.items()}, max_steps=max_steps)
+        return ScheduledValues(scheduled, max_steps=max_steps)
 
     def __call__(self, out: Any, normalizer: float, *, values: Mapping[str, float] | None = None,
                  check_finite: bool = True) -> ObjectiveValue:

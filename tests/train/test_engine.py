@@ -247,3 +247,17 @@ def test_callbacks_see_the_trainer_through_a_context():
     d.train()
     assert seen["objective"] is d.objective and seen["state"]
     assert isinstance(seen["source"], OnlineTeacher) and seen["source"].model is teacher
+
+
+def test_a_task_that_overrides_count_sets_the_normaliser():
+    class DoubleCount(ClassificationTask):
+        def count(self, batch):
+            return 2 * super().count(batch)
+
+    def loss_of(task):
+        torch.manual_seed(0)
+        d = Distiller(MLP(), MLP(scale=2.0), task=task, objective=[LossTerm("forward_kl", 1.0)],
+                      config=_cfg(max_steps=1, batch_size=8), train_data=ClassDataset(n=16))
+        return d.train().last_logs["loss"]
+
+    assert loss_of(DoubleCount()) == pytest.approx(0.5 * loss_of(ClassificationTask()))

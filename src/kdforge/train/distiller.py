@@ -72,7 +72,7 @@ from kdforge.train.optim import (
 )
 from kdforge.train.sampler import EpochSampler
 from kdforge.train.stream import BatchStream, dataset_of
-from kdforge.train.tasks import CausalLMTask, Task, TaskOutput, attach_teacher, pick_source
+from kdforge.train.tasks import CausalLMTask, Task, TaskOutput, attach_teacher, count_positions, pick_source
 from kdforge.train.transforms import BatchTransform, OnPolicyTransform, StepContext
 
 logger = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ class Distiller:
         """One optimizer step; returns its raw metrics (``loss``, ``loss/<term>``, ``positions``...)."""
         acc, cfg = self.accelerator, self.config
         micro = self.next_micro_batches()
-        local = sum(self.task.count_tensor(b).to(acc.device) for b in micro)
+        local = sum(count_positions(self.task, b).to(acc.device) for b in micro)
         total = int(acc.reduce(torch.as_tensor(local, device=acc.device, dtype=torch.long), "sum").item())
         self.student.train()
         for module in self.extras.values():

@@ -181,6 +181,15 @@ class Task:
         return attach_teacher(self, student, source, batch, extras=extras, chunked=chunked)
 
 
+def count_positions(task: Task, batch: Mapping[str, Any]) -> torch.Tensor:
+    """``task``'s real positions in ``batch`` as a tensor: ``count_tensor`` (no host read), or the
+    int of a ``count`` that a subclass overrode (weighted SFT counts weighted tokens)."""
+    count = type(task).count
+    if count in (Task.count, CausalLMTask.count, ClassificationTask.count):
+        return task.count_tensor(batch)
+    return torch.tensor(task.count(batch), dtype=torch.long)
+
+
 def pick_source(source: TeacherSource | None, task: Task, batch: Mapping[str, Any]) -> TeacherSource | None:
     """The source for ``batch``: the cache stored in the batch if it carries one, else ``source``.
 

@@ -72,7 +72,14 @@ from kdforge.train.optim import (
 )
 from kdforge.train.sampler import EpochSampler
 from kdforge.train.stream import BatchStream, dataset_of
-from kdforge.train.tasks import CausalLMTask, Task, TaskOutput, attach_teacher, count_positions, pick_source
+from kdforge.train.tasks import (
+    CausalLMTask,
+    Task,
+    TaskOutput,
+    attach_teacher,
+    count_positions,
+    pick_source,
+)
 from kdforge.train.transforms import BatchTransform, OnPolicyTransform, StepContext
 
 logger = logging.getLogger(__name__)

@@ -42,6 +42,7 @@ from kdforge.distributed import check_process_group, needs_cpu_process_group, wr
 from kdforge.errors import CheckpointError, ConfigError, NonFiniteError
 from kdforge.io import write_text_atomic
 from kdforge.teachers.sources import TeacherSource, as_source
+from kdforge.train import evaluation, persistence
 from kdforge.train.callbacks import (
     Callback,
     JsonlLogger,
@@ -50,17 +51,9 @@ from kdforge.train.callbacks import (
     TrainingContext,
 )
 from kdforge.train.checkpoint import (
-    CheckpointWriter,
-    LoadedCheckpoint,
-    gather_optimizer_state,
-    is_fully_sharded,
     latest_checkpoint,
-    prune_checkpoints,
-    restore_model_state,
-    restore_optimizer_state,
 )
 from kdforge.train.config import TrainConfig
-from kdforge.train.metrics import FIDELITY_SUM_KEYS, fidelity_sums
 from kdforge.train.objective import LossTerm, NoSchedules, Objective, ObjectiveValue
 from kdforge.train.onpolicy import GenerateFn, OnPolicyConfig
 from kdforge.train.optim import (
@@ -85,9 +78,6 @@ from kdforge.train.transforms import BatchTransform, OnPolicyTransform, StepCont
 logger = logging.getLogger(__name__)
 
 __all__ = ["Distiller", "lr_lambda", "resolve_mixed_precision"]
-
-#: prefix of a teacher source's tensors (an EMA teacher's weights) inside ``extras.safetensors``
-_SOURCE_PREFIX = "__teacher_source__."
 
 
 class Distiller:
@@ -526,66 +516,9 @@ class Distiller:
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, data: Dataset | DataLoader | None = None) -> dict[str, float]:
-        """Objective and fidelity on ``data`` (default: ``eval_data``), no grad.
-
-        Returns ``eval/loss``, ``eval/loss/<term>``, ``eval/agreement`` (top-1 agreement with the
-        teacher), ``eval/kl_to_teacher`` (``KL(p_teacher || q_student)`` at T=1),
-        ``eval/kl_from_teacher`` (``KL(q || p)``), ``eval/js_to_teacher``, ``eval/nll`` and
-        ``eval/perplexity`` (causal LMs) or ``eval/accuracy`` (classification), each averaged over
-        real positions of all processes, plus ``eval_fn``'s metrics.
-        """
-        data = self.eval_data if data is None else data
-        if data is None:
-            raise ConfigError("evaluate() needs eval data", "pass eval_data= to Distiller or data= to evaluate()")
-        acc = self.accelerator
-        dataset, collate = self._dataset_of(data, self.collate_fn, "eval_data")
-        sampler = EpochSampler(len(dataset), shuffle=False, num_replicas=acc.num_processes, rank=acc.process_index)
-        loader = self._loader(dataset, sampler, collate)
-        keys = ["count", *[f"term:{k}" for k in self.objective.keys], *FIDELITY_SUM_KEYS, "nll", "nll_count",
-                "correct"]
-        sums = torch.zeros(len(keys), dtype=torch.float64, device=acc.device)
-        present: set[str] = set()
-        training = self.student.training
-        self.student.eval()
-        from accelerate.utils import send_to_device
-
-        with torch.no_grad():
-            for batch in loader:
-                batch = send_to_device(batch, acc.device)
-                out = self.task_output(batch, chunked=False)
-                stats: dict[str, torch.Tensor] = {}
-                if out.teacher is not None or not self.objective.needs_teacher:
-                    value = self.objective(out, 1.0, values=self.schedules.current(self.state.step))  # sums
-                    stats.update({f"term:{k}": v for k, v in value.terms.items()})
-                stats.update(fidelity_sums(out.student_logits, out.teacher, out.mask, out.labels))
-                for k, v in stats.items():
-                    sums[keys.index(k)] += v.double().to(acc.device)
-                    present.add(k)
-        self.student.train(training)
-        if acc.num_processes > 1:
-            sums = acc.reduce(sums, "sum")
-        s = dict(zip(keys, sums.tolist()))
-        count = max(s["count"], 1.0)
-        metrics: dict[str, float] = {}
-        term_keys = [k for k in self.objective.keys if f"term:{k}" in present]
-        if term_keys:
-            metrics["eval/loss"] = sum(t.weight * s[f"term:{t.key}"] for t in self.objective.terms) / count
-            for k in term_keys:
-                metrics[f"eval/loss/{k}"] = s[f"term:{k}"] / count
-        for key in FIDELITY_SUM_KEYS:
-            if key in present:
-                metrics[f"eval/{key}"] = s[key] / count
-        if "nll" in present and s["nll_count"] > 0:
-            nll = s["nll"] / s["nll_count"]
-            metrics["eval/nll"] = nll
-            if self.task.unit == "tokens":
-                metrics["eval/perplexity"] = math.exp(min(nll, 700.0))
-            else:
-                metrics["eval/accuracy"] = s["correct"] / s["nll_count"]
-        if self.eval_fn is not None:
-            for k, v in dict(self.eval_fn(acc.unwrap_model(self.student))).items():
-                metrics[k if k.startswith("eval/") else f"eval/{k}"] = v
-        return metrics
+        """Objective and fidelity on ``data`` (default: ``eval_data``), no grad (see
+        :func:`kdforge.train.evaluation.evaluate`)."""
+        return evaluation.evaluate(self, data)
 
     def _evaluate_and_report(self, start: float) -> dict[str, Any]:
         metrics = self.evaluate()
@@ -609,133 +542,14 @@ class Distiller:
 
     def save_checkpoint(self) -> Path:
         """Write ``RUN_DIR/checkpoints/step-N`` atomically (all processes must call this)."""
-        acc, state = self.accelerator, self.state
-        writer = CheckpointWriter(self.checkpoint_root, state.step)
-        if acc.is_main_process:
-            writer.begin()
-        acc.wait_for_everyone()
-        writer.write_rng(acc.process_index)
-        student_state = acc.get_state_dict(self.student)
-        extras_state = {f"{name}.{k}": v for name, m in self.extras.items()
-                        for k, v in acc.get_state_dict(m).items()}
-        source_tensors, source_meta = _split_state(self.teacher_source.state_dict() if self.teacher_source else {})
-        extras_state.update({_SOURCE_PREFIX + k: v for k, v in source_tensors.items()})
-        # Under FSDP the optimizer state is sharded: gather the full state (all ranks take part);
-        # otherwise the main process's optimizer.state_dict() is the whole state.
-        sharded = is_fully_sharded(self.student)
-        if sharded and self.extras:
-            raise CheckpointError(
-                "checkpointing an FSDP-sharded student together with extra learnable modules (projectors) "
-                "is not supported: their optimizer state cannot be gathered by the student's parameter names",
-                "train methods with extra modules under DDP (configs/accelerate/ddp_8gpu.yaml), or set "
-                "save_every: null",
-            )
-        optim_format, optim_state = "torch", None
-        if sharded or acc.is_main_process:
-            optim_format, optim_state = gather_optimizer_state(self.student, self._torch_optimizer)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            trainer_state = self._trainer_state_dict()
-            trainer_state["teacher_source"] = source_meta
-            trainer_state["optimizer_format"] = optim_format
-            writer.write_main(student_state=student_state, extras_state=extras_state, optimizer=self.optimizer,
-                              scheduler=self.scheduler, scaler=getattr(acc, "scaler", None),
-                              trainer_state=trainer_state, optimizer_state=optim_state)
-            writer.publish()
-            prune_checkpoints(self.checkpoint_root, self.config.keep_last)
-        acc.wait_for_everyone()
-        for cb in self.callbacks:
-            cb.on_save(state, writer.final)
-        return writer.final
+        return persistence.save_checkpoint(self)
 
     def _trainer_state_dict(self) -> dict[str, Any]:
-        s = self.state
-        return {
-            "step": s.step, "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "max_steps": s.max_steps,
-            "positions_seen": s.positions_seen, "seed": self.config.seed, "batch_size": self.config.batch_size,
-            "grad_accum_steps": self.config.grad_accum_steps, "num_processes": self.accelerator.num_processes,
-            "objective": self.objective.keys, "extras": self._extra_names,
-            "callbacks": {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)},
-            "last_eval": s.last_eval,
-            "schedules": self.schedules.state_dict(),
-            "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
-            "last_logs": {k: v for k, v in (s.last_logs or {}).items() if isinstance(v, int | float | str)},
-        }
+        return persistence.trainer_state_dict(self)
 
     def _resume(self, resume: bool | str | Path) -> bool:
         """Load a checkpoint; return False when there is none (fresh start)."""
-        path = Path(resume) if isinstance(resume, str | Path) else latest_checkpoint(self.checkpoint_root)
-        if path is None:
-            logger.info("no checkpoint under %s: starting a fresh run", self.checkpoint_root)
-            return False
-        ckpt = LoadedCheckpoint(path)
-        ts = ckpt.trainer_state
-        for key, mine in (("batch_size", self.config.batch_size), ("num_processes", self.accelerator.num_processes),
-                          ("seed", self.config.seed)):
-            if ts.get(key) != mine:
-                raise CheckpointError(
-                    f"checkpoint {path} was written with {key}={ts.get(key)}, this run has {key}={mine}; "
-                    "the data position cannot be restored exactly",
-                    f"resume with {key}={ts.get(key)}, or start a fresh run in a new output_dir",
-                )
-        acc = self.accelerator
-        try:
-            if is_fully_sharded(self.student):  # every rank keeps its shard of the full state
-                restore_model_state(self.student, ckpt.student_state())
-            else:
-                acc.unwrap_model(self.student).load_state_dict(ckpt.student_state())
-            extras_state = ckpt.extras_state() or {}
-            if self.teacher_source is not None:
-                source_tensors = {k[len(_SOURCE_PREFIX):]: v for k, v in extras_state.items()
-                                  if k.startswith(_SOURCE_PREFIX)}
-                self.teacher_source.load_state_dict({**(ts.get("teacher_source") or {}), **source_tensors})
-            for name, module in self.extras.items():
-                prefix = f"{name}."
-                acc.unwrap_model(module).load_state_dict(
-                    {k[len(prefix):]: v for k, v in extras_state.items() if k.startswith(prefix)})
-            restore_optimizer_state(self.student, self._torch_optimizer, ckpt.optimizer_state(),
-                                    ckpt.optimizer_format)
-        except CheckpointError:
-            raise
-        except (RuntimeError, ValueError, KeyError) as exc:  # torch: size mismatch, missing keys, param groups
-            detail = " ".join(line.strip() for line in str(exc).splitlines()[:2])
-            raise CheckpointError(
-                f"checkpoint {path} does not fit this run's student, extra modules or optimizer: {detail[:300]}",
-                "resume with the same student architecture and method that wrote it, "
-                "or start a fresh run in a new output_dir",
-            ) from None
-        sched = ckpt.scheduler_state()
-        if sched is not None:
-            self.scheduler.load_state_dict(sched)
-        scaler_state = ckpt.scaler_state()
-        if scaler_state is not None and getattr(acc, "scaler", None) is not None:
-            acc.scaler.load_state_dict(scaler_state)
-        rng = ckpt.rng_state(acc.process_index)
-        if rng is not None:
-            from kdforge.train.checkpoint import set_rng_state
-
-            set_rng_state(rng)
-        s = self.state
-        s.step, s.epoch, s.batch_in_epoch = int(ts["step"]), int(ts["epoch"]), int(ts["batch_in_epoch"])
-        s.positions_seen = int(ts.get("positions_seen", 0))
-        s.last_eval = ts.get("last_eval") or {}
-        if ts.get("last_logs"):
-            s.last_logs = ts["last_logs"]
-        s.should_stop = False
-        self.stream.reset()
-        if ts.get("schedules"):
-            self.schedules.load_state_dict(ts["schedules"])
-        if ts.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
-            self.sampler.load_state_dict(ts["sampler"])
-        saved_cbs = ts.get("callbacks", {})
-        for i, cb in enumerate(self.callbacks):
-            key = f"{i}:{type(cb).__name__}"
-            if key in saved_cbs:
-                cb.load_state_dict(saved_cbs[key])
-        if self._jsonl is not None:
-            self._jsonl.resume_step = s.step
-        logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, s.step, s.epoch, s.batch_in_epoch)
-        return True
+        return persistence.resume(self, resume)
 
     # -- export ------------------------------------------------------------------------------
     def save_student(self, path: str | Path) -> Path:
@@ -794,9 +608,3 @@ def _grew(batch: Mapping[str, Any], largest: dict[str, tuple[int, ...]]) -> bool
                 largest[k] = shape if seen is None or len(seen) != len(shape) else tuple(map(max, shape, seen))
                 grew = True
     return grew
-
-
-def _split_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A source's state split into tensors (checkpointed as safetensors) and the rest (JSON)."""
-    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
-    return tensors, {k: v for k, v in state.items() if not torch.is_tensor(v)}

@@ -15,6 +15,10 @@ Example::
     loader = DataLoader(LMBlockDataset(splits.train), batch_size=8, shuffle=True,
                         collate_fn=lm_collate)
 
+Text files are read by the data layer (:mod:`kdforge.data.sources`, :func:`load_documents`):
+a ``.txt`` file is one document named by its stem. Chat and prompt/completion data with
+response-only labels go through :mod:`kdforge.data.chat` instead.
+
 Held-out data is a *different document* (e.g. another novel), never other blocks of the same
 one, so held-out perplexity measures generalisation rather than memorisation of neighbouring
 text.
@@ -31,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from kdforge.constants import IGNORE_INDEX
+from kdforge.constants import IGNORE_INDEX  # noqa: F401  (re-exported: tests and callers import it here)
 from kdforge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -54,9 +58,13 @@ def unwrap_paragraphs(text: str) -> str:
 def tokenize_texts(texts: Iterable[str], tokenizer: Any, *, add_eos: bool = True) -> list[int]:
     """Token ids of the texts concatenated, each followed by ``tokenizer.eos_token_id``.
 
-    Special tokens (BOS) are not added per text; EOS marks document boundaries as in GPT-style
-    pretraining. Raises :class:`DataError` when ``add_eos`` is set but the tokenizer has no EOS.
+    Each text is rendered by :func:`kdforge.data.chat.render_text` (the data layer's ``text``
+    format): special tokens (BOS) are not added per text; EOS marks document boundaries as in
+    GPT-style pretraining. Raises :class:`DataError` when ``add_eos`` is set but the tokenizer
+    has no EOS.
     """
+    from kdforge.data.chat import render_text
+
     eos = getattr(tokenizer, "eos_token_id", None)
     if add_eos and eos is None:
         raise DataError(
@@ -67,10 +75,35 @@ def tokenize_texts(texts: Iterable[str], tokenizer: Any, *, add_eos: bool = True
     for text in texts:
         if not isinstance(text, str):
             raise DataError(f"expected text strings, got {type(text).__name__}", "pass a list of str")
-        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        if add_eos:
-            ids.append(int(eos))
+        ids.extend(render_text(text, tokenizer, add_eos=add_eos).input_ids)
     return ids
+
+
+def load_documents(source: str | Mapping[str, Any], *, unwrap: bool = False) -> dict[str, str]:
+    """``{document name: text}`` of a text source, read by the data layer's ``.txt`` rule.
+
+    ``source`` is a data path or spec (:class:`kdforge.data.sources.DataSpec`): a preset such as
+    ``austen``, a ``.txt`` file, a glob or a folder of ``.txt`` files; each file is one document
+    named by its stem. Texts are returned as written (``unwrap=False``), since
+    :func:`make_lm_splits` rejoins wrapped lines itself.
+
+    Raises:
+        DataError: the source holds no ``.txt`` documents, or two files share a stem.
+    """
+    from kdforge.data.sources import load, parse_spec
+
+    spec = parse_spec(source).model_copy(update={"txt_unit": "document", "unwrap": unwrap})
+    ds = load(spec)["train"]
+    if "document" not in ds.column_names:
+        raise DataError(f"{spec.path} holds no .txt documents (columns: {ds.column_names})",
+                        "point it at .txt files, one document per file")
+    docs: dict[str, str] = {}
+    for name, text in zip(ds["document"], ds["text"]):
+        if name in docs:
+            raise DataError(f"two .txt files of {spec.path} are both named {name!r}",
+                            "give every document file a distinct name")
+        docs[name] = text
+    return docs
 
 
 def pack_tokens(
@@ -239,39 +272,16 @@ class LMBlockDataset(Dataset):
 def lm_collate(
     examples: Sequence[Mapping[str, Any]], *, pad_token_id: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Batch LM examples, right-padding variable-length ones.
+    """Batch LM examples, right-padding variable-length ones (:func:`kdforge.data.collate.pad_batch`).
 
     ``input_ids`` pad with ``pad_token_id``, ``attention_mask`` with 0, ``labels`` with
     ``-100`` (ignored by the loss). Any other key is padded along its first dim with zeros
     (e.g. ``teacher_ids``/``teacher_logprobs`` ``[T, k]``, which are ignored where labels are
     ``-100``). Missing ``attention_mask``/``labels`` are derived from ``input_ids``.
     """
-    if not examples:
-        raise DataError("cannot collate an empty batch", "check the dataset is not empty")
-    keys = list(examples[0])
-    if "input_ids" not in keys:
-        raise DataError(f"LM examples need 'input_ids', got keys {keys}", "use LMBlockDataset")
-    rows = [dict(e) for e in examples]
-    for row in rows:
-        ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
-        row["input_ids"] = ids
-        row.setdefault("attention_mask", torch.ones_like(ids))
-        row.setdefault("labels", ids.clone())
-    max_len = max(int(r["input_ids"].shape[0]) for r in rows)
-    fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    batch: dict[str, torch.Tensor] = {}
-    for key in rows[0]:
-        tensors = [torch.as_tensor(r[key]) for r in rows]
-        fill = fills.get(key, 0)
-        padded = []
-        for t in tensors:
-            extra = max_len - t.shape[0]
-            if extra:
-                pad = torch.full((extra, *t.shape[1:]), fill, dtype=t.dtype)
-                t = torch.cat([t, pad])
-            padded.append(t)
-        batch[key] = torch.stack(padded)
-    return batch
+    from kdforge.data.collate import pad_batch
+
+    return pad_batch(examples, pad_token_id=pad_token_id)
 
 
 def blocks_to_dataset(blocks: torch.Tensor):

@@ -7,6 +7,8 @@ one JSON object):
 * ``sft`` — one student-only step with labels (forward, backward, clip, AdamW), plain PyTorch;
 * ``kdforge`` — one :class:`kdforge.train.Distiller` step with the online teacher and the
   ``generalized_jsd`` loss (beta, T=1) on the same batch;
+* ``kdforge_default`` — the ``kdforge`` case with the default ``Objective`` (``chunked="auto"``:
+  a live teacher and a divergence with a closed form take the chunked path), i.e. what a user gets;
 * ``trl_gkd`` — one ``trl.experimental.gkd.GKDTrainer`` step with ``lmbda=0`` (no on-policy
   generation, so it is off-policy KD like the kdforge case), same beta, T=1, same batch;
 * ``kdforge_chunked`` — the ``kdforge`` case with ``Objective(chunked=True)`` (the student's
@@ -54,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASES = ("teacher_forward", "sft", "kdforge", "trl_gkd", "kdforge_chunked", "kdforge_chunked_autograd",
+CASES = ("teacher_forward", "sft", "kdforge", "kdforge_default", "trl_gkd", "kdforge_chunked", "kdforge_chunked_autograd",
          "kdforge_chunked_compiled", "kdforge_cached")
 
 
@@ -216,7 +218,7 @@ def case_sft(args, teacher, student, tokenizer) -> list[float]:
     return times[args.warmup:]
 
 
-def case_kdforge(args, teacher, student, tokenizer, *, chunked: bool = False, cached: bool = False,
+def case_kdforge(args, teacher, student, tokenizer, *, chunked: bool | str = False, cached: bool = False,
                  closed_form: bool = True, compile_kernels: bool = False) -> list[float]:
     import functools
 
@@ -232,7 +234,7 @@ def case_kdforge(args, teacher, student, tokenizer, *, chunked: bool = False, ca
         chunked_mod.chunked_distillation_loss = original
 
 
-def _kdforge_steps(args, teacher, student, *, chunked: bool, cached: bool) -> list[tuple[float, float]]:
+def _kdforge_steps(args, teacher, student, *, chunked: bool | str, cached: bool) -> list[tuple[float, float]]:
     import torch
 
     from kdforge.data.text import LMBlockDataset
@@ -336,6 +338,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     memory = _Memory(device)
     fn = {"teacher_forward": case_teacher_forward, "sft": case_sft, "kdforge": case_kdforge,
           "trl_gkd": case_trl_gkd,
+          "kdforge_default": lambda *a: case_kdforge(*a, chunked="auto"),
           "kdforge_chunked": lambda *a: case_kdforge(*a, chunked=True),
           "kdforge_chunked_autograd": lambda *a: case_kdforge(*a, chunked=True, closed_form=False),
           "kdforge_chunked_compiled": lambda *a: case_kdforge(*a, chunked=True, compile_kernels=True),
@@ -383,7 +386,8 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 out[f"trl_overhead{tag}"] = trl[key] / floor
     if kd and trl and "peak_mem_mb" in kd and "peak_mem_mb" in trl:
         out["kdforge_mem_vs_trl"] = kd["peak_mem_mb"] / trl["peak_mem_mb"]
-    for name in ("kdforge_chunked", "kdforge_chunked_autograd", "kdforge_chunked_compiled", "kdforge_cached"):
+    for name in ("kdforge_default", "kdforge_chunked", "kdforge_chunked_autograd", "kdforge_chunked_compiled",
+                 "kdforge_cached"):
         extra = results.get(name)
         if extra and trl:
             out[f"{name}_speedup_vs_trl_cpu"] = trl["step_cpu_s_median"] / extra["step_cpu_s_median"]
@@ -437,6 +441,7 @@ def run_interleaved(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     teacher, student, tokenizer = build_models(args)
     fns = {"teacher_forward": case_teacher_forward, "sft": case_sft, "kdforge": case_kdforge, "trl_gkd": case_trl_gkd,
+           "kdforge_default": lambda *a: case_kdforge(*a, chunked="auto"),
            "kdforge_chunked": lambda *a: case_kdforge(*a, chunked=True),
            "kdforge_chunked_autograd": lambda *a: case_kdforge(*a, chunked=True, closed_form=False),
            "kdforge_chunked_compiled": lambda *a: case_kdforge(*a, chunked=True, compile_kernels=True),

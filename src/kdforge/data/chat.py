@@ -71,7 +71,8 @@ def detect_format(columns: Sequence[str], spec: DataSpec) -> str:
     cols = set(columns)
     if spec.messages_field in cols:
         return "chat"
-    if spec.prompt_field in cols and spec.completion_field in cols:
+    if spec.prompt_field in cols or spec.completion_field in cols:
+        check_fields(columns, spec, "prompt_completion")  # one of the pair: name the other
         return "prompt_completion"
     if spec.text_field in cols:
         return "text"

@@ -298,6 +298,8 @@ def _load_files(files: dict[str, list[Path]], spec: DataSpec) -> dict[str, Any]:
     builder = _builder(all_files)
     data_files = {split: [str(p) for p in paths] for split, paths in files.items()}
     kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+    if builder == "csv":  # cells are text: "007" stays "007" and an empty cell "" (not NaN)
+        kwargs = {"features": _csv_string_features(all_files[0]), "keep_default_na": False}
     try:
         dd = load_dataset(builder, data_files=data_files, **kwargs)
     except Exception as exc:  # pyarrow/json parse errors come in many types
@@ -307,6 +309,18 @@ def _load_files(files: dict[str, list[Path]], spec: DataSpec) -> dict[str, Any]:
     if builder == "text":
         out = {split: _txt_rows(ds, files[split], spec) for split, ds in out.items()}
     return out
+
+
+def _csv_string_features(path: Path) -> Any:
+    import csv
+
+    from datasets import Features, Value
+
+    with open(path, encoding="utf-8", newline="") as fh:
+        header = next(csv.reader(fh), None)
+    if not header:
+        raise DataError(f"{path} has no header row", "write the column names on the first line")
+    return Features({name: Value("string") for name in header})
 
 
 def _txt_rows(ds: Any, files: list[Path], spec: DataSpec) -> Any:

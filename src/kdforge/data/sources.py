@@ -344,7 +344,7 @@ def split_txt(text: str, *, unit: str = "document", unwrap: bool = True) -> list
     ``document``: the whole file (paragraphs rejoined if ``unwrap``); ``paragraph``: each
     blank-line-separated paragraph; ``line``: each non-empty line (stripped).
     """
-    from kdforge.data.text import unwrap_paragraphs
+    from kdforge.data.paragraphs import unwrap_paragraphs
 
     if unit == "line":
         return [line.strip() for line in text.splitlines() if line.strip()]

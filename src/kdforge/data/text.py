@@ -36,23 +36,13 @@ import torch
 from torch.utils.data import Dataset
 
 from kdforge.constants import IGNORE_INDEX  # noqa: F401  (re-exported: tests and callers import it here)
+from kdforge.data.paragraphs import unwrap_paragraphs  # noqa: F401  (public here; defined below both layers)
 from kdforge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 
 _BLANK_LINES = re.compile(r"\n\s*\n")
-
-
-def unwrap_paragraphs(text: str) -> str:
-    """Undo hard line wrapping: paragraphs (separated by blank lines) become single lines.
-
-    Project-Gutenberg-style texts wrap prose at ~70 characters; a pretrained LM has seen
-    running text, so rejoining the lines of each paragraph with spaces gives more natural
-    input. Paragraphs stay separated by one blank line; empty paragraphs are dropped.
-    """
-    paragraphs = (" ".join(p.split()) for p in _BLANK_LINES.split(text))
-    return "\n\n".join(p for p in paragraphs if p)
 
 
 def tokenize_texts(texts: Iterable[str], tokenizer: Any, *, add_eos: bool = True) -> list[int]:

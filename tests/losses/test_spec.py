@@ -317,3 +317,22 @@ def test_chunked_mean_counts_labelled_positions_only_for_a_loss_that_needs_label
     dkd = chunked_distillation_loss(h, w, t, loss="dkd", labels=y, reduction="mean")["kd"]
     ref = loss_spec("dkd")(h @ w.T, t, labels=y, reduction="mean")  # mean over the 4 labelled positions
     torch.testing.assert_close(dkd, ref)
+
+
+# --------------------------------------------------------------------------------- CLI
+
+
+def test_kdforge_losses_lists_each_specs_needs_abilities_params_and_paper(capsys):
+    from kdforge.cli.losses import loss_rows
+    from kdforge.cli.main import main
+
+    rows = {r[0]: r for r in loss_rows()}
+    assert set(rows) == set(LOSSES.names())
+    assert rows["forward_kl"][1:5] == ("teacher", "yes", "yes", "yes") and "Hinton" in rows["forward_kl"][6]
+    assert rows["dkd"][1:5] == ("teacher, labels", "-", "-", "-")
+    assert rows["dkd"][5] == "alpha=1.0, beta=8.0, ignore_index=-100, temperature=4.0"
+    assert rows["generalized_jsd"][5] == "beta=0.5" and rows["adaptive_kl"][4] == "-"
+    assert rows["cross_entropy"][1:4] == ("labels", "n/a", "n/a")
+    assert main(["losses"]) == 0
+    out = capsys.readouterr().out
+    assert "skew_reverse_kl" in out and "hidden_mse" in out

@@ -47,3 +47,14 @@ class ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.items[i]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over ``VOCAB`` ids (``[PAD]`` = 0, then ``w1`` .. ``w63``), built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[PAD]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[PAD]", eos_token="w1")

@@ -169,8 +169,8 @@ class LossSpec:
         form, no teacher, a :class:`~kdforge.losses.signal.SparseTeacher` (its divergence runs on
         ``k + 1`` buckets: only the student's log-softmax is vocabulary-sized), parameters that do
         not validate, and values the closed form does not cover (the autograd path then raises
-        the usual error for invalid ones). A ``temperature`` in ``params`` is validated and
-        otherwise ignored: the chunked path applies it around the kernel.
+        the usual error for invalid ones). ``params`` never holds ``temperature``: the chunked
+        path applies it around the kernel.
         """
         if self.kernel is None or teacher is None or isinstance(teacher, SparseTeacher):
             return None

@@ -13,10 +13,11 @@ need it, ``teacher`` by ``cross_entropy``); what each loss needs is declared on 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kdforge.registry import Registry
 
-#: holds :class:`kdforge.losses.spec.LossSpec` objects (typed ``Any`` here: spec.py imports this
-#: module, so naming LossSpec would be an import cycle, even under TYPE_CHECKING)
-LOSSES: Registry[Any] = Registry("loss")
+if TYPE_CHECKING:
+    from kdforge.losses.spec import LossSpec
+
+LOSSES: Registry[LossSpec] = Registry("loss")

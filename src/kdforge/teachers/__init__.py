@@ -10,6 +10,7 @@ from kdforge.teachers.cache import (
     pack_tokens,
 )
 from kdforge.teachers.online import OnlineTeacher, load_teacher, topk_logprobs
+from kdforge.teachers.sources import CachedTeacher, ServedTeacher, TeacherSource, as_source
 from kdforge.teachers.vocab import (
     VocabAlignment,
     check_vocab,
@@ -20,10 +21,14 @@ from kdforge.teachers.vocab import (
 
 __all__ = [
     "ENCODINGS",
+    "CachedTeacher",
     "OnlineTeacher",
+    "ServedTeacher",
     "TeacherCache",
     "TeacherCacheDataset",
+    "TeacherSource",
     "VocabAlignment",
+    "as_source",
     "build_teacher_cache",
     "check_vocab",
     "collate_teacher_cache",

@@ -2,6 +2,7 @@
 
 * :class:`~kdforge.teachers.online.OnlineTeacher` — a live frozen model (dense logits, features),
 * :class:`CachedTeacher` — the top-k cache's keys in the batch (sparse),
+* :class:`ServedTeacher` — a model behind an OpenAI-compatible (vLLM) endpoint (sparse top-k),
 * :func:`as_source` — the one place that turns what a user passes as ``teacher=`` into a source.
 """
 
@@ -14,8 +15,9 @@ from torch import nn
 from kdforge.errors import ConfigError
 from kdforge.teachers.sources.base import TeacherSource
 from kdforge.teachers.sources.cached import CachedTeacher
+from kdforge.teachers.sources.served import ServedTeacher
 
-__all__ = ["CachedTeacher", "TeacherSource", "as_source"]
+__all__ = ["CachedTeacher", "ServedTeacher", "TeacherSource", "as_source"]
 
 
 def as_source(teacher: Any) -> TeacherSource | None:

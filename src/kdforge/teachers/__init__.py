@@ -10,7 +10,13 @@ from kdforge.teachers.cache import (
     pack_tokens,
 )
 from kdforge.teachers.online import OnlineTeacher, load_teacher, topk_logprobs
-from kdforge.teachers.sources import CachedTeacher, ServedTeacher, TeacherSource, as_source
+from kdforge.teachers.sources import (
+    CachedTeacher,
+    SelfTeacher,
+    ServedTeacher,
+    TeacherSource,
+    as_source,
+)
 from kdforge.teachers.vocab import (
     VocabAlignment,
     check_vocab,
@@ -23,6 +29,7 @@ __all__ = [
     "ENCODINGS",
     "CachedTeacher",
     "OnlineTeacher",
+    "SelfTeacher",
     "ServedTeacher",
     "TeacherCache",
     "TeacherCacheDataset",

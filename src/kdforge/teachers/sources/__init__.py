@@ -3,6 +3,7 @@
 * :class:`~kdforge.teachers.online.OnlineTeacher` — a live frozen model (dense logits, features),
 * :class:`CachedTeacher` — the top-k cache's keys in the batch (sparse),
 * :class:`ServedTeacher` — a model behind an OpenAI-compatible (vLLM) endpoint (sparse top-k),
+* :class:`SelfTeacher` — the student itself: an EMA copy or a periodic snapshot (dense),
 * :func:`as_source` — the one place that turns what a user passes as ``teacher=`` into a source.
 """
 
@@ -15,9 +16,10 @@ from torch import nn
 from kdforge.errors import ConfigError
 from kdforge.teachers.sources.base import TeacherSource
 from kdforge.teachers.sources.cached import CachedTeacher
+from kdforge.teachers.sources.self_teacher import SelfTeacher
 from kdforge.teachers.sources.served import ServedTeacher
 
-__all__ = ["CachedTeacher", "ServedTeacher", "TeacherSource", "as_source"]
+__all__ = ["CachedTeacher", "SelfTeacher", "ServedTeacher", "TeacherSource", "as_source"]
 
 
 def as_source(teacher: Any) -> TeacherSource | None:

@@ -1,0 +1,182 @@
+"""SelfTeacher: EMA endpoints (decay 1 and 0) are exact, the EMA formula, snapshots every N steps,
+bit-exact resume through state_dict, and the signal is an OnlineTeacher's over the copy."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kdforge.errors import CheckpointError, ConfigError, ShapeError
+from kdforge.teachers import OnlineTeacher, SelfTeacher
+
+from ._standin_task import CausalLMTask, ClassifierTask
+from .conftest import tiny_llama
+
+TASK = CausalLMTask()
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (2, 10), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _train(student, teacher, steps: int, start: int = 1, lr: float = 0.05):
+    """``steps`` SGD steps on a next-token loss, calling ``teacher.on_step_end`` after each."""
+    opt = torch.optim.SGD(student.parameters(), lr=lr)
+    for step in range(start, start + steps):
+        batch = _batch(step)
+        logits = student(**TASK.model_inputs(batch)[1]).logits
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256), batch["input_ids"][:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        teacher.on_step_end(student, step)
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_decay_one_keeps_the_initial_model_bit_for_bit():
+    student = tiny_llama()
+    initial = copy.deepcopy(student)
+    teacher = SelfTeacher(student, decay=1.0)
+    _train(student, teacher, 3)
+    assert not _same(student, initial)  # the student did move
+    assert _same(teacher.model, initial)
+    assert teacher.updates == 3 and teacher.last_step == 3
+
+
+def test_decay_zero_equals_the_current_student():
+    student = tiny_llama()
+    teacher = SelfTeacher(student, decay=0.0)
+    _train(student, teacher, 3)
+    assert _same(teacher.model, student)
+
+
+def test_ema_follows_the_formula_on_every_parameter():
+    student = tiny_llama()
+    teacher = SelfTeacher(student, decay=0.75)
+    before = {k: v.clone() for k, v in teacher.model.named_parameters()}
+    _train(student, teacher, 1)
+    for name, p in teacher.model.named_parameters():
+        expected = 0.75 * before[name] + 0.25 * dict(student.named_parameters())[name].detach()
+        torch.testing.assert_close(p, expected, rtol=0, atol=1e-7)
+    # a derived, non-persistent buffer (rotary inv_freq) is copied, not averaged
+    for (name, b), (_, s) in zip(teacher.model.named_buffers(), student.named_buffers(), strict=True):
+        assert torch.equal(b, s), name
+
+
+def test_ema_every_n_steps_updates_only_on_multiples():
+    student = tiny_llama()
+    teacher = SelfTeacher(student, decay=0.0, every=2)
+    _train(student, teacher, 1)
+    assert teacher.updates == 0 and not _same(teacher.model, student)
+    _train(student, teacher, 1, start=2)
+    assert teacher.updates == 1 and _same(teacher.model, student)
+
+
+def test_snapshot_refreshes_every_n_steps_and_on_refresh():
+    student = tiny_llama()
+    initial = copy.deepcopy(student)
+    teacher = SelfTeacher(student, mode="snapshot", every=2)
+    _train(student, teacher, 1)
+    assert _same(teacher.model, initial)
+    _train(student, teacher, 1, start=2)
+    assert _same(teacher.model, student)
+    at_two = copy.deepcopy(student)
+    _train(student, teacher, 1, start=3)
+    assert _same(teacher.model, at_two)
+    teacher.refresh(student)  # e.g. from an epoch-end callback
+    assert _same(teacher.model, student) and teacher.updates == 2
+
+
+def test_snapshot_without_every_refreshes_only_on_demand():
+    student = tiny_llama()
+    initial = copy.deepcopy(student)
+    teacher = SelfTeacher(student, mode="snapshot")
+    _train(student, teacher, 2)
+    assert teacher.every is None and _same(teacher.model, initial)
+
+
+def test_state_dict_round_trip_resumes_bit_exactly():
+    student = tiny_llama()
+    teacher = SelfTeacher(student, decay=0.9)
+    _train(student, teacher, 3)
+    state = teacher.state_dict()
+    saved = {k: v.clone() for k, v in state["model"].items()}
+    student_state = copy.deepcopy(student.state_dict())
+
+    # the uninterrupted run continues two steps
+    _train(student, teacher, 2, start=4)
+    for k, v in state["model"].items():  # a saved state is a copy: later steps do not change it
+        assert torch.equal(v, saved[k])
+
+    # the resumed run: a fresh student from its checkpoint, a fresh SelfTeacher, then the saved state
+    resumed_student = tiny_llama(seed=123)
+    resumed_student.load_state_dict(student_state)
+    resumed = SelfTeacher(resumed_student, decay=0.9)
+    resumed.load_state_dict(state)
+    assert resumed.updates == 3 and resumed.last_step == 3
+    assert all(torch.equal(resumed.model.state_dict()[k], saved[k]) for k in saved)
+    _train(resumed_student, resumed, 2, start=4)
+    assert _same(resumed.model, teacher.model) and resumed.updates == teacher.updates == 5
+
+
+def test_state_of_another_mode_is_refused():
+    student = tiny_llama()
+    with pytest.raises(CheckpointError, match="snapshot"):
+        SelfTeacher(student).load_state_dict(SelfTeacher(student, mode="snapshot").state_dict())
+
+
+def test_signal_is_dense_logits_like_an_online_teacher_over_the_copy():
+    student = tiny_llama()
+    teacher = SelfTeacher(student, decay=0.5)
+    _train(student, teacher, 2)
+    batch = _batch(9)
+    signal = teacher.signal(batch, TASK)
+    ref = OnlineTeacher(copy.deepcopy(teacher.model)).signal(batch, TASK)
+    assert signal.kind == "dense" and signal.logits.shape == (2, 9, 256)
+    assert torch.equal(signal.logits, ref.logits) and not signal.logits.requires_grad
+    assert teacher.provides == frozenset({"dense", "features"}) and teacher.scores_new_samples
+
+
+def test_the_copy_is_frozen_in_eval_mode_and_the_student_is_untouched():
+    student = tiny_llama().train()
+    teacher = SelfTeacher(student)
+    assert student.training and all(p.requires_grad for p in student.parameters())
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
+    assert teacher.modules() == [teacher.model]
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(student.parameters(), teacher.model.parameters(),
+                                                            strict=True))
+
+
+def test_batchnorm_running_stats_are_averaged_and_counters_copied():
+    student = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    teacher = SelfTeacher(student, decay=0.5)
+    student.train()
+    student(torch.randn(8, 4))  # updates running stats, num_batches_tracked = 1
+    teacher.on_step_end(student, 1)
+    bn_t, bn_s = teacher.model[1], student[1]
+    torch.testing.assert_close(bn_t.running_mean, 0.5 * bn_s.running_mean, rtol=0, atol=1e-7)  # from zeros
+    assert int(bn_t.num_batches_tracked) == 1
+    out = teacher.signal({"inputs": torch.randn(5, 4)}, ClassifierTask())
+    assert out.logits.shape == (5, 3)
+
+
+def test_misuse_is_a_clear_error():
+    student = tiny_llama()
+    with pytest.raises(ConfigError, match="mode"):
+        SelfTeacher(student, mode="swa")
+    with pytest.raises(ConfigError, match="decay"):
+        SelfTeacher(student, decay=1.5)
+    with pytest.raises(ConfigError, match="every"):
+        SelfTeacher(student, every=0)
+    teacher = SelfTeacher(student)
+    with pytest.raises(ShapeError, match="unwrapped student"):
+        teacher.on_step_end(nn.Linear(2, 2), 1)

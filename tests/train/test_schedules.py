@@ -5,9 +5,12 @@ paths and log keys, and the trainer applying, logging and resuming them."""
 import copy
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -456,3 +459,49 @@ def test_a_resumed_run_continues_its_schedules_bit_exactly(tmp_path):
     assert resumed.schedules.state_dict() == full.schedules.state_dict()
     for a, b in zip(full.unwrapped_student.parameters(), resumed.unwrapped_student.parameters()):
         assert torch.equal(a, b)
+
+
+# -- docs/schedules.md cannot drift from the code ------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "schedules.md"
+
+
+def _blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_the_docs_yaml_terms_are_valid_scheduled_terms():
+    terms = yaml.safe_load(_blocks("yaml")[0])
+    parsed = [LossTerm.model_validate(t) for t in terms]
+    values = ScheduledValues.from_terms([(t["name"], t["weight"], t.get("params", {})) for t in terms],
+                                        max_steps=1000)
+    assert values.paths == ["dkd.weight", "taid.params.t", "forward_kl.weight", "cross_entropy.weight"]
+    assert values.current(99) == {"dkd.weight": 0.5, "taid.params.t": 0.4, "forward_kl.weight": 1.0,
+                                  "cross_entropy.weight": 0.0}
+    assert values.current(550)["forward_kl.weight"] == pytest.approx(0.6)  # half-way through [100, 1000]
+    assert values.current(500)["cross_entropy.weight"] == 0.5
+    assert sorted(path for t in parsed for path in t.scheduled) == ["params.t", "weight", "weight", "weight"]
+
+
+def test_the_docs_python_example_runs():
+    namespace: dict = {}
+    exec(compile(_blocks("python")[0], str(DOC), "exec"), namespace)  # noqa: S102 - our own docs
+    assert namespace["warm"].value(99, 1000) == 0.5
+    ref = TAIDSchedule(1000)
+    ref.step(2.3)  # the example observed one step
+    assert namespace["values"].current(1) == {"dkd.weight": 0.01, "taid.params.t": ref.t}
+
+
+def test_the_docs_recipe_for_a_new_schedule_is_a_class_and_one_line(monkeypatch):
+    from kdforge.registry import Registry
+    from kdforge.train import schedules
+
+    monkeypatch.setattr(schedules, "SCHEDULES", Registry("schedule"))  # keep the real registry clean
+    namespace: dict = {}
+    exec(compile(_blocks("python")[1], str(DOC), "exec"), namespace)  # noqa: S102 - our own docs
+    decay = build_schedule({"schedule": "exponential", "start": 1.0, "gamma": 0.5})
+    assert isinstance(decay, namespace["Exponential"]) and decay.value(3, 10) == 0.125
+    with pytest.raises(ConfigError, match="gama: unknown key \\(did you mean 'gamma'\\?\\)"):
+        build_schedule({"schedule": "exponential", "start": 1.0, "gama": 0.5})
+    with pytest.raises(ConfigError, match="gamma: Input should be greater than 0"):
+        build_schedule({"schedule": "exponential", "start": 1.0, "gamma": 0.0})

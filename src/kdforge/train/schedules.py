@@ -34,7 +34,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
-from numbers import Real
+from numbers import Integral, Real
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -66,7 +66,7 @@ def _position(value: Any) -> int | float:
     """An ``int >= 0`` is a step count; a ``float`` in ``[0, 1]`` is a fraction of the run."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise ValueError("a position is a step count (an integer >= 0) or a fraction of the run (0.0 to 1.0)")
-    if isinstance(value, int):
+    if isinstance(value, Integral):
         if value < 0:
             raise ValueError("a step count must be >= 0")
         return int(value)

@@ -1,4 +1,5 @@
-"""Teachers: online (a live frozen model), offline (a top-k cache), vocabulary checks."""
+"""Teachers: sources of the teacher signal (online model, top-k cache, served endpoint, ensemble, the
+student itself), the cache builder, vocabulary checks."""
 
 from kdforge.teachers.cache import (
     ENCODINGS,
@@ -12,6 +13,7 @@ from kdforge.teachers.cache import (
 from kdforge.teachers.online import OnlineTeacher, load_teacher, topk_logprobs
 from kdforge.teachers.sources import (
     CachedTeacher,
+    EnsembleTeacher,
     SelfTeacher,
     ServedTeacher,
     TeacherSource,
@@ -28,6 +30,7 @@ from kdforge.teachers.vocab import (
 __all__ = [
     "ENCODINGS",
     "CachedTeacher",
+    "EnsembleTeacher",
     "OnlineTeacher",
     "SelfTeacher",
     "ServedTeacher",

@@ -4,6 +4,7 @@
 * :class:`CachedTeacher` — the top-k cache's keys in the batch (sparse),
 * :class:`ServedTeacher` — a model behind an OpenAI-compatible (vLLM) endpoint (sparse top-k),
 * :class:`SelfTeacher` — the student itself: an EMA copy or a periodic snapshot (dense),
+* :class:`EnsembleTeacher` — several sources mixed by a weighting rule (dense or sparse),
 * :func:`as_source` — the one place that turns what a user passes as ``teacher=`` into a source.
 """
 
@@ -16,27 +17,31 @@ from torch import nn
 from kdforge.errors import ConfigError
 from kdforge.teachers.sources.base import TeacherSource
 from kdforge.teachers.sources.cached import CachedTeacher
+from kdforge.teachers.sources.ensemble import EnsembleTeacher
 from kdforge.teachers.sources.self_teacher import SelfTeacher
 from kdforge.teachers.sources.served import ServedTeacher
 
-__all__ = ["CachedTeacher", "SelfTeacher", "ServedTeacher", "TeacherSource", "as_source"]
+__all__ = ["CachedTeacher", "EnsembleTeacher", "SelfTeacher", "ServedTeacher", "TeacherSource", "as_source"]
 
 
 def as_source(teacher: Any) -> TeacherSource | None:
     """The :class:`TeacherSource` for ``teacher=``: a source as is, an ``nn.Module`` wrapped in an
-    :class:`~kdforge.teachers.online.OnlineTeacher`, ``"cache"`` a :class:`CachedTeacher`, None none."""
+    :class:`~kdforge.teachers.online.OnlineTeacher`, ``"cache"`` a :class:`CachedTeacher`, a list or
+    tuple of any of these an equal-weight :class:`EnsembleTeacher`, None none."""
     from kdforge.teachers.online import OnlineTeacher
 
     if teacher is None or isinstance(teacher, TeacherSource):
         return teacher
     if teacher == "cache":
         return CachedTeacher()
+    if isinstance(teacher, list | tuple):
+        return EnsembleTeacher(teacher)
     if isinstance(teacher, nn.Module):
         return OnlineTeacher(teacher)
     model = getattr(teacher, "model", None)
     if isinstance(model, nn.Module):
         return OnlineTeacher(model, vocab_size=getattr(teacher, "vocab_size", None))
     raise ConfigError(
-        f"teacher must be an nn.Module, a TeacherSource or 'cache', got {type(teacher).__name__}",
+        f"teacher must be an nn.Module, a TeacherSource, 'cache' or a list of them, got {type(teacher).__name__}",
         "pass the model itself, kdforge.teachers.OnlineTeacher(model), CachedTeacher() or another source",
     )

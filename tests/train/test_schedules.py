@@ -505,3 +505,17 @@ def test_the_docs_recipe_for_a_new_schedule_is_a_class_and_one_line(monkeypatch)
         build_schedule({"schedule": "exponential", "start": 1.0, "gama": 0.5})
     with pytest.raises(ConfigError, match="gamma: Input should be greater than 0"):
         build_schedule({"schedule": "exponential", "start": 1.0, "gamma": 0.0})
+
+
+def test_the_json_schema_of_a_scheduled_field_lists_every_schedule_strictly():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = _Recipe.model_json_schema()
+    weight = schema["$defs"]["_Term"]["properties"]["weight"]
+    assert [m.get("title") for m in weight["anyOf"]] == [None, *[f"schedule: {n}" for n in SCHEDULES.names()]]
+    good = {"objective": [{"name": "dkd", "weight": {"schedule": "warmup", "value": 1.0, "warmup_steps": 0.1}},
+                          {"name": "ce", "weight": 0.5, "params": {"t": {"schedule": "taid_adaptive"}}}]}
+    jsonschema.validate(good, schema)
+    for bad in ({"schedule": "warmup", "value": 1.0, "warmup_stpes": 3}, {"value": 1.0},
+                {"schedule": "warmup", "value": 1.0, "warmup_steps": 2.5}, "heavy"):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"objective": [{"name": "dkd", "weight": bad}]}, schema)

@@ -43,8 +43,10 @@ from pydantic import (
     PlainSerializer,
     PlainValidator,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
+from pydantic.json_schema import GetJsonSchemaHandler, JsonSchemaValue
 from pydantic_core import PydanticCustomError
 
 from kdforge.config import StrictModel
@@ -81,7 +83,8 @@ def _position(value: Any) -> int | float:
 
 #: A point of the run: ``int`` = a step count, ``float`` in ``[0, 1]`` = a fraction of ``max_steps``
 #: (``1`` is step 1, ``1.0`` is the end of the run).
-Position = Annotated[int | float, PlainValidator(_position)]
+Position = Annotated[int | float, PlainValidator(_position), WithJsonSchema(
+    {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "number", "minimum": 0, "maximum": 1}]})]
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -171,10 +174,27 @@ def _number_or_schedule(value: Any) -> float | ScheduleConfig:
     return float(value)
 
 
+class _ScheduleJsonSchema:
+    """JSON Schema of "a number or a schedule": one strict object per schedule registered when the
+    schema is generated (so a schedule added by a plug-in module is listed too)."""
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        members: list[JsonSchemaValue] = [{"type": "number"}]
+        for name in SCHEDULES.names():
+            member = dict(handler(SCHEDULES.get(name).Config.__pydantic_core_schema__))
+            member["title"] = f"schedule: {name}"
+            member["required"] = ["schedule", *[k for k in member.get("required", []) if k != "schedule"]]
+            member["description"] = SCHEDULES.describe(name)
+            members.append(member)
+        return {"anyOf": members}
+
+
 #: A pydantic field type: a plain number, or a schedule's config (``{schedule: KIND, ...}``).
-#: Errors inside a schedule keep their dotted path (``objective.0.weight.warmup_steps``).
+#: Errors inside a schedule keep their dotted path (``objective.0.weight.warmup_steps``); it dumps
+#: a schedule whole, and its JSON Schema lists every registered schedule.
 ScheduledFloat = Annotated[float | ScheduleConfig, PlainValidator(_number_or_schedule),
-                           PlainSerializer(lambda v: v.model_dump() if isinstance(v, ScheduleConfig) else v)]
+                           PlainSerializer(lambda v: v.model_dump() if isinstance(v, ScheduleConfig) else v),
+                           _ScheduleJsonSchema()]
 
 
 # -- schedules -------------------------------------------------------------------------------------

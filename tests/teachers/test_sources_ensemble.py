@@ -305,3 +305,15 @@ def test_mixtures_are_valid_loss_inputs_with_padding_entries(policy):
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
     dense = EnsembleTeacher([Fixed(_dense(1)), Fixed(_dense(2))]).signal(_batch(), TASK).logits
     assert torch.isfinite(forward_kl(student, dense))
+
+
+@pytest.mark.parametrize("weighting", ["fixed", "confidence", "entropy"])
+def test_works_with_the_trainers_causal_lm_task(weighting):
+    from kdforge.train.tasks import CausalLMTask as RealTask
+
+    model = tiny_llama()
+    batch = _batch()
+    batch["attention_mask"][1, 6:] = 0
+    one = OnlineTeacher(model).signal(batch, RealTask())
+    out = EnsembleTeacher([OnlineTeacher(model), model], weighting=weighting).signal(batch, RealTask())
+    assert torch.equal(out.logits, torch.log_softmax(one.logits.float(), dim=-1))

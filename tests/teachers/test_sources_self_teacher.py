@@ -180,3 +180,12 @@ def test_misuse_is_a_clear_error():
     teacher = SelfTeacher(student)
     with pytest.raises(ShapeError, match="unwrapped student"):
         teacher.on_step_end(nn.Linear(2, 2), 1)
+
+
+def test_works_with_the_trainers_causal_lm_task():
+    from kdforge.train.tasks import CausalLMTask as RealTask
+
+    student = tiny_llama()
+    teacher = SelfTeacher(student, decay=0.5)
+    batch = _batch(2)
+    assert torch.equal(teacher.signal(batch, RealTask()).logits, OnlineTeacher(student).signal(batch, RealTask()).logits)

@@ -250,3 +250,13 @@ def test_transformers_serve_cannot_serve_prompt_logprobs(tmp_path):
             assert "HTTP 4" in err.value.problem and "transformers serve" in err.value.fix
     finally:
         stop_process(proc)
+
+
+def test_works_with_the_trainers_causal_lm_task(server, model, batch):
+    from kdforge.train.tasks import CausalLMTask as RealTask
+
+    with _teacher(server.base_url) as teacher:
+        signal = teacher.signal(batch, RealTask())
+        no_mask = teacher.signal({"input_ids": batch["input_ids"]}, RealTask())  # attention_mask None
+    _assert_matches_local(signal.sparse, model, batch)
+    assert no_mask.sparse.shape == (3, 11) and torch.isfinite(no_mask.sparse.logprobs).all()

@@ -4,6 +4,7 @@ bit-exact resume through state_dict, and the signal is an OnlineTeacher's over t
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -104,28 +105,44 @@ def test_snapshot_without_every_refreshes_only_on_demand():
     assert teacher.every is None and _same(teacher.model, initial)
 
 
+def _through_a_checkpoint(state):
+    """What the trainer's checkpoint does with a source state: tensors as safetensors, the rest as JSON."""
+    from kdforge.train.checkpoint import state_dict_from_bytes, state_dict_to_bytes
+    from kdforge.train.persistence import _split_state
+
+    tensors, meta = _split_state(state)
+    return {**json.loads(json.dumps(meta)), **state_dict_from_bytes(state_dict_to_bytes(tensors))}
+
+
 def test_state_dict_round_trip_resumes_bit_exactly():
     student = tiny_llama()
     teacher = SelfTeacher(student, decay=0.9)
     _train(student, teacher, 3)
     state = teacher.state_dict()
-    saved = {k: v.clone() for k, v in state["model"].items()}
+    saved = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
+    assert set(saved) == {f"model.{k}" for k in teacher.model.state_dict()}  # flat: the checkpoint's format
     student_state = copy.deepcopy(student.state_dict())
 
     # the uninterrupted run continues two steps
     _train(student, teacher, 2, start=4)
-    for k, v in state["model"].items():  # a saved state is a copy: later steps do not change it
-        assert torch.equal(v, saved[k])
+    for k, v in saved.items():  # a saved state is a copy: later steps do not change it
+        assert torch.equal(state[k], v)
 
     # the resumed run: a fresh student from its checkpoint, a fresh SelfTeacher, then the saved state
     resumed_student = tiny_llama(seed=123)
     resumed_student.load_state_dict(student_state)
     resumed = SelfTeacher(resumed_student, decay=0.9)
-    resumed.load_state_dict(state)
+    resumed.load_state_dict(_through_a_checkpoint(state))
     assert resumed.updates == 3 and resumed.last_step == 3
-    assert all(torch.equal(resumed.model.state_dict()[k], saved[k]) for k in saved)
+    assert all(torch.equal(resumed.model.state_dict()[k[len("model."):]], v) for k, v in saved.items())
     _train(resumed_student, resumed, 2, start=4)
     assert _same(resumed.model, teacher.model) and resumed.updates == teacher.updates == 5
+
+
+def test_weights_of_another_architecture_are_a_checkpoint_error():
+    state = SelfTeacher(tiny_llama(hidden=16)).state_dict()
+    with pytest.raises(CheckpointError, match="student architecture"):
+        SelfTeacher(tiny_llama()).load_state_dict(state)
 
 
 def test_state_of_another_mode_is_refused():

@@ -151,16 +151,21 @@ class EnsembleTeacher(TeacherSource):
             s.on_step_end(student, step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sources": [s.state_dict() for s in self.sources]}
+        """Flat: member ``i``'s entries under ``"<i>.<key>"`` (the checkpoint splits tensors from the rest)."""
+        return {f"{i}.{k}": v for i, s in enumerate(self.sources) for k, v in s.state_dict().items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        states = list(state.get("sources", []))
-        if len(states) != len(self.sources):
-            from kdforge.errors import CheckpointError
+        parts: list[dict[str, Any]] = [{} for _ in self.sources]
+        for key, value in state.items():
+            head, _, rest = str(key).partition(".")
+            if not head.isdigit() or int(head) >= len(self.sources):
+                from kdforge.errors import CheckpointError
 
-            raise CheckpointError(f"the checkpoint holds {len(states)} ensemble members, this ensemble has "
-                                  f"{len(self.sources)}", "resume with the same list of teacher sources")
-        for s, st in zip(self.sources, states, strict=True):
+                raise CheckpointError(f"the checkpoint's ensemble state has an entry {key!r} for no member of this "
+                                      f"{len(self.sources)}-member ensemble",
+                                      "resume with the same list of teacher sources")
+            parts[int(head)][rest] = value
+        for s, st in zip(self.sources, parts, strict=True):
             s.load_state_dict(st)
 
     # -- signal ------------------------------------------------------------------------------------

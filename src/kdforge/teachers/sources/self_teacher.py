@@ -36,6 +36,7 @@ from kdforge.teachers.sources.base import TeacherSource
 __all__ = ["SELF_TEACHER_MODES", "SelfTeacher"]
 
 SELF_TEACHER_MODES = ("ema", "snapshot")
+_MODEL = "model."  # state_dict prefix of the copy's tensors
 
 
 class SelfTeacher(TeacherSource):
@@ -110,16 +111,25 @@ class SelfTeacher(TeacherSource):
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
-        """The copy's weights (cloned to CPU, so later steps do not change a saved state) and counters."""
-        return {"mode": self.mode, "decay": self.decay, "every": self.every, "updates": self.updates,
-                "last_step": self.last_step,
-                "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}}
+        """Flat: the copy's tensors as ``"model.<name>"`` (cloned to CPU, so later steps do not change a
+        saved state; the checkpoint stores them as safetensors) and JSON-able settings and counters."""
+        state: dict[str, Any] = {"mode": self.mode, "decay": self.decay, "every": self.every,
+                                 "updates": self.updates, "last_step": self.last_step}
+        for k, v in self.model.state_dict().items():
+            state[_MODEL + k] = v.detach().to("cpu", copy=True)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("mode") != self.mode:
             raise CheckpointError(f"the checkpoint holds a SelfTeacher in mode {state.get('mode')!r}, not {self.mode!r}",
                                   "resume with the same self-teacher settings the run was started with")
-        self.model.load_state_dict(state["model"])  # copies into the tensors on their device, bit for bit
+        weights = {k[len(_MODEL):]: v for k, v in state.items() if k.startswith(_MODEL)}
+        try:
+            self.model.load_state_dict(weights)  # copies into the tensors on their device, bit for bit
+        except RuntimeError as exc:
+            raise CheckpointError(f"the checkpoint's self-teacher weights do not fit this student: "
+                                  f"{str(exc).splitlines()[0]}",
+                                  "resume with the same student architecture the run was started with") from None
         self.updates, self.last_step = int(state["updates"]), state.get("last_step")
 
     # -- updates -----------------------------------------------------------------------------------

@@ -206,3 +206,59 @@ def test_works_with_the_trainers_causal_lm_task():
     teacher = SelfTeacher(student, decay=0.5)
     batch = _batch(2)
     assert torch.equal(teacher.signal(batch, RealTask()).logits, OnlineTeacher(student).signal(batch, RealTask()).logits)
+
+
+class _CrashAt:
+    """A trainer callback raising after optimizer step ``step`` (a simulated crash)."""
+
+    def __new__(cls, step):
+        from kdforge.train import Callback
+
+        class CrashAt(Callback):
+            def on_step_end(self, state, logs):
+                if state.step == step:
+                    raise RuntimeError(f"simulated crash after step {state.step}")
+
+        return CrashAt()
+
+
+def _distiller(out_dir, teacher_kind: str, callbacks=()):
+    from tests.train._tiny import MLP, ClassDataset
+
+    from kdforge.train import ClassificationTask, Distiller, LossTerm, TrainConfig
+
+    torch.manual_seed(123)
+    student, other = MLP(dropout=0.3), MLP(scale=3.0)
+    teacher = SelfTeacher(student, decay=0.8)
+    if teacher_kind == "ensemble":
+        from kdforge.teachers import EnsembleTeacher
+
+        teacher = EnsembleTeacher([other, teacher], weighting="entropy")
+    cfg = TrainConfig(max_steps=8, batch_size=5, grad_accum_steps=2, lr=1e-2, progress=False, log_every=1,
+                      save_every=3, keep_last=2, output_dir=str(out_dir), seed=7)
+    return Distiller(student, teacher, task=ClassificationTask(),
+                     objective=[LossTerm("forward_kl", 1.0), LossTerm("cross_entropy", 0.5)],
+                     config=cfg, train_data=ClassDataset(n=23), callbacks=list(callbacks))
+
+
+@pytest.mark.parametrize("teacher_kind", ["self", "ensemble"])
+def test_a_crashed_and_resumed_run_with_a_self_teacher_is_bit_exact(tmp_path, teacher_kind):
+    ref = _distiller(tmp_path / "ref", teacher_kind)
+    ref.train()
+    crashed = _distiller(tmp_path / "run", teacher_kind, callbacks=[_CrashAt(5)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.train()
+    resumed = _distiller(tmp_path / "run", teacher_kind)
+    assert resumed.train(resume=True).step == 8
+
+    def self_source(d):
+        src = d.teacher_source
+        return src if isinstance(src, SelfTeacher) else src.sources[1]
+
+    def ema(d):
+        return self_source(d).model
+
+    assert self_source(ref).updates == self_source(resumed).updates == 8  # the trainer calls on_step_end
+    assert _same(ref.unwrapped_student, resumed.unwrapped_student)
+    assert _same(ema(ref), ema(resumed)) and not _same(ema(ref), ref.unwrapped_student)
+    assert ema(resumed).training is False

@@ -17,7 +17,9 @@ pytest.importorskip("uvicorn")
 from tests.elicit.elicit_servers import FaultProxy  # noqa: E402
 
 from kdforge.errors import ConfigError, GenerationError  # noqa: E402
-from kdforge.teachers import OnlineTeacher, ServedTeacher  # noqa: E402
+from kdforge.losses.signal import SparseTeacher  # noqa: E402
+from kdforge.teachers import OnlineTeacher, ServedTeacher, TeacherSource  # noqa: E402
+from kdforge.teachers.signal import TeacherSignal  # noqa: E402
 
 from ._fake_vllm import LoopbackServer, build_app  # noqa: E402
 from ._standin_task import CausalLMTask, ClassifierTask  # noqa: E402
@@ -260,3 +262,40 @@ def test_works_with_the_trainers_causal_lm_task(server, model, batch):
         no_mask = teacher.signal({"input_ids": batch["input_ids"]}, RealTask())  # attention_mask None
     _assert_matches_local(signal.sparse, model, batch)
     assert no_mask.sparse.shape == (3, 11) and torch.isfinite(no_mask.sparse.logprobs).all()
+
+
+def test_a_distiller_trains_against_the_served_teacher(tmp_path):
+    """Two optimizer steps of forward KL to the served top-k give the loss of the local top-k."""
+    from tests.train._tiny import TokenDataset, pad_collate
+    from tests.train._tiny import tiny_llama as trainer_llama
+
+    from kdforge.train import CausalLMTask as RealTask
+    from kdforge.train import Distiller, LossTerm, TrainConfig
+
+    served_model = trainer_llama(seed=3, head_scale=20.0).eval()
+
+    def run(teacher, out):
+        torch.manual_seed(0)
+        cfg = TrainConfig(max_steps=2, batch_size=4, lr=1e-2, progress=False, log_every=1, output_dir=str(out),
+                          seed=1)
+        d = Distiller(trainer_llama(seed=1), teacher, task=RealTask(),
+                      objective=[LossTerm("forward_kl", 1.0, {"sparse_policy": "tail_bucket"})], config=cfg,
+                      train_data=TokenDataset(n=8), collate_fn=pad_collate())
+        d.train()
+        return d
+
+    with LoopbackServer(build_app(served_model)) as srv, _teacher(srv.base_url) as teacher:
+        served = run(teacher, tmp_path / "served")
+    assert teacher.stats.requests == 8  # 2 steps x 4 rows
+
+    class LocalTopK(TeacherSource):  # the same top-k computed in process: the reference
+        provides = frozenset({"sparse"})
+
+        def signal(self, batch, task, *, features=None):
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            sparse = OnlineTeacher(served_model).topk(ids, mask, k=K)
+            return TeacherSignal(sparse=SparseTeacher(sparse.ids[:, :-1], sparse.logprobs[:, :-1], 0))
+
+    local = run(LocalTopK(), tmp_path / "local")
+    for a, b in zip(served.unwrapped_student.parameters(), local.unwrapped_student.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

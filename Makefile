@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(CONSTRAINTS) -e '.[dev,bench,demo,serving]'
+	$(PIP) install -q $(CONSTRAINTS) -e '.[dev,bench,demo,serving,tracking,elicit]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

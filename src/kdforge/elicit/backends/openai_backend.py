@@ -29,21 +29,18 @@ Reliability contract:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import random
 from typing import Any
 
 from kdforge.elicit.backends.base import Backend, register_backend, truncate_at_stop
 from kdforge.elicit.backends.config import OpenAIConfig
-from kdforge.elicit.backends.ratelimit import TokenBucket, backoff_delay, parse_retry_after
+from kdforge.elicit.backends.http import RETRY_STATUS, RetryingPoster, api_key_from_env
 from kdforge.elicit.types import GenerationRequest, GenerationResult, Message
 from kdforge.errors import ConfigError, GenerationError
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUS = frozenset({408, 409, 425, 429})
+__all__ = ["RETRY_STATUS", "OpenAIBackend"]  # RETRY_STATUS: re-exported from .http, where the policy lives
 
 
 @register_backend("openai")
@@ -96,29 +93,13 @@ class OpenAIBackend(Backend):
         self.model = model
         self.endpoint = endpoint
         self.concurrency = concurrency
-        self.timeout_s = timeout_s
-        self.connect_timeout_s = connect_timeout_s
-        self.max_retries = max_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
-        self.retry_after_max_s = retry_after_max_s
         self.extra_body = dict(extra_body or {})
-        self._headers = {"Content-Type": "application/json", **(headers or {})}
         self.api_key_env = api_key_env
-        self._secret: str | None = None
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise ConfigError(
-                    f"backend.api_key_env names the environment variable {api_key_env!r}, which is not set",
-                    f"export {api_key_env}=<your key> before running (the key is never written to configs or logs)",
-                )
-            self._secret = key
-            self._headers["Authorization"] = f"Bearer {key}"
-        self._rps = TokenBucket(requests_per_s, max(1.0, requests_per_s)) if requests_per_s else None
-        self._tpm = TokenBucket(tokens_per_min / 60.0, tokens_per_min) if tokens_per_min else None
-        self._rng = random.Random(rng_seed)
-        self._client: Any = None
+        self.http = RetryingPoster(
+            headers=headers, secret=api_key_from_env(api_key_env, "backend.api_key_env"), concurrency=concurrency,
+            timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, max_retries=max_retries,
+            backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s, retry_after_max_s=retry_after_max_s,
+            requests_per_s=requests_per_s, tokens_per_min=tokens_per_min, rng_seed=rng_seed, stats=self.stats, logger=log)
 
     @classmethod
     def from_config(cls, cfg: OpenAIConfig) -> OpenAIBackend:
@@ -140,26 +121,8 @@ class OpenAIBackend(Backend):
                 "api_key_env": self.api_key_env}
 
     # ---- HTTP ------------------------------------------------------------------------------
-    def _get_client(self) -> Any:
-        if self._client is None:
-            import httpx
-
-            self._client = httpx.AsyncClient(
-                headers=self._headers,
-                timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
-                limits=httpx.Limits(max_connections=self.concurrency,
-                                    max_keepalive_connections=self.concurrency),
-                trust_env=False,  # never route loopback/private servers through a proxy from env
-            )
-        return self._client
-
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
+        await self.http.aclose()
 
     def _body(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
         p = req.params
@@ -213,69 +176,28 @@ class OpenAIBackend(Backend):
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
     async def _one(self, req: GenerationRequest) -> GenerationResult | BaseException:
-        import httpx
-
         try:
             url, body = self._body(req)
         except ConfigError as exc:
             return exc
         est = self._estimate_tokens(req)
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if self._rps is not None:
-                await self._rps.acquire(1.0)
-            if self._tpm is not None:
-                await self._tpm.acquire(est)
-            delay: float | None = None
-            self.stats.requests += 1
-            try:
-                resp = await self._get_client().post(url, json=body)
-            except httpx.TransportError as exc:  # connect/read/write errors, timeouts, drops
-                kind = type(exc).__name__
-                self.stats.count_error(kind)
-                last = f"{kind}: {self._redact(str(exc)) or 'connection failed'}"
-            else:
-                status = resp.status_code
-                if status == 200:
-                    try:
-                        data = resp.json()
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        self.stats.count_error("bad_json")
-                        last = "HTTP 200 with a body that is not JSON"
-                    else:
-                        try:
-                            result = self._parse(req, data)
-                        except GenerationError as exc:
-                            return exc
-                        if self._tpm is not None:
-                            used = result.prompt_tokens + result.completion_tokens
-                            if used:
-                                self._tpm.refund(est - used)
-                        return result
-                else:
-                    self.stats.count_error(f"http_{status}")
-                    snippet = self._redact(resp.text[:300])
-                    last = f"HTTP {status}: {snippet}"
-                    if not (status in RETRY_STATUS or status >= 500):
-                        return GenerationError(
-                            f"request {req.id} was rejected by {url} ({last})",
-                            _fix_for_status(status, self.api_key_env),
-                        )
-                    ra = parse_retry_after(resp.headers.get("retry-after"))
-                    if ra is not None:
-                        delay = min(ra, self.retry_after_max_s)
-            if attempt == self.max_retries:
-                break
-            if delay is None:
-                delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, self._rng)
-            self.stats.retries += 1
-            log.debug("request %s attempt %d failed (%s); retrying in %.2fs", req.id, attempt + 1, last, delay)
-            await asyncio.sleep(delay)
-        return GenerationError(
-            f"request {req.id} to {url} failed after {self.max_retries + 1} attempt(s); last error: {last}",
-            "check the server (is it up? overloaded?); rerun the same command to resume: "
-            "finished requests are kept and skipped",
-        )
+        try:
+            data = await self.http.post(
+                url, body, cost=est, what=f"request {req.id}",
+                on_reject=lambda status, last: GenerationError(f"request {req.id} was rejected by {url} ({last})",
+                                                               _fix_for_status(status, self.api_key_env)),
+                on_exhausted=lambda last: GenerationError(
+                    f"request {req.id} to {url} failed after {self.http.max_retries + 1} attempt(s); last error: {last}",
+                    "check the server (is it up? overloaded?); rerun the same command to resume: "
+                    "finished requests are kept and skipped",
+                ))
+            result = self._parse(req, data)
+        except GenerationError as exc:
+            return exc
+        used = result.prompt_tokens + result.completion_tokens
+        if used:
+            self.http.refund(est - used)
+        return result
 
 
 def _fix_for_status(status: int, api_key_env: str | None) -> str:

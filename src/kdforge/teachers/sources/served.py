@@ -43,10 +43,9 @@ has log-prob 0, the others ``-inf`` padding entries); the loss masks them throug
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
-import os
-import random
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -129,7 +128,7 @@ class ServedTeacher(TeacherSource):
         except ImportError:
             raise ConfigError("ServedTeacher needs httpx", "pip install 'kdforge[serving]' (or pip install httpx)") from None
         from kdforge.elicit.backends.base import BackendStats
-        from kdforge.elicit.backends.ratelimit import TokenBucket
+        from kdforge.elicit.backends.http import RetryingPoster, api_key_from_env
 
         if protocol not in PROTOCOLS:
             raise ConfigError(f"unknown ServedTeacher protocol {protocol!r}", f"use one of {', '.join(PROTOCOLS)}")
@@ -148,30 +147,18 @@ class ServedTeacher(TeacherSource):
         self.k, self.protocol, self.token_ids = int(k), protocol, bool(token_ids)
         self.vocab_size = vocab_size
         self.max_tokens = int(max_tokens)
-        self.concurrency, self.timeout_s, self.connect_timeout_s = concurrency, timeout_s, connect_timeout_s
-        self.max_retries, self.backoff_base_s, self.backoff_max_s = max_retries, backoff_base_s, backoff_max_s
-        self.retry_after_max_s = retry_after_max_s
+        self.concurrency = concurrency
         self.extra_body = dict(extra_body or {})
         self.api_key_env = api_key_env
-        self._headers = {"Content-Type": "application/json", **(headers or {})}
-        self._secret: str | None = None
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise ConfigError(
-                    f"ServedTeacher api_key_env names the environment variable {api_key_env!r}, which is not set",
-                    f"export {api_key_env}=<your key> (the key is never written to configs or logs)",
-                )
-            self._secret = key
-            self._headers["Authorization"] = f"Bearer {key}"
-        self._rps = TokenBucket(requests_per_s, max(1.0, requests_per_s)) if requests_per_s else None
-        self._tpm = TokenBucket(tokens_per_min / 60.0, tokens_per_min) if tokens_per_min else None
-        self._rng = random.Random(rng_seed)
-        self._vocab = _StringVocab(tokenizer) if (protocol == "echo" and not token_ids) else None
         self.stats = BackendStats()
+        self.http = RetryingPoster(
+            headers=headers, secret=api_key_from_env(api_key_env, "ServedTeacher api_key_env"),
+            concurrency=concurrency, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, max_retries=max_retries,
+            backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s, retry_after_max_s=retry_after_max_s,
+            requests_per_s=requests_per_s, tokens_per_min=tokens_per_min, rng_seed=rng_seed, stats=self.stats, logger=log)
+        self._vocab = _StringVocab(tokenizer) if (protocol == "echo" and not token_ids) else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._client: Any = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # never shows the key
@@ -230,9 +217,7 @@ class ServedTeacher(TeacherSource):
             self._loop = self._thread = None
         if loop is None:
             return
-        if self._client is not None:
-            asyncio.run_coroutine_threadsafe(self._client.aclose(), loop).result(30)
-            self._client = None
+        asyncio.run_coroutine_threadsafe(self.http.aclose(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
             thread.join(30)
@@ -246,7 +231,9 @@ class ServedTeacher(TeacherSource):
 
     def __getstate__(self) -> dict[str, Any]:  # picklable/deep-copyable: the loop is rebuilt lazily
         state = dict(self.__dict__)
-        state.update(_loop=None, _thread=None, _client=None, _lock=None)
+        state.update(_loop=None, _thread=None, _lock=None)
+        state["http"] = copy.copy(self.http)
+        state["http"].forget_client()  # its connections belong to this object's event loop
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -286,71 +273,19 @@ class ServedTeacher(TeacherSource):
 
         return list(await asyncio.gather(*(one(r) for r in rows)))
 
-    def _get_client(self) -> Any:
-        if self._client is None:
-            import httpx
-
-            self._client = httpx.AsyncClient(
-                headers=self._headers,
-                timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
-                limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
-                trust_env=False,  # never route a loopback/private server through a proxy from the environment
-            )
-        return self._client
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
-
     async def _post(self, body: dict[str, Any], *, cost: float) -> Any:
-        """POST ``body`` to ``/completions`` with the elicitation backend's retry policy."""
-        import httpx
-
-        from kdforge.elicit.backends.openai_backend import RETRY_STATUS
-        from kdforge.elicit.backends.ratelimit import backoff_delay, parse_retry_after
-
+        """POST ``body`` to ``/completions`` under the shared retry policy (:mod:`kdforge.elicit.backends.http`)."""
         url = self.base_url + "/completions"
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if self._rps is not None:
-                await self._rps.acquire(1.0)
-            if self._tpm is not None:
-                await self._tpm.acquire(cost)
-            delay: float | None = None
-            self.stats.requests += 1
-            try:
-                resp = await self._get_client().post(url, json=body)
-            except httpx.TransportError as exc:  # refused, reset, dropped, timed out
-                self.stats.count_error(type(exc).__name__)
-                last = f"{type(exc).__name__}: {self._redact(str(exc)) or 'connection failed'}"
-            else:
-                status = resp.status_code
-                if status == 200:
-                    try:
-                        return resp.json()
-                    except ValueError:
-                        self.stats.count_error("bad_json")
-                        last = "HTTP 200 with a body that is not JSON"
-                else:
-                    self.stats.count_error(f"http_{status}")
-                    last = f"HTTP {status}: {self._redact(resp.text[:300])}"
-                    if not (status in RETRY_STATUS or status >= 500):
-                        raise GenerationError(f"the teacher server {url} rejected the scoring request ({last})",
-                                              self._fix_for_status(status))
-                    retry_after = parse_retry_after(resp.headers.get("retry-after"))
-                    if retry_after is not None:
-                        delay = min(retry_after, self.retry_after_max_s)
-            if attempt == self.max_retries:
-                break
-            if delay is None:
-                delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, self._rng)
-            self.stats.retries += 1
-            log.debug("teacher request attempt %d failed (%s); retrying in %.2fs", attempt + 1, last, delay)
-            await asyncio.sleep(delay)
-        raise GenerationError(
-            f"the teacher server {url} did not answer after {self.max_retries + 1} attempt(s); last error: {last}",
-            "check that the server is up and base_url is right (include the /v1 prefix), "
-            "or raise max_retries/timeout_s for an overloaded server",
-        )
+        return await self.http.post(
+            url, body, cost=cost, what="teacher request",
+            on_reject=lambda status, last: GenerationError(
+                f"the teacher server {url} rejected the scoring request ({last})", self._fix_for_status(status)),
+            on_exhausted=lambda last: GenerationError(
+                f"the teacher server {url} did not answer after {self.http.max_retries + 1} attempt(s); last error: "
+                f"{last}",
+                "check that the server is up and base_url is right (include the /v1 prefix), "
+                "or raise max_retries/timeout_s for an overloaded server",
+            ))
 
     def _fix_for_status(self, status: int) -> str:
         if status in (401, 403):

@@ -29,10 +29,13 @@ from typing import Any
 import torch
 
 from kdforge.constants import IGNORE_INDEX
-from kdforge.errors import DataError, ShapeError, VocabMismatchError
+from kdforge.errors import DataError, ShapeError
 from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.supervised import cross_entropy
+from kdforge.teachers.forward import extract_logits
+from kdforge.teachers.signal import TeacherSignal
+from kdforge.teachers.vocab import VOCAB_POLICIES, align_signal
 
 __all__ = [
     "VOCAB_POLICIES",
@@ -43,9 +46,6 @@ __all__ = [
     "normaliser",
     "sparse_teacher_from_batch",
 ]
-
-#: What to do when dense teacher logits and student logits differ in width.
-VOCAB_POLICIES = ("exact", "shared_prefix")
 
 
 @dataclass(frozen=True)
@@ -112,41 +112,15 @@ def normaliser(mask: torch.Tensor, num_items_in_batch: torch.Tensor | int | floa
 
 
 def _align_vocab(logits: torch.Tensor, teacher: Any, policy: str) -> tuple[torch.Tensor, Any]:
-    if policy not in VOCAB_POLICIES:
-        raise VocabMismatchError(f"unknown vocab_policy {policy!r}", f"use one of {', '.join(VOCAB_POLICIES)}")
-    if isinstance(teacher, SparseTeacher):
-        if teacher.vocab_size in (0, logits.shape[-1]):
-            return logits, SparseTeacher(teacher.ids, teacher.logprobs, int(logits.shape[-1]), teacher.num_exact)
-        if policy == "shared_prefix" and teacher.vocab_size > logits.shape[-1]:
-            return logits, SparseTeacher(teacher.ids, teacher.logprobs, int(logits.shape[-1]), teacher.num_exact)
-        raise VocabMismatchError(
-            f"the sparse teacher indexes a vocabulary of {teacher.vocab_size}, the student has {logits.shape[-1]}",
-            "distil between models sharing one tokenizer (vocab_policy='shared_prefix' accepts padded embeddings)",
-        )
-    if teacher is None or teacher.shape[-1] == logits.shape[-1]:
-        return logits, teacher
-    if policy == "shared_prefix":
-        size = min(int(teacher.shape[-1]), int(logits.shape[-1]))
-        return logits[..., :size], teacher[..., :size]
-    raise VocabMismatchError(
-        f"teacher logits have {teacher.shape[-1]} vocabulary entries, the student's {logits.shape[-1]}",
-        "use models that share one tokenizer; when only the embedding padding differs pass "
-        "vocab_policy='shared_prefix'",
-    )
-
-
-def _student_logits(student_outputs: Any) -> torch.Tensor:
-    if torch.is_tensor(student_outputs):
-        return student_outputs
-    logits = getattr(student_outputs, "logits", None)
-    if logits is None and isinstance(student_outputs, Mapping):
-        logits = student_outputs.get("logits")
-    if not torch.is_tensor(logits):
-        raise ShapeError(
-            f"student outputs ({type(student_outputs).__name__}) carry no logits tensor",
-            "pass the causal LM's output (with .logits [B, T, V]) or the logits tensor itself",
-        )
-    return logits
+    """Student logits and teacher distribution on one vocabulary (:func:`kdforge.teachers.vocab.align_signal`)."""
+    if teacher is None:
+        return logits, None
+    signal = TeacherSignal(sparse=teacher) if isinstance(teacher, SparseTeacher) else TeacherSignal(logits=teacher)
+    aligned, student_slice = align_signal(signal, vocab_size=int(logits.shape[-1]), positions=tuple(logits.shape[:-1]),
+                                          device=logits.device, dtype=logits.dtype, policy=policy, validate=False)
+    if student_slice is not None:
+        logits = logits[..., :student_slice]
+    return logits, aligned.distribution
 
 
 def distillation_loss(
@@ -188,7 +162,7 @@ def distillation_loss(
         ...                         loss="reverse_kl", num_items_in_batch=num_items_in_batch)
         >>> out.loss.backward()
     """
-    logits = _student_logits(student_outputs)
+    logits = extract_logits(student_outputs)
     if kd_weight != 0 and teacher is None:
         raise DataError("kd_weight != 0 but no teacher signal was given",
                         "pass teacher logits or a SparseTeacher, or set kd_weight=0")

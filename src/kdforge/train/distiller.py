@@ -294,12 +294,6 @@ class Distiller:
             write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
 
     # -- small helpers -------------------------------------------------------------------------
-    def _dataset_of(self, data: Any, collate_fn: Any, what: str) -> tuple[Any, Any]:
-        return dataset_of(data, collate_fn, what)
-
-    def _loader(self, dataset: Any, sampler: Any, collate_fn: Any) -> DataLoader:
-        return self.stream.loader(dataset, sampler, collate_fn)
-
     def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
         if skip:

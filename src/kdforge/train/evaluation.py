@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdforge.errors import ConfigError
 from kdforge.train.metrics import FIDELITY_SUM_KEYS, fidelity_sums
 from kdforge.train.sampler import EpochSampler
+from kdforge.train.stream import dataset_of
 
 __all__ = ["evaluate"]
 
@@ -28,9 +29,9 @@ def evaluate(d: Any, data: Dataset | DataLoader | None = None) -> dict[str, floa
     if data is None:
         raise ConfigError("evaluate() needs eval data", "pass eval_data= to Distiller or data= to evaluate()")
     acc = d.accelerator
-    dataset, collate = d._dataset_of(data, d.collate_fn, "eval_data")
+    dataset, collate = dataset_of(data, d.collate_fn, "eval_data")
     sampler = EpochSampler(len(dataset), shuffle=False, num_replicas=acc.num_processes, rank=acc.process_index)
-    loader = d._loader(dataset, sampler, collate)
+    loader = d.stream.loader(dataset, sampler, collate)
     keys = ["count", *[f"term:{k}" for k in d.objective.keys], *FIDELITY_SUM_KEYS, "nll", "nll_count",
             "correct"]
     sums = torch.zeros(len(keys), dtype=torch.float64, device=acc.device)

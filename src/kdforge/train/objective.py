@@ -415,6 +415,7 @@ class Objective:
         total: torch.Tensor | None = None
         terms: dict[str, torch.Tensor] = {}
         for term, fn in zip(self.terms, self._fns):
+            weight, params = term.current(values)
             if term.source == "feature":
                 extra = getattr(out, "extra_terms", None) or {}
                 if term.key not in extra:
@@ -435,11 +436,11 @@ class Objective:
                 value = extra[term.name] / norm
             else:
                 value = fn(out.student_logits, out.teacher, mask=out.mask, labels=out.labels,
-                           reduction="sum", **term.current(values)[1]) / norm
+                           reduction="sum", **params) / norm
             if check_finite:
                 _check_finite(value, term.key)
             terms[term.key] = value.detach()
-            weighted = value * term.current(values)[0]
+            weighted = value * weight
             total = weighted if total is None else total + weighted
         assert total is not None
         return ObjectiveValue(total, terms)

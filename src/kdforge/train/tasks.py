@@ -156,10 +156,6 @@ class Task:
         """The source that reads a teacher signal stored in this task's batches (a cache)."""
         return None
 
-    def has_cached_teacher(self, batch: Mapping[str, Any]) -> bool:
-        source = self.cached_source()
-        return source is not None and source.present_in(batch)  # type: ignore[attr-defined]
-
     def run_student(self, student: nn.Module, batch: Mapping[str, Any], *, features: Any = None,
                     chunked: bool = False, validate: bool = True) -> TaskOutput:
         """Run the student: logits (or hidden states + head), labels, mask, requested features."""

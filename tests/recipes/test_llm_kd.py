@@ -3,41 +3,25 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import yaml
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from kdforge.config import validate
 from kdforge.errors import ConfigError, DataError
 from kdforge.recipes import load_recipe_file
 from kdforge.recipes.llm_kd import LLMKD, LLMKDConfig
 
+from ._tiny import seeded_teacher_and_corpus
+
 REPO = Path(__file__).resolve().parents[2]
-WORDS = [f"w{i}" for i in range(60)]
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llm_kd")
-    vocab = {w: i for i, w in enumerate(["<eos>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "teacher")
-    fast.save_pretrained(root / "teacher")
-    rng = random.Random(0)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name in ("book_a", "book_b"):
-        paragraphs = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(30)]
-        (corpus / f"{name}.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
-    return root
+    return seeded_teacher_and_corpus(tmp_path_factory.mktemp("llm_kd"))
 
 
 def _config(root: Path, **overrides) -> LLMKDConfig:

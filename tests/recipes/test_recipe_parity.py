@@ -9,21 +9,19 @@ aside). If a deliberate change to training alters them, re-record them and say w
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from kdforge.config import validate
 from kdforge.data.vision import write_synthetic_fashion_mnist
 from kdforge.recipes import load_recipe_file
 from kdforge.recipes.llm_kd import LLMKD, LLMKDConfig
 
+from ._tiny import seeded_teacher_and_corpus as _seeded_teacher_and_corpus
+
 REPO = Path(__file__).resolve().parents[2]
-WORDS = [f"w{i}" for i in range(60)]
 CE = {"name": "cross_entropy", "weight": 1.0}
 TIMING = ("per_s", "time", "seconds", "latency", "throughput")
 
@@ -34,24 +32,6 @@ def one_thread():
     torch.set_num_threads(1)  # float reductions are bit-reproducible at a fixed thread count
     yield
     torch.set_num_threads(threads)
-
-
-def _seeded_teacher_and_corpus(root: Path) -> Path:
-    vocab = {w: i for i, w in enumerate(["<eos>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "teacher")
-    fast.save_pretrained(root / "teacher")
-    rng = random.Random(0)
-    (root / "corpus").mkdir()
-    for name in ("book_a", "book_b"):
-        paragraphs = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(30)]
-        (root / "corpus" / f"{name}.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
-    return root
 
 
 def _llm_config(root: Path) -> LLMKDConfig:

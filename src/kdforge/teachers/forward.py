@@ -1,4 +1,5 @@
-"""Running a frozen model: logits (and captured features) under ``no_grad``, inputs moved to it.
+"""Running a model: input checks, and a frozen model's logits (and captured features) under
+``no_grad`` with the inputs moved to it.
 
 ``torch.no_grad`` rather than ``torch.inference_mode``: inference tensors cannot be saved for
 backward, and a KD loss multiplies the teacher's probabilities with the student's log-probs,
@@ -13,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdforge.errors import ShapeError
+from kdforge.errors import ShapeError, VocabMismatchError
 
-__all__ = ["extract_logits", "module_device", "run_model", "run_model_features"]
+__all__ = ["check_lm_input", "extract_logits", "module_device", "run_model", "run_model_features"]
 
 
 def extract_logits(output: Any) -> torch.Tensor:
@@ -87,3 +88,33 @@ def run_model_features(module: nn.Module, request: Any, *args: Any, **kwargs: An
     return extract_logits(out), feats
 
 
+def check_lm_input(model: nn.Module, input_ids: torch.Tensor, who: str = "model") -> None:
+    """Refuse a batch a causal LM cannot take: token ids beyond its embedding table (torch fails
+    deep inside with ``IndexError``) or sequences longer than ``max_position_embeddings`` (most
+    models silently extrapolate their position encoding and produce garbage).
+
+    Models without an HF-style ``config`` / ``get_input_embeddings`` are not checked; a config
+    with dynamic RoPE scaling (meant to run past its nominal length) skips the length check.
+    """
+    if input_ids.numel() == 0 or input_ids.is_floating_point():
+        return
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    rows = getattr(emb, "num_embeddings", None)
+    if isinstance(rows, int):
+        top = int(input_ids.max().item())
+        if top >= rows:
+            raise VocabMismatchError(
+                f"token id {top} in the batch is outside the {who}'s vocabulary of {rows} embeddings",
+                f"tokenize the data with the {who}'s tokenizer (or build the cache with it)",
+            )
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    dynamic = isinstance(rope, Mapping) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope")
+    if isinstance(limit, int) and not dynamic and input_ids.shape[-1] > limit:
+        raise ShapeError(
+            f"the batch has sequences of {input_ids.shape[-1]} tokens, longer than the {who}'s "
+            f"max_position_embeddings={limit}",
+            f"pack or truncate the data to at most {limit} tokens (seq_len / block_size / max_length)",
+        )

@@ -32,8 +32,8 @@ from torch import nn
 
 from kdforge.errors import AssetError, ConfigError, DeviceError, ShapeError
 from kdforge.losses.signal import SparseTeacher
+from kdforge.teachers.forward import check_lm_input, run_model, run_model_features
 from kdforge.teachers.forward import extract_logits as _extract_logits
-from kdforge.teachers.forward import run_model, run_model_features
 from kdforge.teachers.signal import TeacherSignal
 from kdforge.teachers.sources.base import TeacherSource
 
@@ -168,8 +168,6 @@ class OnlineTeacher(TeacherSource):
                 f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}",
                 "add a batch dimension with input_ids.unsqueeze(0)",
             )
-        from kdforge.train.tasks import check_lm_input
-
         check_lm_input(self.model, input_ids, "teacher")  # ids within the vocabulary, length within positions
         kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids.to(self.device)}
         if attention_mask is not None:

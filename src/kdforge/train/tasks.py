@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from kdforge.constants import IGNORE_INDEX
-from kdforge.errors import ConfigError, DataError, ShapeError, VocabMismatchError
+from kdforge.errors import ConfigError, DataError, ShapeError
 from kdforge.losses.signal import SparseTeacher
-from kdforge.teachers.forward import extract_logits, module_device, run_model
+from kdforge.teachers.forward import check_lm_input, extract_logits, module_device, run_model
 from kdforge.teachers.signal import TeacherSignal
 from kdforge.teachers.sources import CachedTeacher, TeacherSource, as_source
 from kdforge.teachers.sources.cached import BatchLogitsTeacher
@@ -406,38 +406,6 @@ def _hidden_and_head(student: nn.Module, kwargs: dict[str, Any]) -> tuple[torch.
             "use a Hugging Face causal LM, or set chunked=False",
         )
     return out.hidden_states[-1][:, :-1], _unwrap(student).get_output_embeddings().weight
-
-
-def check_lm_input(model: nn.Module, input_ids: torch.Tensor, who: str = "model") -> None:
-    """Refuse a batch a causal LM cannot take: token ids beyond its embedding table (torch fails
-    deep inside with ``IndexError``) or sequences longer than ``max_position_embeddings`` (most
-    models silently extrapolate their position encoding and produce garbage).
-
-    Models without an HF-style ``config`` / ``get_input_embeddings`` are not checked; a config
-    with dynamic RoPE scaling (meant to run past its nominal length) skips the length check.
-    """
-    if input_ids.numel() == 0 or input_ids.is_floating_point():
-        return
-    get_emb = getattr(model, "get_input_embeddings", None)
-    emb = get_emb() if callable(get_emb) else None
-    rows = getattr(emb, "num_embeddings", None)
-    if isinstance(rows, int):
-        top = int(input_ids.max().item())
-        if top >= rows:
-            raise VocabMismatchError(
-                f"token id {top} in the batch is outside the {who}'s vocabulary of {rows} embeddings",
-                f"tokenize the data with the {who}'s tokenizer (or build the cache with it)",
-            )
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
-    dynamic = isinstance(rope, Mapping) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope")
-    if isinstance(limit, int) and not dynamic and input_ids.shape[-1] > limit:
-        raise ShapeError(
-            f"the batch has sequences of {input_ids.shape[-1]} tokens, longer than the {who}'s "
-            f"max_position_embeddings={limit}",
-            f"pack or truncate the data to at most {limit} tokens (seq_len / block_size / max_length)",
-        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

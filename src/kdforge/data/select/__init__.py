@@ -1,0 +1,31 @@
+"""Data selection with a teacher: which documents the student should see (docs/data-selection.md).
+
+- :mod:`kdforge.data.select.scorer`: per-document log-likelihood of a causal LM from text;
+- :mod:`kdforge.data.select.miniplm`: MiniPLM difference sampling (teacher vs reference score,
+  resumable scoring pass, refined ``datasets`` folder);
+- :mod:`kdforge.data.select.config`: the ``kdforge select`` config and runner.
+"""
+
+from kdforge.data.select.config import SelectConfig, run_select
+from kdforge.data.select.miniplm import (
+    DocumentScore,
+    MiniPLMResult,
+    miniplm_select,
+    read_scores,
+    score_documents,
+    select_indices,
+)
+from kdforge.data.select.scorer import CausalLMScorer, DocumentScorer
+
+__all__ = [
+    "CausalLMScorer",
+    "DocumentScore",
+    "DocumentScorer",
+    "MiniPLMResult",
+    "SelectConfig",
+    "miniplm_select",
+    "read_scores",
+    "run_select",
+    "score_documents",
+    "select_indices",
+]

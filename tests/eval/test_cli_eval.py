@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from tests.data._cmd import private_datasets_cache  # noqa: F401  (autouse: datasets cache in tmp)
 
 from kdforge.cli.main import main
 from kdforge.eval.lm import batches_from_blocks, evaluate_language_models
@@ -128,3 +129,102 @@ def test_cli_eval_classification_task_reuses_classification_metrics(tmp_path, ca
     assert "12 samples" in capsys.readouterr().out
     run = load_run(out)
     assert "per class accuracy" in run.models[1].breakdowns
+
+
+# ----------------------------------------------------------------------------- chat / prompt-completion data
+@pytest.fixture(scope="module")
+def chat_setup(tmp_path_factory):
+    from tests.data._cmd import write_chat_jsonl, write_models, write_pc_csv
+
+    root = tmp_path_factory.mktemp("chat-eval")
+    models = write_models(root)
+    return root, models, write_chat_jsonl(root / "chats.jsonl"), write_pc_csv(root / "qa.csv")
+
+
+def _hand_assistant_nll(model_dir) -> tuple[float, int]:
+    """Sum of -log q over the assistant tokens of CHATS, scored turn by turn from the rendered
+    prefix (independent of the data layer's span finding), and their count."""
+    import torch
+    from tests.data._cmd import CHATS
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, n = 0.0, 0
+    for chat in CHATS:
+        for i, m in enumerate(chat):
+            if m["role"] != "assistant":
+                continue
+            prefix = tok(tok.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"]
+            turn = tok(m["content"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prefix + turn])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            for j, t in enumerate(turn):
+                total -= float(lp[len(prefix) + j - 1, t])
+            n += len(turn)
+    return total, n
+
+
+def test_cli_eval_on_chat_counts_only_assistant_tokens(chat_setup, tmp_path):
+    from tests.data._cmd import assistant_token_count
+    from tests.data.conftest import make_tokenizer
+
+    root, models, chats, _ = chat_setup
+    out = tmp_path / "eval"
+    assert main(["eval", "--teacher", str(models["teacher"]), "--student", str(models["student"]),
+                 "--data", str(chats), "--no-cost", "-o", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    hand = assistant_token_count(make_tokenizer())
+    assert res["n_tokens"] == hand
+    student = next(m for m in res["models"] if m["role"] == "student")
+    assert sum(student["reliability"]["bin_count"]) == hand  # ECE over the same tokens
+    nll, n = _hand_assistant_nll(models["student"])
+    assert n == hand
+    assert student["metrics"]["nll"] == pytest.approx(nll / n, rel=1e-4)
+    # the same data as a .yaml spec with train_on: all scores every token but the first of each chat
+    (tmp_path / "all.yaml").write_text(f"data:\n  path: {chats}\n  train_on: all\n")
+    assert main(["eval", "--student", str(models["student"]), "--data", str(tmp_path / "all.yaml"),
+                 "--no-cost", "-o", str(tmp_path / "all")]) == 0
+    assert json.loads((tmp_path / "all" / "results.json").read_text())["n_tokens"] > hand
+
+
+def test_cli_eval_on_prompt_completion_csv_counts_only_completion_tokens(chat_setup, tmp_path):
+    from tests.data._cmd import completion_token_count
+    from tests.data.conftest import make_tokenizer
+
+    root, models, _, qa = chat_setup
+    out = tmp_path / "eval"
+    assert main(["eval", "--student", str(models["student"]), "--data", str(qa), "--prompt-field", "question",
+                 "--completion-field", "answer", "--no-cost", "-o", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["n_tokens"] == completion_token_count(make_tokenizer())
+
+
+@pytest.mark.parametrize("case", ["missing_field", "no_assistant", "no_template", "missing_file", "hub_offline"])
+def test_cli_eval_bad_data_is_a_clear_error_and_writes_nothing(chat_setup, tmp_path, monkeypatch, capsys, case):
+    root, models, chats, qa = chat_setup
+    student = str(models["student"])
+    extra: list[str] = []
+    if case == "missing_field":
+        data, extra, want = str(qa), ["--format", "prompt_completion"], "prompt_field"
+    elif case == "no_assistant":
+        (tmp_path / "u.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+        data, want = str(tmp_path / "u.jsonl"), "no assistant turn"
+    elif case == "no_template":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(student)
+        tok.chat_template = None
+        tok.save_pretrained(tmp_path / "plain")
+        data, extra, want = str(chats), ["--tokenizer", str(tmp_path / "plain")], "no chat template"
+    elif case == "missing_file":
+        data, want = str(tmp_path / "nope.jsonl"), "does not exist"
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        data, want = "someone/some-dataset", "HF_HUB_OFFLINE"
+    out = tmp_path / "eval"
+    assert main(["eval", "--student", student, "--data", data, *extra, "--no-cost", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert want in err and "Fix:" in err
+    assert not out.exists()

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tests.data._cmd import private_datasets_cache  # noqa: F401  (autouse: datasets cache in tmp)
 
 from kdforge.errors import DataError, ShapeError
 from kdforge.eval.classification import expected_calibration_error
@@ -123,8 +124,9 @@ def test_answer_calibration_length_normalisation_changes_the_choice():
 
 
 def test_load_texts_reads_txt_jsonl_and_dataset_folders(tmp_path):
+    # the package's .txt rule: one document per file, wrapped lines rejoined inside each paragraph
     (tmp_path / "a.txt").write_text("first para\nline two\n\nsecond para\n")
-    assert load_texts(tmp_path / "a.txt") == ["first para\nline two", "second para"]
+    assert load_texts(tmp_path / "a.txt") == ["first para line two\n\nsecond para"]
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x"}) + "\n" + json.dumps({"body": "y"}) + "\n")
     assert load_texts(tmp_path / "b.jsonl", text_field="body") == ["x", "y"]
     import datasets

@@ -34,19 +34,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=None, metavar="[NAME=]PATH", help="teacher model")
     p.add_argument("--baseline", action="append", default=[], metavar="[NAME=]PATH",
                    help="baseline model, e.g. the same student trained on labels only (repeatable)")
-    p.add_argument("--data", required=True, action="append", metavar="[DOMAIN=]PATH",
-                   help=".txt / .jsonl (field --text-field) / HF dataset folder, or token ids "
-                   "(.npy, .pt, .jsonl with input_ids); repeat for several domains (each gets "
-                   "its own perplexity/agreement breakdown; --max-tokens applies per domain)")
+    p.add_argument("--data", required=True, action="append", metavar="[DOMAIN=]SPEC",
+                   help="data read by kdforge.data (docs/data.md): a preset (austen), a .txt/.json/"
+                   ".jsonl/.csv/.parquet file, glob or folder, a save_to_disk folder, a Hub id, or a "
+                   ".yaml data spec; chat and prompt/completion rows are scored on response tokens "
+                   "only. Or token ids (.npy, .pt, .jsonl with input_ids). Repeat for several domains "
+                   "(each gets its own perplexity/agreement breakdown; --max-tokens applies per domain)")
     p.add_argument("--task", choices=("lm", "classification"), default="lm",
                    help="lm: causal LMs on text (default); classification: sequence classifiers "
                    "(AutoModelForSequenceClassification) on labelled text")
-    p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label", help="label column for --task classification")
-    p.add_argument("--split", default=None, help="split of a DatasetDict folder (default test/validation)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: teacher's, else first student's)")
     p.add_argument("--qa", default=None, help=".jsonl of {prompt, answer} and/or {prompt, choices, gold}")
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128, help="block length when packing")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack examples into --block-size blocks (default: text yes, chat and "
+                   "prompt/completion no: one padded row per example)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=20_000,
                    help="evaluate at most this many tokens (samples for --task classification)")
@@ -56,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cost", action="store_true", help="skip parameter/size/latency measurement")
     p.add_argument("--latency-repeats", type=int, default=20)
     p.add_argument("-o", "--out", default=None, help="output folder for results.json/results.md")
+    from kdforge.data.options import add_data_options
+
+    add_data_options(p, split_help="split to evaluate (default: test, else validation, else train)")
     p.set_defaults(func=handle)
 
 
@@ -144,6 +150,7 @@ def _is_token_file(path: Path) -> bool:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from kdforge.data.options import spec_from_args
     from kdforge.errors import ConfigError
     from kdforge.eval import lm
 
@@ -179,10 +186,9 @@ def handle(args: argparse.Namespace) -> int:
                 blocks = blocks[: max(args.max_tokens // blocks.shape[1], 1)]
             batches += lm.batches_from_blocks(blocks, batch_size=args.batch_size, domain=tag)
         else:
-            texts = lm.load_texts(path, text_field=args.text_field, split=args.split)
-            batches += lm.block_batches(tokenizer, texts, block_size=args.block_size,
-                                        batch_size=args.batch_size, max_tokens=args.max_tokens,
-                                        domain=tag)
+            spec = spec_from_args(path, args)
+            batches += lm.data_batches(spec, tokenizer, block_size=args.block_size, batch_size=args.batch_size,
+                                       max_tokens=args.max_tokens, domain=tag, packing=args.packing)
     qa_rows = lm.load_qa_rows(args.qa) if args.qa else None
 
     models = {}
@@ -280,7 +286,7 @@ def _classify(args: argparse.Namespace, specs: list[tuple[str, str, str]], devic
 
     if len(args.data) != 1:
         raise DataError("--task classification takes one --data", "pass one labelled dataset")
-    texts, raw_labels = _load_labelled(_split_spec(args.data[0], "data")[1], args.text_field,
+    texts, raw_labels = _load_labelled(_split_spec(args.data[0], "data")[1], args.text_field or "text",
                                        args.label_field, args.split)
     texts, raw_labels = texts[: args.max_tokens or None], raw_labels[: args.max_tokens or None]
     tokenizer = _load_tokenizer(args.tokenizer or specs[0][2])

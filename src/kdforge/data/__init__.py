@@ -6,6 +6,7 @@
   response-only ``labels``;
 - :mod:`kdforge.data.collate`: packing into blocks or right padding per batch;
 - :mod:`kdforge.data.pipeline`: :func:`prepare` (all of the above);
+- :mod:`kdforge.data.options`: the ``--data SPEC`` options the commands share;
 - :mod:`kdforge.data.text`: packed ``[N, T]`` token blocks split by document (the LM-KD recipe
   and the teacher cache); :mod:`kdforge.data.vision`: images.
 
@@ -34,6 +35,7 @@ from kdforge.data.sources import (
     Preset,
     load,
     parse_spec,
+    read_splits,
     register_preset,
     split_txt,
 )
@@ -82,6 +84,7 @@ __all__ = [
     "parse_spec",
     "prepare",
     "read_idx",
+    "read_splits",
     "register_preset",
     "render_chat",
     "render_prompt_completion",

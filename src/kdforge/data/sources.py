@@ -208,6 +208,17 @@ def load(spec: DataSpec | dict[str, Any] | str) -> Any:
     return out
 
 
+def read_splits(spec: DataSpec | dict[str, Any] | str) -> dict[str, Any]:
+    """Every split the source of ``spec`` has, ``{name: Dataset}`` of raw rows (no held-out rule,
+    no ``limit``), for callers that choose the split themselves (``kdforge eval`` prefers
+    ``test``/``validation``). A Hub source gives only ``spec.split`` (and ``eval_split``).
+
+    Raises:
+        DataError: as :func:`load`.
+    """
+    return _read_source(parse_spec(spec))[0]
+
+
 def _read_source(spec: DataSpec) -> tuple[dict[str, Any], Path | None]:
     """``({split: Dataset}, base folder for relative eval_files or None)``."""
     if spec.path in PRESETS:
@@ -431,4 +442,4 @@ def _load_hub(spec: DataSpec) -> dict[str, Any]:
 
 
 __all__ = ["BUILDERS", "FORMATS", "DataSpec", "Format", "PRESETS", "Preset", "hub_offline_reason", "load",
-           "parse_spec", "register_preset", "split_txt"]
+           "parse_spec", "read_splits", "register_preset", "split_txt"]

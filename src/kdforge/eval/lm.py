@@ -47,6 +47,8 @@ __all__ = [
     "StreamingReliability",
     "answer_calibration",
     "block_batches",
+    "data_batches",
+    "eval_split",
     "evaluate_language_models",
     "evaluate_lm_suite",
     "results_markdown",
@@ -80,7 +82,10 @@ def perplexity_from_loglik(total_loglik: float, n_tokens: int) -> float:
 
 
 def shift_for_next_token(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Align causal-LM logits with their targets.
 
@@ -88,14 +93,17 @@ def shift_for_next_token(
         logits: ``[batch, seq, vocab]``; position ``t`` predicts token ``t + 1``.
         input_ids: ``[batch, seq]``.
         attention_mask: ``[batch, seq]`` (1 = real token); padded targets become ``-100``.
+        labels: optional ``[batch, seq]`` unshifted labels (Hugging Face convention, ``-100`` =
+            not scored), e.g. response-only labels of chat data (:mod:`kdforge.data.chat`); the
+            targets are then ``labels[:, 1:]`` instead of ``input_ids[:, 1:]``.
 
     Returns:
-        ``(logits[:, :-1], labels)`` with labels ``[batch, seq - 1]``.
+        ``(logits[:, :-1], targets)`` with targets ``[batch, seq - 1]``.
     """
-    labels = input_ids[:, 1:].clone()
+    targets = (input_ids if labels is None else labels.to(input_ids.device))[:, 1:].clone()
     if attention_mask is not None:
-        labels[attention_mask[:, 1:] == 0] = IGNORE_INDEX
-    return logits[:, :-1], labels
+        targets[attention_mask[:, 1:] == 0] = IGNORE_INDEX
+    return logits[:, :-1], targets
 
 
 @torch.no_grad()
@@ -414,43 +422,110 @@ def generate_answers(
 
 
 # ----------------------------------------------------------------------------- data
-def load_texts(path: str | Path, *, text_field: str = "text", split: str | None = None) -> list[str]:
-    """Texts from a ``.txt`` file (blank-line separated paragraphs, or one document), a ``.jsonl``
-    file (field ``text_field``) or a Hugging Face dataset folder (``datasets.save_to_disk``)."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"evaluation data {p} does not exist", "pass an existing .txt, .jsonl or dataset folder")
-    if p.is_dir():
-        import datasets
+#: splits ``kdforge eval`` reads when none is named, in order of preference
+EVAL_SPLITS = ("test", "validation", "eval", "train")
 
-        try:
-            ds = datasets.load_from_disk(str(p))
-        except Exception as exc:  # datasets raises several types for a non-dataset folder
-            raise DataError(
-                f"{p} is not a dataset saved with datasets.save_to_disk ({exc})",
-                "pass a .txt/.jsonl file or a folder written by Dataset.save_to_disk",
-            ) from exc
-        if isinstance(ds, datasets.DatasetDict):
-            name = split or ("test" if "test" in ds else "validation" if "validation" in ds else next(iter(ds)))
-            ds = ds[name]
-        if text_field not in ds.column_names:
-            raise DataError(
-                f"dataset {p} has no column {text_field!r} (columns: {ds.column_names})",
-                "pass --text-field with the name of the text column",
-            )
-        texts = [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
-    elif p.suffix == ".jsonl":
-        texts = []
-        for i, row in enumerate(_read_jsonl(p)):
-            if text_field not in row:
-                raise DataError(f"{p} line {i + 1} has no field {text_field!r}", "pass --text-field")
-            texts.append(str(row[text_field]))
+
+def eval_split(spec: Any) -> Any:
+    """The raw rows to evaluate on: the spec's ``split`` when it was set, else the first of
+    :data:`EVAL_SPLITS` the source has (else its first split).
+
+    Raises:
+        DataError: the source cannot be read, or has no such split.
+    """
+    from kdforge.data import parse_spec
+    from kdforge.data.sources import read_splits
+
+    spec = parse_spec(spec)
+    splits = read_splits(spec)
+    if "split" in spec.model_fields_set:
+        name = spec.split
     else:
-        raw = p.read_text(encoding="utf-8")
-        texts = [t.strip() for t in re.split(r"\n\s*\n", raw) if t.strip()]
+        name = next((n for n in EVAL_SPLITS if n in splits), next(iter(splits), spec.split))
+    if name not in splits:
+        raise DataError(f"{spec.path} has no split {name!r} (splits: {', '.join(splits) or 'none'})",
+                        "pass --split with one of those")
+    ds = splits[name]
+    if spec.limit is not None:
+        ds = ds.select(range(min(spec.limit, len(ds))))
+    return ds
+
+
+def load_texts(path: str | Path, *, text_field: str = "text", split: str | None = None) -> list[str]:
+    """Texts of a data source read by the data layer (:mod:`kdforge.data.sources`): a ``.txt``
+    file is one document (the package's ``.txt`` rule), ``.jsonl``/``.csv``/``.parquet`` rows give
+    their ``text_field``, a ``save_to_disk`` folder its ``split`` (default test, else validation)."""
+    from kdforge.data import parse_spec
+
+    spec = parse_spec({"path": str(path), "text_field": text_field, **({"split": split} if split else {})})
+    ds = eval_split(spec)
+    if text_field not in ds.column_names:
+        raise DataError(f"{path} has no column {text_field!r} (columns: {ds.column_names})",
+                        "pass --text-field with the name of the text column")
+    texts = [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
     if not texts:
-        raise DataError(f"no text found in {p}", "check the file is non-empty and the text field name")
+        raise DataError(f"no text found in {path}", "check the file is non-empty and the text field name")
     return texts
+
+
+def data_batches(
+    spec: Any,
+    tokenizer: Any,
+    *,
+    block_size: int = 128,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    domain: str | None = None,
+    packing: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluation batches of any data the data layer reads (:mod:`kdforge.data`).
+
+    Rows are rendered by :func:`kdforge.data.chat.tokenize_dataset` with their labels: every
+    token of plain text, only completion / assistant tokens of prompt-completion and chat data
+    (``train_on: completion``), so perplexity, accuracy, ECE and fidelity count response tokens
+    only. ``packing`` (default: on for text, off otherwise, or the spec's ``packing`` when set):
+    the rendered examples are concatenated and cut into ``[n, block_size]`` blocks (at least one,
+    possibly short, block), as before the data layer; otherwise each example is its own row,
+    right-padded per batch (labels ``-100`` on padding). ``max_tokens`` keeps the first tokens
+    (packed) or the first examples whose tokens fit (at least one).
+    """
+    from kdforge.data import parse_spec, tokenize_dataset
+    from kdforge.data.chat import detect_format
+    from kdforge.data.collate import pad_batch, pad_token_id
+
+    spec = parse_spec(spec)
+    rows = eval_split(spec)
+    fmt = detect_format(rows.column_names, spec)
+    if packing is None:
+        packing = spec.packing if "packing" in spec.model_fields_set else fmt == "text"
+    rendered = tokenize_dataset(rows, tokenizer, spec, name="eval")
+    ids_rows, label_rows = rendered["input_ids"], rendered["labels"]
+    if packing:
+        ids = [t for r in ids_rows for t in r]
+        labels = [t for r in label_rows for t in r]
+        if max_tokens is not None:
+            ids, labels = ids[:max_tokens], labels[:max_tokens]
+        id_blocks = _to_blocks(torch.tensor(ids, dtype=torch.long), block_size)
+        label_blocks = _to_blocks(torch.tensor(labels, dtype=torch.long), block_size)
+        out = batches_from_blocks(id_blocks, batch_size=batch_size, domain=domain)
+        if fmt != "text":  # plain text scores every token: labels == input_ids, nothing to carry
+            for batch, lab in zip(out, label_blocks.split(max(batch_size, 1))):
+                batch["labels"] = lab
+        return out
+    examples, total = [], 0
+    for ids, labels in zip(ids_rows, label_rows):
+        if max_tokens is not None and examples and total + len(ids) > max_tokens:
+            break
+        examples.append({"input_ids": ids, "labels": labels})
+        total += len(ids)
+    pad = pad_token_id(tokenizer)
+    out = []
+    for start in range(0, len(examples), max(batch_size, 1)):
+        batch: dict[str, Any] = dict(pad_batch(examples[start : start + batch_size], pad_token_id=pad))
+        if domain is not None:
+            batch["domain"] = domain
+        out.append(batch)
+    return out
 
 
 def _read_jsonl(p: Path) -> Iterator[dict]:
@@ -578,7 +653,9 @@ def evaluate_language_models(
 
     Args:
         models: name -> causal LM (``model(input_ids=..., attention_mask=...).logits``).
-        batches: dicts with ``input_ids`` ``[B, L]`` and optional ``attention_mask``.
+        batches: dicts with ``input_ids`` ``[B, L]`` and optional ``attention_mask`` and
+            ``labels`` (unshifted, ``-100`` = not scored: only response tokens of chat or
+            prompt/completion data count towards every metric, fidelity included).
         teacher: the key of ``models`` that is the teacher (fidelity is measured against it).
         vocab_size: compare only the first ``vocab_size`` logits (the shared tokenizer
             vocabulary) when models pad their embedding matrices differently.
@@ -614,7 +691,8 @@ def evaluate_language_models(
             logits = model(**kwargs, **extra).logits  # no KV cache: one scoring pass
             if vocab_size is not None:
                 logits = logits[..., :vocab_size]
-            s_logits, labels = shift_for_next_token(logits, kwargs["input_ids"], kwargs.get("attention_mask"))
+            s_logits, labels = shift_for_next_token(logits, kwargs["input_ids"], kwargs.get("attention_mask"),
+                                                    batch.get("labels"))
             lm_acc[name].update(s_logits, labels)
             if domain is not None:
                 dom_lm[name].setdefault(str(domain), LMAccumulator(n_bins=n_bins, chunk_size=chunk_size)).update(
@@ -716,7 +794,7 @@ def evaluate_lm_suite(
             metrics.update(_qa_metrics(model, tokenizer, qa_rows, max_new_tokens=max_new_tokens, n_bins=n_bins))
         if measure_cost:
             example = {k: v[:1].to(_model_device(model)) for k, v in batches[0].items()
-                       if isinstance(v, torch.Tensor)}
+                       if isinstance(v, torch.Tensor) and k != "labels"}
             cost = cost_report(model, example, warmup=2, repeats=max(latency_repeats, 1))
             entry["params"] = cost["params"]
             entry["size_mb"] = cost["size_mb"]

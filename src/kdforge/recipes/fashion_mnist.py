@@ -36,13 +36,13 @@ import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from kdforge.config import StrictModel
 from kdforge.errors import CacheError, ConfigError
@@ -111,9 +111,12 @@ class TermSpec(LossTerm):
     """One weighted loss term of a method (:class:`kdforge.train.LossTerm`, the same YAML keys:
     ``name``, ``weight``, ``params``, ``label``).
 
-    The only addition: an unknown loss name is reported at its key (``methods.0.terms.0.name``),
-    not at the term, so the config error points at the line to fix.
+    The only additions: an unknown loss name is reported at its key (``methods.0.terms.0.name``),
+    not at the term, so the config error points at the line to fix; and the JSON schema says that a
+    weight may be a schedule mapping (``weight: {schedule: warmup, ...}``, docs/schedules.md).
     """
+
+    model_config = ConfigDict(json_schema_extra=lambda schema: _schedulable_weight(schema))
 
     @model_validator(mode="wrap")
     @classmethod
@@ -128,6 +131,65 @@ class TermSpec(LossTerm):
             raise ValidationError.from_exception_data(exc.title, errors) from None
 
 
+class PeerConfig(StrictModel):
+    """A peer that trains together with the student (online / mutual KD)."""
+
+    arch: str = "small_cnn"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+_SOURCE_FIELDS = {
+    "cached": set(),
+    "pskd": {"k"},
+    "ensemble": {"members", "weighting", "weights", "temperature"},
+    "mutual": {"peers", "peer_terms"},
+    "born_again": {"generations", "first"},
+}
+
+
+class MethodTeacherConfig(StrictModel):
+    """Where a method's teacher signal comes from (docs/regimes.md). Omitted: the cached teacher's logits."""
+
+    source: Literal["cached", "pskd", "ensemble", "mutual", "born_again"] = Field(
+        "cached", description="cached: the teacher's cached logits; pskd: the student's own previous-epoch "
+        "predictions (PS-KD); ensemble: a mixture of cached teachers; mutual: peers trained together with the "
+        "student; born_again: a chain of generations, each taught by the previous one")
+    k: int | None = Field(None, ge=1, description="pskd: keep the top-k classes per example (null = all)")
+    members: list[str] = Field(default_factory=list, description="ensemble: 'teacher' and/or names of extra_teachers")
+    weighting: Literal["fixed", "confidence", "entropy"] = Field("fixed", description="ensemble: weighting rule")
+    weights: list[float] | None = Field(None, description="ensemble: fixed weights (default uniform)")
+    temperature: float = Field(1.0, gt=0, description="ensemble: temperature of the entropy weighting")
+    peers: list[PeerConfig] = Field(default_factory=list, description="mutual: the peers (default one small_cnn)")
+    peer_terms: list[TermSpec] | None = Field(
+        None, description="mutual: each peer's objective against the student (and the other peers); "
+        "default cross_entropy 1.0 + forward_kl(T=1) 1.0 (deep mutual learning)")
+    generations: int = Field(2, ge=1, description="born_again: generations after the first (the last is reported)")
+    first: Literal["labels", "random"] = Field(
+        "labels", description="born_again: generation 0 is a labels-only student, or an untrained random one")
+
+    @model_validator(mode="after")
+    def _fields_of_the_source(self) -> MethodTeacherConfig:
+        allowed = _SOURCE_FIELDS[self.source] | {"source"}
+        stray = sorted(k for k in self.model_fields_set if k not in allowed)
+        if stray:
+            raise ValueError(f"{', '.join(stray)} do(es) not apply to source {self.source!r} "
+                             f"(it takes: {', '.join(sorted(allowed))})")
+        if self.source == "ensemble" and not self.members:
+            raise ValueError("an ensemble needs members: e.g. [teacher, mlp_teacher]")
+        if self.weights is not None and (self.weighting != "fixed" or len(self.weights) != len(self.members)):
+            raise ValueError("weights are the fixed weighting's, one per member")
+        return self
+
+
+def _schedulable_weight(schema: dict[str, Any]) -> None:
+    weight = schema.get("properties", {}).get("weight")
+    if weight is not None:
+        schedule = {"type": "object", "required": ["schedule"],
+                    "description": "a schedule of the weight (docs/schedules.md)"}
+        schema["properties"]["weight"] = {"anyOf": [{k: v for k, v in weight.items() if k != "description"},
+                                                    schedule], "description": weight.get("description", "")}
+
+
 class MethodConfig(StrictModel):
     """One way of training the student: a named, explicit list of weighted loss terms."""
 
@@ -136,6 +198,14 @@ class MethodConfig(StrictModel):
     terms: list[TermSpec] = Field(..., min_length=1)
     transfer_set: bool = Field(False, description="also train on data.transfer unlabelled images (teacher targets only)")
     epochs: float | None = Field(None, gt=0, description="override train.epochs for this method")
+    teacher: MethodTeacherConfig | None = Field(
+        None, description="where the teacher signal comes from (null = the cached teacher's logits; docs/regimes.md)")
+
+
+class ExtraTeacherConfig(TeacherConfig):
+    """A further teacher, trained and cached like ``teacher`` (for ensemble methods)."""
+
+    name: str = Field(..., description="how ensemble members refer to it")
 
 
 class EvalConfig(StrictModel):
@@ -165,6 +235,8 @@ class FashionMnistConfig(StrictModel):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: OptimConfig = Field(default_factory=OptimConfig)
+    extra_teachers: list[ExtraTeacherConfig] = Field(
+        default_factory=list, description="further cached teachers for ensemble methods (teacher.* keys plus name)")
     methods: list[MethodConfig] = Field(default_factory=_default_methods, min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -181,6 +253,14 @@ class FashionMnistConfig(StrictModel):
             raise ValueError("method names must differ in more than punctuation (they name folders)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
+        teachers = ["teacher", *(t.name for t in self.extra_teachers)]
+        if len(set(teachers)) != len(teachers):
+            raise ValueError("extra_teachers names must be distinct and not 'teacher'")
+        for m in self.methods:
+            unknown = [n for n in (m.teacher.members if m.teacher else []) if n not in teachers]
+            if unknown:
+                raise ValueError(f"method {m.name!r}: unknown ensemble member(s) {', '.join(unknown)} "
+                                 f"(teachers: {', '.join(teachers)})")
         return self
 
 
@@ -206,7 +286,14 @@ def _terms_json(terms: Sequence[LossTerm]) -> list[dict[str, Any]]:
 
 
 def _method_json(method: MethodConfig) -> dict[str, Any]:
-    return {**method.model_dump(mode="json"), "terms": _terms_json(method.terms)}
+    out = {**method.model_dump(mode="json"), "terms": _terms_json(method.terms)}
+    if method.teacher is None:  # the key did not exist before: fingerprints of older runs stay valid
+        del out["teacher"]
+    else:
+        out["teacher"] = method.teacher.model_dump(mode="json", exclude_unset=True)
+        if method.teacher.peer_terms is not None:
+            out["teacher"]["peer_terms"] = _terms_json(method.teacher.peer_terms)
+    return out
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -238,6 +325,7 @@ def _fit(
     save_every: int | None = None,
     world_size: int = 1,
     factory: Any = None,
+    source_fn: Any = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` (dict items) with the weighted ``terms`` via the Distiller.
 
@@ -270,7 +358,9 @@ def _fit(
         progress=False,
     )
     objective = Objective([LossTerm(**t.model_dump()) for t in terms])
-    distiller = Distiller(model, task=ClassificationTask(), objective=objective, config=config, train_data=dataset)
+    source = source_fn(model, total_steps) if source_fn is not None else None  # a regime's teacher (docs/regimes.md)
+    distiller = Distiller(model, source, task=ClassificationTask(), objective=objective, config=config,
+                          train_data=dataset)
     trained = train_student(distiller, resume=save_every is not None, empty=factory)
     return {"steps": trained.state.step, "last_logs": dict(trained.state.last_logs), "model": trained.model}
 
@@ -289,6 +379,8 @@ class _Data:
     y_test: torch.Tensor
     t_train_logits: torch.Tensor | None = None
     t_test_logits: torch.Tensor | None = None
+    #: extra teachers by name: (train logits, test logits, their teacher.json record)
+    extra: dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = field(default_factory=dict)
 
 
 @RECIPES.register(RECIPE_NAME, "classic KD on Fashion-MNIST: cached CNN teacher, small student, CE vs KD vs DKD over seeds")
@@ -311,6 +403,12 @@ class FashionMnistKD(Recipe):
         with timed(timings, "data_s"):
             data = _load_data(config)
         teacher, teacher_info = self._teacher(run, config, data, timings)
+        for tc in config.extra_teachers:  # ensemble members: trained and cached like the teacher
+            sub_data = replace(data, t_train_logits=None, t_test_logits=None)
+            t_timings: dict[str, float] = {}
+            _, info = self._teacher(run, config, sub_data, t_timings, tc, f"teacher-{slug(tc.name)}")
+            data.extra[tc.name] = (sub_data.t_train_logits, sub_data.t_test_logits, info)
+            timings.update({f"{k}[{tc.name}]": v for k, v in t_timings.items()})
         with timed(timings, "students_s"):
             student_rows = self._students(run, config, data, teacher_info)
         if not run.main:  # costs, results and files are rank 0's: wait, return what it wrote
@@ -328,18 +426,22 @@ class FashionMnistKD(Recipe):
 
     # -- teacher ------------------------------------------------------------------------------
     def _teacher(self, run: RecipeRun, config: FashionMnistConfig, data: _Data,
-                 timings: dict[str, float]) -> tuple[torch.nn.Module, dict[str, Any]]:
+                 timings: dict[str, float], tc: TeacherConfig | None = None,
+                 folder_name: str = "teacher") -> tuple[torch.nn.Module, dict[str, Any]]:
         """The teacher and its ``teacher.json`` record: reused when cached under the same
-        fingerprint, else trained (resuming its own checkpoints) and its logits computed once."""
+        fingerprint, else trained (resuming its own checkpoints) and its logits computed once.
+        ``tc``/``folder_name``: an extra teacher (``extra_teachers``) instead of ``config.teacher``."""
         from kdforge.data.vision import stratified_indices
         from kdforge.students.vision import build_vision_model
 
-        tc = config.teacher
+        tc = tc if tc is not None else config.teacher
         train_idx = (torch.arange(len(data.y_train)) if tc.train_size is None
                      else stratified_indices(data.y_train, tc.train_size, seed=tc.seed))
-        folder = run.out / "teacher"
-        sub = SubRun(run, "the teacher", folder / "run", fingerprint({
-            "teacher": tc.model_dump(mode="json"),
+        folder = run.out / folder_name
+        key = tc.model_dump(mode="json", exclude={"name"})
+        sub = SubRun(run, "the teacher" if folder_name == "teacher" else f"teacher {folder_name}", folder / "run",
+                     fingerprint({
+            "teacher": key,
             "train_labels": _tensor_digest(data.y_train),
             "train_pixels": _tensor_digest(data.x_train[:: max(1, len(data.x_train) // 64)]),
             "test_labels": _tensor_digest(data.y_test),
@@ -366,7 +468,7 @@ class FashionMnistKD(Recipe):
                            save_every=max(1, math.ceil(len(train_idx) / step_images) // 2),
                            world_size=run.world_size, factory=lambda: build_vision_model(tc.arch, **tc.kwargs))["model"]
         if run.main:
-            info = self._score_teacher(sub, teacher, data, config, len(train_idx), timings)
+            info = self._score_teacher(sub, teacher, data, config, len(train_idx), timings, tc)
         run.barrier()
         if not run.main:  # rank 0 computed the logits once and wrote them; read them back
             _load_cached_teacher(None, folder, data)
@@ -375,7 +477,7 @@ class FashionMnistKD(Recipe):
 
     @staticmethod
     def _score_teacher(sub: SubRun, teacher: torch.nn.Module, data: _Data, config: FashionMnistConfig,
-                       n_train: int, timings: dict[str, float]) -> dict[str, Any]:
+                       n_train: int, timings: dict[str, float], tc: TeacherConfig) -> dict[str, Any]:
         """Rank 0: the teacher's logits over every image, its weights and logits files, and its
         record ``teacher.json``, written last (the commit marker of a complete cache)."""
         from safetensors.torch import save
@@ -391,7 +493,7 @@ class FashionMnistKD(Recipe):
         write_bytes_atomic(folder / "logits.safetensors", save({"train": data.t_train_logits.contiguous(),
                                                                 "test": data.t_test_logits.contiguous()}))
         return sub.finish({
-            "arch": config.teacher.arch,
+            "arch": tc.arch,
             "train_images": n_train,
             "test_images": len(data.y_test),
             "train_seconds": timings["teacher_train_s"],
@@ -420,8 +522,10 @@ class FashionMnistKD(Recipe):
         finished: dict[tuple[str, int], dict[str, Any]] = {}
         for seed in config.seeds:
             for method in config.methods:
-                finished[method.name, seed] = self._student(run, config, method, seed,
-                                                            datasets[method.transfer_set], data, data_key)
+                regime = _Regime(method, data, labelled_idx, transfer_idx if method.transfer_set else None)
+                dataset = datasets[method.transfer_set] if method.teacher is None else regime.dataset()
+                key = {**data_key, **regime.key()}
+                finished[method.name, seed] = self._student(run, config, method, seed, dataset, data, key, regime)
         return [(m, [finished[m.name, s] for s in config.seeds]) for m in config.methods]
 
     # -- subsets ------------------------------------------------------------------------------
@@ -443,7 +547,7 @@ class FashionMnistKD(Recipe):
 
     # -- one student --------------------------------------------------------------------------
     def _student(self, run: RecipeRun, config: FashionMnistConfig, method: MethodConfig, seed: int,
-                 dataset: Any, data: _Data, data_key: Mapping[str, str]) -> dict[str, Any]:
+                 dataset: Any, data: _Data, data_key: Mapping[str, str], regime: _Regime) -> dict[str, Any]:
         """One student's ``result.json`` record: reused under the same fingerprint, else trained
         (all ranks), scored on the test set and recorded (rank 0)."""
         from kdforge.eval.classification import classification_metrics, predict_logits
@@ -469,10 +573,17 @@ class FashionMnistKD(Recipe):
         torch.manual_seed(seed)
         model = build_vision_model(config.student.arch, **config.student.kwargs)
         t0 = time.perf_counter()
-        model = _fit(model, dataset, method.terms, epochs=epochs, batch_size=tr.batch_size, lr=tr.lr,
-                     weight_decay=tr.weight_decay, scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, seed=seed,
-                     run_dir=sub.dir, world_size=run.world_size,
-                     factory=lambda: build_vision_model(config.student.arch, **config.student.kwargs))["model"]
+        fit = dict(epochs=epochs, batch_size=tr.batch_size, lr=tr.lr, weight_decay=tr.weight_decay,
+                   scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, seed=seed, world_size=run.world_size,
+                   factory=lambda: build_vision_model(config.student.arch, **config.student.kwargs))
+        if method.teacher is not None:
+            regime.check_launch(run.world_size)
+        if method.teacher is not None and method.teacher.source == "born_again":
+            model, steps = regime.born_again(model, config, sub.dir, fit)
+        else:
+            trained = _fit(model, dataset, method.terms, run_dir=sub.dir, source_fn=regime.source_fn(config, seed),
+                           **fit)
+            model, steps = trained["model"], trained["steps"]
         seconds = time.perf_counter() - t0
         if not run.main:  # rank 0 scores the student and writes its files
             run.barrier()
@@ -481,9 +592,11 @@ class FashionMnistKD(Recipe):
         metrics = classification_metrics(logits, data.y_test, teacher_logits=data.t_test_logits,
                                          n_bins=config.eval.ece_bins)
         write_bytes_atomic(sub.dir / "model.safetensors", _safetensors(model))
-        result = sub.finish({"method": method.name, "seed": seed, "train_seconds": seconds,
-                             "train_images": len(dataset), "epochs": epochs, "metrics": metrics},
-                            weights="model.safetensors")
+        fields = {"method": method.name, "seed": seed, "train_seconds": seconds,
+                  "train_images": len(dataset), "epochs": epochs, "metrics": metrics}
+        if method.teacher is not None:  # cost of a regime: CPU seconds per optimizer step of the student
+            fields["steps"] = steps
+        result = sub.finish(fields, weights="model.safetensors")
         run.barrier()
         return result
 
@@ -534,6 +647,128 @@ class FashionMnistKD(Recipe):
             "teacher_cached": bool(teacher_info.get("cached")),
             "models": models,
         }
+
+
+class _KeyedDataset(torch.utils.data.Dataset):
+    """Images, labels and named per-image tensors (an ensemble's member logits, PS-KD's index)."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, **keys: torch.Tensor) -> None:
+        self.inputs, self.labels, self.keys = inputs, labels, keys
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"inputs": self.inputs[i], "labels": self.labels[i], **{k: v[i] for k, v in self.keys.items()}}
+
+
+class _Regime:
+    """How a method with a ``teacher:`` block trains: its dataset, its teacher source, its
+    fingerprint part and (born-again) its chain of generations (docs/regimes.md)."""
+
+    def __init__(self, method: MethodConfig, data: _Data, labelled_idx: torch.Tensor,
+                 transfer_idx: torch.Tensor | None) -> None:
+        from kdforge.constants import IGNORE_INDEX
+
+        self.method, self.data, self.spec = method, data, method.teacher
+        self.idx = labelled_idx if transfer_idx is None else torch.cat([labelled_idx, transfer_idx])
+        self.labels = data.y_train[self.idx].clone()
+        self.labels[len(labelled_idx):] = IGNORE_INDEX
+
+    def _logits(self, name: str) -> torch.Tensor:
+        return (self.data.t_train_logits if name == "teacher" else self.data.extra[name][0])[self.idx]
+
+    def dataset(self) -> torch.utils.data.Dataset:
+        x = self.data.x_train[self.idx]
+        spec = self.spec
+        if spec is None or spec.source == "cached":
+            return _KeyedDataset(x, self.labels, teacher_logits=self._logits("teacher"))
+        if spec.source == "ensemble":  # no "teacher_logits" key: the batch cache would win over the ensemble
+            return _KeyedDataset(x, self.labels, **{f"teacher_logits/{n}": self._logits(n) for n in spec.members})
+        if spec.source == "pskd":
+            return _KeyedDataset(x, self.labels, index=torch.arange(len(self.idx)))
+        return _KeyedDataset(x, self.labels)  # mutual, born_again: no fixed teacher
+
+    def key(self) -> dict[str, Any]:
+        """What else determines the result: the ensemble members' own fingerprints."""
+        if self.spec is None or self.spec.source != "ensemble":
+            return {}
+        return {"members": {n: self.data.extra[n][2]["fingerprint"] for n in self.spec.members if n != "teacher"}}
+
+    def check_launch(self, world_size: int) -> None:
+        if world_size > 1 and self.spec is not None and self.spec.source in ("pskd", "mutual"):
+            raise ConfigError(f"method {self.method.name!r}: a {self.spec.source} teacher trains in one process only",
+                              "run this method without accelerate launch / torchrun")
+
+    def source_fn(self, config: FashionMnistConfig, seed: int) -> Any:
+        """``f(student, total_steps) -> TeacherSource`` (None: the batch's cached logits)."""
+        spec = self.spec
+        if spec is None or spec.source == "cached":
+            return None
+        if spec.source == "pskd":
+            from kdforge.teachers.sources import PSKDTeacher
+
+            return lambda model, steps: PSKDTeacher(model, len(self.idx), k=spec.k)
+        if spec.source == "ensemble":
+            from kdforge.teachers.sources import EnsembleTeacher
+            from kdforge.teachers.sources.cached import BatchLogitsTeacher
+
+            members = [BatchLogitsTeacher(f"teacher_logits/{n}") for n in spec.members]
+            kwargs: dict[str, Any] = {"weighting": spec.weighting}
+            if spec.weighting == "fixed" and spec.weights is not None:
+                kwargs["weights"] = spec.weights
+            if spec.weighting == "entropy":
+                kwargs["temperature"] = spec.temperature
+            return lambda model, steps: EnsembleTeacher(members, **kwargs)
+        if spec.source == "mutual":
+            return self._mutual(config, seed)
+        raise ConfigError(f"teacher source {spec.source!r} has no per-run source", "see docs/regimes.md")
+
+    def _mutual(self, config: FashionMnistConfig, seed: int) -> Any:
+        from kdforge.students.vision import build_vision_model
+        from kdforge.teachers.sources.mutual import MutualTeacher
+        from kdforge.train.optim import lr_lambda
+
+        spec, tr = self.spec, config.train
+        assert spec is not None
+        peers_cfg = spec.peers or [PeerConfig()]
+        terms = spec.peer_terms or [TermSpec(name="cross_entropy", weight=1.0),
+                                    TermSpec(name="forward_kl", weight=1.0, params={"temperature": 1.0})]
+
+        def make(model: torch.nn.Module, steps: int) -> Any:
+            torch.manual_seed(seed + 10_000)  # the peers' own init, the same for every method of this seed
+            peers = [build_vision_model(p.arch, **p.kwargs) for p in peers_cfg]
+            return MutualTeacher(model, peers, terms=[LossTerm(**t.model_dump()) for t in terms], lr=tr.lr,
+                                 weight_decay=tr.weight_decay,
+                                 lr_schedule=lr_lambda(tr.scheduler, int(tr.warmup_ratio * steps), steps))
+        return make
+
+    def born_again(self, model: torch.nn.Module, config: FashionMnistConfig, run_dir: Path,
+                   fit: dict[str, Any]) -> tuple[torch.nn.Module, int]:
+        """Born-again networks (Furlanello et al. 2018): generation 0 learns from the labels (or is an
+        untrained random network, "random teachers are good teachers"); generation ``g+1`` learns
+        with the method's terms from generation ``g``'s logits. Returns the last generation."""
+        from kdforge.eval.classification import predict_logits
+        from kdforge.students.vision import build_vision_model
+
+        spec = self.spec
+        assert spec is not None
+        x = self.data.x_train[self.idx]
+        steps = 0
+        if spec.first == "labels":
+            first = _fit(model, _KeyedDataset(x, self.labels), [TermSpec(name="cross_entropy", weight=1.0)],
+                         run_dir=run_dir / "gen-0", **fit)
+            teacher, steps = first["model"], first["steps"]
+        else:
+            teacher = model  # its seeded random init, untrained
+        for g in range(1, spec.generations + 1):
+            logits = predict_logits(teacher, x)
+            torch.manual_seed(fit["seed"] * 1000 + g)  # each generation starts from a fresh init
+            student = build_vision_model(config.student.arch, **config.student.kwargs)
+            out = _fit(student, _KeyedDataset(x, self.labels, teacher_logits=logits), self.method.terms,
+                       run_dir=run_dir / f"gen-{g}", **fit)
+            teacher, steps = out["model"], steps + out["steps"]
+        return teacher, steps
 
 
 def _student_entry(config: FashionMnistConfig, method: MethodConfig, per_seed: list[dict[str, Any]],

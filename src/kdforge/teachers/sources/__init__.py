@@ -5,6 +5,8 @@
 * :class:`ServedTeacher` — a model behind an OpenAI-compatible (vLLM) endpoint (sparse top-k),
 * :class:`SelfTeacher` — the student itself: an EMA copy or a periodic snapshot (dense),
 * :class:`EnsembleTeacher` — several sources mixed by a weighting rule (dense or sparse),
+* :class:`MutualTeacher` — peers that train together with the student (online / mutual KD),
+* :class:`PSKDTeacher` — the student's own previous-epoch predictions, stored compactly (PS-KD),
 * :func:`as_source` — the one place that turns what a user passes as ``teacher=`` into a source.
 """
 
@@ -18,10 +20,15 @@ from kdforge.errors import ConfigError
 from kdforge.teachers.sources.base import TeacherSource
 from kdforge.teachers.sources.cached import CachedTeacher
 from kdforge.teachers.sources.ensemble import EnsembleTeacher
+from kdforge.teachers.sources.mutual import MutualTeacher
+from kdforge.teachers.sources.pskd import IndexedDataset, PSKDTeacher
 from kdforge.teachers.sources.self_teacher import SelfTeacher
 from kdforge.teachers.sources.served import ServedTeacher
 
-__all__ = ["CachedTeacher", "EnsembleTeacher", "SelfTeacher", "ServedTeacher", "TeacherSource", "as_source"]
+__all__ = [
+    "CachedTeacher", "EnsembleTeacher", "IndexedDataset", "MutualTeacher", "PSKDTeacher", "SelfTeacher", "ServedTeacher",
+    "TeacherSource", "as_source",
+]
 
 
 def as_source(teacher: Any) -> TeacherSource | None:

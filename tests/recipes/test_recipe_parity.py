@@ -1,10 +1,18 @@
-"""Recorded numbers: the refactor onto kdforge.recipes.subrun changed no arithmetic.
+"""Recorded numbers: refactors of the recipes and the trainer change no arithmetic.
 
 The expected values below were printed by the recipes *before* they were rewritten on the sub-run
 layer (commit df305a6, one torch thread): a tiny ``llm_kd`` run (labels only, KD from the top-k
 cache, a TAID schedule and on-policy GKD; two seeds) and a tiny ``fashion_mnist_kd`` run on
-synthetic images. The same config and seeds must give the same metrics, bit for bit (timings
-aside). If a deliberate change to training alters them, re-record them and say why in the commit.
+synthetic images. The same config and seeds must give the same metrics (timings aside).
+
+They were recorded on one CPU; another CPU model runs other BLAS kernels, and the same code then
+differs in the last bits (measured on an AMD EPYC against the recorded values: perplexities by
+at most 2e-8 relative, KL/JS to the teacher by at most 2e-8 absolute, two-seed standard
+deviations by at most 1.6e-6 absolute). So floats are compared with ``rel=1e-6, abs=1e-7`` and
+standard deviations with ``abs=5e-6``: far tighter than the gaps between the methods in this
+table (perplexity 62.70-62.80, KL to the teacher 1.3032e-3 labels-only vs 1.2999e-3 KD), so a
+change of training arithmetic still fails here. Integers, strings and lists compare exactly. If a deliberate
+change alters them, re-record them and say why in the commit.
 """
 
 from __future__ import annotations
@@ -60,7 +68,25 @@ def _untimed(d: dict) -> dict:
     return {k: v for k, v in d.items() if not any(t in k for t in TIMING)}
 
 
-def test_llm_kd_gives_the_recorded_metrics_bit_for_bit(tmp_path, one_thread):
+def _mismatches(got, expected, path="") -> list[str]:
+    """Where ``got`` differs from ``expected``: floats within the cross-CPU tolerance (module
+    docstring), everything else exactly."""
+    if isinstance(expected, dict) and isinstance(got, dict):
+        if set(got) != set(expected):
+            return [f"{path}: keys {sorted(set(got) ^ set(expected))} differ"]
+        return [m for k in expected for m in _mismatches(got[k], expected[k], f"{path}.{k}")]
+    if isinstance(expected, list) and isinstance(got, list) and len(got) == len(expected):
+        return [m for i, (g, e) in enumerate(zip(got, expected)) for m in _mismatches(g, e, f"{path}[{i}]")]
+    if isinstance(expected, float) and isinstance(got, float):
+        # a two-seed std is a difference of two near-equal values: it carries their absolute noise
+        tolerance = {"abs": 5e-6} if path.endswith("_std") else {"rel": 1e-6, "abs": 1e-7}
+        ok = got == pytest.approx(expected, **tolerance)
+    else:
+        ok = got == expected
+    return [] if ok else [f"{path}: got {got!r}, recorded {expected!r}"]
+
+
+def test_llm_kd_gives_the_recorded_metrics(tmp_path, one_thread):
     root = _seeded_teacher_and_corpus(tmp_path / "setup")
     results = LLMKD().run(_llm_config(root), tmp_path / "run")
     got = {}
@@ -68,11 +94,11 @@ def test_llm_kd_gives_the_recorded_metrics_bit_for_bit(tmp_path, one_thread):
         got[row["name"]] = _untimed(row["metrics"])
         if "per_seed" in row:
             got[row["name"]]["per_seed"] = [_untimed(p) for p in row["per_seed"]]
-    assert got == LLM_EXPECTED
-    assert results["student_init"] == LLM_STUDENT_INIT
+    assert _mismatches(got, LLM_EXPECTED) == []
+    assert _mismatches(results["student_init"], LLM_STUDENT_INIT) == []
 
 
-def test_fashion_mnist_gives_the_recorded_metrics_bit_for_bit(tmp_path, one_thread):
+def test_fashion_mnist_gives_the_recorded_metrics(tmp_path, one_thread):
     data = write_synthetic_fashion_mnist(tmp_path / "fm", n_train=200, n_test=50)
     recipe, config = load_recipe_file(REPO / "configs" / "fashion_mnist.yaml", {
         "data.root": str(data), "data.labelled": 40, "data.transfer": 60, "teacher.arch": "mlp",
@@ -82,7 +108,7 @@ def test_fashion_mnist_gives_the_recorded_metrics_bit_for_bit(tmp_path, one_thre
     results = recipe.run(config, tmp_path / "run")
     got = {m["name"]: {"metrics": _untimed(m["metrics"]), "per_seed": [_untimed(p) for p in m["per_seed"]],
                         "per_class_accuracy": m["per_class_accuracy"]} for m in results["models"]}
-    assert got == FASHION_MNIST_EXPECTED
+    assert _mismatches(got, FASHION_MNIST_EXPECTED) == []
 
 
 LLM_STUDENT_INIT = {'agreement': 0.9833333333333333,

@@ -18,6 +18,7 @@ from kdforge.train.callbacks import (
 )
 from kdforge.train.checkpoint import latest_checkpoint, verify_checkpoint
 from kdforge.train.config import TrainConfig
+from kdforge.train.ddk import DDKCallback, DDKSampler, ddk_update
 from kdforge.train.distiller import Distiller
 from kdforge.train.metrics import fidelity_sums
 from kdforge.train.objective import LossTerm, Objective, ObjectiveValue
@@ -35,8 +36,8 @@ from kdforge.train.tasks import CausalLMTask, ClassificationTask, Task, TaskOutp
 from kdforge.train.transforms import BatchTransform, OnPolicyTransform, StepContext
 
 __all__ = [
-    "BatchTransform", "Callback", "CausalLMTask", "ClassificationTask", "Distiller", "EarlyStopping", "EpochSampler",
+    "BatchTransform", "Callback", "CausalLMTask", "ClassificationTask", "DDKCallback", "DDKSampler", "Distiller", "EarlyStopping", "EpochSampler",
     "GenerateFn", "HFGenerator", "JsonlLogger", "LossTerm", "Objective", "ObjectiveValue",
     "OnPolicyBatcher", "OnPolicyConfig", "OnPolicyTransform", "StepContext", "ProgressBar", "TAIDCallback", "Task", "TaskOutput", "TrainConfig",
-    "TrainerState", "TrainingContext", "VLLMSettings", "fidelity_sums", "latest_checkpoint", "make_generator", "verify_checkpoint",
+    "TrainerState", "TrainingContext", "VLLMSettings", "ddk_update", "fidelity_sums", "latest_checkpoint", "make_generator", "verify_checkpoint",
 ]

@@ -173,7 +173,7 @@ def test_bad_sources_raise_data_errors_that_name_the_fix(tmp_path):
     with pytest.raises(DataError, match="no split 'test'"):
         load({"path": str(tmp_path / "b.jsonl"), "eval_split": "test"})
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{oops\n', encoding="utf-8")
-    with pytest.raises(DataError, match="could not read"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2 is not valid JSON"):
         load({"path": str(tmp_path / "bad.jsonl")})
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no data files|holds no"):

@@ -28,7 +28,7 @@ from kdforge.data.collate import (
     pad_batch,
     pad_token_id,
 )
-from kdforge.data.pipeline import prepare
+from kdforge.data.pipeline import prepare, prepare_blocks
 from kdforge.data.sources import (
     PRESETS,
     DataSpec,
@@ -83,6 +83,7 @@ __all__ = [
     "pad_token_id",
     "parse_spec",
     "prepare",
+    "prepare_blocks",
     "read_idx",
     "read_splits",
     "register_preset",

@@ -235,7 +235,8 @@ def _read_source(spec: DataSpec) -> tuple[dict[str, Any], Path | None]:
         return _load_local({"train": _expand([spec.path])}, spec, local.parent), local.parent
     if local.suffix.lower() in BUILDERS or spec.path.startswith((".", "/", "~")) or not _HUB_ID.match(spec.path):
         raise DataError(f"data path {spec.path} does not exist",
-                        "check data.path (relative paths start at the working directory)")
+                        "point data.path at an existing file, folder or preset (relative paths start at "
+                        "the working directory)")
     return _load_hub(spec), None
 
 
@@ -314,12 +315,33 @@ def _load_files(files: dict[str, list[Path]], spec: DataSpec) -> dict[str, Any]:
     try:
         dd = load_dataset(builder, data_files=data_files, **kwargs)
     except Exception as exc:  # pyarrow/json parse errors come in many types
+        bad = _first_bad_json_line(all_files) if builder == "json" else None
+        if bad is not None:
+            raise DataError(f"{bad[0]}:{bad[1]} is not valid JSON ({bad[2]})",
+                            "fix or remove that line (write one JSON object per line)") from exc
         raise DataError(f"could not read {spec.path} as {builder} ({type(exc).__name__}: {exc})",
                         "fix the file (one JSON object per line for .jsonl, a header row for .csv)") from exc
     out = dict(dd)
     if builder == "text":
         out = {split: _txt_rows(ds, files[split], spec) for split, ds in out.items()}
     return out
+
+
+def _first_bad_json_line(files: list[Path]) -> tuple[Path, int, str] | None:
+    """``(file, line number, reason)`` of the first line of a ``.jsonl`` file that is not JSON."""
+    import json
+
+    for path in files:
+        if path.suffix.lower() != ".jsonl":
+            continue
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        return path, n, exc.msg
+    return None
 
 
 def _csv_string_features(path: Path) -> Any:

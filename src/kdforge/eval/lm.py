@@ -498,7 +498,13 @@ def data_batches(
     fmt = detect_format(rows.column_names, spec)
     if packing is None:
         packing = spec.packing if "packing" in spec.model_fields_set else fmt == "text"
-    rendered = tokenize_dataset(rows, tokenizer, spec, name="eval")
+    try:
+        rendered = tokenize_dataset(rows, tokenizer, spec, name="eval")
+    except DataError as exc:
+        if "empty after rendering" not in exc.problem:
+            raise
+        raise DataError(f"{spec.path} has fewer than 2 tokens to evaluate ({exc.problem})",
+                        f"pass more evaluation text; {exc.fix}") from None
     ids_rows, label_rows = rendered["input_ids"], rendered["labels"]
     if packing:
         ids = [t for r in ids_rows for t in r]

@@ -1,6 +1,18 @@
 """Config of ``kdforge cache-teacher`` and the function that runs it.
 
-Example ``configs/cache-smollm2-austen.yaml``::
+The data comes through the data layer (:mod:`kdforge.data`, docs/data.md) as a ``data:`` block;
+chat and prompt/completion data keep response-only masks, stored with the cache::
+
+    teacher: {name_or_path: asset:smollm2}
+    data:
+      path: chats.jsonl               # any DataSpec: preset, file/glob/folder, save_to_disk, Hub id
+      format: chat
+      block_size: 256                 # the cached sequence length
+      packing: false                  # one padded row per conversation (true: packed blocks)
+    max_sequences: 1024
+    output_dir: outputs/cache/smollm2-chats-k16
+
+The older ``corpus:`` block (plain text) still works, read by the same layer:
 
     teacher:
       name_or_path: asset:smollm2     # a Hub id, a local folder, or asset:<name>
@@ -26,6 +38,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kdforge.config import StrictModel
+from kdforge.data.sources import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +65,14 @@ class CorpusSpec(StrictModel):
 
 
 class CacheTeacherConfig(StrictModel):
-    """``kdforge cache-teacher`` config."""
+    """``kdforge cache-teacher`` config: ``data`` (the data layer) or the older ``corpus``."""
 
     teacher: TeacherSpec
-    corpus: CorpusSpec
+    data: DataSpec | None = Field(None, description="the data (docs/data.md); the cached sequence length "
+                                                    "is data.block_size (else data.max_length)")
+    corpus: CorpusSpec | None = Field(None, description="older plain-text corpus block (use data instead)")
+    tokenizer: str | None = Field(None, description="with data: tokenizer folder/id; default: the teacher's")
+    max_sequences: int | None = Field(None, ge=1, description="with data: cache only the first N sequences")
     output_dir: str
     k: int = Field(16, ge=0, description="exact top-k entries per position (0 only with tail_samples)")
     tail_samples: int = Field(
@@ -73,7 +90,38 @@ class CacheTeacherConfig(StrictModel):
     def _k_or_samples(self) -> CacheTeacherConfig:
         if self.k == 0 and self.tail_samples == 0:
             raise ValueError("k=0 keeps nothing: set k >= 1, or tail_samples >= 1 for a pure-sampling cache")
+        if (self.data is None) == (self.corpus is None):
+            raise ValueError("set exactly one of data (the data layer, docs/data.md) or corpus (older text block)")
+        if self.corpus is not None and (self.tokenizer is not None or self.max_sequences is not None):
+            raise ValueError("with corpus, set tokenizer and max_sequences inside corpus (or use a data block)")
+        if self.data is not None and self.data.block_size is None and self.data.max_length is None:
+            raise ValueError("data needs a sequence length for the cache: set data.block_size (e.g. 256)")
         return self
+
+    def data_spec(self) -> DataSpec:
+        """The :class:`DataSpec` to read: ``data``, or ``corpus`` as plain text packed into blocks."""
+        if self.data is not None:
+            return self.data
+        assert self.corpus is not None
+        return corpus_spec(self.corpus)
+
+
+def corpus_spec(corpus: CorpusSpec) -> DataSpec:
+    """An older ``corpus:`` block as a data-layer spec: plain text (``text_field``), packed into
+    ``seq_len`` blocks; ``asset:<name>`` of a data preset is the preset, a folder that is not a
+    ``save_to_disk`` folder means its ``*.txt`` files (sorted by name), as before.
+
+    Raises:
+        DataError: the path does not exist, or a text folder holds no ``.txt`` files.
+    """
+    from kdforge.data.sources import PRESETS
+    from kdforge.teachers.cache.corpus import corpus_source
+
+    path = corpus.path
+    name = path.split(":", 1)[1] if path.startswith("asset:") else None
+    source = name if name in PRESETS else corpus_source(resolve_path(path), fmt=corpus.format)
+    return DataSpec(path=source, format="text", text_field=corpus.text_field, packing=True,
+                    block_size=corpus.seq_len)
 
 
 def resolve_path(value: str) -> str:
@@ -86,7 +134,8 @@ def resolve_path(value: str) -> str:
 
 
 def run_cache_teacher(config: CacheTeacherConfig) -> Path:
-    """Load teacher and tokenizer, read and pack the corpus, build the cache; returns its folder.
+    """Load the tokenizer, read the data (response-only masks kept), load the teacher, build the
+    cache; returns its folder.
 
     Under ``accelerate launch`` / ``torchrun`` with several processes the build is data-parallel:
     every process runs this with the same config, loads its own teacher copy (on
@@ -98,22 +147,33 @@ def run_cache_teacher(config: CacheTeacherConfig) -> Path:
     import torch
     from transformers import AutoTokenizer
 
+    from kdforge.constants import IGNORE_INDEX
+    from kdforge.data.pipeline import prepare_blocks
     from kdforge.errors import AssetError
-    from kdforge.teachers.cache.corpus import pack_tokens, read_texts
     from kdforge.teachers.cache.writer import build_teacher_cache
     from kdforge.teachers.online import load_teacher
 
     t = config.teacher
     teacher_path = resolve_path(t.name_or_path)
-    tok_path = resolve_path(config.corpus.tokenizer) if config.corpus.tokenizer else teacher_path
-    tok_kwargs = {"gguf_file": t.gguf_file} if t.gguf_file and not config.corpus.tokenizer else {}
+    tok_name = config.corpus.tokenizer if config.corpus is not None else config.tokenizer
+    max_sequences = config.corpus.max_sequences if config.corpus is not None else config.max_sequences
+    tok_path = resolve_path(tok_name) if tok_name else teacher_path
+    tok_kwargs = {"gguf_file": t.gguf_file} if t.gguf_file and not tok_name else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_path, **tok_kwargs)
     except (OSError, ValueError) as exc:
         raise AssetError(
             f"cannot load tokenizer {tok_path!r}: {str(exc).splitlines()[0]}",
-            "set corpus.tokenizer to a folder holding tokenizer.json / tokenizer_config.json",
+            "set tokenizer (corpus.tokenizer with a corpus block) to a folder holding tokenizer.json / "
+            "tokenizer_config.json",
         ) from None
+    # the data before the teacher: a data mistake fails fast, and before anything is written
+    blocks, labels = prepare_blocks(config.data_spec(), tokenizer, max_blocks=max_sequences)
+    mask = labels != IGNORE_INDEX
+    loss_mask = None if bool(mask.all()) else mask  # plain text trains every token: an unmasked cache
+    log.info("data: %d sequences of %d tokens%s", blocks.shape[0], blocks.shape[1],
+             "" if loss_mask is None else f", {int(mask.sum())} trained (response-only)")
+
     from kdforge.distributed import launched_world_size
 
     default_device = "cpu"
@@ -122,10 +182,6 @@ def run_cache_teacher(config: CacheTeacherConfig) -> Path:
     device = t.device or default_device
     teacher = load_teacher(teacher_path, dtype=t.dtype, device=device, gguf_file=t.gguf_file, vocab_size=t.vocab_size)
     teacher.name = t.name_or_path
-
-    texts = read_texts(resolve_path(config.corpus.path), text_field=config.corpus.text_field, fmt=config.corpus.format)
-    blocks = pack_tokens(texts, tokenizer, config.corpus.seq_len, max_blocks=config.corpus.max_sequences)
-    log.info("corpus: %d documents -> %d sequences of %d tokens", len(texts), blocks.shape[0], blocks.shape[1])
     return build_teacher_cache(
         teacher,
         blocks,
@@ -139,4 +195,5 @@ def run_cache_teacher(config: CacheTeacherConfig) -> Path:
         tokenizer=tokenizer,
         overwrite=config.overwrite,
         data_parallel=True,  # a one-process group when not launched with several processes
+        loss_mask=loss_mask,
     )

@@ -4,7 +4,9 @@ Each item is one cached sequence::
 
     input_ids         int64   [T]      tokens the teacher read
     attention_mask    int64   [T]      ones (sequences are packed, no padding)
-    labels            int64   [T]      = input_ids (Hugging Face convention: the trainer shifts)
+    labels            int64   [T]      = input_ids (Hugging Face convention: the trainer shifts);
+                                       -100 on tokens the cache's loss mask does not train
+                                       (prompt / non-assistant tokens and padding of chat data)
     teacher_ids       int64   [T, k]   top-k ids at logit position t
     teacher_logprobs  float32 [T, k]   their full-vocabulary log-probs at T=1
     teacher_num_exact int64   []       only for a cache with sampled tail entries: the number k of
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from kdforge.constants import IGNORE_INDEX
 from kdforge.losses.signal import SparseTeacher
 from kdforge.teachers.cache.reader import TeacherCache
 
@@ -75,10 +78,14 @@ class TeacherCacheDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         input_ids, ids, lp = self.cache.read(int(index))
         x = torch.from_numpy(input_ids)
+        labels = x.clone()
+        mask = self.cache.loss_mask(int(index))
+        if mask is not None:
+            labels[~torch.from_numpy(mask)] = IGNORE_INDEX
         item = {
             "input_ids": x,
             "attention_mask": torch.ones_like(x),
-            "labels": x.clone(),
+            "labels": labels,
             "teacher_ids": torch.from_numpy(ids),
             "teacher_logprobs": torch.from_numpy(lp),
         }

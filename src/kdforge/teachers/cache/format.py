@@ -19,7 +19,8 @@ Shard files:
 in caches written before it existed, read as 0) and ``sample_seed``, ``encoding`` (codec
 parameters), ``id_dtype``, ``tail_policy``,
 ``dataset`` (``fingerprint`` = SHA-256 of the token ids, ``num_sequences``, ``seq_len``,
-``num_tokens``), ``shard_size``, ``record_bytes``, ``shards`` (per shard: ``file``, ``rows``
+``num_tokens``; a masked cache adds ``loss_mask_sha256`` of ``loss_mask.npy`` and ``loss_tokens``,
+the number of logit positions whose next token is trained), ``shard_size``, ``record_bytes``, ``shards`` (per shard: ``file``, ``rows``
 ``[start, end)``, ``bytes``, ``sha256``, ``topk_mass_sum``, ``max_quant_error``), ``stats``.
 
 The manifest is rewritten atomically after every shard, so it always describes exactly the
@@ -42,11 +43,15 @@ import torch
 from kdforge.errors import CacheError, DataError
 
 FORMAT_NAME = "kdforge-teacher-cache"
-#: newest format this kdforge writes; 2 = version 1 + sampled tail slots (``tail_samples > 0``).
-#: A cache without samples is still written as version 1, so older kdforge reads it.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: newest format this kdforge writes; 2 = version 1 + sampled tail slots (``tail_samples > 0``);
+#: 3 = a loss mask (``loss_mask.npy``: response-only positions; the signal elsewhere is blanked).
+#: A cache without samples or mask is still written as version 1, so older kdforge reads it; a
+#: masked cache is version 3 so that older kdforge refuses it instead of training on blanks.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
+#: the loss mask of a masked cache: ``np.packbits`` of the bool ``[N, T]`` token mask along ``T``
+LOSS_MASK = "loss_mask.npy"
 INDEX_MAGIC = b"KDCIDX01"
 TAIL_POLICY = (
     "top-k log-probs are normalised over the full vocabulary at T=1; the tail mass "
@@ -60,9 +65,10 @@ COMPAT_KEYS = ("format_version", "teacher", "tokenizer", "vocab_size", "k", "enc
 KEY_DEFAULTS = {"tail_samples": 0, "sample_seed": 0}
 
 
-def format_version_for(tail_samples: int) -> int:
-    """Version a new cache is written with: 1 without samples (readable by older kdforge), else 2."""
-    return 2 if tail_samples else 1
+def format_version_for(tail_samples: int, masked: bool = False) -> int:
+    """Version a new cache is written with: 3 with a loss mask, 2 with samples, else 1 (readable
+    by older kdforge)."""
+    return 3 if masked else 2 if tail_samples else 1
 
 
 def manifest_value(manifest: dict[str, Any], key: str) -> Any:

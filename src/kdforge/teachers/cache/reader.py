@@ -9,6 +9,8 @@ ones decode one sequence from its frame.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from kdforge.losses.signal import SparseTeacher
 from kdforge.teachers.cache.codec import Encoding, RecordCompressor, decode_record, record_dtype
 from kdforge.teachers.cache.format import (
     INDEX_MAGIC,
+    LOSS_MASK,
     MANIFEST,
     as_sequences,
     manifest_value,
@@ -76,6 +79,32 @@ class TeacherCache:
             self._check_shard(shard, verify)
         self._maps: dict[int, Any] = {}
         self._compressor: RecordCompressor | None = None
+        self._mask = self._read_loss_mask()
+
+    def _read_loss_mask(self) -> np.ndarray | None:
+        """The bool ``[N, T]`` loss mask of a masked cache (checked against its SHA-256), else None."""
+        want = self.manifest["dataset"].get("loss_mask_sha256")
+        if want is None:
+            return None
+        path = self.cache_dir / LOSS_MASK
+        if not path.is_file():
+            raise CacheError(f"the teacher cache at {self.cache_dir} is masked but {LOSS_MASK} is missing",
+                             _rebuild_fix(self.cache_dir))
+        blob = path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != want:
+            raise CacheError(f"{path} is corrupted (SHA-256 does not match the manifest)", _rebuild_fix(self.cache_dir))
+        packed = np.load(io.BytesIO(blob), allow_pickle=False)
+        return np.unpackbits(packed, axis=1, count=self.seq_len).astype(bool)
+
+    @property
+    def masked(self) -> bool:
+        """Whether the cache stores a loss mask (response-only data)."""
+        return self._mask is not None
+
+    def loss_mask(self, index: int) -> np.ndarray | None:
+        """Bool ``[T]``: which tokens of sequence ``index`` are trained (None: all of them). The
+        signal at logit position ``t`` is meaningful only where token ``t + 1`` is trained."""
+        return None if self._mask is None else self._mask[index]
 
     @property
     def num_exact(self) -> int | None:

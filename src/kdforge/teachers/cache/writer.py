@@ -49,6 +49,7 @@ from kdforge.teachers.cache.codec import encode_records as _encode
 from kdforge.teachers.cache.format import (
     FORMAT_NAME,
     INDEX_MAGIC,
+    LOSS_MASK,
     MANIFEST,
     TAIL_POLICY,
     as_sequences,
@@ -166,6 +167,7 @@ def build_teacher_cache(
     overwrite: bool = False,
     on_shard: Callable[[int, dict[str, Any]], None] | None = None,
     data_parallel: bool | BuildGroup = False,
+    loss_mask: Any = None,
 ) -> Path:
     """Run ``teacher`` once over ``sequences`` and write a top-k cache to ``out_dir``.
 
@@ -197,6 +199,14 @@ def build_teacher_cache(
             one-process build). False (default): this process builds alone (under a launch, call
             it on one rank only, e.g. inside ``accelerator.main_process_first()``). A
             :class:`~kdforge.teachers.cache.parallel.BuildGroup` gives the group explicitly.
+        loss_mask: optional bool ``[N, T]``, True where the token is trained (``labels != -100``
+            of response-only chat / prompt-completion data, :func:`kdforge.data.prepare_blocks`).
+            It is stored with the cache (``loss_mask.npy``, 1 bit per token) and replayed as
+            ``labels``; the teacher signal at logit position ``t`` is kept only where token
+            ``t + 1`` is trained, and *blanked* elsewhere (a constant entry that the compressed
+            encodings store in a few bits: measured in docs/teacher-cache.md). None (default):
+            every token is trained, and the cache is byte-identical to one built without the
+            argument.
 
     Returns:
         ``out_dir`` as a Path.
@@ -239,6 +249,7 @@ def build_teacher_cache(
         overwrite=overwrite,
         on_shard=on_shard,
         data_parallel=data_parallel,
+        loss_mask=loss_mask,
     )
 
 
@@ -259,13 +270,15 @@ def write_teacher_cache(
     overwrite: bool = False,
     on_shard: Callable[[int, dict[str, Any]], None] | None = None,
     data_parallel: bool | BuildGroup = False,
+    loss_mask: Any = None,
 ) -> Path:
     """Write a cache from any top-k source (see :data:`TopkFn`); :func:`build_teacher_cache`
     is this with a live model. ``teacher_info`` needs ``id`` and ``weights_sha256`` (any stable
     identifier of the teacher, e.g. a served model's name and revision). ``data_parallel``: see
     :func:`build_teacher_cache` (each rank's ``topk_fn`` is called only on its own shards).
     ``tail_samples = m > 0``: ``topk_fn`` returns ``k + m`` entries with ``num_exact = k``
-    (:func:`sampled_topk_fn`); ``sample_seed`` is recorded in the manifest."""
+    (:func:`sampled_topk_fn`); ``sample_seed`` is recorded in the manifest. ``loss_mask``: see
+    :func:`build_teacher_cache`."""
     if k < (0 if tail_samples else 1) or batch_size < 1 or shard_size < 1:
         raise ConfigError(
             f"k, batch_size and shard_size must be >= 1 (got {k}, {batch_size}, {shard_size}; k may be 0 "
@@ -283,13 +296,14 @@ def write_teacher_cache(
     seqs = as_sequences(sequences)
     log.info("fingerprinting %d sequences of %d tokens", len(seqs), seqs.seq_len)
     data_fp = seqs.fingerprint()
+    mask = as_loss_mask(loss_mask, len(seqs), seqs.seq_len)
     tok = None
     if tokenizer is not None:
         tok = {"fingerprint": tokenizer_fingerprint(tokenizer), "size": tokenizer_size(tokenizer)}
     dtype = record_dtype(enc, seqs.seq_len, k, vocab_size, tail_samples)
     header: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "format_version": format_version_for(tail_samples),
+        "format_version": format_version_for(tail_samples, masked=mask is not None),
         "kdforge_version": kdforge.__version__,
         "complete": False,
         "teacher": dict(teacher_info),
@@ -312,6 +326,11 @@ def write_teacher_cache(
         "shards": [],
         "stats": {},
     }
+    mask_blob = None
+    if mask is not None:
+        mask_blob = loss_mask_bytes(mask)
+        header["dataset"]["loss_mask_sha256"] = hashlib.sha256(mask_blob).hexdigest()
+        header["dataset"]["loss_tokens"] = int(mask[:, 1:].sum())
     out.mkdir(parents=True, exist_ok=True)
     group = _resolve_group(data_parallel)
     ranges = shard_ranges(len(seqs), shard_size)
@@ -320,6 +339,9 @@ def write_teacher_cache(
         if group.rank == 0:
             stack.enter_context(build_lock(out))
             manifest = _resume_or_start(out, header, overwrite, ranges)
+            if mask_blob is not None and not manifest["complete"]:
+                with atomic_write(out / LOSS_MASK, "wb") as fh:
+                    fh.write(mask_blob)
             if group.world_size > 1 and not manifest["complete"]:
                 write_json_atomic(out / MANIFEST, manifest)
         group.barrier()
@@ -343,7 +365,7 @@ def write_teacher_cache(
             start, end = ranges[index]
             t0 = time.perf_counter()
             entry, n_bytes = _write_shard(out, index, seqs, start, end, topk_fn, enc, k, vocab_size, batch_size,
-                                          tail_samples)
+                                          tail_samples, None if mask is None else mask[start:end])
             if group.world_size == 1:  # the manifest is the progress record
                 manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["rows"][0])
                 if len(manifest["shards"]) == len(ranges):
@@ -396,9 +418,12 @@ def _write_shard(
     vocab_size: int,
     batch_size: int,
     tail_samples: int = 0,
+    mask: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Run ``topk_fn`` over rows ``[start, end)`` in batches, write the shard atomically, return
-    its manifest entry and size. Batches never cross shards: the bytes depend on the rows only."""
+    its manifest entry and size. Batches never cross shards: the bytes depend on the rows only.
+    ``mask`` (bool ``[n, T]`` token loss mask): positions whose next token is not trained are
+    blanked (:func:`signal_positions`, :func:`blank_positions`)."""
     input_ids = seqs.rows(start, end)
     ids_parts, lp_parts = [], []
     width = k + tail_samples
@@ -422,6 +447,10 @@ def _write_shard(
     lps = np.concatenate(lp_parts)
     if ids.size and ids.max() >= vocab_size:
         raise CacheError(f"teacher produced id {ids.max()} >= vocab {vocab_size}", "report this bug")
+    keep = None
+    if mask is not None:
+        keep = signal_positions(mask)
+        ids, lps = blank_positions(ids, lps, keep)
     sample_ids = sample_counts = None
     if tail_samples:
         ids, sample_ids = ids[..., :k], ids[..., k:]
@@ -431,6 +460,9 @@ def _write_shard(
     with atomic_write(out / name, "wb") as fh:
         fh.write(blob)
     mass = np.exp(lps.astype(np.float64)).sum(-1)
+    if keep is not None:
+        mass = mass[keep] if keep.any() else np.ones(1)
+        lps = lps[keep]
     entry = {
         "file": name,
         "rows": [start, end],
@@ -536,14 +568,70 @@ def _max_quant_error(enc: Encoding, lps: np.ndarray) -> float:
 def _stats(manifest: dict[str, Any]) -> dict[str, Any]:
     shards = manifest["shards"]
     tokens = manifest["dataset"]["num_tokens"]
+    loss_tokens = manifest["dataset"].get("loss_tokens")
     total = sum(s["bytes"] for s in shards)
-    return {
+    out = {
         "total_bytes": total,
         "bytes_per_token": total / tokens,
-        "topk_mass_mean": sum(s["topk_mass_sum"] for s in shards) / tokens,
+        "topk_mass_mean": sum(s["topk_mass_sum"] for s in shards) / max(loss_tokens or tokens, 1),
         "topk_mass_min": min(s["topk_mass_min"] for s in shards),
         "max_quant_error": max(s["max_quant_error"] for s in shards),
     }
+    if loss_tokens is not None:  # a masked cache: mass stats are over the kept positions
+        out["bytes_per_loss_token"] = total / max(loss_tokens, 1)
+    return out
+
+
+def as_loss_mask(loss_mask: Any, num_sequences: int, seq_len: int) -> np.ndarray | None:
+    """A loss mask as a bool ``[N, T]`` array (None stays None); checks its shape.
+
+    Raises:
+        ShapeError: the mask is not ``[N, T]`` like the sequences.
+    """
+    if loss_mask is None:
+        return None
+    mask = np.asarray(loss_mask.detach().cpu() if isinstance(loss_mask, torch.Tensor) else loss_mask).astype(bool)
+    if mask.shape != (num_sequences, seq_len):
+        raise ShapeError(f"the loss mask has shape {mask.shape}, the sequences {(num_sequences, seq_len)}",
+                         "pass one bool per token (labels != -100 of the same blocks)")
+    return mask
+
+
+def loss_mask_bytes(mask: np.ndarray) -> bytes:
+    """The bytes of ``loss_mask.npy``: ``np.packbits(mask, axis=1)`` as an ``.npy`` file."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.packbits(mask, axis=1), allow_pickle=False)
+    return buf.getvalue()
+
+
+def signal_positions(mask: np.ndarray) -> np.ndarray:
+    """Logit positions ``[n, T]`` whose signal a loss reads: ``t`` where token ``t + 1`` is
+    trained (the signal at ``t`` predicts token ``t + 1``); the last position never is."""
+    keep = np.zeros_like(mask, dtype=bool)
+    keep[:, :-1] = mask[:, 1:]
+    return keep
+
+
+def blank_positions(ids: np.ndarray, lps: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Replace the signal at positions not in ``keep`` by one constant entry: ids ``0``, log-probs
+    ``0, BLANK_LOGPROB, ...`` (and, for sampled slots, no draw). Constant rows cost a few bits
+    after the compressed encodings' entropy coder; a loss never reads them (their next token is
+    not trained)."""
+    ids, lps = ids.copy(), lps.copy()
+    drop = ~keep
+    ids[drop] = 0
+    blank = np.full(lps.shape[-1], BLANK_LOGPROB, dtype=lps.dtype)
+    if blank.size:
+        blank[0] = 0.0
+    lps[drop] = blank
+    return ids, lps
+
+
+#: log-prob of the blank entries after the first: finite (no NaN in a loss that multiplies it by a
+#: zero mask), and exp() of it is exactly 0 in float32
+BLANK_LOGPROB = -1.0e4
 
 
 LOCK = ".build.lock"

@@ -6,6 +6,7 @@ Where is ...?
 * decoupled KD (DKD) -> :mod:`.dkd`
 * TAID and its ``t`` schedule -> :mod:`.taid`
 * cross-entropy with labels -> :mod:`.supervised`
+* cross-tokenizer ULD and the GOLD-style hybrid -> :mod:`.uld`
 * fused LM-head + loss over chunks for big vocabularies -> :mod:`.chunked`
 * ``nn.Module`` wrappers (``ForwardKL(temperature=2.0)``) -> :mod:`.modules`
 * the teacher signal (dense logits or sparse top-k) -> :mod:`.signal`
@@ -44,6 +45,7 @@ from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
 from kdforge.losses.taid import TAIDSchedule, taid
+from kdforge.losses.uld import CrossVocabTeacher, gold, uld
 
 __all__ = [
     "DKD",
@@ -53,6 +55,7 @@ __all__ = [
     "TVD",
     "AdaptiveKL",
     "CrossEntropy",
+    "CrossVocabTeacher",
     "DistillationLoss",
     "ForwardKL",
     "GeneralizedJSD",
@@ -69,10 +72,12 @@ __all__ = [
     "dkd",
     "forward_kl",
     "generalized_jsd",
+    "gold",
     "jsd",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
     "taid",
     "tvd",
+    "uld",
 ]

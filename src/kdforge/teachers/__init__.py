@@ -10,9 +10,12 @@ from kdforge.teachers.cache import (
     open_teacher_cache,
     pack_tokens,
 )
+from kdforge.teachers.alignment import TokenAlignment, align_offsets
+from kdforge.teachers.crosstok import CrossTokenizerCollator, encode_texts, shared_vocabulary
 from kdforge.teachers.online import OnlineTeacher, load_teacher, topk_logprobs
 from kdforge.teachers.sources import (
     CachedTeacher,
+    CrossTokenizerTeacher,
     EnsembleTeacher,
     IndexedDataset,
     MutualTeacher,
@@ -33,6 +36,8 @@ from kdforge.teachers.vocab import (
 __all__ = [
     "ENCODINGS",
     "CachedTeacher",
+    "CrossTokenizerCollator",
+    "CrossTokenizerTeacher",
     "EnsembleTeacher",
     "IndexedDataset",
     "MutualTeacher",
@@ -43,14 +48,18 @@ __all__ = [
     "TeacherCache",
     "TeacherCacheDataset",
     "TeacherSource",
+    "TokenAlignment",
+    "align_offsets",
     "VocabAlignment",
     "as_source",
     "build_teacher_cache",
     "check_vocab",
     "collate_teacher_cache",
+    "encode_texts",
     "load_teacher",
     "open_teacher_cache",
     "pack_tokens",
+    "shared_vocabulary",
     "slice_logits",
     "tokenizer_fingerprint",
     "tokenizer_size",

@@ -11,7 +11,10 @@ what it carries, so no code guesses the teacher from batch keys:
   (:class:`kdforge.features.taps.Features`: hidden states, attentions, hooked module outputs), at
   the model's input positions (feature terms mask them themselves),
 * ``sequences`` — token ids the teacher generated (elicitation, sequence-level KD),
-* ``weights`` — optional per-position weights ``[...]`` (an ensemble's confidence weighting).
+* ``weights`` — optional per-position weights ``[...]`` (an ensemble's confidence weighting),
+* ``cross`` — a teacher with *another tokenizer*, already at the student's positions
+  (:class:`kdforge.losses.uld.CrossVocabTeacher`: logits ``[..., V_t]`` + the alignment; from
+  :class:`~kdforge.teachers.sources.CrossTokenizerTeacher`, for the vocabulary-free losses).
 
 Distributions are at the student's *loss positions*: for a causal LM, position ``t`` holds the
 distribution of token ``t + 1`` (``[B, T-1, ...]``), for a classifier one position per sample.
@@ -39,27 +42,36 @@ class TeacherSignal:
     features: Any = None
     sequences: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    cross: Any = None
 
     def __post_init__(self) -> None:
-        if self.logits is not None and self.sparse is not None:
-            raise ValueError("a TeacherSignal carries dense logits or a sparse top-k, not both")
+        if sum(x is not None for x in (self.logits, self.sparse, self.cross)) > 1:
+            raise ValueError("a TeacherSignal carries dense logits, a sparse top-k or a cross-tokenizer teacher, "
+                             "only one of them")
 
     @property
     def kind(self) -> str:
         """``"dense"``, ``"sparse"`` or ``"none"`` (features or sequences only)."""
         if self.logits is not None:
             return "dense"
+        if self.cross is not None:
+            return "cross"
         return "sparse" if self.sparse is not None else "none"
 
     @property
-    def distribution(self) -> torch.Tensor | SparseTeacher | None:
-        """What a loss takes as ``teacher``: the dense logits or the sparse top-k (None if neither)."""
+    def distribution(self) -> Any:
+        """What a loss takes as ``teacher``: the dense logits, the sparse top-k or the cross-tokenizer
+        teacher (None if none)."""
+        if self.cross is not None:
+            return self.cross
         return self.logits if self.logits is not None else self.sparse
 
     @property
     def vocab_size(self) -> int | None:
         if self.logits is not None:
             return int(self.logits.shape[-1])
+        if self.cross is not None:
+            return int(self.cross.vocab_size)
         return self.sparse.vocab_size if self.sparse is not None else None
 
     def positions(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TeacherSignal:
@@ -68,7 +80,8 @@ class TeacherSignal:
         if sparse is not None:
             sparse = SparseTeacher(fn(sparse.ids), fn(sparse.logprobs), sparse.vocab_size, sparse.num_exact)
         return replace(self, logits=None if self.logits is None else fn(self.logits), sparse=sparse,
-                       weights=None if self.weights is None else fn(self.weights))
+                       weights=None if self.weights is None else fn(self.weights),
+                       cross=None if self.cross is None else self.cross.positions(fn))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TeacherSignal:
         """Distribution (and weights) on ``device``; dense logits also cast to ``dtype``."""
@@ -80,4 +93,5 @@ class TeacherSignal:
             sparse = SparseTeacher(self.sparse.ids.to(device).long(), self.sparse.logprobs.to(device).float(),
                                    self.sparse.vocab_size, self.sparse.num_exact)
         weights = None if self.weights is None else self.weights.to(device)
-        return replace(self, logits=logits, sparse=sparse, weights=weights)
+        cross = None if self.cross is None else self.cross.to(device, dtype)
+        return replace(self, logits=logits, sparse=sparse, weights=weights, cross=cross)

@@ -9,8 +9,9 @@ share a tokenizer. Two cases are common and handled differently:
   tokenizer size (:class:`VocabAlignment.apply`); a notice is logged once.
 * **Different tokenizers** (e.g. Llama vs Gemma). Ids mean different strings; slicing would
   silently pair unrelated tokens. :func:`check_vocab` raises
-  :class:`~kdforge.errors.VocabMismatchError` that points to cross-tokenizer distillation
-  (ULD, GOLD / ``trl.experimental.gold``).
+  :class:`~kdforge.errors.VocabMismatchError` that points to kdforge's cross-tokenizer
+  distillation: :class:`~kdforge.teachers.sources.CrossTokenizerTeacher` (positions aligned by
+  character offsets) with the vocabulary-free losses ``uld`` / ``gold`` (docs/cross-tokenizer.md).
 
 :func:`tokenizer_fingerprint` hashes everything that decides token -> id (vocabulary, BPE merges,
 added/special tokens); teacher caches record it so a cache is never replayed under another
@@ -32,9 +33,14 @@ from kdforge.errors import ConfigError, ShapeError, VocabMismatchError
 log = logging.getLogger(__name__)
 
 _CROSS_TOKENIZER_FIX = (
-    "distill with the same tokenizer (pick a student from the teacher's family), or use a "
-    "cross-tokenizer method such as ULD or GOLD (trl.experimental.gold) that aligns different "
-    "vocabularies"
+    "distill with the same tokenizer (pick a student from the teacher's family), or use cross-tokenizer "
+    "distillation: wrap the teacher in kdforge.teachers.CrossTokenizerTeacher(teacher, teacher_tokenizer, "
+    "student_tokenizer), set vocab_policy: cross_tokenizer and use the loss uld or gold "
+    "(docs/cross-tokenizer.md)"
+)
+_CROSS_TOKENIZER_LIVE = (
+    "distil from the live teacher wrapped in kdforge.teachers.CrossTokenizerTeacher with the loss uld or gold "
+    "(a top-k cache stores no token offsets yet; docs/cross-tokenizer.md)"
 )
 
 
@@ -198,7 +204,7 @@ def check_vocab(
 
 
 #: named ways to bring a teacher signal onto the student's vocabulary (see :func:`align_signal`)
-VOCAB_POLICIES = ("exact", "shared_prefix")
+VOCAB_POLICIES = ("exact", "shared_prefix", "cross_tokenizer")
 
 
 def align_signal(
@@ -220,6 +226,12 @@ def align_signal(
     * ``"shared_prefix"``: same tokenizer, padded embeddings (a family pads its matrices to a
       multiple of 64/128): both sides keep the first ``min(V_teacher, V_student)`` entries. The
       caller slices the student side to the returned size.
+    * ``"cross_tokenizer"``: different tokenizers. The signal must come from a
+      :class:`~kdforge.teachers.sources.CrossTokenizerTeacher` (a ``cross`` signal: teacher logits
+      already gathered onto the student's positions by character offsets, any width); it is moved
+      to ``device``/``dtype`` and handed to the vocabulary-free losses (``uld``, ``gold``). A
+      ``cross`` signal is accepted under every policy (the source is the explicit choice); this
+      policy refuses any other signal.
 
     Dense logits are cast to the student's ``dtype`` and moved to ``device``; a sparse signal
     with ``vocab_size`` 0 ("the student's", a cache) gets the student's. ``validate`` runs the
@@ -236,6 +248,21 @@ def align_signal(
     if policy not in VOCAB_POLICIES:
         raise ConfigError(f"unknown vocab_policy {policy!r}", f"use one of: {', '.join(VOCAB_POLICIES)}")
     student_slice: int | None = None
+    cross = getattr(signal, "cross", None)
+    if cross is not None:
+        if tuple(cross.logits.shape[:-1]) != tuple(positions):
+            raise ShapeError(
+                f"cross-tokenizer teacher logits {tuple(cross.logits.shape)} are not at the student's positions "
+                f"{tuple(positions)}",
+                "use CausalLMTask with CrossTokenizerTeacher (it gathers the teacher onto the student's positions)",
+            )
+        return replace(signal, cross=cross.to(device, dtype)), None
+    if policy == "cross_tokenizer":
+        raise ConfigError(
+            f"vocab_policy cross_tokenizer needs a cross-tokenizer teacher signal, got a {signal.kind} one "
+            "(the teacher's positions are its own tokens, not the student's)",
+            "wrap the teacher: kdforge.teachers.CrossTokenizerTeacher(teacher, teacher_tokenizer, student_tokenizer)",
+        )
     if signal.logits is not None:
         t = signal.logits
         if tuple(t.shape[:-1]) != tuple(positions):
@@ -263,13 +290,15 @@ def align_signal(
             if top >= vocab_size:
                 raise VocabMismatchError(
                     f"teacher token id {top} is outside the student's vocabulary of {vocab_size}",
-                    "build the cache with the student's tokenizer, or use a student with the teacher's vocabulary",
+                    "build the cache with the student's tokenizer, or use a student with the teacher's vocabulary; "
+                    "for a teacher with another tokenizer, " + _CROSS_TOKENIZER_LIVE,
                 )
         vocab = vocab_size if sp.vocab_size in (0, vocab_size) or policy == "shared_prefix" else sp.vocab_size
         if vocab != vocab_size:
             raise VocabMismatchError(
                 f"the sparse teacher signal indexes a vocabulary of {sp.vocab_size}, the student has {vocab_size}",
-                "use a student with the teacher's vocabulary, or set vocab_policy: shared_prefix for a padded one",
+                "use a student with the teacher's vocabulary, or set vocab_policy: shared_prefix for a padded one; "
+                "for a teacher with another tokenizer, " + _CROSS_TOKENIZER_LIVE,
             )
         aligned = SparseTeacher(sp.ids.to(device).long(), sp.logprobs.to(device).float(), vocab, num_exact=sp.num_exact)
         return replace(signal, sparse=aligned), None

@@ -7,6 +7,7 @@
 * :class:`EnsembleTeacher` — several sources mixed by a weighting rule (dense or sparse),
 * :class:`MutualTeacher` — peers that train together with the student (online / mutual KD),
 * :class:`PSKDTeacher` — the student's own previous-epoch predictions, stored compactly (PS-KD),
+* :class:`CrossTokenizerTeacher` — a live model with another tokenizer, aligned by character offsets,
 * :func:`as_source` — the one place that turns what a user passes as ``teacher=`` into a source.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 from kdforge.errors import ConfigError
 from kdforge.teachers.sources.base import TeacherSource
 from kdforge.teachers.sources.cached import CachedTeacher
+from kdforge.teachers.sources.cross_tokenizer import CrossTokenizerTeacher
 from kdforge.teachers.sources.ensemble import EnsembleTeacher
 from kdforge.teachers.sources.mutual import MutualTeacher
 from kdforge.teachers.sources.pskd import IndexedDataset, PSKDTeacher
@@ -26,7 +28,7 @@ from kdforge.teachers.sources.self_teacher import SelfTeacher
 from kdforge.teachers.sources.served import ServedTeacher
 
 __all__ = [
-    "CachedTeacher", "EnsembleTeacher", "IndexedDataset", "MutualTeacher", "PSKDTeacher", "SelfTeacher", "ServedTeacher",
+    "CachedTeacher", "CrossTokenizerTeacher", "EnsembleTeacher", "IndexedDataset", "MutualTeacher", "PSKDTeacher", "SelfTeacher", "ServedTeacher",
     "TeacherSource", "as_source",
 ]
 

@@ -4,6 +4,12 @@ Everything kdforge persists (cache shards, manifests, checkpoints, generated dat
 through :func:`atomic_write` or its helpers: data is written to a temporary file in the same
 directory, flushed and fsync'ed, then renamed over the target. A crash leaves either the old file
 or the new one, never a torn one.
+
+An operating system's refusal (no permission, read-only file system, a folder where the file
+belongs, too many open files, a full disk) becomes a :class:`~kdforge.errors.FileSystemError`
+(:class:`~kdforge.errors.DiskFullError` for a full disk) naming the path and the fix; the target is
+left as it was and no temporary file stays behind. :func:`os_errors` and :func:`ensure_dir` give
+the same mapping to other file operations (creating run folders, appending logs).
 """
 
 from __future__ import annotations
@@ -18,7 +24,38 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from kdforge.errors import DiskFullError
+from kdforge.errors import FileSystemError, from_os_error
+
+#: OS errors that are the environment's fault (not kdforge's), mapped to a FileSystemError
+MAPPED_ERRNOS = frozenset(
+    code for code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
+                      errno.EMFILE, errno.ENFILE, errno.ENOSPC, getattr(errno, "EDQUOT", None))
+    if code is not None)
+
+
+@contextlib.contextmanager
+def os_errors(doing: str, path: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn an OS refusal inside the block into a :class:`~kdforge.errors.FileSystemError`.
+
+    Only the errors in :data:`MAPPED_ERRNOS` are translated (a missing input file and other
+    errors pass through unchanged, for the caller to explain). ``doing`` reads "while <doing> <path>".
+    """
+    try:
+        yield
+    except FileSystemError:
+        raise
+    except OSError as exc:
+        if exc.errno not in MAPPED_ERRNOS:
+            raise
+        raise from_os_error(exc, path if path is not None else exc.filename, doing) from exc
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """``mkdir -p path``; a refusal (read-only, no permission, a file in the way) is a FileSystemError."""
+    folder = Path(path)
+    with os_errors("creating the folder", folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @contextlib.contextmanager
@@ -31,8 +68,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
     if mode not in ("wb", "w"):
         raise ValueError("atomic_write supports mode 'wb' or 'w'")
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    ensure_dir(target.parent)
+    with os_errors("writing", target):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         # mkstemp makes the file 0600; give it the permissions a plain open() would (0666 & ~umask).
         os.chmod(tmp, 0o666 & ~_current_umask())
@@ -43,13 +81,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         os.replace(tmp, target)
     except OSError as exc:
         _remove_quietly(tmp)
-        if exc.errno == errno.ENOSPC:
-            raise DiskFullError(
-                f"disk full while writing {target}; the previous version (if any) is intact",
-                "free disk space (or point the output to another disk) and run the same command again "
-                "with --resume: finished work is kept and the job continues from it",
-            ) from exc
-        raise
+        if exc.errno not in MAPPED_ERRNOS:
+            raise
+        # the error names the temporary file (or the parent); the user knows the target
+        raise from_os_error(exc, target, "writing") from exc
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -62,7 +97,7 @@ def _current_umask() -> int:
 
 
 def _remove_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):  # gone already, or the disk refuses even that
         os.unlink(path)
 
 

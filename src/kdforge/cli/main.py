@@ -6,7 +6,10 @@ Subcommands live one per module in this package. Each module defines
 file. Heavy imports (torch, transformers) happen inside handlers so ``kdforge --help`` is instant.
 
 Errors derived from :class:`~kdforge.errors.KdforgeError` are printed as a short message (no
-traceback) and exit with status 2; ``--debug`` shows the traceback.
+traceback) and exit with status 2; ``--debug`` shows the traceback. An ``OSError`` that reaches
+this point (a folder that cannot be written, a full disk, too many open files...) is the
+environment's doing, not a bug: it is explained the same way, as a
+:class:`~kdforge.errors.FileSystemError` naming the path and the fix.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from kdforge import __version__
-from kdforge.errors import KdforgeError
+from kdforge.errors import KdforgeError, from_os_error
 
 log = logging.getLogger("kdforge")
 
@@ -65,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         sys.stderr.write(f"kdforge: error: {exc}\n")
+        return 2
+    except OSError as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"kdforge: error: {from_os_error(exc, doing='accessing')}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("kdforge: interrupted; finished work is saved and the job can resume\n")

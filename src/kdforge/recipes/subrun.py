@@ -45,7 +45,13 @@ import torch
 import yaml
 
 from kdforge.distributed import broadcast_from_main
-from kdforge.io import sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
+from kdforge.io import (
+    ensure_dir,
+    sha256_file,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +123,7 @@ class RecipeRun:
 
         run = cls(Path(output_dir), join_launch_group())
         if run.main:
-            run.out.mkdir(parents=True, exist_ok=True)
+            ensure_dir(run.out)
             saved = {"recipe": recipe, **config.model_dump(mode="json")}
             if record_output_dir:
                 saved["output_dir"] = str(run.out)
@@ -229,7 +235,7 @@ class SubRun:
         then sees the same checkpoints before the Distiller looks for one.
         """
         if self.run.main:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.dir)
             self.record.unlink(missing_ok=True)
             marker = self.dir / FINGERPRINT_FILE
             old = marker.read_text(encoding="utf-8").strip() if marker.is_file() else None

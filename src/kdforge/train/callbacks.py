@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.errors import ConfigError
-from kdforge.io import write_text_atomic
+from kdforge.io import os_errors, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class JsonlLogger(Callback):
     def _write(self, state: TrainerState, record: dict[str, Any]) -> None:
         if not state.is_main_process:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
+        with os_errors("appending to", self.path), open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(_jsonable(record)) + "\n")
             fh.flush()
 

@@ -48,7 +48,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kdforge.errors import CheckpointError
-from kdforge.io import sha256_file, write_bytes_atomic, write_json_atomic
+from kdforge.io import ensure_dir, os_errors, sha256_file, write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,9 @@ class CheckpointWriter:
         if self.root.is_dir():
             for stale in self.root.glob(".tmp-step-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        ensure_dir(self.root)
+        with os_errors("creating the folder", self.tmp):
+            self.tmp.mkdir()
 
     def write_rng(self, rank: int) -> None:
         write_bytes_atomic(self.tmp / f"rng-rank{rank}.pt", _torch_bytes(rng_state()))
@@ -294,12 +296,13 @@ class CheckpointWriter:
         sums = {p.name: sha256_file(p) for p in sorted(self.tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
         write_json_atomic(self.tmp / CHECKSUMS, sums)
         old = None
-        if self.final.exists():
-            old = self.root / f".old-step-{self.step}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
+        with os_errors("publishing the checkpoint", self.final):
+            if self.final.exists():
+                old = self.root / f".old-step-{self.step}"
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(self.final, old)
+            os.replace(self.tmp, self.final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("saved checkpoint %s", self.final)

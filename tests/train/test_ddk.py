@@ -86,6 +86,17 @@ def test_sampler_state_roundtrip_and_domain_check():
         DDKSampler(["x", "z"], {"x": [0], "z": [0]}).load_state_dict(s.state_dict())
     with pytest.raises(ConfigError, match="held-out"):
         DDKSampler(["x", "y"], {"x": [0]})
+    assert DDKSampler(["x", "y"], {"x": [0], "y": [0]}, teacher_loss={"y": 2.0, "x": 1.0}).teacher_loss == [1.0, 2.0]
+
+
+def test_from_yaml_config():
+    import yaml
+
+    block = yaml.safe_load("ddk: {update_every: 3, alpha: 0.25, initial_weights: {x: 3, y: 1}}")["ddk"]
+    s = DDKSampler.from_config(block, ["x", "y"], {"x": [0], "y": [0]}, seed=2)
+    assert (s.update_every, s.alpha, s.weights, s.seed) == (3, 0.25, [0.75, 0.25], 2)
+    with pytest.raises(ConfigError, match="alpah"):
+        DDKSampler.from_config({"alpah": 0.5}, ["x"], {"x": [0]})
 
 
 # -- training --------------------------------------------------------------------------------------

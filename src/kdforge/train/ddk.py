@@ -43,14 +43,16 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
+from kdforge.config import StrictModel
 from kdforge.errors import CheckpointError, ConfigError, DataError
 from kdforge.io import write_json_atomic
 from kdforge.train.callbacks import Callback, TrainerState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DDKCallback", "DDKSampler", "ddk_update", "domain_losses", "plot_ddk_weights"]
+__all__ = ["DDKCallback", "DDKConfig", "DDKSampler", "ddk_update", "domain_losses", "plot_ddk_weights"]
 
 
 def ddk_update(weights: Sequence[float], student_loss: Sequence[float], teacher_loss: Sequence[float], *,
@@ -88,6 +90,18 @@ def ddk_update(weights: Sequence[float], student_loss: Sequence[float], teacher_
     return (new / new.sum()).tolist()
 
 
+class DDKConfig(StrictModel):
+    """The YAML block of a DDK sampler (e.g. a recipe's ``sampler: {ddk: {...}}``); build the
+    sampler with :meth:`DDKSampler.from_config`."""
+
+    update_every: int = Field(100, ge=1, description="optimizer steps between weight updates (the paper's K)")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="smoothing factor: weight of the new factor vs uniform")
+    discrepancy: Literal["ratio", "difference"] = Field("ratio", description="l_S/l_T (paper) or l_S-l_T")
+    eval_batches: int | None = Field(None, ge=1, description="held-out batches per domain per measurement")
+    epoch_size: int | None = Field(None, ge=1, description="draws per epoch (default: the dataset length)")
+    initial_weights: dict[str, float] | None = Field(None, description="starting mixture (default uniform)")
+
+
 class DDKSampler:
     """Domain-weighted sampler over a multi-domain dataset; weights follow :func:`ddk_update`.
 
@@ -100,13 +114,17 @@ class DDKSampler:
         initial_weights: ``{domain: weight}`` (default uniform).
         epoch_size: draws per epoch over all ranks (default: the dataset length).
         eval_batches: batches of each held-out set per measurement (default all).
+        teacher_loss: ``{domain: teacher's held-out cross-entropy}`` measured elsewhere (a served
+            or cached teacher, or once offline); default: measured with the trainer's live teacher
+            at the first update.
         seed, num_replicas, rank: as :class:`~kdforge.train.sampler.EpochSampler`.
     """
 
     def __init__(self, domains: Sequence[Any], eval_data: Mapping[Any, Any], *, update_every: int = 100,
                  alpha: float = 0.5, discrepancy: Literal["ratio", "difference"] = "ratio",
                  initial_weights: Mapping[Any, float] | None = None, epoch_size: int | None = None,
-                 eval_batches: int | None = None, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+                 eval_batches: int | None = None, teacher_loss: Mapping[Any, float] | None = None,
+                 seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
         if update_every < 1:
             raise ConfigError(f"DDK update_every must be >= 1, got {update_every}", "e.g. 100 steps")
         if discrepancy not in ("ratio", "difference"):
@@ -145,8 +163,24 @@ class DDKSampler:
         self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
         self.epoch, self.start = 0, 0
         self.teacher_loss: list[float] | None = None
+        if teacher_loss is not None:
+            given = {str(k): float(v) for k, v in teacher_loss.items()}
+            if sorted(given) != self.names:
+                raise ConfigError(f"teacher_loss names domains {sorted(given)}, the data has {self.names}",
+                                  "give the teacher's loss for every domain")
+            self.teacher_loss = [given[n] for n in self.names]
         self.history: list[dict[str, Any]] = [{"step": 0, "weights": list(self.weights)}]
         self.callback = DDKCallback(self)
+
+    @classmethod
+    def from_config(cls, config: DDKConfig | Mapping[str, Any], domains: Sequence[Any], eval_data: Mapping[Any, Any],
+                    **kwargs: Any) -> DDKSampler:
+        """A sampler from a :class:`DDKConfig` (or its YAML mapping); ``kwargs``: ``seed``,
+        ``num_replicas``, ``rank``, ``teacher_loss``."""
+        from kdforge.config import validate
+
+        cfg = config if isinstance(config, DDKConfig) else validate(DDKConfig, dict(config), source="ddk sampler")
+        return cls(domains, eval_data, **cfg.model_dump(), **kwargs)
 
     # -- the sampler protocol (kdforge.train.stream) -----------------------------------------------
     def set_epoch(self, epoch: int) -> None:

@@ -21,6 +21,7 @@ from kdforge.train.config import TrainConfig
 from kdforge.train.ddk import DDKCallback, DDKSampler, ddk_update
 from kdforge.train.distiller import Distiller
 from kdforge.train.metrics import fidelity_sums
+from kdforge.train.mixup import MixupTransform
 from kdforge.train.objective import LossTerm, Objective, ObjectiveValue
 from kdforge.train.onpolicy import (
     GenerateFn,
@@ -37,7 +38,7 @@ from kdforge.train.transforms import BatchTransform, OnPolicyTransform, StepCont
 
 __all__ = [
     "BatchTransform", "Callback", "CausalLMTask", "ClassificationTask", "DDKCallback", "DDKSampler", "Distiller", "EarlyStopping", "EpochSampler",
-    "GenerateFn", "HFGenerator", "JsonlLogger", "LossTerm", "Objective", "ObjectiveValue",
+    "GenerateFn", "HFGenerator", "JsonlLogger", "LossTerm", "MixupTransform", "Objective", "ObjectiveValue",
     "OnPolicyBatcher", "OnPolicyConfig", "OnPolicyTransform", "StepContext", "ProgressBar", "TAIDCallback", "Task", "TaskOutput", "TrainConfig",
     "TrainerState", "TrainingContext", "VLLMSettings", "ddk_update", "fidelity_sums", "latest_checkpoint", "make_generator", "verify_checkpoint",
 ]

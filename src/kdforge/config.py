@@ -102,7 +102,7 @@ def _known_keys(model: type[BaseModel], parent: tuple[Any, ...]) -> list[str]:
             current = field.annotation
             continue
         members = _models_in(current)
-        tagged = [m for m in members if _has_literal(m, part)]
+        tagged = [m for m in members if _has_literal(m, part)] or _tagged(current, part)
         if len(tagged) == 1:  # ``part`` is a union tag: descend into that member
             current = tagged[0]
         elif len(members) == 1:  # list[Model] / dict[str, Model] / Optional[Model]: skip the index
@@ -113,6 +113,20 @@ def _known_keys(model: type[BaseModel], parent: tuple[Any, ...]) -> list[str]:
         members = _models_in(current)
         current = members[0] if len(members) == 1 else None
     return sorted(current.model_fields) if _is_model(current) else []
+
+
+def _tagged(tp: Any, tag: Any) -> list[type[BaseModel]]:
+    """The model of a callable-discriminated union member marked ``Tag(tag)`` (pydantic puts the tag
+    in the error location), as a one-item list; empty if there is none."""
+    for arg in typing.get_args(tp):
+        if typing.get_origin(arg) is typing.Annotated:
+            inner, *meta = typing.get_args(arg)
+            if _is_model(inner) and any(getattr(m, "tag", None) == tag for m in meta):
+                return [inner]
+        found = _tagged(arg, tag)
+        if found:
+            return found
+    return []
 
 
 def _is_model(tp: Any) -> bool:

@@ -46,8 +46,15 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from kdforge.config import StrictModel
-from kdforge.errors import ConfigError, DataError
+from kdforge.errors import ConfigError
+from kdforge.models import ModelSource, resolve_model_path
 from kdforge.recipes import RECIPES, Recipe
+from kdforge.recipes.lm_data import (
+    CorpusSpec,
+    LMData,
+    LMDataSpec,
+    load_corpus_documents,
+)
 from kdforge.recipes.subrun import (
     FINGERPRINT_FILE,
     SUBRUN_RECORD,
@@ -58,6 +65,7 @@ from kdforge.recipes.subrun import (
     timed,
     train_student,
 )
+from kdforge.students.build import StudentSpec
 from kdforge.train.config import TrainConfig
 from kdforge.train.objective import LossTerm, Objective
 from kdforge.train.onpolicy import OnPolicyConfig
@@ -65,33 +73,14 @@ from kdforge.train.onpolicy import OnPolicyConfig
 log = logging.getLogger(__name__)
 
 
-class TeacherSpec(StrictModel):
-    """The teacher: an asset name (``smollm2``), a local folder, or a Hub id."""
-
-    model: str = "smollm2"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-
-
-class StudentSpec(StrictModel):
-    """A student built from the teacher's layers (see :mod:`kdforge.students.from_teacher`)."""
-
-    layers: Literal["every_k", "first_last"] | list[int] = "every_k"
-    num_layers: int | None = Field(6, ge=1, description="depth for layers='every_k' (ignored otherwise)")
-    freeze_embeddings: bool = True
-    freeze_head: bool = True
+class TeacherSpec(ModelSource):
+    """The teacher: an asset name (``smollm2``), a local folder, or a Hub id (with ``revision``,
+    ``trust_remote_code``; token from ``HF_TOKEN``), placed by ``device`` (``auto``: the accelerator
+    when there is one), ``dtype``, ``device_map: auto`` and ``attn_implementation``
+    (:mod:`kdforge.models`)."""
 
 
-class DataSpec(StrictModel):
-    """Text corpus and its split by document (held-out = other documents)."""
-
-    corpus: str = Field("austen", description="'austen' or a folder of .txt files (document = file stem)")
-    train_docs: list[str] = Field(default_factory=lambda: ["prideprejudice"])
-    eval_docs: list[str] = Field(default_factory=lambda: ["persuasion"])
-    seq_len: int = Field(128, ge=8)
-    train_sequences: int | None = Field(256, ge=1, description="blocks drawn from train_docs; null = all")
-    eval_sequences: int | None = Field(64, ge=1, description="held-out blocks; null = all")
-    unwrap_paragraphs: bool = True
-    seed: int = 0
+DataSpec = CorpusSpec  # the corpus form of ``data:`` (older callers import this name)
 
 
 class CacheSpec(StrictModel):
@@ -144,11 +133,19 @@ class MethodSpec(StrictModel):
     Optional regimes: ``on_policy`` (GKD with the online teacher instead of the cache), ``taid``
     (a :class:`~kdforge.train.TAIDCallback` steps the objective's ``taid`` term), ``chunked``
     (LM head + loss in chunks of positions: :class:`~kdforge.train.Objective` ``chunked=True``).
+
+    ``teacher`` picks where the teacher signal comes from: ``cache`` (the top-k cache built once
+    before training), ``online`` (the live teacher on every batch: dense logits, no top-k
+    truncation) or null (the default: online when the method needs it, i.e. ``on_policy`` or
+    feature terms, else the cache).
     """
 
     name: str
     role: Literal["baseline", "student"] = "student"
     objective: list[LossTerm]
+    teacher: Literal["cache", "online"] | None = Field(
+        None, description="cache (the top-k cache), online (the live teacher every batch); null = online "
+                          "only for on_policy or feature terms")
     on_policy: OnPolicySpec | None = None
     taid: TAIDSpec | None = None
     chunked: bool = False
@@ -176,7 +173,20 @@ class MethodSpec(StrictModel):
                 Objective(self.objective, chunked=True)
             except ConfigError as exc:
                 raise ValueError(f"chunked: {exc.problem}; {exc.fix or ''}".rstrip("; ")) from None
+        if self.teacher == "cache":
+            if self.on_policy is not None:
+                raise ValueError("teacher: cache cannot score the student's own samples (on_policy); "
+                                 "use teacher: online or remove the teacher key")
+            if Objective(copy.deepcopy(self.objective)).feature_terms:
+                raise ValueError("teacher: cache holds no hidden states for the feature terms; "
+                                 "use teacher: online or remove the teacher key")
         return self
+
+    def uses_online_teacher(self) -> bool:
+        """Whether this method reads the live teacher (else the top-k cache)."""
+        if self.teacher is not None:
+            return self.teacher == "online"
+        return self.on_policy is not None or bool(Objective(copy.deepcopy(self.objective)).feature_terms)
 
 
 class EvalSpec(StrictModel):
@@ -209,7 +219,9 @@ class LLMKDConfig(StrictModel):
     output_dir: str = "outputs/quickstart"
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     student: StudentSpec = Field(default_factory=StudentSpec)
-    data: DataSpec = Field(default_factory=DataSpec)
+    data: LMDataSpec = Field(default_factory=CorpusSpec, description=(
+        "a corpus of documents (corpus: austen or a folder of .txt) or any dataset of kdforge.data "
+        "(path: file, folder, save_to_disk folder, preset or Hub id; chat/prompt-completion/text)"))
     cache: CacheSpec = Field(default_factory=CacheSpec)
     train: TrainConfig = Field(default_factory=_default_train)
     methods: list[MethodSpec] = Field(default_factory=_default_methods)
@@ -230,7 +242,8 @@ class LLMKDConfig(StrictModel):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
         for m in self.methods:
-            if m.on_policy is not None and m.on_policy.prompt_tokens >= self.data.seq_len:
+            if (m.on_policy is not None and isinstance(self.data, CorpusSpec)
+                    and m.on_policy.prompt_tokens >= self.data.seq_len):
                 raise ValueError(f"methods: {m.name!r} on_policy.prompt_tokens={m.on_policy.prompt_tokens} must be "
                                  f"below data.seq_len={self.data.seq_len} (the rest of a block is the completion)")
         return self
@@ -250,37 +263,15 @@ def _prompt_collate(prompt_tokens: int) -> Any:
 
 
 _slug = slug  # the folder name of a method (older callers import this name)
-__all__ = ["FINGERPRINT_FILE", "LLMKD", "SUBRUN_RECORD", "LLMKDConfig", "MethodSpec", "load_documents",
-           "load_teacher", "resolve_model_path", "results_markdown", "subrun_fingerprint"]
+__all__ = ["FINGERPRINT_FILE", "LLMKD", "SUBRUN_RECORD", "LLMKDConfig", "MethodSpec", "StudentSpec", "TeacherSpec",
+           "load_documents", "load_teacher", "resolve_model_path", "results_markdown", "subrun_fingerprint"]
 
 
 # --------------------------------------------------------------------------------------------
 # pieces (public so tests and notebooks can reuse them)
 
 
-def resolve_model_path(spec: str) -> str:
-    """An asset name (``smollm2``) becomes its local folder; anything else is passed through."""
-    from kdforge.assets import ASSET_MODULES, ensure
-
-    if spec in ASSET_MODULES:
-        return str(ensure(spec))
-    return spec
-
-
-def load_documents(corpus: str) -> dict[str, str]:
-    """``{document name: text}``: the Austen asset, or every ``*.txt`` in a folder."""
-    if corpus == "austen":
-        from kdforge.assets.austen import load_books
-
-        return load_books()
-    folder = Path(corpus)
-    if not folder.is_dir():
-        raise DataError(f"corpus {corpus!r} is neither 'austen' nor a folder",
-                        "set data.corpus to 'austen' or to a folder of .txt files")
-    docs = {p.stem: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))}
-    if not docs:
-        raise DataError(f"no .txt files in {folder}", "put one UTF-8 text file per document there")
-    return docs
+load_documents = load_corpus_documents  # ``{document: text}`` of a corpus (older callers import this name)
 
 
 def measure_tokens_per_s(model: torch.nn.Module, blocks: torch.Tensor, repeats: int = 3) -> float:
@@ -334,11 +325,19 @@ class _Inputs:
     run: RecipeRun
     teacher: torch.nn.Module
     tokenizer: Any
-    splits: Any  # kdforge.data.text.LMSplits
-    cache_dir: Path
-    train_data: Any  # the TeacherCacheDataset over splits.train
+    data: LMData  # train and held-out rows (with response-only labels for a dataset)
+    cache_dir: Path | None  # None when no method reads the cache
+    train_data: Any  # the TeacherCacheDataset over data.train (None without a cache)
     template: torch.nn.Module  # the untrained student every sub-run starts from
     inner_eval: Any  # held-out blocks scored during training, or None
+
+    @property
+    def eval_vocab_size(self) -> int | None:
+        """Logit entries compared at evaluation: all (exact), or the shared ones (shared_prefix)."""
+        if self.config.student.vocab_policy != "shared_prefix":
+            return None
+        return min(int(self.teacher.get_output_embeddings().weight.shape[0]),
+                   int(self.template.get_output_embeddings().weight.shape[0]))
 
 
 @dataclass
@@ -387,61 +386,93 @@ class LLMKD(Recipe):
         scores, speeds = _evaluate(inputs, trained, timings)
         timings["total_s"] = time.perf_counter() - start
         results = _results(inputs, trained, scores, speeds, timings)
+        if config.save_students:
+            _write_cards(inputs, results)
         table = results_markdown(results)
         run.publish(results, table, plots=[lambda: plot_run(run.out, results)] if config.plot else [])
         log.info("results (%s):\n%s", run.out, table)
         return results
 
 
+def _write_cards(inputs: _Inputs, results: dict[str, Any]) -> None:
+    """A model card (``README.md``, :mod:`kdforge.students.card`) in every saved student folder."""
+    from kdforge.students.card import write_model_card
+
+    config = inputs.config
+    rows = {r["name"]: r for r in results["models"]}
+    keys = ("perplexity", "agreement", "kl_to_teacher")
+    for method in config.methods:
+        for i, seed in enumerate(config.seeds):
+            folder = inputs.run.out / slug(method.name) / f"seed-{seed}" / "student"
+            if not (folder / "config.json").is_file():
+                continue
+            mine = rows[f"student / {method.name}"]["per_seed"][i]
+            table = {"teacher": {k: rows["teacher"]["metrics"].get(k) for k in keys[:1]},
+                     "student before training": {k: results["student_init"].get(k) for k in keys},
+                     f"this student ({method.name}, seed {seed})": {k: mine.get(k) for k in keys}}
+            terms = ", ".join(f"{t.name} x{t.weight:g}" for t in method.objective)
+            source = "the live teacher" if method.uses_online_teacher() else f"the teacher's cached top-{config.cache.k}"
+            write_model_card(folder, teacher=_teacher_id(config.teacher), student=config.student.describe(),
+                             data=inputs.data.description, method=f"{terms} ({source})",
+                             steps=config.train.max_steps, eval_table=table,
+                             base_model=config.student.model if config.student.kind == "pretrained" else None,
+                             command=f"kdforge run {inputs.run.out / 'config.yaml'}",
+                             notes="Held-out metrics on " + ", ".join(results["data"].get("eval_docs", [])) + ".")
+
+
 def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, float]) -> _Inputs:
     """Teacher, data, the one teacher pass into the top-k cache, and the student template."""
-    from kdforge.data.text import LMBlockDataset, make_lm_splits
-    from kdforge.students.from_teacher import student_from_teacher
+    from kdforge.data.text import LMBlockDataset
+    from kdforge.recipes.lm_data import WithLabels, build_lm_data
+    from kdforge.students.build import build_student
     from kdforge.teachers import TeacherCacheDataset, build_teacher_cache
 
     with timed(timings, "load_teacher_s"):
         teacher, tokenizer = load_teacher(config.teacher)
     with timed(timings, "data_s"):
-        d = config.data
-        splits = make_lm_splits(load_documents(d.corpus), tokenizer, d.seq_len, train_docs=d.train_docs,
-                                eval_docs=d.eval_docs, max_train_blocks=d.train_sequences,
-                                max_eval_blocks=d.eval_sequences, seed=d.seed, unwrap=d.unwrap_paragraphs)
-    log.info("data: %s", splits.summary())
-    with timed(timings, "teacher_cache_s"):
-        c = config.cache
-        cache_dir = Path(c.dir) if c.dir else run.out / "teacher_cache"
-        build_teacher_cache(teacher, splits.train, cache_dir, k=c.k, encoding=c.encoding,
-                            tail_samples=c.tail_samples, sample_seed=c.sample_seed,
-                            batch_size=c.batch_size, tokenizer=tokenizer, teacher_id=config.teacher.model,
-                            overwrite=c.dir is None,  # only our own RUN_DIR cache is replaced
-                            data_parallel=run.group)  # every rank writes its share; rank 0 merges
-        train_data = TeacherCacheDataset(cache_dir, sequences=splits.train, tokenizer=tokenizer)
-    s = config.student
-    template = student_from_teacher(teacher, s.layers, num_layers=s.num_layers if s.layers == "every_k" else None,
-                                    freeze_embeddings=s.freeze_embeddings, freeze_head=s.freeze_head)
+        data = build_lm_data(config.data, tokenizer)
+    log.info("data: %s", data.summary)
+    cache_dir, train_data = None, None
+    if any(not m.uses_online_teacher() for m in config.methods):
+        with timed(timings, "teacher_cache_s"):
+            c = config.cache
+            cache_dir = Path(c.dir) if c.dir else run.out / "teacher_cache"
+            build_teacher_cache(teacher, data.train, cache_dir, k=c.k, encoding=c.encoding,
+                                tail_samples=c.tail_samples, sample_seed=c.sample_seed,
+                                batch_size=c.batch_size, tokenizer=tokenizer, teacher_id=_teacher_id(config.teacher),
+                                overwrite=c.dir is None,  # only our own RUN_DIR cache is replaced
+                                data_parallel=run.group)  # every rank writes its share; rank 0 merges
+            train_data = TeacherCacheDataset(cache_dir, sequences=data.train, tokenizer=tokenizer)
+            if data.train_extras():  # response-only labels and padding masks over the cached rows
+                train_data = WithLabels(train_data, data.train_extras())
+    template = build_student(config.student, teacher, tokenizer)
     template.eval()
     n_inner = config.eval.during_training_sequences
-    inner_eval = LMBlockDataset(splits.eval[:n_inner]) if n_inner else None
-    return _Inputs(config, run, teacher, tokenizer, splits, cache_dir, train_data, template, inner_eval)
+    inner_eval = None
+    if n_inner:
+        inner_eval = LMBlockDataset(data.eval[:n_inner], {k: v[:n_inner] for k, v in _eval_extras(data).items()})
+    return _Inputs(config, run, teacher, tokenizer, data, cache_dir, train_data, template, inner_eval)
+
+
+def _eval_extras(data: LMData) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in (("labels", data.eval_labels), ("attention_mask", data.eval_mask)) if v is not None}
+
+
+def _teacher_id(spec: TeacherSpec) -> str:
+    return spec.model + (f"@{spec.revision}" if spec.revision else "")
 
 
 def load_teacher(spec: TeacherSpec) -> tuple[torch.nn.Module, Any]:
-    """The frozen teacher (eval mode) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The frozen teacher (eval mode, on its device and dtype) and its tokenizer (:mod:`kdforge.models`)."""
+    from kdforge.models import load_model
 
-    path = resolve_model_path(spec.model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.dtype))
-    except OSError as exc:
-        raise ConfigError(f"cannot load teacher {spec.model!r}: {str(exc).splitlines()[0]}",
-                          "use 'smollm2' (offline asset), a local HF folder, or a Hub id with a network") from None
-    teacher.requires_grad_(False).eval()
-    return teacher, tokenizer
+    return load_model(spec, role="teacher")
 
 
 def _train_or_reuse(inputs: _Inputs, method: MethodSpec, seed: int, resume: bool, trained: _Trained) -> None:
     """One (method, seed) sub-run: reuse it if it finished earlier (``resume``), else train it."""
+    from kdforge.students.build import is_lora, merged
+
     config, run = inputs.config, inputs.run
     sub = run.subrun(f"{method.name!r}, seed {seed}", Path(slug(method.name)) / f"seed-{seed}",
                      _subrun_key(config, method, seed))
@@ -464,7 +495,12 @@ def _train_or_reuse(inputs: _Inputs, method: MethodSpec, seed: int, resume: bool
     if run.main:
         trained.models[(method.name, seed)] = result.model
     trained.info[(method.name, seed)] = info
-    if config.save_students:
+    if is_lora(inputs.template):  # the record keeps the adapter model; the saved student is merged
+        if config.save_students and run.main:
+            merged(result.model).save_pretrained(sub.dir / "student")
+            inputs.tokenizer.save_pretrained(sub.dir / "student")
+        sub.finish({"train_info": info}, weights="final.safetensors", model=result.model)
+    elif config.save_students:
         distiller.save_student(sub.dir / "student")  # main writes, all wait
         if run.main:
             inputs.tokenizer.save_pretrained(sub.dir / "student")
@@ -475,7 +511,8 @@ def _train_or_reuse(inputs: _Inputs, method: MethodSpec, seed: int, resume: bool
 
 
 def _distiller(inputs: _Inputs, method: MethodSpec, seed: int, run_dir: Path) -> Any:
-    """The Distiller of one sub-run: the cached teacher, or the live one for on-policy/feature terms."""
+    """The Distiller of one sub-run: the cached teacher, or the live one (``teacher: online``,
+    on-policy or feature terms)."""
     from kdforge.data.text import LMBlockDataset
     from kdforge.teachers import collate_teacher_cache
     from kdforge.train import CausalLMTask, Distiller
@@ -485,18 +522,21 @@ def _distiller(inputs: _Inputs, method: MethodSpec, seed: int, run_dir: Path) ->
         train_cfg = train_cfg.model_copy(update={"eval_every": None})
     objective = Objective(copy.deepcopy(method.objective), chunked=method.chunked)
     on_policy: OnPolicyConfig | None = None
+    rows = inputs.data
     if method.on_policy is not None:  # GKD: student samples need the online teacher
-        teacher, data, collate = inputs.teacher, LMBlockDataset(inputs.splits.train), _prompt_collate(
-            method.on_policy.prompt_tokens)
+        # prompts: the masked head of each row (chat/prompt-completion), else its first prompt_tokens
+        collate = None if rows.response_only else _prompt_collate(method.on_policy.prompt_tokens)
+        teacher, data = _live_teacher(inputs), LMBlockDataset(rows.train, rows.train_extras())
         on_policy = method.on_policy.to_config()
-    elif objective.feature_terms:  # hidden states/attentions: only a live teacher has them
-        teacher, data, collate = inputs.teacher, LMBlockDataset(inputs.splits.train), None
+    elif method.uses_online_teacher():  # dense logits (and hidden states) of the live teacher
+        teacher, data, collate = _live_teacher(inputs), LMBlockDataset(rows.train, rows.train_extras()), None
     else:
         teacher, data, collate = None, inputs.train_data, collate_teacher_cache
     distiller = Distiller(copy.deepcopy(inputs.template), teacher, task=CausalLMTask(), objective=objective,
                           config=train_cfg, train_data=data, collate_fn=collate, eval_data=inputs.inner_eval,
-                          on_policy=on_policy, run_config={"method": method.model_dump(mode="json"),
-                                                           "train": train_cfg.model_dump(mode="json")})
+                          on_policy=on_policy, vocab_policy=inputs.config.student.vocab_policy,
+                          run_config={"method": method.model_dump(mode="json"),
+                                      "train": train_cfg.model_dump(mode="json")})
     if method.taid is not None:
         from kdforge.losses.taid import TAIDSchedule
         from kdforge.train.taid import TAIDCallback
@@ -504,6 +544,19 @@ def _distiller(inputs: _Inputs, method: MethodSpec, seed: int, run_dir: Path) ->
         spec = method.taid.model_dump(exclude={"term"})
         TAIDCallback(TAIDSchedule(distiller.state.max_steps, **spec), term=method.taid.term).attach(distiller)
     return distiller
+
+
+def _live_teacher(inputs: _Inputs) -> Any:
+    """The teacher for the trainer: the module (the trainer places it beside the student), or, when
+    the config pins it (``device`` other than auto, or ``device_map``), a source that stays put."""
+    spec = inputs.config.teacher
+    if spec.device_map is None and spec.device == "auto":
+        return inputs.teacher
+    from kdforge.teachers import OnlineTeacher
+
+    source = OnlineTeacher(inputs.teacher)
+    source.pinned = True  # loaded where the config said (kdforge.models): the trainer leaves it there
+    return source
 
 
 def _evaluate(inputs: _Inputs, trained: _Trained,
@@ -516,11 +569,10 @@ def _evaluate(inputs: _Inputs, trained: _Trained,
         models: dict[str, torch.nn.Module] = {"teacher": teacher, "student init": inputs.template}
         for (name, seed), model in trained.models.items():
             models[f"{name}|{seed}"] = model
-        blocks, size = inputs.splits.eval, config.eval.batch_size
-        batches = [{"input_ids": blocks[i: i + size]} for i in range(0, blocks.shape[0], size)]
-        scores = evaluate_language_models(models, batches, teacher="teacher")
+        batches = inputs.data.eval_batches(config.eval.batch_size)
+        scores = evaluate_language_models(models, batches, teacher="teacher", vocab_size=inputs.eval_vocab_size)
     with timed(timings, "speed_s"):
-        speed_blocks, repeats = inputs.splits.eval[: config.eval.speed_batch], config.eval.speed_repeats
+        speed_blocks, repeats = inputs.data.eval[: config.eval.speed_batch], config.eval.speed_repeats
         speeds = {"teacher": measure_tokens_per_s(teacher, speed_blocks, repeats),
                   "student": measure_tokens_per_s(inputs.template, speed_blocks, repeats)}
     return scores, speeds
@@ -558,9 +610,10 @@ def _results(inputs: _Inputs, trained: _Trained, scores: dict[str, Any], speeds:
         "higher_is_better": False,
         "models": rows,
         "student_init": {**metrics("student init"), "params": student_params, "trainable_params": trainable,
-                         "source_layers": list(template.config.kdforge_source_layers)},
-        "data": inputs.splits.summary(),
-        "teacher_cache": {"dir": str(inputs.cache_dir), "k": config.cache.k, "encoding": config.cache.encoding},
+                         **({"source_layers": list(template.config.kdforge_source_layers)}
+                            if hasattr(template.config, "kdforge_source_layers") else {})},
+        "data": inputs.data.summary,
+        "teacher_cache": {"dir": str(inputs.cache_dir) if inputs.cache_dir else None, "k": config.cache.k, "encoding": config.cache.encoding},
         "seeds": list(config.seeds),
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "torch_threads": torch.get_num_threads(),

@@ -1,0 +1,264 @@
+"""One loader for every causal LM kdforge reads: teacher or student, asset, local folder or Hub id.
+
+A model is named by a :class:`ModelSource` (YAML: the ``teacher:`` section of ``llm_kd``, or the
+``student:`` section with ``kind: pretrained``):
+
+* ``model``: an **offline asset** name (``smollm2``: :mod:`kdforge.assets`), a **local folder**
+  written by ``save_pretrained`` (``./teacher``, ``/models/llama``), or a **Hub id**
+  (``HuggingFaceTB/SmolLM2-360M-Instruct``) with ``revision`` (branch, tag or commit) and
+  ``trust_remote_code``; the Hub token comes from the environment (``HF_TOKEN``), never from
+  the YAML;
+* placement: ``device`` (``auto`` = the accelerator when there is one, else the CPU; ``cpu``,
+  ``cuda``, ``cuda:1``, ``mps``), ``dtype`` (``float32``/``bfloat16``/``float16``/``auto`` = the
+  checkpoint's), ``device_map: auto`` (shard a large model over the visible GPUs: accelerate's
+  big-model loading) and ``attn_implementation`` (``eager``, ``sdpa``, ``flash_attention_2``).
+
+Which of the three a name is (:func:`classify_model_name`): an asset name wins, then an existing
+folder; a name that looks like a path (``./x``, ``/x``, ``~/x``, or an existing file) but is not a
+folder is a missing-folder error; anything else of the Hub form ``owner/name`` is a Hub id.
+
+**Offline, fast.** Before a Hub id is downloaded, kdforge looks for it in the local Hugging Face
+cache (``local_files_only``): a model fetched earlier loads with no network. Otherwise it checks
+whether the Hub can be reached at all (``HF_HUB_OFFLINE=1``, or the endpoint refuses within a few
+seconds: :func:`kdforge.data.sources.hub_offline_reason`) and fails at once with a
+:class:`~kdforge.errors.AssetError` naming the fix, instead of minutes of retries.
+
+Example::
+
+    teacher, tok = load_model(ModelSource(model="smollm2", device="auto", dtype="bfloat16"),
+                              role="teacher")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from kdforge.config import StrictModel
+from kdforge.errors import AssetError, ConfigError, DeviceError
+
+log = logging.getLogger(__name__)
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+class ModelSource(StrictModel):
+    """Where a causal LM comes from and where it runs (module doc of :mod:`kdforge.models`)."""
+
+    model: str = Field("smollm2", description="offline asset name (smollm2), a local save_pretrained "
+                                             "folder, or a Hub id (owner/name)")
+    revision: str | None = Field(None, description="Hub revision: branch, tag or commit (Hub ids only)")
+    trust_remote_code: bool = Field(False, description="run the model's own code from the Hub/folder "
+                                                       "(only for models you trust)")
+    dtype: Dtype = Field("float32", description="parameter dtype; auto = the checkpoint's")
+    device: str = Field("auto", description="auto (the accelerator if any, else cpu), cpu, cuda, cuda:N, mps")
+    device_map: Literal["auto"] | None = Field(None, description="auto: shard the model over the visible "
+                                                                  "GPUs (needs a GPU; replaces device)")
+    attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2 (default: "
+                                                              "transformers' choice)")
+
+
+# --------------------------------------------------------------------------------------------- names
+def classify_model_name(name: str) -> Literal["asset", "local", "hub"]:
+    """``asset`` (an offline kdforge asset), ``local`` (an existing folder) or ``hub`` (a Hub id).
+
+    Raises:
+        AssetError: the name looks like a local path but no such folder exists, or it is neither a
+            folder nor of the Hub form ``owner/name``.
+    """
+    from kdforge.assets import ASSET_MODULES
+
+    if name in ASSET_MODULES:
+        return "asset"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return "local"
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or "\\" in name
+    if looks_local or not _HUB_ID.match(name) or name.count("/") > 1:
+        raise AssetError(f"model {name!r}: no such folder",
+                         "point model at a folder written by save_pretrained (config.json + weights), "
+                         "an offline asset (smollm2), or a Hub id like owner/name")
+    return "hub"
+
+
+def resolve_model_path(name: str) -> str:
+    """An asset name (``smollm2``) becomes its local folder; a folder or Hub id is returned as is."""
+    if classify_model_name(name) == "asset":
+        from kdforge.assets import ensure
+
+        return str(ensure(name))
+    return name
+
+
+def hub_token() -> str | None:
+    """The Hub token from the environment (``HF_TOKEN``), or None (then ``huggingface_hub``'s login)."""
+    for var in _TOKEN_ENV:
+        if os.environ.get(var):
+            return os.environ[var]
+    return None
+
+
+# --------------------------------------------------------------------------------------------- placement
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` if available, else ``mps`` if available, else ``cpu``; others are checked.
+
+    Raises:
+        DeviceError: a CUDA/MPS device that this machine does not have.
+    """
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} asked, but this machine has no CUDA GPU",
+                              "use device: auto (the accelerator when there is one, else the CPU) or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r} asked, but only {torch.cuda.device_count()} GPU(s) are visible",
+                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}, or check CUDA_VISIBLE_DEVICES")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError(f"device {device!r} asked, but MPS is not available here", "use device: auto or cpu")
+    return dev
+
+
+def check_device_map(source: ModelSource) -> None:
+    """``device_map`` shards over GPUs: refuse it on a machine without one, before loading anything.
+
+    Raises:
+        DeviceError: ``device_map`` set and no CUDA GPU visible.
+    """
+    if source.device_map is not None and not torch.cuda.is_available():
+        raise DeviceError(
+            f"device_map: {source.device_map} shards {source.model!r} over GPUs, but this machine has none",
+            "remove device_map (the model then loads on device: auto, the CPU here), or run on a GPU machine",
+        )
+
+
+def torch_dtype(dtype: str) -> torch.dtype | str:
+    """``float32``/``bfloat16``/``float16`` as a ``torch.dtype``; ``auto`` stays ``"auto"``."""
+    return "auto" if dtype == "auto" else _TORCH_DTYPES[dtype]
+
+
+# --------------------------------------------------------------------------------------------- loading
+def pretrained_kwargs(source: ModelSource) -> dict[str, Any]:
+    """The keyword arguments of ``from_pretrained`` for ``source`` (revision, remote code, token, ...)."""
+    kind = classify_model_name(source.model)
+    kwargs: dict[str, Any] = {"trust_remote_code": source.trust_remote_code}
+    if source.revision is not None:
+        if kind != "hub":
+            raise ConfigError(f"revision: {source.revision!r} is set, but {source.model!r} is a local "
+                              f"{'asset' if kind == 'asset' else 'folder'}, which has no revisions",
+                              "remove revision, or give a Hub id")
+        kwargs["revision"] = source.revision
+    if kind == "hub" and hub_token() is not None:
+        kwargs["token"] = hub_token()
+    return kwargs
+
+
+def _hub_ready(source: ModelSource, kwargs: dict[str, Any], what: str) -> dict[str, Any]:
+    """``kwargs`` for a Hub id: cached locally -> ``local_files_only``; else the Hub must answer.
+
+    Raises:
+        AssetError: not in the local cache and the Hub cannot be reached (offline), at once.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source.model, "config.json", revision=source.revision)
+    if isinstance(cached, str):
+        return {**kwargs, "local_files_only": True}
+    from kdforge.data.sources import hub_offline_reason
+
+    reason = hub_offline_reason()
+    if reason is not None:
+        raise AssetError(
+            f"{what} {source.model!r} is a Hugging Face Hub id that is not in the local cache, and the Hub "
+            f"cannot be reached: {reason}",
+            "download it where there is a network (huggingface-cli download ID, or save_pretrained to a "
+            "folder) and point model at that folder, use an offline asset (smollm2), or run with network access",
+        )
+    return kwargs
+
+
+def load_tokenizer(source: ModelSource, *, what: str = "model") -> Any:
+    """The tokenizer of ``source`` (``AutoTokenizer``), with the same revision/remote-code/token."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(source.model)
+    kwargs = pretrained_kwargs(source)
+    if classify_model_name(source.model) == "hub":
+        kwargs = _hub_ready(source, kwargs, what)
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise AssetError(f"cannot load the tokenizer of {what} {source.model!r}: {str(exc).splitlines()[0]}",
+                         "the folder (or Hub repo) must hold a tokenizer (tokenizer.json or "
+                         "tokenizer_config.json); save it with tokenizer.save_pretrained(folder)") from None
+
+
+def load_causal_lm(source: ModelSource, *, what: str = "model", place: bool = True) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` for ``source``, placed on its device and dtype.
+
+    ``place=False`` leaves a single-device model on the CPU (the trainer places a student).
+
+    Raises:
+        AssetError: missing folder, a Hub id offline, or a folder that is not a causal LM.
+        DeviceError: ``device_map`` without a GPU, or a device this machine lacks.
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_device_map(source)
+    device = None if source.device_map is not None else resolve_device(source.device)
+    path = resolve_model_path(source.model)
+    kwargs = pretrained_kwargs(source)
+    if classify_model_name(source.model) == "hub":
+        kwargs = _hub_ready(source, kwargs, what)
+    kwargs["dtype"] = torch_dtype(source.dtype)
+    if source.attn_implementation is not None:
+        kwargs["attn_implementation"] = source.attn_implementation
+    if source.device_map is not None:
+        kwargs["device_map"] = source.device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        local = classify_model_name(source.model) != "hub"
+        raise AssetError(
+            f"cannot load {what} {source.model!r} as a causal LM: {str(exc).splitlines()[0]}",
+            "check that the folder holds config.json and the weights of a causal LM (save_pretrained)"
+            if local else "check the Hub id, revision and access (HF_TOKEN for gated models), or pass a local folder",
+        ) from None
+    if place and device is not None and device.type != "cpu":
+        model = model.to(device)
+    log.info("%s %s: %s, %s, on %s", what, source.model, type(model).__name__,
+             next(model.parameters()).dtype, source.device_map or next(model.parameters()).device)
+    return model
+
+
+def load_model(source: ModelSource, *, role: Literal["teacher", "student"] = "teacher",
+               place: bool = True) -> tuple[torch.nn.Module, Any]:
+    """Model and tokenizer of ``source``; a teacher comes back frozen and in eval mode."""
+    tokenizer = load_tokenizer(source, what=role)
+    model = load_causal_lm(source, what=role, place=place)
+    if role == "teacher":
+        model.requires_grad_(False).eval()
+    return model, tokenizer
+
+
+__all__ = ["Dtype", "ModelSource", "check_device_map", "classify_model_name", "hub_token", "load_causal_lm",
+           "load_model", "load_tokenizer", "pretrained_kwargs", "resolve_device", "resolve_model_path",
+           "torch_dtype"]

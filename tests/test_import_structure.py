@@ -17,8 +17,6 @@ import textwrap
 from functools import cache
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -132,19 +130,9 @@ def _train_to_eval() -> list[tuple[str, str]]:
                   for b in targets if b == "kdforge.eval" or b.startswith("kdforge.eval."))
 
 
-#: being removed by another change (the fidelity sums move out of kdforge.eval); the xfail test
-#: below turns into an XPASS when it is gone -- then fold it into the strict test and delete it.
-KNOWN_TRAIN_TO_EVAL = {("kdforge.train.metrics", "kdforge.eval.fidelity")}
-
-
 def test_train_imports_nothing_from_eval():
-    new = [edge for edge in _train_to_eval() if edge not in KNOWN_TRAIN_TO_EVAL]
-    assert not new, "kdforge.train* imports kdforge.eval*: " + ", ".join(f"{a} -> {b}" for a, b in new)
-
-
-@pytest.mark.xfail(strict=False, reason="train.metrics -> eval.fidelity is being removed by another change")
-def test_train_metrics_no_longer_imports_eval():
-    assert not [edge for edge in _train_to_eval() if edge in KNOWN_TRAIN_TO_EVAL]
+    edges = _train_to_eval()
+    assert not edges, "kdforge.train* imports kdforge.eval*: " + ", ".join(f"{a} -> {b}" for a, b in edges)
 
 
 def test_no_kdforge_module_imports_vllm_at_import_time(tmp_path):

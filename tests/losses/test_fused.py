@@ -263,8 +263,10 @@ def test_property_chunked_closed_form_equals_unchunked(n, v, chunk, case, temper
         torch.testing.assert_close(got, exp)
 
 
-@pytest.mark.slow  # torch.compile of three kernels: tens of seconds on a CPU
-@pytest.mark.parametrize(("name", "params"), [("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.3})])
+@pytest.mark.slow  # torch.compile of six closed forms: tens of seconds on a CPU
+@pytest.mark.parametrize(("name", "params"), [("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.3}),
+                                              ("tvd", {}), ("skew_forward_kl", {"alpha": 0.2}),
+                                              ("skew_reverse_kl", {"alpha": 0.3})])
 def test_compiled_kernels_equal_the_eager_closed_forms(name, params):
     h, w, b, teacher, labels, mask = make(dtype=torch.float32)
     for chunk in (6, 9):  # two row counts: the compiled kernel is shape-dynamic

@@ -1,55 +1,32 @@
-"""Fidelity of a student to its teacher: top-1 agreement, KL in both directions, JS.
+"""Fidelity of a student to its teacher over real positions: top-1 agreement, KL in both
+directions, JS, reduced per token, per sample, or not at all.
 
-Per position ``i`` with teacher distribution ``p_i`` and student distribution ``q_i`` (both at
-temperature 1, over the full vocabulary):
+The per-position definitions are the losses layer's (:mod:`kdforge.losses.fidelity`: the
+divergences' own kernels on the losses' dense / sparse pairs, chunked over positions); this
+module masks and reduces them. Only real positions count (``mask`` true / labels not ``-100``).
+The metrics reduce per token (every real position weighs the same), per sample (mean over each
+sequence's real positions, then over sequences) or not at all.
 
-* agreement ``a_i = [argmax p_i == argmax q_i]``
-* forward KL ``KL(p||q) = sum_v p_v (log p_v - log q_v)`` (teacher-weighted; the quantity Hinton
-  KD minimises; the ``eval/kl_to_teacher`` of ``docs/run-format.md``)
-* reverse KL ``KL(q||p) = sum_v q_v (log q_v - log p_v)`` (student-weighted; MiniLLM)
-* Jensen-Shannon ``JS = 0.5 KL(p||m) + 0.5 KL(q||m)``, ``m = (p + q) / 2`` (in nats, ``<= ln 2``)
-
-Only real positions count (``mask`` true / labels not ``-100``). The metrics reduce per token
-(every real position weighs the same), per sample (mean over each sequence's real positions,
-then over sequences) or not at all.
-
-**Memory.** Positions are processed in chunks of ``chunk_size``: the float32 log-softmax of
-both models exists only for one chunk, so ``[tokens, vocab]`` float32 tensors for both models
-never coexist for a whole batch (vocabularies are 32k-256k).
-
-**Sparse teachers.** With a :class:`~kdforge.losses.signal.SparseTeacher` (top-k ids and their
-full-vocabulary log-probabilities) the divergences are computed on the *coarse-grained*
-distributions over ``k + 1`` outcomes: the teacher's top-k tokens plus one "tail" bucket
-holding everything else (``p_tail = 1 - sum_k p``; the student's ``q_tail = 1 - sum_k q`` over
-the same ids). By the data-processing inequality these are lower bounds of the full-vocabulary
-divergences, exact when ``k`` covers the vocabulary (the tail bucket is then dropped). Entries
-with teacher log-prob ``-inf`` (padding of a cache) are ignored. Agreement compares the
-student's full-vocabulary argmax with the teacher's top-1 id, which is exact for any ``k >= 1``.
-
-References: Hinton et al., "Distilling the Knowledge in a Neural Network" (2015); Gu et al.,
-"MiniLLM" (2024) for reverse KL; Agarwal et al., "On-Policy Distillation of Language Models"
-(GKD, 2024) for JS-type divergences as fidelity measures.
+``kl_to_teacher`` is ``KL(p_teacher || q_student)``, ``kl_from_teacher`` ``KL(q || p)``,
+``js_to_teacher`` the Jensen-Shannon divergence (nats, ``<= ln 2``), all at temperature 1; for a
+sparse top-k teacher over the top-k tokens plus one tail bucket (a lower bound of the full
+divergence; agreement stays exact).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from kdforge.errors import ShapeError, VocabMismatchError
+from kdforge.errors import ShapeError
+from kdforge.losses.fidelity import FIDELITY_KEYS, fidelity_per_position
 from kdforge.losses.signal import SparseTeacher
 
 Reduction = Literal["token", "sample", "none"]
 TeacherSignal = torch.Tensor | SparseTeacher
-
-#: Keys of every fidelity result, in display order.
-FIDELITY_KEYS: tuple[str, ...] = ("agreement", "kl_to_teacher", "kl_from_teacher", "js_to_teacher")
-_TAIL_EPS = 1e-8  # floor for a tail bucket that rounding drove to <= 0 while k < vocab
-_LN2 = math.log(2.0)
 
 __all__ = [
     "FIDELITY_KEYS",
@@ -57,130 +34,6 @@ __all__ = [
     "fidelity",
     "fidelity_per_position",
 ]
-
-
-def _check_shapes(student_logits: torch.Tensor, teacher: TeacherSignal) -> None:
-    if isinstance(teacher, SparseTeacher):
-        lead, vocab = tuple(teacher.shape), teacher.vocab_size
-    else:
-        lead, vocab = tuple(teacher.shape[:-1]), int(teacher.shape[-1])
-    if tuple(student_logits.shape[:-1]) != lead:
-        raise ShapeError(
-            f"student logits have positions {tuple(student_logits.shape[:-1])} but the teacher "
-            f"signal has {lead}",
-            "pass teacher and student outputs for the same batch (same [batch, seq]); shift "
-            "both the same way for next-token prediction",
-        )
-    if int(student_logits.shape[-1]) != vocab:
-        raise VocabMismatchError(
-            f"student vocabulary {student_logits.shape[-1]} != teacher vocabulary {vocab}",
-            "slice both logits to the shared tokenizer vocabulary (logits[..., :len(tokenizer)]) "
-            "or use a cross-tokenizer method; fidelity needs one shared vocabulary",
-        )
-
-
-def _chunks(n: int, chunk_size: int) -> Iterator[slice]:
-    step = max(int(chunk_size), 1)
-    for start in range(0, n, step):
-        yield slice(start, min(start + step, n))
-
-
-def _xlogy_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``sum p (log p - log q)`` over the last dim, with ``0 log 0 = 0`` (p given in log space)."""
-    p = log_p.exp()
-    diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
-    return (p * diff).sum(-1)
-
-
-def _js(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    log_m = torch.logaddexp(log_p, log_q) - _LN2
-    return 0.5 * _xlogy_kl(log_p, log_m) + 0.5 * _xlogy_kl(log_q, log_m)
-
-
-def _dense_chunk(s_logits: torch.Tensor, t_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    log_q = torch.log_softmax(s_logits.float(), dim=-1)
-    log_p = torch.log_softmax(t_logits.float(), dim=-1)
-    return {
-        "agreement": (log_q.argmax(-1) == log_p.argmax(-1)).float(),
-        "kl_to_teacher": _xlogy_kl(log_p, log_q),
-        "kl_from_teacher": _xlogy_kl(log_q, log_p),
-        "js_to_teacher": _js(log_p, log_q),
-    }
-
-
-def _bucket_logs(log_k: torch.Tensor, valid: torch.Tensor, with_tail: bool) -> torch.Tensor:
-    """``[n, k]`` log-probs of the top-k ids -> ``[n, k(+1)]`` log-probs incl. the tail bucket."""
-    log_k = torch.where(valid, log_k, torch.full_like(log_k, -math.inf))
-    if not with_tail:
-        return log_k
-    tail = (1.0 - log_k.double().exp().sum(-1, keepdim=True)).clamp_min(_TAIL_EPS)
-    return torch.cat([log_k, tail.log().to(log_k.dtype)], dim=-1)
-
-
-def _sparse_chunk(s_logits: torch.Tensor, teacher: SparseTeacher) -> dict[str, torch.Tensor]:
-    log_q_full = torch.log_softmax(s_logits.float(), dim=-1)
-    ids = teacher.ids.long()
-    t_logp = teacher.logprobs.float()
-    valid = torch.isfinite(t_logp)
-    # a repeated (padding) id must not count the student's mass twice: keep the first valid one
-    if ids.shape[-1] > 1:
-        key = ids * 2 + (~valid).long()  # equal ids: the valid entry sorts first
-        sorted_key, perm = key.sort(dim=-1, stable=True)
-        sorted_ids = sorted_key // 2
-        dup_sorted = torch.zeros_like(sorted_ids, dtype=torch.bool)
-        dup_sorted[..., 1:] = sorted_ids[..., 1:] == sorted_ids[..., :-1]
-        valid = valid & ~torch.zeros_like(dup_sorted).scatter(-1, perm, dup_sorted)
-    with_tail = teacher.k < teacher.vocab_size
-    log_p = _bucket_logs(t_logp, valid, with_tail)
-    log_q = _bucket_logs(log_q_full.gather(-1, ids), valid, with_tail)
-    top1 = ids.gather(-1, torch.where(valid, t_logp, -math.inf).argmax(-1, keepdim=True)).squeeze(-1)
-    return {
-        "agreement": (log_q_full.argmax(-1) == top1).float(),
-        "kl_to_teacher": _xlogy_kl(log_p, log_q),
-        "kl_from_teacher": _xlogy_kl(log_q, log_p),
-        "js_to_teacher": _js(log_p, log_q),
-    }
-
-
-@torch.no_grad()
-def fidelity_per_position(
-    student_logits: torch.Tensor,
-    teacher: TeacherSignal,
-    *,
-    chunk_size: int = 1024,
-) -> dict[str, torch.Tensor]:
-    """Per-position fidelity metrics, no masking, no reduction.
-
-    Args:
-        student_logits: ``[..., vocab]`` student logits (any float dtype; upcast per chunk).
-        teacher: dense teacher logits ``[..., vocab]`` or a ``SparseTeacher`` ``[..., k]``.
-        chunk_size: positions per chunk (bounds the float32 working set to
-            ``2 * chunk_size * vocab`` floats).
-
-    Returns:
-        ``{"agreement", "kl_to_teacher", "kl_from_teacher", "js_to_teacher"}``, each a float32
-        tensor of the leading shape ``[...]``.
-    """
-    _check_shapes(student_logits, teacher)
-    lead = student_logits.shape[:-1]
-    s_flat = student_logits.reshape(-1, student_logits.shape[-1])
-    if isinstance(teacher, SparseTeacher):
-        t_flat: TeacherSignal = teacher.flatten()
-    else:
-        t_flat = teacher.reshape(-1, teacher.shape[-1])
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in FIDELITY_KEYS}
-    for sl in _chunks(s_flat.shape[0], chunk_size):
-        if isinstance(t_flat, SparseTeacher):
-            out = _sparse_chunk(s_flat[sl], t_flat[sl])
-        else:
-            out = _dense_chunk(s_flat[sl], t_flat[sl])
-        for k in FIDELITY_KEYS:
-            parts[k].append(out[k])
-    device = student_logits.device
-    return {
-        k: (torch.cat(v) if v else torch.zeros(0, device=device)).reshape(lead)
-        for k, v in parts.items()
-    }
 
 
 def _resolve_mask(mask: torch.Tensor | None, lead: torch.Size, device: torch.device) -> torch.Tensor:

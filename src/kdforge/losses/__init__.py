@@ -10,10 +10,15 @@ Where is ...?
 * fused LM-head + loss over chunks for big vocabularies -> :mod:`.chunked`
 * ``nn.Module`` wrappers (``ForwardKL(temperature=2.0)``) -> :mod:`.modules`
 * the teacher signal (dense logits or sparse top-k) -> :mod:`.signal`
+* what each loss needs and can do (:class:`LossSpec`, ``@register_loss``) -> :mod:`.spec`
+* closed-form value + gradient machinery of the chunked path -> :mod:`.closed_form`
+* per-position fidelity (agreement, KL both ways, JS) for metrics -> :mod:`.fidelity`
 
-Every registered loss is called the same way::
+Every registered loss is a :class:`LossSpec` called the same way::
 
     LOSSES.get(name)(student_logits, teacher, mask=m, reduction="sum", temperature=T, labels=y, **params)
+
+and declares what it needs: ``loss_spec(name).needs_labels``, ``.sparse_ok``, ``.kernel_for(...)``.
 """
 
 from kdforge.losses.chunked import TeacherHead, auto_chunk_size, chunked_distillation_loss
@@ -43,6 +48,7 @@ from kdforge.losses.modules import (
 )
 from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
+from kdforge.losses.spec import LossSpec, loss_spec, register_loss
 from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
 from kdforge.losses.taid import TAIDSchedule, taid
 from kdforge.losses.uld import CrossVocabTeacher, gold, uld
@@ -51,6 +57,7 @@ __all__ = [
     "DKD",
     "IGNORE_INDEX",
     "LOSSES",
+    "LossSpec",
     "TAID",
     "TVD",
     "AdaptiveKL",
@@ -74,6 +81,8 @@ __all__ = [
     "generalized_jsd",
     "gold",
     "jsd",
+    "loss_spec",
+    "register_loss",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",

@@ -33,8 +33,9 @@ an unbiased estimate ``p_hat`` of the teacher with ``sum p_hat = 1``, see
 its remaining mass as one bucket, against ``log p_hat`` and zero on that bucket, whatever the
 policy (there is no tail mass left to place). For forward KL the gradient w.r.t. the student
 logits is then ``q - p_hat``, whose expectation is the exact ``q - p``. Only losses *linear in
-the teacher distribution* keep that unbiasedness; :data:`SAMPLED_TEACHER_LOSSES` lists them and
-:func:`distill` raises ``ConfigError`` for any other loss, for ``T != 1`` (tempering ``p^(1/T)``
+the teacher distribution* keep that unbiasedness; their spec declares it
+(``LossSpec.linear_in_teacher``, :mod:`kdforge.losses.spec`) and :func:`distill` raises
+``ConfigError`` for any other loss, for ``T != 1`` (tempering ``p^(1/T)``
 is not linear in ``p``) and for ``sparse_policy="renormalize"`` (it would drop the student's mass
 outside the drawn ids). The loss *value* ``sum p_hat log(p_hat / q)`` is not an unbiased estimate
 of the KL (its entropy term is a plug-in estimate); its gradient is.
@@ -48,10 +49,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
 from kdforge.errors import ConfigError, NonFiniteError, ShapeError, VocabMismatchError
+from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
 
 Teacher = torch.Tensor | SparseTeacher
@@ -59,10 +62,8 @@ Kernel = Callable[..., torch.Tensor]  # kernel(logq, logp, safe: bool) -> [n]
 
 REDUCTIONS = ("mean", "sum", "none")
 SPARSE_POLICIES = ("tail_bucket", "renormalize", "student_full")
-#: losses (by the name they pass to :func:`distill`) whose gradient is linear in the teacher
-#: distribution, so that a sampled-tail teacher (an unbiased estimate of p) gives an unbiased
-#: gradient. Forward KL: d/dz KL(p || softmax z) = softmax(z) - p.
-SAMPLED_TEACHER_LOSSES = frozenset({"forward_kl"})
+#: the ``sparse_policy`` parameter's type (a loss's params model then refuses other values)
+SparsePolicy = Literal["tail_bucket", "renormalize", "student_full"]
 NEG_INF = float("-inf")
 # Largest log-mass the top-k may claim before its complement is treated as "numerically empty";
 # keeps log(1 - sum p) and its gradient finite (float32 cannot resolve smaller tails anyway).
@@ -240,10 +241,11 @@ def check_sampled(teacher: SparseTeacher, temperature: float, policy: str, name:
     if not teacher.sampled:
         return
     fix_cache = "or build the cache without tail_samples (top-k only)"
-    if name is not None and name not in SAMPLED_TEACHER_LOSSES:
+    if name is not None and not (name in LOSSES and LOSSES.get(name).linear_in_teacher):
+        linear = [n for n in LOSSES.names() if LOSSES.get(n).linear_in_teacher]
         raise ConfigError(
             f"{name} cannot use a sampled-tail teacher cache: the sampled entries are an unbiased estimate of the "
-            f"teacher distribution only for losses linear in it ({', '.join(sorted(SAMPLED_TEACHER_LOSSES))}); "
+            f"teacher distribution only for losses linear in it ({', '.join(linear)}); "
             f"{name} would be biased",
             f"use forward_kl with this cache, {fix_cache}",
         )

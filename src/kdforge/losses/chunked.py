@@ -8,8 +8,9 @@ one chunk of ``chunk_size`` positions of them:
 for each chunk of positions ``c`` (masked positions are dropped before the LM head):
   1. student logits ``h_c W^T (+ b)`` (and, for a :class:`TeacherHead`, the teacher's) for the chunk,
   2. the loss on the chunk *and* its gradient ``g`` w.r.t. the chunk's logits:
-     * forward/reverse KL, generalised JSD, TVD, skew KLs with a dense or head teacher, and
-       cross-entropy: closed-form values and gradients in one pass (:mod:`kdforge.losses.fused`),
+     * a loss whose spec has a closed form (forward/reverse KL, generalised JSD, TVD, skew KLs)
+       with a dense or head teacher, and cross-entropy: closed-form values and gradients in one
+       pass (``LossSpec.kernel_for``, :mod:`kdforge.losses.closed_form`),
      * every other loss, and a sparse (top-k) teacher: the *same* registered pure function as the
        unchunked path under autograd (so every loss in :data:`~kdforge.losses.LOSSES` works, dense
        or sparse teacher, with its masking),
@@ -26,7 +27,6 @@ Cost: one extra ``[V, H]`` float32 buffer for the weight gradient; the logits ar
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +35,9 @@ import torch
 
 from kdforge.errors import ConfigError, ShapeError, VocabMismatchError
 from kdforge.losses._core import check_reduction, check_temperature, upcast
-from kdforge.losses.fused import FusedKernel, compiled_kernel, fused_kernel_for
-from kdforge.losses.registry import LOSSES
+from kdforge.losses.closed_form import FusedKernel, compiled_kernel
 from kdforge.losses.signal import SparseTeacher
+from kdforge.losses.spec import LossSpec, loss_spec
 from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
 
 __all__ = ["TeacherHead", "auto_chunk_size", "chunked_distillation_loss"]
@@ -123,7 +123,7 @@ def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                        c_kd: float, c_ce: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
     """KD and CE sums of one chunk and ``alpha, G`` with ``d(c_kd KD + c_ce CE)/dz_s = alpha * G``.
 
-    Closed forms (:mod:`kdforge.losses.fused`): the KD part is ``T * kernel.scale * G_kd`` per unit
+    Closed forms (:mod:`kdforge.losses.closed_form`): the KD part is ``T * kernel.scale * G_kd`` per unit
     of ``c_kd``; cross-entropy's gradient is ``softmax(z_s) - onehot(y)`` on labelled rows. At
     ``T = 1`` both share the student's softmax: ``G = (c_kd T s / c_ce) G_kd + q * labelled - onehot``.
     Returns None when the KD values are not finite (the caller reruns the chunk under autograd,
@@ -250,7 +250,7 @@ def chunked_distillation_loss(
     lm_head_weight: torch.Tensor,
     teacher: torch.Tensor | SparseTeacher | TeacherHead | None,
     *,
-    loss: str | Callable[..., torch.Tensor] = "forward_kl",
+    loss: str | LossSpec | Callable[..., torch.Tensor] = "forward_kl",
     labels: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     kd_weight: float = 1.0,
@@ -275,7 +275,7 @@ def chunked_distillation_loss(
         lm_head_weight: ``[V, H]`` student LM head (gets a gradient if it requires one).
         teacher: dense logits ``[N, V]``, a ``SparseTeacher`` ``[N, k]``, a :class:`TeacherHead`,
             or None when ``kd_weight == 0``. The teacher never receives gradients.
-        loss: registered loss name (any of ``LOSSES``) or a callable with the same signature.
+        loss: registered loss name (any of ``LOSSES``), its spec, or a callable with the same signature.
         labels: int ``[N]`` targets for CE (and DKD), ``-100`` to ignore. Already shifted.
         mask: bool ``[N]`` real positions (None: all real).
         kd_weight, ce_weight: weights of the KD and CE terms in ``"loss"``.
@@ -288,20 +288,22 @@ def chunked_distillation_loss(
         reduction: ``"sum"`` (default: sums over real positions; divide by your global token
             count, e.g. across gradient-accumulation micro-batches) or ``"mean"`` (KD divided by
             the number of real positions, CE by the number of labelled real positions).
-        closed_form: compute forward/reverse KL, generalised JSD, TVD, skew KLs (dense or
-            :class:`TeacherHead` teacher) and cross-entropy with their closed-form gradients in one
-            pass (:mod:`kdforge.losses.fused`); False runs every loss under autograd per chunk
-            (the path every other loss and a ``SparseTeacher`` always take). Same results.
-        compile_kernels: run the forward/reverse KL and JSD closed forms through
-            ``torch.compile`` (fused loops; compiled once per process and loss, dynamic row
-            count). Off by default: see docs/benchmarks.md (kd_step) for when it pays.
+        closed_form: compute a loss whose spec has a closed form (forward/reverse KL,
+            generalised JSD, TVD, skew KLs; dense or :class:`TeacherHead` teacher) and
+            cross-entropy with their closed-form gradients in one pass
+            (``LossSpec.kernel_for``); False runs every loss under autograd per chunk (the path
+            every other loss and a ``SparseTeacher`` always take). Same results.
+        compile_kernels: run the closed forms through ``torch.compile`` (the same functions,
+            fused loops; compiled once per process and closed form, dynamic row count). Off by
+            default: see docs/benchmarks.md (kd_step) for when it pays.
         **loss_params: extra parameters of the KD loss (``beta``, ``alpha``, ``t``, ``sparse_policy``...).
 
     Returns:
         ``{"loss": differentiable weighted total, "kd": detached KD, "ce": detached CE}``.
     """
+    spec = loss_spec(loss)
     if temperature is None:
-        temperature = _default_temperature(loss)
+        temperature = spec.default_temperature  # the loss's own (DKD: 4), as calling it directly
     check_temperature(temperature)
     check_reduction(reduction)
     if reduction == "none":
@@ -320,7 +322,7 @@ def chunked_distillation_loss(
     if ce_weight != 0 and flat_labels is None:
         raise ConfigError("ce_weight != 0 needs labels", "pass labels=[N] (ignore_index -100)")
     _validate(hidden, lm_head_weight, lm_head_bias, teacher if kd_weight != 0 else None, n)
-    loss_fn = LOSSES.get(loss) if isinstance(loss, str) else loss
+    loss_fn = spec.fn
     if isinstance(teacher, torch.Tensor):
         teacher = teacher.reshape(-1, teacher.shape[-1])
     elif isinstance(teacher, SparseTeacher):
@@ -330,7 +332,7 @@ def chunked_distillation_loss(
     kd_scale, ce_scale = float(kd_weight), float(ce_weight)
     if reduction == "mean":
         real = torch.ones(n, dtype=torch.bool, device=hidden.device) if flat_mask is None else flat_mask
-        kd_count = real if not getattr(loss_fn, "requires_labels", False) or flat_labels is None else (
+        kd_count = real if not spec.needs_labels or flat_labels is None else (
             real & (flat_labels != IGNORE_INDEX))
         kd_norm = max(int(kd_count.sum()), 1)
         ce_norm = max(int((real & (flat_labels != IGNORE_INDEX)).sum()), 1) if flat_labels is not None else 1
@@ -340,7 +342,7 @@ def chunked_distillation_loss(
     c_kd, c_ce = kd_scale / kd_norm, ce_scale / ce_norm
     if ce_scale != 0:
         _check_labels(flat_labels, vocab)
-    kernel = fused_kernel_for(loss, teacher, loss_params) if closed_form and kd_scale != 0 else None
+    kernel = spec.kernel_for(teacher, loss_params) if closed_form and kd_scale != 0 else None
     if kernel is not None and compile_kernels:
         kernel = compiled_kernel(kernel) or kernel
     use_closed_form = closed_form and (kernel is not None or kd_scale == 0)
@@ -436,11 +438,3 @@ def chunked_distillation_loss(
     weighted, kd_out, ce_out = _FusedChunkedLoss.apply(hidden, lm_head_weight, lm_head_bias, run)
     return {"loss": weighted, "kd": kd_out, "ce": ce_out}
 
-
-def _default_temperature(loss: str | Callable[..., torch.Tensor]) -> float:
-    """The KD loss's own default temperature (DKD: 4), so the chunked path equals the plain one."""
-    fn = LOSSES.get(loss) if isinstance(loss, str) else loss
-    param = inspect.signature(fn).parameters.get("temperature")
-    if param is None or param.default is inspect.Parameter.empty:
-        return 1.0
-    return float(param.default)

@@ -11,6 +11,32 @@ axis (vocabulary or classes). Every loss here:
   ``"sum"`` or ``"none"`` (``[...]``, zeros at masked positions),
 * computes in float32 whatever the input dtype, and never differentiates through the teacher,
 * accepts ``labels`` and ignores it (uniform trainer call).
+
+Each divergence is written here once per form it is evaluated in: a *kernel on
+log-distributions* ``(logq, logp) -> [n]`` (the autograd path: dense or sparse teacher, any
+temperature, through :func:`~kdforge.losses._core.distill`) and, where the gradient has a short
+closed form, a *closed form* ``(logq, q, t, *params) -> (D [r], G [r, V])`` giving the value and
+``dD/ds = scale * G`` in one pass for the chunked LM-head path (eager, or the same function
+through ``torch.compile``; :mod:`kdforge.losses.closed_form`). With ``s = z_s / T``,
+``q = softmax(s)``, ``p = softmax(z_t / T)`` and ``dD/ds = q (g - sum q g)``, ``g = dD/dq``:
+
+* forward KL ``KL(p||q)``: ``dD/ds = q - p``.
+* reverse KL ``KL(q||p)``: ``g = log q - log p + 1``, ``dD/ds = q (log q - log p - KL(q||p))``.
+* generalised JSD ``beta KL(p||m) + (1 - beta) KL(q||m)``, ``m = beta p + (1 - beta) q``:
+  ``dD/dq_j = (1 - beta)(log q_j - log m_j)`` (the ``log m`` derivatives cancel), hence
+  ``dD/ds = (1 - beta) q (log q - log m - KL(q||m))``.
+* TVD ``0.5 sum |p - q|``: ``dD/ds = 0.5 q (sign(q - p) - sum q sign(q - p))`` (``sign(0) = 0``,
+  as autograd's ``abs``).
+* skew forward KL ``KL(p||m)``, ``m = alpha p + (1 - alpha) q``: ``g = -(1 - alpha) p / m``.
+* skew reverse KL ``KL(q||m)``, ``m = alpha q + (1 - alpha) p``: ``g = log q - log m - alpha q/m (+1)``.
+
+Each loss is registered with :func:`~kdforge.losses.spec.register_loss`, which records its
+declared needs (sparse teacher, sampled tail, closed form) on its spec.
+
+Pass count per chunk of the closed forms (the ``[r, V]`` reads/writes that dominate on CPU): the
+student's log-softmax and ``exp`` (shared by every kernel, and by a cross-entropy term at
+``T = 1``), the teacher's log-softmax, then 4 (forward KL), 4 (reverse KL), 10 (JSD) more (row
+dots included). The autograd path runs more than twice as many, most into fresh ``[r, V]`` buffers.
 """
 
 from __future__ import annotations
@@ -20,6 +46,7 @@ import math
 import torch
 
 from kdforge.losses._core import (
+    SparsePolicy,
     Teacher,
     check_unit_interval,
     distill,
@@ -28,7 +55,8 @@ from kdforge.losses._core import (
     kl_terms,
     sum_alive,
 )
-from kdforge.losses.registry import LOSSES
+from kdforge.losses.closed_form import ClosedForm, FusedKernel, rowdot, tiny
+from kdforge.losses.spec import register_loss
 
 __all__ = [
     "adaptive_kl",
@@ -120,10 +148,133 @@ def akl_kernel(logq: torch.Tensor, logp: torch.Tensor, mu: float, safe: bool = T
 
 
 # --------------------------------------------------------------------------------------------
+# closed forms for the chunked path: (logq, q, t, *params) -> (per_pos [r], G [r, V]), with
+# logq/q the student's log-probs/probs at T (q read only, logq may be overwritten) and t the
+# teacher's logits / T. The in-place ops reuse every buffer (see the module docstring).
+
+
+def fkl_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(p||q)``; ``dD/ds = q - p``, returned as ``G = p - q`` (scale -1) in the teacher's buffer."""
+    logp = torch.log_softmax(t, dim=-1)
+    p = logp.exp()
+    per_pos = rowdot(p, logp.sub_(logq))  # sum p (log p - log q)
+    del logp
+    return per_pos, p.sub_(q)
+
+
+def rkl_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(q||p)``; ``dD/ds = q (log q - log p - KL)`` (scale 1)."""
+    d = torch.log_softmax(t, dim=-1)
+    torch.sub(logq, d, out=d)  # log q - log p
+    per_pos = rowdot(q, d)
+    return per_pos, d.sub_(per_pos.unsqueeze(1)).mul_(q)
+
+
+def jsd_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor, beta: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``beta KL(p||m) + (1-beta) KL(q||m)``; ``dD/ds = (1-beta) q (log q - log m - KL(q||m))``
+    (scale ``1 - beta``), for ``0 < beta < 1``.
+
+    Works with ``m' = m / (1 - beta) = q + beta/(1-beta) p`` (one fused pass instead of a
+    ``lerp``): ``log m = log m' + log(1 - beta)``, so with ``d' = log q - log m'``,
+    ``KL(q||m) = sum q d' - log(1-beta)``, ``KL(p||m) = sum p (log p - log m') - log(1-beta)``
+    (both distributions sum to 1) and the constant cancels in ``d - KL(q||m) = d' - sum q d'``.
+    """
+    logp = torch.log_softmax(t, dim=-1)
+    p = logp.exp()
+    logm = torch.add(q, p, alpha=beta / (1.0 - beta)).clamp_min_(tiny(q)).log_()  # log m'
+    kl_p = rowdot(p, logp.sub_(logm))
+    del logp, p
+    d = torch.sub(logq, logm, out=logm)  # d' = log q - log m'
+    kl_q = rowdot(q, d)
+    grad = d.sub_(kl_q.unsqueeze(1)).mul_(q)
+    shift = math.log1p(-beta)
+    return beta * (kl_p - shift) + (1.0 - beta) * (kl_q - shift), grad
+
+
+def tvd_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``0.5 sum |p - q|``; ``dD/ds = 0.5 q (sign(q-p) - sum q sign(q-p))`` (scale 0.5)."""
+    diff = torch.softmax(t, dim=-1)
+    torch.sub(q, diff, out=diff)  # q - p
+    per_pos = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
+    sgn = diff.sign_()
+    c = rowdot(q, sgn)
+    return per_pos, sgn.sub_(c.unsqueeze(1)).mul_(q)
+
+
+def skew_fkl_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor, alpha: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(p||m)``, ``m = alpha p + (1-alpha) q``; ``dD/ds = -(1-alpha) q (p/m - sum q p/m)``
+    (scale ``-(1 - alpha)``), for ``0 < alpha < 1``."""
+    logp = torch.log_softmax(t, dim=-1)
+    p = logp.exp()
+    m = torch.lerp(q, p, alpha).clamp_min_(tiny(q))
+    per_pos = rowdot(p, logp.sub_(torch.log(m, out=logq)))  # logq is free from here on
+    del logp
+    r = p.div_(m)  # p / m
+    del m
+    c = rowdot(q, r)
+    return per_pos, r.sub_(c.unsqueeze(1)).mul_(q)
+
+
+def skew_rkl_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor, alpha: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(q||m)``, ``m = alpha q + (1-alpha) p``, ``g = log q - log m - alpha q/m``; returns
+    ``G = q (h - sum q h)`` with ``h = -g`` (scale -1), for ``0 < alpha < 1``.
+
+    (``-g`` rather than ``g``: ``log m - log q`` goes into the fresh ``log m`` buffer, leaving
+    ``logq`` untouched, which TorchInductor's CPU loop fusion needs.)
+    """
+    m = torch.lerp(torch.softmax(t, dim=-1), q, alpha).clamp_min_(tiny(q))
+    h = torch.log(m).sub_(logq)  # log m - log q
+    per_pos = -rowdot(q, h)
+    h.addcdiv_(q, m, value=alpha)  # h = log m - log q + alpha q / m = -g
+    del m
+    c = rowdot(q, h)
+    return per_pos, h.sub_(c.unsqueeze(1)).mul_(q)
+
+
+forward_kl_kernel = ClosedForm(fkl_closed_form, scale=-1.0)
+reverse_kl_kernel = ClosedForm(rkl_closed_form)
+tvd_chunk_kernel = ClosedForm(tvd_closed_form, scale=0.5)
+
+
+def _in_unit(value: float) -> bool:
+    return math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+def _gjsd_chunk(params: dict) -> FusedKernel | None:
+    beta = params["beta"]
+    if not _in_unit(beta):
+        return None  # the autograd path raises the user-facing ConfigError
+    if beta == 0.0:
+        return forward_kl_kernel
+    if beta == 1.0:
+        return reverse_kl_kernel
+    return ClosedForm(jsd_closed_form, (beta,), 1.0 - beta)
+
+
+def _skew_fkl_chunk(params: dict) -> FusedKernel | None:
+    alpha = params["alpha"]
+    if not _in_unit(alpha) or alpha == 1.0:
+        return None
+    return forward_kl_kernel if alpha == 0.0 else ClosedForm(skew_fkl_closed_form, (alpha,), -(1.0 - alpha))
+
+
+def _skew_rkl_chunk(params: dict) -> FusedKernel | None:
+    alpha = params["alpha"]
+    if not _in_unit(alpha) or alpha == 1.0:
+        return None
+    return reverse_kl_kernel if alpha == 0.0 else ClosedForm(skew_rkl_closed_form, (alpha,), -1.0)
+
+
+# --------------------------------------------------------------------------------------------
 # public losses
 
 
-@LOSSES.register("forward_kl", "KL(p_teacher || q_student) * T^2: Hinton KD, mean-seeking")
+@register_loss("forward_kl", description="KL(p_teacher || q_student) * T^2: Hinton KD, mean-seeking",
+               paper="Hinton et al. 2015, Distilling the Knowledge in a Neural Network", linear_in_teacher=True,
+               kernel=lambda params: forward_kl_kernel)
 def forward_kl(
     student_logits: torch.Tensor,
     teacher: Teacher,
@@ -132,7 +283,7 @@ def forward_kl(
     temperature: float = 1.0,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    sparse_policy: str = "tail_bucket",
+    sparse_policy: SparsePolicy = "tail_bucket",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """Forward KL, ``T^2 * KL(p || q) = T^2 * sum_v p_v (log p_v - log q_v)`` (Hinton et al., 2015).
@@ -161,7 +312,8 @@ def forward_kl(
                    reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
-@LOSSES.register("reverse_kl", "KL(q_student || p_teacher) * T^2: mode-seeking (MiniLLM)")
+@register_loss("reverse_kl", description="KL(q_student || p_teacher) * T^2: mode-seeking (MiniLLM)",
+               paper="Gu et al. 2024, MiniLLM", kernel=lambda params: reverse_kl_kernel)
 def reverse_kl(
     student_logits: torch.Tensor,
     teacher: Teacher,
@@ -170,7 +322,7 @@ def reverse_kl(
     temperature: float = 1.0,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    sparse_policy: str = "tail_bucket",
+    sparse_policy: SparsePolicy = "tail_bucket",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """Reverse KL, ``T^2 * KL(q || p) = T^2 * sum_v q_v (log q_v - log p_v)`` (Gu et al., MiniLLM 2024).
@@ -182,7 +334,9 @@ def reverse_kl(
                    reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
-@LOSSES.register("generalized_jsd", "beta-skewed Jensen-Shannon (GKD); beta=0 forward KL, beta=1 reverse KL")
+@register_loss("generalized_jsd",
+               description="beta-skewed Jensen-Shannon (GKD); beta=0 forward KL, beta=1 reverse KL",
+               paper="Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD)", kernel=_gjsd_chunk)
 def generalized_jsd(
     student_logits: torch.Tensor,
     teacher: Teacher,
@@ -192,7 +346,7 @@ def generalized_jsd(
     temperature: float = 1.0,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    sparse_policy: str = "tail_bucket",
+    sparse_policy: SparsePolicy = "tail_bucket",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """Generalised JSD (Agarwal et al., GKD 2024), TRL's ``beta`` convention.
@@ -209,6 +363,8 @@ def generalized_jsd(
                    mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
+@register_loss("jsd", description="symmetric Jensen-Shannon divergence (generalized_jsd with beta=0.5)",
+               paper="Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD)", kernel=_gjsd_chunk)
 def jsd(
     student_logits: torch.Tensor,
     teacher: Teacher,
@@ -217,7 +373,7 @@ def jsd(
     temperature: float = 1.0,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    sparse_policy: str = "tail_bucket",
+    sparse_policy: SparsePolicy = "tail_bucket",
     beta: float = 0.5,
     check_finite: bool = True,
 ) -> torch.Tensor:
@@ -226,10 +382,11 @@ def jsd(
                            reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
-LOSSES.add("jsd", jsd, "symmetric Jensen-Shannon divergence (generalized_jsd with beta=0.5)")
 
 
-@LOSSES.register("tvd", "total variation distance 0.5*sum|p - q| * T^2 (bounded, symmetric)")
+@register_loss("tvd", description="total variation distance 0.5*sum|p - q| * T^2 (bounded, symmetric)",
+               paper="Wen et al. 2023, f-Divergence Minimization for Sequence-Level KD",
+               kernel=lambda params: tvd_chunk_kernel)
 def tvd(
     student_logits: torch.Tensor,
     teacher: Teacher,
@@ -238,7 +395,7 @@ def tvd(
     temperature: float = 1.0,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    sparse_policy: str = "tail_bucket",
+    sparse_policy: SparsePolicy = "tail_bucket",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """Total variation distance ``T^2 * 0.5 * sum_v |p_v - q_v|`` (used by DistiLLM-2 / Wen et al. 2023)."""
@@ -246,7 +403,8 @@ def tvd(
                    reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
-@LOSSES.register("skew_forward_kl", "DistiLLM skew KL: KL(p || alpha*p + (1-alpha)*q) * T^2")
+@register_loss("skew_forward_kl", description="DistiLLM skew KL: KL(p || alpha*p + (1-alpha)*q) * T^2",
+               paper="Ko et al. 2024, DistiLLM", kernel=_skew_fkl_chunk)
 def skew_forward_kl(
     student_logits: torch.Tensor,
     teacher: Teacher,
@@ -256,7 +414,7 @@ def skew_forward_kl(
     temperature: float = 1.0,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    sparse_policy: str = "tail_bucket",
+    sparse_policy: SparsePolicy = "tail_bucket",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """Skew forward KL (Ko et al., DistiLLM 2024): ``T^2 * KL(p || alpha p + (1 - alpha) q)``.
@@ -269,7 +427,8 @@ def skew_forward_kl(
                    teacher, mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
-@LOSSES.register("skew_reverse_kl", "DistiLLM skew reverse KL: KL(q || alpha*q + (1-alpha)*p) * T^2")
+@register_loss("skew_reverse_kl", description="DistiLLM skew reverse KL: KL(q || alpha*q + (1-alpha)*p) * T^2",
+               paper="Ko et al. 2024, DistiLLM", kernel=_skew_rkl_chunk)
 def skew_reverse_kl(
     student_logits: torch.Tensor,
     teacher: Teacher,
@@ -279,7 +438,7 @@ def skew_reverse_kl(
     temperature: float = 1.0,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    sparse_policy: str = "tail_bucket",
+    sparse_policy: SparsePolicy = "tail_bucket",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """Skew reverse KL (Ko et al., DistiLLM 2024): ``T^2 * KL(q || alpha q + (1 - alpha) p)``.
@@ -291,7 +450,8 @@ def skew_reverse_kl(
                    teacher, mask=mask, temperature=temperature, reduction=reduction, sparse_policy=sparse_policy, check_finite=check_finite)
 
 
-@LOSSES.register("adaptive_kl", "AKL: per-token mix of forward/reverse KL weighted by head/tail gaps")
+@register_loss("adaptive_kl", description="AKL: per-token mix of forward/reverse KL weighted by head/tail gaps",
+               paper="Wu et al. 2024, Rethinking Kullback-Leibler Divergence in Knowledge Distillation for LLMs")
 def adaptive_kl(
     student_logits: torch.Tensor,
     teacher: Teacher,
@@ -301,7 +461,7 @@ def adaptive_kl(
     temperature: float = 1.0,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    sparse_policy: str = "tail_bucket",
+    sparse_policy: SparsePolicy = "tail_bucket",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """Adaptive KL (Wu et al., 2024, "Rethinking KL divergence in KD for LLMs").

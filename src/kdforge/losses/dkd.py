@@ -23,6 +23,7 @@ import torch
 from kdforge.errors import ConfigError, ShapeError
 from kdforge.losses._core import (
     NEG_INF,
+    SparsePolicy,
     Teacher,
     check_positions,
     check_reduction,
@@ -35,8 +36,8 @@ from kdforge.losses._core import (
     reduce,
     upcast,
 )
-from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
+from kdforge.losses.spec import register_loss
 from kdforge.losses.supervised import IGNORE_INDEX, label_positions
 
 __all__ = ["dkd", "dkd_parts"]
@@ -59,7 +60,8 @@ def dkd_parts(logq: torch.Tensor, logp: torch.Tensor, target: torch.Tensor) -> t
     return tckd, nckd
 
 
-@LOSSES.register("dkd", "decoupled KD: alpha*target-class KL + beta*non-target KL (needs labels)")
+@register_loss("dkd", description="decoupled KD: alpha*target-class KL + beta*non-target KL (needs labels)",
+               paper="Zhao et al. 2022, Decoupled Knowledge Distillation (CVPR)", needs_labels=True, sparse_ok=False)
 def dkd(
     student_logits: torch.Tensor,
     teacher: Teacher,
@@ -71,7 +73,7 @@ def dkd(
     temperature: float = 4.0,
     reduction: str = "mean",
     ignore_index: int = IGNORE_INDEX,
-    sparse_policy: str = "tail_bucket",
+    sparse_policy: SparsePolicy = "tail_bucket",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """DKD loss ``T^2 * (alpha * TCKD + beta * NCKD)`` (see module docstring).
@@ -119,5 +121,3 @@ def dkd(
             raise diagnose_nonfinite("dkd", s, t)
     return reduce(per_pos, real, lead, reduction)
 
-
-dkd.requires_labels = True  # type: ignore[attr-defined]  # chunked "mean" counts labelled positions only

@@ -17,7 +17,7 @@ from kdforge.losses._core import (
     reduce,
     upcast,
 )
-from kdforge.losses.registry import LOSSES
+from kdforge.losses.spec import register_loss
 
 __all__ = ["IGNORE_INDEX", "cross_entropy"]
 
@@ -31,7 +31,9 @@ def label_positions(labels: torch.Tensor, mask: torch.Tensor | None, ignore_inde
     return real
 
 
-@LOSSES.register("cross_entropy", "cross-entropy with the ground-truth labels (ignore_index -100); teacher unused")
+@register_loss("cross_entropy",
+               description="cross-entropy with the ground-truth labels (ignore_index -100); teacher unused",
+               needs_teacher=False, needs_labels=True)
 def cross_entropy(
     student_logits: torch.Tensor,
     teacher: Teacher | None = None,

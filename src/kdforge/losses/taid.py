@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from kdforge.errors import ConfigError
-from kdforge.losses._core import Teacher, check_unit_interval, distill, kl
-from kdforge.losses.registry import LOSSES
+from kdforge.losses._core import SparsePolicy, Teacher, check_unit_interval, distill, kl
+from kdforge.losses.spec import register_loss
 
 __all__ = ["TAIDSchedule", "taid", "taid_kernel"]
 
@@ -38,7 +38,8 @@ def taid_kernel(logq: torch.Tensor, logp: torch.Tensor, t: float, safe: bool = T
     return kl(target, logq, safe)
 
 
-@LOSSES.register("taid", "TAID: forward KL to softmax((1-t)*sg(z_s) + t*z_t), t scheduled to 1 (param t)")
+@register_loss("taid", description="TAID: forward KL to softmax((1-t)*sg(z_s) + t*z_t), t scheduled to 1 (param t)",
+               paper="Shing et al. 2025, TAID: Temporally Adaptive Interpolated Distillation (ICLR)")
 def taid(
     student_logits: torch.Tensor,
     teacher: Teacher,
@@ -48,7 +49,7 @@ def taid(
     temperature: float = 1.0,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    sparse_policy: str = "tail_bucket",
+    sparse_policy: SparsePolicy = "tail_bucket",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """TAID loss ``T^2 * KL(p_t || q)`` with ``p_t = softmax((1 - t) sg(z_s/T) + t z_t/T)``.

@@ -1,7 +1,8 @@
 """Fidelity metrics of a student against its teacher, accumulated as sums over real positions.
 
-The per-position definitions are :mod:`kdforge.eval.fidelity`'s (one definition in the
-library; chunked over positions so that ``[N, V]`` float32 arrays of both models never coexist):
+The per-position definitions are :mod:`kdforge.losses.fidelity`'s (one definition in the
+library, shared with :mod:`kdforge.eval.fidelity`; the divergences' own kernels, chunked over
+positions so that ``[N, V]`` float32 arrays of both models never coexist):
 top-1 agreement, ``KL(p_teacher || q_student)`` (``kl_to_teacher``), ``KL(q || p)``
 (``kl_from_teacher``) and Jensen-Shannon (``js_to_teacher``), all at temperature 1; for a sparse
 top-k teacher, over the top-k tokens plus one tail bucket (a lower bound of the full divergence).
@@ -16,9 +17,12 @@ from __future__ import annotations
 import torch
 
 from kdforge.constants import IGNORE_INDEX
+from kdforge.losses.fidelity import FIDELITY_KEYS, fidelity_per_position
 from kdforge.losses.signal import SparseTeacher
+from kdforge.losses.supervised import cross_entropy
 
-FIDELITY_SUM_KEYS = ("agreement", "kl_to_teacher", "kl_from_teacher", "js_to_teacher")
+#: the teacher-fidelity sums of :func:`fidelity_sums` (the losses layer's fidelity keys)
+FIDELITY_SUM_KEYS = FIDELITY_KEYS
 
 
 @torch.no_grad()
@@ -38,10 +42,6 @@ def fidelity_sums(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTe
         float64 scalars: ``count``; with a teacher ``agreement``, ``kl_to_teacher``,
         ``kl_from_teacher``, ``js_to_teacher``; with labels ``nll``, ``correct``, ``nll_count``.
     """
-    from kdforge.eval.fidelity import (
-        fidelity_per_position,  # lazy: kdforge.eval imports train callbacks
-    )
-
     mask = mask.bool()
     device = student_logits.device
     out: dict[str, torch.Tensor] = {"count": mask.sum().double()}
@@ -51,8 +51,6 @@ def fidelity_sums(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTe
             out[key] = torch.where(mask, per[key].double(), torch.zeros((), dtype=torch.float64,
                                                                         device=per[key].device)).sum().to(device)
     if labels is not None:
-        from kdforge.losses import cross_entropy
-
         valid = mask & (labels != IGNORE_INDEX)
         out["nll"] = cross_entropy(student_logits, None, labels=labels, mask=mask, reduction="sum").double()
         hits = (student_logits.argmax(-1) == labels) & valid

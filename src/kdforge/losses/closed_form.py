@@ -1,0 +1,123 @@
+"""Machinery of the closed-form chunk kernels: a divergence's value *and* gradient in one pass.
+
+:func:`kdforge.losses.chunked.chunked_distillation_loss` needs, for each chunk of ``r`` positions,
+the loss *and* its gradient w.r.t. the chunk's student logits ``z_s`` (``[r, V]``). Running the
+registered loss under autograd costs its forward (two log-softmaxes, the mixture, the KL terms)
+plus autograd's backward, each a handful of passes over ``[r, V]`` with fresh temporaries. For the
+main divergences the gradient has a short closed form, computed in the same pass as the value
+(Liger-Kernel's approach for its fused JSD), reusing every ``exp``/``log`` and working in place.
+
+The closed forms themselves live next to their loss (:mod:`kdforge.losses.divergences`), each
+written once as ``fn(logq, q, t, *args) -> (per_pos, G)``; this module holds what they share:
+:class:`KernelOut`, :class:`ClosedForm` (binds the parameters and the gradient's scale, and
+compiles the *same* function with ``torch.compile`` on request) and :func:`rowdot`.
+
+Notation (per position; sums run over the vocabulary): ``s = z_s / T``, ``t = z_t / T``,
+``log q = log_softmax(s)``, ``log p = log_softmax(t)``. Every divergence loss is
+``L = T^2 D(p, q)``, so ``dL/dz_s = T dD/ds``, and for any ``D`` that depends on ``s`` through ``q``,
+
+    ``dD/ds_j = q_j (g_j - sum_i q_i g_i)``  with ``g = dD/dq``   (softmax Jacobian).
+
+Numerics: everything is float32 (float64 stays float64) whatever the logits' dtype; ``log q``
+and ``log p`` come from the log-softmax (never ``log(exp(.))``), so logits of ``+-1e4`` stay
+finite; a mixture ``m`` is clamped at the dtype's smallest normal number (:func:`tiny`) before
+its log, which changes terms only where ``q`` (and ``p``) are below ``1e-38`` and multiply them
+to zero. A kernel returns per-position values; the caller checks them and falls back to the
+autograd path (which handles ``-inf`` teacher logits and raises the diagnosed
+:class:`~kdforge.errors.NonFiniteError`) when one is not finite, so the fast path never changes
+what a user sees on bad inputs.
+
+Writing a closed form: in-place ops on the kernel's own temporaries, ``out=`` into them and
+overwriting ``logq`` are all fine, eagerly and under ``torch.compile`` (TorchInductor turns them
+back into a functional graph); row sums go through :func:`rowdot`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+__all__ = ["ClosedForm", "FusedKernel", "KernelOut", "compiled_kernel", "rowdot", "tiny"]
+
+
+@dataclass
+class KernelOut:
+    """Result of a closed-form kernel on one chunk.
+
+    Attributes:
+        per_pos: ``[r]`` values of ``D`` (not yet times ``T^2``).
+        grad: ``[r, V]`` buffer ``G`` with ``dD/ds = scale * G``.
+        scale: python float multiplying ``grad``.
+    """
+
+    per_pos: torch.Tensor
+    grad: torch.Tensor
+    scale: float
+
+
+#: ``kernel(logq, q, t) -> KernelOut``: ``logq``/``q`` the student's ``[r, V]`` log-probabilities
+#: and probabilities at ``T`` (``q`` read only: the caller reuses it for a cross-entropy term),
+#: ``t`` the teacher's logits divided by ``T`` (read only). The kernel may overwrite ``logq``.
+FusedKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], KernelOut]
+
+#: ``fn(logq, q, t, *args) -> (per_pos [r], G [r, V])``: one closed form, as written in
+#: :mod:`kdforge.losses.divergences`.
+ClosedFormFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_j a_ij b_ij`` per row, ``[r, V] x [r, V] -> [r]``, without an ``[r, V]`` temporary.
+
+    Eagerly on CPU one BLAS dot per row (measured 2x faster than ``(a * b).sum(-1)`` and 3.6x
+    faster than a batched ``bmm`` at ``[80, 49152]``, 1 thread); elsewhere, and while
+    ``torch.compile`` traces (a Python loop over a dynamic row count cannot be compiled),
+    ``torch.linalg.vecdot``, which Inductor fuses into the surrounding loops.
+    """
+    if not torch.compiler.is_compiling() and a.device.type == "cpu" and a.shape[0] <= 4096:
+        return torch.stack([torch.dot(x, y) for x, y in zip(a, b)]) if a.shape[0] else a.new_zeros(0)
+    return torch.linalg.vecdot(a, b, dim=-1)
+
+
+def tiny(x: torch.Tensor) -> float:
+    """The smallest normal number of ``x``'s dtype (the clamp of a mixture before its log)."""
+    return torch.finfo(x.dtype).tiny
+
+
+@dataclass(frozen=True)
+class ClosedForm:
+    """A closed form bound to its parameters: a :data:`FusedKernel`.
+
+    Attributes:
+        fn: ``fn(logq, q, t, *args) -> (per_pos, G)``.
+        args: the loss's parameters the closed form reads (e.g. ``(beta,)``), python floats.
+        scale: ``dD/ds = scale * G``.
+    """
+
+    fn: ClosedFormFn
+    args: tuple[float, ...] = ()
+    scale: float = 1.0
+
+    def __call__(self, logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> KernelOut:
+        per_pos, grad = self.fn(logq, q, t, *self.args)
+        return KernelOut(per_pos, grad, self.scale)
+
+    def compiled(self) -> ClosedForm:
+        """The same closed form through ``torch.compile`` (fused loops; compiled once per
+        process and function, dynamic row count: the last chunk is shorter and the real
+        positions change between batches)."""
+        if self.fn in _COMPILED.values():
+            return self
+        if self.fn not in _COMPILED:
+            _COMPILED[self.fn] = torch.compile(self.fn, dynamic=True)
+        return replace(self, fn=_COMPILED[self.fn])
+
+
+_COMPILED: dict[Any, ClosedFormFn] = {}
+
+
+def compiled_kernel(kernel: FusedKernel) -> FusedKernel | None:
+    """A ``torch.compile``-d equivalent of ``kernel`` (any :class:`ClosedForm`), or None."""
+    return kernel.compiled() if isinstance(kernel, ClosedForm) else None

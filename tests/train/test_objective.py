@@ -63,3 +63,25 @@ def test_direct_construction_errors_are_readable_config_errors():
         TrainConfig(max_steps=1, lr="fast")
     with pytest.raises(ConfigError, match="weight"):
         LossTerm("forward_kl", -1.0)
+
+
+def test_auto_chunking_covers_a_temperature_and_needs_a_student_with_an_lm_head():
+    """``chunked="auto"`` takes the closed form for any temperature (the chunked path applies it
+    around the kernel), but not for a plain module returning logits: it has no hidden states."""
+    from kdforge.teachers import OnlineTeacher
+    from kdforge.train import CausalLMTask
+
+    from ._tiny import tiny_llama
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(4, 11)
+
+        def forward(self, input_ids, attention_mask=None):  # noqa: ANN001, ANN201
+            return self.head(torch.zeros(*input_ids.shape, 4))
+
+    objective = Objective([LossTerm("forward_kl", 0.9, {"temperature": 2.0}), LossTerm("cross_entropy", 0.1)])
+    online = OnlineTeacher(tiny_llama(1))
+    assert objective.use_chunked(CausalLMTask(), online, tiny_llama(2))
+    assert not objective.use_chunked(CausalLMTask(), online, LogitsOnly())

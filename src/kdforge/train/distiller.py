@@ -314,7 +314,7 @@ class Distiller:
         """The student's outputs on ``batch`` joined with the teacher signal (and feature terms)."""
         source = pick_source(self.teacher_source, self.task, batch)
         if chunked is None:
-            chunked = self.objective.use_chunked(self.task, source)
+            chunked = self.objective.use_chunked(self.task, source, self.student)
         if type(self.task).forward is not Task.forward:
             # a task that extends forward() (its own extra terms) gets the teacher it was given
             out = self.task.forward(self.student, self.teacher if source is self.teacher_source else source, batch,

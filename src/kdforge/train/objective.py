@@ -25,9 +25,8 @@ They are written like any term (``{name: hidden_mse, weight: 1.0, params: {layer
 from __future__ import annotations
 
 import difflib
-import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -38,6 +37,9 @@ from torch import nn
 from kdforge.config import validate
 from kdforge.errors import ConfigError, NonFiniteError
 from kdforge.train.config import FriendlyModel
+
+if TYPE_CHECKING:
+    from kdforge.losses.spec import LossSpec
 
 
 class LossTerm(FriendlyModel):
@@ -171,16 +173,7 @@ class LossTerm(FriendlyModel):
             raise ValueError(f"unknown loss {self.name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
                              f"registered losses: {', '.join(known)}; "
                              f"feature losses: {', '.join(FEATURE_LOSSES.names())}")
-        params = inspect.signature(LOSSES.get(self.name)).parameters.values()
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            return self
-        takes = sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY
-                       and p.name not in _SET_BY_OBJECTIVE)
-        bad = sorted(set(self.params) - set(takes))
-        if bad:
-            close = difflib.get_close_matches(bad[0], takes, n=1)
-            raise ValueError(f"loss {self.name!r} has no parameter {bad[0]!r}"
-                             f"{f' (did you mean {close[0]!r}?)' if close else ''}; it takes: {', '.join(takes)}")
+        LOSSES.get(self.name).validate_params(self.params)  # the spec's params model (a ValueError)
         return self
 
     def _known_feature(self) -> LossTerm:
@@ -206,10 +199,6 @@ class LossTerm(FriendlyModel):
     @property
     def key(self) -> str:
         return self.label or self.name
-
-
-# keyword arguments the Objective passes to every loss itself (not settable through params)
-_SET_BY_OBJECTIVE = frozenset({"mask", "labels", "reduction"})
 
 
 @dataclass
@@ -281,7 +270,7 @@ class Objective:
             if t.source == "task" and t.params:
                 raise ConfigError(f"task term {t.name!r} takes no params (the task computes it)",
                                   "configure the term on the task object instead")
-        self._fns: list[Callable[..., torch.Tensor] | None] = [
+        self._fns: list[LossSpec | None] = [
             LOSSES.get(t.name) if t.source == "loss" else None for t in parsed]
         self._auto_chunked: bool | None = None
         self._features: nn.Module | None = None
@@ -308,8 +297,13 @@ class Objective:
 
     @property
     def needs_teacher(self) -> bool:
-        """True when some term other than ``cross_entropy`` needs a teacher signal."""
-        return any((t.name != "cross_entropy" and t.source == "loss") or t.source == "feature" for t in self.terms)
+        """True when a loss term's spec needs a teacher signal (``needs_teacher``), or a feature term exists."""
+        return any(t.source == "feature" or (spec is not None and spec.needs_teacher)
+                   for t, spec in zip(self.terms, self._fns))
+
+    def _teacher_terms(self) -> list[LossTerm]:
+        """The terms that are not teacher-free registered losses (``cross_entropy``)."""
+        return [t for t, spec in zip(self.terms, self._fns) if spec is None or spec.needs_teacher]
 
     @property
     def feature_terms(self) -> list[LossTerm]:
@@ -360,12 +354,14 @@ class Objective:
         inner = ", ".join(f"{t.weight}*{t.key}{t.params or ''}" for t in self.terms)
         return f"Objective({inner}{', chunked' if self.chunked else ''})"
 
-    def use_chunked(self, task: Any, source: Any) -> bool:
+    def use_chunked(self, task: Any, source: Any, student: nn.Module | None = None) -> bool:
         """Whether a micro-batch of ``task`` with teacher ``source`` runs the chunked LM-head path.
 
         ``chunked=True``/``False`` decide it; ``"auto"`` picks it where it is exact and cheaper: a
         causal LM, one distillation term with a closed-form chunk kernel (plus an optional
-        ``cross_entropy``), a dense teacher (a live model) and no scheduled loss parameter.
+        ``cross_entropy``), a dense teacher (a live model), no scheduled loss parameter and, when
+        ``student`` is given, a student with an LM head (``get_output_embeddings()``: a plain
+        ``nn.Module`` returning logits cannot give the hidden states the chunked path needs).
         """
         if self.chunked != "auto":
             return bool(self.chunked)
@@ -374,19 +370,20 @@ class Objective:
         from kdforge.train.tasks import CausalLMTask
 
         return (self._auto_chunked and isinstance(task, CausalLMTask) and source is not None
-                and "dense" in source.provides and "sparse" not in source.provides)
+                and "dense" in source.provides and "sparse" not in source.provides
+                and (student is None or _has_lm_head(student)))
 
     def _chunkable_by_kernel(self) -> bool:
         try:
             self._check_chunkable()
         except ConfigError:
             return False
-        kd = next(t for t in self.terms if t.name != "cross_entropy")
+        kd = self._teacher_terms()[0]
         if kd.scheduled_params:
             return False
-        from kdforge.losses.fused import fused_kernel_for
+        from kdforge.losses import LOSSES
 
-        return fused_kernel_for(kd.name, torch.empty(0), dict(kd.params)) is not None
+        return LOSSES.get(kd.name).kernel_for(torch.empty(0), dict(kd.params)) is not None
 
     def schedules(self, max_steps: int) -> Any:
         """The scheduled weights and loss parameters of this objective for a run of ``max_steps``
@@ -447,7 +444,7 @@ class Objective:
 
     # -- chunked mode -------------------------------------------------------------------------
     def _check_chunkable(self) -> None:
-        kd = [t for t in self.terms if t.name != "cross_entropy"]
+        kd = self._teacher_terms()
         if any(t.source == "task" for t in self.terms):
             raise ConfigError("chunked=True does not support task terms", "set chunked=False")
         if self.feature_terms:
@@ -455,7 +452,7 @@ class Objective:
                 f"chunked=True does not support feature terms ({', '.join(t.key for t in self.feature_terms)})",
                 "set chunked=False (feature terms need the full forward pass of both models)",
             )
-        if len(kd) != 1 or len(self.terms) > 2:
+        if len(kd) != 1 or len(self.terms) > 2 or any(t.name != "cross_entropy" for t in self.terms if t not in kd):
             raise ConfigError(
                 f"chunked=True supports one distillation term plus an optional cross_entropy term, got {self!r}",
                 "drop extra terms or set chunked=False",
@@ -472,8 +469,8 @@ class Objective:
                  check_finite: bool = True) -> ObjectiveValue:
         from kdforge.losses.chunked import chunked_distillation_loss
 
-        kd = next(t for t in self.terms if t.name != "cross_entropy")
-        ce = next((t for t in self.terms if t.name == "cross_entropy"), None)
+        kd = self._teacher_terms()[0]
+        ce = next((t for t in self.terms if t is not kd), None)  # cross_entropy (_check_chunkable)
         kd_weight, params = kd.current(values)
         params = dict(params)
         temperature = params.pop("temperature", None)  # None: the loss's own default
@@ -492,6 +489,15 @@ class Objective:
         if ce is not None:
             terms[ce.key] = (res["ce"] / norm).detach()
         return ObjectiveValue(total, terms)
+
+
+def _has_lm_head(model: nn.Module) -> bool:
+    """True for a model exposing its LM head as ``get_output_embeddings()`` (Hugging Face causal LMs)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return isinstance(getattr(head, "weight", None), torch.Tensor)
 
 
 def _check_finite(value: torch.Tensor, key: str) -> None:

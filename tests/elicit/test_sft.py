@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.data._cmd import private_datasets_cache  # noqa: F401  (autouse: datasets cache in tmp)
 
 from kdforge.cli.main import main
 from kdforge.elicit import SamplingParams, generate
@@ -177,3 +178,81 @@ def test_sft_cli_trains_with_curation_weights(tmp_path, tiny_model_dir):
     rc = main(["sft", str(tmp_path / "curated.jsonl"), "--student", str(tiny_model_dir), "-o", str(tmp_path / "run2"),
                "--max-steps", "1", "--batch-size", "4", "--no-progress", "--weight-field", "none"])
     assert rc == 0 and json.loads((tmp_path / "run2" / "sft_summary.json").read_text())["weighted"] is False
+
+
+# ---- any data of the data layer: chat messages, prompt/completion --------------------------------
+def _response_nll(model_dir, examples) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            labels = torch.tensor([ex["labels"]])
+            k = int((labels[:, 1:] != -100).sum())
+            total += float(m(torch.tensor([ex["input_ids"]]), labels=labels).loss) * k
+            n += k
+    return total / n
+
+
+@pytest.mark.parametrize("kind", ["chat", "prompt_completion"])
+def test_sft_cli_trains_on_chat_jsonl_and_prompt_completion_csv_response_tokens_only(tmp_path, kind):
+    from tests.data._cmd import (
+        assistant_token_count,
+        completion_token_count,
+        write_chat_jsonl,
+        write_models,
+        write_pc_csv,
+    )
+    from tests.data.conftest import make_tokenizer
+
+    from kdforge.elicit.sft import sft_examples
+
+    student = write_models(tmp_path, names=(("student", 1, 32),))["student"]
+    tok = make_tokenizer()
+    if kind == "chat":
+        data, flags = write_chat_jsonl(tmp_path / "chats.jsonl"), []
+        spec, hand = {"path": str(data)}, assistant_token_count(tok)
+    else:
+        data, flags = write_pc_csv(tmp_path / "qa.csv"), ["--prompt-field", "question", "--completion-field", "answer"]
+        spec = {"path": str(data), "prompt_field": "question", "completion_field": "answer"}
+        hand = completion_token_count(tok)
+    examples = sft_examples(spec, tok)
+    assert sum(t != -100 for ex in examples for t in ex["labels"]) == hand
+    before = _response_nll(student, examples)
+    rc = main(["sft", str(data), *flags, "--student", str(student), "-o", str(tmp_path / "run"),
+               "--max-steps", "25", "--batch-size", "4", "--lr", "3e-3", "--no-progress"])
+    assert rc == 0
+    after = _response_nll(tmp_path / "run" / "student", examples)
+    assert after < before - 1.0
+    summary = json.loads((tmp_path / "run" / "sft_summary.json").read_text())
+    assert summary["examples"] == len(examples)
+
+
+@pytest.mark.parametrize("case", ["missing_field", "no_assistant", "no_template", "missing_file", "hub_offline"])
+def test_sft_bad_data_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch, capsys, case):
+    from tests.data._cmd import write_chat_jsonl, write_models, write_pc_csv
+    from tests.data.conftest import make_tokenizer
+
+    student = str(write_models(tmp_path, names=(("student", 1, 32),))["student"])
+    extra: list[str] = []
+    if case == "missing_field":
+        data, extra, want = str(write_pc_csv(tmp_path / "qa.csv")), ["--format", "prompt_completion"], "prompt_field"
+    elif case == "no_assistant":
+        (tmp_path / "u.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+        data, want = str(tmp_path / "u.jsonl"), "no assistant turn"
+    elif case == "no_template":
+        make_tokenizer(chat_template=None).save_pretrained(tmp_path / "plain")
+        data, extra, want = str(write_chat_jsonl(tmp_path / "c.jsonl")), ["--tokenizer", str(tmp_path / "plain")], \
+            "no chat template"
+    elif case == "missing_file":
+        data, want = str(tmp_path / "nope.jsonl"), "not found"
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        data, want = "someone/some-dataset", "HF_HUB_OFFLINE"
+    out = tmp_path / "run"
+    assert main(["sft", data, *extra, "--student", student, "-o", str(out), "--max-steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert want in err and "Fix:" in err
+    assert not out.exists()

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Under `accelerate launch` with N processes each process writes 1/N of the shards "
         "(same bytes as one process).",
     )
-    p.add_argument("config", help="YAML config (teacher, corpus, output_dir, k, encoding...), or a cache folder with --inspect")
+    p.add_argument("config", help="YAML config (teacher, data, output_dir, k, encoding...; docs/data.md, "
+                   "docs/teacher-cache.md), or a cache folder with --inspect")
     p.add_argument(
         "--set",
         action="append",
@@ -77,8 +78,10 @@ def handle(args: argparse.Namespace) -> int:
         return 0
     stats = open_teacher_cache(out, verify=False).manifest["stats"]
     samples = f" + {config.tail_samples} tail draws" if config.tail_samples else ""
+    masked = (f" ({stats['bytes_per_loss_token']:.1f} per trained position)"
+              if "bytes_per_loss_token" in stats else "")
     print(
-        f"teacher cache ready at {out}: {stats['bytes_per_token']:.1f} bytes/token, "
+        f"teacher cache ready at {out}: {stats['bytes_per_token']:.1f} bytes/token{masked}, "
         f"top-{config.k} mass mean {stats['topk_mass_mean']:.3f}{samples}"
     )
     return 0
@@ -99,6 +102,9 @@ def _inspect(cache_dir: str) -> int:
     samples = m.get("tail_samples", 0)
     drawn = f" + {samples} tail draws per position (seed {m.get('sample_seed', 0)})" if samples else ""
     print(f"  signal      top-{m['k']} of {m['vocab_size']}{drawn}, encoding {m['encoding']['name']}")
+    if "loss_tokens" in m["dataset"]:
+        print(f"  loss mask   {m['dataset']['loss_tokens']} of {m['dataset']['num_tokens']} positions trained "
+              "(response-only data; the signal elsewhere is blank)")
     print(f"  size        {stats.get('total_bytes', 0) / 1e6:.2f} MB, {stats.get('bytes_per_token', float('nan')):.1f} bytes/token")
     print(f"  top-k mass  mean {stats.get('topk_mass_mean', float('nan')):.3f}, min {stats.get('topk_mass_min', float('nan')):.3f}")
     return 0

@@ -123,10 +123,16 @@ def render_text(text: str, tokenizer: Any, *, add_eos: bool = True) -> Rendered:
 def render_prompt_completion(prompt: Any, completion: Any, tokenizer: Any, *, train_on: str = "completion",
                              chat_template: str | None = None) -> Rendered:
     """``tok(prompt) + tok(completion) + [eos]``; labels on the completion and EOS only
-    (``train_on='completion'``) or on every token. Message lists render as one chat."""
+    (``train_on='completion'``) or on every token. Message lists render as one chat. A message-list
+    prompt with a text completion (a teacher's generation for a chat prompt) renders the prompt
+    with the chat template and its generation prompt, exactly as it was sent to the teacher, then
+    ``tok(completion) + [eos]``."""
     if isinstance(prompt, list) and isinstance(completion, list):
         return render_chat(list(prompt) + list(completion), tokenizer, train_on=train_on,
                            chat_template=chat_template)
+    if isinstance(prompt, list) and isinstance(completion, str):
+        template = resolve_chat_template(tokenizer, chat_template)
+        prompt = _render(tokenizer, _clean_messages(prompt, "prompt"), template, add_generation_prompt=True)
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise DataError(f"prompt and completion must both be strings (or both message lists), got "
                         f"{type(prompt).__name__} and {type(completion).__name__}",
@@ -270,11 +276,13 @@ def render_row(row: Mapping[str, Any], tokenizer: Any, spec: DataSpec, fmt: str,
     return truncate(out, spec.max_length, spec.truncation_side)
 
 
-def tokenize_dataset(ds: Any, tokenizer: Any, spec: DataSpec | Mapping[str, Any], *, name: str = "train") -> Any:
+def tokenize_dataset(ds: Any, tokenizer: Any, spec: DataSpec | Mapping[str, Any], *, name: str = "train",
+                     keep: Sequence[str] = ()) -> Any:
     """A ``datasets.Dataset`` of ``input_ids``/``attention_mask``/``labels`` lists, one row per example.
 
     Checks fields, format and chat template before rendering anything; drops rows that end up with
-    no trained token (empty text, or truncated away).
+    no trained token (empty text, or truncated away). ``keep``: source columns carried along
+    unchanged (e.g. a per-sample ``weight``); absent ones are ignored.
 
     Raises:
         DataError: a field is missing, a conversation has no assistant turn, the tokenizer has no
@@ -290,7 +298,8 @@ def tokenize_dataset(ds: Any, tokenizer: Any, spec: DataSpec | Mapping[str, Any]
     def _one(row: dict[str, Any], index: int) -> dict[str, list[int]]:
         return render_row(row, tokenizer, spec, fmt, where=f"{name} row {index}").as_row()
 
-    out = ds.map(_one, with_indices=True, remove_columns=ds.column_names, desc=f"render {fmt} ({name})")
+    drop = [c for c in ds.column_names if c not in keep]
+    out = ds.map(_one, with_indices=True, remove_columns=drop, desc=f"render {fmt} ({name})")
     kept = out.filter(lambda labels: any(v != IGNORE_INDEX for v in labels), input_columns="labels")
     if len(kept) < len(out):
         log.info("%s: dropped %d of %d examples with no trained token (empty, or truncated away)",

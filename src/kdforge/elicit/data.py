@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -18,11 +16,20 @@ log = logging.getLogger(__name__)
 
 
 class DataConfig(StrictModel):
-    """Where the input rows come from: a file, or a bundled asset split."""
+    """Where the input rows come from, read by the data layer (:mod:`kdforge.data`, docs/data.md):
+    a file, glob or folder, a ``save_to_disk`` folder, a Hub dataset id, a data preset, or the
+    output folder of an earlier generation job."""
 
-    path: str | None = Field(None, description="a .jsonl/.json/.csv/.parquet/.txt file, or a generation output folder")
-    asset: str | None = Field(None, description="a kdforge asset, e.g. rotten-tomatoes")
-    split: str = Field("train", description="asset split (train/validation/test)")
+    path: str | None = Field(None, description="a .jsonl/.json/.csv/.parquet/.txt file, glob or folder, a "
+                                               "save_to_disk folder, a Hub dataset id, a data preset "
+                                               "(rotten-tomatoes, austen), or a generation output folder")
+    asset: str | None = Field(None, description="a kdforge data asset, e.g. rotten-tomatoes (same as path: NAME)")
+    split: str = Field("train", description="split of a preset, saved dataset, split-named files or Hub dataset")
+    name: str | None = Field(None, description="Hub dataset config name")
+    revision: str | None = Field(None, description="Hub dataset revision")
+    txt_unit: Literal["document", "paragraph", "line"] = Field(
+        "document", description=".txt rows (the package's .txt rule): one per file, per paragraph, or per "
+                                "line (line: one prompt per line)")
     id_field: str | None = Field(None, description="column with a unique id per row (default: content hash)")
     limit: int | None = Field(None, ge=1, description="use only the first N rows")
 
@@ -43,63 +50,63 @@ class PromptConfig(StrictModel):
 
 
 def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
-    """Rows as dicts (a ``.txt`` file gives one ``{"text": line}`` per non-empty line)."""
+    """Rows as dicts, read by the data layer (a ``.txt`` file is one ``{"text", "document"}`` row
+    per file, or per line with ``txt_unit: line``); a generation output folder gives its records."""
     if (cfg.path is None) == (cfg.asset is None):
         raise ConfigError("data needs exactly one of 'path' or 'asset'",
                           "set data.path: prompts.jsonl, or data.asset: rotten-tomatoes")
-    if cfg.asset is not None:
-        from kdforge.assets import ensure
-
-        root = ensure(cfg.asset)
-        path = root / f"{cfg.split}.jsonl"
-        if not path.exists():
-            raise DataError(f"asset {cfg.asset!r} has no split {cfg.split!r} ({path} missing)",
-                            f"pick one of: {', '.join(sorted(p.stem for p in root.glob('*.jsonl')))}")
+    source = cfg.asset if cfg.asset is not None else cfg.path
+    assert source is not None
+    if cfg.path is not None and _is_generation_output(Path(cfg.path)):
+        rows = _generation_records(Path(cfg.path))
     else:
-        path = Path(cfg.path)  # type: ignore[arg-type]
-    rows = read_table(path)
+        from kdforge.data.sources import PRESETS, load
+
+        if cfg.asset is not None and cfg.asset not in PRESETS:
+            raise DataError(f"{cfg.asset!r} is not a data asset", f"use one of: {', '.join(PRESETS)}")
+        spec = {"path": source, "split": cfg.split, "name": cfg.name, "revision": cfg.revision,
+                "txt_unit": cfg.txt_unit}
+        rows = _plain_rows(load(spec)["train"])
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
     if not rows:
-        raise DataError(f"{path} has no rows", "check the file (and data.limit)")
+        raise DataError(f"{source} has no rows", "check the file (and data.limit)")
     return rows
 
 
-def read_table(path: Path) -> list[dict[str, Any]]:
+def _is_generation_output(path: Path) -> bool:
+    return path.is_dir() and ((path / "shards").is_dir() or (path / "journal.partial.jsonl").exists())
+
+
+def _generation_records(path: Path) -> list[dict[str, Any]]:
+    from kdforge.elicit.store import read_records
+
+    return read_records(path)  # the output folder of an earlier generation job
+
+
+def _plain_rows(ds: Any) -> list[dict[str, Any]]:
+    """A ``datasets.Dataset`` as dicts; fields a row lacks (filled with None by the json/parquet
+    readers) are dropped, so a template naming one fails with its clear error."""
+    return [_drop_none(row) for row in ds.to_list()]
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def read_table(path: Path, *, txt_unit: str = "document") -> list[dict[str, Any]]:
+    """Rows of one local data file, folder or ``save_to_disk`` folder (its train split), read by the
+    data layer, or the records of a generation output folder."""
+    path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}", "check data.path (relative paths start at the working directory)")
-    if path.is_dir():
-        if (path / "shards").is_dir() or (path / "journal.partial.jsonl").exists():
-            from kdforge.elicit.store import read_records
+    if _is_generation_output(path):
+        return _generation_records(path)
+    from kdforge.data.sources import load
 
-            return read_records(path)  # the output folder of an earlier generation job
-        raise DataError(f"{path} is a folder but not a generation output", "point data.path at a file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}:{n} is not valid JSON ({exc.msg})", "fix or remove that line") from None
-        return rows
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise DataError(f"{path} must hold a JSON list of objects", "or use a .jsonl file")
-        return data
-    if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
-            return list(csv.DictReader(fh))
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if suffix == ".txt":
-        return [{"text": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    raise DataError(f"unsupported data file type {suffix!r} ({path})", "use .jsonl, .json, .csv, .parquet or .txt")
+    return _plain_rows(load({"path": str(path), "txt_unit": txt_unit})["train"])
 
 
 def render_prompt(row: dict[str, Any], cfg: PromptConfig, template: str | None = None) -> str | list[Message]:

@@ -41,25 +41,28 @@ from kdforge.train.tasks import IGNORE_INDEX, CausalLMTask, TaskOutput
 log = logging.getLogger(__name__)
 
 
-def load_sft_records(path: str | Path, weight_field: str | None = "weight") -> list[dict[str, Any]]:
+def load_sft_records(path: str | Path, weight_field: str | None = "weight",
+                     rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """(prompt, response[, weight]) records from a generation folder, curated.jsonl or a JSONL file.
 
     Curated items (``{"row": record, "weight": w}``) are unwrapped; rows with an empty
     response are skipped. ``weight_field``: the per-sample weight, read from the curated item
     or else from the row; when no row has it the records are unweighted (no ``weight`` key),
     when only some have it, or a weight is not a finite number ``>= 0``, it is a DataError.
-    ``None`` ignores weights.
+    ``None`` ignores weights. ``rows``: records already read from ``path`` (by the data layer).
     """
     from kdforge.elicit.data import read_table
 
     p = Path(path)
-    rows = read_table(p)
+    if rows is None:
+        rows = read_table(p)
     out = []
     for r in rows:
         rec = r.get("row", r) if isinstance(r.get("row"), dict) else r
         if "prompt" not in rec or "text" not in rec:
             raise DataError(f"{p}: records need 'prompt' and 'text' fields (got {sorted(rec)})",
-                            "give a `kdforge generate` output folder or a JSONL of {prompt, text}")
+                            "give a `kdforge generate` output folder or a JSONL of {prompt, text}, or data "
+                            "the data layer reads (chat messages, prompt/completion; docs/data.md)")
         if str(rec["text"]).strip():
             item: dict[str, Any] = {"prompt": rec["prompt"], "text": str(rec["text"])}
             if weight_field is not None:
@@ -67,6 +70,10 @@ def load_sft_records(path: str | Path, weight_field: str | None = "weight") -> l
                 if w is not None:
                     item["weight"] = _check_weight(w, p, len(out))
             out.append(item)
+    return _check_weighted(out, p, weight_field)
+
+
+def _check_weighted(out: list[dict[str, Any]], p: Path, weight_field: str | None) -> list[dict[str, Any]]:
     if not out:
         raise DataError(f"{p} has no non-empty responses", "check the generation output")
     weighted = sum("weight" in x for x in out)
@@ -91,32 +98,26 @@ def _check_weight(w: Any, path: Path, i: int) -> float:
     return value
 
 
-def build_sft_examples(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
-    """Tokenize (prompt, response) pairs: ``input_ids``, ``labels`` (-100 on the prompt), and
-    ``weight`` when the record has one.
+def build_sft_examples(records: list[dict[str, Any]], tokenizer: Any, max_length: int, *,
+                       chat_template: str | None = None) -> list[dict[str, Any]]:
+    """Tokenize (prompt, response) pairs with the data layer's prompt/completion rendering
+    (:func:`kdforge.data.chat.render_prompt_completion`): ``input_ids``, ``labels`` (-100 on the
+    prompt; the response ends with EOS), and ``weight`` when the record has one. A chat prompt (a
+    message list) is rendered with the chat template and its generation prompt, as it was sent.
 
-    Prompts longer than ``max_length`` leave no room for the response: those records are
+    Prompts of ``max_length`` tokens or more leave no room for the response: those records are
     dropped (logged); responses are truncated to fit.
     """
-    eos = tokenizer.eos_token or ""
+    from kdforge.data.chat import render_prompt_completion, truncate
+
     examples, dropped = [], 0
     for rec in records:
-        prompt = rec["prompt"]
-        if isinstance(prompt, list):
-            if not getattr(tokenizer, "chat_template", None):
-                raise ConfigError("the data has chat prompts but the student tokenizer has no chat template",
-                                  "use a student with a chat template, or plain-text prompts")
-            prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        else:
-            prompt_text = str(prompt)
-        p_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(rec["text"] + eos, add_special_tokens=False)["input_ids"]
-        room = max_length - len(p_ids)
-        if room < 1:
+        rendered = truncate(render_prompt_completion(rec["prompt"], rec["text"], tokenizer,
+                                                     chat_template=chat_template), max_length)
+        if all(t == IGNORE_INDEX for t in rendered.labels):
             dropped += 1
             continue
-        r_ids = r_ids[:room]
-        ex: dict[str, Any] = {"input_ids": p_ids + r_ids, "labels": [-100] * len(p_ids) + r_ids}
+        ex: dict[str, Any] = {"input_ids": rendered.input_ids, "labels": rendered.labels}
         if "weight" in rec:
             ex["weight"] = float(rec["weight"])
         examples.append(ex)
@@ -125,6 +126,81 @@ def build_sft_examples(records: list[dict[str, Any]], tokenizer: Any, max_length
     if not examples:
         raise DataError("no training examples fit in max_length", "raise --max-length")
     return examples
+
+
+def _is_record_table(columns: Sequence[str], spec: Any) -> bool:
+    """Rows of a generation output / curation (``prompt`` + ``text``, or ``{row, weight}``) rather
+    than data for the data layer's formats."""
+    cols = set(columns)
+    if "row" in cols:
+        return True
+    layer_fields = {spec.messages_field, spec.completion_field}
+    return spec.format is None and {"prompt", "text"} <= cols and not cols & layer_fields
+
+
+def sft_examples(spec: Any, tokenizer: Any, *, max_length: int = 512, weight_field: str | None = "weight",
+                 records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Training examples of ``kdforge sft`` from a data spec (:class:`kdforge.data.DataSpec`).
+
+    Generation outputs and curated files (records of ``prompt`` + ``text``) go through
+    :func:`load_sft_records` / :func:`build_sft_examples`; any other data (chat ``messages``,
+    prompt/completion, text) through :func:`kdforge.data.chat.tokenize_dataset` with
+    response-only labels. ``weight_field`` is read from either when present.
+    """
+    from kdforge.data import parse_spec
+
+    spec = parse_spec(spec)
+    if records is None:
+        kind, payload = sft_source(spec, weight_field)
+    else:
+        kind, payload = "records", records
+    if kind == "records":
+        return build_sft_examples(payload, tokenizer, spec.max_length or max_length, chat_template=spec.chat_template)
+    return _rows_examples(spec, tokenizer, payload, max_length, weight_field)
+
+
+def _rows_examples(spec: Any, tokenizer: Any, ds: Any, max_length: int, weight_field: str | None) -> list[dict[str, Any]]:
+    """Examples of data-layer rows (chat, prompt/completion, text): response-only labels."""
+    from kdforge.data.chat import tokenize_dataset
+
+    limit = spec.max_length or max_length
+    keep = [weight_field] if weight_field and weight_field in ds.column_names else []
+    rendered = tokenize_dataset(ds, tokenizer, spec.model_copy(update={"max_length": limit}), keep=keep)
+    examples = []
+    for i, row in enumerate(rendered):
+        ex: dict[str, Any] = {"input_ids": row["input_ids"], "labels": row["labels"]}
+        if keep:
+            if row[weight_field] is None:
+                raise DataError(f"{spec.path}: row {i} has no {weight_field!r}",
+                                "give every row a weight, or train unweighted (--weight-field none)")
+            ex["weight"] = _check_weight(row[weight_field], Path(spec.path), i)
+        examples.append(ex)
+    if keep and not any(e["weight"] > 0 for e in examples):
+        raise DataError(f"{spec.path}: every {weight_field!r} is 0, nothing would be learned",
+                        "train unweighted (--weight-field none)")
+    return examples
+
+
+def sft_source(spec: Any, weight_field: str | None = "weight") -> tuple[str, Any]:
+    """``("records", [...])`` for generation outputs and curated files, else ``("rows", Dataset)``:
+    the data read (through the data layer) before any model is loaded, so a data mistake fails fast.
+
+    Raises:
+        DataError: the data does not exist or cannot be read.
+    """
+    from kdforge.data.sources import BUILDERS, load
+    from kdforge.elicit.data import _is_generation_output, _plain_rows
+
+    p = Path(spec.path).expanduser()
+    if _is_generation_output(p):
+        return "records", load_sft_records(p, weight_field)
+    if not p.exists() and (p.suffix.lower() in BUILDERS or spec.path.startswith((".", "/", "~"))):
+        raise DataError(f"data file not found: {p}",
+                        "check data.path (relative paths start at the working directory)")
+    ds = load(spec)["train"]
+    if _is_record_table(ds.column_names, spec):
+        return "records", load_sft_records(p, weight_field, rows=_plain_rows(ds))
+    return "rows", ds
 
 
 WEIGHT_SCALE = 1000
@@ -195,27 +271,34 @@ def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
 
 def run_sft(data: str | Path, student: str, output_dir: str | Path, *, tokenizer: str | None = None,
             max_length: int = 512, train: dict[str, Any] | None = None,
-            weight_field: str | None = "weight") -> dict[str, Any]:
-    """Fine-tune ``student`` (HF folder or Hub id) on teacher generations; save it under
-    ``output_dir/student``; return the final training metrics.
+            weight_field: str | None = "weight", data_spec: Any = None) -> dict[str, Any]:
+    """Fine-tune ``student`` (HF folder or Hub id) on teacher generations or any data the data
+    layer reads; save it under ``output_dir/student``; return the final training metrics.
 
-    ``weight_field``: per-sample weights (see :func:`load_sft_records`); when the data has them
-    the loss is the weighted token mean (:class:`WeightedCausalLMTask`), otherwise plain
-    response-token cross-entropy.
+    ``data_spec``: a :class:`kdforge.data.DataSpec` (or mapping) read instead of ``data`` (e.g.
+    chat ``messages`` or a prompt/completion csv with its field names); the loss covers completion
+    / assistant tokens only. ``weight_field``: per-sample weights (see :func:`load_sft_records`);
+    when the data has them the loss is the weighted token mean (:class:`WeightedCausalLMTask`),
+    otherwise plain response-token cross-entropy.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kdforge.data import parse_spec
     from kdforge.data.text import lm_collate
     from kdforge.io import write_json_atomic
     from kdforge.train import Distiller
 
     out = Path(output_dir)
-    records = load_sft_records(data, weight_field)  # the cheap checks first: a bad data path fails before any model loads
+    spec = parse_spec(data_spec if data_spec is not None else {"path": str(data)})
+    source = sft_source(spec, weight_field)  # the cheap checks first: a bad data path fails before any model loads
     tok = _from_pretrained(AutoTokenizer, tokenizer or student, "tokenizer")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if source[0] == "records":
+        examples = build_sft_examples(source[1], tok, spec.max_length or max_length, chat_template=spec.chat_template)
+    else:
+        examples = _rows_examples(spec, tok, source[1], max_length, weight_field)
     model = _from_pretrained(AutoModelForCausalLM, student, "student", dtype=torch.float32)
-    examples = build_sft_examples(records, tok, max_length)
     cfg = {"batch_size": 8, "lr": 5e-5, "scheduler": "cosine", "warmup_steps": 0,
            **(train or {}), "output_dir": str(out)}
     if cfg.get("max_steps") is None and cfg.get("epochs") is None:
@@ -236,7 +319,7 @@ def run_sft(data: str | Path, student: str, output_dir: str | Path, *, tokenizer
     tok.save_pretrained(path)
     summary = {"task": "sft", "examples": len(examples), "student": str(path),
                "weighted": weighted, "weight_field": weight_field if weighted else None,
-               "steps": getattr(state, "step", None), "data": str(data)}
+               "steps": getattr(state, "step", None), "data": str(spec.path)}
     write_json_atomic(out / "sft_summary.json", summary)
     log.info("SFT finished: %s", json.dumps(summary))
     return summary

@@ -1,4 +1,11 @@
-"""``kdforge run RECIPE.yaml [--resume]``: run a validated recipe."""
+"""``kdforge run RECIPE.yaml [--resume] [--dry-run]``: check, then run a validated recipe.
+
+Every run starts with the pre-flight (:mod:`kdforge.preflight`): the recipe's checks of
+everything knowable without training and its estimate of memory and disk; all problems are
+listed at once (exit 2) before anything is loaded or written. ``--dry-run`` stops there and
+prints the resolved config (re-runnable, with its ``recipe:`` key) and the estimate. A real run
+also copies every kdforge log record into ``OUTPUT_DIR/train.log``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,10 @@ import inspect
 import json
 import logging
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -16,9 +26,21 @@ from kdforge.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def _epilog() -> str:
+    from kdforge.recipes import known_recipes
+
+    return ("recipes (the `recipe:` key of a YAML): " + ", ".join(known_recipes()) + "\n"
+            "shipped configs: `kdforge recipes list`; copy one to edit: `kdforge init NAME DIR`\n"
+            "every key of every recipe: docs/config-reference.md (or --dry-run on a config)\n"
+            "before training, every run checks the config (all problems at once, exit 2) and estimates "
+            "memory and disk (docs/configs.md, 'Dry run and pre-flight')")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a recipe YAML (see configs/)")
-    p.add_argument("recipe", help="path to a recipe YAML file")
+    p = sub.add_parser("run", help="run a recipe YAML (`kdforge recipes list`, `kdforge init NAME DIR`)",
+                       description="Check, then run, a recipe YAML.", epilog=_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="path to a recipe YAML file (`kdforge init quickstart .` writes one)")
     p.add_argument("-o", "--output-dir", default=None, help="where results go (default: the recipe's output_dir)")
     p.add_argument(
         "--set",
@@ -30,7 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run already in the output folder: finished (method, seed) sub-runs are "
                         "kept, an interrupted one continues from its last checkpoint (train.save_every)")
-    p.add_argument("--dry-run", action="store_true", help="validate the recipe and print it, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything knowable without training (every problem listed, exit 2), print the "
+                        "resolved config (re-runnable, with its recipe: key) and the memory/disk estimate; run nothing")
+    p.add_argument("--force", action="store_true",
+                   help="run even when the pre-flight estimate says memory or disk will not suffice")
+    p.add_argument("--probe", action="store_true",
+                   help="time two optimizer steps of a stand-in student for the time estimate (a few seconds)")
     p.add_argument("--no-report", action="store_true", help="do not render the HTML report at the end")
     p.set_defaults(func=handle)
 
@@ -72,22 +100,41 @@ def check_output_dir(output_dir: Path, resume: bool) -> None:
         )
 
 
+def resolved_config(recipe: Any, config: Any, output_dir: str | None = None) -> str:
+    """The config as a re-runnable YAML: its ``recipe:`` key first, every default filled in, and
+    ``output_dir`` set to ``-o`` when one was given."""
+    from kdforge.recipes import recipe_name
+
+    data = {"recipe": recipe_name(type(recipe)), **config.model_dump(mode="json")}
+    if output_dir is not None and "output_dir" in data:
+        data["output_dir"] = output_dir
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
 def handle(args: argparse.Namespace) -> int:
     from kdforge.recipes import load_recipe_file
 
     recipe, config = load_recipe_file(args.recipe, parse_overrides(args.set))
-    if args.dry_run:
-        print(json.dumps(config.model_dump(mode="json"), indent=2))
-        return 0
     output_dir = Path(args.output_dir or getattr(config, "output_dir", None) or "outputs/run")
-    _checked_together(lambda: check_output_dir(output_dir, args.resume))
-    kwargs = {}
-    if "resume" in inspect.signature(recipe.run).parameters:
-        kwargs["resume"] = args.resume
-    elif args.resume:
-        log.info("recipe %s has no --resume of its own: running it again (it reuses what it cached)",
-                 type(recipe).__name__)
-    recipe.run(config, output_dir, **kwargs)
+    if args.dry_run:
+        sys.stdout.write(resolved_config(recipe, config, args.output_dir))
+    report = _checked_together(lambda: _preflight(recipe, config, output_dir, args))
+    if report.estimate is not None:
+        for line in report.estimate.lines():
+            if args.dry_run:
+                print(f"# {line}")
+            else:
+                log.info("%s", line)
+    report.raise_if_problems(str(args.recipe))
+    if args.dry_run:
+        print("# pre-flight: no problems found")
+        return 0
+    from kdforge.train.tracking import log_to_file
+
+    with log_to_file(output_dir / "train.log", enabled=_is_main_process()):
+        if report.estimate is not None:
+            log.info("pre-flight estimate: %s", json.dumps(report.estimate.to_dict()))
+        _run(recipe, config, output_dir, args)
     if not args.no_report and (output_dir / "results.json").is_file() and _is_main_process():
         from kdforge.eval.report import build_report
 
@@ -96,8 +143,30 @@ def handle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked_together(check) -> None:
-    """Run ``check`` on every launched process before any of them writes (then a barrier).
+def _run(recipe: Any, config: Any, output_dir: Path, args: argparse.Namespace) -> None:
+    kwargs = {}
+    if "resume" in inspect.signature(recipe.run).parameters:
+        kwargs["resume"] = args.resume
+    elif args.resume:
+        log.info("recipe %s has no --resume of its own: running it again (it reuses what it cached)",
+                 type(recipe).__name__)
+    recipe.run(config, output_dir, **kwargs)
+
+
+def _preflight(recipe: Any, config: Any, output_dir: Path, args: argparse.Namespace) -> Any:
+    """The recipe's pre-flight report, with "this folder already holds a run" as one more problem."""
+    from kdforge.preflight import Problem, preflight
+
+    extra = []
+    try:
+        check_output_dir(output_dir, args.resume)
+    except ConfigError as exc:
+        extra.append(Problem("output_dir", exc.problem, exc.fix))
+    return preflight(recipe, config, output_dir, force=args.force, probe=args.probe, extra=extra)
+
+
+def _checked_together(check: Callable[[], Any]) -> Any:
+    """Run ``check`` on rank 0 of a launch (every process otherwise) and give its result to all.
 
     Under ``accelerate launch`` a fast rank 0 could otherwise create the output folder before a
     slower rank looked at it, and that rank alone would refuse to run: the group would hang. Rank
@@ -106,21 +175,15 @@ def _checked_together(check) -> None:
     from kdforge.distributed import launched_world_size
 
     if launched_world_size() <= 1:
-        check()
-        return
+        return check()
     from kdforge.distributed import broadcast_from_main
     from kdforge.teachers.cache.parallel import join_launch_group
 
     group = join_launch_group()
-    error = None
-    try:
-        check()
-    except ConfigError as exc:
-        error = (exc.problem, exc.fix)
-    error = broadcast_from_main(error)
+    result = check() if group.rank == 0 else None
+    result = broadcast_from_main(result)
     group.barrier()
-    if error is not None:
-        raise ConfigError(*error)
+    return result
 
 
 def _is_main_process() -> bool:

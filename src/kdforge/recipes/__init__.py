@@ -28,12 +28,48 @@ from kdforge.registry import Registry
 
 
 class Recipe(ABC):
-    """A runnable job: a config model plus a ``run`` method returning a results dict."""
+    """A runnable job: a config model plus a ``run`` method returning a results dict.
+
+    The pre-flight hooks (``kdforge run --dry-run`` and the start of every run, see
+    :mod:`kdforge.preflight`) default to the recipe's module in
+    :data:`kdforge.preflight.CHECK_MODULES`; a recipe may override them:
+
+    * :meth:`check` — every problem knowable without training, as a list (never raised one by one);
+    * :meth:`estimate` — memory, disk (:class:`~kdforge.preflight.Estimate`), or None;
+    * :meth:`probe` — seconds per optimizer step from two timed steps, or None.
+    """
 
     config_model: ClassVar[type[BaseModel]]
 
     @abstractmethod
     def run(self, config: Any, output_dir: Path) -> dict[str, Any]: ...
+
+    def check(self, config: Any, output_dir: Path) -> list[Any]:
+        """Problems (:class:`kdforge.preflight.Problem`) of ``config`` found without training."""
+        module = self._preflight_module()
+        return module.check(config, Path(output_dir)) if module is not None else []
+
+    def estimate(self, config: Any, output_dir: Path) -> Any:
+        """The pre-flight :class:`~kdforge.preflight.Estimate` of a run, or None."""
+        module = self._preflight_module()
+        fn = getattr(module, "estimate", None)
+        return fn(config, Path(output_dir)) if fn is not None else None
+
+    def probe(self, config: Any) -> float | None:
+        """Seconds per optimizer step measured on two steps of a stand-in run, or None."""
+        module = self._preflight_module()
+        fn = getattr(module, "probe", None)
+        return fn(config) if fn is not None else None
+
+    def _preflight_module(self) -> Any:
+        from kdforge.preflight import checks_module
+
+        return checks_module(recipe_name(type(self)))
+
+
+def recipe_name(cls: type[Recipe]) -> str | None:
+    """The name ``cls`` is registered under (None for an unregistered class)."""
+    return next((e.name for e in RECIPES.entries() if e.obj is cls), None)
 
 
 RECIPES: Registry[type[Recipe]] = Registry("recipe")

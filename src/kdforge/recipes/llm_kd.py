@@ -200,7 +200,7 @@ class EvalSpec(StrictModel):
 
 def _default_train() -> TrainConfig:
     return TrainConfig(max_steps=100, batch_size=8, lr=1e-3, scheduler="linear", warmup_steps=5,
-                       log_every=10, eval_every=25, progress=False)
+                       log_every=10, eval_every=25)
 
 
 def _default_methods() -> list[MethodSpec]:
@@ -310,7 +310,7 @@ def _subrun_key(config: LLMKDConfig, method: MethodSpec, seed: int) -> dict[str,
         "student": config.student.model_dump(mode="json"),
         "data": config.data.model_dump(mode="json"),
         "cache": config.cache.model_dump(mode="json", exclude={"dir"}),
-        "train": config.train.model_dump(mode="json", exclude={"output_dir", "progress", "log_with"}),
+        "train": config.train.model_dump(mode="json", exclude={"output_dir", "progress", "log_with", "project", "run_name"}),
         "inner_eval": config.eval.during_training_sequences,
         "method": method.model_dump(mode="json"),
         "seed": seed,

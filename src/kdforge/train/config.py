@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdforge.config import StrictModel, format_validation_error
 from kdforge.errors import ConfigError
@@ -69,8 +69,27 @@ class TrainConfig(FriendlyModel):
     save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (and at the end)")
     keep_last: int | None = Field(2, ge=1, description="checkpoints to keep; null = all")
     output_dir: str | None = Field(None, description="RUN_DIR; null = nothing written to disk")
-    progress: bool = True
-    log_with: list[str] = Field(default_factory=list, description='accelerate trackers, e.g. ["tensorboard"]')
+    progress: bool | Literal["auto"] = Field(
+        "auto", description="progress bar: auto = on a terminal, off in CI and when output is not a TTY")
+    log_with: list[str] = Field(default_factory=list, description=(
+        "experiment trackers (through accelerate): tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, "
+        "swanlab, trackio; a single name or a list (docs/training.md)"))
+    project: str | None = Field(None, description="tracker project (wandb project, mlflow experiment); null = kdforge")
+    run_name: str | None = Field(None, description="tracker run name; null = the run folder's last two parts")
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        """One name or a list; every name one accelerate knows (installation is checked at the start)."""
+        from kdforge.train.tracking import TRACKER_PACKAGES, trackers_of
+
+        if value is None or isinstance(value, str | list | tuple):
+            names = trackers_of(value)
+            unknown = [n for n in names if not isinstance(n, str) or n not in TRACKER_PACKAGES]
+            if unknown:
+                raise ValueError(f"unknown tracker {unknown[0]!r}; choose from: {', '.join(TRACKER_PACKAGES)}")
+            return names
+        return value
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:

@@ -42,7 +42,7 @@ from kdforge.distributed import check_process_group, needs_cpu_process_group, wr
 from kdforge.errors import CheckpointError, ConfigError, NonFiniteError
 from kdforge.io import write_text_atomic
 from kdforge.teachers.sources import TeacherSource, as_source
-from kdforge.train import evaluation, persistence
+from kdforge.train import evaluation, persistence, tracking
 from kdforge.train.callbacks import (
     Callback,
     JsonlLogger,
@@ -201,17 +201,8 @@ class Distiller:
         kwargs: dict[str, Any] = {"mixed_precision": resolve_mixed_precision(self.config.mixed_precision)}
         if needs_cpu_process_group():  # torchrun-style launch on a CPU-only machine: join a gloo group
             kwargs["cpu"] = True
-        if self.config.log_with and self.run_dir is not None:
-            kwargs.update(log_with=list(self.config.log_with), project_dir=str(self.run_dir))
-        try:
-            return new_accelerator(Accelerator, kwargs)
-        except (ImportError, ValueError) as exc:
-            if "log_with" not in kwargs:
-                raise
-            logger.warning("trackers %s unavailable (%s); logging to metrics.jsonl only", self.config.log_with, exc)
-            kwargs.pop("log_with")
-            kwargs.pop("project_dir")
-            return new_accelerator(Accelerator, kwargs)
+        kwargs.update(tracking.accelerator_kwargs(self.config.log_with, self.run_dir))  # ConfigError if not installed
+        return new_accelerator(Accelerator, kwargs)
 
     def _setup_teacher(self, student: nn.Module, teacher_device: Any) -> None:
         """Freeze the source's modules and place them (the teacher is never prepared/wrapped)."""
@@ -281,7 +272,7 @@ class Distiller:
         # monitor's flags) reach the progress bar and metrics.jsonl written by the built-ins.
         self.callbacks: list[Callback] = list(callbacks)
         self._jsonl: JsonlLogger | None = None
-        if self.config.progress:
+        if tracking.progress_enabled(self.config.progress):
             self.callbacks.append(ProgressBar())
         if self.run_dir is not None:
             self._jsonl = JsonlLogger(self.run_dir / "metrics.jsonl")
@@ -404,10 +395,18 @@ class Distiller:
     def train(self, resume: bool | str | Path = False) -> TrainerState:
         """Train to ``max_steps`` (or ``epochs``); return the final :class:`TrainerState`.
 
+        Every kdforge log record of the training is also appended to ``RUN_DIR/train.log``
+        (:func:`kdforge.train.tracking.log_to_file`; main process).
+
         Args:
             resume: False = fresh run; True = continue from the newest checkpoint under
                 ``RUN_DIR/checkpoints`` (a fresh start when there is none); a path = that checkpoint.
         """
+        log_file = self.run_dir / "train.log" if self.run_dir is not None else None
+        with tracking.log_to_file(log_file, enabled=self.accelerator.is_main_process):
+            return self._train(resume)
+
+    def _train(self, resume: bool | str | Path) -> TrainerState:
         from accelerate.utils import set_seed
 
         set_seed(self.config.seed)
@@ -482,10 +481,10 @@ class Distiller:
                 logger.warning("%s already holds checkpoints of an earlier run; this fresh run will replace "
                                "and prune them (use train(resume=True) to continue that run instead)",
                                self.run_dir / "checkpoints")
-        if self.config.log_with and self.run_dir is not None and getattr(acc, "log_with", None):
-            hparams = {k: v if isinstance(v, int | float | str | bool) else str(v)
-                       for k, v in self.config.model_dump(mode="json").items()}
-            acc.init_trackers("tensorboard", config=hparams)
+        if self.config.log_with and getattr(acc, "log_with", None):
+            tracking.start_trackers(acc, project=self.config.project,
+                                    run_name=tracking.run_name_of(self.run_dir, self.config.run_name),
+                                    hparams=self.config.model_dump(mode="json"))
         for cb in self.callbacks:
             cb.on_train_begin(state)
 

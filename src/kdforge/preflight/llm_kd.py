@@ -1,0 +1,292 @@
+"""Pre-flight of the ``llm_kd`` recipe: everything its config says that can be checked without
+training (:func:`check`), and what the run will need (:func:`estimate`).
+
+Checked: every method's objective against the teacher signal that method will get (the top-k
+cache, or the live teacher for on-policy and feature terms), the cache settings, the teacher
+reference (asset, folder, Hub id), the documents (names exist, train and held-out differ, enough
+tokens for the blocks asked: the documents are tokenised with the teacher's tokenizer, no model
+weights are loaded), the trackers of ``train.log_with``, and the output folder.
+
+Estimated: teacher and student weights (built on the ``meta`` device from the teacher's
+config.json), gradients and AdamW state of the trainable student parameters, the largest logits
+array (student step, teacher cache pass, evaluation), the trained students the recipe keeps in
+memory for its final evaluation, the teacher cache, saved students and checkpoints on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from kdforge.errors import KdforgeError
+from kdforge.preflight.checks import (
+    check_dtype,
+    check_model_ref,
+    check_objective,
+    check_output_dir,
+    check_trackers,
+)
+from kdforge.preflight.estimate import (
+    Estimate,
+    adamw_state_bytes,
+    cache_bytes,
+    grad_bytes,
+    logits_bytes,
+    param_bytes,
+    trainable_numel,
+)
+from kdforge.preflight.problems import Problem, Problems
+
+log = logging.getLogger(__name__)
+
+__all__ = ["check", "estimate"]
+
+
+def check(config: Any, output_dir: Path) -> list[Problem]:
+    """Every problem of an ``llm_kd`` config (:class:`~kdforge.recipes.llm_kd.LLMKDConfig`) found
+    without training; empty when there is none."""
+    problems = Problems()
+    _check_methods(problems, config)
+    _check_cache(problems, config.cache)
+    teacher = config.teacher
+    kind = check_model_ref(problems, "teacher.model", teacher.model, revision=getattr(teacher, "revision", None))
+    check_dtype(problems, "teacher.dtype", getattr(teacher, "dtype", None), getattr(teacher, "device", None))
+    documents = _documents(problems, config.data)
+    tokenizer = _tokenizer(problems, teacher.model) if kind in ("asset", "folder", "hub") else None
+    if documents is not None:
+        _check_splits(problems, config.data, documents, tokenizer)
+    check_trackers(problems, "train.log_with", config.train.log_with)
+    check_output_dir(problems, "output_dir", output_dir)
+    return problems.items
+
+
+# ------------------------------------------------------------------------------------------
+# methods and cache
+
+
+def _check_methods(problems: Problems, config: Any) -> None:
+    c = config.cache
+    for i, method in enumerate(config.methods):
+        live = method.on_policy is not None or any(t.source == "feature" for t in method.objective)
+        check_objective(problems, f"methods.{i}.objective", method.objective,
+                        teacher="dense" if live else "sparse", k=c.k, tail_samples=c.tail_samples,
+                        chunked=method.chunked, max_steps=config.train.max_steps or 1,
+                        vocab_size=max(16, c.k + c.tail_samples + 2))
+
+
+def _check_cache(problems: Problems, c: Any) -> None:
+    if c.k == 0 and c.tail_samples == 0:
+        problems.add("cache.k", "k=0 and tail_samples=0 keep nothing of the teacher",
+                     "set k >= 1, or tail_samples >= 1 for a pure-sampling cache")
+    if c.tail_samples > 255:
+        problems.add("cache.tail_samples", f"tail_samples={c.tail_samples}: the cache stores draw counts as "
+                                           "one byte, so at most 255", "use tail_samples <= 255")
+    try:
+        from kdforge.teachers.cache.codec import get_encoding
+
+        encoding = get_encoding(c.encoding)
+    except KdforgeError as exc:
+        problems.add("cache.encoding", exc.problem, exc.fix)
+        return
+    if encoding.compression == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            problems.add("cache.encoding", f"encoding {c.encoding!r} needs the zstandard package, not installed",
+                         "pip install zstandard, or use encoding: compact-u8-zlib (standard library only)")
+
+
+# ------------------------------------------------------------------------------------------
+# data
+
+
+def _documents(problems: Problems, d: Any) -> dict[str, str] | None:
+    from kdforge.recipes.llm_kd import load_documents
+
+    try:
+        return load_documents(d.corpus)
+    except KdforgeError as exc:
+        problems.add("data.corpus", exc.problem, exc.fix)
+    except OSError as exc:
+        problems.add("data.corpus", f"cannot read {d.corpus!r}: {exc}", "check the path and its permissions")
+    return None
+
+
+def _tokenizer(problems: Problems, model: str) -> Any:
+    """The teacher's tokenizer when it is on this machine (an installed asset, a folder, the Hub
+    cache); None otherwise (the size checks are then skipped)."""
+    from kdforge.assets import ASSET_MODULES
+
+    path = model
+    if model in ASSET_MODULES:
+        import importlib
+
+        module = importlib.import_module(ASSET_MODULES[model])
+        target = module.target_dir() if hasattr(module, "target_dir") else None
+        if target is None or not module.is_complete(target):
+            return None  # installed on first use; the sizes are checked then
+        path = str(target)
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        problems.add("teacher.model", f"cannot load the tokenizer of {model!r}: {str(exc).splitlines()[0]}",
+                     "point teacher.model at a folder with the tokenizer files (tokenizer.json ...)")
+        return None
+
+
+def _check_splits(problems: Problems, d: Any, documents: dict[str, str], tokenizer: Any) -> None:
+    names = sorted(documents)
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    for side in ("train_docs", "eval_docs"):
+        docs = getattr(d, side)
+        if not docs:
+            problems.add(f"data.{side}", "names no document", f"name at least one of: {shown}")
+        for j, name in enumerate(docs):
+            if name not in documents:
+                import difflib
+
+                close = difflib.get_close_matches(name, names, n=1)
+                problems.add(f"data.{side}.{j}", f"unknown document {name!r} in corpus {d.corpus!r}",
+                             f"{f'did you mean {close[0]!r}? ' if close else ''}choose from: {shown}")
+    overlap = sorted(set(d.train_docs) & set(d.eval_docs))
+    if overlap:
+        problems.add("data.eval_docs", f"documents {overlap} are in both the train and held-out splits",
+                     "hold out different documents than you train on")
+    if tokenizer is None:
+        return
+    from kdforge.data.text import tokenize_texts, unwrap_paragraphs
+
+    for side, asked_key in (("train_docs", "train_sequences"), ("eval_docs", "eval_sequences")):
+        docs = [n for n in getattr(d, side) if n in documents]
+        if not docs:
+            continue
+        texts = [unwrap_paragraphs(documents[n]) if d.unwrap_paragraphs else documents[n] for n in docs]
+        try:
+            tokens = len(tokenize_texts(texts, tokenizer))
+        except KdforgeError as exc:
+            problems.add(f"data.{side}", exc.problem, exc.fix)
+            continue
+        blocks = tokens // d.seq_len
+        asked = getattr(d, asked_key)
+        split = "training" if side == "train_docs" else "held-out"
+        if blocks == 0:
+            problems.add(f"data.{side}", f"the {split} documents {docs} hold {tokens} tokens, fewer than one block "
+                                         f"of data.seq_len={d.seq_len}",
+                         f"add text to them, name more documents, or lower data.seq_len below {max(tokens, 2)}")
+        elif asked is not None and asked > blocks:
+            problems.add(f"data.{asked_key}", f"{asked} blocks of {d.seq_len} tokens asked, but the {split} "
+                                              f"documents {docs} hold {tokens} tokens = {blocks} blocks",
+                         f"set data.{asked_key} to at most {blocks} (or null for all), name more documents, "
+                         "or lower data.seq_len")
+
+
+# ------------------------------------------------------------------------------------------
+# estimate
+
+
+def estimate(config: Any, output_dir: Path, *, device: str | None = None) -> Estimate | None:
+    """Memory and disk of an ``llm_kd`` run; None when the teacher's config is not on this machine
+    (an asset not yet installed, a Hub id not cached)."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = _meta_teacher(config.teacher)
+    if teacher is None:
+        return None
+    from kdforge.students.from_teacher import student_from_teacher
+
+    s, d, c, tr = config.student, config.data, config.cache, config.train
+    quiet = logging.getLogger("kdforge.students.from_teacher")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the sizing copy is not news
+    try:
+        with torch.device("meta"):
+            student = student_from_teacher(teacher, s.layers,
+                                           num_layers=s.num_layers if s.layers == "every_k" else None,
+                                           freeze_embeddings=s.freeze_embeddings, freeze_head=s.freeze_head)
+    finally:
+        quiet.setLevel(level)
+    vocab = int(teacher.config.vocab_size)
+    est = Estimate(device=device)
+    n_train = d.train_sequences or 0
+    runs = len(config.methods) * len(config.seeds)
+    est.add("teacher weights", param_bytes(teacher), note=f"{_count(teacher)} params, {config.teacher.dtype}")
+    student_bytes = param_bytes(student)
+    est.add("student weights (template + training copy)", 2 * student_bytes,
+            note=f"{_count(student)} params, {trainable_numel(student) / 1e6:.1f}M trainable")
+    est.add("gradients", grad_bytes(student))
+    est.add("AdamW state", adamw_state_bytes(student), note="exp_avg + exp_avg_sq of the trainable params")
+    rows = tr.batch_size * d.seq_len
+    chunked = any(m.chunked for m in config.methods)
+    step_logits = logits_bytes(rows, vocab)
+    if chunked:
+        from kdforge.losses.chunked import auto_chunk_size
+
+        step_logits = max(step_logits if not all(m.chunked for m in config.methods) else 0,
+                          logits_bytes(auto_chunk_size(vocab, rows, device), vocab))
+    cache_pass = logits_bytes(c.batch_size * d.seq_len, vocab, with_grad=False) * 2  # teacher logits + log-softmax
+    eval_pass = logits_bytes(config.eval.batch_size * d.seq_len, vocab, with_grad=False) * 2  # teacher + model
+    largest = max(step_logits, cache_pass, eval_pass)
+    which = {step_logits: f"training step [{rows}, {vocab}] + grad", cache_pass: "teacher cache pass",
+             eval_pass: "evaluation pass"}[largest]
+    est.add("largest logits array", largest, note=which)
+    if runs > 1:
+        est.add("trained students kept for evaluation", (runs - 1) * student_bytes,
+                note=f"{runs} (method, seed) runs")
+    if n_train:
+        total, per_token = cache_bytes(n_train, d.seq_len, c.k, vocab, c.encoding, c.tail_samples)
+        est.add("teacher cache", total, "disk", note=f"{n_train * d.seq_len} tokens x {per_token:.1f} B/token"
+                + (", uncompressed: zlib/zstd write less on real text" if _compressed(c.encoding) else ""))
+    else:
+        est.notes.append("data.train_sequences is null (all blocks): the cache size depends on the corpus")
+    if config.save_students:
+        est.add("saved students", runs * student_bytes, "disk")
+    if tr.save_every:
+        keep = tr.keep_last or 1
+        ckpt = student_bytes + adamw_state_bytes(student)
+        est.add("checkpoints", runs * keep * ckpt, "disk", note=f"{keep} per run x (weights + AdamW state)")
+    if tr.max_steps:
+        est.steps = tr.max_steps * runs
+    return est
+
+
+def _meta_teacher(spec: Any) -> Any:
+    """The teacher built on the meta device from its config.json (no weights read), or None."""
+    import torch
+
+    from kdforge.assets import ASSET_MODULES
+
+    path = spec.model
+    if path in ASSET_MODULES:
+        import importlib
+
+        module = importlib.import_module(ASSET_MODULES[path])
+        target = module.target_dir() if hasattr(module, "target_dir") else None
+        if target is None or not module.is_complete(target):
+            return None
+        path = str(target)
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, spec.dtype))
+    except (OSError, ValueError, KeyError) as exc:
+        log.debug("no estimate for teacher %r: %s", spec.model, exc)
+        return None
+    return model
+
+
+def _count(model: Any) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _compressed(encoding: str) -> bool:
+    from kdforge.teachers.cache.codec import get_encoding
+
+    return get_encoding(encoding).compression is not None
+

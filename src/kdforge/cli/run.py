@@ -105,10 +105,46 @@ def resolved_config(recipe: Any, config: Any, output_dir: str | None = None) -> 
     ``output_dir`` set to ``-o`` when one was given."""
     from kdforge.recipes import recipe_name
 
-    data = {"recipe": recipe_name(type(recipe)), **config.model_dump(mode="json")}
+    data = {"recipe": recipe_name(type(recipe)), **rerunnable_dump(config)}
     if output_dir is not None and "output_dir" in data:
         data["output_dir"] = output_dir
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def rerunnable_dump(model: Any) -> dict[str, Any]:
+    """``model.model_dump(mode="json")`` that validates again into the same config.
+
+    Every default is written out, except where a model rejects keys that were not given (a
+    section whose validator refuses the fields of another ``kind``/``source``): there the keys set
+    in the file are kept, plus each default that the section still accepts.
+    """
+    from pydantic import BaseModel, ValidationError
+
+    def fix(obj: Any, data: Any) -> Any:
+        if isinstance(obj, BaseModel) and isinstance(data, dict):
+            for name in type(obj).model_fields:
+                if name in data:
+                    data[name] = fix(getattr(obj, name), data[name])
+            try:
+                type(obj).model_validate(data)
+                return data
+            except ValidationError:
+                kept = {k: v for k, v in data.items() if k in obj.model_fields_set}
+                for k, v in data.items():
+                    if k not in kept:
+                        try:
+                            type(obj).model_validate({**kept, k: v})
+                        except ValidationError:
+                            continue
+                        kept[k] = v
+                return {k: kept[k] for k in data if k in kept}
+        if isinstance(obj, list | tuple) and isinstance(data, list):
+            return [fix(o, d) for o, d in zip(obj, data)]
+        if isinstance(obj, dict) and isinstance(data, dict):
+            return {k: fix(obj.get(k), v) for k, v in data.items()}
+        return data
+
+    return fix(model, model.model_dump(mode="json"))
 
 
 def handle(args: argparse.Namespace) -> int:

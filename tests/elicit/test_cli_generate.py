@@ -6,6 +6,7 @@ import json
 
 import pytest
 import yaml
+from tests.data._cmd import private_datasets_cache  # noqa: F401  (autouse: datasets cache in tmp)
 
 from kdforge.cli.main import main
 
@@ -78,3 +79,46 @@ def test_a_failed_request_prints_one_problem_and_one_fix_not_nested_ones(tmp_pat
     problem, fix = err.split("Fix:")
     assert "1 request(s) failed for good (request was rejected by the server (HTTP 401))" in problem
     assert fix.strip().startswith("check the API key in $TEACHER_KEY; then rerun the same command")
+
+
+# ---- data of the data layer: chat messages, prompt/completion ------------------------------------
+@pytest.mark.parametrize("kind", ["chat", "prompt_completion"])
+def test_generate_reads_chat_jsonl_and_prompt_completion_csv(tmp_path, tiny_model_dir, kind):
+    from tests.data._cmd import CHATS, PAIRS, write_chat_jsonl, write_pc_csv
+
+    from kdforge.elicit.store import read_records
+
+    if kind == "chat":
+        data, prompt = write_chat_jsonl(tmp_path / "chats.jsonl"), {}
+        want = sorted(json.dumps(c[:-1]) for c in CHATS)  # the last assistant turn is for the teacher to write
+    else:
+        data, prompt = write_pc_csv(tmp_path / "qa.csv"), {"template": "{question}"}
+        want = sorted(json.dumps([{"role": "user", "content": q}]) for q, _ in PAIRS)
+    p = _write(tmp_path, {"task": "generate", "output_dir": str(tmp_path / "out"), "progress": False,
+                          "backend": {"type": "transformers", "model": str(tiny_model_dir), "device": "cpu"},
+                          "data": {"path": str(data)}, "prompt": prompt,
+                          "sampling": {"n": 1, "temperature": 0.0, "max_tokens": 3, "seed": 0}})
+    assert main(["generate", str(p)]) == 0
+    records = read_records(tmp_path / "out" / "generations")
+    assert sorted(json.dumps(r["prompt"]) for r in records) == want
+
+
+@pytest.mark.parametrize("case", ["missing_field", "missing_file", "hub_offline"])
+def test_generate_bad_data_is_a_clear_error_and_writes_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys, case):
+    from tests.data._cmd import write_chat_jsonl
+
+    prompt: dict = {}
+    if case == "missing_field":
+        data, prompt, want = str(write_chat_jsonl(tmp_path / "c.jsonl")), {"template": "{question}"}, "'question'"
+    elif case == "missing_file":
+        data, want = str(tmp_path / "nope.jsonl"), "does not exist"
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        data, want = "someone/some-dataset", "HF_HUB_OFFLINE"
+    p = _write(tmp_path, {"task": "generate", "output_dir": str(tmp_path / "out"), "progress": False,
+                          "backend": {"type": "transformers", "model": str(tiny_model_dir), "device": "cpu"},
+                          "data": {"path": data}, "prompt": prompt})
+    assert main(["generate", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert want in err and "Fix:" in err
+    assert not (tmp_path / "out").exists()

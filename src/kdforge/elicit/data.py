@@ -39,8 +39,10 @@ class PromptConfig(StrictModel):
 
     ``template`` is a Python format string over the row's fields, e.g.
     ``"Review: {text}\\nIs it fresh or rotten?"``. With ``chat: true`` the prompt is sent as
-    chat messages (``system`` first if given); with ``chat: false`` as plain text. A row that
-    has a ``messages_field`` (a list of ``{role, content}``) is used as it is.
+    chat messages (``system`` first if given); with ``chat: false`` as plain text. Chat data (a
+    ``messages_field``, a list of ``{role, content}``; by default ``messages`` when the rows have
+    it and no ``prompt``) is sent as the conversation up to its last turn: a final assistant turn
+    is the reference reply the teacher writes anew, and is dropped.
     """
 
     template: str = "{prompt}"
@@ -93,6 +95,8 @@ def _plain_rows(ds: Any) -> list[dict[str, Any]]:
 def _drop_none(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
     return value
 
 
@@ -111,10 +115,19 @@ def read_table(path: Path, *, txt_unit: str = "document") -> list[dict[str, Any]
 
 def render_prompt(row: dict[str, Any], cfg: PromptConfig, template: str | None = None) -> str | list[Message]:
     """Build the prompt for one row (see :class:`PromptConfig`)."""
-    if cfg.messages_field:
-        msgs = row.get(cfg.messages_field)
+    field = cfg.messages_field
+    if field is None and template is None and cfg.template == "{prompt}" and "prompt" not in row and \
+            isinstance(row.get("messages"), list):
+        field = "messages"  # chat data with the default template: the conversation is the prompt
+    if field:
+        msgs = row.get(field)
         if not isinstance(msgs, list):
-            raise DataError(f"row has no list in field {cfg.messages_field!r}", "check prompt.messages_field")
+            raise DataError(f"row has no list in field {field!r}", "check prompt.messages_field")
+        if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]  # the reference reply: the teacher writes it
+        if not msgs:
+            raise DataError(f"a row's {field!r} holds only an assistant turn, nothing to prompt with",
+                            "give every conversation a user turn before its last assistant turn")
         return msgs
     tpl = template if template is not None else cfg.template
     try:

@@ -84,13 +84,15 @@ class GenerateJobConfig(StrictModel):
 def run_job(cfg: GenerateJobConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Run a generation/elicitation job; returns (and writes to ``results.json``) its summary."""
     out = Path(output_dir or cfg.output_dir)
+    rows = load_rows(cfg.data)  # before anything is written: a data mistake leaves no output folder
+    if cfg.task == "generate":
+        prompts = [render_prompt(r, cfg.prompt) for r in rows]
     out.mkdir(parents=True, exist_ok=True)
     import yaml
 
     from kdforge.io import write_text_atomic
 
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    rows = load_rows(cfg.data)
     backend = build_backend(cfg.backend) if cfg.backend is not None else None
     ekw = cfg.engine_kwargs()
     if cfg.task == "generate":
@@ -98,7 +100,7 @@ def run_job(cfg: GenerateJobConfig, output_dir: str | Path | None = None) -> dic
 
         assert backend is not None
         ids = _ids(rows, cfg.data.id_field)
-        summary, _ = generate([render_prompt(r, cfg.prompt) for r in rows], backend, out / "generations",
+        summary, _ = generate(prompts, backend, out / "generations",
                               cfg.sampling, ids=ids, metas=rows, **ekw)
         result: dict[str, Any] = {"task": "generate", **summary.to_dict()}
     elif cfg.task == "label":

@@ -1,6 +1,7 @@
 """Teachers: sources of the teacher signal (online model, top-k cache, served endpoint, ensemble, the
 student itself), the cache builder, vocabulary checks."""
 
+from kdforge.teachers.alignment import TokenAlignment, align_offsets
 from kdforge.teachers.cache import (
     ENCODINGS,
     TeacherCache,
@@ -10,7 +11,6 @@ from kdforge.teachers.cache import (
     open_teacher_cache,
     pack_tokens,
 )
-from kdforge.teachers.alignment import TokenAlignment, align_offsets
 from kdforge.teachers.crosstok import CrossTokenizerCollator, encode_texts, shared_vocabulary
 from kdforge.teachers.online import OnlineTeacher, load_teacher, topk_logprobs
 from kdforge.teachers.sources import (

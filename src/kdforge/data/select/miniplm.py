@@ -262,6 +262,8 @@ def miniplm_select(documents: Sequence[str] | Any, teacher: DocumentScorer, refe
             raise DataError(f"the dataset has columns {documents.column_names}, no {text_field!r}",
                             "set text_field to its text column")
         texts, base = [str(t) for t in documents[text_field]], documents
+        if "miniplm_score" in base.column_names:  # refining an already refined set
+            base = base.remove_columns("miniplm_score")
     else:
         texts = [str(t) for t in documents]
         base = Dataset.from_dict({text_field: texts})

@@ -39,7 +39,8 @@ class CausalLMScorer:
     """Summed next-token log-probabilities of documents under a causal LM.
 
     Args:
-        model: a causal LM (``AutoModelForCausalLM``) or an :class:`OnlineTeacher`; frozen here.
+        model: a causal LM (``AutoModelForCausalLM``) or an :class:`OnlineTeacher`. It is frozen
+            in place (``requires_grad_(False)``, eval mode): score a copy of a model you will train.
         tokenizer: the model's own tokenizer (special tokens added as the tokenizer does by default).
         max_length: documents are truncated to this many tokens.
         batch_size: documents per forward pass.

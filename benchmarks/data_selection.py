@@ -93,6 +93,27 @@ def mean_nll(scorer, texts: list[str]) -> float:
     return sum(-s for s, _ in pairs) / max(sum(n for _, n in pairs), 1)
 
 
+def markdown_table(work: Path) -> str:
+    """Held-out perplexity per domain: mean over seeds (and each seed) per arm, from ``work/runs``."""
+    recs = [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*.json"))]
+    summary = json.loads((work / "summary.json").read_text()) if (work / "summary.json").exists() else {}
+    cols = [*DOMAINS, "all"]
+    lines = ["| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, key in (("teacher (SmolLM2-135M)", "teacher_ppl"), ("student before training", "student_init_ppl")):
+        if key in summary:
+            lines.append(f"| {name} | " + " | ".join(f"{summary[key][c]:.1f}" for c in cols) + " |")
+    for arm in ("random", "miniplm", "uniform", "ddk"):
+        mine = [r for r in recs if r["arm"] == arm]
+        if not mine:
+            continue
+        cells = []
+        for c in cols:
+            vals = [r["ppl"][c] for r in sorted(mine, key=lambda r: r["seed"])]
+            cells.append(f"{sum(vals) / len(vals):.1f} ({' / '.join(f'{v:.1f}' for v in vals)})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-domain", type=int, default=32)
@@ -111,7 +132,11 @@ def main() -> None:
     ap.add_argument("--arms", default="random,miniplm,uniform,ddk")
     ap.add_argument("--work", default="outputs/data_selection")
     ap.add_argument("--out", default="benchmarks/results/data_selection.jsonl")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the finished arms and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(Path(args.work)))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     from datasets import Dataset

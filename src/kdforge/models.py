@@ -195,6 +195,42 @@ def _hub_ready(source: ModelSource, kwargs: dict[str, Any], what: str) -> dict[s
     return kwargs
 
 
+def check_source(source: ModelSource, *, what: str = "model") -> None:
+    """Every check of ``source`` that needs no weights: the name, the folder, the Hub (offline?),
+    ``revision`` on a local model, the device and ``device_map``. Run it before writing anything.
+
+    Raises:
+        AssetError: a missing folder or one without ``config.json``; a Hub id while offline.
+        ConfigError: ``revision`` on a local folder or asset.
+        DeviceError: ``device_map`` without a GPU, or a device this machine lacks.
+    """
+    kind = classify_model_name(source.model)
+    check_device_map(source)
+    if source.device_map is None:
+        resolve_device(source.device)
+    kwargs = pretrained_kwargs(source)
+    if kind == "hub":
+        _hub_ready(source, kwargs, what)
+    elif kind == "local" and not (Path(source.model).expanduser() / "config.json").is_file():
+        raise AssetError(f"{what} folder {source.model!r} has no config.json, so it is not a saved model",
+                         "point model at a folder written by model.save_pretrained(folder) "
+                         "(config.json, weights and the tokenizer files)")
+
+
+def load_config(source: ModelSource, *, what: str = "model") -> Any:
+    """The model's ``AutoConfig`` (no weights), e.g. for its ``vocab_size``."""
+    from transformers import AutoConfig
+
+    kwargs = pretrained_kwargs(source)
+    if classify_model_name(source.model) == "hub":
+        kwargs = _hub_ready(source, kwargs, what)
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(source.model), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise AssetError(f"cannot read the config of {what} {source.model!r}: {str(exc).splitlines()[0]}",
+                         "point model at a folder written by save_pretrained (config.json) or a Hub id") from None
+
+
 def load_tokenizer(source: ModelSource, *, what: str = "model") -> Any:
     """The tokenizer of ``source`` (``AutoTokenizer``), with the same revision/remote-code/token."""
     from transformers import AutoTokenizer
@@ -259,6 +295,6 @@ def load_model(source: ModelSource, *, role: Literal["teacher", "student"] = "te
     return model, tokenizer
 
 
-__all__ = ["Dtype", "ModelSource", "check_device_map", "classify_model_name", "hub_token", "load_causal_lm",
-           "load_model", "load_tokenizer", "pretrained_kwargs", "resolve_device", "resolve_model_path",
+__all__ = ["Dtype", "ModelSource", "check_device_map", "check_source", "classify_model_name", "hub_token",
+           "load_causal_lm", "load_config", "load_model", "load_tokenizer", "pretrained_kwargs", "resolve_device", "resolve_model_path",
            "torch_dtype"]

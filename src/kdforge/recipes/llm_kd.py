@@ -374,8 +374,9 @@ class LLMKD(Recipe):
         """
         start = time.perf_counter()
         timings: dict[str, float] = {}
+        tokenizer, data = check_inputs(config, timings)  # every user mistake surfaces before a file is written
         run = RecipeRun.start("llm_kd", config, output_dir, record_output_dir=True)
-        inputs = _prepare_inputs(config, run, timings)
+        inputs = _prepare_inputs(config, run, timings, tokenizer, data)
         trained = _Trained()
         for seed in config.seeds:
             for method in config.methods:
@@ -420,18 +421,40 @@ def _write_cards(inputs: _Inputs, results: dict[str, Any]) -> None:
                              notes="Held-out metrics on " + ", ".join(results["data"].get("eval_docs", [])) + ".")
 
 
-def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, float]) -> _Inputs:
-    """Teacher, data, the one teacher pass into the top-k cache, and the student template."""
+def check_inputs(config: LLMKDConfig, timings: dict[str, float] | None = None) -> tuple[Any, LMData]:
+    """The teacher's tokenizer and the tokenised data, after every check that needs no weights.
+
+    Teacher and student names (missing folder, Hub id offline), devices (``device_map`` without a
+    GPU), LoRA without ``peft``, vocabularies that do not align, and the data (missing field, a
+    chat without an assistant turn, a tokenizer without a chat template) fail here, before
+    :meth:`LLMKD.run` writes anything.
+    """
+    from kdforge.models import check_source, load_tokenizer
+    from kdforge.recipes.lm_data import build_lm_data
+    from kdforge.students.build import check_student
+
+    timings = {} if timings is None else timings
+    with timed(timings, "check_models_s"):
+        check_source(config.teacher, what="teacher")
+        tokenizer = load_tokenizer(config.teacher, what="teacher")
+        check_student(config.student, config.teacher, tokenizer)
+    with timed(timings, "data_s"):
+        data = build_lm_data(config.data, tokenizer)
+    log.info("data: %s", data.summary)
+    return tokenizer, data
+
+
+def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, float], tokenizer: Any,
+                    data: LMData) -> _Inputs:
+    """Teacher, the one teacher pass into the top-k cache, and the student template."""
     from kdforge.data.text import LMBlockDataset
-    from kdforge.recipes.lm_data import WithLabels, build_lm_data
+    from kdforge.models import load_causal_lm
+    from kdforge.recipes.lm_data import WithLabels
     from kdforge.students.build import build_student
     from kdforge.teachers import TeacherCacheDataset, build_teacher_cache
 
     with timed(timings, "load_teacher_s"):
-        teacher, tokenizer = load_teacher(config.teacher)
-    with timed(timings, "data_s"):
-        data = build_lm_data(config.data, tokenizer)
-    log.info("data: %s", data.summary)
+        teacher = load_causal_lm(config.teacher, what="teacher").requires_grad_(False).eval()
     cache_dir, train_data = None, None
     if any(not m.uses_online_teacher() for m in config.methods):
         with timed(timings, "teacher_cache_s"):

@@ -34,7 +34,14 @@ from pydantic import Field, model_validator
 
 from kdforge.config import StrictModel
 from kdforge.errors import ConfigError, VocabMismatchError
-from kdforge.models import ModelSource, load_model, torch_dtype
+from kdforge.models import (
+    ModelSource,
+    check_source,
+    load_config,
+    load_model,
+    load_tokenizer,
+    torch_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +156,7 @@ def build_student(spec: StudentSpec, teacher: torch.nn.Module, tokenizer: Any) -
         student = _from_config(spec, teacher)
     else:
         student, student_tok = load_model(spec.source(), role="student", place=False)
-        check_student_vocab(teacher, tokenizer, student, student_tok, spec.vocab_policy)
+        check_student_vocab(_width(teacher), tokenizer, _width(student), student_tok, spec.vocab_policy)
     dtype = torch_dtype(spec.dtype)
     param = next(student.parameters())
     if param.dtype != dtype or param.device.type != "cpu":
@@ -160,7 +167,11 @@ def build_student(spec: StudentSpec, teacher: torch.nn.Module, tokenizer: Any) -
         if not getattr(student, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{type(student).__name__} does not support gradient checkpointing",
                               "set student.gradient_checkpointing: false")
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(student, "activation_checkpointing_enable", None)  # transformers >= 5 name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.lora is not None:
         student = add_lora(student, spec.lora)
     return student
@@ -189,8 +200,36 @@ def freeze(model: torch.nn.Module, embeddings: bool, head: bool) -> None:
         model.get_output_embeddings().requires_grad_(False)
 
 
-def check_student_vocab(teacher: torch.nn.Module, teacher_tokenizer: Any, student: torch.nn.Module,
-                        student_tokenizer: Any, policy: str) -> None:
+def check_student(spec: StudentSpec, teacher: ModelSource, teacher_tokenizer: Any) -> None:
+    """Every check of the student that needs no weights (run before anything is written).
+
+    LoRA needs ``peft``; a pretrained student must exist (folder, asset, or a reachable/cached Hub
+    id) and its tokenizer and logit width must meet the teacher's (:func:`check_student_vocab`,
+    widths from the configs).
+
+    Raises:
+        ConfigError, AssetError, DeviceError, VocabMismatchError: naming the fix.
+    """
+    if spec.lora is not None:
+        _peft()
+    if spec.kind != "pretrained":
+        return
+    source = spec.source()
+    check_source(source, what="student")
+    student_tok = load_tokenizer(source, what="student")
+    t_width = getattr(load_config(teacher, what="teacher"), "vocab_size", None)
+    s_width = getattr(load_config(source, what="student"), "vocab_size", None)
+    if t_width is None or s_width is None:  # unusual configs: the check runs on the loaded models
+        return
+    check_student_vocab(int(t_width), teacher_tokenizer, int(s_width), student_tok, spec.vocab_policy)
+
+
+def _width(model: torch.nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_student_vocab(t_width: int, teacher_tokenizer: Any, s_width: int, student_tokenizer: Any,
+                        policy: str) -> None:
     """Refuse a pretrained student whose token ids do not mean the teacher's.
 
     ``exact``: the tokenizers map every token to the same id and both logit widths are equal.
@@ -204,8 +243,6 @@ def check_student_vocab(teacher: torch.nn.Module, teacher_tokenizer: Any, studen
     """
     from kdforge.teachers.vocab import check_vocab, tokenizer_fingerprint
 
-    t_width = int(teacher.get_output_embeddings().weight.shape[0])
-    s_width = int(student.get_output_embeddings().weight.shape[0])
     same_tok = tokenizer_fingerprint(teacher_tokenizer) == tokenizer_fingerprint(student_tokenizer)
     if policy == "exact":
         if not same_tok:
@@ -230,17 +267,22 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
     Raises:
         ConfigError: ``peft`` is not installed.
     """
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ConfigError("student.lora needs the peft package, which is not installed",
-                          "pip install 'kdforge[lora]' (or pip install peft), or remove student.lora") from None
-    config = LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+    peft = _peft()
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=spec.target_modules)
-    peft_model = get_peft_model(model, config)
+    peft_model = peft.get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("LoRA r=%d on %s: %.2fM trainable parameters", spec.r, spec.target_modules, trainable / 1e6)
     return peft_model
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("student.lora needs the peft package, which is not installed",
+                          "pip install 'kdforge[lora]' (or pip install peft), or remove student.lora") from None
+    return peft
 
 
 def is_lora(model: torch.nn.Module) -> bool:
@@ -255,5 +297,5 @@ def merged(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
-__all__ = ["LoraSpec", "StudentKind", "StudentSpec", "add_lora", "build_student", "check_student_vocab",
+__all__ = ["LoraSpec", "StudentKind", "StudentSpec", "add_lora", "build_student", "check_student", "check_student_vocab",
            "freeze", "is_lora", "merged"]

@@ -117,24 +117,22 @@ def _closed_port() -> int:
 
 
 def test_a_hub_id_while_offline_is_reported_at_once(assets, tmp_path, capsys, monkeypatch):
-    import huggingface_hub.constants as hub
-
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = _config(assets, tmp_path / "run", **{"teacher.model": "kdforge-test/no-such-model"})
     assert main(["run", str(_write(tmp_path, cfg)), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "teacher.model: 'kdforge-test/no-such-model' is a Hub id, the Hub is in offline mode" in err, err
+    assert ("teacher.model: 'kdforge-test/no-such-model' is a Hub id that is not in the local Hub cache, and the "
+            "Hub cannot be reached: HF_HUB_OFFLINE=1 is set") in err, err
 
 
 def test_an_unreachable_hub_is_reported_without_retries(assets, tmp_path, capsys, monkeypatch):
-    import huggingface_hub.constants as hub
-
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     cfg = _config(assets, tmp_path / "run", **{"teacher.model": "kdforge-test/no-such-model"})
     assert main(["run", str(_write(tmp_path, cfg)), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "the Hub cannot be reached (127.0.0.1:" in err, err
+    assert "the Hub cannot be reached: http://127.0.0.1:" in err and "is unreachable" in err, err
 
 
 def test_a_missing_tracker_and_a_model_path_that_is_a_file(assets, tmp_path, capsys, monkeypatch):
@@ -177,3 +175,24 @@ def test_run_help_lists_the_recipes_and_where_configs_come_from(capsys):
     for needle in ("llm_kd", "fashion_mnist_kd", "pgkd", "kdforge init NAME DIR", "kdforge recipes list",
                    "docs/config-reference.md", "--dry-run", "--force", "--probe"):
         assert needle in text, needle
+
+
+def test_bring_your_own_models_and_data_are_checked_too(tmp_path, capsys):
+    import torch
+
+    from tests.recipes._byo import chat_jsonl, teacher_and_student
+
+    teacher, _ = teacher_and_student(tmp_path / "models")
+    chat_jsonl(tmp_path / "chat.jsonl")
+    cfg = {"recipe": "llm_kd", "output_dir": str(tmp_path / "run"),
+           "teacher": {"model": str(teacher), **({} if torch.cuda.is_available() else {"device": "cuda"})},
+           "student": {"kind": "pretrained", "model": str(tmp_path / "no-such-student")},
+           "data": {"path": str(tmp_path / "chat.jsonl"), "format": "chat", "messages_field": "turns",
+                    "eval_fraction": 0.25, "max_length": 64},
+           "train": {"max_steps": 2, "batch_size": 2}}
+    assert main(["run", str(_write(tmp_path, cfg)), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "student.model:" in err and "no-such-student" in err, err
+    assert "data:" in err and "turns" in err, err  # the field the rows lack, found by building the data
+    if not torch.cuda.is_available():
+        assert "teacher.device: device 'cuda' asked, but this machine has no CUDA GPU" in err, err

@@ -9,9 +9,9 @@ trains, loads weights or writes into the run folder:
   teacher signal the method will get (dense logits, or a cached top-k with or without a sampled
   tail), so a bad parameter *value* or a loss that cannot read a top-k cache is found before the
   teacher is loaded;
-* :func:`check_model_ref` — an offline asset name, a local folder, or a Hub id (offline mode or an
-  unreachable Hub detected in about a second, then the local Hub cache is consulted; never
-  minutes of retries);
+* :func:`check_model_ref` / :func:`check_model_source` — an offline asset name, a local folder,
+  or a Hub id (the local Hub cache first, then offline mode or an unreachable Hub detected in
+  seconds, never minutes of retries), and the model's device, device_map and dtype;
 * :func:`check_device` / :func:`check_dtype` — the device exists, the dtype works there;
 * :func:`check_output_dir` — the output folder can be written (whether the disk holds what the
   run writes is :func:`kdforge.preflight.fits.check_free_disk`).
@@ -20,8 +20,6 @@ trains, loads weights or writes into the run folder:
 from __future__ import annotations
 
 import os
-import re
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,8 +27,8 @@ from typing import Any, Literal
 from kdforge.errors import KdforgeError
 from kdforge.preflight.problems import Problems
 
-__all__ = ["ModelRef", "check_device", "check_dtype", "check_model_ref", "check_objective",
-           "check_output_dir", "check_trackers", "hub_reachable", "nearest_existing"]
+__all__ = ["ModelRef", "check_device", "check_dtype", "check_model_ref", "check_model_source", "check_objective",
+           "check_output_dir", "check_trackers", "nearest_existing"]
 
 TeacherSignal = Literal["dense", "sparse", "none"]
 
@@ -141,56 +139,69 @@ def _signal(kind: TeacherSignal, logits: Any, k: int | None, tail_samples: int) 
 
 ModelRef = Literal["asset", "folder", "hub", "missing"]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
 
 def check_model_ref(problems: Problems, key: str, spec: str, *, revision: str | None = None,
                     needs: Sequence[str] = ("config.json",)) -> ModelRef:
     """Is ``spec`` an offline asset name, a local model folder, or a Hub id this machine can get?
 
-    A Hub id is looked up in the local Hub cache first; when it is not there, the Hub must be
-    reachable: offline mode (``HF_HUB_OFFLINE=1``) or a failed connection (a 3-second probe)
-    is reported at once, with the fix, instead of minutes of retries at load time.
+    Names are classified by :func:`kdforge.models.classify_model_name`. A Hub id is looked up in
+    the local Hub cache first; when it is not there, the Hub must be reachable: offline mode
+    (``HF_HUB_OFFLINE=1``) or an endpoint that does not answer within seconds
+    (:func:`kdforge.data.sources.hub_offline_reason`) is reported at once, with the fix, instead
+    of minutes of retries at load time.
     """
-    from kdforge.assets import ASSET_MODULES
+    from kdforge.models import classify_model_name
 
-    if spec in ASSET_MODULES:
+    if Path(spec).expanduser().is_file():
+        problems.add(key, f"{spec!r} is a file, not a model folder",
+                     "point it at the folder that holds config.json and the weights")
+        return "missing"
+    try:
+        kind = classify_model_name(spec)
+    except KdforgeError as exc:
+        problems.add(key, exc.problem, exc.fix)
+        return "missing"
+    if kind == "asset":
         return "asset"
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            problems.add(key, f"{spec!r} is a file, not a model folder",
-                         "point it at the folder that holds config.json and the weights")
-            return "missing"
-        missing = [n for n in needs if not (path / n).is_file()]
+    if kind == "local":
+        missing = [n for n in needs if not (Path(spec).expanduser() / n).is_file()]
         if missing:
             problems.add(key, f"folder {spec!r} has no {', '.join(missing)}: not a Hugging Face model folder",
                          "point it at a folder written by save_pretrained (config.json, weights, tokenizer)")
             return "missing"
         return "folder"
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
-    if looks_like_path or not _HUB_ID.match(spec):
-        problems.add(key, f"no folder {spec!r} (and it is neither an asset name nor a Hub id)",
-                     f"fix the path, or use an asset ({', '.join(sorted(ASSET_MODULES))}) or a Hub id (org/name)")
-        return "missing"
     if _hub_cached(spec, revision):
         return "hub"
-    import huggingface_hub
+    from kdforge.data.sources import hub_offline_reason
 
-    if huggingface_hub.is_offline_mode():
-        problems.add(key, f"{spec!r} is a Hub id, the Hub is in offline mode (HF_HUB_OFFLINE) and it is not in "
-                          "the local Hub cache",
-                     "download it once on a machine with a network (`hf download ID`), use a local folder or an "
-                     "offline asset, or unset HF_HUB_OFFLINE")
-        return "missing"
-    reachable, why = hub_reachable()
-    if not reachable:
-        problems.add(key, f"{spec!r} is a Hub id, it is not in the local Hub cache, and the Hub cannot be reached "
-                          f"({why})",
-                     "run where the Hub is reachable, download it there first (`hf download ID`, then copy the "
-                     "cache), or use a local folder or an offline asset (`kdforge assets list`)")
+    reason = hub_offline_reason()
+    if reason is not None:
+        problems.add(key, f"{spec!r} is a Hub id that is not in the local Hub cache, and the Hub cannot be "
+                          f"reached: {reason}",
+                     "download it where there is a network (`hf download ID`) and point at that folder, use "
+                     "an offline asset (`kdforge assets list`), or run with network access")
         return "missing"
     return "hub"
+
+
+def check_model_source(problems: Problems, key: str, source: Any) -> ModelRef:
+    """A :class:`kdforge.models.ModelSource` (teacher, pretrained student): the name
+    (:func:`check_model_ref`), ``revision`` only for a Hub id, ``device``, ``device_map`` and
+    ``dtype`` on this machine."""
+    kind = check_model_ref(problems, f"{key}.model", source.model, revision=getattr(source, "revision", None))
+    if kind != "missing" and getattr(source, "revision", None) is not None and kind != "hub":
+        problems.add(f"{key}.revision", f"revision {source.revision!r} is set, but {source.model!r} is a local "
+                                        f"{'asset' if kind == 'asset' else 'folder'}, which has no revisions",
+                     "remove revision, or give a Hub id")
+    device = getattr(source, "device", None)
+    check_device(problems, f"{key}.device", device)
+    if getattr(source, "device_map", None) is not None:
+        from kdforge.models import check_device_map
+
+        with problems.catch(f"{key}.device_map"):
+            check_device_map(source)
+    check_dtype(problems, f"{key}.dtype", getattr(source, "dtype", None), device)
+    return kind
 
 
 def _hub_cached(repo_id: str, revision: str | None) -> bool:
@@ -203,55 +214,19 @@ def _hub_cached(repo_id: str, revision: str | None) -> bool:
     return isinstance(found, str)
 
 
-def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
-    """Whether a TCP connection to the Hub endpoint opens within ``timeout`` seconds (name lookup
-    included: it runs in a thread so a hanging resolver cannot hold the check)."""
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    result: list[tuple[bool, str]] = []
-
-    def probe() -> None:
-        import socket
-
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append((True, ""))
-        except OSError as exc:
-            result.append((False, f"{host}:{port}: {exc.strerror or exc}"))
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return result[0] if result else (False, f"{host}:{port}: no answer in {timeout:g} s")
-
-
 # ------------------------------------------------------------------------------------------
 # devices and dtypes
 
 
 def check_device(problems: Problems, key: str, device: str | None) -> None:
-    """``cpu``, ``auto``/None, ``cuda[:N]``, ``mps``: the device must exist on this machine."""
-    import torch
-
+    """``auto``/None, ``cpu``, ``cuda[:N]``, ``mps``: the device must exist on this machine
+    (:func:`kdforge.models.resolve_device`)."""
     if device in (None, "auto", "cpu"):
         return
-    kind, _, index = str(device).partition(":")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            problems.add(key, f"device {device!r}, but this machine has no CUDA device",
-                         "use device: auto (or cpu), or run on a GPU machine")
-        elif index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            problems.add(key, f"device {device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)",
-                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}, or device: auto")
-    elif kind == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            problems.add(key, f"device {device!r}, but MPS is not available here", "use device: auto (or cpu)")
-    else:
-        problems.add(key, f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps")
+    from kdforge.models import resolve_device
+
+    with problems.catch(key):
+        resolve_device(str(device))
 
 
 def check_dtype(problems: Problems, key: str, dtype: str | None, device: str | None = None) -> None:

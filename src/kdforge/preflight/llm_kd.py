@@ -21,8 +21,7 @@ from typing import Any
 
 from kdforge.errors import KdforgeError
 from kdforge.preflight.checks import (
-    check_dtype,
-    check_model_ref,
+    check_model_source,
     check_objective,
     check_output_dir,
     check_trackers,
@@ -48,17 +47,39 @@ def check(config: Any, output_dir: Path) -> list[Problem]:
     without training; empty when there is none."""
     problems = Problems()
     _check_methods(problems, config)
-    _check_cache(problems, config.cache)
-    teacher = config.teacher
-    kind = check_model_ref(problems, "teacher.model", teacher.model, revision=getattr(teacher, "revision", None))
-    check_dtype(problems, "teacher.dtype", getattr(teacher, "dtype", None), getattr(teacher, "device", None))
-    documents = _documents(problems, config.data)
-    tokenizer = _tokenizer(problems, teacher.model) if kind in ("asset", "folder", "hub") else None
-    if documents is not None:
-        _check_splits(problems, config.data, documents, tokenizer)
+    if any(not _online(m) for m in config.methods):
+        _check_cache(problems, config.cache)
+    kind = check_model_source(problems, "teacher", config.teacher)
+    _check_student(problems, config.student)
+    tokenizer = _tokenizer(problems, config.teacher) if kind in ("asset", "folder", "hub") else None
+    if hasattr(config.data, "corpus"):
+        documents = _documents(problems, config.data)
+        if documents is not None:
+            _check_splits(problems, config.data, documents, tokenizer)
+    else:
+        _check_dataset(problems, config.data, tokenizer)
     check_trackers(problems, "train.log_with", config.train.log_with)
     check_output_dir(problems, "output_dir", output_dir)
     return problems.items
+
+
+def _online(method: Any) -> bool:
+    """Whether a method reads the live teacher (on-policy, feature terms, ``teacher: online``)."""
+    uses = getattr(method, "uses_online_teacher", None)
+    if uses is not None:
+        return bool(uses())
+    return method.on_policy is not None or any(t.source == "feature" for t in method.objective)
+
+
+def _check_student(problems: Problems, student: Any) -> None:
+    if getattr(student, "kind", "from_teacher") == "pretrained" and student.model:
+        check_model_source(problems, "student", student)
+    if getattr(student, "lora", None) is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            problems.add("student.lora", "a LoRA student needs the peft package, which is not installed",
+                         "pip install peft, or remove student.lora to train the full student")
 
 
 # ------------------------------------------------------------------------------------------
@@ -68,7 +89,7 @@ def check(config: Any, output_dir: Path) -> list[Problem]:
 def _check_methods(problems: Problems, config: Any) -> None:
     c = config.cache
     for i, method in enumerate(config.methods):
-        live = method.on_policy is not None or any(t.source == "feature" for t in method.objective)
+        live = _online(method)
         check_objective(problems, f"methods.{i}.objective", method.objective,
                         teacher="dense" if live else "sparse", k=c.k, tail_samples=c.tail_samples,
                         chunked=method.chunked, max_steps=config.train.max_steps or 1,
@@ -102,10 +123,10 @@ def _check_cache(problems: Problems, c: Any) -> None:
 
 
 def _documents(problems: Problems, d: Any) -> dict[str, str] | None:
-    from kdforge.recipes.llm_kd import load_documents
+    from kdforge.recipes.lm_data import load_corpus_documents
 
     try:
-        return load_documents(d.corpus)
+        return load_corpus_documents(d.corpus)
     except KdforgeError as exc:
         problems.add("data.corpus", exc.problem, exc.fix)
     except OSError as exc:
@@ -113,28 +134,60 @@ def _documents(problems: Problems, d: Any) -> dict[str, str] | None:
     return None
 
 
-def _tokenizer(problems: Problems, model: str) -> Any:
+def _tokenizer(problems: Problems, source: Any) -> Any:
     """The teacher's tokenizer when it is on this machine (an installed asset, a folder, the Hub
-    cache); None otherwise (the size checks are then skipped)."""
+    cache or a reachable Hub); None otherwise (the size checks are then skipped)."""
+    if _asset_folder(source.model) is False:
+        return None  # an asset installed on first use; the sizes are checked then
+    from kdforge.models import load_tokenizer
+
+    try:
+        return load_tokenizer(source, what="teacher")
+    except KdforgeError as exc:
+        problems.add("teacher.model", exc.problem, exc.fix)
+    except (OSError, ValueError) as exc:
+        problems.add("teacher.model", f"cannot load the tokenizer of {source.model!r}: {str(exc).splitlines()[0]}",
+                     "point teacher.model at a folder with the tokenizer files (tokenizer.json ...)")
+    return None
+
+
+def _asset_folder(name: str) -> str | bool | None:
+    """An asset's folder when installed, False when it is an asset not installed yet, None when
+    ``name`` is no asset."""
+    import importlib
+
     from kdforge.assets import ASSET_MODULES
 
-    path = model
-    if model in ASSET_MODULES:
-        import importlib
-
-        module = importlib.import_module(ASSET_MODULES[model])
-        target = module.target_dir() if hasattr(module, "target_dir") else None
-        if target is None or not module.is_complete(target):
-            return None  # installed on first use; the sizes are checked then
-        path = str(target)
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        problems.add("teacher.model", f"cannot load the tokenizer of {model!r}: {str(exc).splitlines()[0]}",
-                     "point teacher.model at a folder with the tokenizer files (tokenizer.json ...)")
+    if name not in ASSET_MODULES:
         return None
+    module = importlib.import_module(ASSET_MODULES[name])
+    target = module.target_dir() if hasattr(module, "target_dir") else None
+    if target is None or not module.is_complete(target):
+        return False
+    return str(target)
+
+
+def _check_dataset(problems: Problems, d: Any, tokenizer: Any) -> None:
+    """A ``data: {path: ...}`` dataset: a local one (or a preset) is built exactly as the run builds
+    it (fields, chat template, assistant turns, held-out rule, empty splits); a Hub one must be
+    reachable."""
+    from kdforge.data.sources import PRESETS, hub_offline_reason
+
+    local = d.path in PRESETS or Path(d.path).expanduser().exists() or any(ch in d.path for ch in "*?[")
+    if not local:
+        reason = hub_offline_reason()
+        if reason is not None:
+            problems.add("data.path", f"{d.path!r} is not a local path or preset, and as a Hub dataset it cannot "
+                                      f"be downloaded: {reason}",
+                         f"point data.path at a local file, folder or save_to_disk copy (presets: "
+                         f"{', '.join(PRESETS)}), or run with network access")
+        return
+    if tokenizer is None:
+        return
+    from kdforge.recipes.lm_data import build_lm_data
+
+    with problems.catch("data"):
+        build_lm_data(d, tokenizer)
 
 
 def _check_splits(problems: Problems, d: Any, documents: dict[str, str], tokenizer: Any) -> None:
@@ -193,42 +246,33 @@ def estimate(config: Any, output_dir: Path, *, device: str | None = None) -> Est
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = _meta_teacher(config.teacher)
+    teacher = _meta_model(config.teacher.model, config.teacher.dtype, getattr(config.teacher, "revision", None))
     if teacher is None:
         return None
-    from kdforge.students.from_teacher import student_from_teacher
-
-    s, d, c, tr = config.student, config.data, config.cache, config.train
-    quiet = logging.getLogger("kdforge.students.from_teacher")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # the sizing copy is not news
-    try:
-        with torch.device("meta"):
-            student = student_from_teacher(teacher, s.layers,
-                                           num_layers=s.num_layers if s.layers == "every_k" else None,
-                                           freeze_embeddings=s.freeze_embeddings, freeze_head=s.freeze_head)
-    finally:
-        quiet.setLevel(level)
+    student = _meta_student(config.student, teacher)
+    if student is None:
+        return None
+    d, c, tr = config.data, config.cache, config.train
     vocab = int(teacher.config.vocab_size)
+    seq_len = _seq_len(d)
     est = Estimate(device=device)
-    n_train = d.train_sequences or 0
     runs = len(config.methods) * len(config.seeds)
-    est.add("teacher weights", param_bytes(teacher), note=f"{_count(teacher)} params, {config.teacher.dtype}")
+    est.add("teacher weights", param_bytes(teacher), note=f"{_count(teacher)} params, {_dtype_name(teacher)}")
     student_bytes = param_bytes(student)
     est.add("student weights (template + training copy)", 2 * student_bytes,
             note=f"{_count(student)} params, {trainable_numel(student) / 1e6:.1f}M trainable")
     est.add("gradients", grad_bytes(student))
-    est.add("AdamW state", adamw_state_bytes(student), note="exp_avg + exp_avg_sq of the trainable params")
-    rows = tr.batch_size * d.seq_len
-    chunked = any(m.chunked for m in config.methods)
+    est.add("AdamW state", adamw_state_bytes(student), note="exp_avg + exp_avg_sq of the trainable params"
+            + ("; LoRA trains far fewer" if getattr(config.student, "lora", None) else ""))
+    rows = tr.batch_size * seq_len
     step_logits = logits_bytes(rows, vocab)
-    if chunked:
+    if all(m.chunked for m in config.methods):
         from kdforge.losses.chunked import auto_chunk_size
 
-        step_logits = max(step_logits if not all(m.chunked for m in config.methods) else 0,
-                          logits_bytes(auto_chunk_size(vocab, rows, device), vocab))
-    cache_pass = logits_bytes(c.batch_size * d.seq_len, vocab, with_grad=False) * 2  # teacher logits + log-softmax
-    eval_pass = logits_bytes(config.eval.batch_size * d.seq_len, vocab, with_grad=False) * 2  # teacher + model
+        step_logits = logits_bytes(auto_chunk_size(vocab, rows, device), vocab)
+    uses_cache = any(not _online(m) for m in config.methods)
+    cache_pass = logits_bytes(c.batch_size * seq_len, vocab, with_grad=False) * 2 if uses_cache else 0
+    eval_pass = logits_bytes(config.eval.batch_size * seq_len, vocab, with_grad=False) * 2  # teacher + model
     largest = max(step_logits, cache_pass, eval_pass)
     which = {step_logits: f"training step [{rows}, {vocab}] + grad", cache_pass: "teacher cache pass",
              eval_pass: "evaluation pass"}[largest]
@@ -236,48 +280,96 @@ def estimate(config: Any, output_dir: Path, *, device: str | None = None) -> Est
     if runs > 1:
         est.add("trained students kept for evaluation", (runs - 1) * student_bytes,
                 note=f"{runs} (method, seed) runs")
-    if n_train:
-        total, per_token = cache_bytes(n_train, d.seq_len, c.k, vocab, c.encoding, c.tail_samples)
-        est.add("teacher cache", total, "disk", note=f"{n_train * d.seq_len} tokens x {per_token:.1f} B/token"
+    n_train = getattr(d, "train_sequences", None) or getattr(d, "limit", None)
+    if uses_cache and n_train:
+        total, per_token = cache_bytes(n_train, seq_len, c.k, vocab, c.encoding, c.tail_samples)
+        est.add("teacher cache", total, "disk", note=f"{n_train * seq_len} tokens x {per_token:.1f} B/token"
                 + (", uncompressed: zlib/zstd write less on real text" if _compressed(c.encoding) else ""))
-    else:
-        est.notes.append("data.train_sequences is null (all blocks): the cache size depends on the corpus")
+    elif uses_cache:
+        est.notes.append("the number of training rows is known only once the data is read: no cache size")
     if config.save_students:
         est.add("saved students", runs * student_bytes, "disk")
     if tr.save_every:
         keep = tr.keep_last or 1
-        ckpt = student_bytes + adamw_state_bytes(student)
-        est.add("checkpoints", runs * keep * ckpt, "disk", note=f"{keep} per run x (weights + AdamW state)")
+        est.add("checkpoints", runs * keep * (student_bytes + adamw_state_bytes(student)), "disk",
+                note=f"{keep} per run x (weights + AdamW state)")
     if tr.max_steps:
         est.steps = tr.max_steps * runs
     return est
 
 
-def _meta_teacher(spec: Any) -> Any:
-    """The teacher built on the meta device from its config.json (no weights read), or None."""
+def _seq_len(d: Any) -> int:
+    """Tokens per row: the corpus's ``seq_len``, a dataset's block or truncation length."""
+    return int(getattr(d, "seq_len", None) or getattr(d, "block_size", None) or getattr(d, "max_length", None)
+               or 1024)
+
+
+def _dtype_name(model: Any) -> str:
+    return str(next(iter(model.parameters())).dtype).removeprefix("torch.")
+
+
+def _meta_model(name: str, dtype: str | None = None, revision: str | None = None) -> Any:
+    """A causal LM built on the meta device from its config.json (no weights read), or None when
+    the config is not on this machine."""
     import torch
 
-    from kdforge.assets import ASSET_MODULES
-
-    path = spec.model
-    if path in ASSET_MODULES:
-        import importlib
-
-        module = importlib.import_module(ASSET_MODULES[path])
-        target = module.target_dir() if hasattr(module, "target_dir") else None
-        if target is None or not module.is_complete(target):
-            return None
-        path = str(target)
+    folder = _asset_folder(name)
+    if folder is False:
+        return None
+    path = folder or name
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        hf_config = AutoConfig.from_pretrained(path)
+        hf_config = AutoConfig.from_pretrained(path, revision=revision, local_files_only=folder is None
+                                               and not Path(name).expanduser().is_dir())
+        if dtype in (None, "auto"):
+            torch_dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+            torch_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
+        else:
+            torch_dtype = getattr(torch, dtype)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, spec.dtype))
+            return AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as exc:
-        log.debug("no estimate for teacher %r: %s", spec.model, exc)
+        log.debug("no estimate for %r: %s", name, exc)
         return None
-    return model
+
+
+def _meta_student(spec: Any, teacher: Any) -> Any:
+    """The untrained student on the meta device, frozen as the recipe freezes it."""
+    import torch
+
+    kind = getattr(spec, "kind", "from_teacher")
+    frozen = spec.frozen() if hasattr(spec, "frozen") else (spec.freeze_embeddings, spec.freeze_head)
+    quiet = logging.getLogger("kdforge.students.from_teacher")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the sizing copy is not news
+    try:
+        if kind == "pretrained":
+            student = _meta_model(spec.model, spec.dtype, spec.revision)
+        else:
+            with torch.device("meta"):
+                if kind == "from_config":
+                    from kdforge.students.build import _from_config
+
+                    student = _from_config(spec, teacher)
+                else:
+                    from kdforge.students.from_teacher import student_from_teacher
+
+                    student = student_from_teacher(teacher, spec.layers,
+                                                   num_layers=spec.num_layers if spec.layers == "every_k" else None,
+                                                   freeze_embeddings=frozen[0], freeze_head=frozen[1])
+    finally:
+        quiet.setLevel(level)
+    if student is None:
+        return None
+    dtype = getattr(spec, "dtype", None)
+    if dtype not in (None, "auto"):
+        student = student.to(dtype=getattr(torch, dtype))
+    if kind != "from_teacher":
+        from kdforge.students.build import freeze
+
+        freeze(student, *frozen)
+    return student
 
 
 def _count(model: Any) -> str:

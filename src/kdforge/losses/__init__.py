@@ -4,6 +4,8 @@ Where is ...?
 
 * forward / reverse KL, (generalised) JSD, TVD, skew KL, adaptive KL -> :mod:`.divergences`
 * decoupled KD (DKD) -> :mod:`.dkd`
+* BD-KD (entropy-balanced forward/reverse KL) -> :mod:`.bdkd`
+* Sinkhorn KD (entropic optimal transport) -> :mod:`.sinkhorn`
 * TAID and its ``t`` schedule -> :mod:`.taid`
 * cross-entropy with labels -> :mod:`.supervised`
 * cross-tokenizer ULD and the GOLD-style hybrid -> :mod:`.uld`
@@ -21,6 +23,7 @@ Every registered loss is a :class:`LossSpec` called the same way::
 and declares what it needs: ``loss_spec(name).needs_labels``, ``.sparse_ok``, ``.kernel_for(...)``.
 """
 
+from kdforge.losses.bdkd import bdkd
 from kdforge.losses.chunked import TeacherHead, auto_chunk_size, chunked_distillation_loss
 from kdforge.losses.divergences import (
     adaptive_kl,
@@ -48,6 +51,7 @@ from kdforge.losses.modules import (
 )
 from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
+from kdforge.losses.sinkhorn import sinkhorn_kd
 from kdforge.losses.spec import LossSpec, loss_spec, register_loss
 from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
 from kdforge.losses.taid import TAIDSchedule, taid
@@ -74,6 +78,7 @@ __all__ = [
     "TeacherHead",
     "adaptive_kl",
     "auto_chunk_size",
+    "bdkd",
     "chunked_distillation_loss",
     "cross_entropy",
     "dkd",
@@ -84,6 +89,7 @@ __all__ = [
     "loss_spec",
     "register_loss",
     "reverse_kl",
+    "sinkhorn_kd",
     "skew_forward_kl",
     "skew_reverse_kl",
     "taid",

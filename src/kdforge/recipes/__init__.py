@@ -76,6 +76,7 @@ RECIPES: Registry[type[Recipe]] = Registry("recipe")
 
 # recipe name -> module that registers it (imported on demand)
 _RECIPE_MODULES: dict[str, str] = {
+    "compare": "kdforge.recipes.compare",
     "fashion_mnist_kd": "kdforge.recipes.fashion_mnist",
     "llm_kd": "kdforge.recipes.llm_kd",
     "pgkd": "kdforge.recipes.pgkd",

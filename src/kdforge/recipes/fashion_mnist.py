@@ -573,6 +573,7 @@ class FashionMnistKD(Recipe):
         torch.manual_seed(seed)
         model = build_vision_model(config.student.arch, **config.student.kwargs)
         t0 = time.perf_counter()
+        meter = CostMeter().start()
         fit = dict(epochs=epochs, batch_size=tr.batch_size, lr=tr.lr, weight_decay=tr.weight_decay,
                    scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, seed=seed, world_size=run.world_size,
                    factory=lambda: build_vision_model(config.student.arch, **config.student.kwargs))
@@ -585,6 +586,7 @@ class FashionMnistKD(Recipe):
                            **fit)
             model, steps = trained["model"], trained["steps"]
         seconds = time.perf_counter() - t0
+        cost = meter.stop()
         if not run.main:  # rank 0 scores the student and writes its files
             run.barrier()
             return json.loads(sub.record.read_text(encoding="utf-8"))
@@ -594,8 +596,10 @@ class FashionMnistKD(Recipe):
         write_bytes_atomic(sub.dir / "model.safetensors", _safetensors(model))
         fields = {"method": method.name, "seed": seed, "train_seconds": seconds,
                   "train_images": len(dataset), "epochs": epochs, "metrics": metrics}
-        if method.teacher is not None:  # cost of a regime: CPU seconds per optimizer step of the student
-            fields["steps"] = steps
+        # cost: process CPU seconds per optimizer step (teacher-side work of a regime included) and
+        # the peak resident memory while this student trained
+        fields["cost"] = {"steps": steps, "cpu_seconds": cost["cpu_seconds"],
+                          "cpu_s_per_step": cost["cpu_seconds"] / max(steps, 1), "peak_rss_mb": cost["peak_rss_mb"]}
         result = sub.finish(fields, weights="model.safetensors")
         run.barrier()
         return result
@@ -647,6 +651,56 @@ class FashionMnistKD(Recipe):
             "teacher_cached": bool(teacher_info.get("cached")),
             "models": models,
         }
+
+
+class CostMeter:
+    """Process CPU seconds and peak resident memory (RSS) between :meth:`start` and :meth:`stop`.
+
+    The peak is sampled every ``interval_s`` by a daemon thread from ``/proc/self/statm`` (Linux);
+    elsewhere it is the process's lifetime peak (``resource.getrusage``), an upper bound.
+    """
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        import threading
+
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: Any = None
+        self.peak = 0
+        self._cpu0 = 0.0
+
+    @staticmethod
+    def rss_bytes() -> int:
+        try:
+            with open("/proc/self/statm", encoding="ascii") as fh:
+                import os
+
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.rss_bytes())
+
+    def start(self) -> CostMeter:
+        import threading
+
+        self.peak = self.rss_bytes()
+        self._cpu0 = time.process_time()
+        self._thread = threading.Thread(target=self._sample, name="kdforge-cost-meter", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        cpu = time.process_time() - self._cpu0
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self.rss_bytes())
+        return {"cpu_seconds": cpu, "peak_rss_mb": self.peak / 2**20}
 
 
 class _KeyedDataset(torch.utils.data.Dataset):
@@ -801,6 +855,13 @@ def _student_entry(config: FashionMnistConfig, method: MethodConfig, per_seed: l
                       "train_seconds": r["train_seconds"]} for r in per_seed],
         "run_dir": [f"students/{slug(method.name)}/seed-{r['seed']}" for r in per_seed],
     }
+    if method.teacher is not None:
+        entry["teacher"] = method.teacher.model_dump(mode="json", exclude_unset=True)
+    costs = [r["cost"] for r in per_seed if r.get("cost")]
+    if costs:
+        entry["cost"] = {"cpu_s_per_step": statistics.fmean(c["cpu_s_per_step"] for c in costs),
+                         "peak_rss_mb": max(c["peak_rss_mb"] for c in costs),
+                         "steps": statistics.fmean(c["steps"] for c in costs)}
     return entry
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from kdforge.errors import ConfigError
-from kdforge.losses._core import Teacher, distill, kl
-from kdforge.losses.registry import LOSSES
+from kdforge.losses._core import SparsePolicy, Teacher, distill, kl
+from kdforge.losses.spec import register_loss
 
 __all__ = ["bdkd", "bdkd_weights"]
 
@@ -46,7 +46,9 @@ def bdkd_weights(logq: torch.Tensor, logp: torch.Tensor, high: float = 1.5, low:
     return w_f, w_r
 
 
-@LOSSES.register("bdkd", "BD-KD: per-sample forward/reverse KL weights from the two entropies (online KD)")
+@register_loss("bdkd", description="BD-KD: per-sample forward/reverse KL weights from the two entropies (online KD)",
+               paper="Amara et al. 2022, BD-KD: Balancing the Divergences for Online Knowledge Distillation",
+               sparse_ok=True)
 def bdkd(
     student_logits: torch.Tensor,
     teacher: Teacher,
@@ -57,7 +59,7 @@ def bdkd(
     temperature: float = 1.0,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    sparse_policy: str = "tail_bucket",
+    sparse_policy: SparsePolicy = "tail_bucket",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """BD-KD, ``T^2 * (w_f KL(p||q) + w_r KL(q||p))`` with entropy-chosen weights (module docstring).

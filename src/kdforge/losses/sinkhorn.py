@@ -50,12 +50,14 @@ costs ``[n, V]`` memory; a sampled-tail teacher is refused.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 from kdforge.errors import ConfigError, ShapeError
 from kdforge.losses._core import (
     SPARSE_POLICIES,
+    SparsePolicy,
     Teacher,
     check_positions,
     check_reduction,
@@ -69,7 +71,7 @@ from kdforge.losses._core import (
     select,
     upcast,
 )
-from kdforge.losses.registry import LOSSES
+from kdforge.losses.spec import register_loss
 from kdforge.losses.signal import SparseTeacher
 
 __all__ = ["SINKHORN_MODES", "sinkhorn_kd", "sinkhorn_plan"]
@@ -90,12 +92,14 @@ def sinkhorn_plan(log_a: torch.Tensor, log_b: torch.Tensor, cost: torch.Tensor, 
     return torch.exp((f.unsqueeze(-1) + g.unsqueeze(-2) - cost) / eps)
 
 
-@LOSSES.register("sinkhorn", "SinKD: entropic OT (Sinkhorn distance) between teacher and student, batch-wise or per sample")
+@register_loss("sinkhorn", description="SinKD: Sinkhorn divergence (entropic OT) between teacher and student, per sample "
+               "or batch-wise", paper="Cui et al. 2024, Sinkhorn Distance Minimization for Knowledge Distillation",
+               sparse_ok=True)
 def sinkhorn_kd(
     student_logits: torch.Tensor,
     teacher: Teacher,
     *,
-    mode: str = "sample",
+    mode: Literal["sample", "batch"] = "sample",
     eps: float = 0.1,
     debias: bool = True,
     n_iters: int = 20,
@@ -104,7 +108,7 @@ def sinkhorn_kd(
     temperature: float = 1.0,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    sparse_policy: str = "tail_bucket",
+    sparse_policy: SparsePolicy = "tail_bucket",
     check_finite: bool = True,
 ) -> torch.Tensor:
     """Sinkhorn distance between teacher and student distributions (see the module docstring).

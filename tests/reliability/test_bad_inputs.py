@@ -41,6 +41,7 @@ from kdforge.errors import (
 )
 
 from ._cases_os import OS_CASES
+from ._cases_training import TRAINING_CASES
 from ._corpus import (
     LLM_KD_OK,
     MLP,
@@ -594,6 +595,7 @@ CASES: list[Case] = [
     Case("report-results-not-json", "eval", DataError, ("not valid json",), ("re-run",),
          _case_report_no_results),
     *OS_CASES,
+    *TRAINING_CASES,
 ]
 
 
@@ -622,9 +624,9 @@ def shared(tmp_path_factory) -> Shared:
 
 def test_the_corpus_has_distinct_cases_over_every_area():
     ids = [c.id for c in CASES]
-    assert len(ids) == len(set(ids)) >= 117
+    assert len(ids) == len(set(ids)) >= 120
     assert {c.area for c in CASES} >= {"config", "losses", "trainer", "caches", "data", "assets", "disk",
-                                       "elicitation", "eval", "os"}
+                                       "elicitation", "eval", "os", "noop", "nonfinite"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

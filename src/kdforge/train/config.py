@@ -76,6 +76,14 @@ class TrainConfig(FriendlyModel):
         "swanlab, trackio; a single name or a list (docs/training.md)"))
     project: str | None = Field(None, description="tracker project (wandb project, mlflow experiment); null = kdforge")
     run_name: str | None = Field(None, description="tracker run name; null = the run folder's last two parts")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/Inf loss or gradient: stop with an error naming the term, step and batch, "
+        "or skip that update")
+    max_nonfinite_skips: int = Field(8, ge=1, description="with on_nonfinite: skip, stop after this many "
+                                     "non-finite steps in a row")
+    empty_start_batches: int | None = Field(
+        32, ge=1, description="stop with a DataError when the first N micro-batches hold no real position "
+        "(all labels ignored / masks false); null = only a whole empty epoch stops")
 
     @field_validator("log_with", mode="before")
     @classmethod

@@ -17,8 +17,10 @@ and :meth:`Distiller.training_step` (one optimizer step); a regime overrides eit
 One optimizer step = ``grad_accum_steps`` micro-batches. Their real positions are counted first
 and summed over processes (``N``); every loss term is a ``reduction="sum"`` value divided by
 ``N``, so the update equals one big batch exactly (see :mod:`kdforge.train.objective`). Inputs
-are validated on the first micro-batch and whenever the batch layout changes; the loss is
-checked for finiteness once per optimizer step, so a step has one blocking host read (the count).
+are validated on the first micro-batch and whenever the batch layout changes. A step has two
+blocking host reads: the per-micro-batch position counts before the forward passes (empty
+micro-batches are skipped, training on nothing is an error) and the finiteness of the losses and
+the gradient before the update (:mod:`kdforge.train.guards`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from kdforge.train.checkpoint import (
     latest_checkpoint,
 )
 from kdforge.train.config import TrainConfig
+from kdforge.train.guards import EmptyBatches, FiniteGuard, grad_norm_of
 from kdforge.train.objective import LossTerm, NoSchedules, Objective, ObjectiveValue
 from kdforge.train.onpolicy import GenerateFn, OnPolicyConfig
 from kdforge.train.optim import (
@@ -260,6 +263,9 @@ class Distiller:
         max_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(
             cfg.epochs * self.batches_per_epoch / cfg.grad_accum_steps)
         self.state.max_steps, self.state.batches_per_epoch = max_steps, self.batches_per_epoch
+        self.empty_batches = EmptyBatches(cfg.empty_start_batches, self.batches_per_epoch,
+                                          f"the training data ({type(dataset).__name__}, {len(dataset)} examples)")
+        self.finite_guard = FiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite_skips)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self._torch_optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, max_steps))
         self.schedules = self.objective.schedules(max_steps)
@@ -333,8 +339,10 @@ class Distiller:
     def next_micro_batches(self) -> list[Mapping[str, Any]]:
         """The step's ``grad_accum_steps`` micro-batches, each through the transform chain."""
         micro = []
+        self._micro_positions: list[str] = []
         student = self.accelerator.unwrap_model(self.student)
         for m in range(self.config.grad_accum_steps):
+            self._micro_positions.append(f"epoch {self.state.epoch}, batch {self.state.batch_in_epoch}")
             batch = self.stream.next()
             ctx = StepContext(step=self.state.step, micro=m, student=student, teacher=self.teacher_source)
             for transform in self.transforms:
@@ -342,29 +350,59 @@ class Distiller:
             micro.append(batch)
         return micro
 
-    def training_step(self) -> dict[str, Any]:
-        """One optimizer step; returns its raw metrics (``loss``, ``loss/<term>``, ``positions``...)."""
+    def training_step(self) -> dict[str, Any] | None:
+        """One optimizer step; returns its raw metrics (``loss``, ``loss/<term>``, ``positions``...),
+        with ``nonfinite_skipped: True`` when ``on_nonfinite: skip`` dropped the update, or None when
+        every micro-batch was empty (no update; the step does not count). See
+        :mod:`kdforge.train.guards`."""
         acc, cfg = self.accelerator, self.config
         micro = self.next_micro_batches()
-        local = sum(count_positions(self.task, b).to(acc.device) for b in micro)
-        total = int(acc.reduce(torch.as_tensor(local, device=acc.device, dtype=torch.long), "sum").item())
+        where = getattr(self, "_micro_positions", [])
+        local = torch.stack([count_positions(self.task, b).to(acc.device).reshape(()).long() for b in micro])
+        counts = [int(c) for c in acc.reduce(local, "sum").tolist()]  # the one read before the forward passes
+        total = sum(counts)
+        keep = self.empty_batches.observe(counts, self.state.positions_seen, where)
+        if total == 0:
+            return None
+        last = max(i for i, k in enumerate(keep) if k)  # gradients are synchronised on the last kept one
         self.student.train()
         for module in self.extras.values():
             module.train()
         loss_sum = torch.zeros((), device=acc.device)
         term_sums: dict[str, torch.Tensor] = {}
+        micro_totals: list[torch.Tensor] = []
         for i, batch in enumerate(micro):
-            with self._no_sync(i < len(micro) - 1):
-                value = self.compute_loss(batch, total)
+            if not keep[i]:
+                continue
+            with self._no_sync(i < last):
+                try:
+                    value = self.compute_loss(batch, total)
+                except NonFiniteError as exc:  # a loss's own check (NaN logits...): name where, or skip
+                    self.finite_guard.raised(exc, step=self.state.step + 1, micro=i,
+                                             position=where[i] if i < len(where) else "",
+                                             processes=acc.num_processes)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return {"loss": torch.full((), float("nan"), device=acc.device), "positions": 0,
+                            "nonfinite_skipped": True}
                 # DDP averages gradients over processes; the loss is already a global mean.
                 acc.backward(value.total * acc.num_processes)
+            micro_totals.append(value.total.detach())
             loss_sum += value.total.detach()
             for key, v in value.terms.items():
                 term_sums[key] = term_sums.get(key, 0.0) + v
-        self._check_finite(loss_sum, term_sums)
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(self._trainable(), cfg.max_grad_norm)
+        checked_norm = None
+        if getattr(acc, "scaler", None) is None:  # under fp16 the grad scaler handles overflowing gradients
+            checked_norm = grad_norm if torch.is_tensor(grad_norm) else grad_norm_of(self._trainable())
+        scheduled = self.schedules.current(self.state.step)
+        weights = {t.key: float(t.current(scheduled)[0]) for t in self.objective.terms}
+        kept_where = [w for w, k in zip(where, keep) if k]
+        if not self.finite_guard.check(acc, micro_totals=micro_totals, terms=term_sums, weights=weights,
+                                       grad_norm=checked_norm, step=self.state.step + 1, positions=kept_where):
+            self.optimizer.zero_grad(set_to_none=True)  # weights, moments and LR schedule stay as they were
+            return {"loss": loss_sum, "positions": 0, "nonfinite_skipped": True}
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:
             self.scheduler.step()
@@ -377,19 +415,6 @@ class Distiller:
         if grad_norm is not None:
             stats["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
         return stats
-
-    @staticmethod
-    def _check_finite(loss_sum: torch.Tensor, term_sums: Mapping[str, torch.Tensor]) -> None:
-        """One host read per optimizer step: a non-finite loss stops before the update."""
-        if bool(torch.isfinite(loss_sum)):
-            return
-        bad = [k for k, v in term_sums.items() if not bool(torch.isfinite(torch.as_tensor(v)))] or ["total"]
-        value = float(term_sums[bad[0]]) if bad[0] in term_sums else float(loss_sum)
-        raise NonFiniteError(
-            f"loss term {bad[0]!r} is {value} (not finite)",
-            "lower the learning rate, enable max_grad_norm, check the data for empty targets, "
-            "or use bf16 instead of fp16",
-        )
 
     # -- training ----------------------------------------------------------------------------
     def train(self, resume: bool | str | Path = False) -> TrainerState:
@@ -420,15 +445,19 @@ class Distiller:
             while state.step < state.max_steps and not state.should_stop:
                 step_start = time.perf_counter()
                 stats = self.training_step()
+                if stats is None:  # every micro-batch was empty: no update, not a step
+                    continue
                 state.step += 1
                 positions = stats.pop("positions")  # global count (all processes)
+                skipped = stats.pop("nonfinite_skipped", False)
                 state.step_metrics = dict(stats)
                 state.positions_seen += positions
-                window.add(stats, positions, time.perf_counter() - step_start)
-                if not isinstance(self.schedules, NoSchedules):
-                    self.schedules.observe(self._global_losses(state.step_metrics))
+                if not skipped:
+                    window.add(stats, positions, time.perf_counter() - step_start)
+                    if not isinstance(self.schedules, NoSchedules):
+                        self.schedules.observe(self._global_losses(state.step_metrics))
                 logs = None
-                if state.step % self.config.log_every == 0 or state.step == state.max_steps:
+                if window.steps and (state.step % self.config.log_every == 0 or state.step == state.max_steps):
                     logs = self._train_logs(window.values, window.steps, window.positions, window.time, start)
                     window = _Window()
                     state.last_logs = logs

@@ -93,6 +93,7 @@ def trainer_state_dict(d: Any) -> dict[str, Any]:
         "schedules": d.schedules.state_dict(),
         "sampler": d.sampler.state_dict() if hasattr(d.sampler, "state_dict") else None,
         "last_logs": {k: v for k, v in (s.last_logs or {}).items() if isinstance(v, int | float | str)},
+        "guards": {"empty_batches": d.empty_batches.state_dict(), "nonfinite": d.finite_guard.state_dict()},
     }
 
 def resume(d: Any, resume: bool | str | Path) -> bool:
@@ -158,6 +159,9 @@ def resume(d: Any, resume: bool | str | Path) -> bool:
     d.stream.reset()
     if ts.get("schedules"):
         d.schedules.load_state_dict(ts["schedules"])
+    guards = ts.get("guards") or {}
+    d.empty_batches.load_state_dict(guards.get("empty_batches") or {})
+    d.finite_guard.load_state_dict(guards.get("nonfinite") or {})
     if ts.get("sampler") is not None and hasattr(d.sampler, "load_state_dict"):
         d.sampler.load_state_dict(ts["sampler"])
     saved_cbs = ts.get("callbacks", {})

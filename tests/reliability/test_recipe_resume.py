@@ -141,19 +141,58 @@ def test_resume_on_an_empty_folder_is_a_fresh_run_and_an_unfinished_sub_run_with
     assert _without_timings(rerun["models"]) == _without_timings(results["models"])
 
 
-@pytest.mark.parametrize("entries", [["results.json"], ["teacher_cache"]])
-def test_kdforge_run_refuses_a_non_empty_output_folder_without_resume(tmp_path, entries):
+#: what an earlier run finished or can resume from (each refuses a rerun without --resume)
+FINISHED = ["results.json", "labels-only/seed-0/subrun.json", "kd/seed-0/checkpoints/step-2/trainer_state.json",
+            "teacher/seed-0/teacher.json", "kd/seed-1/result.json", "rounds.json", "round-1/added.json"]
+#: what a start that failed before its first checkpoint leaves (a rerun without --resume replaces it)
+START = ["config.yaml", "kd/seed-0/config.yaml", "kd/seed-0/fingerprint.txt", "kd/seed-0/metrics.jsonl",
+         "kd/seed-0/checkpoints/.tmp-step-2/student.safetensors", "teacher_cache/manifest.json",
+         "teacher_cache/shard-00000.kdc", "report/report.html"]
+
+
+def _touch(root, rel: str) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{}")
+
+
+@pytest.mark.parametrize("finished", FINISHED)
+def test_kdforge_run_refuses_a_folder_with_finished_work_without_resume(tmp_path, finished):
     from kdforge.cli.run import check_output_dir
     from kdforge.errors import ConfigError
+    from kdforge.recipes.subrun import finished_work
 
     out = tmp_path / "out"
     out.mkdir()
     check_output_dir(out, resume=False)  # empty: fine
     (out / ".hidden").write_text("x")
-    check_output_dir(out, resume=False)  # hidden files do not count
-    for name in entries:
-        (out / name).mkdir() if "." not in name else (out / name).write_text("{}")
+    for rel in START:
+        _touch(out, rel)
+    check_output_dir(out, resume=False)  # hidden files and a failed start do not count
+    _touch(out, finished)
+    assert finished_work(out) == [finished.split("/step-")[0]]  # a checkpoint: its checkpoints/ folder
     with pytest.raises(ConfigError, match="already holds a run") as err:
         check_output_dir(out, resume=False)
     assert "--resume" in err.value.fix and "-o" in err.value.fix
     check_output_dir(out, resume=True)
+
+
+@pytest.mark.slow  # two tiny llm_kd runs (~25 s each on a busy 2-core box); the rule itself is tested above
+def test_a_run_that_failed_before_its_first_checkpoint_reruns_into_the_same_folder_without_resume(tmp_path):
+    """The first run diverges at step 2 (lr 1e30, no checkpoints): exit 2, its start left behind.
+    The corrected rerun, same folder, no --resume, replaces that start and finishes."""
+    tiny = _tiny()
+    root = tiny.make_teacher_and_corpus(tmp_path / "setup")
+    common = {"save_students": False, "plot": False,
+              "methods": [{"name": "kd", "objective": [{"name": "forward_kl", "weight": 1.0}]}]}
+    bad = tiny.recipe_yaml(root, tmp_path / "bad.yaml", train={"lr": 1e30, "save_every": None}, **common)
+    good = tiny.recipe_yaml(root, tmp_path / "good.yaml", train={"save_every": None}, **common)
+    run_dir = tmp_path / "run"
+    failed = _cli("run", str(bad), "-o", str(run_dir), "--no-report")
+    assert failed.returncode == 2 and "NaN at step 2" in failed.stderr, failed.stderr[-2000:]
+    assert (run_dir / "config.yaml").is_file() and not (run_dir / "results.json").exists()
+    rerun = _cli("run", str(good), "-o", str(run_dir), "--no-report")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "holds only the start of an earlier run" in rerun.stderr
+    assert "lr: 0.001" in (run_dir / "config.yaml").read_text()
+    assert (run_dir / "results.json").is_file()

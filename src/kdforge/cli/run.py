@@ -85,12 +85,20 @@ def previous_run_entries(output_dir: Path) -> list[str]:
 def check_output_dir(output_dir: Path, resume: bool) -> None:
     """Refuse to run over an earlier run's folder unless ``--resume`` says to continue it.
 
+    A folder holding only the start of a run that failed before finishing or checkpointing
+    anything (``config.yaml``, an unfinished sub-run's log, a teacher cache: see
+    :func:`kdforge.recipes.subrun.finished_work`) is not refused: the corrected rerun replaces it.
+
     Raises:
-        ConfigError: ``output_dir`` is not empty and ``resume`` is False.
+        ConfigError: ``output_dir`` holds finished or resumable work and ``resume`` is False.
     """
     if resume:
         return
     found = previous_run_entries(output_dir)
+    if found and not _finished_work(output_dir):  # an earlier start failed before its first checkpoint
+        log.warning("%s holds only the start of an earlier run that stopped before finishing or checkpointing "
+                    "anything (%s): starting over", output_dir, ", ".join(found[:5]))
+        return
     if found:
         shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
         raise ConfigError(
@@ -145,6 +153,12 @@ def rerunnable_dump(model: Any) -> dict[str, Any]:
         return data
 
     return fix(model, model.model_dump(mode="json"))
+
+
+def _finished_work(output_dir: Path) -> list[str]:
+    from kdforge.recipes.subrun import finished_work
+
+    return finished_work(output_dir)
 
 
 def handle(args: argparse.Namespace) -> int:

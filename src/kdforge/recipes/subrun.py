@@ -95,6 +95,44 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = time.perf_counter() - t0
 
 
+#: what a run leaves in its folder before it has finished or checkpointed anything: rewritten by
+#: the next run (``metrics.jsonl`` of a run without checkpoints restarts with it)
+START_LEFTOVERS = frozenset({"config.yaml", FINGERPRINT_FILE, "metrics.jsonl", "checkpoints", "report"})
+#: a teacher cache (reused by the next run when its settings match, refused with a CacheError when not)
+CACHE_MANIFEST = "manifest.json"
+
+
+def finished_work(output_dir: str | Path) -> list[str]:
+    """What in ``output_dir`` an earlier run finished or can resume from: everything but the
+    leftovers of a start that failed before its first checkpoint (:data:`START_LEFTOVERS`, teacher
+    caches, hidden files, empty folders). Paths relative to ``output_dir``, sorted.
+
+    ``kdforge run`` without ``--resume`` replaces a folder holding only such leftovers (a corrected
+    rerun after an early failure), and refuses one with finished work.
+    """
+    root = Path(output_dir)
+    found: list[str] = []
+
+    def visit(folder: Path) -> None:
+        if (folder / CACHE_MANIFEST).is_file() or folder.name == "report":
+            return
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if entry.name == "checkpoints":
+                    if any(p.is_dir() and re.fullmatch(r"step-\d+", p.name) for p in entry.iterdir()):
+                        found.append(str(entry.relative_to(root)))
+                    continue
+                visit(entry)
+            elif entry.name not in START_LEFTOVERS:
+                found.append(str(entry.relative_to(root)))
+
+    if root.is_dir():
+        visit(root)
+    return found
+
+
 # --------------------------------------------------------------------------------------------
 # the run folder and its launch group
 

@@ -49,8 +49,8 @@ _EMPTY_FIX = (
 )
 
 
-_NONFINITE_FIX = ("train.on_nonfinite: skip drops such updates instead of stopping; the last checkpoint holds "
-                  "finite weights: resume from it after the fix")
+_NONFINITE_FIX = ("train.on_nonfinite: skip drops such updates instead of stopping; checkpoints are written "
+                  "only after finite updates, so a run can resume from its last one after the fix")
 
 
 class EmptyBatches:

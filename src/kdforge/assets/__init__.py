@@ -23,6 +23,7 @@ ASSET_MODULES: dict[str, str] = {
     "smollm2": "kdforge.assets.smollm2",
     "austen": "kdforge.assets.austen",
     "rotten-tomatoes": "kdforge.assets.rotten_tomatoes",
+    "austen-chat": "kdforge.assets.austen_chat",  # derived from austen: chat rows (messages)
 }
 
 # named groups of assets, fetched together

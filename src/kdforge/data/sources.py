@@ -157,6 +157,9 @@ PRESETS: dict[str, Preset] = {
     "rotten-tomatoes": Preset("rotten-tomatoes", "movie review snippets with a fresh/rotten label (text)",
                               _asset_folder("rotten-tomatoes"),
                               {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}),
+    "austen-chat": Preset("austen-chat", "Austen paragraph continuations as user/assistant chats; validation = "
+                          "Persuasion (chat)", _asset_folder("austen-chat"),
+                          {"train": "train.jsonl", "validation": "validation.jsonl"}),
 }
 
 

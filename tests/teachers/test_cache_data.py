@@ -78,6 +78,15 @@ def test_chat_cache_positions_are_the_assistant_tokens(setup, tmp_path):
     assert trained == hand
 
 
+def test_inspect_reports_the_loss_mask(setup, tmp_path, capsys):
+    root, teacher, chats, _ = setup
+    assert _run(tmp_path, teacher, {"path": str(chats), "block_size": 160}) == 0
+    assert "per trained position" in capsys.readouterr().out
+    assert main(["cache-teacher", str(tmp_path / "cache"), "--inspect"]) == 0
+    hand = assistant_token_count(make_tokenizer())
+    assert f"loss mask   {hand} of {len(CHATS) * 160} positions trained" in capsys.readouterr().out
+
+
 def test_prompt_completion_csv_cache_trains_only_completions(setup, tmp_path):
     root, teacher, _, qa = setup
     data = {"path": str(qa), "prompt_field": "question", "completion_field": "answer", "block_size": 48}

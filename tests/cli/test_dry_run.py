@@ -179,7 +179,6 @@ def test_run_help_lists_the_recipes_and_where_configs_come_from(capsys):
 
 def test_bring_your_own_models_and_data_are_checked_too(tmp_path, capsys):
     import torch
-
     from tests.recipes._byo import chat_jsonl, teacher_and_student
 
     teacher, _ = teacher_and_student(tmp_path / "models")
@@ -196,3 +195,11 @@ def test_bring_your_own_models_and_data_are_checked_too(tmp_path, capsys):
     assert "data:" in err and "turns" in err, err  # the field the rows lack, found by building the data
     if not torch.cuda.is_available():
         assert "teacher.device: device 'cuda' asked, but this machine has no CUDA GPU" in err, err
+
+
+def test_probe_adds_the_measured_time_per_step(assets, tmp_path, capsys):
+    path = _write(tmp_path, _config(assets, tmp_path / "run"))
+    assert main(["run", str(path), "--dry-run", "--probe"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "two-step probe" in x)
+    seconds = float(line.split("probe)")[1].split()[0])
+    assert seconds > 0 and "x 2 steps" in line

@@ -28,7 +28,7 @@ from kdforge.errors import KdforgeError
 from kdforge.preflight.problems import Problems
 
 __all__ = ["ModelRef", "check_device", "check_dtype", "check_model_ref", "check_model_source", "check_objective",
-           "check_output_dir", "check_trackers", "nearest_existing"]
+           "check_output_dir", "check_trackers", "nearest_existing", "random_signal"]
 
 TeacherSignal = Literal["dense", "sparse", "none"]
 
@@ -64,7 +64,7 @@ def check_objective(problems: Problems, key: str, terms: Sequence[Any], *, teach
     student = torch.randn(2, 3, vocab_size, generator=gen)
     labels = torch.randint(0, vocab_size, (2, 3), generator=gen)
     mask = torch.ones(2, 3, dtype=torch.bool)
-    signal = _signal(teacher, torch.randn(2, 3, vocab_size, generator=gen), k, tail_samples)
+    signal = random_signal(teacher, torch.randn(2, 3, vocab_size, generator=gen), k, tail_samples)
     from kdforge.losses import LOSSES
 
     on = (f" on the top-{k} teacher cache" + (f" with {tail_samples} sampled tail entries" if tail_samples else "")
@@ -109,8 +109,10 @@ def _params_valid(problems: Problems, key: str, name: str, params: Mapping[str, 
     return True
 
 
-def _signal(kind: TeacherSignal, logits: Any, k: int | None, tail_samples: int) -> Any:
-    """The teacher signal a loss receives: logits, a top-k SparseTeacher (opt. a sampled tail), None."""
+def random_signal(kind: TeacherSignal, logits: Any, k: int | None, tail_samples: int = 0) -> Any:
+    """The teacher signal a loss receives, made from ``logits``: the logits (``dense``), their
+    top-``k`` :class:`~kdforge.losses.signal.SparseTeacher` with ``tail_samples`` tail entries
+    weighted ``r / m`` (``sparse``), or None (``none``)."""
     if kind == "none":
         return None
     if kind == "dense":

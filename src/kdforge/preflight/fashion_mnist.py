@@ -17,7 +17,7 @@ from kdforge.preflight.estimate import (
 )
 from kdforge.preflight.problems import Problem, Problems
 
-__all__ = ["check", "estimate"]
+__all__ = ["check", "estimate", "probe"]
 
 #: Fashion-MNIST: 60,000 training and 10,000 test images of 28 x 28, 10 classes
 TRAIN_IMAGES, TEST_IMAGES, CLASSES = 60_000, 10_000, 10
@@ -73,3 +73,30 @@ def estimate(config: Any, output_dir: Path) -> Estimate | None:
             "disk")
     est.add("students", runs * param_bytes(student), "disk", note=f"{runs} (method, seed) runs")
     return est
+
+
+def probe(config: Any, *, steps: int = 2) -> float | None:
+    """Seconds per optimizer step of the student on a ``train.batch_size`` batch of 28 x 28 images
+    (the first distillation method's terms against random teacher logits)."""
+    import torch
+
+    from kdforge.losses import LOSSES
+    from kdforge.preflight.probe import time_steps
+    from kdforge.students.vision import build_vision_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    student = build_vision_model(config.student.arch, **config.student.kwargs).to(device)
+    method = next((m for m in config.methods if m.role != "baseline"), config.methods[0])
+    terms = [(LOSSES.get(t.name), t.weight, t.params) for t in method.terms if t.source == "loss" and not t.scheduled]
+    n = config.train.batch_size
+
+    def batch() -> dict[str, Any]:
+        return {"x": torch.randn(n, 1, 28, 28, device=device), "y": torch.randint(0, CLASSES, (n,), device=device),
+                "t": torch.randn(n, CLASSES, device=device)}
+
+    def loss(model: Any, b: dict[str, Any]) -> Any:
+        logits = model(b["x"])
+        return sum(w * fn(logits, b["t"], labels=b["y"], **params) for fn, w, params in terms)
+
+    return time_steps(student, batch, loss, steps=steps, lr=config.train.lr)

@@ -39,7 +39,7 @@ from kdforge.preflight.problems import Problem, Problems
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check", "estimate"]
+__all__ = ["check", "estimate", "probe"]
 
 
 def check(config: Any, output_dir: Path) -> list[Problem]:
@@ -296,6 +296,51 @@ def estimate(config: Any, output_dir: Path, *, device: str | None = None) -> Est
     if tr.max_steps:
         est.steps = tr.max_steps * runs
     return est
+
+
+def probe(config: Any, *, device: str | None = None, steps: int = 2) -> float | None:
+    """Seconds per optimizer step of the run's student on a batch of the run's shape (the first
+    distillation method's objective against a random teacher signal of the kind it reads;
+    :mod:`kdforge.preflight.probe`). None when the teacher's config is not on this machine."""
+    import torch
+
+    from kdforge.losses import LOSSES
+    from kdforge.preflight.checks import random_signal
+    from kdforge.preflight.probe import materialize, time_steps
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = _meta_model(config.teacher.model, config.teacher.dtype, getattr(config.teacher, "revision", None))
+    meta = _meta_student(config.student, teacher) if teacher is not None else None
+    if meta is None:
+        return None
+    student = materialize(meta, device)
+    method = next((m for m in config.methods if m.role != "baseline"), config.methods[0])
+    c, tr = config.cache, config.train
+    rows, seq_len, vocab = tr.batch_size, _seq_len(config.data), int(teacher.config.vocab_size)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    kind = "dense" if _online(method) else "sparse"
+    terms = [(LOSSES.get(t.name), t.weight, t.params) for t in method.objective
+             if t.source == "loss" and not t.scheduled]
+
+    def batch() -> dict[str, Any]:
+        ids = torch.randint(0, vocab, (rows, seq_len), generator=gen)
+        teacher_logits = torch.randn(rows, seq_len, vocab, generator=gen)
+        signal = random_signal(kind, teacher_logits, c.k, c.tail_samples)
+        if signal is not None and not torch.is_tensor(signal):
+            signal = type(signal)(signal.ids.to(device), signal.logprobs.to(device), signal.vocab_size,
+                                  signal.num_exact)
+        elif signal is not None:
+            signal = signal.to(device)
+        return {"input_ids": ids.to(device), "labels": ids.to(device), "signal": signal}
+
+    def loss(model: Any, b: dict[str, Any]) -> Any:
+        logits = model(input_ids=b["input_ids"]).logits.float()
+        total = logits.new_zeros(())
+        for fn, weight, params in terms:
+            total = total + weight * fn(logits, b["signal"], labels=b["labels"], **params)
+        return total if terms else logits.mean()
+
+    return time_steps(student, batch, loss, steps=steps, lr=tr.lr)
 
 
 def _seq_len(d: Any) -> int:

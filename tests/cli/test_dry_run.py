@@ -202,4 +202,4 @@ def test_probe_adds_the_measured_time_per_step(assets, tmp_path, capsys):
     assert main(["run", str(path), "--dry-run", "--probe"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "two-step probe" in x)
     seconds = float(line.split("probe)")[1].split()[0])
-    assert seconds > 0 and "x 2 steps" in line
+    assert seconds > 0 and "x 4 steps" in line  # 2 steps x the 2 default methods x 1 seed

@@ -33,6 +33,11 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError  # pragma: no cover
 
 
+def fmt_seconds(s: float) -> str:
+    """``42 -> '42 s'``, ``300 -> '5.0 min'``, ``7200 -> '2.0 h'``."""
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
 def param_bytes(model: Any) -> int:
     """Bytes of the model's parameters (shared tensors counted once)."""
     seen: set[int] = set()
@@ -139,7 +144,7 @@ class Estimate:
         if self.step_seconds is not None:
             line = f"  time    {'per optimizer step (two-step probe)':<44} {self.step_seconds:>8.3f} s"
             if self.steps:
-                line += f"  (x {self.steps} steps = ~{self.step_seconds * self.steps / 60:.1f} min of training)"
+                line += f"  (x {self.steps} steps = ~{fmt_seconds(self.step_seconds * self.steps)} of training)"
             out.append(line)
         elif self.steps:
             out.append(f"  time    {self.steps} optimizer steps in all (pass --probe to time one)")

@@ -109,13 +109,18 @@ def hub_token() -> str | None:
 
 # --------------------------------------------------------------------------------------------- placement
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` if available, else ``mps`` if available, else ``cpu``; others are checked.
+    """``auto`` -> ``cuda`` (``cuda:LOCAL_RANK`` under a multi-process launch) if available, else
+    ``mps`` if available, else ``cpu``; other names are checked against this machine.
 
     Raises:
         DeviceError: a CUDA/MPS device that this machine does not have.
     """
     if device == "auto":
         if torch.cuda.is_available():
+            from kdforge.distributed import launched_world_size
+
+            if launched_world_size() > 1:  # one process per GPU (accelerate launch / torchrun)
+                return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             return torch.device("cuda")
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():

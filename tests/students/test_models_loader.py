@@ -238,3 +238,25 @@ def test_student_keys_must_match_the_kind():
         validate(StudentSpec, {"kind": "pretrained"})
     with pytest.raises(ConfigError, match="hidden_size"):
         validate(StudentSpec, {"hidden_size": 64})
+
+
+@pytest.mark.gpu
+def test_teacher_lands_on_the_gpu_in_bf16_and_a_run_uses_it(folders, tmp_path):
+    from kdforge.config import validate
+    from kdforge.recipes.llm_kd import LLMKD, LLMKDConfig
+
+    model, _ = load_model(ModelSource(model=str(folders[0]), dtype="bfloat16"), role="teacher")
+    param = next(model.parameters())
+    assert param.device.type == "cuda" and param.dtype == torch.bfloat16
+    _byo.chat_jsonl(tmp_path / "chats.jsonl", rows=12)
+    config = validate(LLMKDConfig, {
+        "teacher": {"model": str(folders[0]), "dtype": "bfloat16"},
+        "student": {"kind": "pretrained", "model": str(folders[1])},
+        "data": {"path": str(tmp_path / "chats.jsonl"), "eval_fraction": 0.25},
+        "cache": {"k": 8}, "train": {"max_steps": 2, "batch_size": 4, "progress": False},
+        "eval": {"batch_size": 4, "during_training_sequences": 0, "speed_batch": 2, "speed_repeats": 1},
+        "methods": [{"name": "kd", "objective": [{"name": "forward_kl", "weight": 1.0}]},
+                    {"name": "kd online", "teacher": "online", "objective": [{"name": "forward_kl", "weight": 1.0}]}],
+        "plot": False, "save_students": False})
+    results = LLMKD().run(config, tmp_path / "run")
+    assert all(r["metrics"].get("perplexity", 1.0) == r["metrics"].get("perplexity", 1.0) for r in results["models"])

@@ -228,3 +228,22 @@ def test_cli_eval_bad_data_is_a_clear_error_and_writes_nothing(chat_setup, tmp_p
     err = capsys.readouterr().err
     assert want in err and "Fix:" in err
     assert not out.exists()
+
+
+def test_cli_eval_reads_the_held_out_part_of_a_spec_with_a_held_out_rule(chat_setup, tmp_path):
+    """--data-set eval_files=[...] evaluates those files only, the rows a training run holds out."""
+    from kdforge.data import load
+
+    root, models, chats, _ = chat_setup
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("hello there, how are you today? " * 6)
+    (docs / "b.txt").write_text("the quick brown fox jumps over the lazy dog. " * 3)
+    base = ["eval", "--student", str(models["student"]), "--no-cost", "--block-size", "8"]
+    assert main([*base, "--data", str(docs), "--data-set", "eval_files=[b.txt]", "-o", str(tmp_path / "held")]) == 0
+    assert main([*base, "--data", str(docs / "b.txt"), "-o", str(tmp_path / "b")]) == 0
+    held = json.loads((tmp_path / "held" / "results.json").read_text())
+    alone = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert held["n_tokens"] == alone["n_tokens"]
+    assert held["models"][0]["metrics"]["nll"] == pytest.approx(alone["models"][0]["metrics"]["nll"])
+    assert load({"path": str(docs), "eval_files": ["b.txt"]})["eval"]["document"] == ["b"]

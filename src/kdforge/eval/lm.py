@@ -427,16 +427,20 @@ EVAL_SPLITS = ("test", "validation", "eval", "train")
 
 
 def eval_split(spec: Any) -> Any:
-    """The raw rows to evaluate on: the spec's ``split`` when it was set, else the first of
+    """The raw rows to evaluate on: the held-out part when the spec names one (``eval_split``,
+    ``eval_fraction`` or ``eval_files``, as :func:`kdforge.data.load` splits it, so a run and its
+    evaluation hold out the same rows); else the spec's ``split`` when it was set, else the first of
     :data:`EVAL_SPLITS` the source has (else its first split).
 
     Raises:
         DataError: the source cannot be read, or has no such split.
     """
-    from kdforge.data import parse_spec
+    from kdforge.data import load, parse_spec
     from kdforge.data.sources import read_splits
 
     spec = parse_spec(spec)
+    if any(getattr(spec, k) is not None for k in ("eval_split", "eval_fraction", "eval_files")):
+        return load(spec)["eval"]
     splits = read_splits(spec)
     if "split" in spec.model_fields_set:
         name = spec.split

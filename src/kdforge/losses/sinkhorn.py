@@ -71,8 +71,8 @@ from kdforge.losses._core import (
     select,
     upcast,
 )
-from kdforge.losses.spec import register_loss
 from kdforge.losses.signal import SparseTeacher
+from kdforge.losses.spec import register_loss
 
 __all__ = ["SINKHORN_MODES", "sinkhorn_kd", "sinkhorn_plan"]
 

@@ -10,7 +10,12 @@ import torch
 from kdforge.errors import ConfigError, VocabMismatchError
 from kdforge.losses import LOSSES
 from kdforge.losses.uld import CrossVocabTeacher, shared_top1_agreement
-from kdforge.teachers import CrossTokenizerCollator, CrossTokenizerTeacher, OnlineTeacher, encode_texts
+from kdforge.teachers import (
+    CrossTokenizerCollator,
+    CrossTokenizerTeacher,
+    OnlineTeacher,
+    encode_texts,
+)
 from kdforge.teachers.crosstok import retokenize
 from kdforge.teachers.vocab import align_signal
 from kdforge.train import CausalLMTask, Distiller, LossTerm, TrainConfig

@@ -49,6 +49,7 @@ import torch
 
 from kdforge.errors import ConfigError, ShapeError
 from kdforge.losses._core import (
+    SparsePolicy,
     check_reduction,
     check_student,
     check_temperature,
@@ -56,20 +57,10 @@ from kdforge.losses._core import (
     reduce,
     upcast,
 )
-from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
+from kdforge.losses.spec import register_loss
 
 __all__ = ["CrossVocabTeacher", "gold", "shared_top1_agreement", "uld"]
-
-
-def _register(name: str, description: str, paper: str):  # noqa: ANN202 - a decorator
-    """Register through ``losses.spec.register_loss`` where it exists (LossSpec is landing in
-    parallel), else through the plain registry; to be reduced to ``@register_loss`` once it is in."""
-    try:
-        from kdforge.losses.spec import register_loss
-    except ImportError:
-        return LOSSES.register(name, description)
-    return register_loss(name, description=description, paper=paper)
 
 
 @dataclass(frozen=True)
@@ -225,12 +216,13 @@ def _setup(student_logits: torch.Tensor, teacher: object, mask: torch.Tensor | N
     return cross, real, _student_logprobs(z, cross, real, temperature), _teacher_logprobs(cross, real, temperature)
 
 
-@_register("uld", "ULD: L1 between sorted teacher/student probabilities (vocabulary-free, cross-tokenizer)",
-           "Boizard et al. 2024, Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss")
+@register_loss("uld", description="ULD: L1 between sorted teacher/student probabilities (vocabulary-free, "
+               "cross-tokenizer)", paper="Boizard et al. 2024, Towards Cross-Tokenizer Distillation: the Universal "
+               "Logit Distillation Loss for LLMs", sparse_ok=True)
 def uld(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTeacher | CrossVocabTeacher, *,
         mask: torch.Tensor | None = None, temperature: float = 1.0, reduction: str = "mean",
-        labels: torch.Tensor | None = None, sparse_policy: str = "tail_bucket", check_finite: bool = True
-        ) -> torch.Tensor:
+        labels: torch.Tensor | None = None, sparse_policy: SparsePolicy = "tail_bucket",
+        check_finite: bool = True) -> torch.Tensor:
     """Universal Logit Distillation: ``sum_i |p_(i) - q_(i)|`` of the sorted probabilities.
 
     Args:
@@ -273,12 +265,13 @@ def _gkl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return torch.where(live, a * (la - lb), 0.0) - a + b
 
 
-@_register("gold", "GOLD-style hybrid: exact KL on tokens both vocabularies share (by string) + ULD on the rest",
-           "TRL GOLD (trl.experimental.gold, 2025): hybrid ULD with exact matches on shared tokens")
+@register_loss("gold", description="GOLD-style hybrid: exact KL on tokens both vocabularies share (by string) + "
+               "ULD on the rest", paper="TRL GOLD trainer (trl.experimental.gold): hybrid ULD with exact matches on "
+               "shared tokens", sparse_ok=True)
 def gold(student_logits: torch.Tensor, teacher: CrossVocabTeacher | torch.Tensor | SparseTeacher, *,
          mask: torch.Tensor | None = None, temperature: float = 1.0, reduction: str = "mean",
          labels: torch.Tensor | None = None, shared_weight: float = 1.0, rest_weight: float = 1.0,
-         sparse_policy: str = "tail_bucket", check_finite: bool = True) -> torch.Tensor:
+         sparse_policy: SparsePolicy = "tail_bucket", check_finite: bool = True) -> torch.Tensor:
     """Generalised KL over the shared tokens (+ one rest bucket) plus ULD over the unshared ones.
 
     Args:

@@ -22,6 +22,7 @@ import logging
 import math
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ from kdforge.config import StrictModel
 from kdforge.errors import ConfigError
 from kdforge.recipes import RECIPES, Recipe
 from kdforge.recipes.subrun import RecipeRun
+from kdforge.teachers.sources.base import TeacherSource
 from kdforge.train.config import TrainConfig
 from kdforge.train.objective import LossTerm
 
@@ -95,6 +97,10 @@ class CrossTokenizerConfig(StrictModel):
     methods: list[MethodSpec] = Field(default_factory=_default_methods)
     seeds: list[int] = Field(default_factory=lambda: [0])
     eval_batch_size: int = Field(8, ge=1)
+    reuse_teacher_signals: bool = Field(
+        True, description="cut the training texts into fixed batches once and keep each batch's teacher signal "
+                          "(float16, in memory) for every method, seed and epoch: the frozen teacher gives the same "
+                          "signal, so this only saves teacher forwards (batch order is still shuffled per seed)")
 
     @field_validator("methods")
     @classmethod
@@ -217,16 +223,25 @@ class CrossTokenizerKD(Recipe):
         eval_batches = [collate(eval_texts[i: i + config.eval_batch_size])
                         for i in range(0, len(eval_texts), config.eval_batch_size)]
         tops = [teacher_top_tokens(source, b) for b in eval_batches]
+        train_data, train_collate, train_source = train_texts, collate, source
+        if config.reuse_teacher_signals:
+            bs = config.train.batch_size
+            train_data = [dict(collate(train_texts[i: i + bs]), batch_id=torch.tensor(k))
+                          for k, i in enumerate(range(0, len(train_texts) - bs + 1, bs))]
+            train_collate, train_source = _first, ReusedSignals(source)
         rows: dict[str, list[dict[str, float]]] = {m.name: [] for m in config.methods}
         for seed in config.seeds:
             for method in config.methods:
                 student = build_student(s, len(student_tok), seed)
                 needs_teacher = any(t.name != "cross_entropy" for t in method.objective)
-                train_cfg = config.train.model_copy(update={"seed": seed, "output_dir": None})
+                update = {"seed": seed, "output_dir": None}
+                if config.reuse_teacher_signals:
+                    update["batch_size"] = 1  # one item = one fixed batch
+                train_cfg = config.train.model_copy(update=update)
                 t0 = time.perf_counter()
-                Distiller(student, source if needs_teacher else None, task=CausalLMTask(),
-                          objective=list(method.objective), config=train_cfg, train_data=train_texts,
-                          collate_fn=collate, vocab_policy="cross_tokenizer").train()
+                Distiller(student, train_source if needs_teacher else None, task=CausalLMTask(),
+                          objective=list(method.objective), config=train_cfg, train_data=train_data,
+                          collate_fn=train_collate, vocab_policy="cross_tokenizer").train()
                 scores = evaluate(student, eval_batches, tops)
                 scores["train_s"] = time.perf_counter() - t0
                 log.info("%s seed %d: %s", method.name, seed, scores)
@@ -243,6 +258,39 @@ class CrossTokenizerKD(Recipe):
         }
         run.publish(results, results_markdown(results, config))
         return results
+
+
+def _first(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Collate of pre-collated batches (the loader's batch size is 1)."""
+    return items[0]
+
+
+class ReusedSignals(TeacherSource):
+    """A :class:`~kdforge.teachers.sources.CrossTokenizerTeacher` whose signal is computed once per
+    fixed batch (``batch_id``) and kept in float16: the teacher is frozen, so every method, seed and
+    epoch would recompute the same signal. Recipe-internal (it holds every training batch's teacher
+    logits in memory)."""
+
+    scores_new_samples = False
+    tokenizes_itself = True
+
+    def __init__(self, source: TeacherSource) -> None:
+        self.source, self.provides = source, source.provides
+        self.memo: dict[int, Any] = {}
+
+    def modules(self) -> list[torch.nn.Module]:
+        return self.source.modules()
+
+    def place(self, device: Any) -> None:
+        self.source.place(device)
+
+    def signal(self, batch: Any, task: Any, *, features: Any = None) -> Any:
+        key = int(batch["batch_id"])
+        if key not in self.memo:
+            sig = self.source.signal(batch, task, features=features)
+            self.memo[key] = replace(sig, cross=replace(sig.cross, logits=sig.cross.logits.half()))
+        sig = self.memo[key]
+        return replace(sig, cross=replace(sig.cross, logits=sig.cross.logits.float()))
 
 
 def _summary(rows: list[dict[str, float]]) -> dict[str, Any]:

@@ -1,14 +1,24 @@
-"""``llm_kd``: distil a causal LM into a student built from its own layers, from a cached top-k.
+"""``llm_kd``: distil a causal LM teacher into a student, per method, from a cached top-k or online.
+
+Teacher, student and data are the user's (docs/bring-your-own.md): the teacher is an asset, a
+folder or a Hub id placed on the accelerator when there is one (:mod:`kdforge.models`); the
+student is cut from the teacher (default), pretrained, or built from a config
+(:mod:`kdforge.students.build`); the data is a corpus of documents or any dataset of
+:mod:`kdforge.data`, chat and prompt/completion rows trained on their responses only
+(:mod:`kdforge.recipes.lm_data`). Everything that needs no weights is checked before anything is
+written (:func:`check_inputs`).
 
 What one run does (the LLM quickstart, ``configs/quickstart.yaml``):
 
 1. loads the teacher (default: the offline SmolLM2-135M-Instruct asset) and its tokenizer;
 2. packs real prose (default: Jane Austen; train on one novel, hold out another) into
-   ``[N, T]`` token blocks (:mod:`kdforge.data.text`);
+   ``[N, T]`` token blocks (:mod:`kdforge.data.text`), or renders a dataset's rows (padded or
+   packed, labels ``-100`` outside the responses);
 3. runs the teacher **once** over the training blocks and stores its top-k log-probabilities
-   (:func:`kdforge.teachers.build_teacher_cache`; resumable, reused on a re-run);
-4. builds one student from the teacher (copied embeddings, final norm, head and a subset of the
-   decoder layers: :func:`kdforge.students.student_from_teacher`);
+   (:func:`kdforge.teachers.build_teacher_cache`; resumable, reused on a re-run), when some
+   method reads the cache (``teacher: online`` methods run the live teacher instead);
+4. builds one student (default: from the teacher's copied embeddings, final norm, head and a
+   subset of the decoder layers: :func:`kdforge.students.student_from_teacher`);
 5. trains a copy of that **same** student per method (e.g. labels only vs KD from the cache) and
    per seed, for the same steps on the same batches, with :class:`kdforge.train.Distiller`;
 6. evaluates the teacher, the untrained student and every trained student on the held-out blocks
@@ -352,7 +362,8 @@ class _Trained:
 # the recipe
 
 
-@RECIPES.register("llm_kd", "distil a causal LM into a layer-subset student from a cached top-k teacher")
+@RECIPES.register("llm_kd", "distil a causal LM (asset, folder or Hub id) into a cut, pretrained or "
+                            "config-built student on a corpus or any dataset, from a top-k cache or online")
 class LLMKD(Recipe):
     config_model = LLMKDConfig
 

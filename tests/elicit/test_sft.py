@@ -256,3 +256,24 @@ def test_sft_bad_data_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert want in err and "Fix:" in err
     assert not out.exists()
+
+
+def test_sft_packs_examples_by_choice_keeping_response_only_labels(tmp_path):
+    from tests.data._cmd import write_chat_jsonl, write_models
+    from tests.data.conftest import make_tokenizer
+
+    from kdforge.elicit.sft import pack_examples, sft_examples
+
+    tok = make_tokenizer()
+    chats = write_chat_jsonl(tmp_path / "chats.jsonl")
+    examples = sft_examples({"path": str(chats)}, tok)
+    packed = pack_examples(examples, 16)
+    stream = [t for ex in examples for t in ex["labels"]]
+    assert [t for ex in packed for t in ex["labels"]] == stream[: len(packed) * 16]
+    assert all(len(ex["input_ids"]) == 16 for ex in packed)
+    with pytest.raises(Exception, match="cannot be packed"):
+        pack_examples([{**examples[0], "weight": 1.0}], 16)
+    student = write_models(tmp_path, names=(("student", 1, 32),))["student"]
+    assert main(["sft", str(chats), "--data-set", "packing=true", "--data-set", "block_size=16", "--student",
+                 str(student), "-o", str(tmp_path / "run"), "--max-steps", "2", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "sft_summary.json").read_text())["examples"] == len(packed)

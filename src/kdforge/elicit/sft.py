@@ -203,6 +203,30 @@ def sft_source(spec: Any, weight_field: str | None = "weight") -> tuple[str, Any
     return "rows", ds
 
 
+def pack_examples(examples: list[dict[str, Any]], block_size: int, *,
+                  mask_document_starts: bool = False) -> list[dict[str, Any]]:
+    """Examples packed into full blocks of ``block_size`` tokens, labels carried along
+    (:func:`kdforge.data.collate.pack_sequences`: response-only masks survive, the tail that does
+    not fill a block is dropped). ``packing: true`` in the data spec; padding per batch otherwise.
+
+    Raises:
+        ConfigError: the examples are weighted (a weight belongs to one sample, not to a block).
+        DataError: fewer tokens than one block.
+    """
+    from kdforge.data.collate import pack_sequences
+
+    if any("weight" in ex for ex in examples):
+        raise ConfigError("per-sample weights cannot be packed: a block mixes samples",
+                          "set packing: false (the default), or train unweighted (--weight-field none)")
+    packed = pack_sequences([ex["input_ids"] for ex in examples], [ex["labels"] for ex in examples], block_size,
+                            mask_document_starts=mask_document_starts)
+    if not packed["input_ids"]:
+        raise DataError(f"the data holds fewer tokens than one block of {block_size}",
+                        "use more data, a smaller block_size, or packing: false")
+    log.info("packed %d examples into %d blocks of %d tokens", len(examples), len(packed["input_ids"]), block_size)
+    return [{"input_ids": i, "labels": y} for i, y in zip(packed["input_ids"], packed["labels"])]
+
+
 WEIGHT_SCALE = 1000
 
 
@@ -298,6 +322,9 @@ def run_sft(data: str | Path, student: str, output_dir: str | Path, *, tokenizer
         examples = build_sft_examples(source[1], tok, spec.max_length or max_length, chat_template=spec.chat_template)
     else:
         examples = _rows_examples(spec, tok, source[1], max_length, weight_field)
+    if spec.packing:
+        examples = pack_examples(examples, spec.block_size or spec.max_length or max_length,
+                                 mask_document_starts=spec.mask_document_starts)
     model = _from_pretrained(AutoModelForCausalLM, student, "student", dtype=torch.float32)
     cfg = {"batch_size": 8, "lr": 5e-5, "scheduler": "cosine", "warmup_steps": 0,
            **(train or {}), "output_dir": str(out)}

@@ -67,8 +67,8 @@ def check_objective(problems: Problems, key: str, terms: Sequence[Any], *, teach
     signal = random_signal(teacher, torch.randn(2, 3, vocab_size, generator=gen), k, tail_samples)
     from kdforge.losses import LOSSES
 
-    on = (f" on the top-{k} teacher cache" + (f" with {tail_samples} sampled tail entries" if tail_samples else "")
-          if teacher == "sparse" else "")
+    on = ((f" on the top-{k} teacher cache" if k else " on the teacher cache")
+          + (f" with {tail_samples} sampled tail entries" if tail_samples else "") if teacher == "sparse" else "")
     for i, term in enumerate(objective.terms):
         if term.source != "loss":
             continue

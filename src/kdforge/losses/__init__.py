@@ -23,6 +23,7 @@ Every registered loss is a :class:`LossSpec` called the same way::
 and declares what it needs: ``loss_spec(name).needs_labels``, ``.sparse_ok``, ``.kernel_for(...)``.
 """
 
+from kdforge.losses._core import value_checks, value_checks_enabled
 from kdforge.losses.bdkd import bdkd
 from kdforge.losses.chunked import TeacherHead, auto_chunk_size, chunked_distillation_loss
 from kdforge.losses.divergences import (
@@ -95,4 +96,6 @@ __all__ = [
     "taid",
     "tvd",
     "uld",
+    "value_checks",
+    "value_checks_enabled",
 ]

@@ -48,7 +48,9 @@ sparse teacher is never densified.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Literal
 
 import torch
@@ -58,6 +60,48 @@ from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
 
 Teacher = torch.Tensor | SparseTeacher
+
+# --------------------------------------------------------------------------------------------
+# value checks (host reads) on or off
+
+_VALUE_CHECKS: ContextVar[bool] = ContextVar("kdforge_loss_value_checks", default=True)
+
+
+@contextmanager
+def value_checks(enabled: bool = True) -> Iterator[None]:
+    """Turn the losses' checks of tensor *values* on (default) or off inside a ``with`` block.
+
+    On (what every direct call gets): sparse ids and labels are checked to lie in the vocabulary,
+    a non-finite loss raises a diagnosed :class:`~kdforge.errors.NonFiniteError`, and a few paths
+    read a value to pick a faster branch (a dense kernel without ``-inf`` handling, a chunk with
+    no padding). Each such check is a blocking host read (``.item()``, ``bool(tensor)``): a
+    device sync on an accelerator, about ten per micro-batch on the default KD + CE path.
+
+    Off: none of them. Results are the same for valid, finite inputs (the branches taken need no
+    value: ``-inf``-safe kernels, masked updates); invalid ids would fail inside torch instead
+    of with kdforge's message and a non-finite loss is returned rather than raised. The
+    :class:`~kdforge.train.Distiller` turns them off for a micro-batch once the same batch layout
+    was validated (the first batch, and whenever the layout changes or grows), and checks the
+    loss once per optimizer step. Shape, type and configuration checks always run (no host read).
+    Selecting real positions with a boolean mask is dynamic-shape indexing and still syncs on an
+    accelerator.
+
+    Example::
+
+        with value_checks(False):
+            loss = forward_kl(student_logits, teacher_logits, mask=mask)
+    """
+    token = _VALUE_CHECKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
+
+
+def value_checks_enabled() -> bool:
+    """Whether the losses check tensor values here (see :func:`value_checks`)."""
+    return _VALUE_CHECKS.get()
+
 Kernel = Callable[..., torch.Tensor]  # kernel(logq, logp, safe: bool) -> [n]
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -122,7 +166,8 @@ def check_teacher(student_logits: torch.Tensor, teacher: Teacher) -> None:
                 "distil between models sharing a tokenizer; if one vocabulary is only padded (same family), "
                 "slice the student logits to the shared tokenizer size: student_logits[..., :tokenizer_size]",
             )
-        if teacher.ids.numel() and (int(teacher.ids.min()) < 0 or int(teacher.ids.max()) >= v_s):
+        if value_checks_enabled() and teacher.ids.numel() and (int(teacher.ids.min()) < 0
+                                                              or int(teacher.ids.max()) >= v_s):
             raise ShapeError(
                 f"sparse teacher ids outside [0, {v_s})",
                 "the cache was built with another tokenizer or vocabulary; rebuild it",
@@ -361,7 +406,9 @@ def distill(
         per_pos = upcast(s).sum(-1)  # empty, keeps the graph: zero grads, no NaN
     else:
         logq, logp = make_pair(s, t, temperature, sparse_policy)
-        # Dense logits rarely contain -inf: try the fast kernel and redo safely only if needed.
+        # Dense logits rarely contain -inf: try the fast kernel and redo safely only if needed
+        # (that needs a host read: without value checks the safe kernel runs directly).
+        check_finite = check_finite and value_checks_enabled()
         safe = isinstance(t, SparseTeacher) or not check_finite
         per_pos = kernel(logq, logp, safe=safe)
         if check_finite and not bool(torch.isfinite(per_pos.detach()).all()):
@@ -408,6 +455,8 @@ def drop_dead(logq: torch.Tensor, logp: torch.Tensor, safe: bool = True
     if not safe:
         return logq, logp, None
     dead = torch.isneginf(logq) & torch.isneginf(logp)
+    if not value_checks_enabled():  # no host read: mask whether or not an entry is dead (same values)
+        return torch.where(dead, 0.0, logq), torch.where(dead, 0.0, logp), dead
     if not bool(dead.any()):
         return logq, logp, None
     return torch.where(dead, 0.0, logq), torch.where(dead, 0.0, logp), dead

@@ -43,6 +43,7 @@ from kdforge.config import validate
 from kdforge.distributed import check_process_group, needs_cpu_process_group, wrapper_of
 from kdforge.errors import CheckpointError, ConfigError, NonFiniteError
 from kdforge.io import write_text_atomic
+from kdforge.losses import value_checks
 from kdforge.teachers.sources import TeacherSource, as_source
 from kdforge.train import evaluation, persistence, tracking
 from kdforge.train.callbacks import (
@@ -164,6 +165,7 @@ class Distiller:
         self._setup_callbacks(callbacks, run_config)
         self._layout: Any = None  # the batch layout last validated (keys, dtypes, ranks)
         self._largest: dict[str, tuple[int, ...]] = {}  # the largest shape seen per batch key
+        self._value_checks = True  # the losses check values (host reads) on this micro-batch
 
     # -- setup -------------------------------------------------------------------------------
     def _check_task(self, task: Task) -> Task:
@@ -312,6 +314,7 @@ class Distiller:
         source = pick_source(self.teacher_source, self.task, batch)
         if chunked is None:
             chunked = self.objective.use_chunked(self.task, source, self.student)
+        self._value_checks = True
         if type(self.task).forward is not Task.forward:
             # a task that extends forward() (its own extra terms) gets the teacher it was given
             out = self.task.forward(self.student, self.teacher if source is self.teacher_source else source, batch,
@@ -322,6 +325,7 @@ class Distiller:
             out = attach_teacher(self.task, self.student, source, batch, extras=self.extras, chunked=chunked,
                                  validate=check, vocab_policy=self.vocab_policy)
             self._layout = layout
+            self._value_checks = check  # a validated layout: the losses read no values back
         return out
 
     def compute_loss(self, batch: Mapping[str, Any], normalizer: float) -> ObjectiveValue:
@@ -334,7 +338,9 @@ class Distiller:
                 "module and the batch carries no cached teacher signal",
                 "pass teacher=, add the cached teacher keys to the batches, or use only cross_entropy",
             )
-        return self.objective(out, normalizer, values=self.schedules.current(self.state.step), check_finite=False)
+        with value_checks(self._value_checks):  # off after the first batch of a layout: no host reads
+            return self.objective(out, normalizer, values=self.schedules.current(self.state.step),
+                                  check_finite=False)
 
     def next_micro_batches(self) -> list[Mapping[str, Any]]:
         """The step's ``grad_accum_steps`` micro-batches, each through the transform chain."""

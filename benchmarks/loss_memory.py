@@ -119,9 +119,11 @@ def make_step(impl: str, args: argparse.Namespace, hidden, weight, t_logits, t_h
                 else int(args.chunk_size))
         teacher = TeacherHead(t_hidden, t_weight) if t_logits is None else t_logits
 
+        size = "auto" if args.chunk_size == "auto" else rows  # "auto": the default, as users get it
+
         def step():
             params = {"beta": args.beta} if args.kd_loss == "generalized_jsd" else {}
-            out = chunked_distillation_loss(hidden, weight, teacher, loss=args.kd_loss, chunk_size=rows,
+            out = chunked_distillation_loss(hidden, weight, teacher, loss=args.kd_loss, chunk_size=size,
                                             reduction="sum", closed_form=impl == "kdforge_chunked", **params)
             out["loss"].backward()
             return out["loss"].detach()
@@ -246,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         for vocab in args.vocab:
             for impl in args.impls:
                 if args.chunk_size == "auto":
-                    chunk = max(64, ((4 if args.device == "cpu" else 16) << 20) // vocab)
+                    from kdforge.losses import auto_chunk_size
+
+                    chunk = auto_chunk_size(vocab, tokens, args.device, closed_form=impl == "kdforge_chunked")
                 else:
                     chunk = int(args.chunk_size)
                 est = estimate_bytes(impl, tokens, vocab, args.hidden, args.teacher, chunk)

@@ -18,11 +18,12 @@ for each chunk of positions ``c`` (masked positions are dropped before the LM he
      (``dL/db += sum g``), then the chunk's arrays are freed.
 
 This all happens inside the forward of a :class:`torch.autograd.Function`; backward only scales
-the stored gradients by the incoming gradient. Same idea as Liger-Kernel's
+the stored gradients by the incoming gradient, in place. Same idea as Liger-Kernel's
 ``fused_linear_distillation`` and torchtune's chunked KD losses, but for every loss of the zoo, a
 sparse (top-k) teacher, a teacher given as hidden states + head, and a CE term in one pass.
 
-Cost: one extra ``[V, H]`` float32 buffer for the weight gradient; the logits are computed once.
+Cost: one ``[V, H]`` float32 buffer for the weight gradient (handed to autograd as is); the logits
+are computed once. ``chunk_size="auto"`` (the default) bounds the rest: :func:`auto_chunk_size`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from kdforge.errors import ConfigError, ShapeError, VocabMismatchError
-from kdforge.losses._core import check_reduction, check_temperature, upcast
+from kdforge.losses._core import check_reduction, check_temperature, upcast, value_checks_enabled
 from kdforge.losses.closed_form import FusedKernel, compiled_kernel
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.spec import LossSpec, loss_spec
@@ -42,10 +43,12 @@ from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
 
 __all__ = ["TeacherHead", "auto_chunk_size", "chunked_distillation_loss"]
 
-# "auto" chunking: one chunk's float32 [rows, V] array holds about this many elements (16 MiB on
-# CPU, 64 MiB on accelerators, where bigger chunks keep kernels busy), never fewer than
-# AUTO_MIN_ROWS rows so the LM-head matmuls stay efficient for huge vocabularies.
-AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 22, "accelerator": 1 << 24}
+# "auto" chunking: a chunk's float32 [rows, V] working set (AUTO_LIVE_ARRAYS arrays of that shape
+# alive at its peak) fits AUTO_WORKING_SET_BYTES: 192 MiB on CPU, 768 MiB on an accelerator (where
+# taller chunks keep the kernels busy); never fewer than AUTO_MIN_ROWS rows, so that the LM-head
+# matmuls stay efficient for huge vocabularies.
+AUTO_WORKING_SET_BYTES = {"cpu": 192 << 20, "accelerator": 768 << 20}
+AUTO_LIVE_ARRAYS = {"closed_form": 6, "autograd": 12}
 AUTO_MIN_ROWS = 64
 
 
@@ -75,19 +78,27 @@ class TeacherHead:
 
 def auto_chunk_size(vocab_size: int, num_positions: int, device: torch.device | str | None = None, *,
                     closed_form: bool = False) -> int:
-    """Rows per chunk for ``chunk_size="auto"``: a multiple of 8, at least 64 (or ``num_positions``).
+    """Rows per chunk for ``chunk_size="auto"`` (the default): the chunk's working set fits a budget.
 
-    One float32 ``[rows, V]`` array is kept near 16 MiB on CPU and 64 MiB on an accelerator. A
-    chunk on the autograd path holds about a dozen such arrays at its peak (logits, two
-    log-softmaxes, the loss's temporaries, their gradients), so the chunked path's extra memory is
-    ~0.2 GiB (CPU) / ~0.8 GiB (GPU) plus the ``[V, H]`` weight gradient, whatever the number of
-    tokens. The closed-form kernels (``closed_form=True``) hold about half as many, so their
-    chunks are twice as tall for the same peak (taller chunks keep the LM-head matmuls efficient:
-    measured 8-11% less CPU time for the JSD at ``V = 49152`` with 168 instead of 80 rows).
+    ``rows = budget / (arrays * V * 4 bytes)``, rounded down to a multiple of 8, at least 64 (and at
+    most ``num_positions``), with
+
+    * ``budget`` = :data:`AUTO_WORKING_SET_BYTES` of the device: 192 MiB on CPU, 768 MiB on an
+      accelerator;
+    * ``arrays`` = :data:`AUTO_LIVE_ARRAYS`, the float32 ``[rows, V]`` arrays alive at a chunk's
+      peak: 6 for the closed forms (``closed_form=True``: logits turned in place into the
+      log-softmax, its exponential, the teacher's logits and log-probabilities, the gradient) and
+      12 on the autograd path (the loss's temporaries and their gradients too).
+
+    So the chunked path's extra memory is about the budget plus the ``[V, H]`` weight gradient,
+    whatever the number of tokens: e.g. ``V = 32768`` gives 256 rows (closed form) or 128 rows
+    (autograd) on CPU, ``V = 131072`` gives 64 on CPU (the floor) and 256 / 128 on a GPU. Taller
+    closed-form chunks keep the LM-head matmuls efficient (measured 8-11% less CPU time for the
+    JSD at ``V = 49152`` with 168 instead of 80 rows).
     """
     kind = "cpu" if device is None or torch.device(device).type == "cpu" else "accelerator"
-    elements = AUTO_CHUNK_ELEMENTS[kind] * (2 if closed_form else 1)
-    rows = max(AUTO_MIN_ROWS, elements // max(vocab_size, 1))
+    arrays = AUTO_LIVE_ARRAYS["closed_form" if closed_form else "autograd"]
+    rows = max(AUTO_MIN_ROWS, AUTO_WORKING_SET_BYTES[kind] // (arrays * 4 * max(vocab_size, 1)))
     rows -= rows % 8
     return max(1, min(num_positions, rows))
 
@@ -108,7 +119,7 @@ def _teacher_chunk(teacher: torch.Tensor | SparseTeacher | TeacherHead, rows: sl
 
 
 def _check_labels(labels: torch.Tensor | None, vocab: int) -> None:
-    if labels is None:
+    if labels is None or not value_checks_enabled():
         return
     real = labels[labels != IGNORE_INDEX]
     if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
@@ -127,8 +138,11 @@ def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     of ``c_kd``; cross-entropy's gradient is ``softmax(z_s) - onehot(y)`` on labelled rows. At
     ``T = 1`` both share the student's softmax: ``G = (c_kd T s / c_ce) G_kd + q * labelled - onehot``.
     Returns None when the KD values are not finite (the caller reruns the chunk under autograd,
-    which handles ``-inf`` teacher logits and raises the diagnosed error).
+    which handles ``-inf`` teacher logits and raises the diagnosed error). Without value checks
+    (:func:`~kdforge.losses.value_checks`) nothing is read back: the CE terms are masked instead of
+    indexed by the labelled rows, and a non-finite value is returned as is.
     """
+    checks = value_checks_enabled()
     if kernel is None and c_ce == 0:  # nothing to compute (kd_weight = ce_weight = 0)
         zero = h.new_zeros((), dtype=h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32)
         return zero, zero, None, 1.0
@@ -140,18 +154,21 @@ def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     g_ce = None
     if c_ce != 0:
         labelled = labels != IGNORE_INDEX
-        all_labelled = bool(labelled.all())
-        rows_idx = labelled.nonzero().squeeze(1)
-        targets = labels[rows_idx].long()
-        minus_one = torch.full((rows_idx.numel(),), -1.0, dtype=logits.dtype, device=logits.device)
+        if checks:  # index the labelled rows (reads their count) and skip the mask when all are
+            all_labelled = bool(labelled.all())
+            rows_idx = labelled.nonzero().squeeze(1)
+            targets = labels[rows_idx].long()
+        else:  # every row, unlabelled ones weighted 0 (same values, no read)
+            all_labelled = False
+            targets = torch.where(labelled, labels, 0).long()
         if kernel is None or temperature != 1.0:  # CE at T = 1 on its own softmax
             logq1 = torch.log_softmax(logits, dim=-1)
-            ce_val = -logq1[rows_idx, targets].sum()
+            ce_val = _ce_sum(logq1, rows_idx, targets, labelled)
             g_ce = logq1.exp_()
             del logq1
             if not all_labelled:
                 g_ce.mul_(labelled.unsqueeze(1))
-            g_ce.index_put_((rows_idx, targets), minus_one, accumulate=True)
+            _minus_onehot(g_ce, rows_idx, targets, labelled)
             if kernel is None:
                 return zero, ce_val, g_ce, c_ce
     assert kernel is not None and teacher is not None
@@ -161,13 +178,13 @@ def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     del logits
     q = logq.exp()
     if c_ce != 0 and temperature == 1.0:
-        ce_val = -logq[rows_idx, targets].sum()
+        ce_val = _ce_sum(logq, rows_idx, targets, labelled)
     t = upcast(teacher.detach()).to(logq.dtype)
     if temperature != 1.0:
         t = t / temperature
     out = kernel(logq, q, t)
     del logq, t
-    if not bool(torch.isfinite(out.per_pos).all()):
+    if checks and not bool(torch.isfinite(out.per_pos).all()):
         return None
     kd_val = out.per_pos.sum() * (temperature**2)
     g, alpha = out.grad, c_kd * temperature * out.scale
@@ -181,8 +198,27 @@ def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
             g.add_(q)
         else:
             g.addcmul_(q, labelled.unsqueeze(1))
-        g.index_put_((rows_idx, targets), minus_one, accumulate=True)
+        _minus_onehot(g, rows_idx, targets, labelled)
     return kd_val, ce_val, g, c_ce
+
+
+def _ce_sum(logq: torch.Tensor, rows_idx: torch.Tensor | None, targets: torch.Tensor,
+            labelled: torch.Tensor) -> torch.Tensor:
+    """``-sum log q[y]`` over labelled rows: ``rows_idx`` given (value checks on) or by mask."""
+    if rows_idx is not None:
+        return -logq[rows_idx, targets].sum()
+    picked = logq.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return -torch.where(labelled, picked, 0.0).sum()
+
+
+def _minus_onehot(g: torch.Tensor, rows_idx: torch.Tensor | None, targets: torch.Tensor,
+                  labelled: torch.Tensor) -> None:
+    """``g[r, y_r] -= 1`` on labelled rows, in place."""
+    if rows_idx is not None:
+        minus_one = torch.full((rows_idx.numel(),), -1.0, dtype=g.dtype, device=g.device)
+        g.index_put_((rows_idx, targets), minus_one, accumulate=True)
+    else:
+        g.scatter_add_(1, targets.unsqueeze(1), -labelled.to(g.dtype).unsqueeze(1))
 
 
 def _validate(student_hidden: torch.Tensor, lm_head_weight: torch.Tensor, lm_head_bias: torch.Tensor | None,
@@ -224,25 +260,54 @@ def _validate(student_hidden: torch.Tensor, lm_head_weight: torch.Tensor, lm_hea
         )
 
 
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``; True when unknown)."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):  # a private torch API: fall back to the copying path
+        return True
+
+
 class _FusedChunkedLoss(torch.autograd.Function):
-    """Forward computes loss *and* gradients chunk by chunk; backward rescales them."""
+    """Forward computes loss *and* gradients chunk by chunk; backward rescales them.
+
+    The gradients are intermediate tensors owned by this node (kept on ``ctx``, not saved inputs
+    or outputs). A backward that frees the graph (the usual ``loss.backward()``) scales them by the
+    incoming gradient in place and hands them on: no second ``[V, H]`` weight-gradient buffer, and
+    autograd can make the tensor the weight's ``.grad`` without a copy. A backward that keeps the
+    graph (``retain_graph=True``, ``gradcheck``) returns scaled copies, so that the next one starts
+    from the same gradients.
+    """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 run: Callable[..., tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         loss, kd, ce, g_hidden, g_weight, g_bias = run(hidden, weight, bias)
-        ctx.save_for_backward(g_hidden, g_weight, g_bias if g_bias is not None else torch.empty(0))
-        ctx.has_bias = g_bias is not None
+        ctx.grads = (g_hidden, g_weight, g_bias)
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
 
     @staticmethod
     def backward(ctx, g_loss: torch.Tensor, _g_kd: Any, _g_ce: Any):
-        g_hidden, g_weight, g_bias = ctx.saved_tensors
-        gh = g_hidden * g_loss.to(g_hidden.dtype) if ctx.needs_input_grad[0] else None
-        gw = g_weight * g_loss.to(g_weight.dtype) if ctx.needs_input_grad[1] else None
-        gb = g_bias * g_loss.to(g_bias.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gh, gw, gb, None
+        if ctx.grads is None:
+            raise ConfigError(
+                "backward ran a second time through a chunked_distillation_loss whose first backward freed the "
+                "graph (its gradients were scaled in place and handed on)",
+                "pass retain_graph=True to the first backward, or compute the loss again",
+            )
+        keep = _graph_kept()
+        g_hidden, g_weight, g_bias = ctx.grads
+        if not keep:
+            ctx.grads = None
+
+        def scaled(g: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
+            if not wanted or g is None or not g.numel():
+                return None
+            scale = g_loss.to(g.dtype)
+            return g * scale if keep else g.mul_(scale)
+
+        return (scaled(g_hidden, ctx.needs_input_grad[0]), scaled(g_weight, ctx.needs_input_grad[1]),
+                scaled(g_bias, ctx.needs_input_grad[2]), None)
 
 
 def chunked_distillation_loss(
@@ -256,7 +321,7 @@ def chunked_distillation_loss(
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
     temperature: float | None = None,
-    chunk_size: int | str = 1024,
+    chunk_size: int | str = "auto",
     lm_head_bias: torch.Tensor | None = None,
     reduction: str = "sum",
     closed_form: bool = True,
@@ -281,9 +346,10 @@ def chunked_distillation_loss(
         kd_weight, ce_weight: weights of the KD and CE terms in ``"loss"``.
         temperature: passed to the KD loss (CE is always at T = 1); None uses the loss's own
             default (1 for most, 4 for DKD), exactly like calling the loss directly.
-        chunk_size: positions per chunk, or ``"auto"`` (:func:`auto_chunk_size`: ~16 MiB (CPU) /
-            ~64 MiB (GPU) per float32 ``[chunk, V]`` array; recommended). Peak extra memory is about a dozen
-            ``[chunk, V]`` float32 arrays plus a ``[V, H]`` float32 weight-gradient buffer.
+        chunk_size: positions per chunk, or ``"auto"`` (default; :func:`auto_chunk_size`: the
+            chunk's float32 ``[chunk, V]`` working set within 192 MiB on CPU, 768 MiB on an
+            accelerator). Peak extra memory is that working set plus a ``[V, H]`` float32
+            weight-gradient buffer.
         lm_head_bias: optional ``[V]`` bias.
         reduction: ``"sum"`` (default: sums over real positions; divide by your global token
             count, e.g. across gradient-accumulation micro-batches) or ``"mean"`` (KD divided by
@@ -323,6 +389,7 @@ def chunked_distillation_loss(
         raise ConfigError("ce_weight != 0 needs labels", "pass labels=[N] (ignore_index -100)")
     _validate(hidden, lm_head_weight, lm_head_bias, teacher if kd_weight != 0 else None, n)
     loss_fn = spec.fn
+    checks = value_checks_enabled()  # off: no host read per chunk (see kdforge.losses.value_checks)
     if isinstance(teacher, torch.Tensor):
         teacher = teacher.reshape(-1, teacher.shape[-1])
     elif isinstance(teacher, SparseTeacher):
@@ -349,7 +416,7 @@ def chunked_distillation_loss(
     rows = (auto_chunk_size(vocab, n, hidden.device, closed_form=use_closed_form) if chunk_size == "auto"
             else chunk_size)
     if not isinstance(rows, int) or rows < 1:
-        raise ConfigError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}", "use e.g. 1024")
+        raise ConfigError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}", "use chunk_size='auto' or e.g. 256")
 
     def autograd_chunk(h, w, b, t_c, y, want_any):
         """The registered loss under autograd on one chunk: any loss, any teacher signal."""
@@ -383,7 +450,7 @@ def chunked_distillation_loss(
         for start in range(0, n, rows):
             sl = slice(start, min(start + rows, n))
             idx = None  # masked positions are dropped before the LM head: no work, no gradient
-            if flat_mask is not None and not bool(flat_mask[sl].all()):
+            if flat_mask is not None and (not checks or not bool(flat_mask[sl].all())):
                 idx = flat_mask[sl].nonzero().squeeze(1)
                 if idx.numel() == 0:
                     continue

@@ -388,6 +388,7 @@ class Distiller:
                                              position=where[i] if i < len(where) else "",
                                              processes=acc.num_processes)
                     self.optimizer.zero_grad(set_to_none=True)
+                    self._layout = None  # the next micro-batch runs the losses' own (diagnosing) checks again
                     return {"loss": torch.full((), float("nan"), device=acc.device), "positions": 0,
                             "nonfinite_skipped": True}
                 # DDP averages gradients over processes; the loss is already a global mean.
@@ -408,6 +409,7 @@ class Distiller:
         if not self.finite_guard.check(acc, micro_totals=micro_totals, terms=term_sums, weights=weights,
                                        grad_norm=checked_norm, step=self.state.step + 1, positions=kept_where):
             self.optimizer.zero_grad(set_to_none=True)  # weights, moments and LR schedule stay as they were
+            self._layout = None  # the next micro-batch runs the losses' own (diagnosing) checks again
             return {"loss": loss_sum, "positions": 0, "nonfinite_skipped": True}
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:

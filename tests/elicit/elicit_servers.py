@@ -5,7 +5,10 @@
 * :class:`FaultProxy`: a small HTTP proxy on 127.0.0.1 placed between the client and that
   server; it follows a schedule of faults: ``drop`` (close the connection without an answer),
   ``delay:S`` (wait S seconds, then forward), ``status:CODE[:RETRY_AFTER]`` (answer CODE, e.g.
-  429 or 500, optionally with a Retry-After header), ``ok`` (forward). It records every
+  429 or 500, optionally with a Retry-After header), ``truncate`` (forward, but send only half of
+  the upstream's body and close: the declared Content-Length is never reached),
+  ``truncate-json`` (half of the body with a matching Content-Length: a 200 whose JSON is cut
+  off), ``ok`` (forward). It records every
   request (path, headers, action) for assertions. Everything is bounded and stops by itself.
 """
 
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -180,7 +184,8 @@ class FaultProxy:
                 return
             if action.startswith("delay:"):
                 await asyncio.sleep(float(action.split(":")[1]))
-            await self._forward(method, path, headers, body, writer)
+            await self._forward(method, path, headers, body, writer,
+                                cut=action if action.startswith("truncate") else None)
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ValueError):
             pass
         finally:
@@ -189,7 +194,7 @@ class FaultProxy:
                 await writer.wait_closed()
 
     async def _forward(self, method: str, path: str, headers: dict, body: bytes,
-                       writer: asyncio.StreamWriter) -> None:
+                       writer: asyncio.StreamWriter, cut: str | None = None) -> None:
         up_r, up_w = await asyncio.open_connection(self.up_host, self.up_port)
         try:
             fwd = {k: v for k, v in headers.items() if k not in ("connection", "keep-alive", "host")}
@@ -200,6 +205,12 @@ class FaultProxy:
             up_w.write(req.encode("latin-1") + body)
             await up_w.drain()
             response = await asyncio.wait_for(up_r.read(), 120)  # upstream closes after answering
+            if cut is not None:
+                head, _, payload = response.partition(b"\r\n\r\n")
+                half = payload[: len(payload) // 2]
+                if cut == "truncate-json":
+                    head = re.sub(rb"(?im)^content-length:[^\r\n]*", b"Content-Length: %d" % len(half), head)
+                response = head + b"\r\n\r\n" + half
             writer.write(response)
             await writer.drain()
         finally:

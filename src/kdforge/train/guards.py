@@ -90,7 +90,7 @@ class EmptyBatches:
     def _check(self, positions_seen: int) -> None:
         if self.in_a_row >= self.batches_per_epoch:
             raise DataError(
-                f"a whole epoch of {self.describe} ({self.batches_per_epoch} micro-batches in a row) holds no "
+                f"{self.batches_per_epoch} micro-batches in a row, a whole epoch of {self.describe}, hold no "
                 "real position to train on: the loss would be 0 and the weights would never move",
                 _EMPTY_FIX,
             )

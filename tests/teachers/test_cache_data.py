@@ -188,3 +188,30 @@ def test_cache_teacher_bad_data_is_a_clear_error_and_writes_nothing(setup, tmp_p
     err = capsys.readouterr().err
     assert want in err and "Fix:" in err
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_student_trains_from_a_masked_chat_cache_on_the_assistant_positions_only(setup, tmp_path):
+    from tests.data._cmd import tiny_llama
+
+    from kdforge.data import prepare_blocks
+    from kdforge.teachers.cache import collate_teacher_cache
+    from kdforge.train import CausalLMTask, Distiller, LossTerm, TrainConfig
+
+    root, teacher, chats, _ = setup
+    from transformers import AutoModelForCausalLM
+
+    ids, labels = prepare_blocks({"path": str(chats), "block_size": 160}, make_tokenizer())
+    cache = build_teacher_cache(AutoModelForCausalLM.from_pretrained(teacher), ids, tmp_path / "c", k=8,
+                                loss_mask=labels != IGNORE_INDEX)
+    data = TeacherCacheDataset(cache, ids)
+    batch = collate_teacher_cache([data[i] for i in range(len(data))])
+    task = CausalLMTask()
+    assert int(task.count(batch)) == assistant_token_count(make_tokenizer())  # the KD/CE positions
+    student = tiny_llama(len(make_tokenizer()), seed=1, hidden=32)
+    d = Distiller(student, None, task=task, objective=[LossTerm("forward_kl", 1.0)],
+                  config=TrainConfig(max_steps=15, batch_size=4, lr=3e-3, output_dir=str(tmp_path / "run"),
+                                     progress=False),
+                  train_data=data, collate_fn=collate_teacher_cache, eval_data=data)
+    before = d.evaluate()["eval/kl_to_teacher"]
+    d.train()
+    assert d.evaluate()["eval/kl_to_teacher"] < 0.8 * before

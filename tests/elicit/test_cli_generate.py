@@ -103,12 +103,20 @@ def test_generate_reads_chat_jsonl_and_prompt_completion_csv(tmp_path, tiny_mode
     assert sorted(json.dumps(r["prompt"]) for r in records) == want
 
 
-@pytest.mark.parametrize("case", ["missing_field", "missing_file", "hub_offline"])
+@pytest.mark.parametrize("case", ["missing_field", "missing_file", "hub_offline", "no_template"])
 def test_generate_bad_data_is_a_clear_error_and_writes_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys, case):
-    from tests.data._cmd import write_chat_jsonl
+    """(A chat without an assistant turn is a prompt here, not an error: the teacher writes the reply.)"""
+    from tests.data._cmd import write_chat_jsonl, write_models
+    from tests.data.conftest import make_tokenizer
 
     prompt: dict = {}
-    if case == "missing_field":
+    if case == "no_template":
+        tiny_model_dir = write_models(tmp_path, names=(("plain", 1, 32),))["plain"]
+        for f in tiny_model_dir.glob("chat_template*"):
+            f.unlink()
+        make_tokenizer(chat_template=None).save_pretrained(tiny_model_dir)
+        data, want = str(write_chat_jsonl(tmp_path / "c.jsonl")), "no chat template"
+    elif case == "missing_field":
         data, prompt, want = str(write_chat_jsonl(tmp_path / "c.jsonl")), {"template": "{question}"}, "'question'"
     elif case == "missing_file":
         data, want = str(tmp_path / "nope.jsonl"), "does not exist"

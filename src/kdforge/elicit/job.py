@@ -85,15 +85,17 @@ def run_job(cfg: GenerateJobConfig, output_dir: str | Path | None = None) -> dic
     """Run a generation/elicitation job; returns (and writes to ``results.json``) its summary."""
     out = Path(output_dir or cfg.output_dir)
     rows = load_rows(cfg.data)  # before anything is written: a data mistake leaves no output folder
+    backend = build_backend(cfg.backend) if cfg.backend is not None else None
     if cfg.task == "generate":
         prompts = [render_prompt(r, cfg.prompt) for r in rows]
+        if prompts and backend is not None and hasattr(backend, "render"):
+            backend.render(prompts[0])  # e.g. chat prompts for a tokenizer without a chat template
     out.mkdir(parents=True, exist_ok=True)
     import yaml
 
     from kdforge.io import write_text_atomic
 
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    backend = build_backend(cfg.backend) if cfg.backend is not None else None
     ekw = cfg.engine_kwargs()
     if cfg.task == "generate":
         from kdforge.elicit.engine import generate

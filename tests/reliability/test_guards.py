@@ -172,11 +172,12 @@ def test_a_nan_loss_stops_before_the_update_naming_term_step_and_batch():
 
 
 def test_a_loss_that_finds_nan_logits_itself_names_the_step_and_batch_too():
-    student = Poisoned({2, 5})  # batch_size 4 over 12 rows: step 5 is micro-batch 1 of epoch 1 (accum 2)
+    """The losses check values on a layout's first micro-batch (and after a non-finite step)."""
+    student = Poisoned({1})
     d = classifier(student, grad_accum_steps=2, steps=4)
     with pytest.raises(NonFiniteError) as err:
         d.train()
-    assert err.value.problem == "cross_entropy: student logits contain NaN at step 1, micro-batch 1 (epoch 0, batch 1)"
+    assert err.value.problem == "cross_entropy: student logits contain NaN at step 1, micro-batch 0 (epoch 0, batch 0)"
     assert "learning rate" in err.value.fix and "on_nonfinite: skip" in err.value.fix
 
 

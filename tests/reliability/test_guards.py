@@ -114,6 +114,19 @@ def test_a_weighted_term_stuck_at_zero_is_reported_once(caplog):
     assert len(stuck) == 1 and "cross_entropy" in stuck[0].getMessage()
 
 
+def test_a_run_shorter_than_the_window_reports_a_stuck_term_at_its_end(caplog):
+    torch.manual_seed(0)
+    d = Distiller(MLP(), None, task=ClassificationTask(),
+                  objective=[{"name": "cross_entropy", "weight": 1.0}, {"name": "cross_entropy", "weight": 0.0,
+                                                                        "label": "ce_logged"}],
+                  config=TrainConfig(max_steps=3, batch_size=4, progress=False),
+                  train_data=[{"inputs": torch.randn(4), "labels": torch.tensor(-100)} for _ in range(8)])
+    with caplog.at_level(logging.WARNING, logger="kdforge.train.guards"):
+        d.train()
+    stuck = [r.getMessage() for r in caplog.records if "exactly 0" in r.getMessage()]
+    assert len(stuck) == 1 and "cross_entropy have" in stuck[0] and "first 3 steps" in stuck[0]  # weight 0: not named
+
+
 def test_a_term_that_moves_is_not_reported(caplog):
     torch.manual_seed(0)
     d = Distiller(MLP(), None, task=ClassificationTask(), objective=[{"name": "cross_entropy", "weight": 1.0}],

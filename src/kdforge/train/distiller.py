@@ -487,6 +487,7 @@ class Distiller:
             if self.config.save_every and self.run_dir is not None and last_save_step != state.step \
                     and state.step > 0:
                 self.save_checkpoint()
+            self.finite_guard.report_zero_terms()  # a run shorter than the guard's window
             for cb in self.callbacks:
                 cb.on_train_end(state)
         finally:

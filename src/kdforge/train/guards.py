@@ -132,6 +132,7 @@ class FiniteGuard:
         self.skips_in_a_row = 0
         self.skipped = 0
         self._nonzero: set[str] = set()
+        self._seen: set[str] = set()
         self._zero_steps = 0
         self._reported = False
 
@@ -209,19 +210,27 @@ class FiniteGuard:
                          step: int) -> None:
         if self._reported:
             return
+        self._seen.update(keys)
         for key, is_zero in zip(keys, zero):
             if not is_zero or not weights.get(key, 0.0):
                 self._nonzero.add(key)
         self._zero_steps += 1
-        if self._zero_steps < ZERO_TERM_STEPS:
+        if self._zero_steps >= ZERO_TERM_STEPS:
+            self.report_zero_terms(keys)
+
+    def report_zero_terms(self, keys: Sequence[str] | None = None) -> None:
+        """Warn (once) about weighted terms that were exactly 0 on every step checked so far; the
+        trainer calls this at the end of a run shorter than :data:`ZERO_TERM_STEPS` steps."""
+        if self._reported or self._zero_steps < 2:  # one step says little (an EMA teacher starts equal)
             return
+        keys = list(keys) if keys is not None else sorted(self._seen)
         self._reported = True
         stuck = [k for k in keys if k not in self._nonzero]
         if stuck:
             logger.warning(
                 "loss term(s) %s have a non-zero weight but were exactly 0 on each of the first %d steps: their "
                 "positions are probably all masked (labels all ignore_index, or an empty mask), so they train "
-                "nothing; check the data's labels/masks or drop the term(s)", ", ".join(stuck), ZERO_TERM_STEPS)
+                "nothing; check the data's labels/masks or drop the term(s)", ", ".join(stuck), self._zero_steps)
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped": self.skipped, "skips_in_a_row": self.skips_in_a_row}

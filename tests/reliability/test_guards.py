@@ -250,3 +250,31 @@ def test_the_guards_survive_a_resume(tmp_path):
     again = classifier(Poisoned(set()), steps=4, out=out, save_every=1, on_nonfinite="skip")
     again.train(resume=True)
     assert again.finite_guard.skipped == 1
+
+
+@pytest.mark.slow  # a torchrun launch: ~45 s on a busy 2-core box
+def test_two_processes_take_the_same_branch_on_empty_and_non_finite_micro_batches(tmp_path):
+    """torchrun, 2 CPU processes (gloo): an empty micro-batch on one rank is kept, one empty on
+    both is dropped by both, a NaN on one rank is skipped by both; nobody hangs, weights agree."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("_guard_worker.py")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                           str(port), str(worker), str(tmp_path)], env=env, timeout=240, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1
+    assert r0["step"] == 4 and r0["batch_in_epoch"] == 5  # 5 batches drawn: one whole step was empty
+    assert r0["empty_skipped"] == 1 and r0["nonfinite_skipped"] == 1 and r0["finite"]
+    # positions of the 3 applied steps: batch 0 (4 rows), batch 1 (rank 0's 2 rows), batch 4 (4 rows), x 7 each
+    assert r0["positions_seen"] == 7 * (4 + 2 + 4)

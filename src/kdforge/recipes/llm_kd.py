@@ -142,7 +142,8 @@ class MethodSpec(StrictModel):
 
     Optional regimes: ``on_policy`` (GKD with the online teacher instead of the cache), ``taid``
     (a :class:`~kdforge.train.TAIDCallback` steps the objective's ``taid`` term), ``chunked``
-    (LM head + loss in chunks of positions: :class:`~kdforge.train.Objective` ``chunked=True``).
+    (LM head + loss in chunks of positions: :class:`~kdforge.train.Objective` ``chunked``; the
+    default ``auto`` takes it wherever it is exact and cheaper, i.e. with the online teacher).
 
     ``teacher`` picks where the teacher signal comes from: ``cache`` (the top-k cache built once
     before training), ``online`` (the live teacher on every batch: dense logits, no top-k
@@ -158,7 +159,7 @@ class MethodSpec(StrictModel):
                           "only for on_policy or feature terms")
     on_policy: OnPolicySpec | None = None
     taid: TAIDSpec | None = None
-    chunked: bool = False
+    chunked: bool | Literal["auto"] = "auto"
 
     @field_validator("objective")
     @classmethod
@@ -178,7 +179,7 @@ class MethodSpec(StrictModel):
                 raise ValueError(f"taid.term: the objective has several taid terms {taid_keys}; name the one to drive")
             if self.taid.term is not None and self.taid.term not in taid_keys:
                 raise ValueError(f"taid.term: {self.taid.term!r} is not a taid term of the objective {taid_keys}")
-        if self.chunked:
+        if self.chunked is True:
             try:
                 Objective(self.objective, chunked=True)
             except ConfigError as exc:

@@ -42,12 +42,11 @@ def test_each_refusal_has_its_own_words(code, words):
 
 
 def test_os_errors_maps_only_the_environments_refusals():
-    with pytest.raises(FileSystemError, match="read-only file system while testing x"):
-        with os_errors("testing", "x"):
-            raise OSError(errno.EROFS, "Read-only file system")
-    with pytest.raises(FileNotFoundError):  # a missing input is the caller's to explain
-        with os_errors("testing", "x"):
-            raise FileNotFoundError(errno.ENOENT, "No such file", "x")
+    with pytest.raises(FileSystemError, match="read-only file system while testing x"), os_errors("testing", "x"):
+        raise OSError(errno.EROFS, "Read-only file system")
+    # a missing input is the caller's to explain
+    with pytest.raises(FileNotFoundError), os_errors("testing", "x"):
+        raise FileNotFoundError(errno.ENOENT, "No such file", "x")
     assert errno.ENOENT not in MAPPED_ERRNOS
 
 

@@ -120,3 +120,19 @@ def test_dataset_yields_dict_items_with_optional_teacher_logits():
     assert set(ImageClassificationDataset(x, y)[0]) == {"inputs", "labels"}
     with pytest.raises(DataError):
         ImageClassificationDataset(x, y[:2])
+
+
+def test_fashion_mnist_is_a_preset_of_the_data_layer(tmp_path, monkeypatch):
+    """The asset read by the data layer gives the same images and labels as load_fashion_mnist."""
+    import dataclasses
+
+    from kdforge.data import PRESETS, load
+
+    write_fake_fashion_mnist(tmp_path)
+    monkeypatch.setitem(PRESETS, "fashion-mnist", dataclasses.replace(PRESETS["fashion-mnist"], folder=lambda: tmp_path))
+    dd = load({"path": "fashion-mnist", "eval_split": "test"})
+    splits = load_fashion_mnist(tmp_path)
+    assert len(dd["train"]) == 40 and len(dd["eval"]) == 20
+    assert np.array_equal(np.asarray(dd["train"]["image"], dtype=np.uint8), splits.train_images.numpy())
+    assert dd["eval"]["label"] == splits.test_labels.tolist()
+    assert dd["train"].features["label"].names == list(FASHION_MNIST_CLASSES)

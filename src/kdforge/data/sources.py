@@ -134,12 +134,28 @@ def parse_spec(data: dict[str, Any] | DataSpec, *, source: str = "data") -> Data
 # ----------------------------------------------------------------------------- presets
 @dataclass(frozen=True)
 class Preset:
-    """A packaged dataset: a folder made by an asset module, and its files per split."""
+    """A packaged dataset: a folder made by an asset module, and its files per split (read by the
+    file rules), or a ``reader`` for files the rules do not cover (``folder -> {split: Dataset}``,
+    e.g. Fashion-MNIST's IDX files)."""
 
     name: str
     description: str
     folder: Callable[[], Path]
     files: dict[str, str]  # split -> glob relative to the folder
+    reader: Callable[[Path], dict[str, Any]] | None = None
+
+
+def _fashion_mnist_splits(folder: Path) -> dict[str, Any]:
+    """Fashion-MNIST as ``{train, test}`` datasets of ``image`` (uint8 ``[28, 28]``) and ``label``."""
+    from datasets import ClassLabel, Dataset, Features, Sequence, Value
+
+    from kdforge.data.vision import load_fashion_mnist
+
+    s = load_fashion_mnist(folder)
+    features = Features({"image": Sequence(Sequence(Value("uint8"))), "label": ClassLabel(names=list(s.classes))})
+    return {split: Dataset.from_dict({"image": images.numpy(), "label": labels.numpy()}, features=features)
+            for split, images, labels in (("train", s.train_images, s.train_labels),
+                                          ("test", s.test_images, s.test_labels))}
 
 
 def _asset_folder(name: str) -> Callable[[], Path]:
@@ -160,6 +176,8 @@ PRESETS: dict[str, Preset] = {
     "austen-chat": Preset("austen-chat", "Austen paragraph continuations as user/assistant chats; validation = "
                           "Persuasion (chat)", _asset_folder("austen-chat"),
                           {"train": "train.jsonl", "validation": "validation.jsonl"}),
+    "fashion-mnist": Preset("fashion-mnist", "Zalando's 28x28 clothing images with 10 classes (image, label)",
+                            _asset_folder("fashion-mnist"), {}, reader=_fashion_mnist_splits),
 }
 
 
@@ -227,6 +245,11 @@ def _read_source(spec: DataSpec) -> tuple[dict[str, Any], Path | None]:
     if spec.path in PRESETS:
         preset = PRESETS[spec.path]
         base = preset.folder()
+        if preset.reader is not None:
+            if spec.eval_files:
+                raise DataError(f"the {preset.name} preset has no files to hold out",
+                                "use eval_split (its splits) or eval_fraction")
+            return preset.reader(base), base
         files = {split: _expand([str(base / pattern)]) for split, pattern in preset.files.items()}
         return _load_local(files, spec, base), base
     local = Path(spec.path).expanduser()

@@ -203,3 +203,18 @@ def test_probe_adds_the_measured_time_per_step(assets, tmp_path, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if "two-step probe" in x)
     seconds = float(line.split("probe)")[1].split()[0])
     assert seconds > 0 and "x 4 steps" in line  # 2 steps x the 2 default methods x 1 seed
+
+
+def test_pgkd_checks_its_teacher_backend_and_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KDFORGE_TEST_NO_KEY", raising=False)
+    cfg = {"recipe": "pgkd", "output_dir": str(tmp_path / "pg"),
+           "teacher": {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                       "api_key_env": "KDFORGE_TEST_NO_KEY"},
+           "data": {"asset": None, "train_path": str(tmp_path / "train.csv"),
+                    "validation_path": str(tmp_path / "val.csv"), "test_path": str(tmp_path / "test.csv")},
+           "generation": {"filters": []}}
+    (tmp_path / "val.csv").write_text("text,label\na,fresh\n")
+    assert main(["run", str(_write(tmp_path, cfg)), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "3 problems" in err and "teacher.api_key_env: the environment variable KDFORGE_TEST_NO_KEY" in err, err
+    assert "data.train_path: no file" in err and "data.test_path: no file" in err and "val.csv" not in err

@@ -38,6 +38,7 @@ __all__ = ["CHECK_MODULES", "Estimate", "Item", "PreflightError", "PreflightRepo
 CHECK_MODULES: dict[str, str] = {
     "llm_kd": "kdforge.preflight.llm_kd",
     "fashion_mnist_kd": "kdforge.preflight.fashion_mnist",
+    "pgkd": "kdforge.preflight.pgkd",
 }
 
 

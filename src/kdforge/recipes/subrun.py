@@ -96,8 +96,8 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
 
 
 #: what a run leaves in its folder before it has finished or checkpointed anything: rewritten by
-#: the next run (``metrics.jsonl`` of a run without checkpoints restarts with it)
-START_LEFTOVERS = frozenset({"config.yaml", FINGERPRINT_FILE, "metrics.jsonl", "checkpoints", "report"})
+#: the next run (``metrics.jsonl`` of a run without checkpoints restarts with it; ``train.log`` is appended to)
+START_LEFTOVERS = frozenset({"config.yaml", FINGERPRINT_FILE, "metrics.jsonl", "train.log", "checkpoints", "report"})
 #: a teacher cache (reused by the next run when its settings match, refused with a CacheError when not)
 CACHE_MANIFEST = "manifest.json"
 

@@ -77,7 +77,7 @@ def check_objective(problems: Problems, key: str, terms: Sequence[Any], *, teach
             continue
         try:
             weight, params = term.current(values)
-            if teacher == "none" and term.name != "cross_entropy":
+            if teacher == "none" and LOSSES.get(term.name).needs_teacher:
                 problems.add(where, f"loss {term.name!r} needs a teacher signal, but this method has none",
                              "use cross_entropy only, or give the method a teacher")
                 continue

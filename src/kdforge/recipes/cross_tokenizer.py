@@ -35,7 +35,7 @@ from kdforge.recipes import RECIPES, Recipe
 from kdforge.recipes.subrun import RecipeRun
 from kdforge.teachers.sources.base import TeacherSource
 from kdforge.train.config import TrainConfig
-from kdforge.train.objective import LossTerm
+from kdforge.train.objective import LossTerm, Objective
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class CrossTokenizerKD(Recipe):
         for seed in config.seeds:
             for method in config.methods:
                 student = build_student(s, len(student_tok), seed)
-                needs_teacher = any(t.name != "cross_entropy" for t in method.objective)
+                needs_teacher = Objective(method.objective).needs_teacher  # from the losses' specs
                 update = {"seed": seed, "output_dir": None}
                 if config.reuse_teacher_signals:
                     update["batch_size"] = 1  # one item = one fixed batch

@@ -164,3 +164,16 @@ def test_direct_calls_keep_their_clear_errors():
         chunked_distillation_loss(h, w, None, kd_weight=0.0, ce_weight=1.0, labels=torch.full((5,), 9))
     with value_checks(False):  # off, the NaN is returned (the trainer checks once per step)
         assert torch.isnan(forward_kl(torch.full_like(s, float("nan")), t))
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_registered_loss_reads_nothing_back_without_value_checks(name):
+    """A loss added later inherits the switch through distill / check_teacher / value_checks_enabled."""
+    s, t, _, y, mask = _inputs(seed=2)
+    spec = LOSSES.get(name)
+    teacher = t if spec.needs_teacher else None
+    reference = spec(s, teacher, labels=y, mask=mask, reduction="sum")
+    with value_checks(False), counted_host_reads() as off:
+        value = spec(s, teacher, labels=y, mask=mask, reduction="sum")
+    assert sum(off.values()) == 0, f"{name}: host reads with value checks off: {dict(off)}"
+    torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)

@@ -56,6 +56,7 @@ from kdforge.losses._core import (
     diagnose_nonfinite,
     reduce,
     upcast,
+    value_checks_enabled,
 )
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.spec import register_loss
@@ -245,7 +246,7 @@ def uld(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTeacher | Cr
 
 def _finish(per_pos: torch.Tensor, real: torch.Tensor, student_logits: torch.Tensor, cross: CrossVocabTeacher,
             reduction: str, check_finite: bool, name: str) -> torch.Tensor:
-    if check_finite and not bool(torch.isfinite(per_pos.detach()).all()):
+    if check_finite and value_checks_enabled() and not bool(torch.isfinite(per_pos.detach()).all()):
         raise diagnose_nonfinite(name, student_logits[real], cross.logits[real.to(cross.logits.device)])
     return reduce(per_pos, real, tuple(student_logits.shape[:-1]), reduction)
 

@@ -218,3 +218,16 @@ def test_pgkd_checks_its_teacher_backend_and_data(tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert "3 problems" in err and "teacher.api_key_env: the environment variable KDFORGE_TEST_NO_KEY" in err, err
     assert "data.train_path: no file" in err and "data.test_path: no file" in err and "val.csv" not in err
+
+
+def test_a_real_run_logs_the_estimate_and_every_sub_run_to_train_log(assets, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    cfg = _config(assets, out, **{"train.log_with": "tensorboard", "save_students": False,
+                                  "methods": [{"name": "kd", "objective": [{"name": "forward_kl", "weight": 1.0}]}]})
+    assert main(["run", str(_write(tmp_path, cfg)), "--no-report"]) == 0, capsys.readouterr().err
+    top = (out / "train.log").read_text()
+    assert "pre-flight estimate" in top and "teacher weights" in top and "training 'kd', seed 0" in top
+    sub = (out / "kd" / "seed-0" / "train.log").read_text()
+    assert "step 1/2 loss=" in sub and "step 2/2 loss=" in sub
+    assert list((out / "kd" / "seed-0" / "tensorboard" / "kdforge").glob("events.out.tfevents.*"))

@@ -147,10 +147,11 @@ class DDKSampler:
         if initial_weights is None:
             w = np.full(len(self.names), 1.0 / len(self.names))
         else:
-            unknown = sorted(set(map(str, initial_weights)) - set(self.names))
+            start = {str(k): float(v) for k, v in initial_weights.items()}
+            unknown = sorted(set(start) - set(self.names))
             if unknown:
                 raise ConfigError(f"initial_weights name unknown domains {unknown}", f"use {self.names}")
-            w = np.array([float(initial_weights.get(n, initial_weights.get(n, 0.0))) for n in self.names])
+            w = np.array([start.get(n, 0.0) for n in self.names])
             if np.any(w < 0) or w.sum() <= 0:
                 raise ConfigError(f"initial_weights must be >= 0 with a positive sum, got {w.tolist()}",
                                   "give each domain a non-negative weight")

@@ -189,7 +189,9 @@ class LocalNorm:
 
     def __enter__(self) -> None:
         def reduce(tensor, reduction="sum", scale=1.0):  # noqa: ANN001
-            if torch.is_tensor(tensor) and tensor.dtype == torch.long and tensor.ndim == 0:
+            # the step's real-position counts (one per micro-batch since the empty-batch guard):
+            # this rank's own counts stand in for the global ones
+            if torch.is_tensor(tensor) and tensor.dtype == torch.long and tensor.ndim <= 1:
                 return tensor * self.acc.num_processes
             return self.original(tensor, reduction, scale)
 

@@ -111,3 +111,22 @@ def test_an_ensemble_of_one_teacher_trains_like_that_teacher():
     ensemble = train(EnsembleTeacher([BatchLogitsTeacher("t0")]), "t0")
     for a, b in zip(cached.parameters(), ensemble.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_an_online_teacher_trains_like_its_cached_logits_and_feeds_feature_terms(data_dir, tmp_path):
+    from kdforge.recipes.fashion_mnist import FashionMnistKD
+
+    config = _config(data_dir, [
+        {"name": "kd cached", "terms": KD},
+        {"name": "kd online", "teacher": {"source": "online"}, "terms": KD},
+        {"name": "cka", "teacher": {"source": "online"},
+         "terms": [{"name": "cross_entropy", "weight": 1.0},
+                   {"name": "cka", "weight": 1.0, "params": {"student_modules": ["classifier.0"],
+                                                             "teacher_modules": ["net.1"]}}]},
+    ])
+    config = config.model_copy(update={"extra_teachers": []})
+    rows = {m["name"]: m for m in FashionMnistKD().run(config, tmp_path / "run")["models"]}
+    cached, online = rows["student / kd cached"], rows["student / kd online"]
+    assert [p["accuracy"] for p in cached["per_seed"]] == [p["accuracy"] for p in online["per_seed"]]
+    assert cached["metrics"]["kl_to_teacher"] == pytest.approx(online["metrics"]["kl_to_teacher"], rel=1e-5)
+    assert 0.0 <= rows["student / cka"]["metrics"]["accuracy"] <= 1.0

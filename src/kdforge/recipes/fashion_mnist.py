@@ -140,6 +140,7 @@ class PeerConfig(StrictModel):
 
 _SOURCE_FIELDS = {
     "cached": set(),
+    "online": set(),
     "pskd": {"k"},
     "ensemble": {"members", "weighting", "weights", "temperature"},
     "mutual": {"peers", "peer_terms"},
@@ -150,8 +151,9 @@ _SOURCE_FIELDS = {
 class MethodTeacherConfig(StrictModel):
     """Where a method's teacher signal comes from (docs/regimes.md). Omitted: the cached teacher's logits."""
 
-    source: Literal["cached", "pskd", "ensemble", "mutual", "born_again"] = Field(
-        "cached", description="cached: the teacher's cached logits; pskd: the student's own previous-epoch "
+    source: Literal["cached", "online", "pskd", "ensemble", "mutual", "born_again"] = Field(
+        "cached", description="cached: the teacher's cached logits; online: the teacher model run on every batch "
+        "(needed by feature terms, e.g. dual-head KD's logit head); pskd: the student's own previous-epoch "
         "predictions (PS-KD); ensemble: a mixture of cached teachers; mutual: peers trained together with the "
         "student; born_again: a chain of generations, each taught by the previous one")
     k: int | None = Field(None, ge=1, description="pskd: keep the top-k classes per example (null = all)")
@@ -379,6 +381,8 @@ class _Data:
     y_test: torch.Tensor
     t_train_logits: torch.Tensor | None = None
     t_test_logits: torch.Tensor | None = None
+    #: the trained teacher model (for ``source: online`` methods)
+    teacher_model: torch.nn.Module | None = None
     #: extra teachers by name: (train logits, test logits, their teacher.json record)
     extra: dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = field(default_factory=dict)
 
@@ -403,6 +407,7 @@ class FashionMnistKD(Recipe):
         with timed(timings, "data_s"):
             data = _load_data(config)
         teacher, teacher_info = self._teacher(run, config, data, timings)
+        data.teacher_model = teacher  # methods with teacher: {source: online} run it live
         for tc in config.extra_teachers:  # ensemble members: trained and cached like the teacher
             sub_data = replace(data, t_train_logits=None, t_test_logits=None)
             t_timings: dict[str, float] = {}
@@ -741,7 +746,7 @@ class _Regime:
             return _KeyedDataset(x, self.labels, **{f"teacher_logits/{n}": self._logits(n) for n in spec.members})
         if spec.source == "pskd":
             return _KeyedDataset(x, self.labels, index=torch.arange(len(self.idx)))
-        return _KeyedDataset(x, self.labels)  # mutual, born_again: no fixed teacher
+        return _KeyedDataset(x, self.labels)  # online, mutual, born_again: no cached logits in the batch
 
     def key(self) -> dict[str, Any]:
         """What else determines the result: the ensemble members' own fingerprints."""
@@ -759,6 +764,13 @@ class _Regime:
         spec = self.spec
         if spec is None or spec.source == "cached":
             return None
+        if spec.source == "online":
+            import copy
+
+            from kdforge.teachers.online import OnlineTeacher
+
+            assert self.data.teacher_model is not None
+            return lambda model, steps: OnlineTeacher(copy.deepcopy(self.data.teacher_model))
         if spec.source == "pskd":
             from kdforge.teachers.sources import PSKDTeacher
 

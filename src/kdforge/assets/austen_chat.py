@@ -6,7 +6,7 @@ Each row is one two-message conversation in ``messages`` form::
                   {"role": "assistant", "content": "<paragraph i+1>"}],
      "book": "emma"}
 
-for consecutive paragraphs of 20 to 80 words each (paragraphs by the package ``.txt`` rule,
+for consecutive paragraphs of 15 to 45 words each (paragraphs by the package ``.txt`` rule,
 hard-wrapped lines rejoined: :func:`kdforge.data.sources.split_txt`). ``train.jsonl`` holds the
 first five novels, ``validation.jsonl`` *Persuasion* (held out by book, as in the quickstart).
 It exists so that chat distillation (response-only loss on the assistant turn, the tokenizer's
@@ -23,8 +23,8 @@ from kdforge.io import write_text_atomic
 
 FILES = ("train.jsonl", "validation.jsonl")
 HELD_OUT = "persuasion"
-MIN_WORDS, MAX_WORDS = 20, 80
-VERSION = 1
+MIN_WORDS, MAX_WORDS = 15, 45
+VERSION = 2
 
 
 def target_dir(cache_dir: Path | None = None) -> Path:

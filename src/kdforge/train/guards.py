@@ -115,7 +115,8 @@ def grad_norm_of(params: Sequence[torch.nn.Parameter]) -> torch.Tensor | None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
-    return torch.nn.utils.get_total_norm(grads)
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: DTensor shards -> the global norm
 
 
 class FiniteGuard:
@@ -146,7 +147,7 @@ class FiniteGuard:
         device = acc.device
         values = [*micro_totals, *(terms[k] for k in keys)]
         if grad_norm is not None:
-            values.append(grad_norm)
+            values.append(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values])
         flags = torch.cat([(~torch.isfinite(stacked)).float(), (stacked == 0).float()])
         if acc.num_processes > 1:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from kdforge.errors import ConfigError
 
 from kdforge.config import validate
 from kdforge.data.vision import write_synthetic_fashion_mnist
+from kdforge.errors import ConfigError
 from kdforge.recipes import load_recipe_file
 from kdforge.recipes.fashion_mnist import FashionMnistConfig
 

@@ -3,11 +3,9 @@ and with checks on (the default, and the trainer's first batch of a layout) stil
 
 from __future__ import annotations
 
-from collections import Counter
-from contextlib import contextmanager
-
 import pytest
 import torch
+from tests.losses._host_reads import counted_host_reads
 
 from kdforge.errors import NonFiniteError, ShapeError
 from kdforge.losses import (
@@ -20,33 +18,6 @@ from kdforge.losses import (
     value_checks,
     value_checks_enabled,
 )
-
-#: the Python-level ways a tensor value reaches the host (each a blocking sync on an accelerator)
-HOST_READS = ("__bool__", "item", "__int__", "__float__", "__index__", "tolist")
-
-
-@contextmanager
-def counted_host_reads():
-    """Count calls of :data:`HOST_READS` on any tensor while the block runs."""
-    counts: Counter[str] = Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def wrap(name):
-        original = originals[name]
-
-        def counting(self, *args, **kwargs):
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return counting
-
-    for name in HOST_READS:
-        setattr(torch.Tensor, name, wrap(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def _inputs(seed=0, n=6, v=11, k=4):

@@ -3,11 +3,9 @@ kdforge's messages), later ones of the same layout run the losses with no host r
 
 from __future__ import annotations
 
-from collections import Counter
-from contextlib import contextmanager
-
 import pytest
 import torch
+from tests.losses._host_reads import counted_host_reads
 
 from kdforge.errors import ShapeError
 from kdforge.losses import value_checks
@@ -15,30 +13,6 @@ from kdforge.teachers.sources import CachedTeacher
 from kdforge.train import CausalLMTask, Distiller, LossTerm, Objective, TrainConfig
 
 from ._tiny import TokenDataset, pad_collate, tiny_llama
-
-HOST_READS = ("__bool__", "item", "__int__", "__float__", "__index__", "tolist")
-
-
-@contextmanager
-def counted_host_reads():
-    """Count calls of :data:`HOST_READS` on any tensor while the block runs (tests/losses has the twin)."""
-    counts: Counter[str] = Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def wrap(name):
-        def counting(self, *args, **kwargs):
-            counts[name] += 1
-            return originals[name](self, *args, **kwargs)
-
-        return counting
-
-    for name in HOST_READS:
-        setattr(torch.Tensor, name, wrap(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def _batch(n=4, seed=3):

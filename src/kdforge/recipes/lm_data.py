@@ -178,10 +178,15 @@ def load_corpus_documents(corpus: str) -> dict[str, str]:
         raise DataError(f"corpus {corpus!r} is neither 'austen' nor a folder",
                         "set data.corpus to 'austen' or to a folder of .txt files (or use data.path: for "
                         "any dataset: docs/data.md)")
-    docs = {p.stem: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))}
-    if not docs:
+    if not any(folder.glob("*.txt")):
         raise DataError(f"no .txt files in {folder}", "put one UTF-8 text file per document there")
-    return docs
+    import glob
+
+    from kdforge.data.text import load_documents
+
+    # the data layer's .txt rule, as every other command reads it; a glob (not the folder) keeps every
+    # *.txt a corpus document, whatever its name (a folder's files are split by name: test.txt, ...)
+    return load_documents(str(Path(glob.escape(str(folder))) / "*.txt"))
 
 
 def _dataset(d: DatasetSpec, tokenizer: Any) -> LMData:

@@ -38,6 +38,8 @@ def check(config: Any, output_dir: Path) -> list[Problem]:
         _model(problems, key, spec.arch, spec.kwargs)
     for i, method in enumerate(config.methods):
         check_objective(problems, f"methods.{i}.terms", method.terms, teacher="dense", vocab_size=CLASSES)
+        if getattr(method, "student", None) is not None:
+            _model(problems, f"methods.{i}.student", method.student.arch, method.student.kwargs)
     check_output_dir(problems, "output_dir", output_dir)
     return problems.items
 

@@ -78,6 +78,7 @@ RECIPES: Registry[type[Recipe]] = Registry("recipe")
 _RECIPE_MODULES: dict[str, str] = {
     "compare": "kdforge.recipes.compare",
     "cross_tokenizer_kd": "kdforge.recipes.cross_tokenizer",
+    "diswot": "kdforge.recipes.diswot",
     "fashion_mnist_kd": "kdforge.recipes.fashion_mnist",
     "llm_kd": "kdforge.recipes.llm_kd",
     "pgkd": "kdforge.recipes.pgkd",

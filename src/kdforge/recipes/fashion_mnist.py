@@ -202,6 +202,13 @@ class MethodConfig(StrictModel):
     epochs: float | None = Field(None, gt=0, description="override train.epochs for this method")
     teacher: MethodTeacherConfig | None = Field(
         None, description="where the teacher signal comes from (null = the cached teacher's logits; docs/regimes.md)")
+    student: StudentConfig | None = Field(
+        None, description="this method's own student architecture (null = the top-level student); one run can "
+        "compare architectures, as the diswot recipe does")
+
+    def student_config(self, default: StudentConfig) -> StudentConfig:
+        """The student this method trains: its own, else ``default`` (the config's ``student``)."""
+        return self.student if self.student is not None else default
 
 
 class ExtraTeacherConfig(TeacherConfig):
@@ -419,8 +426,8 @@ class FashionMnistKD(Recipe):
         if not run.main:  # costs, results and files are rank 0's: wait, return what it wrote
             return run.wait_for_results()
         with timed(timings, "latency_s"):
-            teacher_cost, student_cost = _costs(config, teacher, data.x_test)
-        results = self._results(config, teacher_info, teacher_cost, student_rows, student_cost, timings)
+            teacher_cost, student_costs = _costs(config, teacher, data.x_test)
+        results = self._results(config, teacher_info, teacher_cost, student_rows, student_costs, timings)
         timings["total_s"] = time.perf_counter() - started
         results["timings"] = timings
         run.publish(results, results_markdown(results), plots=[lambda: plot_results(results, run.out)],
@@ -562,7 +569,7 @@ class FashionMnistKD(Recipe):
         epochs = method.epochs if method.epochs is not None else tr.epochs
         folder = Path("students") / slug(method.name) / f"seed-{seed}"
         sub = run.subrun(f"{method.name!r}, seed {seed}", folder, {
-            "student": config.student.model_dump(mode="json"),
+            "student": method.student_config(config.student).model_dump(mode="json"),
             "train": tr.model_dump(mode="json"),
             "method": _method_json(method),
             "seed": seed,
@@ -576,12 +583,13 @@ class FashionMnistKD(Recipe):
         log.info("training student %r seed %d (%d images, %g epochs)", method.name, seed, len(dataset), epochs)
         sub.prepare(resume=False)
         torch.manual_seed(seed)
-        model = build_vision_model(config.student.arch, **config.student.kwargs)
+        arch = method.student_config(config.student)
+        model = build_vision_model(arch.arch, **arch.kwargs)
         t0 = time.perf_counter()
         meter = CostMeter().start()
         fit = dict(epochs=epochs, batch_size=tr.batch_size, lr=tr.lr, weight_decay=tr.weight_decay,
                    scheduler=tr.scheduler, warmup_ratio=tr.warmup_ratio, seed=seed, world_size=run.world_size,
-                   factory=lambda: build_vision_model(config.student.arch, **config.student.kwargs))
+                   factory=lambda: build_vision_model(arch.arch, **arch.kwargs))
         if method.teacher is not None:
             regime.check_launch(run.world_size)
         if method.teacher is not None and method.teacher.source == "born_again":
@@ -611,7 +619,8 @@ class FashionMnistKD(Recipe):
 
     # -- results ------------------------------------------------------------------------------
     def _results(self, config: FashionMnistConfig, teacher_info: Mapping[str, Any], teacher_cost: Mapping[str, Any],
-                 student_rows: list[tuple[MethodConfig, list[dict[str, Any]]]], student_cost: Mapping[str, Any],
+                 student_rows: list[tuple[MethodConfig, list[dict[str, Any]]]],
+                 student_costs: Mapping[str, Mapping[str, Any]],
                  timings: dict[str, float]) -> dict[str, Any]:
         """``results.json`` (``docs/run-format.md``): the teacher row, one row per method."""
         models = [{
@@ -631,7 +640,7 @@ class FashionMnistKD(Recipe):
         }]
         baseline_acc = None
         for method, per_seed in student_rows:
-            entry = _student_entry(config, method, per_seed, student_cost)
+            entry = _student_entry(config, method, per_seed, student_costs[method.name])
             summary = entry["metrics"]
             if method.role == "baseline" and baseline_acc is None:
                 baseline_acc = summary["accuracy"]
@@ -830,7 +839,8 @@ class _Regime:
         for g in range(1, spec.generations + 1):
             logits = predict_logits(teacher, x)
             torch.manual_seed(fit["seed"] * 1000 + g)  # each generation starts from a fresh init
-            student = build_vision_model(config.student.arch, **config.student.kwargs)
+            arch = self.method.student_config(config.student)
+            student = build_vision_model(arch.arch, **arch.kwargs)
             out = _fit(student, _KeyedDataset(x, self.labels, teacher_logits=logits), self.method.terms,
                        run_dir=run_dir / f"gen-{g}", **fit)
             teacher, steps = out["model"], steps + out["steps"]
@@ -853,7 +863,8 @@ def _student_entry(config: FashionMnistConfig, method: MethodConfig, per_seed: l
         "name": f"student / {method.name}",
         "method": method.name,
         "role": method.role,
-        "arch": config.student.arch,
+        "arch": method.student_config(config.student).arch,
+        **({"student_kwargs": method.student.kwargs} if method.student is not None else {}),
         "params": student_cost["params"],
         "size_mb": student_cost["size_mb"],
         "terms": _terms_json(method.terms),
@@ -920,15 +931,23 @@ def _student_dataset(data: _Data, labelled_idx: torch.Tensor, transfer_idx: torc
 
 
 def _costs(config: FashionMnistConfig, teacher: torch.nn.Module,
-           x_test: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Parameters, size and CPU latency of the teacher and of an (untrained) student."""
+           x_test: torch.Tensor) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Parameters, size and CPU latency of the teacher, and of each method's (untrained) student
+    by method name (measured once per distinct architecture)."""
     from kdforge.eval.cost import cost_report
     from kdforge.students.vision import build_vision_model
 
     example = x_test[: config.eval.latency_batch_size]
     kwargs = {"warmup": config.eval.latency_warmup, "repeats": config.eval.latency_repeats}
-    student = build_vision_model(config.student.arch, **config.student.kwargs)
-    return cost_report(teacher, example, **kwargs), cost_report(student, example, **kwargs)
+    by_arch: dict[str, dict[str, Any]] = {}
+    per_method: dict[str, dict[str, Any]] = {}
+    for method in config.methods:
+        arch = method.student_config(config.student)
+        key = json.dumps(arch.model_dump(mode="json"), sort_keys=True)
+        if key not in by_arch:
+            by_arch[key] = cost_report(build_vision_model(arch.arch, **arch.kwargs), example, **kwargs)
+        per_method[method.name] = by_arch[key]
+    return cost_report(teacher, example, **kwargs), per_method
 
 
 def _metrics_jsonl(results: Mapping[str, Any]) -> str:

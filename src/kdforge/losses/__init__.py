@@ -9,6 +9,7 @@ Where is ...?
 * TAID and its ``t`` schedule -> :mod:`.taid`
 * cross-entropy with labels -> :mod:`.supervised`
 * cross-tokenizer ULD and the GOLD-style hybrid -> :mod:`.uld`
+* sentence-embedding losses (MSE, cosine, in-batch similarity KD) -> :mod:`.embedding`
 * fused LM-head + loss over chunks for big vocabularies -> :mod:`.chunked`
 * ``nn.Module`` wrappers (``ForwardKL(temperature=2.0)``) -> :mod:`.modules`
 * the teacher signal (dense logits or sparse top-k) -> :mod:`.signal`
@@ -37,6 +38,7 @@ from kdforge.losses.divergences import (
     tvd,
 )
 from kdforge.losses.dkd import dkd
+from kdforge.losses.embedding import embedding_cosine, embedding_mse, similarity_kd
 from kdforge.losses.modules import (
     DKD,
     TAID,
@@ -83,6 +85,8 @@ __all__ = [
     "chunked_distillation_loss",
     "cross_entropy",
     "dkd",
+    "embedding_cosine",
+    "embedding_mse",
     "forward_kl",
     "generalized_jsd",
     "gold",
@@ -90,6 +94,7 @@ __all__ = [
     "loss_spec",
     "register_loss",
     "reverse_kl",
+    "similarity_kd",
     "sinkhorn_kd",
     "skew_forward_kl",
     "skew_reverse_kl",

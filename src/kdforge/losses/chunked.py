@@ -368,6 +368,9 @@ def chunked_distillation_loss(
         ``{"loss": differentiable weighted total, "kd": detached KD, "ce": detached CE}``.
     """
     spec = loss_spec(loss)
+    if not spec.separable and kd_weight != 0.0:
+        raise ConfigError(f"loss {spec.name!r} couples the positions of a call (in-batch relations), so it cannot be "
+                          "computed chunk by chunk", "train it with chunked: false")
     if temperature is None:
         temperature = spec.default_temperature  # the loss's own (DKD: 4), as calling it directly
     check_temperature(temperature)

@@ -110,6 +110,9 @@ class LossSpec:
     linear_in_teacher: bool = False
     kernel: KernelFactory | None = None
     default_temperature: float | None = None
+    #: the loss is a sum of independent per-position terms (False: the positions of one call are
+    #: coupled, e.g. in-batch relations; such a loss is never split into chunks of positions)
+    separable: bool = True
     _takes: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -193,6 +196,7 @@ def register_loss(
     linear_in_teacher: bool = False,
     kernel: KernelFactory | None = None,
     default_temperature: float | None = None,
+    separable: bool = True,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator: register ``fn`` as a :class:`LossSpec` in :data:`~kdforge.losses.LOSSES`.
 
@@ -203,7 +207,7 @@ def register_loss(
 
     def decorator(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         spec = LossSpec(name or fn.__name__, fn, description, paper, params_model, needs_teacher, needs_labels,
-                        sparse_ok, linear_in_teacher, kernel, default_temperature)
+                        sparse_ok, linear_in_teacher, kernel, default_temperature, separable)
         LOSSES.add(spec.name, spec, spec.description)
         return fn
 

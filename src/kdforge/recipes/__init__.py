@@ -79,6 +79,7 @@ _RECIPE_MODULES: dict[str, str] = {
     "compare": "kdforge.recipes.compare",
     "cross_tokenizer_kd": "kdforge.recipes.cross_tokenizer",
     "diswot": "kdforge.recipes.diswot",
+    "encoder_kd": "kdforge.recipes.encoder_kd",
     "fashion_mnist_kd": "kdforge.recipes.fashion_mnist",
     "llm_kd": "kdforge.recipes.llm_kd",
     "pgkd": "kdforge.recipes.pgkd",

@@ -13,10 +13,13 @@ import torch
 from kdforge.errors import AssetError, ConfigError, ShapeError
 from kdforge.eval.embeddings import knn_accuracy, neighbour_agreement, similarity_agreement
 from kdforge.models import ModelSource
-from kdforge.students.encoder import SentenceEncoder, encode, keep_encoder_layers, load_sentence_encoder
+from kdforge.students.encoder import (
+    encode,
+    keep_encoder_layers,
+    load_sentence_encoder,
+)
 
-WORDS = ("good great fine film movie plot bad awful dull boring actor story long short fun sad happy "
-         "the a is was and but not very").split()
+WORDS = ["good", "great", "fine", "film", "movie", "plot", "bad", "awful", "dull", "boring", "actor", "story", "long", "short", "fun", "sad", "happy", "the", "a", "is", "was", "and", "but", "not", "very"]
 
 
 def _tiny_encoder(folder: Path, hidden: int, layers: int, seed: int, cls_pooling: bool = False) -> Path:

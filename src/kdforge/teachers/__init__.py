@@ -2,6 +2,7 @@
 student itself), the cache builder, vocabulary checks."""
 
 from kdforge.teachers.alignment import TokenAlignment, align_offsets
+from kdforge.teachers.budget import BudgetedTeacher, BudgetExceededError, QueryBudget
 from kdforge.teachers.cache import (
     ENCODINGS,
     TeacherCache,
@@ -34,6 +35,7 @@ from kdforge.teachers.vocab import (
 )
 
 __all__ = [
+    "BudgetExceededError", "BudgetedTeacher", "QueryBudget",
     "ENCODINGS",
     "CachedTeacher",
     "CrossTokenizerCollator",

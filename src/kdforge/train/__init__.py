@@ -21,6 +21,13 @@ from kdforge.train.config import TrainConfig
 from kdforge.train.ddk import DDKCallback, DDKSampler, ddk_update
 from kdforge.train.distiller import Distiller
 from kdforge.train.embedding_task import SentenceEmbeddingTask
+from kdforge.train.hard import (
+    FamilyRanges,
+    HardAugmentNet,
+    HardLearnedTransform,
+    HardSearchTransform,
+    save_augmentation_grid,
+)
 from kdforge.train.metrics import fidelity_sums
 from kdforge.train.mixup import MixupTransform
 from kdforge.train.objective import LossTerm, Objective, ObjectiveValue
@@ -39,6 +46,7 @@ from kdforge.train.transforms import BatchTransform, OnPolicyTransform, StepCont
 
 __all__ = [
     "BatchTransform", "Callback", "CausalLMTask", "ClassificationTask", "DDKCallback", "DDKSampler", "Distiller", "EarlyStopping", "EpochSampler",
+    "FamilyRanges", "HardAugmentNet", "HardLearnedTransform", "HardSearchTransform", "save_augmentation_grid",
     "GenerateFn", "HFGenerator", "JsonlLogger", "LossTerm", "MixupTransform", "Objective", "ObjectiveValue",
     "OnPolicyBatcher", "OnPolicyConfig", "OnPolicyTransform", "StepContext", "ProgressBar", "SentenceEmbeddingTask", "TAIDCallback", "Task", "TaskOutput", "TrainConfig",
     "TrainerState", "TrainingContext", "VLLMSettings", "ddk_update", "fidelity_sums", "latest_checkpoint", "make_generator", "verify_checkpoint",

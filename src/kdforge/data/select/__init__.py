@@ -3,10 +3,21 @@
 - :mod:`kdforge.data.select.scorer`: per-document log-likelihood of a causal LM from text;
 - :mod:`kdforge.data.select.miniplm`: MiniPLM difference sampling (teacher vs reference score,
   resumable scoring pass, refined ``datasets`` folder);
+- :mod:`kdforge.data.select.active`: robust active distillation (budgeted teacher queries on
+  informative, likely-correct points);
+- :mod:`kdforge.data.select.kd3`: KD3 selection of a shifted pool by combined teacher/student predictions;
 - :mod:`kdforge.data.select.config`: the ``kdforge select`` config and runner.
 """
 
+from kdforge.data.select.active import (
+    ActiveSelector,
+    TeacherConfidenceModel,
+    active_scores,
+    select_queries,
+    student_uncertainty,
+)
 from kdforge.data.select.config import SelectConfig, run_select
+from kdforge.data.select.kd3 import KD3Scores, kd3_scores, kd3_select
 from kdforge.data.select.miniplm import (
     DocumentScore,
     MiniPLMResult,
@@ -18,6 +29,14 @@ from kdforge.data.select.miniplm import (
 from kdforge.data.select.scorer import CausalLMScorer, DocumentScorer
 
 __all__ = [
+    "ActiveSelector",
+    "KD3Scores",
+    "TeacherConfidenceModel",
+    "active_scores",
+    "kd3_scores",
+    "kd3_select",
+    "select_queries",
+    "student_uncertainty",
     "CausalLMScorer",
     "DocumentScore",
     "DocumentScorer",

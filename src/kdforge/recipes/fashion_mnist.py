@@ -48,6 +48,7 @@ from kdforge.config import StrictModel
 from kdforge.errors import CacheError, ConfigError
 from kdforge.io import write_bytes_atomic
 from kdforge.recipes import RECIPES, Recipe
+from kdforge.recipes.data_methods import DataMethod, check_data_method
 from kdforge.recipes.subrun import (
     RecipeRun,
     SubRun,
@@ -210,6 +211,14 @@ class MethodConfig(StrictModel):
         """The student this method trains: its own, else ``default`` (the config's ``student``)."""
         return self.student if self.student is not None else default
 
+    data: DataMethod | None = Field(
+        None, description="data-level method: HARD augmentation, active or KD3 selection (docs/data-selection.md)")
+
+    @model_validator(mode="after")
+    def _data_fits(self) -> MethodConfig:
+        check_data_method(self.data, self.teacher.source if self.teacher else None, self.transfer_set)
+        return self
+
 
 class ExtraTeacherConfig(TeacherConfig):
     """A further teacher, trained and cached like ``teacher`` (for ensemble methods)."""
@@ -296,6 +305,8 @@ def _terms_json(terms: Sequence[LossTerm]) -> list[dict[str, Any]]:
 
 def _method_json(method: MethodConfig) -> dict[str, Any]:
     out = {**method.model_dump(mode="json"), "terms": _terms_json(method.terms)}
+    if method.data is None:  # likewise: methods without a data block keep their fingerprints
+        del out["data"]
     if method.teacher is None:  # the key did not exist before: fingerprints of older runs stay valid
         del out["teacher"]
     else:
@@ -335,6 +346,7 @@ def _fit(
     world_size: int = 1,
     factory: Any = None,
     source_fn: Any = None,
+    transforms: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` (dict items) with the weighted ``terms`` via the Distiller.
 
@@ -369,7 +381,7 @@ def _fit(
     objective = Objective([LossTerm(**t.model_dump()) for t in terms])
     source = source_fn(model, total_steps) if source_fn is not None else None  # a regime's teacher (docs/regimes.md)
     distiller = Distiller(model, source, task=ClassificationTask(), objective=objective, config=config,
-                          train_data=dataset)
+                          train_data=dataset, transforms=transforms)
     trained = train_student(distiller, resume=save_every is not None, empty=factory)
     return {"steps": trained.state.step, "last_logs": dict(trained.state.last_logs), "model": trained.model}
 
@@ -592,8 +604,19 @@ class FashionMnistKD(Recipe):
                    factory=lambda: build_vision_model(arch.arch, **arch.kwargs))
         if method.teacher is not None:
             regime.check_launch(run.world_size)
+        extra: dict[str, Any] = {}
         if method.teacher is not None and method.teacher.source == "born_again":
             model, steps = regime.born_again(model, config, sub.dir, fit)
+        elif method.data is not None and method.data.kind in ("active", "kd3"):
+            model, steps, extra = regime.selected(config, seed, sub.dir, fit)
+        elif method.data is not None:  # HARD: a batch transform; the online teacher labels the new images
+            from kdforge.recipes.data_methods import hard_grid, hard_transforms
+
+            transforms = hard_transforms(method.data, data.teacher_model, data.x_train, seed)
+            trained = _fit(model, dataset, method.terms, run_dir=sub.dir, source_fn=regime.source_fn(config, seed),
+                           transforms=transforms, **fit)
+            model, steps = trained["model"], trained["steps"]
+            hard_grid(transforms, data.teacher_model, model, data.x_test, sub.dir / "hard_grid.png")
         else:
             trained = _fit(model, dataset, method.terms, run_dir=sub.dir, source_fn=regime.source_fn(config, seed),
                            **fit)
@@ -609,6 +632,10 @@ class FashionMnistKD(Recipe):
         write_bytes_atomic(sub.dir / "model.safetensors", _safetensors(model))
         fields = {"method": method.name, "seed": seed, "train_seconds": seconds,
                   "train_images": len(dataset), "epochs": epochs, "metrics": metrics}
+        if method.data is not None:
+            from kdforge.recipes.data_methods import ood_accuracy
+
+            fields["data_method"] = {**extra, "ood_accuracy": ood_accuracy(model, data.x_test, data.y_test)}
         # cost: process CPU seconds per optimizer step (teacher-side work of a regime included) and
         # the peak resident memory while this student trained
         fields["cost"] = {"steps": steps, "cpu_seconds": cost["cpu_seconds"],
@@ -817,6 +844,28 @@ class _Regime:
                                  weight_decay=tr.weight_decay,
                                  lr_schedule=lr_lambda(tr.scheduler, int(tr.warmup_ratio * steps), steps))
         return make
+
+    def selected(self, config: FashionMnistConfig, seed: int, run_dir: Path,
+                 fit: dict[str, Any]) -> tuple[torch.nn.Module, int, dict[str, Any]]:
+        """Active / KD3 methods: select from the transfer images, then train (recipes/data_methods.py)."""
+        from kdforge.eval.classification import predict_logits
+        from kdforge.recipes.data_methods import shift_pool, train_selected
+
+        spec, n_lab = self.method.data, int((self.labels != -100).sum())
+        x, t = self.data.x_train[self.idx], self.data.t_train_logits[self.idx]
+        x_pool, t_pool = x[n_lab:], t[n_lab:]
+        if spec.kind == "kd3":  # the shifted pool: the teacher labels the shifted images themselves
+            x_pool, _ = shift_pool(x_pool, spec.shift_fraction)
+            t_pool = predict_logits(self.data.teacher_model, x_pool)
+        fit = dict(fit)
+        factory, epochs = fit.pop("factory"), fit.pop("epochs")
+        if fit.pop("world_size", 1) > 1:
+            raise ConfigError(f"method {self.method.name!r}: {spec.kind} selection trains in one process only",
+                              "run this method without accelerate launch / torchrun")
+        return train_selected(spec, factory=factory, fit=_fit, dataset_cls=_KeyedDataset, terms=self.method.terms,
+                              teacher=self.data.teacher_model, x_lab=x[:n_lab], y_lab=self.labels[:n_lab],
+                              t_lab=t[:n_lab], x_pool=x_pool, y_pool=self.data.y_train[self.idx][n_lab:],
+                              t_pool=t_pool, run_dir=run_dir, seed=seed, epochs=epochs, fit_kwargs=fit)
 
     def born_again(self, model: torch.nn.Module, config: FashionMnistConfig, run_dir: Path,
                    fit: dict[str, Any]) -> tuple[torch.nn.Module, int]:

@@ -13,7 +13,9 @@ images, on the test images rotated by a random angle in [-30, 30] degrees and sh
 
 ``--experiment active``: ``--labelled`` labelled images (CE + KD), a pool of unlabelled images,
 ``--budget`` teacher queries on the pool spent in ``--rounds`` rounds by ``robust``
-(:mod:`kdforge.data.select.active`: margin-uncertainty x predicted teacher confidence),
+(:mod:`kdforge.data.select.active`: margin-uncertainty x predicted teacher confidence;
+``robust_labelled`` also calibrates the prediction per class on the teacher's measured
+correctness over the labelled set),
 ``uncertainty`` (margin) or ``random``; a :class:`kdforge.teachers.QueryBudget` is charged per
 query. Between rounds the student trains ``--round-epochs`` on what it has; the final student
 trains from scratch on labelled + queried points. Reported: test accuracy, and the teacher's
@@ -22,7 +24,7 @@ accuracy on the queried points (how many soft labels were wrong).
 ``--experiment kd3``: a *shifted* pool: half in-domain unlabelled Fashion-MNIST images, half
 shifted (rotated 90/180 degrees, inverted, heavy noise). A student trained on the labelled images
 scores the pool with the teacher; ``kd3`` keeps the ``--select`` best
-:func:`kdforge.data.select.kd3_select` scores, ``random`` a random subset of equal size,
+:func:`kdforge.data.select.kd3_select` scores (``kd3_balanced``: the best of each class in turn), ``random`` a random subset of equal size,
 ``teacher_conf`` the teacher's most confident points (an ablation). The final student trains on
 labelled + selected with KD. Reported: test accuracy, share of in-domain points selected.
 
@@ -44,8 +46,8 @@ import torch
 
 log = logging.getLogger("data_methods_fashion_mnist")
 ARMS = {"hard": ("kd", "random_aug", "hard_search", "hard_learned"),
-        "active": ("random", "uncertainty", "robust"),
-        "kd3": ("random", "teacher_conf", "kd3")}
+        "active": ("random", "uncertainty", "robust", "robust_labelled"),
+        "kd3": ("random", "teacher_conf", "kd3", "kd3_balanced")}
 KEYS = {"hard": ("acc", "acc_rotated", "acc_shifted"), "active": ("acc", "teacher_acc_on_queried"),
         "kd3": ("acc", "in_domain_share")}
 MEAN, STD = 0.286, 0.353
@@ -230,13 +232,17 @@ def main() -> None:  # noqa: C901 - one experiment per branch, kept together for
                 x_pool = x_all[pool]
                 t_lab = predict_logits(teacher, x_lab)  # the labelled set's soft labels: same for every arm
                 budget = QueryBudget(max_queries=args.budget)
-                selector = ActiveSelector(len(pool), budget, args.rounds, 10, strategy=arm, seed=seed)
+                strategy = "robust" if arm == "robust_labelled" else arm
+                selector = ActiveSelector(len(pool), budget, args.rounds, 10, strategy=strategy, seed=seed,
+                                          bins=1 if arm == "robust_labelled" else 5)
                 torch.manual_seed(seed)
                 student = _fit(SmallCNN(), items_of(x_lab, y_lab, t_lab), teacher=None, epochs=args.epochs,
                                batch_size=args.batch_size, seed=seed, terms=kd_ce)
                 q_idx, q_logits = [], []
                 for r in range(args.rounds):
                     s_pool = predict_logits(student, x_pool)
+                    if arm == "robust_labelled":  # per-class teacher correctness measured on the labelled set
+                        selector.calibrate(predict_logits(student, x_lab), t_lab, y_lab)
                     idx = selector.select(s_pool)
                     t_q = predict_logits(teacher, x_pool[idx])  # the paid queries: exactly the charged points
                     selector.observe(idx, s_pool, t_q)
@@ -278,8 +284,8 @@ def main() -> None:  # noqa: C901 - one experiment per branch, kept together for
                 student = _fit(SmallCNN(), items_of(x_lab, y_lab, t_lab), teacher=None, epochs=args.epochs,
                                batch_size=args.batch_size, seed=seed, terms=kd_ce)
                 s_pool = predict_logits(student, x_pool)
-                if arm == "kd3":
-                    sel = kd3_select(t_pool, s_pool, k=args.select)
+                if arm in ("kd3", "kd3_balanced"):
+                    sel = kd3_select(t_pool, s_pool, k=args.select, balanced=arm == "kd3_balanced")
                 elif arm == "teacher_conf":
                     sel = torch.softmax(t_pool, -1).max(-1).values.argsort(descending=True)[: args.select]
                 else:

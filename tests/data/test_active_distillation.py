@@ -104,3 +104,11 @@ def test_budgeted_teacher_charges_rows_and_tokens_and_stops_before_the_call():
         src.signal(batch, None)  # 6 queries > 5
     assert (b.queries, b.tokens) == (4, 14)
     assert src.state_dict()["budget"]["queries"] == 4
+
+
+def test_calibration_on_labelled_points_uses_the_teachers_correctness():
+    m = TeacherConfidenceModel(num_classes=2, bins=1, prior_weight=0.0)
+    s = _logits([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    t = _logits([[0.99, 0.01], [0.99, 0.01], [0.99, 0.01], [0.01, 0.99]])  # confident everywhere
+    m.update(s, t, labels=torch.tensor([0, 0, 1, 1]))  # ... but wrong on one of class 1's two points
+    assert m.predict(s).tolist() == pytest.approx([1.0, 1.0, 0.5, 0.5])

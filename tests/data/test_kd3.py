@@ -37,3 +37,12 @@ def test_kd3_select_top_k_and_threshold():
         kd3_select(t, s)
     with pytest.raises(ConfigError, match="one shape"):
         kd3_scores(t, s[:2])
+
+
+def test_balanced_selection_takes_classes_in_turn_by_rank():
+    # class 0 has the three most confident points; balanced k=4 takes 2 from each class
+    t = torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.5, 0.0], [0.0, 1.0], [0.0, 0.5]])
+    s = t.clone()
+    assert kd3_select(t, s, k=4).tolist() == [0, 1, 2, 3]
+    assert kd3_select(t, s, k=4, balanced=True).tolist() == [0, 3, 1, 4]
+    assert kd3_select(t, s, k=5, balanced=True).tolist() == [0, 3, 1, 4, 2]

@@ -43,8 +43,8 @@ def test_data_methods_train_and_record_what_they_did(data_dir, tmp_path):
         {"name": "hard search", "teacher": online, "terms": KD, "data": {"kind": "hard_search", "candidates": 3}},
         {"name": "hard learned", "teacher": online, "terms": KD, "data": {"kind": "hard_learned", "net_width": 4}},
         {"name": "active robust", "transfer_set": True, "terms": KD,
-         "data": {"kind": "active", "budget": 25, "rounds": 2, "round_epochs": 1}},
-        {"name": "kd3", "transfer_set": True, "terms": KD, "data": {"kind": "kd3", "select": 20}},
+         "data": {"kind": "active", "budget": 25, "rounds": 2, "round_epochs": 1, "bins": 1, "calibrate": True}},
+        {"name": "kd3", "transfer_set": True, "terms": KD, "data": {"kind": "kd3", "select": 20, "balanced": True}},
     ])
     results = FashionMnistKD().run(config, tmp_path)
     assert len(results["models"]) == 6

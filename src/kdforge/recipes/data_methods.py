@@ -69,6 +69,8 @@ class ActiveSpec(StrictModel):
     budget: int = Field(..., ge=0, description="teacher queries on the pool (never exceeded)")
     rounds: int = Field(4, ge=1, description="selection rounds")
     round_epochs: float = Field(3, gt=0, description="student epochs between rounds")
+    bins: int = Field(5, ge=1, description="robust: student-margin bins of the teacher-confidence model")
+    calibrate: bool = Field(False, description="robust: also learn the teacher's per-cell correctness on the labelled set")
 
 
 class KD3Spec(StrictModel):
@@ -80,6 +82,7 @@ class KD3Spec(StrictModel):
     teacher_weight: float = Field(0.5, ge=0, le=1, description="w of p = w p_T + (1 - w) p_S")
     temperature: float = Field(1.0, gt=0)
     require_agreement: bool = True
+    balanced: bool = Field(False, description="take the top points of each combined label in turn")
     shift_fraction: float = Field(0.5, ge=0, le=1, description="share of the pool shifted (rotated/inverted/noised)")
 
 
@@ -188,7 +191,7 @@ def train_selected(spec: ActiveSpec | KD3Spec, *, factory: Callable[[], torch.nn
     round charges to its budget. Returns ``(student, steps, record fields)``.
     """
     from kdforge.constants import IGNORE_INDEX
-    from kdforge.data.select import ActiveSelector, kd3_scores
+    from kdforge.data.select import ActiveSelector, kd3_select
     from kdforge.eval.classification import predict_logits
     from kdforge.teachers import QueryBudget
 
@@ -205,10 +208,13 @@ def train_selected(spec: ActiveSpec | KD3Spec, *, factory: Callable[[], torch.nn
     record: dict[str, Any] = {"kind": spec.kind}
     if isinstance(spec, ActiveSpec):
         budget = QueryBudget(max_queries=spec.budget)
-        selector = ActiveSelector(len(x_pool), budget, spec.rounds, t_pool.shape[-1], strategy=spec.strategy, seed=seed)
+        selector = ActiveSelector(len(x_pool), budget, spec.rounds, t_pool.shape[-1], strategy=spec.strategy, seed=seed,
+                                  bins=spec.bins)
         chosen = torch.empty(0, dtype=torch.long)
         for r in range(spec.rounds):
             s_pool = predict_logits(student, x_pool)
+            if spec.calibrate:
+                selector.calibrate(predict_logits(student, x_lab), t_lab, y_lab)
             idx = selector.select(s_pool)  # charges the budget; raises before any overspending
             selector.observe(idx, s_pool, t_pool[idx])
             chosen = torch.cat([chosen, idx])
@@ -222,9 +228,8 @@ def train_selected(spec: ActiveSpec | KD3Spec, *, factory: Callable[[], torch.nn
     else:
         s_pool = predict_logits(student, x_pool)
         if spec.selection == "kd3":
-            score = kd3_scores(t_pool, s_pool, teacher_weight=spec.teacher_weight, temperature=spec.temperature,
-                               require_agreement=spec.require_agreement).score
-            chosen = score.argsort(descending=True, stable=True)[: spec.select]
+            chosen = kd3_select(t_pool, s_pool, k=spec.select, balanced=spec.balanced, teacher_weight=spec.teacher_weight,
+                                temperature=spec.temperature, require_agreement=spec.require_agreement)
         else:
             chosen = torch.randperm(len(x_pool), generator=torch.Generator().manual_seed(seed))[: spec.select]
         record |= {"selection": spec.selection, "selected": len(chosen)}

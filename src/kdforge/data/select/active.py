@@ -15,6 +15,9 @@ Scores of a pool point ``i`` from the student's logits ``s_i`` (no teacher query
   teacher's confidence (its top probability, a calibrated teacher's P(correct)) from what the
   already-queried points showed, per (student-predicted class, student-margin bin), shrunk toward
   the global mean (``c = (sum + m * mean) / (count + m)``); before any query it is 1 for all.
+  With a labelled set the teacher was run on, :meth:`ActiveSelector.calibrate` adds the teacher's
+  measured *correctness* there (``[argmax t == y]``; ``bins=1``: per class), which matters when the
+  teacher is over-confident (its top probability then says little about its errors).
 * strategies (:func:`active_scores`): ``robust`` ``u_i * c_i`` (informative *and* likely right:
   the points of highest uncertainty are also where teachers err most, and a wrong soft label on
   them hurts the student; the product trades the two off), ``uncertainty`` ``u_i`` (classic
@@ -79,10 +82,16 @@ class TeacherConfidenceModel:
         b = (margin * self.bins).long().clamp(0, self.bins - 1)
         return student_logits.argmax(-1), b
 
-    def update(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
-        """Record queried points: the student's logits (before training on them) and the teacher's."""
+    def update(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               labels: torch.Tensor | None = None) -> None:
+        """Record points: the student's logits and the teacher's. Without ``labels`` (queried pool
+        points) the target is the teacher's confidence ``max softmax(t)``; with true ``labels``
+        (a labelled set the teacher was run on) it is the teacher's correctness ``[argmax t == y]``."""
         cls, b = self._cells(student_logits)
-        conf = torch.softmax(teacher_logits.float(), -1).max(-1).values.double()
+        if labels is None:
+            conf = torch.softmax(teacher_logits.float(), -1).max(-1).values.double()
+        else:
+            conf = (teacher_logits.argmax(-1) == labels).double()
         self.sum.index_put_((cls, b), conf, accumulate=True)
         self.count.index_put_((cls, b), torch.ones_like(conf), accumulate=True)
 
@@ -154,6 +163,7 @@ class ActiveSelector:
     tokens_per_query: int = 0
     seed: int = 0
     kind: Literal["margin", "entropy"] = "margin"
+    bins: int = 5
     queried: list[int] = field(default_factory=list)
     history: list[ActiveRound] = field(default_factory=list)
 
@@ -164,7 +174,7 @@ class ActiveSelector:
             raise ConfigError(f"unknown active strategy {self.strategy!r}", f"use one of {', '.join(STRATEGIES)}")
         if self.budget.max_queries is None and self.budget.max_tokens is None:
             raise ConfigError("active distillation needs a finite budget", "QueryBudget(max_queries=N)")
-        self.confidence = TeacherConfidenceModel(self.num_classes)
+        self.confidence = TeacherConfidenceModel(self.num_classes, bins=self.bins)
         self._gen = torch.Generator().manual_seed(self.seed)
 
     def round_size(self) -> int:
@@ -188,6 +198,11 @@ class ActiveSelector:
         log.info("active round %d (%s): %d queries, %s left", len(self.history) - 1, self.strategy, len(idx),
                  self.budget.remaining_queries)
         return idx
+
+    def calibrate(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Teach the correctness model with labelled points (the teacher's correctness is known there;
+        no budget: the labelled set's teacher outputs are the same for every strategy)."""
+        self.confidence.update(student_logits, teacher_logits, labels)
 
     def observe(self, indices: Sequence[int] | torch.Tensor, student_logits: torch.Tensor,
                 teacher_logits: torch.Tensor) -> None:

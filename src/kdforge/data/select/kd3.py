@@ -58,14 +58,29 @@ def kd3_scores(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, te
 
 
 def kd3_select(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, k: int | None = None,
-               threshold: float | None = None, **kwargs: float | bool) -> torch.Tensor:
+               threshold: float | None = None, balanced: bool = False, **kwargs: float | bool) -> torch.Tensor:
     """Indices of the selected pool points, best score first: the top ``k``, or all with
-    ``score >= threshold`` (exactly one of the two)."""
+    ``score >= threshold`` (exactly one of the two).
+
+    ``balanced`` (with ``k``): the top ``k`` *per combined label* in turn (round-robin over the
+    classes by rank), so confident-but-easy classes cannot fill the whole selection; a class with too
+    few points leaves its share to the others.
+    """
     if (k is None) == (threshold is None):
         raise ConfigError("kd3_select takes exactly one of k (keep the top k) or threshold (keep score >= t)",
                           "e.g. kd3_select(t, s, k=2000)")
-    s = kd3_scores(teacher_logits, student_logits, **kwargs).score  # type: ignore[arg-type]
+    scores = kd3_scores(teacher_logits, student_logits, **kwargs)  # type: ignore[arg-type]
+    s = scores.score
     order = s.argsort(descending=True, stable=True)
-    if k is not None:
-        return order[: max(0, min(int(k), len(order)))]
-    return order[s[order] >= float(threshold)]  # type: ignore[arg-type]
+    if k is None:
+        return order[s[order] >= float(threshold)]  # type: ignore[arg-type]
+    k = max(0, min(int(k), len(order)))
+    if not balanced:
+        return order[:k]
+    label = scores.label[order]
+    rank = torch.zeros_like(order)  # rank of each ordered point within its class
+    for c in label.unique():
+        rows = (label == c).nonzero().squeeze(1)
+        rank[rows] = torch.arange(len(rows))
+    take = torch.argsort(rank * (len(order) + 1) + torch.arange(len(order)), stable=True)[:k]
+    return order[take]

@@ -8,9 +8,13 @@ one JSON object):
 * ``kdforge`` — one :class:`kdforge.train.Distiller` step with the online teacher and the
   ``generalized_jsd`` loss (beta, T=1) on the same batch;
 * ``kdforge_default`` — the ``kdforge`` case with the default ``Objective`` (``chunked="auto"``:
-  a live teacher and a divergence with a closed form take the chunked path), i.e. what a user gets;
+  a live teacher and a divergence with a closed form take the chunked path; ``compile_kernels="auto"``:
+  the closed form compiled where a compiler exists, during the warm-up steps), i.e. what a user gets;
+* ``kdforge_default_eager`` — ``kdforge_default`` with ``compile_kernels=False``;
 * ``trl_gkd`` — one ``trl.experimental.gkd.GKDTrainer`` step with ``lmbda=0`` (no on-policy
   generation, so it is off-policy KD like the kdforge case), same beta, T=1, same batch;
+* ``trl_gkd_liger`` — ``trl_gkd`` with ``use_liger_kernel=True`` (TRL then computes the JSD with
+  Liger-Kernel's fused, chunked ``LigerFusedLinearJSDLoss`` from hidden states; needs ``liger-kernel``);
 * ``kdforge_chunked`` — the ``kdforge`` case with ``Objective(chunked=True)`` (the student's
   ``[tokens, vocab]`` logits are never materialised at once; the JSD's value and gradient come
   from the closed-form kernel of :mod:`kdforge.losses.fused`);
@@ -56,8 +60,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASES = ("teacher_forward", "sft", "kdforge", "kdforge_default", "trl_gkd", "kdforge_chunked", "kdforge_chunked_autograd",
+CASES = ("teacher_forward", "sft", "kdforge", "kdforge_default", "trl_gkd", "trl_gkd_liger", "kdforge_default_eager", "kdforge_chunked", "kdforge_chunked_autograd",
          "kdforge_chunked_compiled", "kdforge_cached")
+
+#: cases that need a CUDA GPU, with why: skipped (one JSON line each) on any other device.
+GPU_ONLY = {"trl_gkd_liger": "use_liger_kernel=True patches the model with Liger's Triton kernels (RMSNorm, RoPE, "
+                             "SwiGLU), which have no CPU backend (triton: '0 active drivers')"}
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -219,15 +227,17 @@ def case_sft(args, teacher, student, tokenizer) -> list[float]:
 
 
 def case_kdforge(args, teacher, student, tokenizer, *, chunked: bool | str = False, cached: bool = False,
-                 closed_form: bool = True, compile_kernels: bool = False) -> list[float]:
+                 closed_form: bool = True, compile_kernels: bool | None = None) -> list[float]:
     import functools
 
     import kdforge.losses.chunked as chunked_mod
 
     original = chunked_mod.chunked_distillation_loss
-    if not closed_form or compile_kernels:  # the Objective calls the module attribute: route its options
-        chunked_mod.chunked_distillation_loss = functools.partial(
-            original, closed_form=closed_form, compile_kernels=compile_kernels)
+    if not closed_form or compile_kernels is not None:  # the Objective calls the module attribute: route
+        options = {"closed_form": closed_form}
+        if compile_kernels is not None:
+            options["compile_kernels"] = compile_kernels
+        chunked_mod.chunked_distillation_loss = functools.partial(original, **options)
     try:
         return _kdforge_steps(args, teacher, student, chunked=chunked, cached=cached)
     finally:
@@ -271,7 +281,7 @@ def _kdforge_steps(args, teacher, student, *, chunked: bool | str, cached: bool)
     return steps[args.warmup:]
 
 
-def case_trl_gkd(args, teacher, student, tokenizer) -> list[float]:
+def case_trl_gkd(args, teacher, student, tokenizer, *, liger: bool = False) -> list[float]:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -317,7 +327,7 @@ def case_trl_gkd(args, teacher, student, tokenizer) -> list[float]:
             temperature=1.0, seq_kd=False, logging_steps=10_000, save_strategy="no", report_to="none",
             disable_tqdm=True, use_cpu=device.type == "cpu", bf16=False, fp16=False,
             max_length=args.seq_len, dataloader_num_workers=0, seed=0, remove_unused_columns=False,
-            gradient_checkpointing=False, optim="adamw_torch",
+            gradient_checkpointing=False, optim="adamw_torch", use_liger_kernel=liger,
         )
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=targs, train_dataset=dataset,
                              data_collator=collate, processing_class=tokenizer, callbacks=[Timer()])
@@ -337,8 +347,9 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     device = next(student.parameters()).device
     memory = _Memory(device)
     fn = {"teacher_forward": case_teacher_forward, "sft": case_sft, "kdforge": case_kdforge,
-          "trl_gkd": case_trl_gkd,
+          "trl_gkd": case_trl_gkd, "trl_gkd_liger": lambda *a: case_trl_gkd(*a, liger=True),
           "kdforge_default": lambda *a: case_kdforge(*a, chunked="auto"),
+          "kdforge_default_eager": lambda *a: case_kdforge(*a, chunked="auto", compile_kernels=False),
           "kdforge_chunked": lambda *a: case_kdforge(*a, chunked=True),
           "kdforge_chunked_autograd": lambda *a: case_kdforge(*a, chunked=True, closed_form=False),
           "kdforge_chunked_compiled": lambda *a: case_kdforge(*a, chunked=True, compile_kernels=True),
@@ -386,13 +397,17 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 out[f"trl_overhead{tag}"] = trl[key] / floor
     if kd and trl and "peak_mem_mb" in kd and "peak_mem_mb" in trl:
         out["kdforge_mem_vs_trl"] = kd["peak_mem_mb"] / trl["peak_mem_mb"]
-    for name in ("kdforge_default", "kdforge_chunked", "kdforge_chunked_autograd", "kdforge_chunked_compiled",
+    trl_liger = results.get("trl_gkd_liger")
+    for name in ("kdforge_default", "kdforge_default_eager", "kdforge_chunked", "kdforge_chunked_autograd", "kdforge_chunked_compiled",
                  "kdforge_cached"):
         extra = results.get(name)
         if extra and trl:
             out[f"{name}_speedup_vs_trl_cpu"] = trl["step_cpu_s_median"] / extra["step_cpu_s_median"]
             if "peak_mem_mb" in extra and "peak_mem_mb" in trl:
                 out[f"{name}_mem_vs_trl"] = extra["peak_mem_mb"] / trl["peak_mem_mb"]
+        if extra and trl_liger:
+            out[f"{name}_speedup_vs_trl_liger_cpu"] = trl_liger["step_cpu_s_median"] / extra["step_cpu_s_median"]
+            out[f"{name}_speedup_vs_trl_liger"] = trl_liger["step_s_median"] / extra["step_s_median"]
         if extra and sft and fwd:
             out[f"{name}_overhead_cpu"] = extra["step_cpu_s_median"] / (sft["step_cpu_s_median"]
                                                                       + fwd["step_cpu_s_median"])
@@ -410,7 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     forwarded = _without_cases(list(argv if argv is not None else sys.argv[1:]))
     results: dict[str, dict[str, Any]] = {}
     lines = []
+    skipped = _gpu_only_skips(args)
     for case in args.cases:
+        if case in skipped:
+            lines.append(json.dumps(skipped[case]))
+            print(lines[-1], flush=True)
+            continue
         cmd = [sys.executable, str(Path(__file__).resolve()), *forwarded, "--case", case]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -427,7 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
-    return 0 if len(results) == len(args.cases) else 1
+    return 0 if len(results) + len(skipped) == len(args.cases) else 1
+
+
+def _gpu_only_skips(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """``{case: skip record}`` for the chosen GPU-only cases when the device is not CUDA."""
+    if _device(args.device).type == "cuda":
+        return {}
+    return {c: {"case": c, "skipped": f"GPU-only: {GPU_ONLY[c]}"} for c in args.cases if c in GPU_ONLY}
 
 
 def run_interleaved(args: argparse.Namespace) -> int:
@@ -441,11 +468,17 @@ def run_interleaved(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     teacher, student, tokenizer = build_models(args)
     fns = {"teacher_forward": case_teacher_forward, "sft": case_sft, "kdforge": case_kdforge, "trl_gkd": case_trl_gkd,
+           "trl_gkd_liger": lambda *a: case_trl_gkd(*a, liger=True),
            "kdforge_default": lambda *a: case_kdforge(*a, chunked="auto"),
+           "kdforge_default_eager": lambda *a: case_kdforge(*a, chunked="auto", compile_kernels=False),
            "kdforge_chunked": lambda *a: case_kdforge(*a, chunked=True),
            "kdforge_chunked_autograd": lambda *a: case_kdforge(*a, chunked=True, closed_form=False),
            "kdforge_chunked_compiled": lambda *a: case_kdforge(*a, chunked=True, compile_kernels=True),
            "kdforge_cached": lambda *a: case_kdforge(*a, cached=True)}
+    skipped = _gpu_only_skips(args)
+    for record in skipped.values():
+        print(json.dumps(record), flush=True)
+    args.cases = [c for c in args.cases if c not in skipped]
     cpu: dict[str, list[float]] = {c: [] for c in args.cases}
     wall: dict[str, list[float]] = {c: [] for c in args.cases}
     for _ in range(args.interleave):

@@ -11,6 +11,10 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# compile_kernels="auto" compiles the closed-form kernels wherever a compiler exists (tens of
+# seconds per kernel and process on a CPU): the suite runs them eagerly; the compiled == eager
+# tests pass compile_kernels=True explicitly (slow-marked).
+os.environ.setdefault("KDFORGE_COMPILE_KERNELS", "0")
 
 # Tiny models spend more time synchronising threads than computing; one thread is faster on a
 # 2-core CI machine and keeps results bit-identical between runs.

@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: Top-level modules of the optional extras (pyproject.toml [project.optional-dependencies]).
 OPTIONAL = ("tensorboard", "rouge_score", "datasketch", "openai", "fastapi", "uvicorn", "trl", "peft", "gguf",
-            "rdata", "vllm", "deepspeed", "jsonschema", "hypothesis")
+            "rdata", "vllm", "deepspeed", "jsonschema", "hypothesis", "liger_kernel")
 
 SCRIPT = textwrap.dedent("""
     import importlib, importlib.abc, json, pkgutil, sys, traceback

@@ -36,7 +36,7 @@ import torch
 
 from kdforge.errors import ConfigError, ShapeError, VocabMismatchError
 from kdforge.losses._core import check_reduction, check_temperature, upcast, value_checks_enabled
-from kdforge.losses.closed_form import FusedKernel, compiled_kernel
+from kdforge.losses.closed_form import FusedKernel, compiled_kernel, resolve_compile
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.spec import LossSpec, loss_spec
 from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
@@ -76,6 +76,36 @@ class TeacherHead:
         return torch.nn.functional.linear(h, self.weight.detach(), b)
 
 
+class _Workspace:
+    """``[rows, V]`` float32 buffers reused by every chunk of one call (closed forms, CPU, float32).
+
+    On CPU a fresh ``[rows, V]`` array of the "auto" size (32 MiB) is a fresh ``mmap``: its pages
+    are faulted in (and zeroed by the kernel) on first touch, every chunk (measured ~13 ms per
+    array at 256 x 32768, 1 thread, about a tenth of that chunk's LM-head product). The student's
+    logits (turned in place into ``log q``), ``q`` and a :class:`TeacherHead`'s logits are written
+    into these buffers instead (``out=``), so only the first chunk pays. Accelerators' caching
+    allocators reuse memory already: there the plain path runs.
+    """
+
+    def __init__(self, rows: int, vocab: int, device: torch.device) -> None:
+        self.shape = (rows, vocab)
+        self.device = device
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, r: int) -> torch.Tensor:
+        buf = self.bufs.get(name)
+        if buf is None:
+            buf = self.bufs[name] = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        return buf[:r]
+
+    def linear(self, name: str, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``h w^T + b`` written into buffer ``name``."""
+        out = self.get(name, h.shape[0])
+        if b is None:
+            return torch.mm(h, w.t(), out=out)
+        return torch.addmm(b, h, w.t(), out=out)
+
+
 def auto_chunk_size(vocab_size: int, num_positions: int, device: torch.device | str | None = None, *,
                     closed_form: bool = False) -> int:
     """Rows per chunk for ``chunk_size="auto"`` (the default): the chunk's working set fits a budget.
@@ -104,14 +134,18 @@ def auto_chunk_size(vocab_size: int, num_positions: int, device: torch.device | 
 
 
 def _teacher_chunk(teacher: torch.Tensor | SparseTeacher | TeacherHead, rows: slice,
-                   idx: torch.Tensor | None = None):
-    """The teacher signal of positions ``rows`` (then ``idx`` within them, when given)."""
+                   idx: torch.Tensor | None = None, ws: _Workspace | None = None):
+    """The teacher signal of positions ``rows`` (then ``idx`` within them, when given); a
+    :class:`TeacherHead`'s float32 logits go into ``ws``'s ``"t"`` buffer when given."""
     if isinstance(teacher, TeacherHead):
         h = teacher.hidden.reshape(-1, teacher.hidden.shape[-1])[rows].detach()
         if idx is not None:
             h = h.index_select(0, idx)
         b = None if teacher.bias is None else teacher.bias.detach()
-        return torch.nn.functional.linear(h, teacher.weight.detach(), b)
+        tw = teacher.weight.detach()
+        if ws is not None and h.dtype == tw.dtype == torch.float32 and (b is None or b.dtype == torch.float32):
+            return ws.linear("t", h, tw, b)
+        return torch.nn.functional.linear(h, tw, b)
     if isinstance(teacher, SparseTeacher):
         return teacher[rows] if idx is None else teacher[rows][idx]
     t = teacher[rows].detach()
@@ -131,7 +165,8 @@ def _check_labels(labels: torch.Tensor | None, vocab: int) -> None:
 
 def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, teacher: torch.Tensor | None,
                        labels: torch.Tensor | None, kernel: FusedKernel | None, temperature: float,
-                       c_kd: float, c_ce: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+                       c_kd: float, c_ce: float, ws: _Workspace | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
     """KD and CE sums of one chunk and ``alpha, G`` with ``d(c_kd KD + c_ce CE)/dz_s = alpha * G``.
 
     Closed forms (:mod:`kdforge.losses.closed_form`): the KD part is ``T * kernel.scale * G_kd`` per unit
@@ -146,7 +181,12 @@ def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     if kernel is None and c_ce == 0:  # nothing to compute (kd_weight = ce_weight = 0)
         zero = h.new_zeros((), dtype=h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32)
         return zero, zero, None, 1.0
-    logits = upcast(torch.nn.functional.linear(h, w, b))  # a fresh buffer: modified in place below
+    # The workspace (CPU, float32) serves the single-softmax path: KD alone, or KD + CE at T = 1.
+    ws = ws if kernel is not None and (c_ce == 0 or temperature == 1.0) else None
+    if ws is not None:
+        logits = ws.linear("z", h, w, b)  # the reused buffer: modified in place below
+    else:
+        logits = upcast(torch.nn.functional.linear(h, w, b))  # a fresh buffer: modified in place below
     zero = logits.new_zeros(())
     rows_idx = targets = labelled = None
     all_labelled = True
@@ -174,9 +214,13 @@ def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     assert kernel is not None and teacher is not None
     if temperature != 1.0:
         logits.div_(temperature)
-    logq = torch.log_softmax(logits, dim=-1)
+    if ws is not None:  # log-softmax in place (each row is reduced before it is written), exp into a buffer
+        logq = torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)
+        q = torch.exp(logq, out=ws.get("q", logq.shape[0]))
+    else:
+        logq = torch.log_softmax(logits, dim=-1)
+        q = logq.exp()
     del logits
-    q = logq.exp()
     if c_ce != 0 and temperature == 1.0:
         ce_val = _ce_sum(logq, rows_idx, targets, labelled)
     t = upcast(teacher.detach()).to(logq.dtype)
@@ -325,7 +369,7 @@ def chunked_distillation_loss(
     lm_head_bias: torch.Tensor | None = None,
     reduction: str = "sum",
     closed_form: bool = True,
-    compile_kernels: bool = False,
+    compile_kernels: bool | str = "auto",
     **loss_params: Any,
 ) -> dict[str, torch.Tensor]:
     """``kd_weight * KD + ce_weight * CE`` from hidden states, chunked over positions.
@@ -360,8 +404,11 @@ def chunked_distillation_loss(
             (``LossSpec.kernel_for``); False runs every loss under autograd per chunk (the path
             every other loss and a ``SparseTeacher`` always take). Same results.
         compile_kernels: run the closed forms through ``torch.compile`` (the same functions,
-            fused loops; compiled once per process and closed form, dynamic row count). Off by
-            default: see docs/benchmarks.md (kd_step) for when it pays.
+            fused loops; compiled once per process and closed form, dynamic row count; the first
+            call pays the compilation, 10-50 s on a CPU). ``"auto"`` (default): where a compiler
+            is available (Triton on CUDA, a C++ compiler on CPU;
+            :func:`kdforge.losses.closed_form.resolve_compile`, ``$KDFORGE_COMPILE_KERNELS=0``
+            turns it off). A compile that fails logs a notice and runs eagerly (never an error).
         **loss_params: extra parameters of the KD loss (``beta``, ``alpha``, ``t``, ``sparse_policy``...).
 
     Returns:
@@ -413,7 +460,7 @@ def chunked_distillation_loss(
     if ce_scale != 0:
         _check_labels(flat_labels, vocab)
     kernel = spec.kernel_for(teacher, loss_params) if closed_form and kd_scale != 0 else None
-    if kernel is not None and compile_kernels:
+    if resolve_compile(compile_kernels, hidden.device) and kernel is not None:
         kernel = compiled_kernel(kernel) or kernel
     use_closed_form = closed_form and (kernel is not None or kd_scale == 0)
     rows = (auto_chunk_size(vocab, n, hidden.device, closed_form=use_closed_form) if chunk_size == "auto"
@@ -450,6 +497,9 @@ def chunked_distillation_loss(
         g_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want_b else None
         kd_total = torch.zeros((), dtype=acc, device=h_all.device)
         ce_total = torch.zeros((), dtype=acc, device=h_all.device)
+        ws = (_Workspace(min(rows, n), vocab, h_all.device)
+              if kernel is not None and h_all.device.type == "cpu" and h_all.dtype == w.dtype == torch.float32
+              and (b is None or b.dtype == torch.float32) else None)
         for start in range(0, n, rows):
             sl = slice(start, min(start + rows, n))
             idx = None  # masked positions are dropped before the LM head: no work, no gradient
@@ -459,10 +509,10 @@ def chunked_distillation_loss(
                     continue
             h = h_all[sl] if idx is None else h_all[sl].index_select(0, idx)
             y = None if flat_labels is None else (flat_labels[sl] if idx is None else flat_labels[sl][idx])
-            t_c = _teacher_chunk(teacher, sl, idx) if kd_scale != 0 else None
+            t_c = _teacher_chunk(teacher, sl, idx, ws) if kd_scale != 0 else None
             res = None
             if use_closed_form:
-                res = _closed_form_chunk(h, w, b, t_c, y, kernel, temperature, c_kd, c_ce)
+                res = _closed_form_chunk(h, w, b, t_c, y, kernel, temperature, c_kd, c_ce, ws)
             if res is None:  # another loss, a sparse teacher, or a non-finite value (diagnosed there)
                 res = autograd_chunk(h, w, b, t_c, y, want_any)
             kd_c, ce_c, g, alpha = res

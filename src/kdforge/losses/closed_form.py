@@ -34,13 +34,26 @@ back into a functional graph); row sums go through :func:`rowdot`.
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-__all__ = ["ClosedForm", "FusedKernel", "KernelOut", "compiled_kernel", "rowdot", "tiny"]
+from kdforge.errors import ConfigError
+
+__all__ = ["COMPILE_ENV", "ClosedForm", "FusedKernel", "KernelOut", "compiled_kernel", "compiler_available",
+           "resolve_compile", "rowdot", "tiny"]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable overriding ``compile_kernels="auto"``: ``0`` keeps the kernels eager, ``1``
+#: compiles them wherever ``auto`` would not decide so itself (an explicit True/False always wins).
+COMPILE_ENV = "KDFORGE_COMPILE_KERNELS"
 
 
 @dataclass
@@ -107,15 +120,79 @@ class ClosedForm:
     def compiled(self) -> ClosedForm:
         """The same closed form through ``torch.compile`` (fused loops; compiled once per
         process and function, dynamic row count: the last chunk is shorter and the real
-        positions change between batches)."""
-        if self.fn in _COMPILED.values():
+        positions change between batches). If compiling fails (no working compiler for the
+        device), the first call logs a notice and the closed form runs eagerly from then on."""
+        if isinstance(self.fn, _CompiledOrEager):
             return self
         if self.fn not in _COMPILED:
-            _COMPILED[self.fn] = torch.compile(self.fn, dynamic=True)
+            _COMPILED[self.fn] = _CompiledOrEager(self.fn)
         return replace(self, fn=_COMPILED[self.fn])
 
 
-_COMPILED: dict[Any, ClosedFormFn] = {}
+class _CompiledOrEager:
+    """``torch.compile(fn)``, falling back to ``fn`` for good once compiling it has failed.
+
+    An exception from the compiled call is retried eagerly: if the eager call raises too, the
+    input was at fault and its error propagates (compilation stays on); if it succeeds, the
+    compiler was at fault, a notice is logged once and ``fn`` runs eagerly from then on. Compile
+    errors happen before any kernel runs, so the inputs are untouched when the eager call starts.
+    """
+
+    def __init__(self, fn: ClosedFormFn) -> None:
+        self.fn = fn
+        self.compiled: ClosedFormFn | None = torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compiled is None:
+            return self.fn(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+            out = self.fn(*args)  # raises the input's own error if the input was at fault
+            self.compiled = None
+            logger.warning("torch.compile of the closed form %s failed (%s: %s); running it eagerly from now on "
+                           "(same results; pass compile_kernels=False to skip the attempt)",
+                           getattr(self.fn, "__name__", self.fn), type(exc).__name__, str(exc).splitlines()[0][:200]
+                           if str(exc) else "")
+            return out
+
+
+_COMPILED: dict[Any, _CompiledOrEager] = {}
+
+
+@functools.lru_cache(maxsize=8)
+def _compiler_for(kind: str) -> bool:
+    if kind == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:  # pragma: no cover - older torch
+            return False
+        return bool(has_triton())
+    if kind == "cpu":
+        names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        return any(n and shutil.which(n) for n in names)
+    return False
+
+
+def compiler_available(device: torch.device | str | None) -> bool:
+    """Whether ``torch.compile`` has a code generator for ``device``: Triton on CUDA, a C++
+    compiler (``$CXX``, ``g++``, ``c++`` or ``clang++`` on the PATH) on CPU; False elsewhere."""
+    return _compiler_for("cpu" if device is None else torch.device(device).type)
+
+
+def resolve_compile(flag: bool | str, device: torch.device | str | None) -> bool:
+    """``compile_kernels`` as a bool: True/False as given; ``"auto"`` (the default) compiles where
+    :func:`compiler_available` says a compiler exists, unless ``$KDFORGE_COMPILE_KERNELS`` is
+    ``0`` (eager) or ``1`` (compile). A failing compile still falls back to eager with a notice."""
+    if isinstance(flag, bool):
+        return flag
+    if flag != "auto":
+        raise ConfigError(f"compile_kernels must be true, false or 'auto', got {flag!r}",
+                          "use compile_kernels: auto (compile where a compiler is available)")
+    env = os.environ.get(COMPILE_ENV, "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return compiler_available(device)
 
 
 def compiled_kernel(kernel: FusedKernel) -> FusedKernel | None:

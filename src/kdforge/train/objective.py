@@ -235,12 +235,14 @@ class Objective:
             vocabulary so each ``[chunk, V]`` float32 array is ~16 MiB on CPU, ~64 MiB on GPU).
         compile_kernels: in the chunked mode, run the closed-form forward KL / reverse KL / JSD
             kernels through ``torch.compile`` (one fused pass per chunk; measured 4-13% less CPU
-            per training step than the eager closed forms, docs/benchmarks.md). Costs 13-48 s of
-            compilation per process and needs a C++ toolchain on CPU, hence off by default.
+            per training step than the eager closed forms, docs/benchmarks.md). ``"auto"``
+            (default): where a compiler is available (Triton on CUDA, a C++ compiler on CPU;
+            ``$KDFORGE_COMPILE_KERNELS=0`` turns it off); costs 13-48 s of compilation per
+            process on a CPU; a failing compile logs a notice and runs eagerly.
     """
 
     def __init__(self, terms: Sequence[LossTerm | Mapping[str, Any]], *, chunked: bool | str = "auto",
-                 chunk_size: int | str = "auto", compile_kernels: bool = False) -> None:
+                 chunk_size: int | str = "auto", compile_kernels: bool | str = "auto") -> None:
         if isinstance(terms, Mapping | str) or not isinstance(terms, Sequence):
             raise ConfigError(
                 f"objective terms must be a list of loss terms, got {type(terms).__name__}",
@@ -283,7 +285,10 @@ class Objective:
             raise ConfigError(f"chunk_size must be a positive integer or 'auto', got {chunk_size!r}",
                               "use chunk_size='auto' (about 16 MiB per chunk array on CPU, 64 MiB on GPU)")
         self.chunk_size: int | str = chunk_size
-        self.compile_kernels = bool(compile_kernels)
+        if compile_kernels not in (True, False, "auto"):
+            raise ConfigError(f"compile_kernels must be true, false or 'auto', got {compile_kernels!r}",
+                              "use compile_kernels: auto (compile where a compiler is available)")
+        self.compile_kernels: bool | str = compile_kernels
         if chunked is True:
             self._check_chunkable()
 

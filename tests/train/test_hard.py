@@ -149,3 +149,14 @@ def test_distillation_with_hard_moves_the_student_toward_the_teacher(tmp_path, l
     png = save_augmentation_grid(x, (lambda b: transform.net.eval()(b)[0]) if learned else x.flip(-1),
                                  tmp_path / "grid.png", columns=4)
     assert png.stat().st_size > 1000
+
+
+def test_learned_adversary_waits_for_its_warmup():
+    teacher, student = _net(8, 0), _net(4, 1)
+    x = _images(8)
+    t = HardLearnedTransform(HardAugmentNet(1, width=4, value_range=(-1.0, 3.0)), teacher, warmup_steps=5, fraction=1.0)
+    before = [p.clone() for p in t.net.parameters()]
+    assert t({"inputs": x}, StepContext(4, 0, student, None))["inputs"] is x and t.last is None
+    assert all(torch.equal(a, b) for a, b in zip(before, t.net.parameters()))
+    t({"inputs": x}, StepContext(5, 0, student, None))
+    assert t.last is not None and not all(torch.equal(a, b) for a, b in zip(before, t.net.parameters()))

@@ -55,10 +55,11 @@ class HardSpec(StrictModel):
     contrast: float = Field(0.3, ge=0, description="max relative contrast change")
     candidates: int = Field(8, ge=1, description="hard_search: parameter draws per image")
     ascent_steps: int = Field(0, ge=0, description="hard_search: gradient-ascent steps on the parameters")
-    lr: float = Field(1e-3, gt=0, description="hard_learned: Adam lr of the augmentation net")
-    realism_weight: float = Field(1.0, ge=0, description="hard_learned: weight of the realism penalty")
+    lr: float = Field(1e-2, gt=0, description="hard_learned: Adam lr of the augmentation net")
+    realism_weight: float = Field(0.1, ge=0, description="hard_learned: weight of the realism penalty")
     net_width: int = Field(16, ge=1, description="hard_learned: channels of the augmentation net")
     eps: float = Field(0.3, ge=0, description="hard_learned: bound of the per-pixel residual")
+    warmup: float = Field(0.25, ge=0, lt=1, description="hard_learned: share of the run before the adversary starts")
 
 
 class ActiveSpec(StrictModel):
@@ -107,7 +108,8 @@ def _value_range(x: torch.Tensor) -> tuple[float, float]:
     return float(x.min()), float(x.max())
 
 
-def hard_transforms(spec: HardSpec, teacher: torch.nn.Module, x_train: torch.Tensor, seed: int) -> list[Any]:
+def hard_transforms(spec: HardSpec, teacher: torch.nn.Module, x_train: torch.Tensor, seed: int,
+                    total_steps: int = 0) -> list[Any]:
     """The method's HARD batch transform (a list, for ``Distiller(transforms=...)``)."""
     from kdforge.train.hard import (
         FamilyRanges,
@@ -124,7 +126,7 @@ def hard_transforms(spec: HardSpec, teacher: torch.nn.Module, x_train: torch.Ten
     net = HardAugmentNet(x_train.shape[1], width=spec.net_width, ranges=ranges, eps=spec.eps,
                          value_range=_value_range(x_train))
     return [HardLearnedTransform(net, teacher, lr=spec.lr, realism_weight=spec.realism_weight, fraction=spec.fraction,
-                                 temperature=spec.temperature, seed=seed)]
+                                 temperature=spec.temperature, seed=seed, warmup_steps=int(spec.warmup * total_steps))]
 
 
 def rotated(x: torch.Tensor, degrees: float = 30.0, seed: int = 7) -> torch.Tensor:

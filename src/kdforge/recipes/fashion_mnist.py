@@ -612,7 +612,8 @@ class FashionMnistKD(Recipe):
         elif method.data is not None:  # HARD: a batch transform; the online teacher labels the new images
             from kdforge.recipes.data_methods import hard_grid, hard_transforms
 
-            transforms = hard_transforms(method.data, data.teacher_model, data.x_train, seed)
+            steps_total = math.ceil(math.ceil(len(dataset) / (tr.batch_size * run.world_size)) * epochs)
+            transforms = hard_transforms(method.data, data.teacher_model, data.x_train, seed, steps_total)
             trained = _fit(model, dataset, method.terms, run_dir=sub.dir, source_fn=regime.source_fn(config, seed),
                            transforms=transforms, **fit)
             model, steps = trained["model"], trained["steps"]

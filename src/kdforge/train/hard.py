@@ -254,7 +254,8 @@ class HardAugmentNet(nn.Module):
     """A small adversarial augmentation network: image -> bounded family parameters + residual.
 
     ``g(x) = clamp(apply_family(x, ranges * tanh(head(f(x)))) + eps * tanh(res(x)), lo, hi)``:
-    ``f`` two strided 3x3 convolutions (``width`` channels) pooled to a vector, ``head`` a linear
+    ``f`` two strided 3x3 convolutions (``width`` channels, leaky ReLU: with plain ReLU the
+    adversarial updates killed every unit and all images got the same parameters) pooled to a vector, ``head`` a linear
     map to the 6 parameters, ``res`` a 3x3 convolution giving a per-pixel residual bounded by
     ``eps``; the output is clamped to the data's ``value_range`` (so it stays a valid image).
     Both heads start at zero: an untrained net is the identity.
@@ -267,8 +268,8 @@ class HardAugmentNet(nn.Module):
             raise ConfigError(f"HardAugmentNet: eps >= 0 and value_range lo < hi, got {eps}, {value_range}",
                               "e.g. value_range=(-0.81, 2.03) for Fashion-MNIST normalised images")
         self.ranges, self.eps, self.value_range = ranges or FamilyRanges(), float(eps), value_range
-        self.features = nn.Sequential(nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.ReLU(),
-                                      nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+        self.features = nn.Sequential(nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
+                                      nn.Conv2d(width, width, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
                                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(width, len(PARAMS))
         self.residual = nn.Conv2d(channels, channels, 3, padding=1)

@@ -48,6 +48,8 @@ def test_data_methods_train_and_record_what_they_did(data_dir, tmp_path):
     ])
     results = FashionMnistKD().run(config, tmp_path)
     assert len(results["models"]) == 6
+    hard_row = next(m for m in results["models"] if m["name"] == "student / hard search")
+    assert hard_row["data"]["kind"] == "hard_search" and 0.0 <= hard_row["metrics"]["ood_accuracy"] <= 1.0
     rec = {name: json.loads((tmp_path / "students" / name / "seed-0" / "result.json").read_text())
            for name in ("hard-search", "hard-learned", "active-robust", "kd3")}
     assert (tmp_path / "students" / "hard-search" / "seed-0" / "hard_grid.png").stat().st_size > 1000
@@ -76,3 +78,11 @@ def test_bundled_data_methods_config_validates():
     _, config = load_recipe_file(REPO / "configs" / "fashion_mnist_data_methods.yaml")
     kinds = {m.data.kind for m in config.methods if m.data is not None}
     assert kinds == {"hard_search", "hard_learned", "active", "kd3"}
+
+
+def test_a_data_method_is_never_taken_for_plain_kd():
+    from kdforge.recipes.compare import _is_plain_kd
+
+    terms = [{"name": "forward_kl"}, {"name": "cross_entropy"}]
+    assert _is_plain_kd({"terms": terms})
+    assert not _is_plain_kd({"terms": terms, "data": {"kind": "active", "budget": 10}})

@@ -94,7 +94,7 @@ def paired(values: Mapping[int, float], reference: Mapping[int, float], *, highe
 
 
 def _is_plain_kd(model: Mapping[str, Any]) -> bool:
-    return "teacher" not in model and sorted(t["name"] for t in model.get("terms", [])) == ["cross_entropy",
+    return "teacher" not in model and "data" not in model and sorted(t["name"] for t in model.get("terms", [])) == ["cross_entropy",
                                                                                          "forward_kl"]
 
 

@@ -930,6 +930,10 @@ def _student_entry(config: FashionMnistConfig, method: MethodConfig, per_seed: l
     }
     if method.teacher is not None:
         entry["teacher"] = method.teacher.model_dump(mode="json", exclude_unset=True)
+    if method.data is not None:
+        entry["data"] = method.data.model_dump(mode="json", exclude_unset=True)
+        ood = [r["data_method"]["ood_accuracy"] for r in per_seed if r.get("data_method")]
+        entry["metrics"]["ood_accuracy"], entry["metrics"]["ood_accuracy_std"] = _mean_std(ood)
     costs = [r["cost"] for r in per_seed if r.get("cost")]
     if costs:
         entry["cost"] = {"cpu_s_per_step": statistics.fmean(c["cpu_s_per_step"] for c in costs),

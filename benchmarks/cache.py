@@ -40,7 +40,7 @@ import torch
 log = logging.getLogger("benchmarks.cache")
 
 
-def load_teacher_and_text(book: str, dtype: str):
+def load_teacher_and_text(book: str, dtype: str, device: str = "cpu"):
     from transformers import AutoTokenizer
 
     from kdforge.assets import ensure
@@ -49,7 +49,7 @@ def load_teacher_and_text(book: str, dtype: str):
 
     model_dir = ensure("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    teacher = load_teacher(model_dir, dtype=dtype)
+    teacher = load_teacher(model_dir, dtype=dtype, device=device)
     texts = read_texts(ensure("austen") / f"{book}.txt")
     return teacher, tokenizer, texts
 
@@ -62,10 +62,10 @@ def teacher_pass(teacher, blocks: torch.Tensor, kmax: int, batch_size: int):
         logits = teacher.logits(blocks[b : b + batch_size]).float()
         logp = logits.log_softmax(-1)
         del logits
-        negent.append((logp.exp() * logp).sum(-1, dtype=torch.float64))
+        negent.append((logp.exp() * logp).sum(-1, dtype=torch.float64).cpu())
         v, i = logp.topk(kmax, dim=-1)
-        ids.append(i)
-        lps.append(v)
+        ids.append(i.cpu())
+        lps.append(v.cpu())
         del logp
     seconds = time.perf_counter() - t0
     return torch.cat(ids), torch.cat(lps), torch.cat(negent), seconds
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--book", default="persuasion")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda: where the teacher runs")
     ap.add_argument("--shard-size", type=int, default=256, help="sequences per shard (library default 256)")
     ap.add_argument("--skip-end-to-end", action="store_true")
     ap.add_argument(
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     from kdforge.teachers.cache import build_teacher_cache, pack_tokens
 
     ks = sorted(int(x) for x in args.ks.split(","))
-    teacher, tokenizer, texts = load_teacher_and_text(args.book, args.dtype)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    teacher, tokenizer, texts = load_teacher_and_text(args.book, args.dtype, device)
     blocks = pack_tokens(texts, tokenizer, args.seq_len, max_blocks=math.ceil(args.tokens / args.seq_len))
     vocab = int(teacher.logits(blocks[:1, :2]).shape[-1])
     log.info("corpus: %d x %d tokens of %s; vocab %d", *blocks.shape, args.book, vocab)

@@ -293,7 +293,8 @@ def summarize(records: list[dict]) -> list[dict]:
     for r in records:
         if "cpu_ms" in r:
             groups.setdefault((r["tokens"], r["vocab"], r["loss_name"], r["impl"]), []).append(r)
-    key = "ms" if any(r.get("device", "").startswith("cpu") is False for r in records) else "cpu_ms"
+    ran = [r for g in groups.values() for r in g]
+    key = "ms" if any(not r.get("device", "cpu").startswith("cpu") for r in ran) else "cpu_ms"
     med = {k: statistics.median(x[key] for x in v) for k, v in groups.items()}
     out = []
     for (tokens, vocab, loss, impl), rs in groups.items():

@@ -143,3 +143,26 @@ def test_runs_with_different_primary_metrics_stay_separate_sections(tmp_path):
     student = groups[1].models[0]
     assert student.value("perplexity") is None  # NaN is "no value", shown as a dash
     assert headline(groups[1]) is None
+
+
+def test_augmentation_grids_saved_beside_students_are_shown(tmp_path):
+    import base64
+    import re
+
+    from kdforge.train.hard import save_augmentation_grid
+
+    root = write_run(tmp_path / "fm")
+    import torch
+
+    for seed in (1, 0):  # only the lowest seed's grid is shown
+        save_augmentation_grid(torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8),
+                               root / "students" / "hard-search" / f"seed-{seed}" / "hard_grid.png", columns=4)
+    paths = build_report([root], tmp_path / "out")
+    assert "image-0.png" in {p.name for p in paths.figures}
+    html, md = paths.html.read_text(), paths.markdown.read_text()
+    assert "hard-search: hard_grid.png" in html and "figures/image-0.png" in md
+    svgs = [base64.b64decode(s).decode() for s in re.findall(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)", html)]
+    shown = [s for s in svgs if "data:image/png;base64," in s]
+    assert len(shown) == 1
+    png = (root / "students" / "hard-search" / "seed-0" / "hard_grid.png").read_bytes()
+    assert base64.b64encode(png).decode() in shown[0]

@@ -129,6 +129,10 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
                 svg, png = F.encode(bfig)
                 sec.figures.append(Figure(f"breakdown-{tag}{bi}", name, f"{name} per model.", svg, png,
                                           max_width=860))
+        for ii, (method, name, png) in enumerate(F.run_images(run)):  # e.g. HARD's augmentation grids
+            sec.figures.append(Figure(f"{tag}image-{ii}", f"{method}: {name}",
+                                      f"Saved by the run in students/{method}/ (first seed): originals above "
+                                      "their augmentations.", F.png_as_svg(png), png, max_width=860))
         sections.append(sec)
     page_title = title or "kdforge report: " + " | ".join(g.title for g in groups)
     html = render_html(sections, title=page_title, version=__version__)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -320,3 +321,31 @@ def breakdown_figure(run: RunData, name: str) -> Figure | None:
                   borderaxespad=0.0)
         fig.tight_layout()
     return fig
+
+
+def run_images(run: RunData) -> list[tuple[str, str, bytes]]:
+    """PNG images a run saved beside its students (``students/<method>/seed-<k>/*_grid.png``, e.g.
+    HARD's augmentation grids), the lowest seed per method: ``(method folder, file name, bytes)``."""
+    out: list[tuple[str, str, bytes]] = []
+    for source in run.sources:
+        students = Path(source) / "students"
+        if not students.is_dir():
+            continue
+        for method in sorted(p for p in students.iterdir() if p.is_dir()):
+            seeds = sorted((p for p in method.glob("seed-*") if p.is_dir()),
+                           key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else 0)
+            for seed in seeds[:1]:
+                out += [(method.name, img.name, img.read_bytes()) for img in sorted(seed.glob("*_grid.png"))]
+    return out
+
+
+def png_as_svg(png: bytes) -> str:
+    """An inline ``<svg>`` that shows ``png`` at its pixel size (for the HTML's SVG-only figures)."""
+    import base64
+    import struct
+
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}"><image width="{width}" height="{height}" '
+            f'href="data:image/png;base64,{data}"/></svg>')

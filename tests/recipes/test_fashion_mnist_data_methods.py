@@ -41,7 +41,7 @@ def test_data_methods_train_and_record_what_they_did(data_dir, tmp_path):
     online = {"source": "online"}
     config = _config(data_dir, [
         {"name": "hard search", "teacher": online, "terms": KD, "data": {"kind": "hard_search", "candidates": 3}},
-        {"name": "hard learned", "teacher": online, "terms": KD, "data": {"kind": "hard_learned", "net_width": 4}},
+        {"name": "hard learned", "teacher": online, "terms": KD, "data": {"kind": "hard_learned", "net_width": 4, "noise_dim": 2, "warmup": 0.5}},
         {"name": "active robust", "transfer_set": True, "terms": KD,
          "data": {"kind": "active", "budget": 25, "rounds": 2, "round_epochs": 1, "bins": 1, "calibrate": True}},
         {"name": "kd3", "transfer_set": True, "terms": KD, "data": {"kind": "kd3", "select": 20, "balanced": True}},

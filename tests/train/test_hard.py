@@ -160,3 +160,19 @@ def test_learned_adversary_waits_for_its_warmup():
     assert all(torch.equal(a, b) for a, b in zip(before, t.net.parameters()))
     t({"inputs": x}, StepContext(5, 0, student, None))
     assert t.last is not None and not all(torch.equal(a, b) for a, b in zip(before, t.net.parameters()))
+
+
+def test_noise_inputs_give_one_image_several_transforms():
+    teacher, student = _net(8, 0), _net(4, 1)
+    x = _images(16)
+    net = HardAugmentNet(1, width=4, value_range=(-1.0, 3.0), noise_dim=3)
+    assert torch.allclose(net(x, torch.randn(16, 3))[0], x, atol=1e-5)  # still the identity at init
+    t = HardLearnedTransform(net, teacher, lr=0.05, realism_weight=0.01, fraction=1.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        t.adversary_step(x, teacher, student, t.noise(16, g))
+    same = x[:1].repeat(8, 1, 1, 1)
+    theta = net.params(same, t.noise(8, g))
+    assert theta.std(0).max() > 1e-3  # the same image, different noise: different parameters
+    out = t({"inputs": x}, StepContext(0, 0, student, None))["inputs"]
+    assert out.min() >= -1.0 and out.max() <= 3.0

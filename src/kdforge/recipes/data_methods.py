@@ -60,6 +60,7 @@ class HardSpec(StrictModel):
     net_width: int = Field(16, ge=1, description="hard_learned: channels of the augmentation net")
     eps: float = Field(0.3, ge=0, description="hard_learned: bound of the per-pixel residual")
     warmup: float = Field(0.25, ge=0, lt=1, description="hard_learned: share of the run before the adversary starts")
+    noise_dim: int = Field(0, ge=0, description="hard_learned: noise inputs of the net (0 = a deterministic map)")
 
 
 class ActiveSpec(StrictModel):
@@ -124,7 +125,7 @@ def hard_transforms(spec: HardSpec, teacher: torch.nn.Module, x_train: torch.Ten
                                     fraction=spec.fraction, temperature=spec.temperature, seed=seed)]
     torch.manual_seed(seed + 500)
     net = HardAugmentNet(x_train.shape[1], width=spec.net_width, ranges=ranges, eps=spec.eps,
-                         value_range=_value_range(x_train))
+                         value_range=_value_range(x_train), noise_dim=spec.noise_dim)
     return [HardLearnedTransform(net, teacher, lr=spec.lr, realism_weight=spec.realism_weight, fraction=spec.fraction,
                                  temperature=spec.temperature, seed=seed, warmup_steps=int(spec.warmup * total_steps))]
 
@@ -154,7 +155,8 @@ def hard_grid(transforms: list[Any], teacher: torch.nn.Module, student: torch.nn
         return None
     tf, x8 = transforms[0], x[:8]
     with torch.no_grad():
-        aug = tf.net.eval()(x8)[0] if isinstance(tf, HardLearnedTransform) else None
+        aug = (tf.net.eval()(x8, tf.noise(len(x8), torch.Generator().manual_seed(0)))[0]
+               if isinstance(tf, HardLearnedTransform) else None)
     if aug is None:
         aug = apply_family(x8, tf.search(x8, teacher, student)[0])
     return save_augmentation_grid(x8, aug, path, title="HARD augmentations at the end of training")

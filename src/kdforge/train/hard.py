@@ -258,11 +258,14 @@ class HardAugmentNet(nn.Module):
     adversarial updates killed every unit and all images got the same parameters) pooled to a vector, ``head`` a linear
     map to the 6 parameters, ``res`` a 3x3 convolution giving a per-pixel residual bounded by
     ``eps``; the output is clamped to the data's ``value_range`` (so it stays a valid image).
-    Both heads start at zero: an untrained net is the identity.
+    Both heads start at zero: an untrained net is the identity. With ``noise_dim > 0`` the head also
+    reads a noise vector ``z ~ N(0, I)`` per image (``head([f(x), z])``), so one image can get many
+    transforms: without it the adversary is a deterministic map and tends to collapse onto one
+    extreme transform that the student then learns.
     """
 
     def __init__(self, channels: int = 1, *, width: int = 16, ranges: FamilyRanges | None = None, eps: float = 0.3,
-                 value_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+                 value_range: tuple[float, float] = (-1.0, 1.0), noise_dim: int = 0) -> None:
         super().__init__()
         if eps < 0 or value_range[0] >= value_range[1]:
             raise ConfigError(f"HardAugmentNet: eps >= 0 and value_range lo < hi, got {eps}, {value_range}",
@@ -271,20 +274,24 @@ class HardAugmentNet(nn.Module):
         self.features = nn.Sequential(nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
                                       nn.Conv2d(width, width, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
                                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(width, len(PARAMS))
+        self.noise_dim = int(noise_dim)
+        self.head = nn.Linear(width + self.noise_dim, len(PARAMS))
         self.residual = nn.Conv2d(channels, channels, 3, padding=1)
         for layer in (self.head, self.residual):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         self.register_buffer("_bounds", self.ranges.bounds(), persistent=False)
 
-    def params(self, x: torch.Tensor) -> torch.Tensor:
-        """The bounded family parameters ``[B, 6]``."""
-        return self._bounds * torch.tanh(self.head(self.features(x)))
+    def params(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """The bounded family parameters ``[B, 6]`` (``z``: ``[B, noise_dim]``, zeros when None)."""
+        h = self.features(x)
+        if self.noise_dim:
+            h = torch.cat([h, z.to(h) if z is not None else h.new_zeros(h.shape[0], self.noise_dim)], 1)
+        return self._bounds * torch.tanh(self.head(h))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(augmented images, theta [B, 6], residual)``; images ``[B, C, H, W]``."""
-        theta = self.params(x)
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(augmented images, theta [B, 6], residual)``; images ``[B, C, H, W]``, noise ``z [B, noise_dim]``."""
+        theta = self.params(x, z)
         residual = self.eps * torch.tanh(self.residual(x))
         out = (apply_family(x, theta) + residual).clamp(*self.value_range)
         return out, theta, residual
@@ -329,12 +336,17 @@ class HardLearnedTransform:
         bounds = self.net._bounds.clamp_min(1e-12)
         return residual.pow(2).mean() + (theta / bounds).pow(2).mean()
 
-    def adversary_step(self, x: torch.Tensor, teacher: nn.Module, student: nn.Module) -> dict[str, float]:
-        """One step of the net on ``-mean D(g(x)) + lambda * R``; gradients reach the net only."""
+    def noise(self, n: int, gen: torch.Generator | None = None) -> torch.Tensor | None:
+        """``[n, noise_dim]`` standard normal noise for the net (None when it takes none)."""
+        return torch.randn(n, self.net.noise_dim, generator=gen) if self.net.noise_dim else None
+
+    def adversary_step(self, x: torch.Tensor, teacher: nn.Module, student: nn.Module,
+                       z: torch.Tensor | None = None) -> dict[str, float]:
+        """One step of the net on ``-mean D(g(x, z)) + lambda * R``; gradients reach the net only."""
         params = [p for p in self.net.parameters() if p.requires_grad]
         with _Frozen(teacher, student):
             self.net.train()
-            aug, theta, residual = self.net(x)
+            aug, theta, residual = self.net(x, z)
             d = disagreement(teacher(aug), student(aug), self.temperature).mean()
             r = self.realism(theta, residual)
             loss = -d + self.realism_weight * r
@@ -358,10 +370,10 @@ class HardLearnedTransform:
         self.net.to(x.device)
         stats: dict[str, float] = {}
         for _ in range(self.net_steps):
-            stats = self.adversary_step(x[rows], teacher, ctx.student)
+            stats = self.adversary_step(x[rows], teacher, ctx.student, self.noise(len(rows), gen))
         with torch.no_grad():
             self.net.eval()
-            aug = self.net(x[rows])[0]
+            aug = self.net(x[rows], self.noise(len(rows), gen))[0]
         out = dict(batch)
         x_new = x.clone()
         x_new[rows] = aug

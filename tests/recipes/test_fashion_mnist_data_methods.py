@@ -56,6 +56,7 @@ def test_data_methods_train_and_record_what_they_did(data_dir, tmp_path):
     assert (tmp_path / "students" / "hard-learned" / "seed-0" / "hard_grid.png").is_file()
     active = rec["active-robust"]["data_method"]
     assert active["queries"] == 25 and len(set(active["pool_indices"])) == 25  # the budget, spent exactly
+    assert rec["active-robust"]["train_images"] == 40 + 25
     assert len(rec["kd3"]["data_method"]["pool_indices"]) == 20
     for r in rec.values():
         assert 0.0 <= r["data_method"]["ood_accuracy"] <= 1.0

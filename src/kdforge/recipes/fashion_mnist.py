@@ -637,6 +637,8 @@ class FashionMnistKD(Recipe):
             from kdforge.recipes.data_methods import ood_accuracy
 
             fields["data_method"] = {**extra, "ood_accuracy": ood_accuracy(model, data.x_test, data.y_test)}
+            if "pool_indices" in extra:  # a selection method trained on labelled + selected, not the whole pool
+                fields["train_images"] = int((regime.labels != -100).sum()) + len(extra["pool_indices"])
         # cost: process CPU seconds per optimizer step (teacher-side work of a regime included) and
         # the peak resident memory while this student trained
         fields["cost"] = {"steps": steps, "cpu_seconds": cost["cpu_seconds"],

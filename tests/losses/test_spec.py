@@ -26,7 +26,7 @@ SPECS = [LOSSES.get(n) for n in LOSSES.names()]
 IDS = [s.name for s in SPECS]
 KD_SPECS = [s for s in SPECS if s.needs_teacher]
 #: a non-default value of each loss's own parameter, so that "t" of TAID is not the forward-KL endpoint
-NON_TRIVIAL = {"taid": {"t": 0.5}}
+NON_TRIVIAL = {"taid": {"t": 0.5}, "dac_kl": {"keep_label": False}}  # dac_kl: labels only widen its region
 V = 9
 
 

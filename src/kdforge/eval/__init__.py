@@ -2,6 +2,7 @@
 
 * :mod:`kdforge.eval.classification` — accuracy, agreement, KL to teacher, ECE + reliability
   bins, per-class accuracy.
+* :mod:`kdforge.eval.exposure` — canary exposure (Carlini et al., "The Secret Sharer").
 * :mod:`kdforge.eval.cost` — parameters, size on disk, latency p50/p95, throughput.
 * :mod:`kdforge.eval.fidelity` — top-1 agreement, KL both ways and JS to the teacher, chunked,
   dense or sparse top-k teacher.
@@ -30,6 +31,7 @@ from kdforge.eval.cost import (
     measure_latency,
     state_dict_bytes,
 )
+from kdforge.eval.exposure import canary_exposure, exposure, rank_of, sequence_log_perplexity
 from kdforge.eval.fidelity import (
     FIDELITY_KEYS,
     FidelityAccumulator,
@@ -71,6 +73,7 @@ __all__ = [
     "accuracy",
     "answer_calibration",
     "build_report",
+    "canary_exposure",
     "classification_metrics",
     "cost_report",
     "count_parameters",
@@ -80,6 +83,7 @@ __all__ = [
     "evaluate_lm_suite",
     "exact_match",
     "expected_calibration_error",
+    "exposure",
     "fidelity",
     "fidelity_per_position",
     "kl_to_teacher",
@@ -88,10 +92,12 @@ __all__ = [
     "per_class_accuracy",
     "perplexity_from_loglik",
     "predict_logits",
+    "rank_of",
     "reliability_bins",
     "rouge_l",
     "sample_continuations",
     "score_continuations",
+    "sequence_log_perplexity",
     "state_dict_bytes",
     "top1_agreement",
 ]

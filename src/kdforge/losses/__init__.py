@@ -6,6 +6,8 @@ Where is ...?
 * decoupled KD (DKD) -> :mod:`.dkd`
 * BD-KD (entropy-balanced forward/reverse KL) -> :mod:`.bdkd`
 * Sinkhorn KD (entropic optimal transport) -> :mod:`.sinkhorn`
+* DAC-KL, dual-head KD, trilateral KD/CE fusion, swing (privacy) -> :mod:`.dac_kl`, :mod:`.dual_head`,
+  :mod:`.trilateral`, :mod:`.swing`
 * TAID and its ``t`` schedule -> :mod:`.taid`
 * cross-entropy with labels -> :mod:`.supervised`
 * cross-tokenizer ULD and the GOLD-style hybrid -> :mod:`.uld`
@@ -27,6 +29,7 @@ and declares what it needs: ``loss_spec(name).needs_labels``, ``.sparse_ok``, ``
 from kdforge.losses._core import value_checks, value_checks_enabled
 from kdforge.losses.bdkd import bdkd
 from kdforge.losses.chunked import TeacherHead, auto_chunk_size, chunked_distillation_loss
+from kdforge.losses.dac_kl import dac_kl
 from kdforge.losses.divergences import (
     adaptive_kl,
     forward_kl,
@@ -38,6 +41,7 @@ from kdforge.losses.divergences import (
     tvd,
 )
 from kdforge.losses.dkd import dkd
+from kdforge.losses.dual_head import dual_head_kd
 from kdforge.losses.embedding import embedding_cosine, embedding_mse, similarity_kd
 from kdforge.losses.modules import (
     DKD,
@@ -57,7 +61,9 @@ from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.sinkhorn import sinkhorn_kd
 from kdforge.losses.spec import LossSpec, loss_spec, register_loss
 from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
+from kdforge.losses.swing import swing_kd
 from kdforge.losses.taid import TAIDSchedule, taid
+from kdforge.losses.trilateral import TrilateralFusion, trilateral_kd
 from kdforge.losses.uld import CrossVocabTeacher, gold, uld
 
 __all__ = [
@@ -67,6 +73,7 @@ __all__ = [
     "LossSpec",
     "TAID",
     "TVD",
+    "TrilateralFusion",
     "AdaptiveKL",
     "CrossEntropy",
     "CrossVocabTeacher",
@@ -84,7 +91,9 @@ __all__ = [
     "bdkd",
     "chunked_distillation_loss",
     "cross_entropy",
+    "dac_kl",
     "dkd",
+    "dual_head_kd",
     "embedding_cosine",
     "embedding_mse",
     "forward_kl",
@@ -98,7 +107,9 @@ __all__ = [
     "sinkhorn_kd",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "swing_kd",
     "taid",
+    "trilateral_kd",
     "tvd",
     "uld",
     "value_checks",

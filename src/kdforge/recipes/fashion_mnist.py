@@ -49,6 +49,7 @@ from kdforge.errors import CacheError, ConfigError
 from kdforge.io import write_bytes_atomic
 from kdforge.recipes import RECIPES, Recipe
 from kdforge.recipes.data_methods import DataMethod, check_data_method
+from kdforge.recipes.learned_terms import attach_learned_terms, unwrap_student
 from kdforge.recipes.subrun import (
     RecipeRun,
     SubRun,
@@ -380,10 +381,12 @@ def _fit(
     )
     objective = Objective([LossTerm(**t.model_dump()) for t in terms])
     source = source_fn(model, total_steps) if source_fn is not None else None  # a regime's teacher (docs/regimes.md)
+    model, extras = attach_learned_terms(model, objective, world_size)  # dual-head / trilateral parts
     distiller = Distiller(model, source, task=ClassificationTask(), objective=objective, config=config,
-                          train_data=dataset, transforms=transforms)
+                          train_data=dataset, transforms=transforms, extra_modules=extras)
     trained = train_student(distiller, resume=save_every is not None, empty=factory)
-    return {"steps": trained.state.step, "last_logs": dict(trained.state.last_logs), "model": trained.model}
+    return {"steps": trained.state.step, "last_logs": dict(trained.state.last_logs),
+            "model": unwrap_student(trained.model)}
 
 
 # ---------------------------------------------------------------------------------------------

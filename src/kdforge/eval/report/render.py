@@ -8,6 +8,7 @@ import html
 from dataclasses import dataclass, field
 
 from kdforge.eval.report import fmt
+from kdforge.eval.report.leaderboard import leaderboard_html, leaderboard_markdown
 from kdforge.eval.report.runs import ModelEntry, RunData
 from kdforge.eval.report.summary import Headline
 
@@ -250,6 +251,9 @@ def _section_html(section: Section, many: bool) -> str:
         parts.append('<section class="block" id="summary"><h2>Summary</h2>'
                      '<p class="lead">Every model on the same evaluation data.</p>'
                      f"{_summary_table_html(section)}</section>")
+    for lb in run.leaderboards:  # recipe compare: the paired leaderboard
+        parts.append('<section class="block" id="leaderboard"><h2>Leaderboard (paired over seeds)</h2>'
+                     f"{leaderboard_html(lb)}</section>")
     for fig in section.figures:
         if fig.slug.startswith("breakdown"):
             continue
@@ -302,6 +306,8 @@ def render_markdown(sections: list[Section], *, title: str, figure_paths: dict[s
                 vals = " | ".join(fmt.fmt_value(k, m.value(k), std=m.std(k)) for k in cols)
                 out.append(f"| {_md_escape(m.name)} | {m.role} | {vals} |")
             out.append("")
+        for lb in run.leaderboards:
+            out += ["### Leaderboard (paired over seeds)", "", *leaderboard_markdown(lb)]
         for fig in s.figures:
             if fig.slug in figure_paths:
                 out += [f"### {fig.title}", "", f"![{fig.title}]({figure_paths[fig.slug]})", "", f"_{fig.caption}_", ""]

@@ -64,6 +64,8 @@ class RunData:
     recipe: str | None = None
     created: str | None = None
     sources: list[str] = field(default_factory=list)
+    #: the ``compare`` recipe's ``leaderboard.json`` of each source folder that has one
+    leaderboards: list[dict[str, Any]] = field(default_factory=list)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -199,7 +201,21 @@ def load_run(run_dir: str | Path) -> RunData:
         primary_metric=str(primary) if primary else None,
         higher_is_better=bool(res.get("higher_is_better", True)),
         models=models, recipe=res.get("recipe"), created=res.get("created"), sources=[str(root)],
+        leaderboards=_leaderboard(root),
     )
+
+
+def _leaderboard(root: Path) -> list[dict[str, Any]]:
+    """``[leaderboard.json]`` of a ``compare`` run folder, ``[]`` without one (or an unreadable one)."""
+    path = root / "leaderboard.json"
+    if not path.exists():
+        return []
+    try:
+        lb = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        log.warning("%s is not valid JSON; the report leaves the leaderboard out", path)
+        return []
+    return [lb] if isinstance(lb, dict) and isinstance(lb.get("rows"), list) else []
 
 
 def merge_runs(runs: list[RunData]) -> list[RunData]:
@@ -218,6 +234,7 @@ def merge_runs(runs: list[RunData]) -> list[RunData]:
         if g.sources:
             g.title = f"{g.title} + {run.title}" if run.title not in g.title else g.title
         g.sources.extend(run.sources)
+        g.leaderboards.extend(run.leaderboards)
         for m in run.models:
             clash = next((x for x in g.models if x.name == m.name), None)
             if clash is not None and clash.role == m.role == "teacher" and clash.metrics == m.metrics:

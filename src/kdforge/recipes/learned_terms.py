@@ -1,0 +1,52 @@
+"""Learnable parts some loss terms need, attached to a recipe's student before training.
+
+* a ``dual_head_kd`` term: the student is wrapped in :class:`~kdforge.students.DualHeadStudent`
+  (its auxiliary head trains with it, the term gets it as ``heads``; :func:`unwrap_student` gives
+  back the deployed model);
+* a ``trilateral_kd`` term without a ``fusion`` network: a :class:`~kdforge.losses.trilateral.
+  TrilateralFusion` is created, passed to the term and optimised with the student.
+
+Used by the ``fashion_mnist_kd`` / ``compare`` recipes' ``_fit`` so that these losses work by name
+from YAML; the Python API does the same by hand (``docs/losses.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from kdforge.errors import ConfigError
+
+__all__ = ["attach_learned_terms", "unwrap_student"]
+
+
+def attach_learned_terms(model: nn.Module, objective: Any, world_size: int = 1) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """``(model to train, extra_modules for the Distiller)`` for ``objective``'s terms (module docstring)."""
+    from kdforge.losses.trilateral import TrilateralFusion
+    from kdforge.students.dual_head import DualHeadStudent, find_head
+
+    names = [t.name for t in objective.terms]
+    extras: dict[str, nn.Module] = {}
+    if "dual_head_kd" in names:
+        if names.count("dual_head_kd") != 1:
+            raise ConfigError("a method may have one dual_head_kd term", "merge them into one term")
+        if world_size != 1:
+            raise ConfigError("dual_head_kd is single-process in the recipes for now",
+                              "run this method without a multi-process launch")
+        model = DualHeadStudent(model)
+        next(t for t in objective.terms if t.name == "dual_head_kd").params["heads"] = model
+    for term in objective.terms:
+        if term.name == "trilateral_kd" and term.params.get("fusion") is None and "ratio" not in term.params:
+            classes = find_head(model.model if isinstance(model, DualHeadStudent) else model)[1].out_features
+            fusion = TrilateralFusion(classes)
+            term.params["fusion"] = fusion.to(next(model.parameters()).device)
+            extras[f"trilateral-{term.key}"] = fusion
+    return model, extras
+
+
+def unwrap_student(model: nn.Module | None) -> nn.Module | None:
+    """The deployed student of a wrapped one (the main head of a dual-head student), else ``model``."""
+    from kdforge.students.dual_head import DualHeadStudent
+
+    return model.model if isinstance(model, DualHeadStudent) else model

@@ -9,6 +9,7 @@ Where is ...?
 * DAC-KL, dual-head KD, trilateral KD/CE fusion, swing (privacy) -> :mod:`.dac_kl`, :mod:`.dual_head`,
   :mod:`.trilateral`, :mod:`.swing`
 * TAID and its ``t`` schedule -> :mod:`.taid`
+* DPO over sequence log-probs (preference distillation; not a per-position LossSpec) -> :mod:`.preference`
 * cross-entropy with labels -> :mod:`.supervised`
 * cross-tokenizer ULD and the GOLD-style hybrid -> :mod:`.uld`
 * sentence-embedding losses (MSE, cosine, in-batch similarity KD) -> :mod:`.embedding`
@@ -56,6 +57,7 @@ from kdforge.losses.modules import (
     SkewForwardKL,
     SkewReverseKL,
 )
+from kdforge.losses.preference import dpo_loss, sequence_logprobs
 from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.sinkhorn import sinkhorn_kd
@@ -96,6 +98,7 @@ __all__ = [
     "dual_head_kd",
     "embedding_cosine",
     "embedding_mse",
+    "dpo_loss",
     "forward_kl",
     "generalized_jsd",
     "gold",
@@ -103,6 +106,7 @@ __all__ = [
     "loss_spec",
     "register_loss",
     "reverse_kl",
+    "sequence_logprobs",
     "similarity_kd",
     "sinkhorn_kd",
     "skew_forward_kl",

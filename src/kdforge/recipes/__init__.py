@@ -83,6 +83,7 @@ _RECIPE_MODULES: dict[str, str] = {
     "fashion_mnist_kd": "kdforge.recipes.fashion_mnist",
     "llm_kd": "kdforge.recipes.llm_kd",
     "pgkd": "kdforge.recipes.pgkd",
+    "preference": "kdforge.recipes.preference",
 }
 
 

@@ -39,6 +39,7 @@ from kdforge.train.onpolicy import (
     VLLMSettings,
     make_generator,
 )
+from kdforge.train.preference import PreferencePair, build_pairs, train_dpo, train_sft
 from kdforge.train.sampler import EpochSampler
 from kdforge.train.taid import TAIDCallback
 from kdforge.train.tasks import CausalLMTask, ClassificationTask, Task, TaskOutput
@@ -49,5 +50,6 @@ __all__ = [
     "FamilyRanges", "HardAugmentNet", "HardLearnedTransform", "HardSearchTransform", "save_augmentation_grid",
     "GenerateFn", "HFGenerator", "JsonlLogger", "LossTerm", "MixupTransform", "Objective", "ObjectiveValue",
     "OnPolicyBatcher", "OnPolicyConfig", "OnPolicyTransform", "StepContext", "ProgressBar", "SentenceEmbeddingTask", "TAIDCallback", "Task", "TaskOutput", "TrainConfig",
+    "PreferencePair", "build_pairs", "train_dpo", "train_sft",
     "TrainerState", "TrainingContext", "VLLMSettings", "ddk_update", "fidelity_sums", "latest_checkpoint", "make_generator", "verify_checkpoint",
 ]

@@ -91,7 +91,7 @@ def train(model: nn.Module, ids: torch.Tensor, steps: int, seed: int, loss_fn, l
         opt.step()
         sched.step()
         if step % max(1, steps // 5) == 0:
-            log.info("step %d/%d loss %.4f", step, steps, float(loss))
+            log.info("step %d/%d loss %.4f", step, steps, float(loss.detach()))
     model.eval()
 
 

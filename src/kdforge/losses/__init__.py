@@ -9,6 +9,7 @@ Where is ...?
 * DAC-KL, dual-head KD, trilateral KD/CE fusion, swing (privacy) -> :mod:`.dac_kl`, :mod:`.dual_head`,
   :mod:`.trilateral`, :mod:`.swing`
 * TAID and its ``t`` schedule -> :mod:`.taid`
+* MiniLLM (sequence reverse KL by policy gradient on samples) -> :mod:`.minillm`
 * DPO over sequence log-probs (preference distillation; not a per-position LossSpec) -> :mod:`.preference`
 * cross-entropy with labels -> :mod:`.supervised`
 * cross-tokenizer ULD and the GOLD-style hybrid -> :mod:`.uld`
@@ -44,6 +45,7 @@ from kdforge.losses.divergences import (
 from kdforge.losses.dkd import dkd
 from kdforge.losses.dual_head import dual_head_kd
 from kdforge.losses.embedding import embedding_cosine, embedding_mse, similarity_kd
+from kdforge.losses.minillm import minillm_loss
 from kdforge.losses.modules import (
     DKD,
     TAID,
@@ -104,6 +106,7 @@ __all__ = [
     "gold",
     "jsd",
     "loss_spec",
+    "minillm_loss",
     "register_loss",
     "reverse_kl",
     "sequence_logprobs",

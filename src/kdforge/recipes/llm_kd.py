@@ -59,6 +59,7 @@ from kdforge.config import StrictModel
 from kdforge.errors import ConfigError
 from kdforge.models import ModelSource, resolve_model_path
 from kdforge.recipes import RECIPES, Recipe
+from kdforge.recipes.llm_regimes import EMASpec, MiniLLMSpec, check_method, method_regime
 from kdforge.recipes.lm_data import (
     CorpusSpec,
     LMData,
@@ -154,11 +155,13 @@ class MethodSpec(StrictModel):
     name: str
     role: Literal["baseline", "student"] = "student"
     objective: list[LossTerm]
-    teacher: Literal["cache", "online"] | None = Field(
-        None, description="cache (the top-k cache), online (the live teacher every batch); null = online "
-                          "only for on_policy or feature terms")
+    teacher: Literal["cache", "online", "ema"] | None = Field(
+        None, description="cache (the top-k cache), online (the live teacher every batch), ema (an EMA of the "
+                          "student: self-distillation); null = online only for on_policy, minillm or feature terms")
     on_policy: OnPolicySpec | None = None
     taid: TAIDSpec | None = None
+    minillm: MiniLLMSpec | None = Field(None, description="MiniLLM (kdforge.recipes.llm_regimes): needs a minillm term")
+    ema: EMASpec | None = Field(None, description="settings of teacher: ema (default decay 0.99, every step)")
     chunked: bool | Literal["auto"] = "auto"
 
     @field_validator("objective")
@@ -191,13 +194,14 @@ class MethodSpec(StrictModel):
             if Objective(copy.deepcopy(self.objective)).feature_terms:
                 raise ValueError("teacher: cache holds no hidden states for the feature terms; "
                                  "use teacher: online or remove the teacher key")
+        check_method(self)  # minillm / ema keys (kdforge.recipes.llm_regimes)
         return self
 
     def uses_online_teacher(self) -> bool:
         """Whether this method reads the live teacher (else the top-k cache)."""
         if self.teacher is not None:
-            return self.teacher == "online"
-        return self.on_policy is not None or bool(Objective(copy.deepcopy(self.objective)).feature_terms)
+            return self.teacher != "cache"  # online, or ema (dense logits of the student's average)
+        return self.on_policy is not None or self.minillm is not None or bool(Objective(copy.deepcopy(self.objective)).feature_terms)
 
 
 class EvalSpec(StrictModel):
@@ -253,9 +257,11 @@ class LLMKDConfig(StrictModel):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
         for m in self.methods:
-            if (m.on_policy is not None and isinstance(self.data, CorpusSpec)
-                    and m.on_policy.prompt_tokens >= self.data.seq_len):
-                raise ValueError(f"methods: {m.name!r} on_policy.prompt_tokens={m.on_policy.prompt_tokens} must be "
+            sampled = m.on_policy or m.minillm
+            if (sampled is not None and isinstance(self.data, CorpusSpec)
+                    and sampled.prompt_tokens >= self.data.seq_len):
+                key = "on_policy" if m.on_policy is not None else "minillm"
+                raise ValueError(f"methods: {m.name!r} {key}.prompt_tokens={sampled.prompt_tokens} must be "
                                  f"below data.seq_len={self.data.seq_len} (the rest of a block is the completion)")
         return self
 
@@ -558,7 +564,16 @@ def _distiller(inputs: _Inputs, method: MethodSpec, seed: int, run_dir: Path) ->
     objective = Objective(copy.deepcopy(method.objective), chunked=method.chunked)
     on_policy: OnPolicyConfig | None = None
     rows = inputs.data
-    if method.on_policy is not None:  # GKD: student samples need the online teacher
+    student, extra, live = copy.deepcopy(inputs.template), {}, _live_teacher(inputs)
+    regime = method_regime(method, student, live)  # MiniLLM, EMA self-KD (kdforge.recipes.llm_regimes)
+    if regime is not None:
+        prompt = regime.prompt_tokens
+        collate = None if prompt is None or rows.response_only else _prompt_collate(prompt)
+        teacher = regime.teacher if regime.teacher is not None else live
+        data, extra = LMBlockDataset(rows.train, rows.train_extras()), dict(regime.kwargs)
+        on_policy = extra.pop("on_policy", None)
+        objective = Objective(regime.objective, chunked=method.chunked)
+    elif method.on_policy is not None:  # GKD: student samples need the online teacher
         # prompts: the masked head of each row (chat/prompt-completion), else its first prompt_tokens
         collate = None if rows.response_only else _prompt_collate(method.on_policy.prompt_tokens)
         teacher, data = _live_teacher(inputs), LMBlockDataset(rows.train, rows.train_extras())
@@ -567,9 +582,9 @@ def _distiller(inputs: _Inputs, method: MethodSpec, seed: int, run_dir: Path) ->
         teacher, data, collate = _live_teacher(inputs), LMBlockDataset(rows.train, rows.train_extras()), None
     else:
         teacher, data, collate = None, inputs.train_data, collate_teacher_cache
-    distiller = Distiller(copy.deepcopy(inputs.template), teacher, task=CausalLMTask(), objective=objective,
+    distiller = Distiller(student, teacher, task=CausalLMTask(), objective=objective,
                           config=train_cfg, train_data=data, collate_fn=collate, eval_data=inputs.inner_eval,
-                          on_policy=on_policy, vocab_policy=inputs.config.student.vocab_policy,
+                          on_policy=on_policy, vocab_policy=inputs.config.student.vocab_policy, **extra,
                           run_config={"method": method.model_dump(mode="json"),
                                       "train": train_cfg.model_dump(mode="json")})
     if method.taid is not None:
@@ -683,7 +698,8 @@ def _method_row(config: LLMKDConfig, method: MethodSpec, trained: _Trained, scor
         "size_mb": round(params * 4 / 2**20, 1),
         "metrics": summary, "per_seed": per_seed,
         "objective": [t.model_dump(mode="json") for t in method.objective],
-        "regime": method.model_dump(mode="json", include={"on_policy", "taid", "chunked"}),
+        "regime": {**method.model_dump(mode="json", include={"on_policy", "taid", "chunked"}),
+                   **method.model_dump(mode="json", include={"minillm", "ema"}, exclude_none=True)},
         "reliability": scores[f"{method.name}|{config.seeds[0]}"]["reliability"],
         "run_dir": [f"{slug(method.name)}/seed-{seed}" for seed in config.seeds],
     }

@@ -29,6 +29,12 @@ from kdforge.train.hard import (
     save_augmentation_grid,
 )
 from kdforge.train.metrics import fidelity_sums
+from kdforge.train.minillm import (
+    MiniLLMConfig,
+    TeacherMixedGenerator,
+    minillm_objective,
+    minillm_setup,
+)
 from kdforge.train.mixup import MixupTransform
 from kdforge.train.objective import LossTerm, Objective, ObjectiveValue
 from kdforge.train.onpolicy import (
@@ -51,5 +57,6 @@ __all__ = [
     "GenerateFn", "HFGenerator", "JsonlLogger", "LossTerm", "MixupTransform", "Objective", "ObjectiveValue",
     "OnPolicyBatcher", "OnPolicyConfig", "OnPolicyTransform", "StepContext", "ProgressBar", "SentenceEmbeddingTask", "TAIDCallback", "Task", "TaskOutput", "TrainConfig",
     "PreferencePair", "build_pairs", "train_dpo", "train_sft",
+    "MiniLLMConfig", "TeacherMixedGenerator", "minillm_objective", "minillm_setup",
     "TrainerState", "TrainingContext", "VLLMSettings", "ddk_update", "fidelity_sums", "latest_checkpoint", "make_generator", "verify_checkpoint",
 ]

@@ -130,3 +130,15 @@ def test_an_online_teacher_trains_like_its_cached_logits_and_feeds_feature_terms
     assert [p["accuracy"] for p in cached["per_seed"]] == [p["accuracy"] for p in online["per_seed"]]
     assert cached["metrics"]["kl_to_teacher"] == pytest.approx(online["metrics"]["kl_to_teacher"], rel=1e-5)
     assert 0.0 <= rows["student / cka"]["metrics"]["accuracy"] <= 1.0
+
+
+def test_an_ema_teacher_of_the_student_trains_as_a_teacher_source(data_dir, tmp_path):
+    from kdforge.recipes.fashion_mnist import FashionMnistKD
+
+    config = _config(data_dir, [{"name": "ema", "teacher": {"source": "ema", "decay": 0.9},
+                                 "terms": [{"name": "cross_entropy", "weight": 1.0}, {"name": "forward_kl", "weight": 1.0}]}])
+    results = FashionMnistKD().run(config, tmp_path / "run")
+    met = {m["name"]: m for m in results["models"]}["student / ema"]["metrics"]
+    assert 0.0 <= met["accuracy"] <= 1.0
+    with pytest.raises(ConfigError, match="decay"):
+        _config(data_dir, [{"name": "ema", "teacher": {"source": "ema", "decay": 1.5}, "terms": KD}])

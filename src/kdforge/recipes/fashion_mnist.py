@@ -147,17 +147,19 @@ _SOURCE_FIELDS = {
     "ensemble": {"members", "weighting", "weights", "temperature"},
     "mutual": {"peers", "peer_terms"},
     "born_again": {"generations", "first"},
+    "ema": {"decay"},
 }
 
 
 class MethodTeacherConfig(StrictModel):
     """Where a method's teacher signal comes from (docs/regimes.md). Omitted: the cached teacher's logits."""
 
-    source: Literal["cached", "online", "pskd", "ensemble", "mutual", "born_again"] = Field(
+    source: Literal["cached", "online", "pskd", "ensemble", "mutual", "born_again", "ema"] = Field(
         "cached", description="cached: the teacher's cached logits; online: the teacher model run on every batch "
         "(needed by feature terms, e.g. dual-head KD's logit head); pskd: the student's own previous-epoch "
         "predictions (PS-KD); ensemble: a mixture of cached teachers; mutual: peers trained together with the "
-        "student; born_again: a chain of generations, each taught by the previous one")
+        "student; born_again: a chain of generations, each taught by the previous one; ema: an exponential "
+        "moving average of the student (self-distillation, SelfTeacher)")
     k: int | None = Field(None, ge=1, description="pskd: keep the top-k classes per example (null = all)")
     members: list[str] = Field(default_factory=list, description="ensemble: 'teacher' and/or names of extra_teachers")
     weighting: Literal["fixed", "confidence", "entropy"] = Field("fixed", description="ensemble: weighting rule")
@@ -167,6 +169,7 @@ class MethodTeacherConfig(StrictModel):
     peer_terms: list[TermSpec] | None = Field(
         None, description="mutual: each peer's objective against the student (and the other peers); "
         "default cross_entropy 1.0 + forward_kl(T=1) 1.0 (deep mutual learning)")
+    decay: float = Field(0.999, ge=0.0, le=1.0, description="ema: decay of the average, updated every step")
     generations: int = Field(2, ge=1, description="born_again: generations after the first (the last is reported)")
     first: Literal["labels", "random"] = Field(
         "labels", description="born_again: generation 0 is a labels-only student, or an untrained random one")
@@ -830,6 +833,10 @@ class _Regime:
             return lambda model, steps: EnsembleTeacher(members, **kwargs)
         if spec.source == "mutual":
             return self._mutual(config, seed)
+        if spec.source == "ema":
+            from kdforge.teachers.sources import SelfTeacher
+
+            return lambda model, steps: SelfTeacher(model, mode="ema", decay=spec.decay)
         raise ConfigError(f"teacher source {spec.source!r} has no per-run source", "see docs/regimes.md")
 
     def _mutual(self, config: FashionMnistConfig, seed: int) -> Any:

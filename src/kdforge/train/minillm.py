@@ -157,8 +157,8 @@ def sample_mixed(student: torch.nn.Module, teacher: Any, prompts: Sequence[torch
                 break
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], -1)
             pos = pos[:, -1:] + 1
-            s_logits = s_step(tok[:, None].cpu(), attn, pos)
-            t_logits = t_step(tok[:, None].cpu(), attn, pos).to(s_logits.device)
+            s_logits = s_step(tok[:, None], attn, pos)
+            t_logits = t_step(tok[:, None], attn, pos).to(s_logits.device)
     except (ConfigError, GenerationError):
         raise
     except Exception as exc:

@@ -9,8 +9,12 @@ model samples ``--new-tokens`` tokens (temperature 1, the same seed), the teache
 
 Run (after ``kdforge run configs/minillm.yaml``)::
 
-    .venv/bin/python benchmarks/onpolicy_eval_run.py outputs/minillm --prompts 32 \
+    .venv/bin/python benchmarks/onpolicy_eval_run.py configs/minillm.yaml outputs/minillm --prompts 32 \
         --out benchmarks/results/minillm_onpolicy.jsonl
+
+The config is the one the run was started from (teacher, student, data and methods are read from
+it; ``RUN_DIR/config.yaml`` is not used because it does not validate again: it records every
+student key, also those of other student kinds).
 
 Prints one JSON line per model (``method``, ``seed``, the fidelity metrics) and a Markdown table
 of means over seeds.
@@ -30,7 +34,8 @@ KEYS = ("kl_from_teacher", "kl_to_teacher", "agreement", "teacher_nll", "distinc
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", type=Path, help="a finished llm_kd run folder (with config.yaml)")
+    p.add_argument("config", type=Path, help="the llm_kd config the run was started from")
+    p.add_argument("run_dir", type=Path, help="the finished run's folder (RUN_DIR)")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from kdforge.train import OnPolicyConfig
 
     args = _parse(argv)
-    _, config = load_recipe_file(args.run_dir / "config.yaml")
+    _, config = load_recipe_file(args.config)
     tokenizer, data = check_inputs(config)
     teacher, _ = load_teacher(config.teacher)
     prompts = [row[: args.prompt_tokens].clone() for row in data.eval[: args.prompts]]

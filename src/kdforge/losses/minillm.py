@@ -176,7 +176,9 @@ def minillm_loss(
     real, labels = real.to(student_logits.device).reshape(rows), labels.reshape(rows)
     vocab = student_logits.shape[-1]
     logq = torch.log_softmax(upcast(student_logits) / temperature, -1).reshape(*rows, vocab)
-    logp = torch.log_softmax(upcast(teacher.detach()) / temperature, -1).reshape(*rows, vocab)
+    # off-mask teacher entries may be anything (padding, NaN): zero them so no NaN reaches the backward
+    t = torch.where(real.reshape(lead).unsqueeze(-1), upcast(teacher.detach()).to(real.device), 0.0)
+    logp = torch.log_softmax(t / temperature, -1).reshape(*rows, vocab)
     step_kl = kl(logq, logp, safe=True)  # [B, T]: exact per-step reverse KL, differentiable
     tokens = torch.where(real, labels.to(logq.device), 0).long().unsqueeze(-1)
     logq_tok = logq.gather(-1, tokens).squeeze(-1)

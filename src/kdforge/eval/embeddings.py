@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.errors import ShapeError
+from kdforge.eval.rank import spearman
 
 __all__ = ["knn_accuracy", "neighbour_agreement", "similarity_agreement"]
 
@@ -24,19 +25,6 @@ __all__ = ["knn_accuracy", "neighbour_agreement", "similarity_agreement"]
 def _cos(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     a = F.normalize(a.double(), dim=-1)
     return a @ (a if b is None else F.normalize(b.double(), dim=-1)).T
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Average ranks (ties share their mean rank), float64 ``[n]``."""
-    sorted_x, order = torch.sort(x)
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = torch.arange(len(x), dtype=torch.float64)
-    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
-    if bool((counts > 1).any()):
-        first = torch.cumsum(counts, 0) - counts
-        mean_rank = (first + (counts - 1) / 2.0).double()
-        ranks[order] = mean_rank[inverse]
-    return ranks
 
 
 def _same_rows(student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -52,9 +40,7 @@ def similarity_agreement(student: torch.Tensor, teacher: torch.Tensor) -> float:
     if n < 3:
         raise ShapeError(f"similarity agreement needs at least 3 sentences, got {n}", "embed more sentences")
     iu = torch.triu_indices(n, n, offset=1)
-    rs, rt = _ranks(_cos(student)[iu[0], iu[1]]), _ranks(_cos(teacher)[iu[0], iu[1]])
-    rs, rt = rs - rs.mean(), rt - rt.mean()
-    return float((rs * rt).sum() / torch.sqrt((rs * rs).sum() * (rt * rt).sum()))
+    return spearman(_cos(student)[iu[0], iu[1]], _cos(teacher)[iu[0], iu[1]])
 
 
 def neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor, *, k: int = 10) -> dict[str, float]:

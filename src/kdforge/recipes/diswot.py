@@ -125,8 +125,6 @@ class DisWOTRecipe(Recipe):
         problems = checks.check(config, Path(output_dir))
         extra = Problems()
         with extra.catch("search.space"):
-            from kdforge.students.diswot import ConvNetSpace  # noqa: F401 - import check
-
             space = _space(config.search.space)
             smallest = (min(space.hidden), *([min(space.widths)] * min(space.blocks)))
             if space.max_params is not None and space.params(smallest) > space.max_params:
@@ -136,7 +134,7 @@ class DisWOTRecipe(Recipe):
         return [*problems, *extra.items]
 
     def run(self, config: DisWOTConfig, output_dir: Path) -> dict[str, Any]:
-        from kdforge.io import write_json_atomic
+        from kdforge.io import write_json_atomic, write_text_atomic
         from kdforge.recipes.fashion_mnist import _load_data
         from kdforge.recipes.subrun import RecipeRun
         from kdforge.students.diswot import evolutionary_search, score_candidates, spearman
@@ -166,10 +164,11 @@ class DisWOTRecipe(Recipe):
             results |= _correlations(results["checked"], config, spearman)
         if run.main:
             write_json_atomic(out / "results.json", results)
-            from kdforge.io import write_text_atomic
+            from rich.console import Console
 
-            write_text_atomic(out / "results.md", results_markdown(results))
-            print(results_markdown(results))  # noqa: T201 - the recipe's CLI output
+            markdown = results_markdown(results)
+            write_text_atomic(out / "results.md", markdown)
+            Console().print(markdown, markup=False, highlight=False)
         return results
 
     @staticmethod

@@ -48,7 +48,6 @@ class EncoderSource(ModelSource):
     """A sentence encoder (asset ``all-mpnet-base-v2`` / ``all-minilm-l6-v2``, folder or Hub id)."""
 
     model: str = "all-mpnet-base-v2"
-    dtype: str = "float32"
 
 
 class StudentEncoder(EncoderSource):
@@ -201,8 +200,11 @@ class EncoderKDRecipe(Recipe):
                    "student_layers": config.student.layers, "train_sentences": len(train_texts),
                    "eval_sentences": len(eval_texts), "seeds": list(config.seeds), "models": rows,
                    "seconds": time.perf_counter() - started}
-        run.publish(results, results_markdown(results))
-        print(results_markdown(results))  # noqa: T201 - the recipe's CLI output
+        from rich.console import Console
+
+        markdown = results_markdown(results)
+        run.publish(results, markdown)
+        Console().print(markdown, markup=False, highlight=False)
         return results
 
     # -- teacher ------------------------------------------------------------------------------

@@ -30,8 +30,6 @@ Fashion-MNIST (the recipe ``diswot``).
 
 from __future__ import annotations
 
-import copy
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdforge.errors import ConfigError, ShapeError
+from kdforge.eval.rank import spearman
 
 __all__ = [
     "Candidate",
@@ -51,6 +50,7 @@ __all__ = [
     "diswot_score",
     "evolutionary_search",
     "sample_relation",
+    "spearman",
 ]
 
 
@@ -271,33 +271,7 @@ def score_candidates(teacher: nn.Module, images: torch.Tensor, kwargs_list: Sequ
         sem = rel = 0.0
         for i in range(inits):
             torch.manual_seed(init_seed + i)
-            s = diswot_score(teacher, build_vision_model("convnet", **copy.deepcopy(kwargs)), images)
+            s = diswot_score(teacher, build_vision_model("convnet", **kwargs), images)
             sem, rel = sem + s.semantic / inits, rel + s.relation / inits
         out.append(DisWOTScore(sem, rel))
     return out
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties); nan for fewer than 2 points."""
-    def ranks(v: Sequence[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    if len(x) != len(y):
-        raise ShapeError(f"spearman needs equal lengths, got {len(x)} and {len(y)}", "pass paired values")
-    if len(x) < 2:
-        return math.nan
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return cov / math.sqrt(vx * vy) if vx and vy else math.nan

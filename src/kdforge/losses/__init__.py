@@ -14,6 +14,7 @@ Where is ...?
 * cross-entropy with labels -> :mod:`.supervised`
 * cross-tokenizer ULD and the GOLD-style hybrid -> :mod:`.uld`
 * sentence-embedding losses (MSE, cosine, in-batch similarity KD) -> :mod:`.embedding`
+* ranking: Margin-MSE over (query, positive, negative) score margins -> :mod:`.ranking`
 * fused LM-head + loss over chunks for big vocabularies -> :mod:`.chunked`
 * ``nn.Module`` wrappers (``ForwardKL(temperature=2.0)``) -> :mod:`.modules`
 * the teacher signal (dense logits or sparse top-k) -> :mod:`.signal`
@@ -60,6 +61,7 @@ from kdforge.losses.modules import (
     SkewReverseKL,
 )
 from kdforge.losses.preference import dpo_loss, sequence_logprobs
+from kdforge.losses.ranking import margin_mse, pair_scores
 from kdforge.losses.registry import LOSSES
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.sinkhorn import sinkhorn_kd
@@ -106,7 +108,9 @@ __all__ = [
     "gold",
     "jsd",
     "loss_spec",
+    "margin_mse",
     "minillm_loss",
+    "pair_scores",
     "register_loss",
     "reverse_kl",
     "sequence_logprobs",

@@ -19,7 +19,7 @@ from kdforge.constants import IGNORE_INDEX
 from kdforge.data.chat import tokenize_dataset
 from kdforge.data.collate import pack_dataset
 from kdforge.data.sources import DataSpec, load, parse_spec
-from kdforge.errors import ConfigError
+from kdforge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,19 @@ def prepare(spec: DataSpec | Mapping[str, Any] | str, tokenizer: Any) -> Any:
     block = spec.block_size or spec.max_length
     if spec.packing and block is None:
         raise ConfigError("packing needs a block length", "set data.block_size (or data.max_length), e.g. 1024")
+    if spec.packing and spec.domain_field is not None:
+        raise ConfigError(f"data.domain_field {spec.domain_field!r} cannot be kept with packing: a packed block "
+                          "mixes the rows of several domains",
+                          "set packing: false (rows are padded per split) or remove domain_field")
     raw = load(spec)  # every source error comes before any tokenisation
     out = DatasetDict()
+    keep = (spec.domain_field,) if spec.domain_field is not None else ()
     for name, ds in raw.items():
-        rendered = tokenize_dataset(ds, tokenizer, spec, name=name)
+        if spec.domain_field is not None and spec.domain_field not in ds.column_names:
+            raise DataError(f"data.domain_field {spec.domain_field!r} is not a column of the {name} split "
+                            f"(columns: {', '.join(ds.column_names)})",
+                            "name the column that holds each row's domain, or remove domain_field")
+        rendered = tokenize_dataset(ds, tokenizer, spec, name=name, keep=keep)
         if spec.packing:
             assert block is not None
             rendered = pack_dataset(rendered, block, mask_document_starts=spec.mask_document_starts, name=name)

@@ -99,6 +99,9 @@ class DataSpec(StrictModel):
     block_size: int | None = Field(None, ge=2, description="packed block length (default: max_length)")
     mask_document_starts: bool = Field(
         False, description="when packing, do not train the first token of each document")
+    domain_field: str | None = Field(
+        None, description="a column naming each row's domain (DDK sampling, per-domain scores); "
+                          "kept through rendering, not with packing")
 
     @field_validator("format", mode="before")
     @classmethod

@@ -59,6 +59,7 @@ from kdforge.config import StrictModel
 from kdforge.errors import ConfigError
 from kdforge.models import ModelSource, resolve_model_path
 from kdforge.recipes import RECIPES, Recipe
+from kdforge.recipes.llm_ddk import DDKSpec, carve_dev, ddk_sampler, teacher_domain_losses
 from kdforge.recipes.llm_regimes import EMASpec, MiniLLMSpec, check_method, method_regime
 from kdforge.recipes.lm_data import (
     CorpusSpec,
@@ -163,6 +164,8 @@ class MethodSpec(StrictModel):
     minillm: MiniLLMSpec | None = Field(None, description="MiniLLM (kdforge.recipes.llm_regimes): needs a minillm term")
     ema: EMASpec | None = Field(None, description="settings of teacher: ema (default decay 0.99, every step)")
     chunked: bool | Literal["auto"] = "auto"
+    ddk: DDKSpec | None = Field(None, description="DDK domain reweighting (kdforge.recipes.llm_ddk): needs "
+                                                  "data.domain_field")
 
     @field_validator("objective")
     @classmethod
@@ -254,6 +257,9 @@ class LLMKDConfig(StrictModel):
             raise ValueError(f"method names must be unique, got {names}")
         if len(set(map(slug, names))) != len(names):
             raise ValueError(f"method names {names} collide once turned into folder names")
+        if any(m.ddk is not None for m in self.methods) and getattr(self.data, "domain_field", None) is None:
+            raise ValueError("methods: ddk samples by domain; set data.domain_field to the column naming each "
+                             "row's domain (a dataset given by data.path)")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
         for m in self.methods:
@@ -347,6 +353,8 @@ class _Inputs:
     train_data: Any  # the TeacherCacheDataset over data.train (None without a cache)
     template: torch.nn.Module  # the untrained student every sub-run starts from
     inner_eval: Any  # held-out blocks scored during training, or None
+    ddk_dev: dict[str, Any] = field(default_factory=dict)  # DDK's measuring rows per domain (llm_ddk)
+    ddk_teacher_loss: dict[str, float] = field(default_factory=dict)
 
     @property
     def eval_vocab_size(self) -> int | None:
@@ -473,6 +481,11 @@ def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, floa
 
     with timed(timings, "load_teacher_s"):
         teacher = load_causal_lm(config.teacher, what="teacher").requires_grad_(False).eval()
+    ddk_dev, ddk_teacher_loss = {}, {}
+    ddk_specs = [m.ddk for m in config.methods if m.ddk is not None]
+    if ddk_specs:  # DDK's measuring rows leave the held-out set of every method (kdforge.recipes.llm_ddk)
+        data, ddk_dev = carve_dev(data, max(s.dev_examples for s in ddk_specs))
+        ddk_teacher_loss = teacher_domain_losses(teacher, ddk_dev, batch_size=config.eval.batch_size)
     cache_dir, train_data = None, None
     if any(not m.uses_online_teacher() for m in config.methods):
         with timed(timings, "teacher_cache_s"):
@@ -492,7 +505,8 @@ def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, floa
     inner_eval = None
     if n_inner:
         inner_eval = LMBlockDataset(data.eval[:n_inner], {k: v[:n_inner] for k, v in _eval_extras(data).items()})
-    return _Inputs(config, run, teacher, tokenizer, data, cache_dir, train_data, template, inner_eval)
+    return _Inputs(config, run, teacher, tokenizer, data, cache_dir, train_data, template, inner_eval,
+                   ddk_dev, ddk_teacher_loss)
 
 
 def _eval_extras(data: LMData) -> dict[str, torch.Tensor]:
@@ -582,6 +596,9 @@ def _distiller(inputs: _Inputs, method: MethodSpec, seed: int, run_dir: Path) ->
         teacher, data, collate = _live_teacher(inputs), LMBlockDataset(rows.train, rows.train_extras()), None
     else:
         teacher, data, collate = None, inputs.train_data, collate_teacher_cache
+    if method.ddk is not None:  # domain-weighted sampling (kdforge.recipes.llm_ddk)
+        sampler = ddk_sampler(method.ddk, rows, inputs.ddk_dev, inputs.ddk_teacher_loss, seed=seed)
+        extra.update(sampler=sampler, callbacks=[*extra.get("callbacks", []), sampler.callback])
     distiller = Distiller(student, teacher, task=CausalLMTask(), objective=objective,
                           config=train_cfg, train_data=data, collate_fn=collate, eval_data=inputs.inner_eval,
                           on_policy=on_policy, vocab_policy=inputs.config.student.vocab_policy, **extra,
@@ -648,6 +665,7 @@ def _results(inputs: _Inputs, trained: _Trained, scores: dict[str, Any], speeds:
         "size_mb": round(teacher_params * teacher.dtype.itemsize / 2**20, 1),
         "metrics": {**metrics("teacher"), "tokens_per_s": speeds["teacher"]},
         "reliability": scores["teacher"]["reliability"],
+        **({"breakdowns": scores["teacher"]["breakdowns"]} if "breakdowns" in scores["teacher"] else {}),
     }]
     trainable = count_parameters(template, trainable_only=True)
     for method in config.methods:
@@ -702,7 +720,17 @@ def _method_row(config: LLMKDConfig, method: MethodSpec, trained: _Trained, scor
                    **method.model_dump(mode="json", include={"minillm", "ema"}, exclude_none=True)},
         "reliability": scores[f"{method.name}|{config.seeds[0]}"]["reliability"],
         "run_dir": [f"{slug(method.name)}/seed-{seed}" for seed in config.seeds],
+        **_mean_breakdowns([scores[f"{method.name}|{seed}"] for seed in config.seeds]),
     }
+
+
+def _mean_breakdowns(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"breakdowns": {name: {domain: mean over seeds}}}`` (empty without per-domain scores)."""
+    if not all("breakdowns" in s for s in per_seed):
+        return {}
+    first = per_seed[0]["breakdowns"]
+    return {"breakdowns": {name: {d: statistics.fmean(s["breakdowns"][name][d] for s in per_seed) for d in table}
+                           for name, table in first.items()}}
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -738,9 +766,24 @@ def results_markdown(results: dict[str, Any]) -> str:
     if init:
         lines.append(f"| student before training | {init['params'] / 1e6:.1f}M | {fmt(init, 'perplexity', '.3g')} | "
                      f"{fmt(init, 'agreement', '.3f')} | {fmt(init, 'kl_to_teacher', '.2f')} | – |")
+    lines += _domain_table(results)
     t = results.get("timings", {})
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in t.items()), ""]
     return "\n".join(lines)
+
+
+def _domain_table(results: dict[str, Any]) -> list[str]:
+    """Held-out perplexity per domain (mean over seeds), when the data has domains."""
+    rows = [r for r in results["models"] if "perplexity by domain" in r.get("breakdowns", {})]
+    if not rows:
+        return []
+    domains = sorted({d for r in rows for d in r["breakdowns"]["perplexity by domain"]})
+    lines = ["", "Held-out perplexity by domain:", "", "| model | " + " | ".join(domains) + " |",
+             "|---|" + "---|" * len(domains)]
+    for r in rows:
+        table = r["breakdowns"]["perplexity by domain"]
+        lines.append(f"| {r['name']} | " + " | ".join(f"{table[d]:.1f}" if d in table else "–" for d in domains) + " |")
+    return lines
 
 
 def plot_run(out: Path, results: dict[str, Any]) -> Path:

@@ -23,6 +23,7 @@ and attention masks) for the train and held-out sides.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -92,6 +93,8 @@ class LMData:
     eval_mask: torch.Tensor | None = None
     description: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+    train_domains: list[str] | None = None  # each row's domain (``data.domain_field``), else None
+    eval_domains: list[str] | None = None
 
     @property
     def response_only(self) -> bool:
@@ -105,13 +108,24 @@ class LMData:
         """``labels``/``attention_mask`` to lay over the training rows (empty for a corpus)."""
         return _extras(self.train_labels, self.train_mask)
 
-    def eval_batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
-        """Held-out batches ``{input_ids[, attention_mask, labels]}`` for :mod:`kdforge.eval.lm`."""
-        out = []
-        for i in range(0, self.eval.shape[0], batch_size):
-            batch = {"input_ids": self.eval[i: i + batch_size]}
-            batch.update({k: v[i: i + batch_size] for k, v in _extras(self.eval_labels, self.eval_mask).items()})
-            out.append(batch)
+    def eval_batches(self, batch_size: int) -> list[dict[str, Any]]:
+        """Held-out batches ``{input_ids[, attention_mask, labels]}`` for :mod:`kdforge.eval.lm`.
+
+        With domains (``data.domain_field``) each batch holds one domain's rows and carries its name
+        under ``"domain"``, so the evaluation adds per-domain breakdowns."""
+        extras = _extras(self.eval_labels, self.eval_mask)
+        groups: list[tuple[str | None, torch.Tensor]] = [(None, torch.arange(self.eval.shape[0]))]
+        if self.eval_domains is not None:
+            names = sorted(set(self.eval_domains))
+            groups = [(d, torch.tensor([i for i, x in enumerate(self.eval_domains) if x == d])) for d in names]
+        out: list[dict[str, Any]] = []
+        for domain, rows in groups:
+            for i in range(0, rows.numel(), batch_size):
+                idx = rows[i: i + batch_size]
+                batch: dict[str, Any] = {"input_ids": self.eval[idx], **{k: v[idx] for k, v in extras.items()}}
+                if domain is not None:
+                    batch["domain"] = domain
+                out.append(batch)
         return out
 
 
@@ -217,10 +231,16 @@ def _dataset(d: DatasetSpec, tokenizer: Any) -> LMData:
         # the keys the corpus form also has (results.md, plots)
         "train_docs": [d.path], "eval_docs": [_held_out_name(d)], "train_blocks": int(train[0].shape[0]),
     }
+    domains: dict[str, list[str] | None] = {"train": None, "eval": None}
+    if d.domain_field is not None:
+        domains = {"train": [str(x) for x in dd["train"][d.domain_field]],
+                   "eval": [str(x) for x in held_ds[d.domain_field]]}
+        summary["domains"] = {side: dict(sorted(Counter(v).items())) for side, v in domains.items()}
     log.info("data %s: %d train rows x %d tokens (%d trained), %d held-out rows", d.path, train[0].shape[0],
              train[0].shape[1], n_trained, held[0].shape[0])
     return LMData(train[0], held[0], summary, train_labels=train[1], train_mask=train[2], eval_labels=held[1],
-                  eval_mask=held[2], description=d.path)
+                  eval_mask=held[2], description=d.path, train_domains=domains["train"],
+                  eval_domains=domains["eval"])
 
 
 def _held_out_name(d: DatasetSpec) -> str:

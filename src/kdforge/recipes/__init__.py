@@ -84,6 +84,7 @@ _RECIPE_MODULES: dict[str, str] = {
     "llm_kd": "kdforge.recipes.llm_kd",
     "pgkd": "kdforge.recipes.pgkd",
     "preference": "kdforge.recipes.preference",
+    "ranker_kd": "kdforge.recipes.ranker_kd",
     "stages": "kdforge.recipes.stages",
 }
 

@@ -46,6 +46,7 @@ from kdforge.train.onpolicy import (
     make_generator,
 )
 from kdforge.train.preference import PreferencePair, build_pairs, train_dpo, train_sft
+from kdforge.train.ranking_task import RankingTask
 from kdforge.train.sampler import EpochSampler
 from kdforge.train.taid import TAIDCallback
 from kdforge.train.tasks import CausalLMTask, ClassificationTask, Task, TaskOutput
@@ -55,7 +56,7 @@ __all__ = [
     "BatchTransform", "Callback", "CausalLMTask", "ClassificationTask", "DDKCallback", "DDKSampler", "Distiller", "EarlyStopping", "EpochSampler",
     "FamilyRanges", "HardAugmentNet", "HardLearnedTransform", "HardSearchTransform", "save_augmentation_grid",
     "GenerateFn", "HFGenerator", "JsonlLogger", "LossTerm", "MixupTransform", "Objective", "ObjectiveValue",
-    "OnPolicyBatcher", "OnPolicyConfig", "OnPolicyTransform", "StepContext", "ProgressBar", "SentenceEmbeddingTask", "TAIDCallback", "Task", "TaskOutput", "TrainConfig",
+    "OnPolicyBatcher", "OnPolicyConfig", "OnPolicyTransform", "StepContext", "ProgressBar", "RankingTask", "SentenceEmbeddingTask", "TAIDCallback", "Task", "TaskOutput", "TrainConfig",
     "PreferencePair", "build_pairs", "train_dpo", "train_sft",
     "MiniLLMConfig", "TeacherMixedGenerator", "minillm_objective", "minillm_setup",
     "TrainerState", "TrainingContext", "VLLMSettings", "ddk_update", "fidelity_sums", "latest_checkpoint", "make_generator", "verify_checkpoint",

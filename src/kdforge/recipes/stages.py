@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from kdforge.config import StrictModel, read_yaml, validate
@@ -429,23 +430,25 @@ def _reference_scores(chain: list[PlannedStage], ref: ReferenceSpec) -> dict[tup
     _, data = check_inputs(target.config)
     teacher = load_causal_lm(target.config.teacher, what="reference teacher").requires_grad_(False).eval()
     width = int(teacher.get_output_embeddings().weight.shape[0])
-    scores: dict[tuple[str, str, int], dict[str, float]] = {}
+    models: dict[str, torch.nn.Module] = {"reference": teacher}
+    keys: dict[str, tuple[str, str, int]] = {}
     for stage in chain:
         for method, per_seed in stage.students().items():
             for seed, folder in per_seed.items():
-                if not (folder / "config.json").is_file():
-                    continue
-                student = load_causal_lm(ModelSource(model=str(folder), dtype="float32", device="cpu"),
-                                         what=f"student of stage {stage.name!r}").eval()
-                vocab = min(width, int(student.get_output_embeddings().weight.shape[0]))
-                got = evaluate_language_models({"reference": teacher, "student": student},
-                                               data.eval_batches(ref.batch_size), teacher="reference",
-                                               vocab_size=vocab if vocab != width else None)
-                m = got["student"]["metrics"]
-                scores[(stage.name, method, seed)] = {"ref_perplexity": float(m["perplexity"]),
-                                                      "ref_agreement": float(m["agreement"]),
-                                                      "ref_kl_to_teacher": float(m["kl_to_teacher"])}
-                del student
+                if (folder / "config.json").is_file():
+                    name = f"{stage.name}|{method}|{seed}"
+                    keys[name] = (stage.name, method, seed)
+                    models[name] = load_causal_lm(ModelSource(model=str(folder), dtype="float32", device="cpu"),
+                                                  what=f"student of stage {stage.name!r}").eval()
+    vocab = min(int(m.get_output_embeddings().weight.shape[0]) for m in models.values())
+    # one pass: the reference teacher's logits are computed once per batch for every student
+    got = evaluate_language_models(models, data.eval_batches(ref.batch_size), teacher="reference",
+                                   vocab_size=vocab if vocab != width else None)
+    scores: dict[tuple[str, str, int], dict[str, float]] = {}
+    for name, key in keys.items():
+        m = got[name]["metrics"]
+        scores[key] = {"ref_perplexity": float(m["perplexity"]), "ref_agreement": float(m["agreement"]),
+                       "ref_kl_to_teacher": float(m["kl_to_teacher"])}
     return scores
 
 

@@ -206,3 +206,14 @@ def test_shipped_progressive_yaml_plans_a_teacher_assistant_chain(tmp_path):
         else s.config.student.num_layers  # noqa: E731
     assert layers(assistant) == 12 and layers(via) == layers(by_name["direct"]) == 6
     assert via.config.train.max_steps == by_name["direct"].config.train.max_steps
+
+
+def test_common_overrides_reach_every_stage_before_its_own_and_a_mapping_merges_into_its_section(tiny, tmp_path):
+    config = validate(StagesConfig, {
+        "overrides": {"train.max_steps": 2, "data": {"seq_len": 8}},  # as --set overrides.data.seq_len=8 writes it
+        "stages": [{"name": "a", "config": _llm(tiny)},
+                   {"name": "b", "config": _llm(tiny), "overrides": {"train.max_steps": 3}}]}, source="test")
+    (a, b), = plan_stages(config, tmp_path)
+    assert a.config.data.seq_len == b.config.data.seq_len == 8
+    assert a.config.data.corpus == str(tiny / "corpus")  # the rest of data: is kept
+    assert (a.config.train.max_steps, b.config.train.max_steps) == (2, 3)

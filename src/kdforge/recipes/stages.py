@@ -13,8 +13,9 @@ Progressive distillation in one YAML (``configs/progressive.yaml``):
 Each stage is one run of an existing recipe (``llm_kd`` by default; any registered recipe works,
 e.g. ``fashion_mnist_kd``) into ``RUN_DIR/[seed-S/]NAME``. Its config is a recipe YAML
 (``config: path.yaml``: a path from the working directory, or the name of a shipped config such as
-``quickstart``) or inline (``config: {...}``), then ``overrides`` (dotted keys, as ``kdforge run
---set``). Strings anywhere in a stage's config may name an earlier stage's output:
+``quickstart``) or inline (``config: {...}``), then the top-level ``overrides`` (every stage), then
+the stage's own ``overrides`` (dotted keys, as ``kdforge run --set``; a mapping merges into the
+section it names). Strings anywhere in a stage's config may name an earlier stage's output:
 
 * ``{stages.NAME.student}`` — the saved student folder of stage ``NAME`` (``llm_kd`` with
   ``save_students: true``): its one method of role ``student``;
@@ -114,6 +115,9 @@ class StagesConfig(StrictModel):
 
     output_dir: str = "outputs/stages"
     stages: list[StageSpec] = Field(min_length=1, description="run in order; each may use earlier stages' outputs")
+    overrides: dict[str, Any] = Field(default_factory=dict, description=(
+        "dotted keys set on every stage's config before its own overrides (e.g. a smaller data.seq_len for the "
+        "whole chain)"))
     seeds: list[int] | None = Field(None, description=(
         "run the whole chain once per seed (RUN_DIR/seed-S/NAME, every stage's seeds set to [S]); null = once, "
         "each stage with its own seeds"))
@@ -128,7 +132,7 @@ class StagesConfig(StrictModel):
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ValueError(f"seeds must be a non-empty list of distinct ints (or null), got {self.seeds}")
         for i, stage in enumerate(self.stages):
-            for ref in stage_references({"config": stage.config, "overrides": stage.overrides}):
+            for ref in stage_references({"config": stage.config, "overrides": [self.overrides, stage.overrides]}):
                 try:
                     _check_reference(ref, stage.name, names[:i], names)
                 except ConfigError as exc:
@@ -275,8 +279,21 @@ def _resolve_file(path: str) -> Path:
                           "(`kdforge recipes list`)") from None
 
 
-def _stage_data(spec: StageSpec) -> tuple[str, dict[str, Any]]:
-    """The stage's recipe name and config data (file or inline, then overrides)."""
+def _apply(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``_set_dotted``, except that a mapping set on a mapping is merged into it key by key (so
+    ``--set overrides.data.seq_len=64`` changes one key of ``data``, not the whole section)."""
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(value, dict) and isinstance(node, dict):
+        for key, item in value.items():
+            _apply(data, f"{dotted}.{key}", item)
+    else:
+        _set_dotted(data, dotted, copy.deepcopy(value))
+
+
+def _stage_data(spec: StageSpec, common: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The stage's recipe name and config data (file or inline, then the common and its own overrides)."""
     if isinstance(spec.config, str):
         data = read_yaml(_resolve_file(spec.config))
     else:
@@ -288,8 +305,8 @@ def _stage_data(spec: StageSpec) -> tuple[str, dict[str, Any]]:
     recipe = spec.recipe or named or "llm_kd"
     if recipe == RECIPE_NAME:
         raise ConfigError(f"stage {spec.name!r} runs the stages recipe itself", "list its stages in this chain instead")
-    for dotted, value in spec.overrides.items():
-        _set_dotted(data, dotted, copy.deepcopy(value))
+    for dotted, value in [*(common or {}).items(), *spec.overrides.items()]:
+        _apply(data, dotted, value)
     return recipe, data
 
 
@@ -318,7 +335,7 @@ def plan_stages(config: StagesConfig, output_dir: str | Path) -> list[list[Plann
         chain: list[PlannedStage] = []
         previous = ""
         for i, spec in enumerate(config.stages):
-            recipe, data = _stage_data(spec)
+            recipe, data = _stage_data(spec, config.overrides)
             model = load_recipe(recipe).config_model
             folder = out / (f"seed-{seed}" if seed is not None else "") / spec.name
             if seed is not None:

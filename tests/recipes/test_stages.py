@@ -69,7 +69,7 @@ def test_the_second_stage_is_taught_by_the_first_stages_saved_student(tiny, tmp_
     assert yaml.safe_load((out / "student" / "config.yaml").read_text())["student"]["layers"] == [0]
 
     assert (out / "results.json").is_file() and (out / "results.md").is_file()
-    rows = {(r["stage"], r["name"]): r for r in summary["rows"]}
+    rows = {(r["stage"], r["model"]): r for r in summary["models"]}
     assert set(rows) == {("assistant", "teacher"), ("assistant", "student / kd"),
                          ("student", "teacher"), ("student", "student / kd")}
     assert rows[("student", "teacher")]["teacher"] == "{stages.assistant.student}"
@@ -89,8 +89,8 @@ def test_resume_skips_finished_stages_and_a_changed_stage_reruns_with_every_late
         again = Stages().run(config, out, resume=True)
     assert "stage 'assistant' finished earlier" in caplog.text and "stage 'student' finished earlier" in caplog.text
     assert "running llm_kd" not in caplog.text
-    assert again["rows"][3]["metrics"]["perplexity"] == pytest.approx(
-        json.loads((out / "results.json").read_text())["rows"][3]["metrics"]["perplexity"])
+    assert again["models"][3]["metrics"]["perplexity"] == pytest.approx(
+        json.loads((out / "results.json").read_text())["models"][3]["metrics"]["perplexity"])
 
     caplog.clear()  # stage 2 changed: stage 1 is kept, stage 2 reruns
     changed = _chain(tiny)
@@ -129,15 +129,20 @@ def test_chain_seeds_run_the_chain_per_seed_and_score_every_student_against_the_
         second = yaml.safe_load((out / f"seed-{seed}" / "student" / "config.yaml").read_text())
         assert second["seeds"] == [seed]
         assert second["teacher"]["model"] == str(out / f"seed-{seed}" / "assistant" / "kd" / f"seed-{seed}" / "student")
-    rows = {(r["stage"], r["name"]): r for r in summary["rows"]}
+    rows = {(r["stage"], r["model"]): r for r in summary["models"]}
     direct = rows[("assistant", "student / kd")]
     via = rows[("student", "student / kd")]
-    assert len(direct["per_seed"]["ref_agreement"]) == len(via["per_seed"]["ref_agreement"]) == 2
+    assert [p["seed"] for p in direct["per_seed"]] == [p["seed"] for p in via["per_seed"]] == [0, 1]
+    assert all(0.0 <= p["ref_agreement"] <= 1.0 for p in via["per_seed"])
     assert "perplexity_std" in via["metrics"] and 0.0 <= via["metrics"]["ref_agreement"] <= 1.0
     # stage 1's teacher is the reference teacher: its own fidelity and the reference one agree
     assert direct["metrics"]["ref_agreement"] == pytest.approx(direct["metrics"]["agreement"], abs=1e-6)
     assert direct["metrics"]["ref_kl_to_teacher"] == pytest.approx(direct["metrics"]["kl_to_teacher"], rel=1e-4)
     assert "agreement (reference teacher)" in (out / "results.md").read_text()
+    # results.json is in the run format, so `kdforge run`'s closing HTML report renders it
+    from kdforge.eval.report import build_report
+
+    assert build_report([out], out / "report").html.is_file()
 
 
 @pytest.mark.parametrize(("teacher", "message"), [

@@ -484,8 +484,8 @@ class _Row:
     name: str
     role: str
     teacher: str
-    values: dict[str, list[float]] = field(default_factory=dict)
-    seeds: list[int | None] = field(default_factory=list)
+    params: int | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)  # one per seed: {"seed", metric: value}
 
 
 def _teacher_label(stage: PlannedStage) -> str:
@@ -497,52 +497,56 @@ def _teacher_label(stage: PlannedStage) -> str:
     return "(recipe default)" if stage.recipe == "llm_kd" else "(the recipe's)"
 
 
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and not k.endswith("_std")}
+
+
 def _collect(rows: dict[tuple[str, str], _Row], stage: PlannedStage, results: dict[str, Any],
              ref: dict[tuple[str, str, int], dict[str, float]]) -> None:
     """Add one stage run's result rows (one chain seed) to the summary rows."""
-    method_of = {f"student / {m.name}": m.name for m in getattr(stage.config, "methods", [])} \
-        if stage.recipe == "llm_kd" else {}
+    method_of = ({f"student / {m.name}": m.name for m in stage.config.methods}
+                 if stage.recipe == "llm_kd" else {})
     for model in results.get("models", []):
         name = str(model.get("name") or model.get("method") or "?")
-        key = (stage.name, name)
-        row = rows.setdefault(key, _Row(stage.name, stage.recipe, name, str(model.get("role", "")),
-                                        _teacher_label(stage)))
+        row = rows.setdefault((stage.name, name), _Row(stage.name, stage.recipe, name, str(model.get("role", "")),
+                                                       _teacher_label(stage), model.get("params")))
         if stage.seed is None and model.get("per_seed"):  # the stage's own seeds
             samples = [(p.get("seed"), p) for p in model["per_seed"]]
         else:
             samples = [(stage.seed, model.get("metrics") or {})]
         for seed, metrics in samples:
-            extra = {}
-            if name in method_of and seed is not None:
-                extra = ref.get((stage.name, method_of[name], seed), {})
-            row.seeds.append(seed)
-            for k, v in {**metrics, **extra}.items():
-                if isinstance(v, int | float) and not isinstance(v, bool) and not k.endswith("_std"):
-                    row.values.setdefault(k, []).append(float(v))
+            extra = ref.get((stage.name, method_of[name], seed), {}) if name in method_of and seed is not None else {}
+            row.samples.append({"seed": seed, **_numbers(metrics), **extra})
 
 
-def _summary(rows: dict[tuple[str, str], _Row], config: StagesConfig) -> dict[str, Any]:
-    out = []
+def _summary(rows: dict[tuple[str, str], _Row], config: StagesConfig, chains: list[list[PlannedStage]]
+             ) -> dict[str, Any]:
+    """``results.json``: one model per (stage, model) in the run-format layout (``docs/run-format.md``:
+    name, role, metrics as mean with ``_std`` over seeds, per_seed), plus the stage and its teacher."""
+    models = []
     for row in rows.values():
-        metrics: dict[str, Any] = {}
-        for k, vals in row.values.items():
-            finite = [v for v in vals if math.isfinite(v)]
-            if not finite:
-                continue
-            metrics[k] = statistics.fmean(finite)
-            if len(finite) > 1:
-                metrics[f"{k}_std"] = statistics.stdev(finite)
-        out.append({"stage": row.stage, "recipe": row.recipe, "name": row.name, "role": row.role,
-                    "teacher": row.teacher, "metrics": metrics, "per_seed": {k: v for k, v in row.values.items()
-                                                                            if k in _SHOWN},
-                    "seeds": row.seeds})
-    return {"recipe": RECIPE_NAME, "stages": [s.name for s in config.stages], "seeds": config.seeds,
-            "reference": config.reference.model_dump() if config.reference else None, "rows": out}
+        metrics: dict[str, float] = {}
+        for k in dict.fromkeys(k for sample in row.samples for k in sample if k != "seed"):
+            finite = [x[k] for x in row.samples if k in x and math.isfinite(x[k])]
+            if finite:
+                metrics[k] = statistics.fmean(finite)
+                if len(finite) > 1:
+                    metrics[f"{k}_std"] = statistics.stdev(finite)
+        models.append({"name": f"{row.stage} / {row.name}", "role": row.role, "stage": row.stage,
+                       "recipe": row.recipe, "model": row.name, "teacher": row.teacher,
+                       **({"params": row.params} if row.params is not None else {}),
+                       "metrics": metrics, "per_seed": row.samples})
+    recipes = {s.recipe for s in chains[0]}
+    primary = "perplexity" if recipes == {"llm_kd"} else ("accuracy" if recipes == {"fashion_mnist_kd"} else None)
+    return {"recipe": RECIPE_NAME, "primary_metric": primary, "higher_is_better": primary == "accuracy",
+            "stages": [s.name for s in config.stages], "seeds": config.seeds,
+            "reference": config.reference.model_dump() if config.reference else None, "models": models}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary table: one row per (stage, model), metrics as mean ± std over seeds."""
-    shown = [k for k in _SHOWN if any(k in r["metrics"] for r in summary["rows"])]
+    shown = [k for k in _SHOWN if any(k in r["metrics"] for r in summary["models"])]
     heads = {"perplexity": "held-out ppl", "accuracy": "accuracy", "agreement": "agreement (own teacher)",
              "kl_to_teacher": "KL(own teacher‖model)", "ref_perplexity": "ppl (reference data)",
              "ref_agreement": "agreement (reference teacher)", "ref_kl_to_teacher": "KL(reference teacher‖model)"}
@@ -553,13 +557,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                   "data against its teacher.", ""]
     lines += ["| stage | model | role | teacher | " + " | ".join(heads[k] for k in shown) + " |",
               "|" + "---|" * (4 + len(shown))]
-    for r in summary["rows"]:
+    for r in summary["models"]:
         cells = []
         for k in shown:
             v, s = r["metrics"].get(k), r["metrics"].get(f"{k}_std")
             digits = ".1f" if "perplexity" in k else ".3f"
             cells.append("–" if v is None else format(v, digits) + (f" ± {format(s, digits)}" if s is not None else ""))
-        lines.append(f"| {r['stage']} | {r['name']} | {r['role']} | {r['teacher']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['stage']} | {r['model']} | {r['role']} | {r['teacher']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -611,7 +615,7 @@ class Stages(Recipe):
                 _collect(rows, stage, results, ref)
         if not run.main:
             return run.wait_for_results()
-        summary = _summary(rows, config)
+        summary = _summary(rows, config, chains)
         table = summary_markdown(summary)
         run.publish(summary, table)
         log.info("stages results (%s):\n%s", run.out, table)

@@ -222,3 +222,23 @@ def test_common_overrides_reach_every_stage_before_its_own_and_a_mapping_merges_
     assert a.config.data.seq_len == b.config.data.seq_len == 8
     assert a.config.data.corpus == str(tiny / "corpus")  # the rest of data: is kept
     assert (a.config.train.max_steps, b.config.train.max_steps) == (2, 3)
+
+
+def test_any_recipe_runs_as_a_stage_from_its_config_file_but_only_llm_kd_stages_lend_a_student(tmp_path):
+    from kdforge.data.vision import write_synthetic_fashion_mnist
+
+    data = write_synthetic_fashion_mnist(tmp_path / "fm", n_train=200, n_test=50)
+    tiny = {"data.root": str(data), "data.labelled": 40, "data.transfer": 60, "teacher.arch": "mlp",
+            "teacher.kwargs": {"hidden": [64]}, "teacher.epochs": 1, "train.epochs": 1, "train.batch_size": 32,
+            "eval.latency_warmup": 1, "eval.latency_repeats": 1,
+            "methods": [{"name": "labels only", "role": "baseline", "terms": [{"name": "cross_entropy", "weight": 1.0}]}]}
+    stages = [{"name": "fm", "config": str(REPO / "configs" / "fashion_mnist.yaml"), "overrides": tiny}]
+    summary = Stages().run(validate(StagesConfig, {"stages": stages, "seeds": [0]}, source="test"), tmp_path / "run")
+    assert (tmp_path / "run" / "seed-0" / "fm" / "results.json").is_file()
+    roles = {(r["stage"], r["role"]) for r in summary["models"]}
+    assert roles == {("fm", "teacher"), ("fm", "baseline")}
+    assert summary["primary_metric"] == "accuracy" and 0.0 <= summary["models"][1]["metrics"]["accuracy"] <= 1.0
+
+    stages.append({"name": "next", "config": {}, "overrides": {"teacher.model": "{stages.fm.student}"}})
+    with pytest.raises(ConfigError, match="runs fashion_mnist_kd, which saves no student folder"):
+        plan_stages(validate(StagesConfig, {"stages": stages}, source="test"), tmp_path / "other")

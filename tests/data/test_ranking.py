@@ -7,7 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdforge.data.ranking import Pair, mine_negatives, neighbour_pairs, sample_pairs, split_sentences
+from kdforge.data.ranking import (
+    Pair,
+    mine_negatives,
+    neighbour_pairs,
+    sample_pairs,
+    split_sentences,
+)
 from kdforge.errors import ConfigError
 
 

@@ -70,9 +70,9 @@ def _groups(rng: random.Random, n: int, teacher, ttok) -> list[dict]:
 
 
 def _collate(tok):
-    from kdforge.recipes.ranker_kd import _collate as collate
+    from kdforge.data.ranking import collate_groups
 
-    return collate(tok, 16)
+    return collate_groups(tok, 16)
 
 
 def test_ranking_task_scores_each_query_against_its_own_passages_and_pads_exactly(models):

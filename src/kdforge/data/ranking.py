@@ -13,20 +13,24 @@ continuation (same speaker, characters, topic) among thousands of sentences of t
 * :func:`mine_negatives` — ``k`` negatives per query from a pool of passages: ``"teacher"`` draws
   them from the teacher's top-``top`` passages other than the positive (hard negatives, as dense
   retrievers are trained on), ``"random"`` uniformly.
+* :func:`collate_groups` — groups ``{"texts": [q, p, n_1..n_k], "teacher_scores": [1 + k],
+  "teacher_embeddings": [2 + k, D]}`` into the batches of :class:`kdforge.train.RankingTask`.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kdforge.errors import ConfigError, DataError
 
-__all__ = ["NEGATIVE_KINDS", "Pair", "mine_negatives", "neighbour_pairs", "split_sentences"]
+__all__ = ["NEGATIVE_KINDS", "Pair", "collate_groups", "mine_negatives", "neighbour_pairs", "sample_pairs",
+           "split_sentences"]
 
 NEGATIVE_KINDS = ("teacher", "random")
 
@@ -116,3 +120,18 @@ def mine_negatives(scores: torch.Tensor, positives: torch.Tensor, *, kind: str =
         weights.scatter_(1, masked.topk(top, dim=1).indices, 1.0)
     weights[torch.arange(q), positives] = 0.0
     return torch.multinomial(weights, count, replacement=False, generator=g)
+
+
+def collate_groups(tokenizer: Any, max_length: int) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, torch.Tensor]]:
+    """A collate function: ``B`` groups -> ``input_ids``/``attention_mask`` ``[B * G, L]`` (query,
+    positive, negatives of each group in order), ``teacher_scores`` ``[B, 1 + k]`` and
+    ``teacher_embeddings`` ``[B * G, D]``."""
+
+    def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        texts = [t for it in items for t in it["texts"]]
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "teacher_scores": torch.stack([it["teacher_scores"] for it in items]),
+                "teacher_embeddings": torch.cat([it["teacher_embeddings"] for it in items])}
+
+    return collate

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,17 +148,6 @@ def _pairs(config: RankerKDConfig) -> dict[str, list[Any]]:
                               "use longer documents or widen data.min_chars/max_chars")
         out[name] = sample_pairs(pairs, n, seed=d.seed)
     return out
-
-
-def _collate(tokenizer: Any, max_length: int) -> Any:
-    def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        texts = [t for it in items for t in it["texts"]]
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "teacher_scores": torch.stack([it["teacher_scores"] for it in items]),
-                "teacher_embeddings": torch.cat([it["teacher_embeddings"] for it in items])}
-
-    return collate
 
 
 def _score(queries: torch.Tensor, passages: torch.Tensor, teacher_top: torch.Tensor | None,
@@ -297,6 +286,7 @@ class RankerKDRecipe(Recipe):
     @staticmethod
     def _student(run: Any, config: RankerKDConfig, method: RankerMethod, seed: int, pairs: Mapping[str, list[Any]],
                  data: list[dict[str, Any]], teacher_top: torch.Tensor) -> dict[str, Any]:
+        from kdforge.data.ranking import collate_groups
         from kdforge.recipes.subrun import copy_of, slug, train_student
         from kdforge.students.encoder import load_sentence_encoder
         from kdforge.train import Distiller, Objective, RankingTask, TrainConfig
@@ -324,7 +314,7 @@ class RankerKDRecipe(Recipe):
         pad = dim if method.signal == "embeddings" and not config.student.projection else None
         distiller = Distiller(model, None, task=RankingTask(method.signal, score=config.score, pad_to=pad),
                               objective=Objective(method.terms), config=train_cfg, train_data=data,
-                              collate_fn=_collate(tok, config.data.max_length))
+                              collate_fn=collate_groups(tok, config.data.max_length))
         trained = train_student(distiller, resume=False, empty=copy_of(model))
         student = trained.model
         metrics = _evaluate(student, tok, config, pairs, teacher_top)

@@ -239,6 +239,8 @@ def test_any_recipe_runs_as_a_stage_from_its_config_file_but_only_llm_kd_stages_
     assert roles == {("fm", "teacher"), ("fm", "baseline")}
     assert summary["primary_metric"] == "accuracy" and 0.0 <= summary["models"][1]["metrics"]["accuracy"] <= 1.0
 
+    with pytest.raises(ConfigError, match="reference.stage: stage 'fm' runs fashion_mnist_kd, not llm_kd"):
+        plan_stages(validate(StagesConfig, {"stages": stages, "reference": {"stage": "fm"}}, source="test"), tmp_path)
     stages.append({"name": "next", "config": {}, "overrides": {"teacher.model": "{stages.fm.student}"}})
     with pytest.raises(ConfigError, match="runs fashion_mnist_kd, which saves no student folder"):
         plan_stages(validate(StagesConfig, {"stages": stages}, source="test"), tmp_path / "other")

@@ -363,6 +363,11 @@ def plan_stages(config: StagesConfig, output_dir: str | Path) -> list[list[Plann
             previous = stage.fingerprint
             chain.append(stage)
         chains.append(chain)
+    if config.reference is not None:
+        target = next(s for s in chains[0] if s.name == config.reference.stage)
+        if target.recipe != "llm_kd":
+            raise ConfigError(f"reference.stage: stage {target.name!r} runs {target.recipe}, not llm_kd",
+                              "name an llm_kd stage (its teacher and held-out data score every student)")
     return chains
 
 
@@ -441,9 +446,6 @@ def _reference_scores(chain: list[PlannedStage], ref: ReferenceSpec) -> dict[tup
     from kdforge.recipes.llm_kd import check_inputs
 
     target = next(s for s in chain if s.name == ref.stage)
-    if target.recipe != "llm_kd":
-        raise ConfigError(f"reference.stage: stage {ref.stage!r} runs {target.recipe}, not llm_kd",
-                          "name an llm_kd stage (its teacher and held-out data are used)")
     _, data = check_inputs(target.config)
     teacher = load_causal_lm(target.config.teacher, what="reference teacher").requires_grad_(False).eval()
     width = int(teacher.get_output_embeddings().weight.shape[0])

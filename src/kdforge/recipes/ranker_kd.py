@@ -150,12 +150,19 @@ def _pairs(config: RankerKDConfig) -> dict[str, list[Any]]:
     return out
 
 
+def _scores(queries: torch.Tensor, passages: torch.Tensor, config: RankerKDConfig) -> torch.Tensor:
+    """``[Q, N]`` scores (``config.score``) of every query against every passage, float64."""
+    from kdforge.eval.retrieval import cosine_scores
+
+    return cosine_scores(queries, passages) if config.score == "cosine" else queries.double() @ passages.double().T
+
+
 def _score(queries: torch.Tensor, passages: torch.Tensor, teacher_top: torch.Tensor | None,
            config: RankerKDConfig) -> dict[str, float]:
     """Retrieval of each held-out query's positive (row i of ``passages``) among all of them."""
-    from kdforge.eval.retrieval import cosine_scores, retrieval_metrics
+    from kdforge.eval.retrieval import retrieval_metrics
 
-    scores = cosine_scores(queries, passages) if config.score == "cosine" else queries.double() @ passages.double().T
+    scores = _scores(queries, passages, config)
     out = retrieval_metrics(scores, torch.arange(len(queries)), ks=config.eval.recall_k, cutoff=config.eval.cutoff)
     if teacher_top is not None:
         out["teacher_top1"] = float((scores.argmax(1) == teacher_top).double().mean())
@@ -188,7 +195,7 @@ class RankerKDRecipe(Recipe):
         teacher = self._teacher(run, config, pairs)
         data = self._groups(config, pairs, teacher)
         teacher_scores = _score(teacher["eval_q"], teacher["eval_p"], None, config)
-        teacher_top = (teacher["eval_q"].double() @ teacher["eval_p"].double().T).argmax(1)
+        teacher_top = _scores(teacher["eval_q"], teacher["eval_p"], config).argmax(1)
         rows: list[dict[str, Any]] = [{"name": "teacher", "role": "teacher", "model": config.teacher.model,
                                        "metrics": {**teacher_scores, "teacher_top1": 1.0}}]
         for name in (["student before distillation"] if config.baseline else []) + list(config.references):

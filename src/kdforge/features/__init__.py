@@ -1,4 +1,4 @@
-"""Feature and relation distillation: hints (FitNets), attention/value relations (MiniLM), CKA.
+"""Feature and relation distillation: hints (FitNets), attention/value relations (MiniLM), CKA, ND, OFA-KD.
 
 Where is ...?
 
@@ -7,6 +7,8 @@ Where is ...?
 * ``nn.Module`` wrappers with their projector (``HiddenMSE(256, 576)``) -> :mod:`.modules`
 * capturing intermediate outputs (``output_hidden_states`` / forward hooks) and layer maps -> :mod:`.taps`
 * per-layer linear CKA between a student and its teacher (a diagnostic) -> :mod:`.diagnostics`
+* ND (norm and direction toward the teacher's class means) -> :mod:`.nd`; OFA-KD (logit heads on
+  student stages, adaptive target enhancement) -> :mod:`.ofa`
 * the objective terms (registry :data:`FEATURE_LOSSES`, validated params, :class:`FeatureTerms`)
   -> :mod:`.terms`
 
@@ -40,6 +42,8 @@ from kdforge.features.modules import (
     ValueRelationKL,
     make_projector,
 )
+from kdforge.features.nd import ClassMeans, class_means, nd_loss
+from kdforge.features.ofa import OFAHead, ofa_loss, ofa_targets
 from kdforge.features.taps import (
     FeatureRequest,
     Features,
@@ -56,6 +60,7 @@ from kdforge.features.terms import FEATURE_LOSSES, FeatureLossDef, FeatureTerms,
 __all__ = [
     "AttentionKL",
     "CKALoss",
+    "ClassMeans",
     "CosineHidden",
     "FEATURE_LOSSES",
     "FeatureLossDef",
@@ -65,18 +70,23 @@ __all__ = [
     "HiddenMSE",
     "LayerSimilarity",
     "ModuleTaps",
+    "OFAHead",
     "ValueRelationKL",
     "attention_kl",
     "build_feature_terms",
     "capture",
     "cka_loss",
+    "class_means",
     "cosine_hidden",
     "hidden_mse",
     "layer_map",
     "layer_similarity",
     "linear_cka",
     "make_projector",
+    "nd_loss",
     "num_layers",
+    "ofa_loss",
+    "ofa_targets",
     "relation_matrix",
     "source_layers",
     "use_eager_attention",

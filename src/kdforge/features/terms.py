@@ -34,6 +34,10 @@ from kdforge.features.losses import (
     hidden_mse,
     value_relation_kl,
 )
+from kdforge.features.nd import ClassMeans, nd_loss
+from kdforge.features.nd import embedding as nd_embedding
+from kdforge.features.modules import make_projector
+from kdforge.features.ofa import OFAHead, ofa_loss, ofa_targets
 from kdforge.features.taps import (
     FeatureRequest,
     Features,
@@ -53,7 +57,7 @@ __all__ = ["EXTRAS_KEY", "FEATURE_LOSSES", "FeatureLossDef", "FeatureTerms", "bu
 EXTRAS_KEY = "features"
 
 LayerField = Literal["auto", "uniform", "last", "kept"] | list[int] | dict[int, int]
-Kind = Literal["hint", "cka", "attention", "value"]
+Kind = Literal["hint", "cka", "attention", "value", "nd", "ofa", "trg"]
 
 
 # -- parameters (what a YAML `params:` may hold) ------------------------------------------------
@@ -114,6 +118,28 @@ class ValueRelationParams(_Tapped):
     causal: bool | None = Field(None, description="relations to past tokens only (default: true for causal LMs)")
 
 
+class NDParams(StrictModel):
+    """``nd`` (classifiers: taps by module path)."""
+
+    student_modules: list[str] = Field(min_length=1, max_length=1, description="the student's penultimate "
+                                       "module (its embedding; a conv map is average-pooled)")
+    teacher_modules: list[str] = Field(min_length=1, max_length=1, description="the teacher's penultimate module")
+    num_classes: int | None = Field(None, ge=2, description="default: out_features of the teacher's last Linear")
+    projector: Literal["auto", "linear", "identity"] = Field(
+        "auto", description="student embedding -> teacher width (auto: identity when widths match)")
+    unlabeled: Literal["teacher", "skip"] = Field(
+        "teacher", description="samples without a label: use the teacher's predicted class, or leave them out")
+
+
+class OFAParams(StrictModel):
+    """``ofa`` (classifiers: taps by module path)."""
+
+    student_modules: list[str] = Field(min_length=1, description="student stages, one learned logit head each")
+    num_classes: int | None = Field(None, ge=2, description="default: out_features of the teacher's last Linear")
+    gamma: float = Field(1.0, ge=1.0, description="modulating exponent of the target class (1: plain KD)")
+    temperature: float = Field(1.0, gt=0.0)
+
+
 @dataclass(frozen=True)
 class FeatureLossDef:
     """A registered feature loss: the pure function, what it reads and its parameter model."""
@@ -137,6 +163,10 @@ FEATURE_LOSSES.add("value_relation_kl", FeatureLossDef(value_relation_kl, "value
                    "MiniLM(v2): KL between softmax(V V^T / sqrt(d)) value relations, any head counts")
 FEATURE_LOSSES.add("cka", FeatureLossDef(cka_loss, "cka", CKAParams),
                    "1 - linear CKA between student and teacher hidden states (widths may differ)")
+FEATURE_LOSSES.add("nd", FeatureLossDef(nd_loss, "nd", NDParams),
+                   "ND: student embedding toward the teacher's class-mean direction, its norm up to the teacher's")
+FEATURE_LOSSES.add("ofa", FeatureLossDef(ofa_loss, "ofa", OFAParams),
+                   "OFA-KD: learned heads map student stages to logits, distilled with adaptive target enhancement")
 
 
 # -- plans ---------------------------------------------------------------------------------------
@@ -146,9 +176,9 @@ class _Plan:
     name: str
     kind: Kind
     source: Literal["hidden_states", "attentions", "modules"]
-    pairs: tuple[tuple[int | str, int | str], ...]
+    pairs: tuple[tuple[int | str, int | str | None], ...]  # teacher None: nothing tapped on the teacher (ofa)
     params: StrictModel
-    projectors: tuple[str | None, ...]  # key in FeatureTerms.projectors per pair, None = identity
+    projectors: tuple[str | None, ...]  # key in FeatureTerms.projectors per pair, None = identity (ofa: its head)
 
 
 def _config(model: nn.Module) -> Any:
@@ -166,24 +196,62 @@ def _hidden_width(model: nn.Module) -> int:
     raise ConfigError(f"cannot tell the hidden width of {type(model).__name__}", "use projector: identity")
 
 
-def _module_width(model: nn.Module, path: str) -> int:
-    """Channel/feature width of a module's output, from its attributes (no forward pass)."""
+def _own_width(m: nn.Module) -> int | None:
+    for attr in ("out_features", "out_channels", "num_features", "embedding_dim"):
+        value = getattr(m, attr, None)
+        if isinstance(value, int):
+            return value
+    shape = getattr(m, "normalized_shape", None)
+    return int(shape[-1]) if shape else None
+
+
+def _width_source(model: nn.Module, path: str) -> nn.Module | None:
+    """The module whose attributes tell the width of ``path``'s output: itself, the last such module
+    inside it (a Sequential), or, for a shape-keeping module of a Sequential (activation, dropout,
+    pooling), the nearest such module before it (a Flatten in between: unknown)."""
     module = resolve_module(model, path)
     candidates = [module]
     if isinstance(module, nn.Sequential | nn.ModuleList):
         candidates = list(reversed(list(module.modules())))
     for m in candidates:
-        for attr in ("out_features", "out_channels", "num_features", "embedding_dim"):
-            value = getattr(m, attr, None)
-            if isinstance(value, int):
-                return value
-        shape = getattr(m, "normalized_shape", None)
-        if shape:
-            return int(shape[-1])
+        if _own_width(m) is not None:
+            return m
+    parent_path, _, index = path.rpartition(".")
+    if index.isdigit():
+        parent = resolve_module(model, parent_path) if parent_path else model
+        if isinstance(parent, nn.Sequential):
+            for sibling in reversed(list(parent)[: int(index)]):
+                for m in reversed(list(sibling.modules())):
+                    if isinstance(m, nn.Flatten | nn.Unflatten):
+                        return None
+                    if _own_width(m) is not None:
+                        return m
+    return None
+
+
+def _module_width(model: nn.Module, path: str) -> int:
+    """Channel/feature width of a module's output, from its attributes (no forward pass)."""
+    source = _width_source(model, path)
+    if source is not None:
+        return int(_own_width(source))  # type: ignore[arg-type]
     if re.search(r"\.\d+$", path):  # a transformer block: its output has the hidden width
         return _hidden_width(model)
+    module = resolve_module(model, path)
     raise ConfigError(f"cannot tell the output width of module {path!r} ({type(module).__name__}) for a projector",
                       "tap a Linear/Conv/Norm module, or set projector: identity when the widths match")
+
+
+def _num_classes(model: nn.Module, given: int | None) -> int:
+    """``given``, else the model's ``config.num_labels``, else the out_features of its last Linear."""
+    if given is not None:
+        return given
+    value = getattr(_config(model), "num_labels", None)
+    if isinstance(value, int) and value > 1:
+        return value
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return int(linears[-1].out_features)
+    raise ConfigError(f"cannot tell how many classes {type(model).__name__} predicts", "set params.num_classes")
 
 
 def _kv_heads(model: nn.Module) -> int | None:
@@ -206,13 +274,16 @@ class FeatureTerms(nn.Module):
     task what to capture (:attr:`student_request`, :attr:`teacher_request`) and computes every
     term from the captured :class:`~kdforge.features.taps.Features`. Its only parameters are the
     projectors (``projectors[<term>_<pair>]``, ``nn.Linear(H_s, H_t)``, applied to the student
-    side on the first feature axis).
+    side on the first feature axis) and the OFA heads (``projectors[<ofa term>_<stage>]``); its
+    buffers are the ND class means (``states[<nd term>]``, updated in training mode).
     """
 
-    def __init__(self, plans: Sequence[_Plan], projectors: Mapping[str, nn.Module]) -> None:
+    def __init__(self, plans: Sequence[_Plan], projectors: Mapping[str, nn.Module],
+                 states: Mapping[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.plans = list(plans)
         self.projectors = nn.ModuleDict(dict(projectors))
+        self.states = nn.ModuleDict(dict(states or {}))
 
     @property
     def keys(self) -> list[str]:
@@ -223,7 +294,8 @@ class FeatureTerms(nn.Module):
         for p in self.plans:
             req = req | FeatureRequest(
                 hidden_states=p.source == "hidden_states", attentions=p.source == "attentions",
-                modules=tuple(str(pair[side]) for pair in p.pairs) if p.source == "modules" else ())
+                modules=tuple(str(pair[side]) for pair in p.pairs if pair[side] is not None)
+                if p.source == "modules" else ())
         return req
 
     @property
@@ -250,8 +322,16 @@ class FeatureTerms(nn.Module):
             return proj(x)
         return proj(x.movedim(feature_axis, -1)).movedim(-1, feature_axis)
 
+    def set_class_means(self, key: str, means: torch.Tensor) -> None:
+        """Replace the running class means of ND term ``key`` with precomputed ``[K, D]`` teacher
+        means (:func:`kdforge.features.nd.class_means`); later training batches refine them."""
+        if _safe(key) not in self.states:
+            raise ConfigError(f"no nd term {key!r} (nd terms: {list(self.states)})", "pass the key of an nd term")
+        self.states[_safe(key)].set(means)  # type: ignore[operator]
+
     def forward(self, student: Features, teacher: Features, mask: torch.Tensor, *,
-                key_mask: torch.Tensor | None = None, causal: bool = False) -> dict[str, torch.Tensor]:
+                key_mask: torch.Tensor | None = None, causal: bool = False, labels: torch.Tensor | None = None,
+                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Each term summed over real positions, averaged over its layer pairs.
 
         Args:
@@ -260,6 +340,8 @@ class FeatureTerms(nn.Module):
             mask: ``[*P]`` bool, the real positions of the features (``[B, T]`` tokens, ``[B]`` samples).
             key_mask: ``[B, T]`` bool, tokens that exist (attention mask), for relations.
             causal: decoder model (value relations to past tokens only, unless the term says).
+            labels: ``[B]`` class labels (``-100``: none), for ``nd`` and ``ofa``.
+            teacher_logits: ``[B, K]`` dense teacher logits, for ``ofa`` (and ``nd``'s unlabelled samples).
 
         Returns:
             ``{term key: scalar}`` (float32, graph attached to student and projectors).
@@ -269,9 +351,11 @@ class FeatureTerms(nn.Module):
             total: torch.Tensor | None = None
             for (s_ref, t_ref), proj in zip(plan.pairs, plan.projectors):
                 s = student.get(plan.source, s_ref)
-                t = teacher.get(plan.source, t_ref).to(s.device)
+                t = teacher.get(plan.source, t_ref).to(s.device) if t_ref is not None else s
                 m = mask.to(s.device)
-                if plan.kind == "hint":
+                if plan.kind in ("nd", "ofa"):
+                    value = self._classwise(plan, proj, s, t, m, labels, teacher_logits)
+                elif plan.kind == "hint":
                     extra = {"normalize": True} if getattr(plan.params, "normalize", False) else {}
                     value = FEATURE_LOSSES.get(plan.name).fn(self.project(s, proj, m.dim()), t, m, reduction="sum",
                                                              **extra)
@@ -288,6 +372,42 @@ class FeatureTerms(nn.Module):
             assert total is not None
             out[plan.key] = total / len(plan.pairs)
         return out
+
+    def _classwise(self, plan: _Plan, proj: str | None, s: torch.Tensor, t: torch.Tensor, m: torch.Tensor,
+                   labels: torch.Tensor | None, teacher_logits: torch.Tensor | None) -> torch.Tensor:
+        """``nd`` / ``ofa`` on one tapped pair (classifier batches: one position per sample)."""
+        if m.dim() != 1:
+            raise ConfigError(f"term {plan.key!r} ({plan.name}) is for classifiers (one position per sample), "
+                              f"got positions of shape {tuple(m.shape)}", "use it with ClassificationTask batches")
+        if teacher_logits is not None and not torch.is_tensor(teacher_logits):
+            teacher_logits = None  # a sparse (top-k) teacher: no dense logits
+        if plan.kind == "ofa":
+            if teacher_logits is None:
+                raise ConfigError(f"term {plan.key!r} (ofa) needs the teacher's dense logits [B, K]",
+                                  "train it with an online teacher or cached dense logits of a classifier")
+            p: OFAParams = plan.params  # type: ignore[assignment]
+            head = self.projectors[str(proj)]
+            logits = head(s.to(head.fc.weight.dtype))  # type: ignore[union-attr]
+            target = ofa_targets(labels, teacher_logits)
+            return ofa_loss(logits, teacher_logits.to(logits.device), target, m, gamma=p.gamma,
+                            temperature=p.temperature, reduction="sum")
+        q: NDParams = plan.params  # type: ignore[assignment]
+        classes = torch.full(m.shape, -100, dtype=torch.long, device=m.device)
+        if labels is not None:
+            classes = labels.to(m.device).long()
+        if q.unlabeled == "teacher":
+            if teacher_logits is None and (labels is None or bool((classes < 0).any())):
+                raise ConfigError(f"term {plan.key!r} (nd): samples without a label and no dense teacher logits",
+                                  "set params.unlabeled: skip, or label every sample")
+            if teacher_logits is not None:
+                classes = torch.where(classes >= 0, classes, teacher_logits.argmax(-1).to(m.device))
+        state: ClassMeans = self.states[_safe(plan.key)]  # type: ignore[assignment]
+        t_emb = nd_embedding(t)
+        if self.training:
+            keep = m & (classes >= 0)
+            state.update(t_emb[keep], classes[keep])
+        s_emb = self.project(nd_embedding(s), proj, 1)
+        return nd_loss(s_emb, t_emb, state.means.to(s_emb.device), classes, m, reduction="sum")
 
     def extra_repr(self) -> str:
         return "; ".join(f"{p.key}: {p.source} {list(p.pairs)}" for p in self.plans)
@@ -308,10 +428,17 @@ def build_feature_terms(terms: Sequence[tuple[str, str, Mapping[str, Any] | Stri
     """
     plans: list[_Plan] = []
     projectors: dict[str, nn.Module] = {}
+    states: dict[str, nn.Module] = {}
     device = next((p.device for p in student.parameters()), torch.device("cpu"))
     for key, name, raw in terms:
         spec = FEATURE_LOSSES.get(name)
         params = raw if isinstance(raw, StrictModel) else spec.validate_params(raw)
+        if spec.kind in ("nd", "ofa"):
+            plan, made, state = _classwise_plan(key, name, spec.kind, params, student, teacher, device)
+            plans.append(plan)
+            projectors.update(made)
+            states.update(state)
+            continue
         tapped = getattr(params, "student_modules", None)
         s_layers = t_layers = 0
         if not tapped:
@@ -370,4 +497,35 @@ def build_feature_terms(terms: Sequence[tuple[str, str, Mapping[str, Any] | Stri
             projectors[pkey] = proj.to(device)
             proj_keys.append(pkey)
         plans.append(_Plan(key, name, spec.kind, source, tuple(pairs), params, tuple(proj_keys)))
-    return FeatureTerms(plans, projectors)
+    return FeatureTerms(plans, projectors, states)
+
+
+def _classwise_plan(key: str, name: str, kind: Kind, params: Any, student: nn.Module, teacher: nn.Module,
+                    device: torch.device) -> tuple[_Plan, dict[str, nn.Module], dict[str, nn.Module]]:
+    """``nd``: one (student, teacher) embedding pair, a projector where widths differ, the class-mean
+    buffers; ``ofa``: one learned logit head per student stage, nothing tapped on the teacher."""
+    num_classes = _num_classes(teacher, params.num_classes)
+    if kind == "ofa":
+        pairs: list[tuple[int | str, int | str | None]] = []
+        heads: dict[str, nn.Module] = {}
+        for i, path in enumerate(params.student_modules):
+            source = _width_source(student, path)
+            if source is None:
+                raise ConfigError(f"term {key!r}: cannot tell the output width of student module {path!r} for its "
+                                  "OFA head", "tap a Conv/Linear/Norm module (or an activation right after one)")
+            conv = isinstance(source, nn.Conv2d | nn.BatchNorm2d)
+            heads[f"{_safe(key)}_{i}"] = OFAHead(int(_own_width(source)), num_classes, conv=conv).to(device)  # type: ignore[arg-type]
+            pairs.append((path, None))
+        return _Plan(key, name, kind, "modules", tuple(pairs), params, tuple(heads)), heads, {}
+    s_path, t_path = params.student_modules[0], params.teacher_modules[0]
+    ws, wt = _module_width(student, s_path), _module_width(teacher, t_path)
+    if params.projector == "identity" and ws != wt:
+        raise ConfigError(f"term {key!r}: projector identity, but the student embedding width {ws} differs from "
+                          f"the teacher's {wt}", "use projector: linear (or auto)")
+    made: dict[str, nn.Module] = {}
+    proj_key = None
+    if params.projector == "linear" or (params.projector == "auto" and ws != wt):
+        proj_key = f"{_safe(key)}_0"
+        made[proj_key] = make_projector(ws, wt, "linear").to(device)
+    plan = _Plan(key, name, kind, "modules", ((s_path, t_path),), params, (proj_key,))
+    return plan, made, {_safe(key): ClassMeans(num_classes, wt).to(device)}

@@ -163,8 +163,10 @@ class Task:
 
     def feature_terms(self, features: nn.Module, out: TaskOutput, signal: TeacherSignal,
                       batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Each feature term, summed over real positions, from both models' captured features."""
-        return features(out.student_features, signal.features, out.mask)
+        """Each feature term, summed over real positions, from both models' captured features (labels and
+        dense teacher logits passed on for the class-wise terms ``nd`` / ``ofa``)."""
+        dense = out.teacher if torch.is_tensor(out.teacher) else None
+        return features(out.student_features, signal.features, out.mask, labels=out.labels, teacher_logits=dense)
 
     def forward(self, student: nn.Module, teacher: Any, batch: Mapping[str, Any], *,
                 extras: Mapping[str, nn.Module] | None = None, chunked: bool = False) -> TaskOutput:

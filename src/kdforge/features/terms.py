@@ -34,9 +34,9 @@ from kdforge.features.losses import (
     hidden_mse,
     value_relation_kl,
 )
+from kdforge.features.modules import make_projector
 from kdforge.features.nd import ClassMeans, nd_loss
 from kdforge.features.nd import embedding as nd_embedding
-from kdforge.features.modules import make_projector
 from kdforge.features.ofa import OFAHead, ofa_loss, ofa_targets
 from kdforge.features.taps import (
     FeatureRequest,

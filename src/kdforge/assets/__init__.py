@@ -24,6 +24,7 @@ ASSET_MODULES: dict[str, str] = {
     "austen": "kdforge.assets.austen",
     "rotten-tomatoes": "kdforge.assets.rotten_tomatoes",
     "austen-chat": "kdforge.assets.austen_chat",  # derived from austen: chat rows (messages)
+    "mixed-domains": "kdforge.assets.mixed_domains",  # austen/reviews/headlines/speeches rows with a domain
     "all-minilm-l6-v2": "kdforge.assets.minilm",  # sentence encoder, 22.7M (student side)
     "all-mpnet-base-v2": "kdforge.assets.mpnet",  # sentence encoder, 110M (teacher side), ~400 MB
 }

@@ -179,6 +179,9 @@ PRESETS: dict[str, Preset] = {
     "austen-chat": Preset("austen-chat", "Austen paragraph continuations as user/assistant chats; validation = "
                           "Persuasion (chat)", _asset_folder("austen-chat"),
                           {"train": "train.jsonl", "validation": "validation.jsonl"}),
+    "mixed-domains": Preset("mixed-domains", "four text domains (austen, reviews, headlines, speeches), one "
+                            "'domain' column; 800 train + 100 validation rows each, interleaved (text)",
+                            _asset_folder("mixed-domains"), {"train": "train.jsonl", "validation": "validation.jsonl"}),
     "fashion-mnist": Preset("fashion-mnist", "Zalando's 28x28 clothing images with 10 classes (image, label)",
                             _asset_folder("fashion-mnist"), {}, reader=_fashion_mnist_splits),
 }

@@ -69,8 +69,13 @@ class FidelityAccumulator:
         mask: torch.Tensor | None = None,
     ) -> None:
         """Add one batch: logits ``[batch, seq, vocab]`` (or ``[N, vocab]``), mask ``[batch, seq]``."""
-        per = fidelity_per_position(student_logits, teacher, chunk_size=self.chunk_size)
-        m = _resolve_mask(mask, student_logits.shape[:-1], student_logits.device)
+        self.add(fidelity_per_position(student_logits, teacher, chunk_size=self.chunk_size), mask)
+
+    def add(self, per: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> None:
+        """Add per-position values already computed (:func:`fidelity_per_position`, each ``[batch, seq]``
+        or ``[N]``), so that several accumulators (all positions, one domain) share one pass."""
+        ref = per[FIDELITY_KEYS[0]]
+        m = _resolve_mask(mask, ref.shape, ref.device)
         mf = m.float()
         if mf.dim() == 1:
             mf = mf.unsqueeze(-1)

@@ -34,7 +34,7 @@ import torch
 from kdforge.constants import IGNORE_INDEX
 from kdforge.errors import ConfigError, DataError, ShapeError
 from kdforge.eval.classification import ReliabilityBins
-from kdforge.eval.fidelity import FidelityAccumulator
+from kdforge.eval.fidelity import FidelityAccumulator, fidelity_per_position
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,12 @@ class LMAccumulator:
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add aligned ``[batch, seq, vocab]`` logits and ``[batch, seq]`` labels (-100 ignored)."""
-        ll, conf, corr = token_logprobs(logits, labels, chunk_size=self.chunk_size)
+        self.add(token_logprobs(logits, labels, chunk_size=self.chunk_size), labels)
+
+    def add(self, scored: tuple[torch.Tensor, torch.Tensor, torch.Tensor], labels: torch.Tensor) -> None:
+        """Add :func:`token_logprobs`' ``(loglik, confidence, correct)`` already computed, so that
+        several accumulators (all positions, one domain) share one pass over the vocabulary."""
+        ll, conf, corr = scored
         real = labels != IGNORE_INDEX
         self.loglik_sum += float(ll[real].double().sum())
         self.n_tokens += int(real.sum())
@@ -703,10 +708,11 @@ def evaluate_language_models(
                 logits = logits[..., :vocab_size]
             s_logits, labels = shift_for_next_token(logits, kwargs["input_ids"], kwargs.get("attention_mask"),
                                                     batch.get("labels"))
-            lm_acc[name].update(s_logits, labels)
+            scored = token_logprobs(s_logits, labels, chunk_size=chunk_size)  # once per batch
+            lm_acc[name].add(scored, labels)
             if domain is not None:
-                dom_lm[name].setdefault(str(domain), LMAccumulator(n_bins=n_bins, chunk_size=chunk_size)).update(
-                    s_logits, labels)
+                dom_lm[name].setdefault(str(domain), LMAccumulator(n_bins=n_bins, chunk_size=chunk_size)).add(
+                    scored, labels)
             if name == teacher:
                 t_logits = s_logits
             elif t_logits is not None:
@@ -722,10 +728,11 @@ def evaluate_language_models(
                     t_cmp, s_cmp = t_logits[..., :v], s_logits[..., :v]
                 else:
                     t_cmp, s_cmp = t_logits, s_logits
-                fid_acc[name].update(s_cmp, t_cmp.to(s_cmp.device), labels != IGNORE_INDEX)
+                per = fidelity_per_position(s_cmp, t_cmp.to(s_cmp.device), chunk_size=chunk_size)  # once per batch
+                fid_acc[name].add(per, labels != IGNORE_INDEX)
                 if domain is not None:
-                    dom_fid[name].setdefault(str(domain), FidelityAccumulator(chunk_size=chunk_size)).update(
-                        s_cmp, t_cmp.to(s_cmp.device), labels != IGNORE_INDEX)
+                    dom_fid[name].setdefault(str(domain), FidelityAccumulator(chunk_size=chunk_size)).add(
+                        per, labels != IGNORE_INDEX)
             del logits, s_logits
     if n_batches == 0:
         raise DataError("no evaluation batches", "pass non-empty evaluation data")

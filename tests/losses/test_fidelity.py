@@ -33,3 +33,22 @@ def test_a_sampled_tail_teacher_counts_by_its_exact_top_k_entries():
         torch.testing.assert_close(per[key], top[key])
         assert torch.isfinite(per[key]).all()
     assert float(per["js_to_teacher"].max()) <= math.log(2) + 1e-6
+
+
+def test_the_dense_fast_path_equals_the_safe_kernels_also_with_peaked_and_masked_logits():
+    from kdforge.losses.divergences import fkl_kernel, gjsd_kernel, rkl_kernel
+    from kdforge.losses.fidelity import _dense_divergences, fidelity_chunk
+
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(16, 50, generator=g) * 30, torch.randn(16, 50, generator=g) * 30  # near one-hot rows
+    logq, logp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    fast = _dense_divergences(logq, logp)
+    torch.testing.assert_close(fast["kl_to_teacher"], fkl_kernel(logq, logp, safe=True))
+    torch.testing.assert_close(fast["kl_from_teacher"], rkl_kernel(logq, logp, safe=True))
+    torch.testing.assert_close(fast["js_to_teacher"], gjsd_kernel(logq, logp, 0.5, safe=True))
+    t_masked = t.clone()
+    t_masked[:, :10] = -math.inf  # zero-probability teacher entries: the safe path answers
+    out = fidelity_chunk(s, t_masked)
+    assert torch.isfinite(out["kl_to_teacher"]).all() and torch.isfinite(out["js_to_teacher"]).all()
+    torch.testing.assert_close(out["kl_to_teacher"], forward_kl(s, t_masked, reduction="none"))
+    torch.testing.assert_close(out["js_to_teacher"], jsd(s, t_masked, reduction="none"))

@@ -1,4 +1,4 @@
-"""Feature and relation distillation: hints (FitNets), attention/value relations (MiniLM), CKA, ND, OFA-KD.
+"""Feature and relation distillation: hints (FitNets), attention/value relations (MiniLM), CKA, TRG, ND, OFA-KD.
 
 Where is ...?
 
@@ -8,7 +8,7 @@ Where is ...?
 * capturing intermediate outputs (``output_hidden_states`` / forward hooks) and layer maps -> :mod:`.taps`
 * per-layer linear CKA between a student and its teacher (a diagnostic) -> :mod:`.diagnostics`
 * ND (norm and direction toward the teacher's class means) -> :mod:`.nd`; OFA-KD (logit heads on
-  student stages, adaptive target enhancement) -> :mod:`.ofa`
+  student stages, adaptive target enhancement) -> :mod:`.ofa`; TRG (token relationship graphs) -> :mod:`.trg`
 * the objective terms (registry :data:`FEATURE_LOSSES`, validated params, :class:`FeatureTerms`)
   -> :mod:`.terms`
 
@@ -56,6 +56,7 @@ from kdforge.features.taps import (
     value_modules,
 )
 from kdforge.features.terms import FEATURE_LOSSES, FeatureLossDef, FeatureTerms, build_feature_terms
+from kdforge.features.trg import knn_graph, trg_contextual, trg_global, trg_local, trg_loss
 
 __all__ = [
     "AttentionKL",
@@ -79,6 +80,7 @@ __all__ = [
     "class_means",
     "cosine_hidden",
     "hidden_mse",
+    "knn_graph",
     "layer_map",
     "layer_similarity",
     "linear_cka",
@@ -89,6 +91,10 @@ __all__ = [
     "ofa_targets",
     "relation_matrix",
     "source_layers",
+    "trg_contextual",
+    "trg_global",
+    "trg_local",
+    "trg_loss",
     "use_eager_attention",
     "value_modules",
     "value_relation_kl",

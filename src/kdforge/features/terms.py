@@ -48,6 +48,7 @@ from kdforge.features.taps import (
     use_eager_attention,
     value_modules,
 )
+from kdforge.features.trg import trg_loss
 from kdforge.registry import Registry
 
 __all__ = ["EXTRAS_KEY", "FEATURE_LOSSES", "FeatureLossDef", "FeatureTerms", "build_feature_terms"]
@@ -118,6 +119,25 @@ class ValueRelationParams(_Tapped):
     causal: bool | None = Field(None, description="relations to past tokens only (default: true for causal LMs)")
 
 
+class TRGParams(HintParams):
+    """``trg``."""
+
+    layers: LayerField = "last"
+    k: int = Field(8, ge=1, description="neighbours per token in the k-NN graph")
+    sigma: float | Literal["auto"] = Field(
+        "auto", description="Gaussian edge width; auto: the mean squared token distance of each sample")
+    local_weight: float = Field(1.0, ge=0.0, description="weight of the local preserving (graph) KL")
+    contextual_weight: float = Field(1.0, ge=0.0, description="weight of the contextual (inner-instance) MSE")
+    global_weight: float = Field(1.0, ge=0.0, description="weight of the token InfoNCE (needs the projector)")
+    global_temperature: float = Field(0.1, gt=0.0, description="InfoNCE temperature")
+
+    @model_validator(mode="after")
+    def _sigma(self) -> TRGParams:
+        if self.sigma != "auto" and self.sigma <= 0:
+            raise ValueError("sigma must be positive or auto")
+        return self
+
+
 class NDParams(StrictModel):
     """``nd`` (classifiers: taps by module path)."""
 
@@ -163,6 +183,8 @@ FEATURE_LOSSES.add("value_relation_kl", FeatureLossDef(value_relation_kl, "value
                    "MiniLM(v2): KL between softmax(V V^T / sqrt(d)) value relations, any head counts")
 FEATURE_LOSSES.add("cka", FeatureLossDef(cka_loss, "cka", CKAParams),
                    "1 - linear CKA between student and teacher hidden states (widths may differ)")
+FEATURE_LOSSES.add("trg", FeatureLossDef(trg_loss, "trg", TRGParams),
+                   "TRG: per-sample token graphs (k-NN Gaussian KL + contextual MSE) and a token InfoNCE")
 FEATURE_LOSSES.add("nd", FeatureLossDef(nd_loss, "nd", NDParams),
                    "ND: student embedding toward the teacher's class-mean direction, its norm up to the teacher's")
 FEATURE_LOSSES.add("ofa", FeatureLossDef(ofa_loss, "ofa", OFAParams),
@@ -359,6 +381,8 @@ class FeatureTerms(nn.Module):
                     extra = {"normalize": True} if getattr(plan.params, "normalize", False) else {}
                     value = FEATURE_LOSSES.get(plan.name).fn(self.project(s, proj, m.dim()), t, m, reduction="sum",
                                                              **extra)
+                elif plan.kind == "trg":
+                    value = self._trg(plan, proj, s, t, m)
                 elif plan.kind == "cka":
                     value = cka_loss(s, t, m, reduction="sum")
                 elif plan.kind == "attention":
@@ -372,6 +396,28 @@ class FeatureTerms(nn.Module):
             assert total is not None
             out[plan.key] = total / len(plan.pairs)
         return out
+
+    def _trg(self, plan: _Plan, proj: str | None, s: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """TRG on one pair: tokens ``[B, T, H]`` with a ``[B, T]`` mask, or a conv map ``[B, C, H, W]``
+        with a ``[B]`` mask (its ``H·W`` positions are the tokens; a sample counts the mean over them)."""
+        p: TRGParams = plan.params  # type: ignore[assignment]
+        per_sample = m.dim() == 1
+        if per_sample:
+            if s.dim() < 3:
+                raise ConfigError(f"term {plan.key!r} (trg) needs tokens: a [B, T, H] or [B, C, H, W] feature, got "
+                                  f"{tuple(s.shape)}", "tap a layer with positions (hidden states, a conv stage)")
+            s, t = s.flatten(2).transpose(1, 2), t.flatten(2).transpose(1, 2)
+            tokens_mask = m[:, None].expand(s.shape[0], s.shape[1])
+        else:
+            tokens_mask = m
+        projected = self.project(s, proj, 2) if p.global_weight else None
+        per_token = trg_loss(s, t, tokens_mask, projected=projected, k=p.k, sigma=p.sigma,
+                             local_weight=p.local_weight, contextual_weight=p.contextual_weight,
+                             global_weight=p.global_weight, global_temperature=p.global_temperature,
+                             reduction="none")
+        if per_sample:
+            return (per_token.mean(1) * m).sum()
+        return per_token.sum()
 
     def _classwise(self, plan: _Plan, proj: str | None, s: torch.Tensor, t: torch.Tensor, m: torch.Tensor,
                    labels: torch.Tensor | None, teacher_logits: torch.Tensor | None) -> torch.Tensor:
@@ -445,7 +491,7 @@ def build_feature_terms(terms: Sequence[tuple[str, str, Mapping[str, Any] | Stri
             s_layers, t_layers = num_layers(student), num_layers(teacher)
         kept = source_layers(student)
         layers = getattr(params, "layers", "last")
-        if spec.kind in ("hint", "cka"):
+        if spec.kind in ("hint", "cka", "trg"):
             if tapped:
                 source, pairs = "modules", list(zip(tapped, params.teacher_modules))  # type: ignore[attr-defined]
                 for s_path, t_path in pairs:
@@ -473,7 +519,7 @@ def build_feature_terms(terms: Sequence[tuple[str, str, Mapping[str, Any] | Stri
                 params = params.model_copy(update={"relation_heads": math.gcd(hs, ht) if hs and ht else 1})
         proj_keys: list[str | None] = []
         for i, (s_ref, t_ref) in enumerate(pairs):
-            if spec.kind != "hint":
+            if spec.kind not in ("hint", "trg") or (spec.kind == "trg" and not params.global_weight):  # type: ignore[attr-defined]
                 proj_keys.append(None)
                 continue
             if source == "modules":

@@ -250,3 +250,43 @@ def test_ofa_training_lowers_every_heads_loss_and_trains_the_heads():
     assert not torch.equal(before_w, heads["ofa_1"].fc.weight)
     after = distiller.evaluate()["eval/loss/ofa"]
     assert after < 0.8 * before, (before, after)
+
+
+def test_nd_skip_leaves_unlabelled_samples_out_and_precomputed_means_are_used():
+    torch.manual_seed(0)
+    student, teacher = Net(4), Net(8)
+    skip = {**ND, "params": {**ND["params"], "unlabeled": "skip"}}
+    extras = Objective([skip]).bind(student, teacher)
+    terms = extras["features"]
+    data = Images(8, unlabelled=3)
+    batch = {"inputs": data.x, "labels": data.labels}
+    means = torch.randn(3, 16)
+    terms.set_class_means("nd", means)
+    terms.eval()  # no update: the precomputed means alone
+    value = ClassificationTask().forward(student, teacher, batch, extras=extras).extra_terms["nd"]
+    s = terms.projectors["nd_0"](student.body(data.x).mean((2, 3)))
+    t = teacher.head[:4](teacher.body(data.x))
+    expected = nd_loss(s, t, means, data.labels, reduction="sum")  # -100: left out
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.equal(terms.states["nd"].counts, torch.ones(3))
+    with pytest.raises(ConfigError, match="no nd term"):
+        terms.set_class_means("ofa", means)
+
+
+def test_nd_class_means_are_checkpointed_and_restored_on_resume(tmp_path):
+    from safetensors.torch import load_file
+
+    def run(steps):
+        torch.manual_seed(0)
+        teacher, student = Net(8), Net(4)
+        return Distiller(student, teacher, task=ClassificationTask(),
+                         objective=Objective([{"name": "cross_entropy", "weight": 1.0}, ND]),
+                         config=TrainConfig(max_steps=steps, batch_size=8, lr=1e-2, progress=False, save_every=2,
+                                            output_dir=str(tmp_path)), train_data=Images())
+
+    run(2).train()
+    saved = load_file(tmp_path / "checkpoints" / "step-2" / "extras.safetensors")
+    assert saved["features.states.nd.counts"].sum().item() == 16
+    resumed = run(3)
+    resumed.train(resume=True)
+    assert resumed.extras["features"].states["nd"].counts.sum().item() == 24

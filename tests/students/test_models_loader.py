@@ -173,8 +173,9 @@ def test_vocabularies_that_do_not_align(folders, tmp_path):
     bad_tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="<eos>")
     _byo.llama(tmp_path / "alien", hidden=16, layers=2, seed=2, tok=bad_tok)
     spec = StudentSpec(kind="pretrained", model=str(tmp_path / "alien"))
-    with pytest.raises(VocabMismatchError, match="tokenizers differ"):
+    with pytest.raises(VocabMismatchError, match="tokenizers differ") as exc:
         check_student(spec, ModelSource(model=str(folders[0])), tok)
+    assert "cross_tokenizer_kd" in exc.value.fix  # the recipe a YAML user can switch to
     # a tokenizer that extends the teacher's: only with shared_prefix
     _byo.llama(tmp_path / "extended", hidden=16, layers=2, seed=2, tok=_byo.tokenizer(extra_words=5))
     spec = StudentSpec(kind="pretrained", model=str(tmp_path / "extended"))

@@ -21,6 +21,10 @@ def test_registry_lookup_is_exact_and_suggests_closest_name():
         reg.get("forwrd_kl")
     with pytest.raises(ConfigError):
         reg.get("kl")  # no substring matching
+    reg.unregister("skew_forward_kl")
+    assert reg.names() == ["forward_kl"]
+    with pytest.raises(KeyError, match="not registered"):
+        reg.unregister("skew_forward_kl")
 
 
 class _Inner(StrictModel):
@@ -108,11 +112,13 @@ def test_kdforge_run_ends_by_writing_the_html_report_and_printing_its_path(tmp_p
             write_json_atomic(output_dir / "results.json", results)
             return results
 
-    if "toy_for_report" not in RECIPES:
-        RECIPES.add("toy_for_report", _Toy, "test recipe")
+    RECIPES.add("toy_for_report", _Toy, "test recipe")
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(f"recipe: toy_for_report\noutput_dir: {tmp_path / 'out'}\n")
-    assert main(["run", str(recipe)]) == 0
+    try:
+        assert main(["run", str(recipe)]) == 0
+    finally:  # the config reference and `recipes list` tests see only the shipped recipes
+        RECIPES.unregister("toy_for_report")
     html = tmp_path / "out" / "report" / "report.html"
     assert html.is_file()
     assert "student" in html.read_text()

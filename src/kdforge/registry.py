@@ -62,6 +62,12 @@ class Registry(Generic[T]):
         """Register ``obj`` without decorator syntax."""
         return self.register(name, description)(obj)
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (e.g. a plugin or a test's temporary entry); unknown names are an error."""
+        if name not in self._entries:
+            raise KeyError(f"{self.kind} {name!r} is not registered")
+        del self._entries[name]
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name].obj

@@ -11,9 +11,12 @@ for each chunk of positions ``c`` (masked positions are dropped before the LM he
      * a loss whose spec has a closed form (forward/reverse KL, generalised JSD, TVD, skew KLs)
        with a dense or head teacher, and cross-entropy: closed-form values and gradients in one
        pass (``LossSpec.kernel_for``, :mod:`kdforge.losses.closed_form`),
-     * every other loss, and a sparse (top-k) teacher: the *same* registered pure function as the
-       unchunked path under autograd (so every loss in :data:`~kdforge.losses.LOSSES` works, dense
-       or sparse teacher, with its masking),
+     * the same divergences with a sparse (top-k) teacher at T = 1 (or ``renormalize``): the
+       registered loss under autograd on the ``k + 1`` buckets only, the vocabulary-sized gradient
+       in closed form (:func:`_sparse_closed_form_chunk`),
+     * every other loss (and a sparse teacher otherwise): the *same* registered pure function as
+       the unchunked path under autograd (so every loss in :data:`~kdforge.losses.LOSSES` works,
+       dense or sparse teacher, with its masking),
   3. ``g`` immediately turned into ``dL/dh_c = g W`` and accumulated ``dL/dW += g^T h_c``
      (``dL/db += sum g``), then the chunk's arrays are freed.
 
@@ -35,7 +38,14 @@ from typing import Any
 import torch
 
 from kdforge.errors import ConfigError, ShapeError, VocabMismatchError
-from kdforge.losses._core import check_reduction, check_temperature, upcast, value_checks_enabled
+from kdforge.losses._core import (
+    _LOG_MASS_CAP,
+    check_reduction,
+    check_temperature,
+    log1mexp,
+    upcast,
+    value_checks_enabled,
+)
 from kdforge.losses.closed_form import FusedKernel, compiled_kernel, resolve_compile
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.spec import LossSpec, loss_spec
@@ -246,6 +256,88 @@ def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     return kd_val, ce_val, g, c_ce
 
 
+def sparse_closed_form_applies(spec: LossSpec, teacher: Any, vocab: int, temperature: float,
+                               params: dict[str, Any]) -> bool:
+    """Whether :func:`_sparse_closed_form_chunk` computes ``spec`` exactly for this sparse teacher.
+
+    It does for the divergences that have a dense closed form (they read the student only through
+    :func:`~kdforge.losses._core.distill`'s bucketed pair; no labels) when the student's bucketed
+    distribution is a function of its T = 1 probabilities: ``T == 1`` (every policy, sampled tails
+    too) or ``sparse_policy="renormalize"`` (any ``T``), and the top-k is smaller than the vocabulary.
+    """
+    if not isinstance(teacher, SparseTeacher) or spec.kernel is None or spec.needs_labels:
+        return False
+    if teacher.k >= vocab:
+        return False
+    policy = params.get("sparse_policy", spec.param_defaults.get("sparse_policy", "tail_bucket"))
+    return temperature == 1.0 or policy == "renormalize"
+
+
+def _sparse_closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, teacher: SparseTeacher,
+                              labels: torch.Tensor | None, loss_fn: Callable[..., torch.Tensor],
+                              loss_params: dict[str, Any], temperature: float, c_kd: float, c_ce: float,
+                              want_grad: bool, ws: _Workspace | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """KD (sparse top-k teacher) and CE sums of one chunk and ``G = d(c_kd KD + c_ce CE)/dz_s``.
+
+    The sparse losses see the student only through its bucketed distribution ``Q'`` over
+    ``k + 1`` buckets: the ``k`` teacher ids and the tail (every other token),
+    ``R = log Q' = [log q[ids], log(1 - sum_k q[ids])]``. So the registered loss runs under
+    autograd on ``R`` taken as the logits of a ``(k + 1)``-word vocabulary (``log_softmax(R) = R``,
+    the teacher's ids renumbered ``0..k-1``): same value, and ``g_R = dKD/dR`` for ``[r, k + 1]``
+    instead of an autograd pass over ``[r, V]``. The chain rule through
+    ``R_b = log sum_{v in b} q_v`` (with ``sum_b g_R,b = 0``, the loss being shift invariant in ``R``)
+    gives the vocabulary-sized gradient in closed form::
+
+        dKD/dz_v = g_R[j]                      if v = ids[j] (a real, non-padding entry)
+                 = q_v * g_R[tail] / Q'[tail]  otherwise
+
+    i.e. one scaling pass over ``q`` plus a ``k``-column scatter; the teacher is never densified.
+    Cross-entropy (T = 1) adds ``c_ce (q - onehot(y))`` on labelled rows into the same pass.
+    ``-inf`` padding entries get ``R = -inf`` (zero mass, zero gradient). Exact while the tail mass
+    exceeds the clamp of :func:`~kdforge.losses._core.sparse_pair` (``~1e-6``), as there.
+    """
+    if ws is not None:
+        logq = torch.ops.aten._log_softmax.out(ws.linear("z", h, w, b), -1, False, out=ws.get("z", h.shape[0]))
+    else:
+        logq = torch.log_softmax(upcast(torch.nn.functional.linear(h, w, b)), dim=-1)
+    ids = teacher.ids.long()
+    pad = torch.isneginf(upcast(teacher.logprobs))
+    a = logq.gather(1, ids).masked_fill_(pad, float("-inf"))
+    zero = logq.new_zeros(())
+    ce_val = zero
+    labelled = targets = None
+    if c_ce != 0:
+        labelled = labels != IGNORE_INDEX
+        targets = torch.where(labelled, labels, 0).long()
+        ce_val = _ce_sum(logq, None, targets, labelled)
+    q = logq.exp_()  # log q is no longer needed: q in the same buffer
+    del logq
+    tail = log1mexp(torch.logsumexp(a, dim=-1, keepdim=True).clamp(max=_LOG_MASS_CAP))
+    k = ids.shape[1]
+    red_ids = torch.arange(k, device=ids.device).expand_as(ids)
+    red_teacher = SparseTeacher(red_ids, teacher.logprobs, k + 1, teacher.num_exact)
+    reduced = torch.cat([a, tail], dim=1)
+    with torch.enable_grad():
+        reduced.requires_grad_(want_grad)
+        kd = loss_fn(reduced, red_teacher, temperature=temperature, reduction="sum", **loss_params)
+        g_r = torch.autograd.grad(kd, reduced)[0] if want_grad and kd.requires_grad else None
+    kd = kd.detach()
+    if g_r is None:
+        return kd, ce_val, None, 1.0
+    tail_coef = g_r[:, k:] * torch.exp(-tail)  # g_R[tail] / Q'[tail], [r, 1]
+    coef = tail_coef * c_kd
+    if c_ce != 0:
+        coef = coef + labelled.unsqueeze(1).to(coef.dtype) * c_ce
+    g = q.mul_(coef)  # every column as if in the tail (+ CE's q), in place
+    # the k teacher columns: c_kd * g_R[j] (+ CE's c_ce q) instead of c_kd * q * tail_coef
+    fix = (g_r[:, :k] - a.exp() * tail_coef).masked_fill_(pad, 0.0).mul_(c_kd)
+    g.scatter_add_(1, ids, fix)
+    if c_ce != 0:
+        g.scatter_add_(1, targets.unsqueeze(1), labelled.to(g.dtype).unsqueeze(1).mul_(-c_ce))
+    return kd, ce_val, g, 1.0
+
+
 def _ce_sum(logq: torch.Tensor, rows_idx: torch.Tensor | None, targets: torch.Tensor,
             labelled: torch.Tensor) -> torch.Tensor:
     """``-sum log q[y]`` over labelled rows: ``rows_idx`` given (value checks on) or by mask."""
@@ -401,8 +493,9 @@ def chunked_distillation_loss(
         closed_form: compute a loss whose spec has a closed form (forward/reverse KL,
             generalised JSD, TVD, skew KLs; dense or :class:`TeacherHead` teacher) and
             cross-entropy with their closed-form gradients in one pass
-            (``LossSpec.kernel_for``); False runs every loss under autograd per chunk (the path
-            every other loss and a ``SparseTeacher`` always take). Same results.
+            (``LossSpec.kernel_for``), and with a ``SparseTeacher`` where
+            :func:`sparse_closed_form_applies` (autograd on the ``k + 1`` buckets only); False runs
+            every loss under autograd per chunk (the path every other loss always takes). Same results.
         compile_kernels: run the closed forms through ``torch.compile`` (the same functions,
             fused loops; compiled once per process and closed form, dynamic row count; the first
             call pays the compilation, 10-50 s on a CPU). ``"auto"`` (default): where a compiler
@@ -463,7 +556,14 @@ def chunked_distillation_loss(
     if resolve_compile(compile_kernels, hidden.device) and kernel is not None:
         kernel = compiled_kernel(kernel) or kernel
     use_closed_form = closed_form and (kernel is not None or kd_scale == 0)
-    rows = (auto_chunk_size(vocab, n, hidden.device, closed_form=use_closed_form) if chunk_size == "auto"
+    # a sparse (top-k) teacher: closed-form vocabulary-sized gradient, autograd on k + 1 buckets only
+    sparse_cf = (closed_form and kd_scale != 0 and sparse_closed_form_applies(spec, teacher, vocab, temperature,
+                                                                              loss_params))
+    if sparse_cf and checks and teacher.ids.numel() and (int(teacher.ids.min()) < 0
+                                                         or int(teacher.ids.max()) >= vocab):
+        raise ShapeError(f"sparse teacher ids outside [0, {vocab})",
+                         "the cache was built with another tokenizer or vocabulary; rebuild it")
+    rows = (auto_chunk_size(vocab, n, hidden.device, closed_form=use_closed_form or sparse_cf) if chunk_size == "auto"
             else chunk_size)
     if not isinstance(rows, int) or rows < 1:
         raise ConfigError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}", "use chunk_size='auto' or e.g. 256")
@@ -498,7 +598,7 @@ def chunked_distillation_loss(
         kd_total = torch.zeros((), dtype=acc, device=h_all.device)
         ce_total = torch.zeros((), dtype=acc, device=h_all.device)
         ws = (_Workspace(min(rows, n), vocab, h_all.device)
-              if kernel is not None and h_all.device.type == "cpu" and h_all.dtype == w.dtype == torch.float32
+              if (kernel is not None or sparse_cf) and h_all.device.type == "cpu" and h_all.dtype == w.dtype == torch.float32
               and (b is None or b.dtype == torch.float32) else None)
         for start in range(0, n, rows):
             sl = slice(start, min(start + rows, n))
@@ -511,7 +611,10 @@ def chunked_distillation_loss(
             y = None if flat_labels is None else (flat_labels[sl] if idx is None else flat_labels[sl][idx])
             t_c = _teacher_chunk(teacher, sl, idx, ws) if kd_scale != 0 else None
             res = None
-            if use_closed_form:
+            if sparse_cf:
+                res = _sparse_closed_form_chunk(h, w, b, t_c, y, loss_fn, loss_params, temperature, c_kd, c_ce,
+                                                want_any, ws)
+            elif use_closed_form:
                 res = _closed_form_chunk(h, w, b, t_c, y, kernel, temperature, c_kd, c_ce, ws)
             if res is None:  # another loss, a sparse teacher, or a non-finite value (diagnosed there)
                 res = autograd_chunk(h, w, b, t_c, y, want_any)

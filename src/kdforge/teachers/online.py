@@ -69,6 +69,13 @@ def topk_logprobs(logits: torch.Tensor, k: int, *, chunk_tokens: int = 1024) -> 
     ``logprob_i = z_i - logsumexp(z)`` with the normaliser in float32. Memory: one float32
     ``[chunk_tokens, V]`` block at a time instead of a float32 copy of all logits.
 
+    The normaliser reuses the top-k's first value (the row maximum ``m``):
+    ``logsumexp(z) = m + log sum exp(z - m)``, with ``z - m`` written into one reused float32
+    buffer (or in place into the float32 copy of half-precision logits) and exponentiated in place:
+    the same value as ``torch.logsumexp`` (to float rounding) at less than half its CPU time
+    (measured 70 vs 155 ms per ``[1024, 49152]`` block, 1 thread), which the teacher-cache build
+    pays per token on top of the forward.
+
     Returns:
         :class:`SparseTeacher` with ``ids`` int64 and ``logprobs`` float32, ``[..., k]``, sorted
         by decreasing probability.
@@ -80,10 +87,20 @@ def topk_logprobs(logits: torch.Tensor, k: int, *, chunk_tokens: int = 1024) -> 
     flat = logits.reshape(-1, vocab)
     ids_out = torch.empty(flat.shape[0], k, dtype=torch.int64, device=logits.device)
     lp_out = torch.empty(flat.shape[0], k, dtype=torch.float32, device=logits.device)
+    buf = None  # float32 logits are not copied: z - m goes into this buffer, reused by every block
     for start in range(0, flat.shape[0], chunk_tokens):
-        block = flat[start : start + chunk_tokens].float()
-        lse = torch.logsumexp(block, dim=-1, keepdim=True)
+        raw = flat[start : start + chunk_tokens]
+        block = raw.float()
         values, ids = block.topk(k, dim=-1)
+        m = values[:, :1]  # the row maximum (topk is sorted)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row: logsumexp = -inf
+        if block is raw:  # keep the caller's logits: write z - m into the workspace
+            if buf is None:
+                buf = torch.empty_like(block)
+            shifted = torch.sub(block, m, out=buf[: block.shape[0]])
+        else:  # ``block`` is our own float32 copy
+            shifted = block.sub_(m)
+        lse = m + shifted.exp_().sum(-1, keepdim=True).log_()
         ids_out[start : start + chunk_tokens] = ids
         lp_out[start : start + chunk_tokens] = values - lse
     lead = tuple(logits.shape[:-1])

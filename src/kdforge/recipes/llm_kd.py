@@ -58,9 +58,10 @@ from pydantic import Field, field_validator, model_validator
 from kdforge.config import StrictModel
 from kdforge.errors import ConfigError
 from kdforge.models import ModelSource, resolve_model_path
-from kdforge.recipes import RECIPES, Recipe
+from kdforge.recipes import RECIPES, Recipe, llm_teachers
 from kdforge.recipes.llm_ddk import DDKSpec, carve_dev, ddk_sampler, teacher_domain_losses
 from kdforge.recipes.llm_regimes import EMASpec, MiniLLMSpec, check_method, method_regime
+from kdforge.recipes.llm_teachers import EnsembleSpec, ExtraTeacherSpec
 from kdforge.recipes.lm_data import (
     CorpusSpec,
     LMData,
@@ -156,13 +157,16 @@ class MethodSpec(StrictModel):
     name: str
     role: Literal["baseline", "student"] = "student"
     objective: list[LossTerm]
-    teacher: Literal["cache", "online", "ema"] | None = Field(
+    teacher: Literal["cache", "online", "ema", "ensemble"] | None = Field(
         None, description="cache (the top-k cache), online (the live teacher every batch), ema (an EMA of the "
-                          "student: self-distillation); null = online only for on_policy, minillm or feature terms")
+                          "student: self-distillation), ensemble (a mixture of teachers: the ensemble key); "
+                          "null = online only for on_policy, minillm or feature terms")
     on_policy: OnPolicySpec | None = None
     taid: TAIDSpec | None = None
     minillm: MiniLLMSpec | None = Field(None, description="MiniLLM (kdforge.recipes.llm_regimes): needs a minillm term")
     ema: EMASpec | None = Field(None, description="settings of teacher: ema (default decay 0.99, every step)")
+    ensemble: EnsembleSpec | None = Field(None, description="members and weighting of teacher: ensemble "
+                                                            "(kdforge.recipes.llm_teachers)")
     chunked: bool | Literal["auto"] = "auto"
     ddk: DDKSpec | None = Field(None, description="DDK domain reweighting (kdforge.recipes.llm_ddk): needs "
                                                   "data.domain_field")
@@ -198,6 +202,7 @@ class MethodSpec(StrictModel):
                 raise ValueError("teacher: cache holds no hidden states for the feature terms; "
                                  "use teacher: online or remove the teacher key")
         check_method(self)  # minillm / ema keys (kdforge.recipes.llm_regimes)
+        llm_teachers.check_ensemble_method(self)  # teacher: ensemble (kdforge.recipes.llm_teachers)
         return self
 
     def uses_online_teacher(self) -> bool:
@@ -236,6 +241,9 @@ class LLMKDConfig(StrictModel):
 
     output_dir: str = "outputs/quickstart"
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    teachers: list[ExtraTeacherSpec] = Field(default_factory=list, description=(
+        "further teachers {name, model, ...} for teacher: ensemble methods (same tokenizer; "
+        "kdforge.recipes.llm_teachers)"))
     student: StudentSpec = Field(default_factory=StudentSpec)
     data: LMDataSpec = Field(default_factory=CorpusSpec, description=(
         "a corpus of documents (corpus: austen or a folder of .txt) or any dataset of kdforge.data "
@@ -269,6 +277,7 @@ class LLMKDConfig(StrictModel):
                 key = "on_policy" if m.on_policy is not None else "minillm"
                 raise ValueError(f"methods: {m.name!r} {key}.prompt_tokens={sampled.prompt_tokens} must be "
                                  f"below data.seq_len={self.data.seq_len} (the rest of a block is the completion)")
+        llm_teachers.check_teacher_names(self)
         return self
 
 
@@ -335,8 +344,9 @@ def _subrun_key(config: LLMKDConfig, method: MethodSpec, seed: int) -> dict[str,
         "cache": config.cache.model_dump(mode="json", exclude={"dir"}),
         "train": config.train.model_dump(mode="json", exclude={"output_dir", "progress", "log_with", "project", "run_name"}),
         "inner_eval": config.eval.during_training_sequences,
-        "method": method.model_dump(mode="json"),
+        "method": method.model_dump(mode="json", exclude={"ensemble"} if method.ensemble is None else None),
         "seed": seed,
+        **llm_teachers.ensemble_key(config, method),
     }
 
 
@@ -355,6 +365,7 @@ class _Inputs:
     inner_eval: Any  # held-out blocks scored during training, or None
     ddk_dev: dict[str, Any] = field(default_factory=dict)  # DDK's measuring rows per domain (llm_ddk)
     ddk_teacher_loss: dict[str, float] = field(default_factory=dict)
+    teachers: llm_teachers.TeacherSet | None = None  # further teachers, ensemble members' caches
 
     @property
     def eval_vocab_size(self) -> int | None:
@@ -466,6 +477,7 @@ def check_inputs(config: LLMKDConfig, timings: dict[str, float] | None = None) -
         check_student(config.student, config.teacher, tokenizer)
     with timed(timings, "data_s"):
         data = build_lm_data(config.data, tokenizer)
+    llm_teachers.check_teachers_vocab(config, tokenizer)
     log.info("data: %s", data.summary)
     return tokenizer, data
 
@@ -499,6 +511,7 @@ def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, floa
             train_data = TeacherCacheDataset(cache_dir, sequences=data.train, tokenizer=tokenizer)
             if data.train_extras():  # response-only labels and padding masks over the cached rows
                 train_data = WithLabels(train_data, data.train_extras())
+    teachers = llm_teachers.prepare_teachers(config, run, data, tokenizer, teacher, timings)
     template = build_student(config.student, teacher, tokenizer)
     template.eval()
     n_inner = config.eval.during_training_sequences
@@ -506,7 +519,7 @@ def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, floa
     if n_inner:
         inner_eval = LMBlockDataset(data.eval[:n_inner], {k: v[:n_inner] for k, v in _eval_extras(data).items()})
     return _Inputs(config, run, teacher, tokenizer, data, cache_dir, train_data, template, inner_eval,
-                   ddk_dev, ddk_teacher_loss)
+                   ddk_dev, ddk_teacher_loss, teachers)
 
 
 def _eval_extras(data: LMData) -> dict[str, torch.Tensor]:
@@ -587,6 +600,9 @@ def _distiller(inputs: _Inputs, method: MethodSpec, seed: int, run_dir: Path) ->
         data, extra = LMBlockDataset(rows.train, rows.train_extras()), dict(regime.kwargs)
         on_policy = extra.pop("on_policy", None)
         objective = Objective(regime.objective, chunked=method.chunked)
+    elif method.teacher == "ensemble":  # a mixture of teachers (kdforge.recipes.llm_teachers)
+        assert inputs.teachers is not None
+        teacher, data, collate = llm_teachers.ensemble_teacher(method, inputs.teachers, rows)
     elif method.on_policy is not None:  # GKD: student samples need the online teacher
         # prompts: the masked head of each row (chat/prompt-completion), else its first prompt_tokens
         collate = None if rows.response_only else _prompt_collate(method.on_policy.prompt_tokens)
@@ -634,6 +650,8 @@ def _evaluate(inputs: _Inputs, trained: _Trained,
     config, teacher = inputs.config, inputs.teacher
     with timed(timings, "eval_s"):
         models: dict[str, torch.nn.Module] = {"teacher": teacher, "student init": inputs.template}
+        if inputs.teachers is not None:
+            models.update({f"teacher / {n}": m for n, m in inputs.teachers.extra().items()})
         for (name, seed), model in trained.models.items():
             models[f"{name}|{seed}"] = model
         batches = inputs.data.eval_batches(config.eval.batch_size)
@@ -667,6 +685,8 @@ def _results(inputs: _Inputs, trained: _Trained, scores: dict[str, Any], speeds:
         "reliability": scores["teacher"]["reliability"],
         **({"breakdowns": scores["teacher"]["breakdowns"]} if "breakdowns" in scores["teacher"] else {}),
     }]
+    if inputs.teachers is not None:
+        rows += llm_teachers.teacher_rows(inputs.teachers, metrics)
     trainable = count_parameters(template, trainable_only=True)
     for method in config.methods:
         rows.append(_method_row(config, method, trained, scores, metrics, student_params, trainable,
@@ -717,7 +737,7 @@ def _method_row(config: LLMKDConfig, method: MethodSpec, trained: _Trained, scor
         "metrics": summary, "per_seed": per_seed,
         "objective": [t.model_dump(mode="json") for t in method.objective],
         "regime": {**method.model_dump(mode="json", include={"on_policy", "taid", "chunked"}),
-                   **method.model_dump(mode="json", include={"minillm", "ema"}, exclude_none=True)},
+                   **method.model_dump(mode="json", include={"minillm", "ema", "ensemble"}, exclude_none=True)},
         "reliability": scores[f"{method.name}|{config.seeds[0]}"]["reliability"],
         "run_dir": [f"{slug(method.name)}/seed-{seed}" for seed in config.seeds],
         **_mean_breakdowns([scores[f"{method.name}|{seed}"] for seed in config.seeds]),

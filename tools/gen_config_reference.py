@@ -183,7 +183,8 @@ def _rows(model: type[BaseModel], prefix: str, seen: tuple[type, ...]) -> list[t
         desc = field.description or ""
         if not desc and len(nested) == 1:
             desc = _doc(nested[0])
-        rows.append((key, _type_name(field.annotation), _default(field), desc))
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        rows.append((key, str(extra.get("yaml_type") or _type_name(field.annotation)), _default(field), desc))
         container = typing.get_origin(field.annotation) in (list, tuple) or any(
             typing.get_origin(a) in (list, tuple) for a in typing.get_args(field.annotation))
         mapping = typing.get_origin(field.annotation) is dict or any(

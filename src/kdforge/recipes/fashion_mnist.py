@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from kdforge.config import StrictModel
 from kdforge.errors import CacheError, ConfigError
@@ -118,8 +118,6 @@ class TermSpec(LossTerm):
     weight may be a schedule mapping (``weight: {schedule: warmup, ...}``, docs/schedules.md).
     """
 
-    model_config = ConfigDict(json_schema_extra=lambda schema: _schedulable_weight(schema))
-
     @model_validator(mode="wrap")
     @classmethod
     def _name_error_at_name(cls, data: Any, handler: Any) -> Any:
@@ -186,15 +184,6 @@ class MethodTeacherConfig(StrictModel):
         if self.weights is not None and (self.weighting != "fixed" or len(self.weights) != len(self.members)):
             raise ValueError("weights are the fixed weighting's, one per member")
         return self
-
-
-def _schedulable_weight(schema: dict[str, Any]) -> None:
-    weight = schema.get("properties", {}).get("weight")
-    if weight is not None:
-        schedule = {"type": "object", "required": ["schedule"],
-                    "description": "a schedule of the weight (docs/schedules.md)"}
-        schema["properties"]["weight"] = {"anyOf": [{k: v for k, v in weight.items() if k != "description"},
-                                                    schedule], "description": weight.get("description", "")}
 
 
 class MethodConfig(StrictModel):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from kdforge.config import validate
@@ -40,6 +40,16 @@ from kdforge.train.config import FriendlyModel
 
 if TYPE_CHECKING:
     from kdforge.losses.spec import LossSpec
+
+
+def _schedulable_weight(schema: dict[str, Any]) -> None:
+    """JSON Schema of a term: ``weight`` is a number or a schedule mapping (editors accept both)."""
+    weight = schema.get("properties", {}).get("weight")
+    if weight is not None:
+        number = {k: v for k, v in weight.items() if k not in ("description", "yaml_type")}
+        schedule = {"type": "object", "required": ["schedule"],
+                    "description": "a schedule of the weight (docs/schedules.md)"}
+        schema["properties"]["weight"] = {"anyOf": [number, schedule], "description": weight.get("description", "")}
 
 
 class LossTerm(FriendlyModel):
@@ -59,8 +69,12 @@ class LossTerm(FriendlyModel):
             ``TaskOutput.extra_terms[name]``; ``params`` must then be empty.
     """
 
+    model_config = ConfigDict(json_schema_extra=lambda schema: _schedulable_weight(schema))
+
     name: str
-    weight: float = Field(..., ge=0)
+    weight: float = Field(..., ge=0, description="a number >= 0, or a schedule {schedule: ..., ...} "
+                                                 "(docs/schedules.md)",
+                          json_schema_extra={"yaml_type": "float | {schedule: ...}"})
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
     source: Literal["loss", "task", "feature"] = "loss"

@@ -14,8 +14,15 @@ A model is named by a :class:`ModelSource` (YAML: the ``teacher:`` section of ``
   big-model loading) and ``attn_implementation`` (``eager``, ``sdpa``, ``flash_attention_2``).
 
 Which of the three a name is (:func:`classify_model_name`): an asset name wins, then an existing
-folder; a name that looks like a path (``./x``, ``/x``, ``~/x``, or an existing file) but is not a
-folder is a missing-folder error; anything else of the Hub form ``owner/name`` is a Hub id.
+folder (or an existing ``.gguf`` file, loaded with ``gguf_file=``); a name that looks like a path
+(``./x``, ``/x``, ``~/x``, or another existing file) but is not a folder is a missing-folder error;
+anything else of the Hub form ``owner/name`` is a Hub id. An asset is spelled by its bare name
+(``smollm2``); ``asset:smollm2`` (the spelling of ``kdforge generate`` configs) is the same asset, and
+``asset:`` followed by an unknown name is an error listing the assets.
+
+Every command loads models here: ``kdforge run`` (``teacher:``/``student:``), ``eval``,
+``make-student``, ``select`` and ``cache-teacher``, so they all accept the same names, put the model
+on the accelerator by default and fail with the same errors.
 
 **Offline, fast.** Before a Hub id is downloaded, kdforge looks for it in the local Hugging Face
 cache (``local_files_only``): a model fetched earlier loads with no network. Otherwise it checks
@@ -54,8 +61,8 @@ _TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 class ModelSource(StrictModel):
     """Where a causal LM comes from and where it runs (module doc of :mod:`kdforge.models`)."""
 
-    model: str = Field("smollm2", description="offline asset name (smollm2), a local save_pretrained "
-                                             "folder, or a Hub id (owner/name)")
+    model: str = Field("smollm2", description="offline asset name (smollm2; asset:smollm2 is the same), a "
+                                             "local save_pretrained folder or .gguf file, or a Hub id (owner/name)")
     revision: str | None = Field(None, description="Hub revision: branch, tag or commit (Hub ids only)")
     trust_remote_code: bool = Field(False, description="run the model's own code from the Hub/folder "
                                                        "(only for models you trust)")
@@ -77,10 +84,11 @@ def classify_model_name(name: str) -> Literal["asset", "local", "hub"]:
     """
     from kdforge.assets import ASSET_MODULES
 
+    name = asset_name(name)
     if name in ASSET_MODULES:
         return "asset"
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.suffix == ".gguf" and path.is_file()):
         return "local"
     looks_local = name.startswith((".", "/", "~")) or path.exists() or "\\" in name
     if looks_local or not _HUB_ID.match(name) or name.count("/") > 1:
@@ -90,13 +98,41 @@ def classify_model_name(name: str) -> Literal["asset", "local", "hub"]:
     return "hub"
 
 
+def asset_name(name: str) -> str:
+    """``asset:NAME`` -> ``NAME`` (the bare name is the one spelling :class:`ModelSource` documents);
+    any other name is returned unchanged.
+
+    Raises:
+        AssetError: ``asset:`` followed by a name that is no kdforge asset.
+    """
+    if not name.startswith("asset:"):
+        return name
+    from kdforge.assets import ASSET_MODULES
+
+    bare = name.split(":", 1)[1]
+    if bare not in ASSET_MODULES:
+        raise AssetError(f"model {name!r}: {bare!r} is no kdforge asset",
+                         f"use one of: {', '.join(sorted(ASSET_MODULES))} (write it bare: model: smollm2)")
+    return bare
+
+
 def resolve_model_path(name: str) -> str:
-    """An asset name (``smollm2``) becomes its local folder; a folder or Hub id is returned as is."""
+    """An asset name (``smollm2`` or ``asset:smollm2``) becomes its local folder; a folder or Hub id is
+    returned as is."""
     if classify_model_name(name) == "asset":
         from kdforge.assets import ensure
 
-        return str(ensure(name))
+        return str(ensure(asset_name(name)))
     return name
+
+
+def _path_and_gguf(name: str) -> tuple[str, dict[str, Any]]:
+    """``from_pretrained``'s first argument for ``name`` and, for a ``.gguf`` file, ``gguf_file``."""
+    path = resolve_model_path(name)
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf" and p.is_file():
+        return str(p.parent), {"gguf_file": p.name}
+    return path, {}
 
 
 def hub_token() -> str | None:
@@ -216,7 +252,8 @@ def check_source(source: ModelSource, *, what: str = "model") -> None:
     kwargs = pretrained_kwargs(source)
     if kind == "hub":
         _hub_ready(source, kwargs, what)
-    elif kind == "local" and not (Path(source.model).expanduser() / "config.json").is_file():
+    elif kind == "local" and Path(source.model).expanduser().is_dir() \
+            and not (Path(source.model).expanduser() / "config.json").is_file():
         raise AssetError(f"{what} folder {source.model!r} has no config.json, so it is not a saved model",
                          "point model at a folder written by model.save_pretrained(folder) "
                          "(config.json, weights and the tokenizer files)")
@@ -229,8 +266,9 @@ def load_config(source: ModelSource, *, what: str = "model") -> Any:
     kwargs = pretrained_kwargs(source)
     if classify_model_name(source.model) == "hub":
         kwargs = _hub_ready(source, kwargs, what)
+    path, gguf = _path_and_gguf(source.model)
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(source.model), **kwargs)
+        return AutoConfig.from_pretrained(path, **kwargs, **gguf)
     except (OSError, ValueError) as exc:
         raise AssetError(f"cannot read the config of {what} {source.model!r}: {str(exc).splitlines()[0]}",
                          "point model at a folder written by save_pretrained (config.json) or a Hub id") from None
@@ -240,12 +278,12 @@ def load_tokenizer(source: ModelSource, *, what: str = "model") -> Any:
     """The tokenizer of ``source`` (``AutoTokenizer``), with the same revision/remote-code/token."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(source.model)
+    path, gguf = _path_and_gguf(source.model)
     kwargs = pretrained_kwargs(source)
     if classify_model_name(source.model) == "hub":
         kwargs = _hub_ready(source, kwargs, what)
     try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
+        return AutoTokenizer.from_pretrained(path, **kwargs, **gguf)
     except (OSError, ValueError) as exc:
         raise AssetError(f"cannot load the tokenizer of {what} {source.model!r}: {str(exc).splitlines()[0]}",
                          "the folder (or Hub repo) must hold a tokenizer (tokenizer.json or "
@@ -263,28 +301,54 @@ def load_causal_lm(source: ModelSource, *, what: str = "model", place: bool = Tr
     """
     from transformers import AutoModelForCausalLM
 
+    return load_pretrained(source, AutoModelForCausalLM, what=what, place=place, kind="a causal LM")
+
+
+def load_sequence_classifier(source: ModelSource, *, what: str = "model", place: bool = True) -> torch.nn.Module:
+    """``AutoModelForSequenceClassification.from_pretrained`` for ``source`` (same names, placement
+    and errors as :func:`load_causal_lm`), in eval mode."""
+    from transformers import AutoModelForSequenceClassification
+
+    return load_pretrained(source, AutoModelForSequenceClassification, what=what, place=place,
+                           kind="a sequence classifier").eval()
+
+
+def load_pretrained(source: ModelSource, auto_class: Any, *, what: str = "model", place: bool = True,
+                    kind: str = "a model") -> torch.nn.Module:
+    """``auto_class.from_pretrained`` (an ``AutoModelFor...``) for ``source``: asset, folder, ``.gguf``
+    file or Hub id, with revision/remote code/token, dtype, attention and placement.
+
+    Raises:
+        AssetError: missing folder, a Hub id offline, or a folder that ``auto_class`` cannot load.
+        DeviceError: ``device_map`` without a GPU, or a device this machine lacks.
+    """
     check_device_map(source)
     device = None if source.device_map is not None else resolve_device(source.device)
-    path = resolve_model_path(source.model)
+    path, gguf = _path_and_gguf(source.model)
     kwargs = pretrained_kwargs(source)
     if classify_model_name(source.model) == "hub":
         kwargs = _hub_ready(source, kwargs, what)
+    kwargs.update(gguf)
     kwargs["dtype"] = torch_dtype(source.dtype)
     if source.attn_implementation is not None:
         kwargs["attn_implementation"] = source.attn_implementation
     if source.device_map is not None:
         kwargs["device_map"] = source.device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         local = classify_model_name(source.model) != "hub"
         raise AssetError(
-            f"cannot load {what} {source.model!r} as a causal LM: {str(exc).splitlines()[0]}",
-            "check that the folder holds config.json and the weights of a causal LM (save_pretrained)"
+            f"cannot load {what} {source.model!r} as {kind}: {str(exc).splitlines()[0]}",
+            f"check that the folder holds config.json and the weights of {kind} (save_pretrained)"
             if local else "check the Hub id, revision and access (HF_TOKEN for gated models), or pass a local folder",
         ) from None
     if place and device is not None and device.type != "cpu":
-        model = model.to(device)
+        try:
+            model = model.to(device)
+        except (RuntimeError, AssertionError) as exc:
+            raise DeviceError(f"cannot move {what} {source.model!r} to {device}: {str(exc).splitlines()[0]}",
+                              "free memory on that device, use a smaller dtype (bfloat16), or device: cpu") from None
     log.info("%s %s: %s, %s, on %s", what, source.model, type(model).__name__,
              next(model.parameters()).dtype, source.device_map or next(model.parameters()).device)
     return model
@@ -300,6 +364,6 @@ def load_model(source: ModelSource, *, role: Literal["teacher", "student"] = "te
     return model, tokenizer
 
 
-__all__ = ["Dtype", "ModelSource", "check_device_map", "check_source", "classify_model_name", "hub_token",
-           "load_causal_lm", "load_config", "load_model", "load_tokenizer", "pretrained_kwargs", "resolve_device", "resolve_model_path",
-           "torch_dtype"]
+__all__ = ["Dtype", "ModelSource", "asset_name", "check_device_map", "check_source", "classify_model_name",
+           "hub_token", "load_causal_lm", "load_config", "load_model", "load_pretrained", "load_sequence_classifier",
+           "load_tokenizer", "pretrained_kwargs", "resolve_device", "resolve_model_path", "torch_dtype"]

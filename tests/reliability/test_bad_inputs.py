@@ -505,8 +505,8 @@ CASES: list[Case] = [
     Case("teacher-unknown-dtype", "trainer", ConfigError, ("fp13",), ("bfloat16",),
          lambda w: ((lambda: __import__("kdforge.teachers", fromlist=["x"]).OnlineTeacher(
              tiny_llama(), dtype="fp13")), [])),
-    cli_case("make-student-missing-teacher", "trainer", AssetError, ("cannot load the teacher", "no-such-model"),
-             ("path or hub id",), lambda w: (["make-student", "no-such-model", str(w.tmp / "s"), "--num-layers", "1"],
+    cli_case("make-student-missing-teacher", "trainer", AssetError, ("no-such-model", "hub id"),
+             ("offline asset",), lambda w: (["make-student", "no-such-model", str(w.tmp / "s"), "--num-layers", "1"],
                                              [])),
     cli_case("sft-missing-student", "trainer", AssetError, ("cannot load", "no-such-model"), ("path or hub id",),
              lambda w: (["sft", _sft_data(w), "--student", "no-such-model", "-o", str(w.tmp / "o")], [])),

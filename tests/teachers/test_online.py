@@ -88,8 +88,10 @@ def test_load_teacher_from_local_folder(tmp_path, sequences):
 
 
 def test_load_teacher_missing_folder_raises_asset_error(tmp_path):
-    with pytest.raises(AssetError, match="cannot load teacher"):
+    # the error of kdforge.models, the same one `kdforge run` gives for teacher.model
+    with pytest.raises(AssetError, match="no such folder") as exc:
         load_teacher(tmp_path / "nowhere")
+    assert "save_pretrained" in exc.value.fix
 
 
 @pytest.mark.gpu

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "match, ROUGE-L, answer calibration), parameters, size and latency.",
     )
     p.add_argument("--student", action="append", default=[], metavar="[NAME=]PATH",
-                   help="student model folder or Hub id (repeatable)")
+                   help="student model: an asset name (smollm2), a folder, a .gguf file or a Hub id "
+                   "(repeatable)")
     p.add_argument("--teacher", default=None, metavar="[NAME=]PATH", help="teacher model")
     p.add_argument("--baseline", action="append", default=[], metavar="[NAME=]PATH",
                    help="baseline model, e.g. the same student trained on labels only (repeatable)")
@@ -56,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation length for --qa")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the models' own code from their Hub repo/folder (only for models you trust)")
     p.add_argument("--no-cost", action="store_true", help="skip parameter/size/latency measurement")
     p.add_argument("--latency-repeats", type=int, default=20)
     p.add_argument("-o", "--out", default=None, help="output folder for results.json/results.md")
@@ -74,16 +77,10 @@ def _split_spec(spec: str, default_name: str) -> tuple[str, str]:
 
 
 def _resolve_device(device: str):
-    import torch
+    """``--device``: the accelerator for ``auto`` (:func:`kdforge.models.resolve_device`)."""
+    from kdforge.models import resolve_device
 
-    from kdforge.errors import DeviceError
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"--device {device} but CUDA is not available", "use --device cpu (or auto)")
-    return dev
+    return resolve_device(device)
 
 
 def _resolve_dtype(dtype: str, device):
@@ -98,45 +95,29 @@ def _resolve_dtype(dtype: str, device):
     return resolve_dtype(dtype)
 
 
-def load_causal_lm(path: str, *, device, dtype) -> Any:
-    """A causal LM from a folder, a Hub id, or a ``.gguf`` file, in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM
+def _source(path: str, args: argparse.Namespace, device=None, dtype=None) -> Any:
+    """A :class:`~kdforge.models.ModelSource` for ``path`` (asset name, folder, ``.gguf`` file or Hub
+    id): the same names, Hub handling and errors as ``kdforge run``'s ``teacher:``/``student:``."""
+    from kdforge.models import ModelSource
 
-    from kdforge.errors import AssetError
-
-    p = Path(path)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    source = str(path)
-    if p.suffix == ".gguf":
-        source, kwargs["gguf_file"] = str(p.parent), p.name
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise AssetError(
-            f"cannot load model {path!r}: {str(exc).splitlines()[0]}",
-            "pass a folder with config.json and weights (save_pretrained), a .gguf file, or a Hub "
-            "id with network access",
-        ) from None
-    return model.to(device).eval()
+    return ModelSource(model=path, device=str(device) if device is not None else "cpu",
+                       dtype=str(dtype).replace("torch.", "") if dtype is not None else "float32",
+                       trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
 
 
-def _load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
+def load_causal_lm(path: str, *, device, dtype, trust_remote_code: bool = False) -> Any:
+    """A causal LM (asset name, folder, ``.gguf`` file or Hub id) in eval mode on ``device``,
+    loaded by :func:`kdforge.models.load_causal_lm`."""
+    from kdforge import models
 
-    from kdforge.errors import AssetError
+    args = argparse.Namespace(trust_remote_code=trust_remote_code)
+    return models.load_causal_lm(_source(path, args, device, dtype), what="model").to(device).eval()
 
-    p = Path(path)
-    kwargs: dict[str, Any] = {}
-    source = path
-    if p.suffix == ".gguf":
-        source, kwargs["gguf_file"] = str(p.parent), p.name
-    try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise AssetError(
-            f"cannot load a tokenizer from {path!r}: {str(exc).splitlines()[0]}",
-            "pass --tokenizer with a folder holding tokenizer files",
-        ) from None
+
+def _load_tokenizer(path: str, args: argparse.Namespace | None = None) -> Any:
+    from kdforge.models import load_tokenizer
+
+    return load_tokenizer(_source(path, args or argparse.Namespace()), what="model")
 
 
 def _is_token_file(path: Path) -> bool:
@@ -166,6 +147,10 @@ def handle(args: argparse.Namespace) -> int:
     names = [n for _, n, _ in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must differ, got {names}", "name them with NAME=PATH")
+    from kdforge.models import check_source
+
+    for role, _, path in specs:  # a missing folder or an offline Hub id fails before any data is read
+        check_source(_source(path, args), what=role)
 
     if args.task == "classification":
         results = _classify(args, specs, device, dtype)
@@ -176,7 +161,7 @@ def handle(args: argparse.Namespace) -> int:
     tok_source = args.tokenizer or (specs[0][2] if args.teacher else specs[-len(args.student)][2])
     tokenizer = None
     if not all(_is_token_file(Path(path)) for _, path in data) or args.qa:
-        tokenizer = _load_tokenizer(tok_source)
+        tokenizer = _load_tokenizer(tok_source, args)
     batches: list[dict[str, Any]] = []
     for domain, path in data:
         tag = domain if len(data) > 1 else None
@@ -194,7 +179,8 @@ def handle(args: argparse.Namespace) -> int:
     models = {}
     for role, name, path in specs:
         log.info("loading %s %s from %s", role, name, path)
-        models[name] = (role, load_causal_lm(path, device=device, dtype=dtype))
+        models[name] = (role, load_causal_lm(path, device=device, dtype=dtype,
+                                             trust_remote_code=args.trust_remote_code))
     results = lm.evaluate_lm_suite(
         models, batches, tokenizer=tokenizer, qa_rows=qa_rows, measure_cost=not args.no_cost,
         latency_repeats=args.latency_repeats, max_new_tokens=args.max_new_tokens,
@@ -277,28 +263,24 @@ def _classify(args: argparse.Namespace, specs: list[tuple[str, str, str]], devic
     import datetime as _dt
 
     import torch
-    from transformers import AutoModelForSequenceClassification
 
-    from kdforge.errors import AssetError, DataError
+    from kdforge.errors import DataError
     from kdforge.eval.classification import classification_metrics
     from kdforge.eval.cost import cost_report
     from kdforge.eval.fidelity import fidelity
+    from kdforge.models import load_sequence_classifier
 
     if len(args.data) != 1:
         raise DataError("--task classification takes one --data", "pass one labelled dataset")
     texts, raw_labels = _load_labelled(_split_spec(args.data[0], "data")[1], args.text_field or "text",
                                        args.label_field, args.split)
     texts, raw_labels = texts[: args.max_tokens or None], raw_labels[: args.max_tokens or None]
-    tokenizer = _load_tokenizer(args.tokenizer or specs[0][2])
+    tokenizer = _load_tokenizer(args.tokenizer or specs[0][2], args)
     logits: dict[str, Any] = {}
     entries: list[dict[str, Any]] = []
     labels = names = None
     for role, name, path in specs:
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
-        except (OSError, ValueError) as exc:
-            raise AssetError(f"cannot load classifier {path!r}: {str(exc).splitlines()[0]}",
-                             "pass a folder saved from an AutoModelForSequenceClassification") from None
+        model = load_sequence_classifier(_source(path, args, device, dtype), what=role).to(device)
         if labels is None:
             labels, names = _label_ids(raw_labels, model.config)
         outs = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -15,11 +14,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="copy a subset of a teacher's layers into a new, loadable student model",
         description="Copies embeddings, final norm, LM head and the chosen decoder layers of a "
         "Hugging Face causal LM into a shallower model saved with save_pretrained (loadable "
-        "without kdforge). TEACHER is a local folder or a Hub id; `smollm2` means the offline "
-        "SmolLM2-135M-Instruct asset.",
+        "without kdforge). TEACHER is read like `kdforge run`'s teacher.model: an offline asset "
+        "name (`smollm2`: SmolLM2-135M-Instruct), a local folder or a Hub id.",
     )
-    p.add_argument("teacher", help="teacher folder, Hub id, or 'smollm2'")
+    p.add_argument("teacher", help="teacher: asset name (smollm2), folder, or Hub id")
     p.add_argument("output", help="folder to write the student to")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a Hub id")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the teacher's own code from its Hub repo/folder (only for models you trust)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--num-layers", type=int, help="keep N layers spread uniformly (first and last kept)")
     group.add_argument("--layers", help="explicit comma-separated teacher layer indices, e.g. 0,6,12,29")
@@ -28,25 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from kdforge.errors import AssetError, ConfigError
+    from kdforge.models import ModelSource, load_causal_lm, load_tokenizer
     from kdforge.students.from_teacher import count_parameters, student_from_teacher
 
-    source = args.teacher
-    if source == "smollm2":
-        from kdforge.assets import ensure
-
-        source = str(ensure("smollm2"))
-    try:
-        teacher = AutoModelForCausalLM.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise AssetError(
-            f"cannot load the teacher {source!r}: {str(exc).splitlines()[0]}",
-            "check the folder holds config.json and weights"
-            if Path(source).exists()
-            else "check the path or Hub id (a Hub id needs the network: HF_HUB_OFFLINE=0), or use 'smollm2'",
-        ) from None
+    # kdforge.models: the names, Hub handling and errors of `kdforge run`'s teacher section; the
+    # cut happens on the CPU (the student is saved, not trained, here)
+    source = ModelSource(model=args.teacher, device="cpu", dtype="auto", revision=args.revision,
+                         trust_remote_code=args.trust_remote_code)
+    teacher = load_causal_lm(source, what="teacher")
     if args.layers:
         try:
             spec: object = [int(x) for x in args.layers.split(",") if x.strip()]
@@ -61,9 +53,9 @@ def handle(args: argparse.Namespace) -> int:
     student = student_from_teacher(teacher, spec, num_layers=num)  # type: ignore[arg-type]
     student.save_pretrained(args.output)
     try:
-        AutoTokenizer.from_pretrained(source).save_pretrained(args.output)
-    except (OSError, ValueError) as exc:
-        log.warning("teacher tokenizer not copied (%s); load it from %s", exc, source)
+        load_tokenizer(source, what="teacher").save_pretrained(args.output)
+    except AssetError as exc:  # a bare model folder: the student is still usable with the teacher's tokenizer
+        log.warning("teacher tokenizer not copied (%s); load it from %s", exc, args.teacher)
     print(
         f"student with layers {student.config.kdforge_source_layers} of "
         f"{teacher.config.num_hidden_layers}, {count_parameters(student) / 1e6:.1f}M params, "

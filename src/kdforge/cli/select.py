@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", nargs="?", default=None, help="YAML config (optional; flags override its keys)")
     p.add_argument("--method", choices=["miniplm"], default=None, help="selection method (default: miniplm)")
-    p.add_argument("--teacher", help="teacher model folder / Hub id / asset:<name>")
+    p.add_argument("--teacher", help="teacher: asset name (smollm2), model folder, or Hub id")
     p.add_argument("--reference", help="reference model (small, same family or same data)")
     p.add_argument("--corpus", help=".jsonl, saved HF dataset, or .txt file/folder")
     p.add_argument("--text-field", default=None, help="text column (default: text)")

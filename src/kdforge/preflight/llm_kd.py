@@ -158,6 +158,7 @@ def _asset_folder(name: str) -> str | bool | None:
 
     from kdforge.assets import ASSET_MODULES
 
+    name = name.removeprefix("asset:")
     if name not in ASSET_MODULES:
         return None
     module = importlib.import_module(ASSET_MODULES[name])

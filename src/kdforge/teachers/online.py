@@ -274,31 +274,61 @@ def load_teacher(
     vocab_size: int | None = None,
     **kwargs: Any,
 ) -> OnlineTeacher:
-    """Load a causal LM with ``AutoModelForCausalLM.from_pretrained`` and wrap it frozen.
+    """Load a causal LM through :func:`kdforge.models.load_causal_lm` and wrap it frozen.
+
+    The name is read like ``kdforge run``'s ``teacher.model`` (same errors): an offline asset
+    (``smollm2`` or ``asset:smollm2``), a local ``save_pretrained`` folder, a ``.gguf`` file, or a Hub
+    id (offline: a fast :class:`~kdforge.errors.AssetError`; the token from ``HF_TOKEN``).
 
     Args:
-        name_or_path: a Hub id (needs a network) or a local folder.
+        name_or_path: an asset name, a local folder or ``.gguf`` file, or a Hub id.
         dtype: ``"auto"`` (the checkpoint's dtype), ``"float32"``, ``"bfloat16"``, ``"float16"``.
-        device: e.g. ``"cuda:1"``; default CPU (or whatever ``kwargs['device_map']`` says).
+        device: e.g. ``"cuda:1"`` (the teacher is then pinned there) or ``"auto"`` (the accelerator
+            when there is one); default: the CPU, and the trainer places it (or whatever
+            ``kwargs['device_map']`` says).
         gguf_file: file name inside ``name_or_path`` for GGUF checkpoints.
         vocab_size: slice logits to this many entries (see :class:`OnlineTeacher`).
-        **kwargs: passed on to ``from_pretrained`` (``revision``, ``device_map``...).
+        **kwargs: ``revision``, ``trust_remote_code``, ``device_map``, ``attn_implementation`` (the
+            fields of :class:`~kdforge.models.ModelSource`); any other keyword goes to
+            ``from_pretrained`` as is.
     """
+    from kdforge.models import ModelSource, classify_model_name, load_causal_lm, resolve_device
+
+    name = str(name_or_path)
+    torch_dtype = resolve_dtype(dtype)
+    dtype_name = "auto" if torch_dtype is None else str(torch_dtype).replace("torch.", "")
+    source_keys = {"revision", "trust_remote_code", "device_map", "attn_implementation"}
+    if dtype_name not in ("auto", "float32", "bfloat16", "float16") or set(kwargs) - source_keys \
+            or (gguf_file is not None and classify_model_name(name) == "hub"):
+        model = _from_pretrained(name, torch_dtype, gguf_file, kwargs)  # beyond what ModelSource describes
+    else:
+        if gguf_file is not None:
+            from kdforge.models import resolve_model_path
+
+            name = str(Path(resolve_model_path(name)) / gguf_file)
+        placed = None if device is None else resolve_device(str(device))
+        source = ModelSource(model=name, dtype=dtype_name, device=str(placed or "cpu"), **kwargs)
+        model = load_causal_lm(source, what="teacher")
+        device = placed if placed is not None else None
+    return OnlineTeacher(model, device=device, vocab_size=vocab_size, name=str(name_or_path))
+
+
+def _from_pretrained(name: str, torch_dtype: torch.dtype | None, gguf_file: str | None,
+                     kwargs: dict[str, Any]) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with keywords that :class:`ModelSource` has no field for."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = resolve_dtype(dtype)
     load_kwargs: dict[str, Any] = dict(kwargs)
     load_kwargs["dtype"] = torch_dtype if torch_dtype is not None else "auto"
     if gguf_file is not None:
         load_kwargs["gguf_file"] = gguf_file
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **load_kwargs)
+        return AutoModelForCausalLM.from_pretrained(name, **load_kwargs)
     except (OSError, ValueError) as exc:
-        local = Path(name_or_path).exists()
+        local = Path(name).exists()
         raise AssetError(
-            f"cannot load teacher {str(name_or_path)!r}: {str(exc).splitlines()[0]}",
+            f"cannot load teacher {name!r}: {str(exc).splitlines()[0]}",
             "check the folder holds config.json and weights"
             if local
             else "check the Hub id and your network (set HF_HUB_OFFLINE=0), or pass a local folder",
         ) from None
-    return OnlineTeacher(model, device=device, vocab_size=vocab_size, name=str(name_or_path))

@@ -33,10 +33,11 @@ __all__ = ["ScoringModelSpec", "SelectConfig", "SelectCorpusSpec", "load_corpus"
 class ScoringModelSpec(StrictModel):
     """A causal LM that scores documents, with its own tokenizer."""
 
-    name_or_path: str = Field(description="Hub id, local folder, or asset:<name> (e.g. asset:smollm2)")
+    name_or_path: str = Field(description="asset name (smollm2 or asset:smollm2), local folder, or Hub id "
+                                          "(read like llm_kd's teacher.model)")
     tokenizer: str | None = Field(None, description="tokenizer folder/id; default: the model's")
     dtype: str = Field("float32", description="auto, float32, bfloat16 or float16")
-    device: str | None = Field(None, description="e.g. cuda:0; default: cuda if available else cpu")
+    device: str | None = Field(None, description="e.g. cuda:0; default: the accelerator if any, else cpu")
 
 
 class SelectCorpusSpec(StrictModel):
@@ -103,23 +104,14 @@ def load_corpus(spec: SelectCorpusSpec) -> Any:
 
 
 def _scorer(spec: ScoringModelSpec, config: SelectConfig, role: str) -> Any:
-    import torch
-    from transformers import AutoTokenizer
-
+    """A scorer on ``spec``'s model: loaded by :mod:`kdforge.models` (asset name, folder or Hub id;
+    the same errors as ``kdforge run``), on the accelerator unless ``device`` says otherwise."""
     from kdforge.data.select.scorer import CausalLMScorer
-    from kdforge.errors import AssetError
-    from kdforge.teachers.cache.config import resolve_path
+    from kdforge.models import ModelSource, load_tokenizer
     from kdforge.teachers.online import load_teacher
 
-    path = resolve_path(spec.name_or_path)
-    tok_path = resolve_path(spec.tokenizer) if spec.tokenizer else path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    except (OSError, ValueError) as exc:
-        raise AssetError(f"cannot load the {role}'s tokenizer {tok_path!r}: {str(exc).splitlines()[0]}",
-                         f"set {role}.tokenizer to a folder holding tokenizer.json") from None
-    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_teacher(path, dtype=spec.dtype, device=device)
+    tokenizer = load_tokenizer(ModelSource(model=spec.tokenizer or spec.name_or_path), what=role)
+    model = load_teacher(spec.name_or_path, dtype=spec.dtype, device=spec.device or "auto")
     return CausalLMScorer(model, tokenizer, max_length=config.max_length, batch_size=config.batch_size,
                           name=spec.name_or_path)
 

@@ -46,10 +46,11 @@ log = logging.getLogger(__name__)
 class TeacherSpec(StrictModel):
     """Which teacher to run."""
 
-    name_or_path: str = Field(description="Hub id, local folder, or asset:<name> (e.g. asset:smollm2)")
+    name_or_path: str = Field(description="asset name (smollm2 or asset:smollm2), local folder, or Hub id "
+                                          "(read like llm_kd's teacher.model)")
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path, if any")
     dtype: str = Field("float32", description="auto, float32, bfloat16 or float16")
-    device: str | None = Field(None, description="e.g. cuda:0; default: cuda if available else cpu")
+    device: str | None = Field(None, description="e.g. cuda:0; default: the accelerator if any, else cpu")
     vocab_size: int | None = Field(None, ge=1, description="slice logits to this many ids (drop embedding padding)")
 
 
@@ -142,31 +143,20 @@ def run_cache_teacher(config: CacheTeacherConfig) -> Path:
     ``cuda:<LOCAL_RANK>`` when CUDA is available and ``teacher.device`` is unset) and writes its
     share of the shards; the result is byte-identical to a one-process build.
     """
-    import os
-
-    import torch
-    from transformers import AutoTokenizer
-
     from kdforge.constants import IGNORE_INDEX
     from kdforge.data.pipeline import prepare_blocks
-    from kdforge.errors import AssetError
+    from kdforge.models import ModelSource, load_tokenizer
     from kdforge.teachers.cache.writer import build_teacher_cache
     from kdforge.teachers.online import load_teacher
 
     t = config.teacher
-    teacher_path = resolve_path(t.name_or_path)
     tok_name = config.corpus.tokenizer if config.corpus is not None else config.tokenizer
     max_sequences = config.corpus.max_sequences if config.corpus is not None else config.max_sequences
-    tok_path = resolve_path(tok_name) if tok_name else teacher_path
-    tok_kwargs = {"gguf_file": t.gguf_file} if t.gguf_file and not tok_name else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, **tok_kwargs)
-    except (OSError, ValueError) as exc:
-        raise AssetError(
-            f"cannot load tokenizer {tok_path!r}: {str(exc).splitlines()[0]}",
-            "set tokenizer (corpus.tokenizer with a corpus block) to a folder holding tokenizer.json / "
-            "tokenizer_config.json",
-        ) from None
+    # kdforge.models reads the names (asset, folder, .gguf file, Hub id) and fails like `kdforge run`
+    tok_source = tok_name or t.name_or_path
+    if tok_name is None and t.gguf_file and Path(resolve_path(t.name_or_path)).is_dir():
+        tok_source = str(Path(resolve_path(t.name_or_path)) / t.gguf_file)  # the tokenizer inside the GGUF file
+    tokenizer = load_tokenizer(ModelSource(model=tok_source), what="teacher" if tok_name is None else "tokenizer")
     # the data before the teacher: a data mistake fails fast, and before anything is written
     blocks, labels = prepare_blocks(config.data_spec(), tokenizer, max_blocks=max_sequences)
     mask = labels != IGNORE_INDEX
@@ -174,13 +164,9 @@ def run_cache_teacher(config: CacheTeacherConfig) -> Path:
     log.info("data: %d sequences of %d tokens%s", blocks.shape[0], blocks.shape[1],
              "" if loss_mask is None else f", {int(mask.sum())} trained (response-only)")
 
-    from kdforge.distributed import launched_world_size
-
-    default_device = "cpu"
-    if torch.cuda.is_available():
-        default_device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if launched_world_size() > 1 else "cuda"
-    device = t.device or default_device
-    teacher = load_teacher(teacher_path, dtype=t.dtype, device=device, gguf_file=t.gguf_file, vocab_size=t.vocab_size)
+    # device auto: the accelerator (cuda:LOCAL_RANK under a multi-process launch), else the CPU
+    teacher = load_teacher(t.name_or_path, dtype=t.dtype, device=t.device or "auto", gguf_file=t.gguf_file,
+                           vocab_size=t.vocab_size)
     teacher.name = t.name_or_path
     return build_teacher_cache(
         teacher,

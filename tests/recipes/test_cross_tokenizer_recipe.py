@@ -58,3 +58,38 @@ def test_cross_tokenizer_recipe_runs_from_yaml(tmp_path):
     assert results["student_vocab"] == 300 and results["teacher_vocab"] == 150
     assert "top-1 agreement" in (out / "results.md").read_text()
     assert (out / "student_tokenizer" / "tokenizer.json").is_file()
+
+
+def test_cross_tokenizer_recipe_from_a_cache_matches_the_live_teacher(tmp_path):
+    """teacher_source: cache with k = the teacher's vocabulary and lossless log-probs trains the same
+    student as the live teacher (same aligned signal up to float rounding)."""
+    _teacher(tmp_path / "teacher")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(TEXT * 12)
+    (corpus / "b.txt").write_text(TEXT.replace("man", "woman") * 4)
+    base = {
+        "recipe": "cross_tokenizer_kd",
+        "teacher": {"model": str(tmp_path / "teacher")},
+        "student": {"tokenizer": "bpe", "vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                    "intermediate_size": 64},
+        "data": {"corpus": str(corpus), "train_docs": ["a"], "eval_docs": ["b"], "chars": 120, "seq_len": 24,
+                 "train_examples": 8, "eval_examples": 4},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "progress": False},
+        "methods": [{"name": "GOLD", "objective": [{"name": "cross_entropy", "weight": 1.0},
+                                                   {"name": "gold", "weight": 1.0}]}],
+        "seeds": [0],
+    }
+    results = {}
+    for source in ("live", "cache"):
+        config = dict(base, teacher_source=source, cache={"k": 150, "encoding": "raw-fp32"})
+        path = tmp_path / f"{source}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        assert main(["run", str(path), "-o", str(tmp_path / source), "--no-report"]) == 0
+        results[source] = json.loads((tmp_path / source / "results.json").read_text())
+    live, cached = results["live"]["methods"]["GOLD"], results["cache"]["methods"]["GOLD"]
+    assert abs(cached["ppl"] - live["ppl"]) <= 1e-4 * live["ppl"]
+    info = results["cache"]["cache"]
+    assert (tmp_path / "cache" / "teacher_cache" / "token_offsets.bin").is_file()
+    assert 0 < info["offsets_bytes_per_token"] < info["bytes_per_token"]
+    assert "token offsets" in (tmp_path / "cache" / "results.md").read_text()

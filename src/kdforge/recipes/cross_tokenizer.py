@@ -71,6 +71,15 @@ class DataSpec(StrictModel):
     eval_examples: int = Field(48, ge=1)
 
 
+class CrossTokenizerCacheSpec(StrictModel):
+    """The teacher cache of ``teacher_source: cache`` (built over the training texts with the
+    teacher's token offsets on first use, resumed or reused after)."""
+
+    dir: str | None = Field(None, description="cache folder (default RUN_DIR/teacher_cache)")
+    k: int = Field(64, ge=1, description="top-k entries per teacher position")
+    encoding: str = Field("compact-u8-zstd", description="a cache encoding (kdforge cache-teacher --help)")
+
+
 class MethodSpec(StrictModel):
     name: str
     objective: list[LossTerm]
@@ -92,6 +101,11 @@ class CrossTokenizerConfig(StrictModel):
     student: StudentSpec = Field(default_factory=StudentSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     span_policy: Literal["merge", "skip"] = "merge"
+    teacher_source: Literal["live", "cache"] = Field(
+        "live", description="'live': the teacher runs on the training batches; 'cache': its top-k and token offsets "
+                            "are cached once (cache:) and training reads them (evaluation still asks the live "
+                            "teacher)")
+    cache: CrossTokenizerCacheSpec = Field(default_factory=CrossTokenizerCacheSpec)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=100, batch_size=8, lr=1e-3,
                                                                    progress=False))
     methods: list[MethodSpec] = Field(default_factory=_default_methods)
@@ -224,11 +238,15 @@ class CrossTokenizerKD(Recipe):
                         for i in range(0, len(eval_texts), config.eval_batch_size)]
         tops = [teacher_top_tokens(source, b) for b in eval_batches]
         train_data, train_collate, train_source = train_texts, collate, source
+        cache_info: dict[str, Any] = {}
+        if config.teacher_source == "cache":
+            train_data, train_collate, train_source, cache_info = _cached_training(
+                config, run.out, teacher, teacher_tok, student_tok, train_texts)
         if config.reuse_teacher_signals:
             bs = config.train.batch_size
-            train_data = [dict(collate(train_texts[i: i + bs]), batch_id=torch.tensor(k))
-                          for k, i in enumerate(range(0, len(train_texts) - bs + 1, bs))]
-            train_collate, train_source = _first, ReusedSignals(source)
+            train_data = [dict(train_collate([train_data[j] for j in range(i, i + bs)]), batch_id=torch.tensor(k))
+                          for k, i in enumerate(range(0, len(train_data) - bs + 1, bs))]
+            train_collate, train_source = _first, ReusedSignals(train_source)
         rows: dict[str, list[dict[str, float]]] = {m.name: [] for m in config.methods}
         for seed in config.seeds:
             for method in config.methods:
@@ -252,12 +270,49 @@ class CrossTokenizerKD(Recipe):
             "student_vocab": len(student_tok),
             "teacher_vocab": len(teacher_tok),
             "shared_tokens": len(source.shared_student_ids),
+            "teacher_source": config.teacher_source,
+            **({"cache": cache_info} if cache_info else {}),
             "methods": {name: _summary(r) for name, r in rows.items()},
             "per_seed": rows,
             "total_s": time.perf_counter() - start,
         }
         run.publish(results, results_markdown(results, config))
         return results
+
+
+def _cached_training(config: CrossTokenizerConfig, out: Path, teacher: Any, teacher_tok: Any, student_tok: Any,
+                     train_texts: list[str]) -> tuple[Any, Any, TeacherSource, dict[str, Any]]:
+    """Build (or reuse) the cross-tokenizer cache over the training texts the student covers, and
+    return its dataset, collator, source and cost (bytes per teacher token, with and without the
+    offsets; build seconds)."""
+    from kdforge.teachers.cache import (
+        CachedCrossTokenizerCollator,
+        CrossTokenizerCacheDataset,
+        build_cross_tokenizer_cache,
+    )
+    from kdforge.teachers.crosstok import encode_student
+    from kdforge.teachers.sources import CachedCrossTokenizerTeacher
+
+    seq_len = config.data.seq_len
+    covered = encode_student(train_texts, student_tok, max_length=seq_len)[1]  # what the live teacher reads
+    cache_dir = Path(config.cache.dir) if config.cache.dir else out / "teacher_cache"
+    t0 = time.perf_counter()
+    build_cross_tokenizer_cache(teacher, teacher_tok, covered, cache_dir, k=config.cache.k,
+                                encoding=config.cache.encoding, batch_size=config.train.batch_size)
+    build_s = time.perf_counter() - t0
+    dataset = CrossTokenizerCacheDataset(cache_dir, covered, teacher_tokenizer=teacher_tok)
+    stats = dataset.cache.manifest["stats"]
+    tokens = dataset.cache.manifest["dataset"]["num_tokens"]
+    real = int(sum(dataset.cache.token_offsets(i)[1] for i in range(len(dataset))))
+    info = {"dir": str(cache_dir), "k": config.cache.k, "encoding": config.cache.encoding, "build_s": build_s,
+            "bytes_per_token": stats["bytes_per_token"] * tokens / real,
+            "offsets_bytes_per_token": stats["offsets_bytes_per_token"] * tokens / real,
+            "teacher_tokens": real}
+    log.info("teacher cache %s: %.1f B per teacher token (+ %.2f B for the token offsets)", cache_dir,
+             info["bytes_per_token"], info["offsets_bytes_per_token"])
+    source = CachedCrossTokenizerTeacher(teacher_tok, student_tok, vocab_size=dataset.vocab_size,
+                                         span_policy=config.span_policy)
+    return dataset, CachedCrossTokenizerCollator(student_tok, max_length=seq_len), source, info
 
 
 def _first(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -307,7 +362,8 @@ def results_markdown(results: dict[str, Any], config: CrossTokenizerConfig) -> s
     lines = [
         f"teacher {results['teacher']} (vocabulary {results['teacher_vocab']}) -> student with its own tokenizer "
         f"(vocabulary {results['student_vocab']}, {results['shared_tokens']} tokens shared by string); "
-        f"{config.train.max_steps} steps, {seeds} seed(s), span policy {config.span_policy}",
+        f"{config.train.max_steps} steps, {seeds} seed(s), span policy {config.span_policy}, "
+        f"teacher signal: {results.get('teacher_source', 'live')}",
         "",
         "| method | held-out ppl (student tokens) | top-1 agreement at aligned positions | train s |",
         "|---|---|---|---|",
@@ -319,4 +375,8 @@ def results_markdown(results: dict[str, Any], config: CrossTokenizerConfig) -> s
 
     for name, m in results["methods"].items():
         lines.append(f"| {name} | {fmt(m, 'ppl', '.2f')} | {fmt(m, 'agreement', '.3f')} | {m['train_s']:.0f} |")
+    if "cache" in results:
+        c = results["cache"]
+        lines += ["", f"teacher cache (k={c['k']}, {c['encoding']}): {c['bytes_per_token']:.2f} B per teacher token, "
+                      f"of which {c['offsets_bytes_per_token']:.2f} B token offsets; built in {c['build_s']:.0f} s"]
     return "\n".join(lines) + "\n"

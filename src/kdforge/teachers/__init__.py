@@ -5,8 +5,11 @@ from kdforge.teachers.alignment import TokenAlignment, align_offsets
 from kdforge.teachers.budget import BudgetedTeacher, BudgetExceededError, QueryBudget
 from kdforge.teachers.cache import (
     ENCODINGS,
+    CachedCrossTokenizerCollator,
+    CrossTokenizerCacheDataset,
     TeacherCache,
     TeacherCacheDataset,
+    build_cross_tokenizer_cache,
     build_teacher_cache,
     collate_teacher_cache,
     open_teacher_cache,
@@ -15,6 +18,7 @@ from kdforge.teachers.cache import (
 from kdforge.teachers.crosstok import CrossTokenizerCollator, encode_texts, shared_vocabulary
 from kdforge.teachers.online import OnlineTeacher, load_teacher, topk_logprobs
 from kdforge.teachers.sources import (
+    CachedCrossTokenizerTeacher,
     CachedTeacher,
     CrossTokenizerTeacher,
     EnsembleTeacher,
@@ -37,7 +41,11 @@ from kdforge.teachers.vocab import (
 __all__ = [
     "BudgetExceededError", "BudgetedTeacher", "QueryBudget",
     "ENCODINGS",
+    "CachedCrossTokenizerCollator",
+    "CachedCrossTokenizerTeacher",
     "CachedTeacher",
+    "CrossTokenizerCacheDataset",
+    "build_cross_tokenizer_cache",
     "CrossTokenizerCollator",
     "CrossTokenizerTeacher",
     "EnsembleTeacher",

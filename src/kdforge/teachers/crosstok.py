@@ -29,7 +29,7 @@ from kdforge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TEACHER_KEYS", "CrossTokenizerCollator", "encode_texts", "retokenize", "shared_vocabulary"]
+__all__ = ["TEACHER_KEYS", "CrossTokenizerCollator", "encode_student", "encode_texts", "retokenize", "shared_vocabulary"]
 
 #: batch keys of the teacher's tokenization and both sides' character offsets
 TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "student_offsets", "teacher_offsets")
@@ -89,6 +89,17 @@ def encode_texts(texts: Sequence[str], student_tokenizer: Any, teacher_tokenizer
     """
     _require_fast(student_tokenizer, "student")
     _require_fast(teacher_tokenizer, "teacher")
+    batch, covered = encode_student(texts, student_tokenizer, max_length=max_length)
+    batch.update(_teacher_side(covered, teacher_tokenizer))
+    return batch
+
+
+def encode_student(texts: Sequence[str], student_tokenizer: Any, *,
+                   max_length: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The student's side of :func:`encode_texts`: ``input_ids``, ``attention_mask``, ``labels``,
+    ``student_offsets`` ``[B, T_s(, 2)]``, and each text cut to what the (truncated) student
+    tokens cover (the text the teacher must read)."""
+    _require_fast(student_tokenizer, "student")
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise DataError("encode_texts takes a list of strings", "pass [text, ...] (one string per example)")
     enc = student_tokenizer(list(texts), return_offsets_mapping=True, truncation=max_length is not None,
@@ -105,8 +116,7 @@ def encode_texts(texts: Sequence[str], student_tokenizer: Any, teacher_tokenizer
         "labels": input_ids.masked_fill(attention == 0, IGNORE_INDEX),
         "student_offsets": _pad(offs, (0, 0), width, torch.long),
     }
-    batch.update(_teacher_side(covered, teacher_tokenizer))
-    return batch
+    return batch, covered
 
 
 class CrossTokenizerCollator:

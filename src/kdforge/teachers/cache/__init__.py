@@ -7,10 +7,17 @@ See docs/teacher-cache.md. Public API::
     open_teacher_cache(out_dir)            # low-level reader
     build_teacher_cache(..., data_parallel=True)   # on every rank of an accelerate launch
     build_teacher_cache(..., k=16, tail_samples=16)  # + 16 draws from the tail (unbiased, forward KL)
+    build_cross_tokenizer_cache(teacher, teacher_tok, texts, out_dir, k=64)   # + token offsets
+    CrossTokenizerCacheDataset(out_dir, texts)  # for a student with another tokenizer
 """
 
 from kdforge.teachers.cache.codec import ENCODINGS, Encoding, get_encoding
 from kdforge.teachers.cache.corpus import pack_tokens, read_texts
+from kdforge.teachers.cache.crosstok import (
+    CachedCrossTokenizerCollator,
+    CrossTokenizerCacheDataset,
+    build_cross_tokenizer_cache,
+)
 from kdforge.teachers.cache.dataset import (
     BATCH_KEYS,
     TeacherCacheDataset,
@@ -29,11 +36,14 @@ from kdforge.teachers.cache.writer import (
 __all__ = [
     "BATCH_KEYS",
     "BuildGroup",
+    "CachedCrossTokenizerCollator",
+    "CrossTokenizerCacheDataset",
     "ENCODINGS",
     "Encoding",
     "TeacherCache",
     "TeacherCacheDataset",
     "batch_sparse_teacher",
+    "build_cross_tokenizer_cache",
     "build_teacher_cache",
     "collate_teacher_cache",
     "get_encoding",

@@ -30,6 +30,7 @@ from kdforge.teachers.cache.format import (
     manifest_value,
     read_manifest,
 )
+from kdforge.teachers.cache.offsets import decode_offsets
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class TeacherCache:
         self._maps: dict[int, Any] = {}
         self._compressor: RecordCompressor | None = None
         self._mask = self._read_loss_mask()
+        self._offsets = self._read_token_offsets()
 
     def _read_loss_mask(self) -> np.ndarray | None:
         """The bool ``[N, T]`` loss mask of a masked cache (checked against its SHA-256), else None."""
@@ -95,6 +97,54 @@ class TeacherCache:
             raise CacheError(f"{path} is corrupted (SHA-256 does not match the manifest)", _rebuild_fix(self.cache_dir))
         packed = np.load(io.BytesIO(blob), allow_pickle=False)
         return np.unpackbits(packed, axis=1, count=self.seq_len).astype(bool)
+
+    def _read_token_offsets(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(offsets [N, T, 2], lengths [N])`` of a cache built with token offsets (checked
+        against their SHA-256), else None."""
+        entry = self.manifest["dataset"].get("token_offsets")
+        if entry is None:
+            return None
+        path = self.cache_dir / entry["file"]
+        if not path.is_file():
+            raise CacheError(f"the teacher cache at {self.cache_dir} has token offsets but {entry['file']} is missing",
+                             _rebuild_fix(self.cache_dir))
+        blob = path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+            raise CacheError(f"{path} is corrupted (SHA-256 does not match the manifest)", _rebuild_fix(self.cache_dir))
+        offsets, lengths = decode_offsets(blob, str(path))
+        if offsets.shape[:2] != (len(self), self.seq_len):
+            raise CacheError(f"{path} holds offsets {offsets.shape}, the cache {len(self)} x {self.seq_len} tokens",
+                             _rebuild_fix(self.cache_dir))
+        return offsets, lengths
+
+    @property
+    def has_token_offsets(self) -> bool:
+        """Whether the cache stores the teacher's token character offsets (cross-tokenizer use)."""
+        return self._offsets is not None
+
+    @property
+    def text_fingerprint(self) -> str | None:
+        """SHA-256 of the texts a cache with token offsets was tokenized from (else None)."""
+        entry = self.manifest["dataset"].get("token_offsets")
+        return None if entry is None else entry["text_fingerprint"]
+
+    def token_offsets(self, index: int) -> tuple[np.ndarray, int]:
+        """``(offsets int64 [T, 2], length)`` of sequence ``index``: each teacher token's character
+        span in its text, and how many tokens are real (the rest is padding).
+
+        Raises:
+            CacheError: the cache was built without token offsets.
+        """
+        if self._offsets is None:
+            raise CacheError(
+                f"the teacher cache at {self.cache_dir} stores no token offsets, so it cannot be aligned to a "
+                "student with another tokenizer",
+                "rebuild it from the texts with kdforge.teachers.cache.build_cross_tokenizer_cache (or "
+                "build_teacher_cache(..., token_offsets=, texts=)); the recipe cross_tokenizer_kd with "
+                "teacher_source: cache does this for you",
+            )
+        offsets, lengths = self._offsets
+        return offsets[index], int(lengths[index])
 
     @property
     def masked(self) -> bool:

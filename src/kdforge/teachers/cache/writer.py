@@ -59,6 +59,7 @@ from kdforge.teachers.cache.format import (
     shard_name,
     shard_ranges,
 )
+from kdforge.teachers.cache.offsets import OFFSETS_FILE, encode_offsets, text_fingerprint
 from kdforge.teachers.cache.parallel import (
     BuildGroup,
     assign_shards,
@@ -168,6 +169,8 @@ def build_teacher_cache(
     on_shard: Callable[[int, dict[str, Any]], None] | None = None,
     data_parallel: bool | BuildGroup = False,
     loss_mask: Any = None,
+    token_offsets: tuple[Any, Any] | None = None,
+    texts: Sequence[str] | None = None,
 ) -> Path:
     """Run ``teacher`` once over ``sequences`` and write a top-k cache to ``out_dir``.
 
@@ -207,6 +210,13 @@ def build_teacher_cache(
             encodings store in a few bits: measured in docs/teacher-cache.md). None (default):
             every token is trained, and the cache is byte-identical to one built without the
             argument.
+        token_offsets: optional ``(offsets [N, T, 2], lengths [N])``: the character span of each
+            teacher token in ``texts[i]`` and the number of real tokens per row (the rest is
+            padding); stored compactly (:mod:`kdforge.teachers.cache.offsets`) so that a student
+            with *another* tokenizer can be aligned to the cache
+            (:class:`~kdforge.teachers.cache.CrossTokenizerCacheDataset`). Needs ``texts``.
+            :func:`~kdforge.teachers.cache.build_cross_tokenizer_cache` tokenizes texts for you.
+        texts: the texts the rows were tokenized from (only their SHA-256 is stored).
 
     Returns:
         ``out_dir`` as a Path.
@@ -250,6 +260,8 @@ def build_teacher_cache(
         on_shard=on_shard,
         data_parallel=data_parallel,
         loss_mask=loss_mask,
+        token_offsets=token_offsets,
+        texts=texts,
     )
 
 
@@ -271,6 +283,8 @@ def write_teacher_cache(
     on_shard: Callable[[int, dict[str, Any]], None] | None = None,
     data_parallel: bool | BuildGroup = False,
     loss_mask: Any = None,
+    token_offsets: tuple[Any, Any] | None = None,
+    texts: Sequence[str] | None = None,
 ) -> Path:
     """Write a cache from any top-k source (see :data:`TopkFn`); :func:`build_teacher_cache`
     is this with a live model. ``teacher_info`` needs ``id`` and ``weights_sha256`` (any stable
@@ -278,7 +292,7 @@ def write_teacher_cache(
     :func:`build_teacher_cache` (each rank's ``topk_fn`` is called only on its own shards).
     ``tail_samples = m > 0``: ``topk_fn`` returns ``k + m`` entries with ``num_exact = k``
     (:func:`sampled_topk_fn`); ``sample_seed`` is recorded in the manifest. ``loss_mask``: see
-    :func:`build_teacher_cache`."""
+    :func:`build_teacher_cache`. ``token_offsets`` / ``texts``: see :func:`build_teacher_cache`."""
     if k < (0 if tail_samples else 1) or batch_size < 1 or shard_size < 1:
         raise ConfigError(
             f"k, batch_size and shard_size must be >= 1 (got {k}, {batch_size}, {shard_size}; k may be 0 "
@@ -326,6 +340,7 @@ def write_teacher_cache(
         "shards": [],
         "stats": {},
     }
+    offsets_blob = _offsets_entry(header, token_offsets, texts, len(seqs), seqs.seq_len)
     mask_blob = None
     if mask is not None:
         mask_blob = loss_mask_bytes(mask)
@@ -342,6 +357,9 @@ def write_teacher_cache(
             if mask_blob is not None and not manifest["complete"]:
                 with atomic_write(out / LOSS_MASK, "wb") as fh:
                     fh.write(mask_blob)
+            if offsets_blob is not None and not manifest["complete"]:
+                with atomic_write(out / OFFSETS_FILE, "wb") as fh:
+                    fh.write(offsets_blob)
             if group.world_size > 1 and not manifest["complete"]:
                 write_json_atomic(out / MANIFEST, manifest)
         group.barrier()
@@ -394,6 +412,28 @@ def write_teacher_cache(
                 _merge_progress(out, manifest, ranges)
             group.barrier()
         return out
+
+
+def _offsets_entry(header: dict[str, Any], token_offsets: tuple[Any, Any] | None, texts: Sequence[str] | None,
+                   num_sequences: int, seq_len: int) -> bytes | None:
+    """Bytes of ``token_offsets.bin`` (None without offsets); records their SHA-256, size and the
+    texts' fingerprint in ``header["dataset"]["token_offsets"]`` (so a resume with other offsets or
+    texts is refused like one over another corpus)."""
+    if token_offsets is None:
+        if texts is not None:
+            raise ConfigError("texts were given without token_offsets", "pass both (or neither)")
+        return None
+    if texts is None or isinstance(texts, str) or len(texts) != num_sequences:
+        raise ConfigError(f"token_offsets need the {num_sequences} texts the rows were tokenized from",
+                          "pass texts=[...] (one string per cached sequence)")
+    offsets, lengths = (np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x) for x in token_offsets)
+    if offsets.shape[:2] != (num_sequences, seq_len):
+        raise ShapeError(f"token offsets have shape {offsets.shape}, the sequences {(num_sequences, seq_len)}",
+                         "pass one (start, end) per token of every cached row")
+    blob = encode_offsets(offsets, lengths)
+    header["dataset"]["token_offsets"] = {"file": OFFSETS_FILE, "sha256": hashlib.sha256(blob).hexdigest(),
+                                          "bytes": len(blob), "text_fingerprint": text_fingerprint(texts)}
+    return blob
 
 
 def _resolve_group(data_parallel: bool | BuildGroup) -> BuildGroup:
@@ -577,6 +617,9 @@ def _stats(manifest: dict[str, Any]) -> dict[str, Any]:
         "topk_mass_min": min(s["topk_mass_min"] for s in shards),
         "max_quant_error": max(s["max_quant_error"] for s in shards),
     }
+    offsets = manifest["dataset"].get("token_offsets")
+    if offsets is not None:  # cross-tokenizer caches: what the offsets add
+        out["offsets_bytes_per_token"] = offsets["bytes"] / tokens
     if loss_tokens is not None:  # a masked cache: mass stats are over the kept positions
         out["bytes_per_loss_token"] = total / max(loss_tokens, 1)
     return out

@@ -8,6 +8,7 @@
 * :class:`MutualTeacher` — peers that train together with the student (online / mutual KD),
 * :class:`PSKDTeacher` — the student's own previous-epoch predictions, stored compactly (PS-KD),
 * :class:`CrossTokenizerTeacher` — a live model with another tokenizer, aligned by character offsets,
+* :class:`CachedCrossTokenizerTeacher` — the same from a cache built with the teacher's token offsets,
 * :func:`as_source` — the one place that turns what a user passes as ``teacher=`` into a source.
 """
 
@@ -20,7 +21,10 @@ from torch import nn
 from kdforge.errors import ConfigError
 from kdforge.teachers.sources.base import TeacherSource
 from kdforge.teachers.sources.cached import CachedTeacher
-from kdforge.teachers.sources.cross_tokenizer import CrossTokenizerTeacher
+from kdforge.teachers.sources.cross_tokenizer import (
+    CachedCrossTokenizerTeacher,
+    CrossTokenizerTeacher,
+)
 from kdforge.teachers.sources.ensemble import EnsembleTeacher
 from kdforge.teachers.sources.mutual import MutualTeacher
 from kdforge.teachers.sources.pskd import IndexedDataset, PSKDTeacher
@@ -28,7 +32,7 @@ from kdforge.teachers.sources.self_teacher import SelfTeacher
 from kdforge.teachers.sources.served import ServedTeacher
 
 __all__ = [
-    "CachedTeacher", "CrossTokenizerTeacher", "EnsembleTeacher", "IndexedDataset", "MutualTeacher", "PSKDTeacher", "SelfTeacher", "ServedTeacher",
+    "CachedCrossTokenizerTeacher", "CachedTeacher", "CrossTokenizerTeacher", "EnsembleTeacher", "IndexedDataset", "MutualTeacher", "PSKDTeacher", "SelfTeacher", "ServedTeacher",
     "TeacherSource", "as_source",
 ]
 

@@ -37,7 +37,7 @@ from kdforge.teachers.sources.base import TeacherSource
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CrossTokenizerTeacher"]
+__all__ = ["CACHED_KEYS", "CachedCrossTokenizerTeacher", "CrossTokenizerTeacher", "aligned_signal"]
 
 
 class CrossTokenizerTeacher(TeacherSource):
@@ -134,25 +134,118 @@ class CrossTokenizerTeacher(TeacherSource):
         logits = run_model(self.model, input_ids=t_ids, attention_mask=keys["teacher_attention_mask"])
         if self.online.vocab_size is not None:
             logits = logits[..., : self.online.vocab_size]
-        logits = logits[:, :-1].to(device)  # teacher loss positions: position u predicts token u + 1
-        a = alignment.to(device)
-        t_next = t_ids[:, 1:].to(device)
-        log_scale_t = torch.zeros(t_next.shape, dtype=torch.float32, device=device)
-        later = a.teacher_merge >= 0
-        if self.span_policy == "merge":  # the teacher's log-probability of the rest of each span group
-            rows = logits[later].float()
-            lp = rows.gather(-1, t_next[later][:, None]).squeeze(-1) - torch.logsumexp(rows, dim=-1)
-            log_scale_t = log_scale_t.index_put((later.nonzero()[:, 0], a.teacher_merge[later]), lp, accumulate=True)
-        pos = a.teacher_pos
-        gathered = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
-        cross = CrossVocabTeacher(
-            gathered,
-            mask=a.mask,
-            log_scale=log_scale_t.gather(1, pos) if self.span_policy == "merge" else None,
-            student_merge=a.student_merge if self.span_policy == "merge" else None,
-            student_next=input_ids[:, 1:].to(device),
-            shared_student_ids=self.shared_student_ids.to(device),
-            shared_teacher_ids=self.shared_teacher_ids.to(device),
-        )
+        # teacher loss positions: position u predicts token u + 1
+        cross, a = aligned_signal(logits[:, :-1].to(device), t_ids, alignment, input_ids, self.span_policy,
+                                  self.shared_student_ids, self.shared_teacher_ids)
+        self.last_alignment = a
+        return TeacherSignal(cross=cross)
+
+
+def aligned_signal(logits: torch.Tensor, teacher_ids: torch.Tensor, alignment: TokenAlignment,
+                   input_ids: torch.Tensor, span_policy: str, shared_student_ids: torch.Tensor,
+                   shared_teacher_ids: torch.Tensor) -> tuple[Any, TokenAlignment]:
+    """The teacher's distributions at its loss positions, moved onto the student's.
+
+    Args:
+        logits: ``[B, T_t - 1, V_t]`` teacher logits (or log-probs) at its loss positions
+            (position ``u`` predicts teacher token ``u + 1``), on the student's device.
+        teacher_ids: ``[B, T_t]`` the teacher's token ids.
+        alignment: the batch's :class:`TokenAlignment`.
+        input_ids: ``[B, T_s]`` the student's ids.
+
+    Returns:
+        ``(CrossVocabTeacher [B, T_s - 1, V_t], alignment on the device)``. Under ``"merge"`` the
+        teacher's log-probability of the rest of each span group (``log_softmax`` of ``logits`` at
+        its later positions, gathered at the actual next tokens) is summed with one scatter.
+    """
+    from kdforge.losses.uld import CrossVocabTeacher
+
+    device = logits.device
+    a = alignment.to(device)
+    t_next = teacher_ids[:, 1:].to(device)
+    log_scale_t = torch.zeros(t_next.shape, dtype=torch.float32, device=device)
+    later = a.teacher_merge >= 0
+    if span_policy == "merge":  # the teacher's log-probability of the rest of each span group
+        rows = logits[later].float()
+        lp = rows.gather(-1, t_next[later][:, None]).squeeze(-1) - torch.logsumexp(rows, dim=-1)
+        log_scale_t = log_scale_t.index_put((later.nonzero()[:, 0], a.teacher_merge[later]), lp, accumulate=True)
+    pos = a.teacher_pos
+    gathered = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+    cross = CrossVocabTeacher(
+        gathered,
+        mask=a.mask,
+        log_scale=log_scale_t.gather(1, pos) if span_policy == "merge" else None,
+        student_merge=a.student_merge if span_policy == "merge" else None,
+        student_next=input_ids[:, 1:].to(device),
+        shared_student_ids=shared_student_ids.to(device),
+        shared_teacher_ids=shared_teacher_ids.to(device),
+    )
+    return cross, a
+
+
+#: batch keys of the cached teacher's top-k (at the teacher's positions) for cross-tokenizer KD
+CACHED_KEYS = ("cached_teacher_ids", "cached_teacher_logprobs")
+
+
+class CachedCrossTokenizerTeacher(TeacherSource):
+    """Cross-tokenizer KD from a teacher cache built with token offsets (no live teacher).
+
+    Batches come from :class:`~kdforge.teachers.cache.CrossTokenizerCacheDataset` through a
+    :class:`~kdforge.teachers.cache.CachedCrossTokenizerCollator`: the student's tokenization of
+    the texts, the teacher's cached ids/offsets (:data:`~kdforge.teachers.crosstok.TEACHER_KEYS`)
+    and its cached top-k ``[B, T_t, k]`` (:data:`CACHED_KEYS`). Per batch: the same
+    :func:`~kdforge.teachers.alignment.align_offsets` as the live :class:`CrossTokenizerTeacher`;
+    the top-k is completed to ``[B, T_t - 1, V_t]`` log-probs (the tail mass ``1 - Σ_k p`` spread
+    uniformly over the other tokens, :meth:`SparseTeacher.to_dense_logprobs`) and moved onto the
+    student's positions by :func:`aligned_signal`. With ``k = V_t`` and a lossless encoding the
+    signal equals the live teacher's (tested); with a smaller ``k`` the top-k entries are exact and
+    the rest is the uniform tail (in a span merge, a next token outside the top-k gets that tail
+    probability).
+
+    Args:
+        teacher_tokenizer / student_tokenizer: fast tokenizers (for the string-shared vocabulary).
+        vocab_size: the teacher's vocabulary (``TeacherCache.vocab_size``).
+        span_policy: ``"merge"`` or ``"skip"`` (as :class:`CrossTokenizerTeacher`).
+    """
+
+    provides = frozenset({"cross"})
+    tokenizes_itself = True
+
+    def __init__(self, teacher_tokenizer: Any, student_tokenizer: Any, *, vocab_size: int,
+                 span_policy: str = "merge") -> None:
+        if span_policy not in SPAN_POLICIES:
+            raise ConfigError(f"unknown span_policy {span_policy!r}", f"use one of: {', '.join(SPAN_POLICIES)}")
+        self.span_policy, self.vocab_size = span_policy, int(vocab_size)
+        self.shared_student_ids, self.shared_teacher_ids = shared_vocabulary(student_tokenizer, teacher_tokenizer)
+        self.last_alignment: TokenAlignment | None = None
+
+    def present_in(self, batch: Mapping[str, Any]) -> bool:
+        return all(k in batch for k in CACHED_KEYS)
+
+    def signal(self, batch: Mapping[str, Any], task: Any, *, features: Any = None) -> TeacherSignal:
+        from kdforge.losses.signal import SparseTeacher
+
+        if features is not None:
+            raise ConfigError("feature terms cannot compare a teacher with another tokenizer (positions differ)",
+                              "remove the feature terms, or distil from a teacher with the student's tokenizer")
+        missing = [k for k in (*CACHED_KEYS, *TEACHER_KEYS) if k not in batch]
+        if missing:
+            raise DataError(f"the teacher is a cross-tokenizer cache, but the batch lacks {missing}",
+                            "train on kdforge.teachers.cache.CrossTokenizerCacheDataset batches collated by "
+                            "CachedCrossTokenizerCollator")
+        input_ids = batch["input_ids"]
+        student_pos = task.to_loss_positions(input_ids, batch, what="student ids")
+        s_mask = batch.get("attention_mask")
+        alignment = align_offsets(batch["student_offsets"], batch["teacher_offsets"],
+                                  student_mask=None if s_mask is None else s_mask.cpu(),
+                                  teacher_mask=batch["teacher_attention_mask"].cpu(), policy=self.span_policy)
+        if tuple(student_pos.shape) != tuple(alignment.mask.shape):
+            raise DataError(f"student loss positions {tuple(student_pos.shape)} are not the alignment's "
+                            f"{tuple(alignment.mask.shape)}", "use CausalLMTask with a cross-tokenizer teacher")
+        device = input_ids.device
+        ids, lps = batch["cached_teacher_ids"][:, :-1], batch["cached_teacher_logprobs"][:, :-1]
+        dense = SparseTeacher(ids.to(device).long(), lps.to(device).float(), self.vocab_size).to_dense_logprobs()
+        cross, a = aligned_signal(dense, batch["teacher_input_ids"], alignment, input_ids, self.span_policy,
+                                  self.shared_student_ids, self.shared_teacher_ids)
         self.last_alignment = a
         return TeacherSignal(cross=cross)

@@ -450,6 +450,8 @@ def _write_cards(inputs: _Inputs, results: dict[str, Any]) -> None:
                      f"this student ({method.name}, seed {seed})": {k: mine.get(k) for k in keys}}
             terms = ", ".join(f"{t.name} x{t.weight:g}" for t in method.objective)
             source = "the live teacher" if method.uses_online_teacher() else f"the teacher's cached top-{config.cache.k}"
+            if method.ensemble is not None:  # kdforge.recipes.llm_teachers
+                source = f"a {method.ensemble.weighting}-weighted mixture of {', '.join(method.ensemble.members)}"
             write_model_card(folder, teacher=_teacher_id(config.teacher), student=config.student.describe(),
                              data=inputs.data.description, method=f"{terms} ({source})",
                              steps=config.train.max_steps, eval_table=table,

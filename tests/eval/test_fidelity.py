@@ -141,3 +141,40 @@ def test_vocab_and_shape_mismatches_raise_clear_errors():
         fidelity(torch.randn(2, 10), torch.randn(3, 10))
     with pytest.raises(ShapeError, match="mask"):
         fidelity(torch.randn(2, 3, 10), torch.randn(2, 3, 10), torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_only_real_positions_are_computed_and_results_match_the_full_computation(monkeypatch):
+    # chat data scores ~1/3 of the positions: the vocabulary-wide divergences of the rest are skipped
+    import importlib
+
+    fid = importlib.import_module("kdforge.eval.fidelity")  # the package re-exports a function of that name
+    torch.manual_seed(3)
+    s, t = torch.randn(3, 7, 17), torch.randn(3, 7, 17)
+    mask = torch.rand(3, 7) < 0.4
+    mask[2] = False  # a sequence with no real position: skipped by the sample reduction
+    sparse = SparseTeacher.from_logits(t.log_softmax(-1), 5)
+    expected = {}
+    for name, teacher in (("dense", t), ("sparse", sparse)):
+        per = fid.fidelity_per_position(s, teacher)  # the full computation, masked afterwards
+        m = mask.float()
+        has = m.sum(-1) > 0
+        expected[name] = {
+            "token": {k: float((v * m).sum() / m.sum()) for k, v in per.items()},
+            "sample": {k: float(((v * m).sum(-1)[has] / m.sum(-1)[has]).mean()) for k, v in per.items()},
+        }
+    seen: list[int] = []
+    real = fid.fidelity_per_position
+
+    def spy(student_logits, teacher, **kw):
+        seen.append(student_logits.shape[:-1].numel())
+        return real(student_logits, teacher, **kw)
+
+    monkeypatch.setattr(fid, "fidelity_per_position", spy)
+    for name, teacher in (("dense", t), ("sparse", sparse)):
+        for reduction in ("token", "sample"):
+            got = fidelity(s, teacher, mask, reduction=reduction)
+            for k, v in expected[name][reduction].items():
+                assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (name, reduction, k)
+    assert 0 < int(mask.sum()) < 14 and seen == [int(mask.sum())] * 4
+    with pytest.raises(ShapeError, match="positions"):
+        fidelity(s, t[:2], mask)

@@ -36,6 +36,7 @@ from kdforge.eval.fidelity import (
     FIDELITY_KEYS,
     FidelityAccumulator,
     fidelity,
+    fidelity_on_real_positions,
     fidelity_per_position,
 )
 from kdforge.eval.lm import (
@@ -85,6 +86,7 @@ __all__ = [
     "expected_calibration_error",
     "exposure",
     "fidelity",
+    "fidelity_on_real_positions",
     "fidelity_per_position",
     "kl_to_teacher",
     "measure_latency",

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 from kdforge.errors import ShapeError
+from kdforge.losses._core import check_student, check_teacher
 from kdforge.losses.fidelity import FIDELITY_KEYS, fidelity_per_position
 from kdforge.losses.signal import SparseTeacher
 
@@ -32,6 +33,7 @@ __all__ = [
     "FIDELITY_KEYS",
     "FidelityAccumulator",
     "fidelity",
+    "fidelity_on_real_positions",
     "fidelity_per_position",
 ]
 
@@ -45,6 +47,38 @@ def _resolve_mask(mask: torch.Tensor | None, lead: torch.Size, device: torch.dev
             "pass a [batch, seq] mask aligned with the (shifted) logits; True marks real tokens",
         )
     return mask.to(device=device).bool()
+
+
+def fidelity_on_real_positions(student_logits: torch.Tensor, teacher: TeacherSignal, m: torch.Tensor, *,
+                               chunk_size: int = 1024) -> dict[str, torch.Tensor]:
+    """:func:`fidelity_per_position` computed at the real positions only (``m`` true), zeros elsewhere.
+
+    Chat and prompt/completion data score a minority of positions (the response tokens); the
+    vocabulary-wide divergences of the others would be computed only to be masked out.
+
+    Args:
+        student_logits: ``[batch, seq, vocab]`` (or ``[N, vocab]``).
+        teacher: dense logits of the same shape or a ``SparseTeacher`` ``[batch, seq, k]``.
+        m: bool ``[batch, seq]`` (or ``[N]``), True at the positions to score.
+
+    Returns:
+        ``{key: float32 [batch, seq]}`` for every key of ``FIDELITY_KEYS`` (0 where ``m`` is false).
+    """
+    if bool(m.all()):
+        return fidelity_per_position(student_logits, teacher, chunk_size=chunk_size)
+    check_student(student_logits)
+    check_teacher(student_logits, teacher)  # the losses' shape messages before any indexing
+    vocab = student_logits.shape[-1]
+    flat = m.reshape(-1)
+    s_real = student_logits.reshape(-1, vocab)[flat]
+    t_real = teacher.flatten()[flat] if isinstance(teacher, SparseTeacher) else teacher.reshape(-1, vocab)[flat]
+    per = fidelity_per_position(s_real, t_real, chunk_size=chunk_size)
+    out = {}
+    for k, v in per.items():
+        full = torch.zeros(flat.shape[0], dtype=v.dtype, device=v.device)
+        full[flat] = v
+        out[k] = full.reshape(m.shape)
+    return out
 
 
 @dataclass
@@ -69,7 +103,8 @@ class FidelityAccumulator:
         mask: torch.Tensor | None = None,
     ) -> None:
         """Add one batch: logits ``[batch, seq, vocab]`` (or ``[N, vocab]``), mask ``[batch, seq]``."""
-        self.add(fidelity_per_position(student_logits, teacher, chunk_size=self.chunk_size), mask)
+        m = _resolve_mask(mask, student_logits.shape[:-1], student_logits.device)
+        self.add(fidelity_on_real_positions(student_logits, teacher, m, chunk_size=self.chunk_size), m)
 
     def add(self, per: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> None:
         """Add per-position values already computed (:func:`fidelity_per_position`, each ``[batch, seq]``

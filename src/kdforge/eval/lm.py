@@ -34,7 +34,7 @@ import torch
 from kdforge.constants import IGNORE_INDEX
 from kdforge.errors import ConfigError, DataError, ShapeError
 from kdforge.eval.classification import ReliabilityBins
-from kdforge.eval.fidelity import FidelityAccumulator, fidelity_per_position
+from kdforge.eval.fidelity import FidelityAccumulator, fidelity_on_real_positions
 
 log = logging.getLogger(__name__)
 
@@ -728,11 +728,12 @@ def evaluate_language_models(
                     t_cmp, s_cmp = t_logits[..., :v], s_logits[..., :v]
                 else:
                     t_cmp, s_cmp = t_logits, s_logits
-                per = fidelity_per_position(s_cmp, t_cmp.to(s_cmp.device), chunk_size=chunk_size)  # once per batch
-                fid_acc[name].add(per, labels != IGNORE_INDEX)
+                real = labels != IGNORE_INDEX  # response tokens only on chat data: skip the rest's divergences
+                per = fidelity_on_real_positions(s_cmp, t_cmp.to(s_cmp.device), real, chunk_size=chunk_size)
+                fid_acc[name].add(per, real)
                 if domain is not None:
                     dom_fid[name].setdefault(str(domain), FidelityAccumulator(chunk_size=chunk_size)).add(
-                        per, labels != IGNORE_INDEX)
+                        per, real)
             del logits, s_logits
     if n_batches == 0:
         raise DataError("no evaluation batches", "pass non-empty evaluation data")

@@ -188,7 +188,7 @@ def test_bind_makes_a_projector_and_class_means_for_nd_and_one_head_per_stage_fo
     assert terms.teacher_request.modules == ("head.3",)  # ofa taps nothing on the teacher
     assert set(terms.student_request.modules) == {"body", "body.1", "body.3"}
     with pytest.raises(ConfigError, match="width"):
-        Objective([{"name": "ofa", "weight": 1.0, "params": {"student_modules": ["head.1"]}}]).bind(student, teacher)
+        Objective([{"name": "ofa", "weight": 1.0, "params": {"student_modules": ["head.0"]}}]).bind(student, teacher)
 
 
 def test_nd_and_ofa_params_are_validated_when_the_config_is_read():
@@ -290,3 +290,19 @@ def test_nd_class_means_are_checkpointed_and_restored_on_resume(tmp_path):
     resumed = run(3)
     resumed.train(resume=True)
     assert resumed.extras["features"].states["nd"].counts.sum().item() == 24
+
+
+def test_a_flatten_takes_the_width_of_the_linear_that_reads_it():
+    from kdforge.students.vision import SmallCNN, TeacherCNN
+
+    student, teacher = SmallCNN(), TeacherCNN()
+    nd = {"name": "nd", "weight": 1.0, "params": {"student_modules": ["classifier.0"],
+                                                   "teacher_modules": ["classifier.3"]}}
+    ofa = {"name": "ofa", "weight": 1.0, "params": {"student_modules": ["classifier.0"]}}
+    terms = Objective([nd, ofa]).bind(student, teacher)["features"]
+    assert terms.projectors["nd_0"].weight.shape == (256, 784)  # 16 x 7 x 7 flattened -> 256
+    assert terms.projectors["ofa_0"].fc.in_features == 784 and not terms.projectors["ofa_0"].conv
+    conv_then_flatten = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
+    with pytest.raises(ConfigError, match="width"):
+        Objective([{"name": "ofa", "weight": 1.0, "params": {"student_modules": ["1"]}}]).bind(
+            conv_then_flatten, teacher)

@@ -238,6 +238,8 @@ def _width_source(model: nn.Module, path: str) -> nn.Module | None:
     for m in candidates:
         if _own_width(m) is not None:
             return m
+    if isinstance(module, nn.Flatten | nn.Unflatten):
+        return None  # its width is not its input's (see _flatten_width)
     parent_path, _, index = path.rpartition(".")
     if index.isdigit():
         parent = resolve_module(model, parent_path) if parent_path else model
@@ -251,11 +253,29 @@ def _width_source(model: nn.Module, path: str) -> nn.Module | None:
     return None
 
 
+def _flatten_width(model: nn.Module, path: str) -> int | None:
+    """The width of a Flatten inside a Sequential: the in_features of the Linear right after it."""
+    if not isinstance(resolve_module(model, path), nn.Flatten):
+        return None
+    parent_path, _, index = path.rpartition(".")
+    parent = resolve_module(model, parent_path) if parent_path else model
+    if index.isdigit() and isinstance(parent, nn.Sequential):
+        for sibling in list(parent)[int(index) + 1:]:
+            if isinstance(sibling, nn.Linear):
+                return int(sibling.in_features)
+            if not isinstance(sibling, nn.Dropout | nn.Identity):
+                return None
+    return None
+
+
 def _module_width(model: nn.Module, path: str) -> int:
     """Channel/feature width of a module's output, from its attributes (no forward pass)."""
     source = _width_source(model, path)
     if source is not None:
         return int(_own_width(source))  # type: ignore[arg-type]
+    flat = _flatten_width(model, path)
+    if flat is not None:
+        return flat
     if re.search(r"\.\d+$", path):  # a transformer block: its output has the hidden width
         return _hidden_width(model)
     module = resolve_module(model, path)
@@ -556,11 +576,12 @@ def _classwise_plan(key: str, name: str, kind: Kind, params: Any, student: nn.Mo
         heads: dict[str, nn.Module] = {}
         for i, path in enumerate(params.student_modules):
             source = _width_source(student, path)
-            if source is None:
+            width = _own_width(source) if source is not None else _flatten_width(student, path)
+            if width is None:
                 raise ConfigError(f"term {key!r}: cannot tell the output width of student module {path!r} for its "
                                   "OFA head", "tap a Conv/Linear/Norm module (or an activation right after one)")
             conv = isinstance(source, nn.Conv2d | nn.BatchNorm2d)
-            heads[f"{_safe(key)}_{i}"] = OFAHead(int(_own_width(source)), num_classes, conv=conv).to(device)  # type: ignore[arg-type]
+            heads[f"{_safe(key)}_{i}"] = OFAHead(int(width), num_classes, conv=conv).to(device)
             pairs.append((path, None))
         return _Plan(key, name, kind, "modules", tuple(pairs), params, tuple(heads)), heads, {}
     s_path, t_path = params.student_modules[0], params.teacher_modules[0]

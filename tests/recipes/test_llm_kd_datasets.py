@@ -141,3 +141,36 @@ def test_tokenizer_without_chat_template_fails_before_writing(setup, tmp_path):
     with pytest.raises(DataError, match="no chat template"):
         LLMKD().run(config, out)
     assert not out.exists()
+
+
+def test_cache_of_chat_data_stores_only_the_assistant_positions_and_train_on_is_in_its_fingerprint(setup, tmp_path):
+    """The run's teacher cache is built with the response-only mask: the signal is kept exactly at the
+    logit positions whose next token is an assistant token, blanked elsewhere; a cache built for
+    ``train_on: completion`` is refused for ``train_on: all`` (its fingerprint holds the mask)."""
+    from kdforge.errors import CacheError
+    from kdforge.teachers import TeacherCacheDataset
+
+    cache = tmp_path / "cache"
+    methods = [{"name": "kd", "objective": [{"name": "forward_kl", "weight": 1.0}]}]
+    train = {**TRAIN, "max_steps": 1, "eval_every": 1}
+    config = _config(setup, tmp_path / "run", methods=methods, train=train, cache={"k": 4, "dir": str(cache)})
+    LLMKD().run(config, tmp_path / "run")
+    data = build_lm_data(config.data, _tok(setup))
+    ds = TeacherCacheDataset(cache)
+    assert ds.cache.masked and len(ds) == data.train.shape[0]
+    assistant = data.train_labels != IGNORE_INDEX  # the assistant tokens (padding and user turns: -100)
+    assert ds.cache.manifest["dataset"]["loss_tokens"] == int(assistant[:, 1:].sum())
+    for i in range(len(ds)):
+        item = ds[i]
+        assert torch.equal(item["labels"], data.train_labels[i])  # the cache replays the response-only labels
+        kept = torch.zeros_like(assistant[i])
+        kept[:-1] = assistant[i, 1:]  # logit t predicts token t + 1
+        blank = (item["teacher_ids"] == 0).all(-1)  # a real top-k has k distinct ids
+        assert (item["teacher_logprobs"][blank, 0] == 0).all()
+        assert torch.equal(~blank, kept), i  # a signal exactly where the loss reads one
+
+    all_tokens = {**config.data.model_dump(exclude_unset=True), "train_on": "all"}
+    again = _config(setup, tmp_path / "run2", methods=methods, train=train, cache={"k": 4, "dir": str(cache)},
+                    data=all_tokens)
+    with pytest.raises(CacheError, match="differs"):
+        LLMKD().run(again, tmp_path / "run2")

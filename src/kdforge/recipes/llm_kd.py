@@ -509,7 +509,8 @@ def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, floa
                                 tail_samples=c.tail_samples, sample_seed=c.sample_seed,
                                 batch_size=c.batch_size, tokenizer=tokenizer, teacher_id=_teacher_id(config.teacher),
                                 overwrite=c.dir is None,  # only our own RUN_DIR cache is replaced
-                                data_parallel=run.group)  # every rank writes its share; rank 0 merges
+                                data_parallel=run.group,  # every rank writes its share; rank 0 merges
+                                loss_mask=data.train_loss_mask())  # response-only: only trained positions
             train_data = TeacherCacheDataset(cache_dir, sequences=data.train, tokenizer=tokenizer)
             if data.train_extras():  # response-only labels and padding masks over the cached rows
                 train_data = WithLabels(train_data, data.train_extras())

@@ -104,6 +104,15 @@ class LMData:
         attended = self.train_mask.bool() if self.train_mask is not None else torch.ones_like(self.train, dtype=torch.bool)
         return bool(((self.train_labels == IGNORE_INDEX) & attended).any())
 
+    def train_loss_mask(self) -> torch.Tensor | None:
+        """Bool ``[N, T]``, True where a training token is trained (``labels != -100``): the mask
+        the teacher cache is built with, so it stores only the positions the loss reads and its
+        fingerprint changes with ``train_on``. None when every token is trained (a corpus)."""
+        if self.train_labels is None:
+            return None
+        mask = self.train_labels != IGNORE_INDEX
+        return None if bool(mask.all()) else mask
+
     def train_extras(self) -> dict[str, torch.Tensor]:
         """``labels``/``attention_mask`` to lay over the training rows (empty for a corpus)."""
         return _extras(self.train_labels, self.train_mask)

@@ -188,6 +188,8 @@ def test_a_named_method_and_a_stage_dir_resolve(tiny, tmp_path):
     (_, b), = plan_stages(config, tmp_path)
     assert b.config.teacher.model == str(tmp_path / "a" / "labels-only" / "seed-0" / "student")
     assert b.config.cache.dir == str(tmp_path / "a" / "b_cache")
+    (_, moved), = plan_stages(config, tmp_path / "elsewhere")  # a chain copied to another run folder is reused
+    assert moved.fingerprint == b.fingerprint and moved.config.teacher.model != b.config.teacher.model
 
 
 def test_unknown_stage_keys_and_duplicate_names_are_rejected(tiny):

@@ -52,6 +52,7 @@ import copy
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import statistics
@@ -358,7 +359,8 @@ def plan_stages(config: StagesConfig, output_dir: str | Path) -> list[list[Plann
                 _check_reference(ref, spec.name, names[:i], names)
             resolved = validate(model, _substitute(data, resolve), source=f"stage {spec.name!r} ({recipe})")
             dumped = json.dumps(resolved.model_dump(mode="json", exclude={"output_dir"}), sort_keys=True, default=str)
-            key = {"recipe": recipe, "config": dumped.replace(str(out), _RUN_DIR), "previous": previous}
+            # paths under RUN_DIR hash as <RUN_DIR>/...: a chain copied into another run folder is reused there
+            key = {"recipe": recipe, "config": dumped.replace(str(out) + os.sep, _RUN_DIR + "/"), "previous": previous}
             stage = PlannedStage(spec, recipe, seed, folder, raw, resolved, fingerprint(key))
             previous = stage.fingerprint
             chain.append(stage)

@@ -90,9 +90,10 @@ def test_atomic_write_gives_normal_file_permissions(tmp_path):
     assert (tmp_path / "perm.json").stat().st_mode & 0o777 == 0o644
 
 
-def test_kdforge_run_ends_by_writing_the_html_report_and_printing_its_path(tmp_path, capsys):
-    import json
-
+@pytest.fixture
+def toy_recipe():
+    """A throw-away recipe ``toy_for_report``, unregistered after the test whatever happens, so the
+    config reference and ``recipes list`` tests of the same process see only the shipped recipes."""
     from kdforge.config import StrictModel as _Strict
     from kdforge.recipes import RECIPES, Recipe
 
@@ -113,12 +114,21 @@ def test_kdforge_run_ends_by_writing_the_html_report_and_printing_its_path(tmp_p
             return results
 
     RECIPES.add("toy_for_report", _Toy, "test recipe")
-    recipe = tmp_path / "toy.yaml"
-    recipe.write_text(f"recipe: toy_for_report\noutput_dir: {tmp_path / 'out'}\n")
     try:
-        assert main(["run", str(recipe)]) == 0
-    finally:  # the config reference and `recipes list` tests see only the shipped recipes
+        yield "toy_for_report"
+    finally:
         RECIPES.unregister("toy_for_report")
+    from kdforge.recipes import known_recipes
+
+    assert "toy_for_report" not in known_recipes()
+
+
+def test_kdforge_run_ends_by_writing_the_html_report_and_printing_its_path(toy_recipe, tmp_path, capsys):
+    import json
+
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(f"recipe: {toy_recipe}\noutput_dir: {tmp_path / 'out'}\n")
+    assert main(["run", str(recipe)]) == 0
     html = tmp_path / "out" / "report" / "report.html"
     assert html.is_file()
     assert "student" in html.read_text()

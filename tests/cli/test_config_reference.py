@@ -60,3 +60,31 @@ def test_schema_accepts_the_shipped_yamls_and_rejects_a_typo():
     bad = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     bad["recipe"] = "no_such_recipe"
     assert not validator.is_valid(bad)
+
+
+def test_a_scheduled_weight_renders_as_its_schedule_not_as_a_number():
+    """A default (or a resolved config) holding a term whose weight is a schedule shows the schedule."""
+    from pydantic import Field
+
+    from kdforge.config import StrictModel
+    from kdforge.train.objective import LossTerm
+
+    gen = _generator()
+    schedule = {"schedule": "linear", "start": 0.0, "end": 1.0}
+    term = LossTerm.model_validate({"name": "forward_kl", "weight": schedule,
+                                    "params": {"temperature": {"schedule": "cosine", "start": 2.0, "end": 1.0}}})
+    assert gen._plain(term)["weight"] == schedule
+    assert gen._plain(term)["params"]["temperature"]["schedule"] == "cosine" and "scheduled" not in gen._plain(term)
+
+    class _Method(StrictModel):
+        objective: list[LossTerm] = Field(default_factory=lambda: [LossTerm.model_validate(
+            {"name": "forward_kl", "weight": {"schedule": "linear", "start": 0.0, "end": 1.0}})])
+
+    (row,) = [r for r in gen._rows(_Method, "", (_Method,)) if r[0] == "objective"]
+    assert '"weight": {"schedule": "linear"' in row[2] and '"weight": 0.0' not in row[2]
+    assert LossTerm.model_validate(term.model_dump(mode="json")) == term  # the dump reads back as the same term
+
+
+def test_method_names_document_their_folder_rule():
+    text = (ROOT / "docs" / "config-reference.md").read_text()
+    assert "| `methods[].name` | `str` | **required** | any text; its folder under RUN_DIR" in text

@@ -141,3 +141,20 @@ def test_gather_student_without_fsdp_is_the_unwrapped_student_in_eval_mode():
     Distiller.student.module = torch.nn.Linear(2, 2).train()
     got = gather_student(Distiller(), lambda: pytest.fail("no copy is needed without FSDP"))
     assert got is Distiller.student.module and not got.training
+
+
+def test_slug_folder_names_hold_only_lower_case_letters_digits_and_dashes():
+    """Any method name (brackets, slashes, dots, unicode) becomes one safe path component."""
+    import re
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(st.text(max_size=40))
+    def check(name: str) -> None:
+        folder = slug(name)
+        assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*|method", folder), (name, folder)
+        assert slug(folder) == folder  # stable: a folder name is its own slug
+
+    check()
+    assert slug("kd [T=2]") == "kd-t-2" and slug("a/b\\c") == "a-b-c" and slug("../x") == "x"

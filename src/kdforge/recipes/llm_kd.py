@@ -154,7 +154,8 @@ class MethodSpec(StrictModel):
     feature terms, else the cache).
     """
 
-    name: str
+    name: str = Field(description="any text; its folder under RUN_DIR is the name in lower case with every run of "
+                                  "other characters (spaces, brackets, slashes...) turned into '-' (kd [T=2] -> kd-t-2)")
     role: Literal["baseline", "student"] = "student"
     objective: list[LossTerm]
     teacher: Literal["cache", "online", "ema", "ensemble"] | None = Field(

@@ -167,7 +167,7 @@ def check_teachers_vocab(config: Any, tokenizer: Any) -> None:
                 f"{what} ({spec.model}) has another tokenizer than the run's teacher ({config.teacher.model}); "
                 "ensemble members must give distributions over the student's vocabulary",
                 "use a teacher of the same tokenizer (e.g. a fine-tuned copy of the teacher), or distil from it "
-                "alone with the cross_tokenizer recipe")
+                "alone with the recipe cross_tokenizer_kd (docs/cross-tokenizer.md)")
         other = getattr(load_config(spec, what=what), "vocab_size", None)
         if width is not None and other is not None and int(other) != int(width):
             raise VocabMismatchError(

@@ -31,7 +31,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from torch import nn
 
 from kdforge.config import validate
@@ -122,6 +130,22 @@ class LossTerm(FriendlyModel):
             data["params"] = kept
         if scheduled:
             data["scheduled"] = scheduled
+        return data
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Dump a scheduled value where the YAML writes it (``weight: {schedule: ...}``,
+        ``params: {name: {schedule: ...}}``), not as the 0.0 placeholder plus ``scheduled``: the
+        resolved config (``--dry-run``, RUN_DIR/config.yaml) and the config reference show the
+        schedule, and the dump validates back to the same term."""
+        data = handler(self)
+        if not isinstance(data, dict) or not self.scheduled:
+            return data
+        data.pop("scheduled", None)
+        if self.weight_schedule is not None:
+            data["weight"] = dict(self.weight_schedule)
+        if self.scheduled_params:
+            data["params"] = {**data.get("params", {}), **{k: dict(v) for k, v in self.scheduled_params.items()}}
         return data
 
     @field_validator("scheduled")

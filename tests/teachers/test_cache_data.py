@@ -215,3 +215,19 @@ def test_a_student_trains_from_a_masked_chat_cache_on_the_assistant_positions_on
     before = d.evaluate()["eval/kl_to_teacher"]
     d.train()
     assert d.evaluate()["eval/kl_to_teacher"] < 0.8 * before
+
+
+def test_cache_teacher_cli_stores_hidden_states_of_the_chosen_layers(setup, tmp_path):
+    """YAML ``feature_layers`` / ``feature_dtype`` reach the builder: the cache replays the layers."""
+    root, teacher, _, _ = setup
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 4)
+    cfg = {"teacher": {"name_or_path": str(teacher)}, "output_dir": str(tmp_path / "cache"), "k": 4,
+           "corpus": {"path": str(docs), "seq_len": 8}, "feature_layers": [0, 1], "feature_dtype": "bf16"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["cache-teacher", str(tmp_path / "c.yaml")]) == 0
+    ds = TeacherCacheDataset(tmp_path / "cache")
+    item = ds[0]
+    assert ds.cache.manifest["features"]["dtype"] == "bf16"
+    assert item["teacher_hidden_states"].shape[:2] == (2, 8) and item["teacher_feature_layers"].tolist() == [0, 1]

@@ -24,6 +24,7 @@ The older ``corpus:`` block (plain text) still works, read by the same layer:
     output_dir: outputs/cache/smollm2-austen-k16
     k: 16
     tail_samples: 0                   # e.g. 16: + 16 draws from the tail per position (forward KL only)
+    feature_layers: null              # e.g. [15, 30]: + those layers' hidden states (int8), for feature terms
     encoding: compact-u8-zstd
     batch_size: 8
     shard_size: 256
@@ -82,6 +83,11 @@ class CacheTeacherConfig(StrictModel):
         "valid for forward KL at T=1 only); 0 = top-k only",
     )
     sample_seed: int = Field(0, ge=0, description="seed of the tail draws (row r uses (sample_seed, r))")
+    feature_layers: list[int] | None = Field(
+        None, description="also store the teacher's hidden states of these hidden_states layers (0 = embeddings), "
+                          "for feature terms (hidden_mse, ...) with a cached teacher; e.g. [15, 30]")
+    feature_dtype: Literal["int8", "bf16"] = Field(
+        "int8", description="compression of the stored hidden states: int8 (per-row scaled) or bf16")
     encoding: str = "compact-u8-zstd"
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(256, ge=1, description="sequences per shard (resume granularity)")
@@ -182,4 +188,6 @@ def run_cache_teacher(config: CacheTeacherConfig) -> Path:
         overwrite=config.overwrite,
         data_parallel=True,  # a one-process group when not launched with several processes
         loss_mask=loss_mask,
+        feature_layers=config.feature_layers,
+        feature_dtype=config.feature_dtype,
     )

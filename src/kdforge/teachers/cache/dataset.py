@@ -12,6 +12,9 @@ Each item is one cached sequence::
     teacher_num_exact int64   []       only for a cache with sampled tail entries: the number k of
                                        exact entries; the [T, k + m] signal's last m entries are
                                        tail draws with log weights (SparseTeacher.num_exact)
+    teacher_hidden_states  float32 [F, T, H]  only for a cache built with feature_layers: the
+                                       teacher's hidden states of those layers (decoded)
+    teacher_feature_layers int64 [F]   their hidden_states indices (0 = embeddings)
 
 Position ``t`` of ``teacher_ids``/``teacher_logprobs`` is the teacher's distribution over token
 ``t+1`` given tokens ``<= t``: it lines up with the student's ``logits[:, t]`` (the same
@@ -91,6 +94,9 @@ class TeacherCacheDataset(Dataset):
         }
         if self.cache.num_exact is not None:
             item["teacher_num_exact"] = torch.tensor(self.cache.num_exact, dtype=torch.int64)
+        if self.cache.feature_layers is not None:
+            item["teacher_hidden_states"] = torch.from_numpy(self.cache.features(int(index)))
+            item["teacher_feature_layers"] = torch.tensor(self.cache.feature_layers, dtype=torch.int64)
         return item
 
 

@@ -21,7 +21,12 @@ parameters), ``id_dtype``, ``tail_policy``,
 ``dataset`` (``fingerprint`` = SHA-256 of the token ids, ``num_sequences``, ``seq_len``,
 ``num_tokens``; a masked cache adds ``loss_mask_sha256`` of ``loss_mask.npy`` and ``loss_tokens``,
 the number of logit positions whose next token is trained), ``shard_size``, ``record_bytes``, ``shards`` (per shard: ``file``, ``rows``
-``[start, end)``, ``bytes``, ``sha256``, ``topk_mass_sum``, ``max_quant_error``), ``stats``.
+``[start, end)``, ``bytes``, ``sha256``, ``topk_mass_sum``, ``max_quant_error``; with hidden
+states also ``features``: ``file``, ``bytes``, ``sha256``, ``max_error``), ``stats``. Optional:
+``features`` (``layers``, ``dtype``, ``hidden_size``, ``num_layers``: hidden states stored per
+shard, :mod:`kdforge.teachers.cache.features`) and ``dataset.token_offsets`` (the teacher's token
+character offsets, :mod:`kdforge.teachers.cache.offsets`). Neither changes the shards, so neither
+raises the format version: an older kdforge reads such a cache as a plain top-k cache.
 
 The manifest is rewritten atomically after every shard, so it always describes exactly the
 shards that are complete on disk: an interrupted build writes only the missing shards. A
@@ -60,9 +65,9 @@ TAIL_POLICY = (
 )
 #: manifest keys that must match for a build to resume into an existing folder
 COMPAT_KEYS = ("format_version", "teacher", "tokenizer", "vocab_size", "k", "encoding", "dataset", "shard_size",
-               "tail_samples", "sample_seed")
+               "tail_samples", "sample_seed", "features")
 #: values of keys that manifests written before they existed lack
-KEY_DEFAULTS = {"tail_samples": 0, "sample_seed": 0}
+KEY_DEFAULTS = {"tail_samples": 0, "sample_seed": 0, "features": None}
 
 
 def format_version_for(tail_samples: int, masked: bool = False) -> int:

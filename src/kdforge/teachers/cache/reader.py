@@ -118,6 +118,38 @@ class TeacherCache:
         return offsets, lengths
 
     @property
+    def feature_layers(self) -> list[int] | None:
+        """The ``hidden_states`` layers whose teacher hidden states the cache stores (None: none)."""
+        f = self.manifest.get("features")
+        return None if f is None else [int(x) for x in f["layers"]]
+
+    def features(self, index: int) -> np.ndarray:
+        """float32 ``[F, T, H]``: the teacher's hidden states of :attr:`feature_layers` for
+        sequence ``index`` (decoded from bf16 / int8; error bound in ``stats.features_max_error``).
+
+        Raises:
+            CacheError: the cache stores no hidden states.
+        """
+        from kdforge.teachers.cache.features import decode_features
+
+        f = self.manifest.get("features")
+        if f is None:
+            raise CacheError(f"the teacher cache at {self.cache_dir} stores no hidden states",
+                             "rebuild it with feature_layers=[...] (cache config: feature_layers), or train the "
+                             "feature terms with the live teacher")
+        if not 0 <= index < len(self):
+            raise IndexError(f"sequence {index} out of range [0, {len(self)})")
+        s = bisect.bisect_right(self._starts, index) - 1
+        key = ("features", s)
+        raw = self._maps.get(key)
+        if raw is None:
+            raw = self._maps[key] = np.memmap(self.cache_dir / self._shards[s]["features"]["file"], dtype=np.uint8,
+                                               mode="r")
+        rows = self._shards[s]["rows"]
+        return decode_features(raw, f["dtype"], rows[1] - rows[0], len(f["layers"]), self.seq_len,
+                               int(f["hidden_size"]), row=index - rows[0])
+
+    @property
     def has_token_offsets(self) -> bool:
         """Whether the cache stores the teacher's token character offsets (cross-tokenizer use)."""
         return self._offsets is not None
@@ -183,6 +215,15 @@ class TeacherCache:
                 f"cache shard {shard['file']} is corrupted (SHA-256 does not match the manifest)",
                 _rebuild_fix(self.cache_dir),
             )
+        feats = shard.get("features")
+        if feats is not None:
+            fpath = self.cache_dir / feats["file"]
+            if not fpath.is_file() or fpath.stat().st_size != feats["bytes"]:
+                raise CacheError(f"cache features file {feats['file']} is missing or truncated in {self.cache_dir}",
+                                 _rebuild_fix(self.cache_dir))
+            if verify and sha256_file(fpath) != feats["sha256"]:
+                raise CacheError(f"cache features file {feats['file']} is corrupted (SHA-256 does not match the "
+                                 "manifest)", _rebuild_fix(self.cache_dir))
 
     def check_compatible(
         self, *, teacher: Any = None, tokenizer: Any = None, sequences: Any = None

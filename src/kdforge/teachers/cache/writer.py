@@ -67,7 +67,7 @@ from kdforge.teachers.cache.parallel import (
     progress_files,
     progress_name,
 )
-from kdforge.teachers.online import OnlineTeacher
+from kdforge.teachers.online import OnlineTeacher, topk_logprobs
 from kdforge.teachers.vocab import tokenizer_fingerprint, tokenizer_size
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,8 @@ def build_teacher_cache(
     loss_mask: Any = None,
     token_offsets: tuple[Any, Any] | None = None,
     texts: Sequence[str] | None = None,
+    feature_layers: Sequence[int] | None = None,
+    feature_dtype: str = "int8",
 ) -> Path:
     """Run ``teacher`` once over ``sequences`` and write a top-k cache to ``out_dir``.
 
@@ -217,6 +219,11 @@ def build_teacher_cache(
             (:class:`~kdforge.teachers.cache.CrossTokenizerCacheDataset`). Needs ``texts``.
             :func:`~kdforge.teachers.cache.build_cross_tokenizer_cache` tokenizes texts for you.
         texts: the texts the rows were tokenized from (only their SHA-256 is stored).
+        feature_layers: also store the teacher's hidden states of these layers (indices into
+            ``hidden_states``: 0 = embeddings, ``L`` = last block), per shard, compressed by
+            ``feature_dtype`` (``"int8"``: per-row scaled, ``"bf16"``;
+            :mod:`kdforge.teachers.cache.features`), for feature terms (``hidden_mse``, ...) with
+            a cached teacher. Not with ``tail_samples``.
 
     Returns:
         ``out_dir`` as a Path.
@@ -232,7 +239,10 @@ def build_teacher_cache(
         probe = teacher.logits(torch.as_tensor(seqs.rows(0, 1)[:, : min(2, seqs.seq_len)]))
     vocab_size = int(probe.shape[-1])
     kk = min(k, vocab_size)
-    if tail_samples:
+    features = None
+    if feature_layers is not None:
+        topk_fn, features = _features_topk_fn(teacher, kk, feature_layers, feature_dtype, tail_samples)
+    elif tail_samples:
         kk = min(k, vocab_size - 1)  # leave a tail to sample from
         topk_fn = sampled_topk_fn(lambda ids: teacher.logits(ids, torch.ones_like(ids)), kk, tail_samples,
                                   sample_seed)
@@ -262,7 +272,41 @@ def build_teacher_cache(
         loss_mask=loss_mask,
         token_offsets=token_offsets,
         texts=texts,
+        features=features,
     )
+
+
+def _features_topk_fn(teacher: OnlineTeacher, k: int, layers: Sequence[int], dtype: str, tail_samples: int
+                      ) -> tuple[TopkFn, dict[str, Any]]:
+    """A :data:`TopkFn` that also returns the hidden states ``[B, F, T, H]`` of ``layers`` (one
+    forward), and the manifest's ``features`` entry."""
+    from kdforge.features.taps import FeatureRequest, num_layers
+    from kdforge.teachers.cache.features import check_feature_dtype
+    from kdforge.teachers.forward import run_model_features
+
+    check_feature_dtype(dtype)
+    if tail_samples:
+        raise ConfigError("feature_layers cannot be combined with tail_samples", "build one of them per cache")
+    total = num_layers(teacher.model)
+    layers = [int(x) for x in layers]
+    if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) > total:
+        raise ConfigError(f"feature_layers must be distinct indices in [0, {total}] (0 = embeddings), got {layers}",
+                          f"choose hidden-state layers of this {total}-block teacher, e.g. [{total // 2}, {total}]")
+    info: dict[str, Any] = {"layers": layers, "dtype": dtype, "num_layers": total}
+
+    def fn(input_ids: torch.Tensor, first_row: int) -> tuple[SparseTeacher, torch.Tensor]:
+        with torch.no_grad():
+            logits, feats = run_model_features(teacher.model, FeatureRequest(hidden_states=True),
+                                               input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+            if teacher.vocab_size is not None:
+                logits = logits[..., : teacher.vocab_size]
+            hidden = torch.stack([feats.hidden_states[i] for i in layers], dim=1).float().cpu()
+        info.setdefault("hidden_size", int(hidden.shape[-1]))
+        return topk_logprobs(logits, k).to(input_ids.device), hidden
+
+    with torch.no_grad():  # the width goes into the manifest before the first shard
+        fn(torch.zeros(1, 1, dtype=torch.long), 0)
+    return fn, info
 
 
 def write_teacher_cache(
@@ -285,6 +329,7 @@ def write_teacher_cache(
     loss_mask: Any = None,
     token_offsets: tuple[Any, Any] | None = None,
     texts: Sequence[str] | None = None,
+    features: dict[str, Any] | None = None,
 ) -> Path:
     """Write a cache from any top-k source (see :data:`TopkFn`); :func:`build_teacher_cache`
     is this with a live model. ``teacher_info`` needs ``id`` and ``weights_sha256`` (any stable
@@ -292,7 +337,9 @@ def write_teacher_cache(
     :func:`build_teacher_cache` (each rank's ``topk_fn`` is called only on its own shards).
     ``tail_samples = m > 0``: ``topk_fn`` returns ``k + m`` entries with ``num_exact = k``
     (:func:`sampled_topk_fn`); ``sample_seed`` is recorded in the manifest. ``loss_mask``: see
-    :func:`build_teacher_cache`. ``token_offsets`` / ``texts``: see :func:`build_teacher_cache`."""
+    :func:`build_teacher_cache`. ``token_offsets`` / ``texts``: see :func:`build_teacher_cache`. ``features``
+    (``layers``, ``dtype``, ``hidden_size``, ``num_layers``): ``topk_fn`` returns
+    ``(SparseTeacher, hidden [B, F, T, H])`` and each shard gets a features file."""
     if k < (0 if tail_samples else 1) or batch_size < 1 or shard_size < 1:
         raise ConfigError(
             f"k, batch_size and shard_size must be >= 1 (got {k}, {batch_size}, {shard_size}; k may be 0 "
@@ -337,6 +384,7 @@ def write_teacher_cache(
         },
         "shard_size": shard_size,
         "record_bytes": dtype.itemsize,
+        **({"features": dict(features)} if features else {}),
         "shards": [],
         "stats": {},
     }
@@ -383,7 +431,7 @@ def write_teacher_cache(
             start, end = ranges[index]
             t0 = time.perf_counter()
             entry, n_bytes = _write_shard(out, index, seqs, start, end, topk_fn, enc, k, vocab_size, batch_size,
-                                          tail_samples, None if mask is None else mask[start:end])
+                                          tail_samples, None if mask is None else mask[start:end], features)
             if group.world_size == 1:  # the manifest is the progress record
                 manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["rows"][0])
                 if len(manifest["shards"]) == len(ranges):
@@ -459,17 +507,25 @@ def _write_shard(
     batch_size: int,
     tail_samples: int = 0,
     mask: np.ndarray | None = None,
+    features: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Run ``topk_fn`` over rows ``[start, end)`` in batches, write the shard atomically, return
     its manifest entry and size. Batches never cross shards: the bytes depend on the rows only.
     ``mask`` (bool ``[n, T]`` token loss mask): positions whose next token is not trained are
     blanked (:func:`signal_positions`, :func:`blank_positions`)."""
     input_ids = seqs.rows(start, end)
-    ids_parts, lp_parts = [], []
+    ids_parts, lp_parts, hidden_parts = [], [], []
     width = k + tail_samples
     for b in range(0, end - start, batch_size):
         batch = torch.as_tensor(input_ids[b : b + batch_size])
         sparse = topk_fn(batch, start + b)
+        if features is not None:
+            sparse, hidden = sparse
+            want = (batch.shape[0], len(features["layers"]), seqs.seq_len, features["hidden_size"])
+            if tuple(hidden.shape) != want:
+                raise ShapeError(f"the teacher's hidden states for rows {start + b}.. have shape "
+                                 f"{tuple(hidden.shape)}, expected {want}", "return [B, layers, T, H]")
+            hidden_parts.append(hidden)
         if tuple(sparse.ids.shape) != (batch.shape[0], seqs.seq_len, width):
             raise ShapeError(
                 f"the teacher signal for rows {start + b}.. has shape {tuple(sparse.ids.shape)}, "
@@ -496,6 +552,15 @@ def _write_shard(
         ids, sample_ids = ids[..., :k], ids[..., k:]
         lps, sample_counts = lps[..., :k], counts_from_weights(lps[..., k:], tail_samples)
     blob = encode_shard(enc, input_ids, ids, lps, vocab_size, sample_ids, sample_counts)
+    feature_entry = None
+    if features is not None:  # written before its shard: a listed shard always has its features
+        from kdforge.teachers.cache.features import encode_features, feature_name
+
+        fblob, ferr = encode_features(torch.cat(hidden_parts), features["dtype"])
+        with atomic_write(out / feature_name(index), "wb") as fh:
+            fh.write(fblob)
+        feature_entry = {"file": feature_name(index), "bytes": len(fblob),
+                         "sha256": hashlib.sha256(fblob).hexdigest(), "max_error": ferr}
     name = shard_name(index)
     with atomic_write(out / name, "wb") as fh:
         fh.write(blob)
@@ -512,6 +577,8 @@ def _write_shard(
         "topk_mass_min": float(mass.min()),
         "max_quant_error": _max_quant_error(enc, lps),
     }
+    if feature_entry is not None:
+        entry["features"] = feature_entry
     return entry, len(blob)
 
 
@@ -580,10 +647,12 @@ def _valid_entries(
         if index in kept:
             continue
         path = out / entry["file"]
-        if (
-            path.is_file()
-            and path.stat().st_size == entry["bytes"]
-            and (not hash_check or sha256_file(path) == entry["sha256"])
+        files = [(path, entry)]
+        if isinstance(entry.get("features"), dict):
+            files.append((out / entry["features"]["file"], entry["features"]))
+        if all(
+            p.is_file() and p.stat().st_size == e["bytes"] and (not hash_check or sha256_file(p) == e["sha256"])
+            for p, e in files
         ):
             kept[index] = entry
         else:
@@ -617,6 +686,10 @@ def _stats(manifest: dict[str, Any]) -> dict[str, Any]:
         "topk_mass_min": min(s["topk_mass_min"] for s in shards),
         "max_quant_error": max(s["max_quant_error"] for s in shards),
     }
+    feats = [s["features"] for s in shards if "features" in s]
+    if feats:  # hidden states: their own size and worst decoding error
+        out["features_bytes_per_token"] = sum(f["bytes"] for f in feats) / tokens
+        out["features_max_error"] = max(f["max_error"] for f in feats)
     offsets = manifest["dataset"].get("token_offsets")
     if offsets is not None:  # cross-tokenizer caches: what the offsets add
         out["offsets_bytes_per_token"] = offsets["bytes"] / tokens
@@ -791,7 +864,7 @@ def _resume_or_start(
 
 def _remove_shards(out: Path, keep: set[int]) -> None:
     """Delete shard files whose index is not in ``keep``, and every progress record."""
-    for path in out.glob("shard-*.kdc"):
+    for path in [*out.glob("shard-*.kdc"), *out.glob("features-*.kdf")]:
         try:
             index = int(path.stem.split("-")[1])
         except (IndexError, ValueError):

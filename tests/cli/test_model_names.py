@@ -80,7 +80,16 @@ def test_cache_teacher_and_select_take_an_asset_name_on_the_accelerator_by_defau
     assert devices.count("auto") == 2 and "kept 3 of 6" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["eval", "make-student", "select", "cache-teacher", "run"])
+def test_generate_backend_takes_an_asset_name_either_way(asset):
+    from kdforge.elicit.backends import build_backend
+    from kdforge.elicit.backends.config import TransformersConfig
+
+    for name in ("smollm2", "asset:smollm2"):
+        backend = build_backend(TransformersConfig(model=name, device="cpu"))
+        assert backend.model.config.hidden_size == 32 and len(backend.tokenizer) == len(_byo.tokenizer())
+
+
+@pytest.mark.parametrize("command", ["eval", "make-student", "select", "cache-teacher", "run", "sft"])
 def test_a_missing_model_folder_is_the_same_error_everywhere(command, folders, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     missing = "./no-such-model"
@@ -89,6 +98,8 @@ def test_a_missing_model_folder_is_the_same_error_everywhere(command, folders, t
         argv = ["eval", "--student", missing, "--data", text]
     elif command == "make-student":
         argv = ["make-student", missing, "out", "--num-layers", "1"]
+    elif command == "sft":
+        argv = ["sft", text, "--student", missing, "-o", "out"]
     elif command == "select":
         argv = ["select", "--teacher", missing, "--reference", str(folders[1]), "--corpus", text, "--out", "sel"]
     else:

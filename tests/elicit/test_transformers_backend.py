@@ -8,7 +8,6 @@ import pytest
 
 from kdforge.elicit import GenerationEngine, SamplingParams, build_requests, generate
 from kdforge.elicit.backends import TransformersConfig, build_backend
-from kdforge.errors import ConfigError
 
 PROMPTS = ["the movie", "a dull and boring film, rotten to the", "fresh"]
 
@@ -83,8 +82,10 @@ def test_chat_prompt_without_a_template_is_a_clear_config_error(backend, tmp_pat
         backend.tokenizer.chat_template = tpl
 
 
-def test_missing_model_folder_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="cannot load the teacher model"):
+def test_missing_model_folder_is_the_error_of_kdforge_run(tmp_path):
+    from kdforge.errors import AssetError
+
+    with pytest.raises(AssetError, match="nope': no such folder"):  # kdforge.models, like llm_kd's teacher.model
         build_backend(TransformersConfig(model=str(tmp_path / "nope"), device="cpu"))
 
 

@@ -508,7 +508,7 @@ CASES: list[Case] = [
     cli_case("make-student-missing-teacher", "trainer", AssetError, ("no-such-model", "hub id"),
              ("offline asset",), lambda w: (["make-student", "no-such-model", str(w.tmp / "s"), "--num-layers", "1"],
                                              [])),
-    cli_case("sft-missing-student", "trainer", AssetError, ("cannot load", "no-such-model"), ("path or hub id",),
+    cli_case("sft-missing-student", "trainer", AssetError, ("no-such-model", "hub id"), ("offline asset",),
              lambda w: (["sft", _sft_data(w), "--student", "no-such-model", "-o", str(w.tmp / "o")], [])),
     cli_case("sft-missing-data", "data", DataError, ("not found", "missing.jsonl"), ("data.path",),
              lambda w: (["sft", str(w.tmp / "missing.jsonl"), "--student", "x", "-o", str(w.tmp / "o")], [])),

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdforge.errors import AssetError, ConfigError, DataError
+from kdforge.errors import ConfigError, DataError
 from kdforge.train.tasks import IGNORE_INDEX, CausalLMTask, TaskOutput
 
 log = logging.getLogger(__name__)
@@ -280,19 +280,6 @@ def weighted_collate(batch: Sequence[Mapping[str, Any]], pad_token_id: int) -> d
     return out
 
 
-def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(name)``; a missing folder or unreachable Hub id is an AssetError."""
-    try:
-        return cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise AssetError(
-            f"cannot load the {what} {name!r}: {str(exc).splitlines()[0]}",
-            "check the folder holds config.json/tokenizer files and weights"
-            if Path(name).exists()
-            else "check the path or Hub id (a Hub id needs the network: HF_HUB_OFFLINE=0)",
-        ) from None
-
-
 def run_sft(data: str | Path, student: str, output_dir: str | Path, *, tokenizer: str | None = None,
             max_length: int = 512, train: dict[str, Any] | None = None,
             weight_field: str | None = "weight", data_spec: Any = None) -> dict[str, Any]:
@@ -305,17 +292,17 @@ def run_sft(data: str | Path, student: str, output_dir: str | Path, *, tokenizer
     when the data has them the loss is the weighted token mean (:class:`WeightedCausalLMTask`),
     otherwise plain response-token cross-entropy.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from kdforge.data import parse_spec
     from kdforge.data.text import lm_collate
     from kdforge.io import write_json_atomic
+    from kdforge.models import ModelSource, load_causal_lm, load_tokenizer
     from kdforge.train import Distiller
 
     out = Path(output_dir)
     spec = parse_spec(data_spec if data_spec is not None else {"path": str(data)})
     source = sft_source(spec, weight_field)  # the cheap checks first: a bad data path fails before any model loads
-    tok = _from_pretrained(AutoTokenizer, tokenizer or student, "tokenizer")
+    # kdforge.models: asset names, folders and Hub ids read (and refused) like `kdforge run`'s student
+    tok = load_tokenizer(ModelSource(model=tokenizer or student), what="student" if tokenizer is None else "tokenizer")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if source[0] == "records":
@@ -325,7 +312,7 @@ def run_sft(data: str | Path, student: str, output_dir: str | Path, *, tokenizer
     if spec.packing:
         examples = pack_examples(examples, spec.block_size or spec.max_length or max_length,
                                  mask_document_starts=spec.mask_document_starts)
-    model = _from_pretrained(AutoModelForCausalLM, student, "student", dtype=torch.float32)
+    model = load_causal_lm(ModelSource(model=student, device="cpu", dtype="float32"), what="student")  # the trainer places it
     cfg = {"batch_size": 8, "lr": 5e-5, "scheduler": "cosine", "warmup_steps": 0,
            **(train or {}), "output_dir": str(out)}
     if cfg.get("max_steps") is None and cfg.get("epochs") is None:

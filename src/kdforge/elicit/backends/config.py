@@ -18,7 +18,8 @@ class TransformersConfig(StrictModel):
     """A local Hugging Face causal LM (a Hub id or a local folder)."""
 
     type: Literal["transformers"] = "transformers"
-    model: str = Field(description="Hub id, local folder, or asset:NAME (e.g. asset:smollm2)")
+    model: str = Field(description="asset name (smollm2 or asset:smollm2), local folder, or Hub id "
+                                   "(read like llm_kd's teacher.model)")
     tokenizer: str | None = Field(None, description="defaults to `model`")
     gguf_file: str | None = Field(None, description="GGUF file inside `model` (dequantised on load)")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda:0', ...")

@@ -91,39 +91,30 @@ class TransformersBackend(Backend):
     ) -> None:
         super().__init__()
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.use_chat_template = chat_template
-        kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if gguf_file:
-            kw["gguf_file"] = gguf_file
-        if isinstance(model, str) and model.startswith("asset:"):
-            from kdforge.assets import ensure
+        # kdforge.models reads the names (asset smollm2 / asset:smollm2, folder, .gguf file, Hub id) and
+        # fails like `kdforge run` does
+        from kdforge.models import ModelSource, load_causal_lm, load_tokenizer, resolve_model_path
 
-            model = str(ensure(model.split(":", 1)[1]))  # e.g. asset:smollm2 -> cached folder
+        def source(name: str) -> ModelSource:
+            return ModelSource(model=name, device=str(self.device), trust_remote_code=trust_remote_code,
+                               dtype=str(resolve_dtype(dtype, self.device)).replace("torch.", ""))
+
         if isinstance(model, str | Path):
             self.model_name = str(model)
-            try:
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(model), dtype=resolve_dtype(dtype, self.device), **kw)
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot load the teacher model {self.model_name!r}: {exc}",
-                    "give a local folder with config.json and weights, or a Hub id reachable from here",
-                ) from None
+            name = str(Path(resolve_model_path(str(model))) / gguf_file) if gguf_file else str(model)
+            model = load_causal_lm(source(name), what="teacher")
         else:
+            name = None
             self.model_name = getattr(getattr(model, "config", None), "_name_or_path", "model") or "model"
             if dtype != "auto":
                 model = model.to(resolve_dtype(dtype, self.device))
         if tokenizer is None or isinstance(tokenizer, str | Path):
-            src = str(tokenizer or self.model_name)
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(src, **kw)
-            except OSError as exc:
-                raise ConfigError(f"cannot load a tokenizer from {src!r}: {exc}",
-                                  "set backend.tokenizer to a folder or Hub id with tokenizer files") from None
+            tokenizer = load_tokenizer(source(str(tokenizer) if tokenizer is not None else name or self.model_name),
+                                       what="teacher" if tokenizer is None else "tokenizer")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:

@@ -8,7 +8,7 @@ through ``LLM.generate(prompts, sampling_params=...)``; both take one ``Sampling
 prompt. Each request is one sample (``n=1``; the engine expands ``n`` into requests with seeds
 ``seed + i``) and keeps its own seed (vLLM supports per-request seeds), so samples are
 reproducible regardless of batching. Stop strings are excluded from the text (vLLM's default,
-the same contract as the other backends). ``model: asset:NAME`` resolves a kdforge asset folder.
+the same contract as the other backends). ``model: smollm2`` (or ``asset:smollm2``) resolves a kdforge asset folder (:mod:`kdforge.models`).
 
 API used (checked against vLLM's ``LLM.chat``/``LLM.generate``/``SamplingParams`` and the
 ``RequestOutput``/``CompletionOutput`` fields ``prompt_token_ids``, ``outputs[0].text``,
@@ -65,10 +65,11 @@ class VLLMBackend(Backend):
         super().__init__()
         vllm = _import_vllm()
         self._vllm = vllm
-        if model.startswith("asset:"):
-            from kdforge.assets import ensure
+        from kdforge.assets import ASSET_MODULES
+        from kdforge.models import asset_name, resolve_model_path
 
-            model = str(ensure(model.split(":", 1)[1]))
+        if asset_name(model) in ASSET_MODULES:  # smollm2 or asset:smollm2 -> its folder, like llm_kd's teacher
+            model = resolve_model_path(model)
         self.model_name = model
         self.batch_size = batch_size
         self.chat_template = _read_template(chat_template)

@@ -93,3 +93,19 @@ def test_cross_tokenizer_recipe_from_a_cache_matches_the_live_teacher(tmp_path):
     assert (tmp_path / "cache" / "teacher_cache" / "token_offsets.bin").is_file()
     assert 0 < info["offsets_bytes_per_token"] < info["bytes_per_token"]
     assert "token offsets" in (tmp_path / "cache" / "results.md").read_text()
+
+
+def test_a_missing_student_tokenizer_folder_is_the_error_of_kdforge_models(tmp_path, capsys):
+    _teacher(tmp_path / "teacher")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(TEXT * 4)
+    config = {"recipe": "cross_tokenizer_kd", "teacher": {"model": str(tmp_path / "teacher")},
+              "student": {"tokenizer": str(tmp_path / "no-such-tokenizer")},
+              "data": {"corpus": str(corpus), "train_docs": ["a"], "eval_docs": ["a"], "chars": 120, "seq_len": 48,
+                       "train_examples": 4, "eval_examples": 4}, "seeds": [0]}
+    path = tmp_path / "xtok.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "-o", str(tmp_path / "run"), "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-tokenizer': no such folder" in err and "save_pretrained" in err

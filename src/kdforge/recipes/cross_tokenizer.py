@@ -227,9 +227,10 @@ class CrossTokenizerKD(Recipe):
         if s.tokenizer == "bpe":
             student_tok = train_bpe([docs[n] for n in d.train_docs], s.vocab_size)
         else:
-            from transformers import AutoTokenizer
+            from kdforge.models import ModelSource, load_tokenizer
 
-            student_tok = AutoTokenizer.from_pretrained(s.tokenizer)
+            # kdforge.models: a folder, an asset or a Hub id, with the errors of llm_kd's student.model
+            student_tok = load_tokenizer(ModelSource(model=s.tokenizer), what="student")
         if run.main:
             student_tok.save_pretrained(run.out / "student_tokenizer")
         source = CrossTokenizerTeacher(teacher, teacher_tok, student_tok, span_policy=config.span_policy)

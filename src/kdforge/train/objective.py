@@ -377,8 +377,8 @@ class Objective:
         if teacher is None:
             raise ConfigError(
                 f"feature terms {[t.key for t in self.feature_terms]} need a live teacher model, got none",
-                "pass the teacher module (a teacher cache stores only top-k logits, no hidden states), "
-                "or remove the feature terms",
+                "pass the teacher module, or CachedTeacher.with_features(cache) for a cache built with "
+                "feature_layers, or remove the feature terms",
             )
         t_module = teacher_module(teacher)
         ident = (id(student), id(t_module))

@@ -4,7 +4,10 @@ Setup (not measured): student hidden states ``[tokens, H]`` and LM head ``[V, H]
 gradients), plus the teacher: by default its hidden states and head (``--teacher head``, what
 Liger-Kernel's fused losses take; the teacher's logits are then part of the measured work: per
 chunk for the fused implementations, in full for the others), or its logits ``[tokens, V]``
-(``--teacher logits``; Liger is skipped there).
+(``--teacher logits``; Liger is skipped there), or a sparse top-``--k`` teacher (``--teacher sparse``:
+a ``SparseTeacher`` built from random logits; only the kdforge implementations and the student's
+three matrix products of the GEMM floor run: ``kdforge`` takes the sparse closed form,
+``kdforge_autograd`` the registered loss under autograd per chunk).
 
 Losses (``--losses``): ``forward_kl`` (KL(p||q)), ``reverse_kl`` (KL(q||p)) and ``jsd`` (generalised
 JSD, ``--beta``, default 0.5), summed over tokens; every implementation computes the same value
@@ -106,11 +109,15 @@ class CpuPeak:
         return (_status_kib("VmHWM") - self.base_kib) / 1024.0
 
 
-def make_inputs(n: int, v: int, h: int, teacher: str, device):
+def make_inputs(n: int, v: int, h: int, teacher: str, device, k: int = 16):
     import torch
 
     hidden = (torch.randn(n, h, device=device) * 0.5).requires_grad_()
     weight = (torch.randn(v, h, device=device) * 0.02).requires_grad_()
+    if teacher == "sparse":
+        from kdforge.losses.signal import SparseTeacher
+
+        return hidden, weight, SparseTeacher.from_logits(torch.randn(n, v, device=device) * 2.0, min(k, v)), None, None
     if teacher == "head":
         return hidden, weight, None, torch.randn(n, h, device=device) * 0.5, torch.randn(v, h, device=device) * 0.02
     return hidden, weight, torch.randn(n, v, device=device) * 2.0, None, None
@@ -240,10 +247,10 @@ def run_case(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     n, v, h = args.tokens, args.vocab, args.hidden
     # Warm-up on a tiny batch: loads kernels and code pages so they do not count as loss memory.
-    warm = make_inputs(16, v, h, args.teacher, device)
+    warm = make_inputs(16, v, h, args.teacher, device, args.k)
     make_step(args.impl, args, *warm)()
     del warm
-    inputs = make_inputs(n, v, h, args.teacher, device)
+    inputs = make_inputs(n, v, h, args.teacher, device, args.k)
     hidden, weight = inputs[0], inputs[1]
     step = make_step(args.impl, args, *inputs)
     if args.impl in COMPILED:  # compile for the real shapes outside the timed passes
@@ -319,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096])
     p.add_argument("--vocab", nargs="+", type=int, default=[32768, 131072])
     p.add_argument("--hidden", type=int, default=576)
-    p.add_argument("--teacher", choices=("logits", "head"), default="head")
+    p.add_argument("--teacher", choices=("logits", "head", "sparse"), default="head")
+    p.add_argument("--k", type=int, default=16, help="top-k of --teacher sparse")
     p.add_argument("--beta", type=float, default=0.5, help="the JSD's beta")
     p.add_argument("--chunk-size", default="auto", help="rows per chunk for kdforge and the floor, or 'auto'")
     p.add_argument("--repeats", type=int, default=1, help="timed passes per process (best is kept)")
@@ -338,8 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(args)), flush=True)
         return 0
     impls = list(dict.fromkeys(ALIASES.get(i, i) for i in args.impls))
-    if args.teacher == "logits":
+    if args.teacher != "head":
         impls = [i for i in impls if not i.startswith("liger")]
+    if args.teacher == "sparse":
+        impls = [i for i in impls if i.startswith("kdforge") or i == "gemm_floor"]
     records = []
     for rnd in range(args.rounds):
         order = impls[rnd % len(impls):] + impls[: rnd % len(impls)]  # rotate: no impl always first
@@ -364,7 +374,7 @@ def _run_one(args: argparse.Namespace, impl: str, loss: str, tokens: int, vocab:
         return {**base, "skipped": f"estimated peak {est / (1 << 30):.1f} GiB > --max-gib {args.max_gib}"}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--loss", loss,
            "--tokens", str(tokens), "--vocab", str(vocab), "--hidden", str(args.hidden), "--teacher", args.teacher,
-           "--beta", str(args.beta), "--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats),
+           "--beta", str(args.beta), "--k", str(args.k), "--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats),
            "--device", args.device]
     # Fixed mmap threshold: freed big arrays go back to the OS, so RSS tracks live memory.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}

@@ -72,3 +72,19 @@ def test_summary_gives_medians_and_ratios_to_the_floor_and_liger(bench):
     assert out["kdforge"]["time_vs_gemm_floor"] == pytest.approx(20.0 / 9.0, abs=1e-3)
     assert out["kdforge"]["time_vs_liger_compiled"] == pytest.approx(20.0 / 16.0, abs=1e-3)
     assert out["kdforge"]["peak_vs_liger_compiled"] == pytest.approx(0.25)
+
+
+def test_sparse_teacher_closed_form_and_autograd_agree(bench):
+    """``--teacher sparse``: the kdforge default (sparse closed form) and the autograd path compute
+    the same loss and gradients; the floor then runs only the student's three products."""
+    args = argparse.Namespace(loss="forward_kl", beta=0.5, chunk_size="5")
+    out = {}
+    for impl in ("kdforge_eager", "kdforge_autograd"):
+        torch.manual_seed(0)
+        inputs = bench.make_inputs(12, 40, 8, "sparse", torch.device("cpu"), k=4)
+        with torch.no_grad():
+            inputs[1].mul_(60.0)
+        out[impl] = (float(bench.make_step(impl, args, *inputs)()), inputs[0].grad.clone(), inputs[1].grad.clone())
+    assert out["kdforge_eager"][0] == pytest.approx(out["kdforge_autograd"][0], rel=1e-5)
+    for a, b in zip(out["kdforge_eager"][1:], out["kdforge_autograd"][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -18,10 +18,16 @@ def test_yaml_examples_validate():
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)]
     kinds = set()
     for block in blocks:
-        if "ddk" in block:
+        if block.get("recipe") == "llm_kd":  # an llm_kd method with a ddk: block (data.domain_field)
+            from kdforge.recipes.llm_kd import LLMKDConfig
+
+            block = {k: v for k, v in block.items() if k != "recipe"}
+            validate(LLMKDConfig, block, source="docs/data-selection.md")
+            kinds.add("llm_kd")
+        elif "ddk" in block:
             validate(DDKConfig, block["ddk"], source="docs/data-selection.md")
             kinds.add("ddk")
         else:
             validate(SelectConfig, block, source="docs/data-selection.md")
             kinds.add("select")
-    assert kinds == {"ddk", "select"}
+    assert kinds == {"ddk", "select", "llm_kd"}

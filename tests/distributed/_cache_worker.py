@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -109,4 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _teardown import (
+        exit_without_native_teardown,  # the launched script's folder is on sys.path
+    )
+
+    exit_without_native_teardown(main())

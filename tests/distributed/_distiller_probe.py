@@ -56,4 +56,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _teardown import (
+        exit_without_native_teardown,  # the launched script's folder is on sys.path
+    )
+
+    exit_without_native_teardown(main())

@@ -15,7 +15,6 @@ Usage (2 processes): ``python -m torch.distributed.run --nproc_per_node 2 _fsdp_
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -115,18 +114,9 @@ def main() -> int:
     return 0
 
 
-def _exit_without_native_teardown(code: int) -> None:
-    """Leave the process skipping C++ static destructors.
-
-    With torch 2.13 on CPU/gloo, about one run in ten aborts *after* ``destroy_process_group`` has
-    returned on both ranks and every file is written ("terminate called without an active
-    exception", then SIGSEGV in a native thread at interpreter exit). The checkpoint under test is
-    complete by then; ``os._exit`` after flushing keeps that teardown race out of the verdict.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _exit_without_native_teardown(main())
+    from _teardown import (
+        exit_without_native_teardown,  # the launched script's folder is on sys.path
+    )
+
+    exit_without_native_teardown(main())

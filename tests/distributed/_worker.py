@@ -34,7 +34,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -307,4 +306,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _teardown import (
+        exit_without_native_teardown,  # the launched script's folder is on sys.path
+    )
+
+    exit_without_native_teardown(main())

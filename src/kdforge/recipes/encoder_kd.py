@@ -139,6 +139,40 @@ def _score(emb: torch.Tensor, ref_emb: torch.Tensor | None, teacher_eval: torch.
     return out
 
 
+def teacher_embeddings(run: Any, teacher: EncoderSource, parts: Mapping[str, list[str]], *, batch_size: int,
+                       max_length: int) -> dict[str, torch.Tensor]:
+    """The teacher's embeddings of each named list of texts (``{name: [N_name, D]}``), computed once
+    per run: a sub-run ``teacher/`` keyed by the teacher, ``max_length`` and the texts, reused when
+    they match (``encoder_kd`` and ``ranker_kd``)."""
+    from safetensors.torch import load_file, save
+
+    from kdforge.io import write_bytes_atomic
+    from kdforge.students.encoder import encode, load_sentence_encoder
+
+    sub = run.subrun("the teacher's embeddings", "teacher", {
+        "teacher": teacher.model_dump(mode="json"), "max_length": max_length, **parts},
+        length=16, record="teacher.json")
+    if sub.reuse() is not None:
+        return load_file(sub.dir / "embeddings.safetensors")
+    sub.prepare(resume=False)
+    model, tok = load_sentence_encoder(teacher, what="teacher")
+    t0 = time.perf_counter()
+    texts = [t for part in parts.values() for t in part]
+    emb = encode(model, tok, texts, batch_size=batch_size, max_length=max_length)
+    seconds = time.perf_counter() - t0
+    out, start = {}, 0
+    for name, part in parts.items():
+        out[name] = emb[start:start + len(part)].contiguous()
+        start += len(part)
+    if run.main:
+        write_bytes_atomic(sub.dir / "embeddings.safetensors", save(out))
+        sub.finish({"texts": len(texts), "dim": int(emb.shape[1]), "seconds": seconds},
+                   weights="embeddings.safetensors")
+    run.barrier()
+    log.info("teacher embedded %d texts in %.1f s", len(texts), seconds)
+    return out
+
+
 def _collate(tokenizer: Any, max_length: int) -> Any:
     def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         batch = tokenizer([it["text"] for it in items], padding=True, truncation=True, max_length=max_length,
@@ -211,31 +245,9 @@ class EncoderKDRecipe(Recipe):
     @staticmethod
     def _teacher(run: Any, config: EncoderKDConfig, data: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's embeddings of the training and held-out sentences, computed once."""
-        from safetensors.torch import load_file, save
-
-        from kdforge.io import write_bytes_atomic
-        from kdforge.students.encoder import encode, load_sentence_encoder
-
-        sub = run.subrun("the teacher's embeddings", "teacher", {
-            "teacher": config.teacher.model_dump(mode="json"), "max_length": config.data.max_length,
-            "train": data["train_texts"], "eval": data["eval_texts"]}, length=16, record="teacher.json")
-        if sub.reuse() is not None:
-            saved = load_file(sub.dir / "embeddings.safetensors")
-            return saved["train"], saved["eval"]
-        sub.prepare(resume=False)
-        model, tok = load_sentence_encoder(config.teacher, what="teacher")
-        t0 = time.perf_counter()
-        emb = encode(model, tok, data["train_texts"] + data["eval_texts"], batch_size=config.eval.batch_size,
-                     max_length=config.data.max_length)
-        seconds = time.perf_counter() - t0
-        train, held = emb[: len(data["train_texts"])].contiguous(), emb[len(data["train_texts"]):].contiguous()
-        if run.main:
-            write_bytes_atomic(sub.dir / "embeddings.safetensors", save({"train": train, "eval": held}))
-            sub.finish({"sentences": len(emb), "dim": int(emb.shape[1]), "seconds": seconds},
-                       weights="embeddings.safetensors")
-        run.barrier()
-        log.info("teacher embedded %d sentences in %.1f s", len(emb), seconds)
-        return train, held
+        emb = teacher_embeddings(run, config.teacher, {"train": data["train_texts"], "eval": data["eval_texts"]},
+                                 batch_size=config.eval.batch_size, max_length=config.data.max_length)
+        return emb["train"], emb["eval"]
 
     # -- references (no training) --------------------------------------------------------------
     @staticmethod

@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 
 from kdforge.config import StrictModel
 from kdforge.recipes import RECIPES, Recipe
-from kdforge.recipes.encoder_kd import EncoderSource, EncoderTrain
+from kdforge.recipes.encoder_kd import EncoderSource, EncoderTrain, teacher_embeddings
 from kdforge.train.objective import LossTerm
 
 log = logging.getLogger(__name__)
@@ -218,35 +218,10 @@ class RankerKDRecipe(Recipe):
     @staticmethod
     def _teacher(run: Any, config: RankerKDConfig, pairs: Mapping[str, list[Any]]) -> dict[str, torch.Tensor]:
         """The teacher's embeddings of every training/held-out query and positive, computed once."""
-        from safetensors.torch import load_file, save
-
-        from kdforge.io import write_bytes_atomic
-        from kdforge.students.encoder import encode, load_sentence_encoder
-
         parts = {"train_q": [p.query for p in pairs["train"]], "train_p": [p.positive for p in pairs["train"]],
                  "eval_q": [p.query for p in pairs["eval"]], "eval_p": [p.positive for p in pairs["eval"]]}
-        sub = run.subrun("the teacher's embeddings", "teacher", {
-            "teacher": config.teacher.model_dump(mode="json"), "max_length": config.data.max_length,
-            "texts": parts}, length=16, record="teacher.json")
-        if sub.reuse() is not None:
-            return load_file(sub.dir / "embeddings.safetensors")
-        sub.prepare(resume=False)
-        model, tok = load_sentence_encoder(config.teacher, what="teacher")
-        t0 = time.perf_counter()
-        texts = [t for part in parts.values() for t in part]
-        emb = encode(model, tok, texts, batch_size=config.eval.batch_size, max_length=config.data.max_length)
-        seconds = time.perf_counter() - t0
-        out, start = {}, 0
-        for name, part in parts.items():
-            out[name] = emb[start:start + len(part)].contiguous()
-            start += len(part)
-        if run.main:
-            write_bytes_atomic(sub.dir / "embeddings.safetensors", save(out))
-            sub.finish({"texts": len(texts), "dim": int(emb.shape[1]), "seconds": seconds},
-                       weights="embeddings.safetensors")
-        run.barrier()
-        log.info("teacher embedded %d texts in %.1f s", len(texts), seconds)
-        return out
+        return teacher_embeddings(run, config.teacher, parts, batch_size=config.eval.batch_size,
+                                  max_length=config.data.max_length)
 
     @staticmethod
     def _groups(config: RankerKDConfig, pairs: Mapping[str, list[Any]], teacher: Mapping[str, torch.Tensor]

@@ -23,6 +23,7 @@ What this module adds to ``llm_kd`` (which only registers the key):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -30,7 +31,6 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from kdforge.constants import IGNORE_INDEX
 from kdforge.errors import ConfigError, DataError
 from kdforge.recipes.lm_data import LMData
 from kdforge.train.ddk import DDKConfig, DDKSampler
@@ -97,31 +97,21 @@ def carve_dev(data: LMData, dev_examples: int) -> tuple[LMData, dict[str, Any]]:
     return rest, dev
 
 
-@torch.no_grad()
 def teacher_domain_losses(teacher: torch.nn.Module, dev: Mapping[str, Any], *, batch_size: int = 8
                           ) -> dict[str, float]:
     """The teacher's mean next-token cross-entropy (nats per labelled position) on each domain's
-    measuring rows (labels ``-100`` and padding not counted)."""
-    device = next(teacher.parameters()).device
+    measuring rows (labels ``-100`` and padding not counted), by :func:`kdforge.eval.lm.evaluate_language_models`."""
+    from kdforge.eval.lm import evaluate_language_models
+
     out: dict[str, float] = {}
     for domain, data in dev.items():
-        total, count = 0.0, 0
-        for start in range(0, len(data), batch_size):
-            items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-            ids = torch.stack([x["input_ids"] for x in items]).to(device)
-            mask = torch.stack([x["attention_mask"] for x in items]).to(device) if "attention_mask" in items[0] else None
-            labels = torch.stack([x["labels"] for x in items]).to(device) if "labels" in items[0] else ids.clone()
-            if mask is not None:
-                labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
-            logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target = labels[:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                             ignore_index=IGNORE_INDEX, reduction="sum"))
-            count += int((target != IGNORE_INDEX).sum())
-        if count == 0:
+        batches = [{key: torch.stack([data[i][key] for i in range(start, min(start + batch_size, len(data)))])
+                    for key in data[0]} for start in range(0, len(data), batch_size)]
+        nll = evaluate_language_models({"teacher": teacher}, batches)["teacher"]["metrics"]["nll"]
+        if not math.isfinite(nll):
             raise DataError(f"DDK's held-out rows of domain {domain!r} have no labelled position",
                             "give every domain held-out rows with response tokens")
-        out[domain] = total / count
+        out[domain] = float(nll)
     log.info("DDK: teacher held-out loss per domain %s", {d: round(v, 3) for d, v in out.items()})
     return out
 

@@ -241,12 +241,13 @@ def check_student_vocab(t_width: int, teacher_tokenizer: Any, s_width: int, stud
         VocabMismatchError: naming the fix (a student of the teacher's family, ``shared_prefix``,
             or cross-tokenizer KD).
     """
-    from kdforge.teachers.vocab import tokenizer_fingerprint
+    from kdforge.teachers.vocab import check_vocab, tokenizer_fingerprint
 
     same_tok = tokenizer_fingerprint(teacher_tokenizer) == tokenizer_fingerprint(student_tokenizer)
     if policy == "exact":
         if not same_tok:
-            _check_ids_align(t_width, s_width, teacher_tokenizer=teacher_tokenizer, student_tokenizer=student_tokenizer)
+            check_vocab(t_width, s_width, teacher_tokenizer=teacher_tokenizer, student_tokenizer=student_tokenizer,
+                        cross_tokenizer_fix=CROSS_TOKENIZER_RECIPE_FIX)
             raise VocabMismatchError(
                 "the student's tokenizer differs from the teacher's (it agrees on the shared ids but adds or "
                 "lacks tokens), and student.vocab_policy is exact",
@@ -258,7 +259,8 @@ def check_student_vocab(t_width: int, teacher_tokenizer: Any, s_width: int, stud
                 "(embedding matrices padded differently), and student.vocab_policy is exact",
                 "set student.vocab_policy: shared_prefix (both sides keep the shared entries)")
         return
-    _check_ids_align(t_width, s_width, teacher_tokenizer=teacher_tokenizer, student_tokenizer=student_tokenizer)
+    check_vocab(t_width, s_width, teacher_tokenizer=teacher_tokenizer, student_tokenizer=student_tokenizer,
+            cross_tokenizer_fix=CROSS_TOKENIZER_RECIPE_FIX)
 
 
 #: the fix for a pretrained student whose token ids mean other tokens than the teacher's
@@ -266,19 +268,6 @@ CROSS_TOKENIZER_RECIPE_FIX = (
     "pick a student of the teacher's family (same tokenizer), or distil across tokenizers with the recipe "
     "cross_tokenizer_kd (ULD / GOLD losses over text-aligned positions: `kdforge init cross_tokenizer DIR`, "
     "docs/cross-tokenizer.md)")
-
-
-def _check_ids_align(t_width: int, s_width: int, **tokenizers: Any) -> None:
-    """:func:`kdforge.teachers.vocab.check_vocab`, with the fix a recipe user can act on: ``llm_kd``
-    distils over token ids, so a different tokenizer family goes to ``cross_tokenizer_kd``."""
-    from kdforge.teachers.vocab import check_vocab
-
-    try:
-        check_vocab(t_width, s_width, **tokenizers)
-    except VocabMismatchError as exc:
-        if "tokenizers differ" not in exc.problem:
-            raise
-        raise VocabMismatchError(exc.problem, CROSS_TOKENIZER_RECIPE_FIX) from None
 
 
 def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:

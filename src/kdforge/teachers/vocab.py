@@ -128,6 +128,7 @@ def check_vocab(
     *,
     teacher_tokenizer: Any = None,
     student_tokenizer: Any = None,
+    cross_tokenizer_fix: str | None = None,
 ) -> VocabAlignment:
     """Decide whether teacher and student logits can be compared, and over how many entries.
 
@@ -136,6 +137,8 @@ def check_vocab(
         student_size: width of the student's logits.
         teacher_tokenizer / student_tokenizer: the tokenizers (one is enough when both models
             use it). Without any tokenizer, only equal sizes are accepted.
+        cross_tokenizer_fix: the fix named when the tokenizers differ (default: the Python
+            cross-tokenizer path; a recipe names its own, e.g. ``cross_tokenizer_kd``).
 
     Returns:
         :class:`VocabAlignment`; ``shared_size`` = the tokenizer size when the logits are padded
@@ -171,7 +174,7 @@ def check_vocab(
                 f"teacher and student tokenizers differ: {len(differing)} of {overlap} shared ids "
                 f"map to different tokens{example}; logit distillation over token ids would pair "
                 "unrelated tokens",
-                _CROSS_TOKENIZER_FIX,
+                cross_tokenizer_fix or _CROSS_TOKENIZER_FIX,
             )
         tok_size = overlap  # one tokenizer extends the other (e.g. extra chat tokens)
         log.info(

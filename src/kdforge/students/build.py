@@ -260,7 +260,7 @@ def check_student_vocab(t_width: int, teacher_tokenizer: Any, s_width: int, stud
                 "set student.vocab_policy: shared_prefix (both sides keep the shared entries)")
         return
     check_vocab(t_width, s_width, teacher_tokenizer=teacher_tokenizer, student_tokenizer=student_tokenizer,
-            cross_tokenizer_fix=CROSS_TOKENIZER_RECIPE_FIX)
+                cross_tokenizer_fix=CROSS_TOKENIZER_RECIPE_FIX)
 
 
 #: the fix for a pretrained student whose token ids mean other tokens than the teacher's

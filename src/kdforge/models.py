@@ -74,6 +74,21 @@ class ModelSource(StrictModel):
                                                               "transformers' choice)")
 
 
+class HubOptions(StrictModel):
+    """The loading options of :class:`ModelSource` for config blocks that name their model in their
+    own field (``kdforge cache-teacher``'s ``teacher``, ``kdforge select``'s models)."""
+
+    revision: str | None = ModelSource.model_fields["revision"]
+    trust_remote_code: bool = ModelSource.model_fields["trust_remote_code"]
+    device_map: Literal["auto"] | None = ModelSource.model_fields["device_map"]
+    attn_implementation: str | None = ModelSource.model_fields["attn_implementation"]
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The options that differ from the defaults, as keywords of
+        :func:`kdforge.teachers.online.load_teacher`."""
+        return self.model_dump(include=set(HubOptions.model_fields), exclude_defaults=True)
+
+
 # --------------------------------------------------------------------------------------------- names
 def classify_model_name(name: str) -> Literal["asset", "local", "hub"]:
     """``asset`` (an offline kdforge asset), ``local`` (an existing folder) or ``hub`` (a Hub id).
@@ -364,6 +379,6 @@ def load_model(source: ModelSource, *, role: Literal["teacher", "student"] = "te
     return model, tokenizer
 
 
-__all__ = ["Dtype", "ModelSource", "asset_name", "check_device_map", "check_source", "classify_model_name",
+__all__ = ["Dtype", "HubOptions", "ModelSource", "asset_name", "check_device_map", "check_source", "classify_model_name",
            "hub_token", "load_causal_lm", "load_config", "load_model", "load_pretrained", "load_sequence_classifier",
            "load_tokenizer", "pretrained_kwargs", "resolve_device", "resolve_model_path", "torch_dtype"]

@@ -80,6 +80,41 @@ def test_cache_teacher_and_select_take_an_asset_name_on_the_accelerator_by_defau
     assert devices.count("auto") == 2 and "kept 3 of 6" in capsys.readouterr().out
 
 
+def test_cache_teacher_and_select_yaml_take_the_hub_loading_options(asset, folders, tmp_path, monkeypatch, capsys):
+    """``revision``, ``attn_implementation`` (and the other ModelSource options) in the YAML of
+    cache-teacher and select reach ``from_pretrained`` like ``kdforge run``'s teacher block."""
+    from transformers import AutoModelForCausalLM
+
+    seen: list[dict] = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, path, **kwargs):
+        seen.append(kwargs)
+        return real(cls, path, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    opts = {"attn_implementation": "eager"}
+    cache = {"teacher": {"name_or_path": "smollm2", "revision": "v1"}, "data": {"path": str(_text(tmp_path)),
+             "block_size": 8}, "output_dir": str(tmp_path / "cache"), "k": 2, "encoding": "compact-u8-zlib",
+             "max_sequences": 2}
+    (tmp_path / "cache.yaml").write_text(yaml.safe_dump(cache))
+    assert main(["cache-teacher", str(tmp_path / "cache.yaml")]) == 2  # read, and checked like kdforge run's
+    assert "'smollm2' is a local asset, which has no revisions" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+    cache["teacher"] = {"name_or_path": "smollm2", **opts}
+    (tmp_path / "cache.yaml").write_text(yaml.safe_dump(cache))
+    assert main(["cache-teacher", str(tmp_path / "cache.yaml")]) == 0
+    assert seen[-1]["attn_implementation"] == "eager"
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(_byo.WORDS[i: i + 8])}) + "\n" for i in range(4)))
+    select = {"teacher": {"name_or_path": "smollm2", **opts}, "reference": {"name_or_path": str(folders[1])},
+              "corpus": {"path": str(corpus)}, "output_dir": str(tmp_path / "sel"), "max_length": 16}
+    (tmp_path / "select.yaml").write_text(yaml.safe_dump(select))
+    seen.clear()
+    assert main(["select", str(tmp_path / "select.yaml")]) == 0
+    assert [k.get("attn_implementation") for k in seen] == ["eager", None]  # teacher, reference
+
+
 def test_generate_backend_takes_an_asset_name_either_way(asset):
     from kdforge.elicit.backends import build_backend
     from kdforge.elicit.backends.config import TransformersConfig

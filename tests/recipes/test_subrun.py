@@ -13,6 +13,7 @@ from kdforge.recipes.subrun import (
     FINGERPRINT_FILE,
     SUBRUN_RECORD,
     RecipeRun,
+    config_key,
     fingerprint,
     gather_student,
     slug,
@@ -28,6 +29,49 @@ def test_fingerprint_hashes_sorted_json_and_ignores_key_order():
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
     assert len(fingerprint({"a": 1})) == 20 and len(fingerprint({"a": 1}, length=16)) == 16
     assert fingerprint({"a": 1}).startswith(fingerprint({"a": 1}, length=16))
+
+
+def test_config_key_leaves_out_defaults_so_a_new_field_keeps_old_fingerprints():
+    """A config class that gains a field (default = old behaviour) between versions: runs of the old
+    version resume under the new one; changing any value, new field included, still retrains."""
+    from pydantic import BaseModel, Field
+
+    class Train(BaseModel):
+        lr: float = 1e-3
+        steps: int = 10
+
+    class Old(BaseModel):
+        name: str
+        train: Train = Field(default_factory=Train)
+
+    class TrainV2(Train):
+        clip: float | None = None  # added later
+
+    class New(BaseModel):
+        name: str
+        train: TrainV2 = Field(default_factory=TrainV2)
+        extra: list[str] = Field(default_factory=list)  # added later
+
+    old, new = Old(name="kd", train=Train(lr=2e-3)), New(name="kd", train=TrainV2(lr=2e-3))
+    assert config_key(old) == config_key(new) == {"name": "kd", "train": {"lr": 2e-3}}
+    assert fingerprint(config_key(old)) == fingerprint(config_key(new))
+    assert fingerprint(config_key(New(name="kd", train=TrainV2(lr=2e-3, clip=1.0)))) != fingerprint(config_key(old))
+    assert fingerprint(config_key(New(name="kd", extra=["a"]))) != fingerprint(config_key(New(name="kd")))
+    assert "name" not in config_key(new, exclude={"name"})
+
+
+def test_real_recipe_keys_ignore_fields_at_their_defaults():
+    """``llm_kd``'s sub-run fingerprint: spelling out a default (as a newer version's dump would) changes nothing."""
+    from kdforge.recipes.llm_kd import LLMKDConfig, subrun_fingerprint
+
+    base = {"methods": [{"name": "kd", "objective": [{"name": "forward_kl", "weight": 1.0}]}]}
+    a = LLMKDConfig.model_validate(base)
+    spelled = a.methods[0].model_dump(mode="json")  # every field of the method, defaults included
+    b = LLMKDConfig.model_validate({**base, "methods": [spelled]})
+    assert spelled != config_key(a.methods[0])
+    assert subrun_fingerprint(a, a.methods[0], 0) == subrun_fingerprint(b, b.methods[0], 0)
+    c = LLMKDConfig.model_validate({**base, "train": {"max_steps": 7}})
+    assert subrun_fingerprint(a, a.methods[0], 0) != subrun_fingerprint(c, c.methods[0], 0)
 
 
 def test_slug_makes_folder_names():

@@ -176,8 +176,9 @@ class DisWOTRecipe(Recipe):
                 search: Any, score: Any) -> list[dict[str, Any]]:
         """Every scored candidate, best first (``search.json``; reused under the same settings)."""
         from kdforge.data.vision import stratified_indices
+        from kdforge.recipes.subrun import config_key
 
-        sub = run.subrun("the DisWOT search", "search", {"search": config.search.model_dump(mode="json"),
+        sub = run.subrun("the DisWOT search", "search", {"search": config_key(config.search),
                                                           "teacher": teacher_info["fingerprint"]},
                          length=16, record="search.json")
         cached = sub.reuse()

@@ -147,10 +147,11 @@ def teacher_embeddings(run: Any, teacher: EncoderSource, parts: Mapping[str, lis
     from safetensors.torch import load_file, save
 
     from kdforge.io import write_bytes_atomic
+    from kdforge.recipes.subrun import config_key
     from kdforge.students.encoder import encode, load_sentence_encoder
 
     sub = run.subrun("the teacher's embeddings", "teacher", {
-        "teacher": teacher.model_dump(mode="json"), "max_length": max_length, **parts},
+        "teacher": config_key(teacher), "max_length": max_length, **parts},
         length=16, record="teacher.json")
     if sub.reuse() is not None:
         return load_file(sub.dir / "embeddings.safetensors")
@@ -272,14 +273,14 @@ class EncoderKDRecipe(Recipe):
     @staticmethod
     def _student(run: Any, config: EncoderKDConfig, method: EncoderMethod, seed: int, data: Mapping[str, Any],
                  teacher_train: torch.Tensor, teacher_eval: torch.Tensor) -> dict[str, Any]:
-        from kdforge.recipes.subrun import copy_of, slug, train_student
+        from kdforge.recipes.subrun import config_key, copy_of, slug, train_student
         from kdforge.students.encoder import encode, load_sentence_encoder
         from kdforge.train import Distiller, Objective, SentenceEmbeddingTask, TrainConfig
 
         sub = run.subrun(f"{method.name!r}, seed {seed}", Path("students") / slug(method.name) / f"seed-{seed}", {
-            "student": config.student.model_dump(mode="json"), "train": config.train.model_dump(mode="json"),
-            "method": method.model_dump(mode="json"), "seed": seed, "teacher": config.teacher.model_dump(mode="json"),
-            "data": [len(data["train_texts"]), len(data["eval_texts"]), config.data.model_dump(mode="json")],
+            "student": config_key(config.student), "train": config_key(config.train),
+            "method": config_key(method), "seed": seed, "teacher": config_key(config.teacher),
+            "data": [len(data["train_texts"]), len(data["eval_texts"]), config_key(config.data)],
         }, length=16, record="result.json")
         cached = sub.reuse()
         if cached is not None:

@@ -53,6 +53,7 @@ from kdforge.recipes.learned_terms import attach_learned_terms, unwrap_student
 from kdforge.recipes.subrun import (
     RecipeRun,
     SubRun,
+    config_key,
     fingerprint,
     read_json,
     slug,
@@ -296,19 +297,6 @@ def _terms_json(terms: Sequence[LossTerm]) -> list[dict[str, Any]]:
     return out
 
 
-def _method_json(method: MethodConfig) -> dict[str, Any]:
-    out = {**method.model_dump(mode="json"), "terms": _terms_json(method.terms)}
-    if method.data is None:  # likewise: methods without a data block keep their fingerprints
-        del out["data"]
-    if method.teacher is None:  # the key did not exist before: fingerprints of older runs stay valid
-        del out["teacher"]
-    else:
-        out["teacher"] = method.teacher.model_dump(mode="json", exclude_unset=True)
-        if method.teacher.peer_terms is not None:
-            out["teacher"]["peer_terms"] = _terms_json(method.teacher.peer_terms)
-    return out
-
-
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     vals = [x for x in xs if x is not None and not math.isnan(x)]
     if not vals:
@@ -457,7 +445,7 @@ class FashionMnistKD(Recipe):
         train_idx = (torch.arange(len(data.y_train)) if tc.train_size is None
                      else stratified_indices(data.y_train, tc.train_size, seed=tc.seed))
         folder = run.out / folder_name
-        key = tc.model_dump(mode="json", exclude={"name"})
+        key = config_key(tc, exclude={"name"})
         sub = SubRun(run, "the teacher" if folder_name == "teacher" else f"teacher {folder_name}", folder / "run",
                      fingerprint({
             "teacher": key,
@@ -576,9 +564,9 @@ class FashionMnistKD(Recipe):
         epochs = method.epochs if method.epochs is not None else tr.epochs
         folder = Path("students") / slug(method.name) / f"seed-{seed}"
         sub = run.subrun(f"{method.name!r}, seed {seed}", folder, {
-            "student": method.student_config(config.student).model_dump(mode="json"),
-            "train": tr.model_dump(mode="json"),
-            "method": _method_json(method),
+            "student": config_key(method.student_config(config.student)),
+            "train": config_key(tr),
+            "method": config_key(method),
             "seed": seed,
             "data": dict(data_key),
             "n_train": len(dataset),

@@ -72,6 +72,7 @@ from kdforge.recipes.subrun import (
     FINGERPRINT_FILE,
     SUBRUN_RECORD,
     RecipeRun,
+    config_key,
     copy_of,
     fingerprint,
     slug,
@@ -339,13 +340,13 @@ def subrun_fingerprint(config: LLMKDConfig, method: MethodSpec, seed: int) -> st
 
 def _subrun_key(config: LLMKDConfig, method: MethodSpec, seed: int) -> dict[str, Any]:
     return {
-        "teacher": config.teacher.model_dump(mode="json"),
-        "student": config.student.model_dump(mode="json"),
-        "data": config.data.model_dump(mode="json"),
-        "cache": config.cache.model_dump(mode="json", exclude={"dir"}),
-        "train": config.train.model_dump(mode="json", exclude={"output_dir", "progress", "log_with", "project", "run_name"}),
+        "teacher": config_key(config.teacher),
+        "student": config_key(config.student),
+        "data": config_key(config.data),
+        "cache": config_key(config.cache, exclude={"dir"}),
+        "train": config_key(config.train, exclude={"output_dir", "progress", "log_with", "project", "run_name"}),
         "inner_eval": config.eval.during_training_sequences,
-        "method": method.model_dump(mode="json", exclude={"ensemble"} if method.ensemble is None else None),
+        "method": config_key(method),
         "seed": seed,
         **llm_teachers.ensemble_key(config, method),
     }

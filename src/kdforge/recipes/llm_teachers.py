@@ -182,8 +182,10 @@ def ensemble_key(config: Any, method: Any) -> dict[str, Any]:
     ens = getattr(method, "ensemble", None)
     if ens is None:
         return {}
+    from kdforge.recipes.subrun import config_key
+
     specs = {t.name: t for t in config.teachers}
-    return {"ensemble_teachers": {n: specs[n].model_dump(mode="json", exclude={"cache_dir"})
+    return {"ensemble_teachers": {n: config_key(specs[n], exclude={"cache_dir"})
                                   for n in ens.members if n != MAIN}}
 
 

@@ -217,7 +217,7 @@ class PreferenceRecipe(Recipe):
     def run(self, config: PreferenceConfig, output_dir: Path, *, resume: bool = False) -> dict[str, Any]:
         from kdforge.distributed import launched_world_size
         from kdforge.models import load_model
-        from kdforge.recipes.subrun import RecipeRun
+        from kdforge.recipes.subrun import RecipeRun, config_key
 
         if launched_world_size() > 1:
             raise ConfigError("the preference recipe runs in one process",
@@ -232,8 +232,8 @@ class PreferenceRecipe(Recipe):
         reference = None
         if cfg.reference is not None:
             reference, _ = load_model(cfg.reference, role="teacher")
-        base = run.subrun("baseline", "baseline", {"student": cfg.student.model_dump(mode="json"),
-                                                   "task": cfg.task.model_dump(), "eval": cfg.eval_max_new_tokens})
+        base = run.subrun("baseline", "baseline", {"student": config_key(cfg.student),
+                                                   "task": config_key(cfg.task), "eval": cfg.eval_max_new_tokens})
         baseline = base.reuse(resume)
         if baseline is None:  # greedy decoding: one evaluation serves every seed
             base.prepare(resume)
@@ -246,10 +246,11 @@ class PreferenceRecipe(Recipe):
     # -- one seed --------------------------------------------------------------------------------
     def _seed(self, run: Any, cfg: PreferenceConfig, student: Any, reference: Any, tok: Any, seed: int,
               resume: bool, baseline: dict[str, Any]) -> dict[str, Any]:
+        from kdforge.recipes.subrun import config_key
         from kdforge.train.preference import Answer, build_pairs, teacher_pairs
 
-        src = cfg.student.model_dump(mode="json")
-        skey = {"student": src, "task": cfg.task.model_dump(), "sampling": cfg.sampling.model_dump(), "seed": seed}
+        skey = {"student": config_key(cfg.student), "task": config_key(cfg.task), "sampling": config_key(cfg.sampling),
+                "seed": seed}
         samp = run.subrun(f"samples, seed {seed}", f"samples/seed-{seed}", skey, record="samples.json")
         samples = samp.reuse(resume)
         if samples is None:
@@ -285,8 +286,8 @@ class PreferenceRecipe(Recipe):
 
         methods: dict[str, Any] = {}
         for method in cfg.methods:
-            key = {**skey, "labels": cfg.labels, "method": method, "train": cfg.train.model_dump(),
-                   "reference": cfg.reference.model_dump(mode="json") if cfg.reference else None,
+            key = {**skey, "labels": cfg.labels, "method": method, "train": config_key(cfg.train),
+                   "reference": config_key(cfg.reference) if cfg.reference else None,
                    "eval": cfg.eval_max_new_tokens}
             sub = run.subrun(f"{method}, seed {seed}", f"{method}/seed-{seed}", key)
             record = sub.reuse(resume)

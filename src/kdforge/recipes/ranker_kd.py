@@ -269,14 +269,14 @@ class RankerKDRecipe(Recipe):
     def _student(run: Any, config: RankerKDConfig, method: RankerMethod, seed: int, pairs: Mapping[str, list[Any]],
                  data: list[dict[str, Any]], teacher_top: torch.Tensor) -> dict[str, Any]:
         from kdforge.data.ranking import collate_groups
-        from kdforge.recipes.subrun import copy_of, slug, train_student
+        from kdforge.recipes.subrun import config_key, copy_of, slug, train_student
         from kdforge.students.encoder import load_sentence_encoder
         from kdforge.train import Distiller, Objective, RankingTask, TrainConfig
 
         sub = run.subrun(f"{method.name!r}, seed {seed}", Path("students") / slug(method.name) / f"seed-{seed}", {
-            "student": config.student.model_dump(mode="json"), "train": config.train.model_dump(mode="json"),
-            "method": method.model_dump(mode="json"), "seed": seed, "teacher": config.teacher.model_dump(mode="json"),
-            "data": config.data.model_dump(mode="json"), "negatives": config.negatives.model_dump(mode="json"),
+            "student": config_key(config.student), "train": config_key(config.train),
+            "method": config_key(method), "seed": seed, "teacher": config_key(config.teacher),
+            "data": config_key(config.data), "negatives": config_key(config.negatives),
             "score": config.score,
         }, length=16, record="result.json")
         cached = sub.reuse()

@@ -67,7 +67,14 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from kdforge.config import StrictModel, read_yaml, validate
 from kdforge.errors import ConfigError
 from kdforge.recipes import RECIPES, Recipe, _set_dotted, load_recipe
-from kdforge.recipes.subrun import FINGERPRINT_FILE, RecipeRun, SubRun, fingerprint, slug
+from kdforge.recipes.subrun import (
+    FINGERPRINT_FILE,
+    RecipeRun,
+    SubRun,
+    config_key,
+    fingerprint,
+    slug,
+)
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +365,7 @@ def plan_stages(config: StagesConfig, output_dir: str | Path) -> list[list[Plann
             for ref in stage_references(data):
                 _check_reference(ref, spec.name, names[:i], names)
             resolved = validate(model, _substitute(data, resolve), source=f"stage {spec.name!r} ({recipe})")
-            dumped = json.dumps(resolved.model_dump(mode="json", exclude={"output_dir"}), sort_keys=True, default=str)
+            dumped = json.dumps(config_key(resolved, exclude={"output_dir"}), sort_keys=True, default=str)
             # paths under RUN_DIR hash as <RUN_DIR>/...: a chain copied into another run folder is reused there
             key = {"recipe": recipe, "config": dumped.replace(str(out) + os.sep, _RUN_DIR + "/"), "previous": previous}
             stage = PlannedStage(spec, recipe, seed, folder, raw, resolved, fingerprint(key))

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import BaseModel
 
 from kdforge.distributed import broadcast_from_main
 from kdforge.io import (
@@ -70,6 +71,18 @@ def fingerprint(key: Any, length: int = 20) -> str:
     JSON cannot encode are hashed as ``str(value)``.
     """
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def config_key(model: BaseModel, **kwargs: Any) -> dict[str, Any]:
+    """``model`` as a fingerprint key: its JSON dump *without the fields left at their defaults*.
+
+    A field added to a config class in a later version (with a default that keeps the old
+    behaviour) therefore leaves every existing fingerprint unchanged, and ``--resume`` still
+    reuses the sub-runs trained before the upgrade. The price: changing a field's *default* in
+    the code does not retrain old sub-runs — a default that changes results must come with a new
+    field name or a bump of the key. ``kwargs`` go to ``model_dump`` (``exclude=...``).
+    """
+    return model.model_dump(mode="json", exclude_defaults=True, **kwargs)
 
 
 def slug(name: str) -> str:

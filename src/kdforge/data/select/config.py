@@ -24,14 +24,16 @@ from typing import Any, Literal
 from pydantic import Field
 
 from kdforge.config import StrictModel
+from kdforge.models import HubOptions
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ScoringModelSpec", "SelectConfig", "SelectCorpusSpec", "load_corpus", "run_select"]
 
 
-class ScoringModelSpec(StrictModel):
-    """A causal LM that scores documents, with its own tokenizer."""
+class ScoringModelSpec(HubOptions):
+    """A causal LM that scores documents, with its own tokenizer (plus the Hub options ``revision``,
+    ``trust_remote_code``, ``device_map``, ``attn_implementation`` of :class:`~kdforge.models.ModelSource`)."""
 
     name_or_path: str = Field(description="asset name (smollm2 or asset:smollm2), local folder, or Hub id "
                                           "(read like llm_kd's teacher.model)")
@@ -110,8 +112,9 @@ def _scorer(spec: ScoringModelSpec, config: SelectConfig, role: str) -> Any:
     from kdforge.models import ModelSource, load_tokenizer
     from kdforge.teachers.online import load_teacher
 
-    tokenizer = load_tokenizer(ModelSource(model=spec.tokenizer or spec.name_or_path), what=role)
-    model = load_teacher(spec.name_or_path, dtype=spec.dtype, device=spec.device or "auto")
+    hub = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code} if spec.tokenizer is None else {}
+    tokenizer = load_tokenizer(ModelSource(model=spec.tokenizer or spec.name_or_path, **hub), what=role)
+    model = load_teacher(spec.name_or_path, dtype=spec.dtype, device=spec.device or "auto", **spec.load_kwargs())
     return CausalLMScorer(model, tokenizer, max_length=config.max_length, batch_size=config.batch_size,
                           name=spec.name_or_path)
 

@@ -40,12 +40,14 @@ from pydantic import Field, model_validator
 
 from kdforge.config import StrictModel
 from kdforge.data.sources import DataSpec
+from kdforge.models import HubOptions
 
 log = logging.getLogger(__name__)
 
 
-class TeacherSpec(StrictModel):
-    """Which teacher to run."""
+class TeacherSpec(HubOptions):
+    """Which teacher to run (plus the Hub options ``revision``, ``trust_remote_code``, ``device_map``,
+    ``attn_implementation`` of :class:`~kdforge.models.ModelSource`)."""
 
     name_or_path: str = Field(description="asset name (smollm2 or asset:smollm2), local folder, or Hub id "
                                           "(read like llm_kd's teacher.model)")
@@ -162,7 +164,8 @@ def run_cache_teacher(config: CacheTeacherConfig) -> Path:
     tok_source = tok_name or t.name_or_path
     if tok_name is None and t.gguf_file and Path(resolve_path(t.name_or_path)).is_dir():
         tok_source = str(Path(resolve_path(t.name_or_path)) / t.gguf_file)  # the tokenizer inside the GGUF file
-    tokenizer = load_tokenizer(ModelSource(model=tok_source), what="teacher" if tok_name is None else "tokenizer")
+    hub = {"revision": t.revision, "trust_remote_code": t.trust_remote_code} if tok_name is None else {}
+    tokenizer = load_tokenizer(ModelSource(model=tok_source, **hub), what="teacher" if tok_name is None else "tokenizer")
     # the data before the teacher: a data mistake fails fast, and before anything is written
     blocks, labels = prepare_blocks(config.data_spec(), tokenizer, max_blocks=max_sequences)
     mask = labels != IGNORE_INDEX
@@ -172,7 +175,7 @@ def run_cache_teacher(config: CacheTeacherConfig) -> Path:
 
     # device auto: the accelerator (cuda:LOCAL_RANK under a multi-process launch), else the CPU
     teacher = load_teacher(t.name_or_path, dtype=t.dtype, device=t.device or "auto", gguf_file=t.gguf_file,
-                           vocab_size=t.vocab_size)
+                           vocab_size=t.vocab_size, **t.load_kwargs())
     teacher.name = t.name_or_path
     return build_teacher_cache(
         teacher,

@@ -166,3 +166,25 @@ def test_augmentation_grids_saved_beside_students_are_shown(tmp_path):
     assert len(shown) == 1
     png = (root / "students" / "hard-search" / "seed-0" / "hard_grid.png").read_bytes()
     assert base64.b64encode(png).decode() in shown[0]
+
+
+def test_a_reference_model_is_shown_as_such_and_never_marked_best(tmp_path, caplog):
+    """``role: reference`` (an off-the-shelf model, the untrained student): listed after the
+    students with its own role, no "unknown role" warning, and not a contender for best/headline."""
+    root = write_run(tmp_path / "fm")
+    res = json.loads((root / "results.json").read_text())
+    res["models"].append({"name": "off-the-shelf", "role": "reference", "params": 20_490,
+                          "metrics": {"accuracy": 0.95, "ece": 0.001}})
+    (root / "results.json").write_text(json.dumps(res))
+    with caplog.at_level("WARNING"):
+        run = load_run(root)
+    assert "unknown role" not in caplog.text
+    assert [m.role for m in run.models][-1] == "reference"
+    assert headline(run).best.name == "KD T=2 a=0.5"  # 0.95 is higher, but it was not trained here
+    paths = build_report([root], tmp_path / "rep")
+    html = paths.html.read_text()
+    assert '<span class="role reference">reference</span>' in html
+    row = html[html.index('<td data-v="off-the-shelf">'):]
+    row = row[: row.index("</tr>")]
+    assert 'class="best"' not in row  # its 0.95 accuracy is not marked best
+    assert 'class="best"' in html

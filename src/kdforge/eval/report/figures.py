@@ -53,7 +53,7 @@ _RC = {
 def model_colors(models: list[ModelEntry]) -> dict[str, str]:
     colors, i = {}, 0
     for m in models:
-        if m.role in ROLE_COLORS and m.role not in colors.values():
+        if m.role in ROLE_COLORS:
             colors[m.name] = ROLE_COLORS[m.role]
         else:
             colors[m.name] = STUDENT_COLORS[i % len(STUDENT_COLORS)]
@@ -107,7 +107,7 @@ def tradeoff_figure(run: RunData) -> tuple[Figure, str] | None:
         for m in sorted(pts, key=lambda m: m.value(y_key)):
             x, y = m.value(x_key), m.value(y_key) * scale
             std = m.std(y_key)
-            marker = {"teacher": "*", "baseline": "s"}.get(m.role, "o")
+            marker = {"teacher": "*", "baseline": "s", "reference": "D"}.get(m.role, "o")
             size = 12 if m.role == "teacher" else 8
             ax.errorbar([x], [y], yerr=[std * scale] if std else None, fmt=marker, ms=size,
                         color=colors[m.name], ecolor=colors[m.name], elinewidth=1, capsize=3, zorder=3)

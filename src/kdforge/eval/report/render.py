@@ -49,9 +49,9 @@ def table_columns(run: RunData) -> tuple[list[str], list[str]]:
 
 
 def _best_per_column(run: RunData, cols: list[str]) -> dict[str, set[str]]:
-    """Best non-teacher model(s) per column (the teacher is the reference, not a contender)."""
+    """Best model(s) per column among those the run trained (teacher and references are yardsticks)."""
     best: dict[str, set[str]] = {}
-    contenders = [m for m in run.models if m.role != "teacher"] or run.models
+    contenders = [m for m in run.models if m.role in ("baseline", "student")] or run.models
     for k in cols:
         vals = [(m.value(k), m.name) for m in contenders if m.value(k) is not None]
         if len(vals) < 2 or k in ("params", "size_mb"):
@@ -107,6 +107,7 @@ margin-left:8px;text-transform:uppercase;letter-spacing:.04em;vertical-align:1px
 .role.teacher{background:#e2e8f0;color:#334155}
 .role.baseline{background:#fef3c7;color:#92400e}
 .role.student{background:#dbeafe;color:#1e40af}
+.role.reference{background:#f1f5f9;color:#475569}
 tr.is-best td:first-child{box-shadow:inset 3px 0 0 var(--accent)}
 .note{font-size:12.5px;color:var(--muted);margin:8px 2px 0}
 figure{margin:0}
@@ -175,7 +176,7 @@ def _summary_table_html(section: Section) -> str:
         tr_cls = ' class="is-best"' if m.name == best_name else ""
         rows.append(f"<tr{tr_cls}>{''.join(cells)}</tr>")
     seeds = max((m.n_seeds for m in run.models), default=1)
-    note = ("Green: best non-teacher model in the column. ↑/↓: higher/lower is better. "
+    note = ("Green: best trained model in the column (teacher and references excluded). ↑/↓: higher/lower is better. "
             "Click a header to sort.")
     if seeds > 1:
         note = f"Mean ± std over up to {seeds} seeds. " + note
@@ -197,7 +198,7 @@ def _breakdown_tables_html(run: RunData) -> str:
         for m in models:
             cats += [c for c in m.breakdowns[name] if c not in cats]
         head = "".join(f"<th>{_e(m.name)}</th>" for m in models)
-        contender = [m.role != "teacher" for m in models]
+        contender = [m.role in ("baseline", "student") for m in models]
         body = []
         for c in cats:
             vals = [m.breakdowns[name].get(c) for m in models]

@@ -19,7 +19,9 @@ from kdforge.errors import DataError
 
 log = logging.getLogger(__name__)
 
-ROLES = ("teacher", "baseline", "student")
+#: ``reference``: a model scored for comparison that the run did not train (an off-the-shelf model,
+#: the untrained student); like the teacher it is shown but never a contender for "best"
+ROLES = ("teacher", "baseline", "student", "reference")
 _MAX_DEPTH = 4
 
 

@@ -81,6 +81,8 @@ def build_schema(fams: list[Family]) -> dict[str, Any]:
                               **body["properties"]}
         body["required"] = ["recipe", *body.get("required", [])]
         key = f"recipe_{fam.recipe}"
+        if key in defs:  # two families claiming one recipe, or a config class of that name
+            raise SystemExit(f"gen_config_reference: $defs/{key} exists already; recipe names must be unique")
         defs[key] = body
         variants.append({"$ref": f"#/$defs/{key}"})
     return {

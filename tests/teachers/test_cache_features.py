@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from kdforge.teachers import (
     open_teacher_cache,
 )
 from kdforge.teachers.cache import collate_teacher_cache
+from kdforge.teachers.cache.features import decode_features, encode_features
 from kdforge.teachers.forward import run_model_features
 from kdforge.teachers.sources.cached import CachedTeacher
 from kdforge.train import CausalLMTask, Distiller, Objective, TrainConfig
@@ -45,7 +47,7 @@ def _build(teacher, sequences, path, dtype, **kw):
                                feature_layers=LAYERS, feature_dtype=dtype, **kw)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "fp32"])
 def test_hidden_states_round_trip_within_the_compression_error(teacher, sequences, tmp_path, dtype):
     out = _build(teacher, sequences, tmp_path / "c", dtype)
     cache = open_teacher_cache(out)
@@ -53,6 +55,13 @@ def test_hidden_states_round_trip_within_the_compression_error(teacher, sequence
     ref = _live_hidden(teacher, sequences)
     assert cache.feature_layers == LAYERS and got.shape == ref.shape
     err = (got - ref).abs()
+    if dtype == "fp32":  # stored as computed: exact (the codec bit for bit; the cache up to batch-size rounding)
+        blob, bound = encode_features(ref, "fp32")
+        assert bound == 0.0 and np.array_equal(decode_features(blob, "fp32", *ref.shape), ref.numpy())
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        assert cache.manifest["stats"]["features_max_error"] == 0.0
+        assert cache.manifest["stats"]["features_bytes_per_token"] == len(LAYERS) * 4 * ref.shape[-1]
+        return
     if dtype == "bf16":
         assert (err <= ref.abs() * 2.0**-8 + 1e-6).all()
     else:  # half a step of the row's scale

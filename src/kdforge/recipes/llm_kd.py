@@ -58,7 +58,7 @@ from pydantic import Field, field_validator, model_validator
 from kdforge.config import StrictModel
 from kdforge.errors import ConfigError
 from kdforge.models import ModelSource, resolve_model_path
-from kdforge.recipes import RECIPES, Recipe, llm_teachers
+from kdforge.recipes import RECIPES, Recipe, llm_features, llm_teachers
 from kdforge.recipes.llm_ddk import DDKSpec, carve_dev, ddk_sampler, teacher_domain_losses
 from kdforge.recipes.llm_regimes import EMASpec, MiniLLMSpec, check_method, method_regime
 from kdforge.recipes.llm_teachers import EnsembleSpec, ExtraTeacherSpec
@@ -108,6 +108,9 @@ class CacheSpec(StrictModel):
     encoding: str = "compact-u8-zlib"
     batch_size: int = Field(8, ge=1)
     dir: str | None = Field(None, description="default: RUN_DIR/teacher_cache")
+    feature_dtype: Literal["int8", "bf16", "fp32"] = Field("int8", description=(
+        "encoding of the teacher hidden states stored for teacher: cache methods with feature terms "
+        "(int8 per-row scaled, bf16, fp32 exact; kdforge.recipes.llm_features)"))
 
 
 class OnPolicySpec(OnPolicyConfig):
@@ -150,7 +153,7 @@ class MethodSpec(StrictModel):
     default ``auto`` takes it wherever it is exact and cheaper, i.e. with the online teacher).
 
     ``teacher`` picks where the teacher signal comes from: ``cache`` (the top-k cache built once
-    before training), ``online`` (the live teacher on every batch: dense logits, no top-k
+    before training, plus the hidden states its feature terms read: :mod:`kdforge.recipes.llm_features`), ``online`` (the live teacher on every batch: dense logits, no top-k
     truncation) or null (the default: online when the method needs it, i.e. ``on_policy`` or
     feature terms, else the cache).
     """
@@ -200,9 +203,7 @@ class MethodSpec(StrictModel):
             if self.on_policy is not None:
                 raise ValueError("teacher: cache cannot score the student's own samples (on_policy); "
                                  "use teacher: online or remove the teacher key")
-            if Objective(copy.deepcopy(self.objective)).feature_terms:
-                raise ValueError("teacher: cache holds no hidden states for the feature terms; "
-                                 "use teacher: online or remove the teacher key")
+            llm_features.check_cached_feature_method(self)  # hidden states only (kdforge.recipes.llm_features)
         check_method(self)  # minillm / ema keys (kdforge.recipes.llm_regimes)
         llm_teachers.check_ensemble_method(self)  # teacher: ensemble (kdforge.recipes.llm_teachers)
         return self
@@ -280,6 +281,7 @@ class LLMKDConfig(StrictModel):
                 raise ValueError(f"methods: {m.name!r} {key}.prompt_tokens={sampled.prompt_tokens} must be "
                                  f"below data.seq_len={self.data.seq_len} (the rest of a block is the completion)")
         llm_teachers.check_teacher_names(self)
+        llm_features.check_cached_features_config(self)
         return self
 
 
@@ -343,12 +345,13 @@ def _subrun_key(config: LLMKDConfig, method: MethodSpec, seed: int) -> dict[str,
         "teacher": config_key(config.teacher),
         "student": config_key(config.student),
         "data": config_key(config.data),
-        "cache": config_key(config.cache, exclude={"dir"}),
+        "cache": config_key(config.cache, exclude={"dir", "feature_dtype"}),
         "train": config_key(config.train, exclude={"output_dir", "progress", "log_with", "project", "run_name"}),
         "inner_eval": config.eval.during_training_sequences,
         "method": config_key(method),
         "seed": seed,
         **llm_teachers.ensemble_key(config, method),
+        **llm_features.feature_key(config, method),
     }
 
 
@@ -502,23 +505,26 @@ def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, floa
     if ddk_specs:  # DDK's measuring rows leave the held-out set of every method (kdforge.recipes.llm_ddk)
         data, ddk_dev = carve_dev(data, max(s.dev_examples for s in ddk_specs))
         ddk_teacher_loss = teacher_domain_losses(teacher, ddk_dev, batch_size=config.eval.batch_size)
-    cache_dir, train_data = None, None
+    template = build_student(config.student, teacher, tokenizer)
+    template.eval()
+    cache_dir, train_data, features = None, None, {}
     if any(not m.uses_online_teacher() for m in config.methods):
         with timed(timings, "teacher_cache_s"):
             c = config.cache
             cache_dir = Path(c.dir) if c.dir else run.out / "teacher_cache"
+            features = llm_features.cache_feature_kwargs(config, teacher, template, cache_dir)
             build_teacher_cache(teacher, data.train, cache_dir, k=c.k, encoding=c.encoding,
                                 tail_samples=c.tail_samples, sample_seed=c.sample_seed,
                                 batch_size=c.batch_size, tokenizer=tokenizer, teacher_id=_teacher_id(config.teacher),
                                 overwrite=c.dir is None,  # only our own RUN_DIR cache is replaced
                                 data_parallel=run.group,  # every rank writes its share; rank 0 merges
-                                loss_mask=data.train_loss_mask())  # response-only: only trained positions
+                                loss_mask=data.train_loss_mask(),  # response-only: only trained positions
+                                **features)  # hidden states for teacher: cache feature terms
             train_data = TeacherCacheDataset(cache_dir, sequences=data.train, tokenizer=tokenizer)
             if data.train_extras():  # response-only labels and padding masks over the cached rows
                 train_data = WithLabels(train_data, data.train_extras())
-    teachers = llm_teachers.prepare_teachers(config, run, data, tokenizer, teacher, timings)
-    template = build_student(config.student, teacher, tokenizer)
-    template.eval()
+    teachers = llm_teachers.prepare_teachers(config, run, data, tokenizer, teacher, timings,
+                                             main_features=features)
     n_inner = config.eval.during_training_sequences
     inner_eval = None
     if n_inner:
@@ -615,6 +621,10 @@ def _distiller(inputs: _Inputs, method: MethodSpec, seed: int, run_dir: Path) ->
         on_policy = method.on_policy.to_config()
     elif method.uses_online_teacher():  # dense logits (and hidden states) of the live teacher
         teacher, data, collate = _live_teacher(inputs), LMBlockDataset(rows.train, rows.train_extras()), None
+    elif llm_features.uses_cached_features(method):  # hidden states from the cache (kdforge.recipes.llm_features)
+        assert inputs.cache_dir is not None
+        teacher, data, collate = llm_features.cached_feature_teacher(inputs.cache_dir), inputs.train_data, \
+            collate_teacher_cache
     else:
         teacher, data, collate = None, inputs.train_data, collate_teacher_cache
     if method.ddk is not None:  # domain-weighted sampling (kdforge.recipes.llm_ddk)

@@ -265,8 +265,12 @@ def member_cache_dir(config: Any, run_out: Path, name: str) -> Path:
 
 
 def prepare_teachers(config: Any, run: Any, data: Any, tokenizer: Any, teacher: torch.nn.Module,
-                     timings: dict[str, float]) -> TeacherSet | None:
+                     timings: dict[str, float], main_features: dict[str, Any] | None = None) -> TeacherSet | None:
     """Load the further teachers and build (or reuse) one top-k cache per cached ensemble member.
+
+    ``main_features``: the hidden-state arguments the run's own cache was built with
+    (:func:`kdforge.recipes.llm_features.cache_feature_kwargs`), so the main teacher's member cache,
+    the same folder, is reused rather than rebuilt without them.
 
     Returns None when the config has neither further teachers nor ensemble methods.
     """
@@ -298,7 +302,7 @@ def prepare_teachers(config: Any, run: Any, data: Any, tokenizer: Any, teacher: 
             build_teacher_cache(models[name], data.train, out, k=c.k, encoding=c.encoding, batch_size=c.batch_size,
                                 tokenizer=tokenizer, teacher_id=_model_id(spec),
                                 overwrite=own,  # only our own RUN_DIR caches are replaced
-                                data_parallel=run.group)
+                                data_parallel=run.group, **((main_features or {}) if name == MAIN else {}))
             teachers.cache_dirs[name] = out
             teachers.caches[name] = TeacherCacheDataset(out, sequences=data.train, tokenizer=tokenizer)
     return teachers

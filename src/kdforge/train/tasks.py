@@ -229,7 +229,8 @@ def attach_teacher(task: Task, student: nn.Module, source: TeacherSource | None,
         else:
             out.lm_head_weight = out.lm_head_weight[:student_slice]  # type: ignore[index]
     out.signal, out.teacher = signal, signal.distribution
-    if features is not None:
+    # an empty signal (a cached teacher on a held-out batch without cache keys) has no feature terms either
+    if features is not None and (signal.features is not None or signal.distribution is not None):
         out.extra_terms.update(task.feature_terms(features, out, signal, batch))
     return out
 

@@ -88,8 +88,8 @@ class CacheTeacherConfig(StrictModel):
     feature_layers: list[int] | None = Field(
         None, description="also store the teacher's hidden states of these hidden_states layers (0 = embeddings), "
                           "for feature terms (hidden_mse, ...) with a cached teacher; e.g. [15, 30]")
-    feature_dtype: Literal["int8", "bf16"] = Field(
-        "int8", description="compression of the stored hidden states: int8 (per-row scaled) or bf16")
+    feature_dtype: Literal["int8", "bf16", "fp32"] = Field(
+        "int8", description="compression of the stored hidden states: int8 (per-row scaled), bf16, or fp32 (exact)")
     encoding: str = "compact-u8-zstd"
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(256, ge=1, description="sequences per shard (resume granularity)")

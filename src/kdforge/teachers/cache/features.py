@@ -7,7 +7,8 @@ compressed by one of :data:`FEATURE_DTYPES`:
 
 * ``"bf16"``: bfloat16 (2 bytes per value; relative error <= 2^-8 per value);
 * ``"int8"``: per row (one token of one layer) symmetric scaling, ``q = round(h / s)`` with
-  ``s = max|h| / 127`` stored as float32: ``H + 4`` bytes per row, absolute error <= ``s / 2``.
+  ``s = max|h| / 127`` stored as float32: ``H + 4`` bytes per row, absolute error <= ``s / 2``;
+* ``"fp32"``: float32 as computed (4 bytes per value, exact: what the live teacher gives).
 
 The file is written atomically before its shard; the shard's manifest entry records its name,
 size and SHA-256 (checked on open and on resume, like the shard).
@@ -22,7 +23,7 @@ from kdforge.errors import CacheError, ConfigError
 
 __all__ = ["FEATURE_DTYPES", "decode_features", "encode_features", "feature_name", "feature_record_bytes"]
 
-FEATURE_DTYPES = ("bf16", "int8")
+FEATURE_DTYPES = ("bf16", "int8", "fp32")
 
 
 def feature_name(index: int) -> str:
@@ -37,6 +38,8 @@ def check_feature_dtype(dtype: str) -> None:
 def feature_record_bytes(dtype: str, layers: int, seq_len: int, hidden: int) -> int:
     """Bytes of one sequence's features."""
     rows = layers * seq_len
+    if dtype == "fp32":
+        return rows * hidden * 4
     return rows * hidden * 2 if dtype == "bf16" else rows * (hidden + 4)
 
 
@@ -44,10 +47,12 @@ def encode_features(hidden: torch.Tensor | np.ndarray, dtype: str) -> tuple[byte
     """``[n, F, T, H]`` float hidden states -> (file bytes, largest absolute decoding error).
 
     Layout: ``bf16``: the uint16 bit patterns, C order; ``int8``: float32 scales ``[n, F, T]``
-    then int8 values ``[n, F, T, H]``.
+    then int8 values ``[n, F, T, H]``; ``fp32``: little-endian float32, C order.
     """
     check_feature_dtype(dtype)
     h = torch.as_tensor(hidden).detach().float().cpu()
+    if dtype == "fp32":
+        return h.numpy().astype("<f4").tobytes(), 0.0
     if dtype == "bf16":
         q = h.to(torch.bfloat16)
         blob = q.view(torch.int16).numpy().astype("<i2").tobytes()
@@ -70,7 +75,11 @@ def decode_features(buf: np.ndarray | bytes, dtype: str, n: int, layers: int, se
     rows = range(n) if row is None else [row]
     out = []
     for r in rows:
-        if dtype == "bf16":
+        if dtype == "fp32":
+            size = layers * seq_len * hidden * 4
+            out.append(np.frombuffer(raw[r * size: (r + 1) * size].tobytes(), dtype="<f4")
+                       .reshape(layers, seq_len, hidden).astype(np.float32))
+        elif dtype == "bf16":
             size = layers * seq_len * hidden * 2
             bits = np.frombuffer(raw[r * size: (r + 1) * size].tobytes(), dtype="<i2").reshape(layers, seq_len, hidden)
             out.append(torch.from_numpy(bits.copy()).view(torch.bfloat16).float().numpy())

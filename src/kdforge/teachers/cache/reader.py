@@ -125,7 +125,7 @@ class TeacherCache:
 
     def features(self, index: int) -> np.ndarray:
         """float32 ``[F, T, H]``: the teacher's hidden states of :attr:`feature_layers` for
-        sequence ``index`` (decoded from bf16 / int8; error bound in ``stats.features_max_error``).
+        sequence ``index`` (decoded from bf16 / int8 / fp32; error bound in ``stats.features_max_error``).
 
         Raises:
             CacheError: the cache stores no hidden states.

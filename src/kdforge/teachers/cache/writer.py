@@ -221,7 +221,7 @@ def build_teacher_cache(
         texts: the texts the rows were tokenized from (only their SHA-256 is stored).
         feature_layers: also store the teacher's hidden states of these layers (indices into
             ``hidden_states``: 0 = embeddings, ``L`` = last block), per shard, compressed by
-            ``feature_dtype`` (``"int8"``: per-row scaled, ``"bf16"``;
+            ``feature_dtype`` (``"int8"``: per-row scaled, ``"bf16"``, ``"fp32"``: exact;
             :mod:`kdforge.teachers.cache.features`), for feature terms (``hidden_mse``, ...) with
             a cached teacher. Not with ``tail_samples``.
 

@@ -165,3 +165,17 @@ def test_what_the_cache_cannot_hold_is_refused_at_validation(method, cache, matc
         validate(LLMKDConfig, {"methods": [method], "cache": cache})
     # the same terms with the live teacher are fine
     validate(LLMKDConfig, {"methods": [{**method, "teacher": "online"}], "cache": cache})
+
+
+def test_the_dry_run_estimate_counts_the_hidden_states_the_run_writes(tiny_setup, tmp_path):  # noqa: F811
+    from kdforge.preflight import llm_kd as preflight
+
+    config = _fast(tiny_setup, [{"name": "hint", "teacher": "cache", "objective": [CE, HINT]}])
+    est = preflight.estimate(config, tmp_path / "run", device="cpu")
+    (item,) = [i for i in est.items if i.name == "teacher hidden states (cache)"]
+    assert item.kind == "disk" and "layers [2, 4], int8" in item.note
+    LLMKD().run(config, tmp_path / "run")
+    written = sum(p.stat().st_size for p in (tmp_path / "run" / "teacher_cache").glob("features-*.kdf"))
+    assert item.bytes == written == 8 * 2 * 16 * (32 + 4)  # rows x layers x tokens x (H + a float32 scale)
+    plain = _fast(tiny_setup, [{"name": "kd", "objective": [FKL, CE]}])
+    assert "teacher hidden states (cache)" not in {i.name for i in preflight.estimate(plain, tmp_path, device="cpu").items}

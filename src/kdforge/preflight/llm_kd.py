@@ -286,6 +286,12 @@ def estimate(config: Any, output_dir: Path, *, device: str | None = None) -> Est
         total, per_token = cache_bytes(n_train, seq_len, c.k, vocab, c.encoding, c.tail_samples)
         est.add("teacher cache", total, "disk", note=f"{n_train * seq_len} tokens x {per_token:.1f} B/token"
                 + (", uncompressed: zlib/zstd write less on real text" if _compressed(c.encoding) else ""))
+        from kdforge.recipes.llm_features import feature_cache_size
+
+        feats = feature_cache_size(config, teacher, student, n_train, seq_len)
+        if feats is not None:  # teacher: cache methods with feature terms (kdforge.recipes.llm_features)
+            est.add("teacher hidden states (cache)", feats[0], "disk",
+                    note=f"layers {feats[1]}, {c.feature_dtype}: {feats[0] / (n_train * seq_len):.0f} B/token")
     elif uses_cache:
         est.notes.append("the number of training rows is known only once the data is read: no cache size")
     if config.save_students:

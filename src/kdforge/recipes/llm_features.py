@@ -41,7 +41,8 @@ from kdforge.errors import CacheError
 log = logging.getLogger(__name__)
 
 __all__ = ["CACHEABLE_KINDS", "cache_feature_kwargs", "cached_feature_methods", "cached_feature_teacher",
-           "check_cached_feature_method", "check_cached_features_config", "feature_key", "needed_layers",
+           "check_cached_feature_method", "check_cached_features_config", "feature_cache_size", "feature_key",
+           "needed_layers",
            "uses_cached_features"]
 
 #: feature-loss kinds that read only ``hidden_states`` (what a cache can store)
@@ -115,6 +116,25 @@ def needed_layers(config: Any, teacher: torch.nn.Module, student: torch.nn.Modul
         for plan in terms.plans:
             layers.update(int(pair[1]) for pair in plan.pairs if plan.source == "hidden_states")
     return sorted(layers)
+
+
+def feature_cache_size(config: Any, teacher: torch.nn.Module, student: torch.nn.Module, rows: int,
+                       seq_len: int) -> tuple[int, list[int]] | None:
+    """``(bytes, layers)`` of the hidden states the run's cache will store for ``rows`` blocks of
+    ``seq_len`` tokens (models may live on the meta device: only their shapes are read); None
+    without cached feature methods or when the terms do not fit the models."""
+    from kdforge.errors import ConfigError
+    from kdforge.features.terms import _hidden_width
+    from kdforge.teachers.cache.features import feature_record_bytes
+
+    try:
+        layers = needed_layers(config, teacher, student)
+    except ConfigError:
+        return None
+    if not layers:
+        return None
+    width = _hidden_width(teacher)
+    return rows * feature_record_bytes(config.cache.feature_dtype, len(layers), seq_len, width), layers
 
 
 def cache_feature_kwargs(config: Any, teacher: torch.nn.Module, student: torch.nn.Module,

@@ -84,7 +84,11 @@ def test_a_cached_feature_method_trains_as_with_the_live_teacher(tiny_setup, tmp
     assert live[0]["loss/hidden_mse"] > 0
     if dtype == "int8":  # the compressed states: close, not the same numbers
         assert any(a.get("loss/hidden_mse") != b.get("loss/hidden_mse") for a, b in zip(live, cached))
-    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["models"]}
+    results = json.loads((out / "results.json").read_text())
+    stored = results["teacher_cache"]["features"]
+    assert stored["layers"] == [2, 4] and stored["bytes_per_token"] == 2 * (32 * 4 if dtype == "fp32" else 32 + 4)
+    assert stored["max_error"] == 0.0 if dtype == "fp32" else stored["max_error"] > 0
+    rows = {r["name"]: r for r in results["models"]}
     ppl = [rows[f"student / {n}"]["metrics"]["perplexity"] for n in ("live", "cached")]
     assert ppl[1] == pytest.approx(ppl[0], rel=rel)
 
@@ -104,7 +108,7 @@ def test_methods_without_cached_features_keep_their_cache_and_fingerprint(tiny_s
     kd = {"name": "kd", "objective": [FKL, CE]}
     LLMKD().run(_fast(tiny_setup, [kd]), out)
     plain = _manifest(out / "teacher_cache")
-    assert "features" not in plain
+    assert "features" not in plain and "features" not in json.loads((out / "results.json").read_text())["teacher_cache"]
     record = (out / "kd" / "seed-0" / "subrun.json").read_text()
     # adding a cached hint method: the run's own cache gains the hidden states, the top-k shards are the same
     # bytes, and the finished kd sub-run is reused (its fingerprint ignores the hidden states' encoding)

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CACHEABLE_KINDS", "cache_feature_kwargs", "cached_feature_methods", "cached_feature_teacher",
            "check_cached_feature_method", "check_cached_features_config", "feature_cache_size", "feature_key",
-           "needed_layers",
+           "needed_layers", "stored_features",
            "uses_cached_features"]
 
 #: feature-loss kinds that read only ``hidden_states`` (what a cache can store)
@@ -169,6 +169,21 @@ def cache_feature_kwargs(config: Any, teacher: torch.nn.Module, student: torch.n
     log.info("teacher cache %s: storing hidden states of layers %s (%s) for the cached feature terms",
              cache_dir, need, dtype)
     return {"feature_layers": need, "feature_dtype": dtype}
+
+
+def stored_features(cache_dir: Path | None) -> dict[str, Any]:
+    """``{"features": {layers, dtype, bytes_per_token, max_error}}`` of the run's cache for
+    ``results.json`` (empty without a cache or without hidden states)."""
+    from kdforge.teachers.cache.format import read_manifest
+
+    info = None if cache_dir is None else _stored(cache_dir)
+    if info is None:
+        return {}
+    stats = read_manifest(cache_dir).get("stats", {})
+    return {"features": {"layers": info["layers"], "dtype": info["dtype"],
+                         "bytes_per_token": stats.get("features_bytes_per_token"),
+                         "max_error": stats.get("features_max_error"),
+                         "topk_bytes_per_token": stats.get("bytes_per_token")}}
 
 
 def _stored(cache_dir: Path) -> dict[str, Any] | None:

@@ -455,6 +455,8 @@ def _write_cards(inputs: _Inputs, results: dict[str, Any]) -> None:
                      f"this student ({method.name}, seed {seed})": {k: mine.get(k) for k in keys}}
             terms = ", ".join(f"{t.name} x{t.weight:g}" for t in method.objective)
             source = "the live teacher" if method.uses_online_teacher() else f"the teacher's cached top-{config.cache.k}"
+            if llm_features.uses_cached_features(method):
+                source += " and hidden states"
             if method.ensemble is not None:  # kdforge.recipes.llm_teachers
                 source = f"a {method.ensemble.weighting}-weighted mixture of {', '.join(method.ensemble.members)}"
             write_model_card(folder, teacher=_teacher_id(config.teacher), student=config.student.describe(),
@@ -716,7 +718,8 @@ def _results(inputs: _Inputs, trained: _Trained, scores: dict[str, Any], speeds:
                          **({"source_layers": list(template.config.kdforge_source_layers)}
                             if hasattr(template.config, "kdforge_source_layers") else {})},
         "data": inputs.data.summary,
-        "teacher_cache": {"dir": str(inputs.cache_dir) if inputs.cache_dir else None, "k": config.cache.k, "encoding": config.cache.encoding},
+        "teacher_cache": {"dir": str(inputs.cache_dir) if inputs.cache_dir else None, "k": config.cache.k, "encoding": config.cache.encoding,
+                          **llm_features.stored_features(inputs.cache_dir)},
         "seeds": list(config.seeds),
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "torch_threads": torch.get_num_threads(),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,38 +138,48 @@ def feature_cache_size(config: Any, teacher: torch.nn.Module, student: torch.nn.
     return rows * feature_record_bytes(config.cache.feature_dtype, len(layers), seq_len, width), layers
 
 
-def cache_feature_kwargs(config: Any, teacher: torch.nn.Module, student: torch.nn.Module,
-                         cache_dir: Path) -> dict[str, Any]:
+def cache_feature_kwargs(config: Any, teacher: torch.nn.Module, student: torch.nn.Module, cache_dir: Path, *,
+                         decide: Callable[[Callable[[], Any]], Any] | None = None) -> dict[str, Any]:
     """The ``feature_layers``/``feature_dtype`` arguments of the run's cache build (empty without
     cached feature methods: the same cache as before).
 
     An existing complete cache at ``cache_dir`` that stores every needed layer in ``cache.feature_dtype``
-    is reused as it is (its layers are passed, so the build is a no-op).
+    is reused as it is (its layers are passed, so the build is a no-op). ``decide``: under several
+    processes, :meth:`~kdforge.recipes.subrun.RecipeRun.decide` (rank 0 reads the folder, before any
+    rank starts the build, and every rank gets the same answer).
 
     Raises:
         CacheError: ``cache.dir`` (a cache the run does not own) holds hidden states of other layers,
             another encoding, or none; the message names the layers and the fix.
     """
+    plan = (decide or (lambda fn: fn()))(lambda: _plan(config, teacher, student, cache_dir))
+    if "error" in plan:
+        raise CacheError(*plan["error"])
+    return plan["kwargs"]
+
+
+def _plan(config: Any, teacher: torch.nn.Module, student: torch.nn.Module, cache_dir: Path) -> dict[str, Any]:
+    """``{"kwargs": {...}}`` or ``{"error": (problem, fix)}`` (see :func:`cache_feature_kwargs`)."""
     need = needed_layers(config, teacher, student)
     if not need:
-        return {}
+        return {"kwargs": {}}
     dtype = config.cache.feature_dtype
     have = _stored(cache_dir)
     if have is not None and have.get("dtype") == dtype and set(need) <= set(have.get("layers", [])):
         log.info("teacher cache %s already stores hidden states of layers %s (%s): reused", cache_dir,
                  have["layers"], dtype)
-        return {"feature_layers": list(have["layers"]), "feature_dtype": dtype}
+        return {"kwargs": {"feature_layers": list(have["layers"]), "feature_dtype": dtype}}
     if config.cache.dir is not None and (cache_dir / "manifest.json").is_file():
         stored = "no hidden states" if have is None else f"hidden states of layers {have.get('layers')} ({have.get('dtype')})"
-        raise CacheError(
+        return {"error": (
             f"the teacher cache at {cache_dir} (cache.dir) stores {stored}, but the teacher: cache methods' feature "
             f"terms need layers {need} ({dtype})",
             f"point cache.dir to a new folder (or remove it) so the run builds one with those layers, rebuild it with "
             f"`kdforge cache-teacher` and feature_layers: {need}, feature_dtype: {dtype}, or train these methods "
-            "with teacher: online")
+            "with teacher: online")}
     log.info("teacher cache %s: storing hidden states of layers %s (%s) for the cached feature terms",
              cache_dir, need, dtype)
-    return {"feature_layers": need, "feature_dtype": dtype}
+    return {"kwargs": {"feature_layers": need, "feature_dtype": dtype}}
 
 
 def stored_features(cache_dir: Path | None) -> dict[str, Any]:

@@ -514,7 +514,7 @@ def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, floa
         with timed(timings, "teacher_cache_s"):
             c = config.cache
             cache_dir = Path(c.dir) if c.dir else run.out / "teacher_cache"
-            features = llm_features.cache_feature_kwargs(config, teacher, template, cache_dir)
+            features = llm_features.cache_feature_kwargs(config, teacher, template, cache_dir, decide=run.decide)
             build_teacher_cache(teacher, data.train, cache_dir, k=c.k, encoding=c.encoding,
                                 tail_samples=c.tail_samples, sample_seed=c.sample_seed,
                                 batch_size=c.batch_size, tokenizer=tokenizer, teacher_id=_teacher_id(config.teacher),

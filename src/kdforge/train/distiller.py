@@ -238,8 +238,14 @@ class Distiller:
             optimizer = optimizer_factory(groups)
         else:
             optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas)
-        self.student, *prep_extras, self.optimizer = self.accelerator.prepare(student, *extras, optimizer)
-        self.extras: dict[str, nn.Module] = dict(zip(self._extra_names, prep_extras))
+        # only modules with trainable parameters are prepared (DDP refuses a module without any, e.g. feature
+        # terms whose projectors are all identities); the others just move to the device
+        learned = [any(p.requires_grad for p in m.parameters()) for m in extras]
+        self.student, *prepared, self.optimizer = self.accelerator.prepare(
+            student, *[m for m, t in zip(extras, learned) if t], optimizer)
+        ready = iter(prepared)
+        self.extras: dict[str, nn.Module] = {name: next(ready) if t else m.to(self.accelerator.device)
+                                             for name, m, t in zip(self._extra_names, extras, learned)}
         if self.config.save_every and wrapper_of(self.student) == "DeepSpeedEngine":
             # ZeRO partitions the optimizer state inside the engine: a checkpoint of rank 0's view
             # would resume with the wrong moments. Refuse before training, not at the first save.

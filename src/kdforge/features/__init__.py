@@ -1,4 +1,5 @@
-"""Feature and relation distillation: hints (FitNets), attention/value relations (MiniLM), CKA, TRG, ND, OFA-KD.
+"""Feature and relation distillation: hints (FitNets), attention/value relations (MiniLM), CKA, TRG, ND, OFA-KD,
+talking models.
 
 Where is ...?
 
@@ -8,7 +9,8 @@ Where is ...?
 * capturing intermediate outputs (``output_hidden_states`` / forward hooks) and layer maps -> :mod:`.taps`
 * per-layer linear CKA between a student and its teacher (a diagnostic) -> :mod:`.diagnostics`
 * ND (norm and direction toward the teacher's class means) -> :mod:`.nd`; OFA-KD (logit heads on
-  student stages, adaptive target enhancement) -> :mod:`.ofa`; TRG (token relationship graphs) -> :mod:`.trg`
+  student stages, adaptive target enhancement) -> :mod:`.ofa`; TRG (token relationship graphs) -> :mod:`.trg`;
+  talking models (encoders/decoders into a shared message space, the teacher answering) -> :mod:`.talking`
 * the objective terms (registry :data:`FEATURE_LOSSES`, validated params, :class:`FeatureTerms`)
   -> :mod:`.terms`
 
@@ -55,6 +57,7 @@ from kdforge.features.taps import (
     use_eager_attention,
     value_modules,
 )
+from kdforge.features.talking import TalkingChannel, TalkingWeights, talking_loss, talking_parts
 from kdforge.features.terms import FEATURE_LOSSES, FeatureLossDef, FeatureTerms, build_feature_terms
 from kdforge.features.trg import knn_graph, trg_contextual, trg_global, trg_local, trg_loss
 
@@ -72,6 +75,8 @@ __all__ = [
     "LayerSimilarity",
     "ModuleTaps",
     "OFAHead",
+    "TalkingChannel",
+    "TalkingWeights",
     "ValueRelationKL",
     "attention_kl",
     "build_feature_terms",
@@ -91,6 +96,8 @@ __all__ = [
     "ofa_targets",
     "relation_matrix",
     "source_layers",
+    "talking_loss",
+    "talking_parts",
     "trg_contextual",
     "trg_global",
     "trg_local",

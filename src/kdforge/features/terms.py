@@ -48,6 +48,7 @@ from kdforge.features.taps import (
     use_eager_attention,
     value_modules,
 )
+from kdforge.features.talking import TalkingChannel, TalkingWeights, run_frozen, talking_loss
 from kdforge.features.trg import trg_loss
 from kdforge.registry import Registry
 
@@ -58,7 +59,7 @@ __all__ = ["EXTRAS_KEY", "FEATURE_LOSSES", "FeatureLossDef", "FeatureTerms", "bu
 EXTRAS_KEY = "features"
 
 LayerField = Literal["auto", "uniform", "last", "kept"] | list[int] | dict[int, int]
-Kind = Literal["hint", "cka", "attention", "value", "nd", "ofa", "trg"]
+Kind = Literal["hint", "cka", "attention", "value", "nd", "ofa", "trg", "talking"]
 
 
 # -- parameters (what a YAML `params:` may hold) ------------------------------------------------
@@ -160,6 +161,24 @@ class OFAParams(StrictModel):
     temperature: float = Field(1.0, gt=0.0)
 
 
+class TalkingParams(_Tapped):
+    """``talking`` (talking models: learned encoders/decoders into a shared message space)."""
+
+    layers: LayerField = "last"
+    message_dim: int = Field(64, ge=1, description="width m of the shared message space")
+    reconstruction_weight: float = Field(1.0, ge=0.0, description="each model's decoder(encoder(h)) ~ h")
+    agreement_weight: float = Field(1.0, ge=0.0, description="student message ~ teacher message")
+    passing_weight: float = Field(1.0, ge=0.0, description="student decoder(teacher message) ~ student feature")
+    interactive_weight: float = Field(1.0, ge=0.0, description="the teacher's answer to the student's message: "
+                                      "the student matches it, it matches the teacher's logits and the label")
+    temperature: float = Field(1.0, gt=0.0, description="T of the interactive KLs")
+    answer_labels: bool = Field(True, description="add the cross-entropy of the teacher's answer to the label")
+    teacher_head: Literal["auto"] | list[str] = Field(
+        "auto", description="the teacher's modules after the tapped one, run on the decoded student message "
+                            "(auto: the later modules of the tapped one's nn.Sequential, or the LM head for the "
+                            "last hidden state); checked against the teacher's logits on the first batch")
+
+
 @dataclass(frozen=True)
 class FeatureLossDef:
     """A registered feature loss: the pure function, what it reads and its parameter model."""
@@ -189,6 +208,9 @@ FEATURE_LOSSES.add("nd", FeatureLossDef(nd_loss, "nd", NDParams),
                    "ND: student embedding toward the teacher's class-mean direction, its norm up to the teacher's")
 FEATURE_LOSSES.add("ofa", FeatureLossDef(ofa_loss, "ofa", OFAParams),
                    "OFA-KD: learned heads map student stages to logits, distilled with adaptive target enhancement")
+FEATURE_LOSSES.add("talking", FeatureLossDef(talking_loss, "talking", TalkingParams),
+                   "Talking models: learned encoders/decoders of both models into a shared message space, the "
+                   "teacher answering the student's message")
 
 
 # -- plans ---------------------------------------------------------------------------------------
@@ -321,11 +343,16 @@ class FeatureTerms(nn.Module):
     """
 
     def __init__(self, plans: Sequence[_Plan], projectors: Mapping[str, nn.Module],
-                 states: Mapping[str, nn.Module] | None = None) -> None:
+                 states: Mapping[str, nn.Module] | None = None,
+                 teacher_heads: Mapping[str, Sequence[nn.Module]] | None = None) -> None:
         super().__init__()
         self.plans = list(plans)
         self.projectors = nn.ModuleDict(dict(projectors))
         self.states = nn.ModuleDict(dict(states or {}))
+        # the rest of the teacher after a talking term's tap, per channel key: the teacher's own modules,
+        # deliberately not registered (never optimised, moved or checkpointed with the terms)
+        self.teacher_heads: dict[str, tuple[nn.Module, ...]] = {k: tuple(v) for k, v in (teacher_heads or {}).items()}
+        self._heads_checked: set[str] = set()
 
     @property
     def keys(self) -> list[str]:
@@ -373,7 +400,8 @@ class FeatureTerms(nn.Module):
 
     def forward(self, student: Features, teacher: Features, mask: torch.Tensor, *,
                 key_mask: torch.Tensor | None = None, causal: bool = False, labels: torch.Tensor | None = None,
-                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                teacher_logits: torch.Tensor | None = None,
+                student_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Each term summed over real positions, averaged over its layer pairs.
 
         Args:
@@ -383,7 +411,9 @@ class FeatureTerms(nn.Module):
             key_mask: ``[B, T]`` bool, tokens that exist (attention mask), for relations.
             causal: decoder model (value relations to past tokens only, unless the term says).
             labels: ``[B]`` class labels (``-100``: none), for ``nd`` and ``ofa``.
-            teacher_logits: ``[B, K]`` dense teacher logits, for ``ofa`` (and ``nd``'s unlabelled samples).
+            teacher_logits: ``[B, K]`` dense teacher logits, for ``ofa`` (and ``nd``'s unlabelled samples),
+                and ``talking`` (``[B, T-1, V]`` for an LM).
+            student_logits: the student's logits at the same positions, for ``talking``'s interactive part.
 
         Returns:
             ``{term key: scalar}`` (float32, graph attached to student and projectors).
@@ -403,6 +433,8 @@ class FeatureTerms(nn.Module):
                                                              **extra)
                 elif plan.kind == "trg":
                     value = self._trg(plan, proj, s, t, m)
+                elif plan.kind == "talking":
+                    value = self._talking(plan, str(proj), s, t, m, labels, teacher_logits, student_logits)
                 elif plan.kind == "cka":
                     value = cka_loss(s, t, m, reduction="sum")
                 elif plan.kind == "attention":
@@ -438,6 +470,48 @@ class FeatureTerms(nn.Module):
         if per_sample:
             return (per_token.mean(1) * m).sum()
         return per_token.sum()
+
+    def _talking(self, plan: _Plan, key: str, s: torch.Tensor, t: torch.Tensor, m: torch.Tensor,
+                 labels: torch.Tensor | None, teacher_logits: torch.Tensor | None,
+                 student_logits: torch.Tensor | None) -> torch.Tensor:
+        """``talking`` on one pair (:mod:`kdforge.features.talking`), summed over real positions."""
+        p: TalkingParams = plan.params  # type: ignore[assignment]
+        heads = self.teacher_heads.get(key)
+        weights = TalkingWeights(p.reconstruction_weight, p.agreement_weight, p.passing_weight,
+                                 p.interactive_weight, p.temperature, p.answer_labels)
+        answer_fn = None
+        if heads is not None and p.interactive_weight:
+            if not torch.is_tensor(teacher_logits) or student_logits is None:
+                raise ConfigError(f"term {plan.key!r} (talking): the interactive part needs the student's and the "
+                                  "teacher's dense logits", "train it with an online teacher, or set "
+                                  "interactive_weight: 0")
+            if key not in self._heads_checked:
+                self._check_head(plan, key, heads, t, m, teacher_logits)  # type: ignore[arg-type]
+            answer_fn = lambda x: run_frozen(heads, x)  # noqa: E731
+        return talking_loss(self.projectors[key], s, t, m, weights=weights,  # type: ignore[arg-type]
+                            answer_fn=answer_fn, student_logits=student_logits,
+                            teacher_logits=teacher_logits if torch.is_tensor(teacher_logits) else None,
+                            labels=labels, reduction="sum")
+
+    def _check_head(self, plan: _Plan, key: str, heads: Sequence[nn.Module], t: torch.Tensor, m: torch.Tensor,
+                    teacher_logits: torch.Tensor) -> None:
+        """The teacher head must turn the teacher's own tapped feature into its logits (checked once)."""
+        with torch.no_grad():
+            x = t[:, :-1] if teacher_logits.dim() == 3 and m.dim() == 2 and t.shape[1] == teacher_logits.shape[1] + 1 \
+                else t
+            got = run_frozen(heads, x).float().to(teacher_logits.device)
+            want = teacher_logits.float()
+            keep = m[:, : want.shape[1]] if m.dim() == 2 else m
+            ok = got.shape == want.shape and bool(torch.allclose(
+                got[keep.to(want.device)], want[keep.to(want.device)], rtol=1e-2,
+                atol=1e-2 * (1.0 + float(want.abs().max()))))
+        if not ok:
+            names = [type(h).__name__ for h in heads]
+            raise ConfigError(f"term {plan.key!r} (talking): the teacher head {names} run on the teacher's tapped "
+                              f"feature {plan.pairs[0][1]!r} does not give the teacher's logits, so it is not the rest "
+                              "of the teacher", "set params.teacher_head to the module paths that follow the tap "
+                              "(in order), or interactive_weight: 0")
+        self._heads_checked.add(key)
 
     def _classwise(self, plan: _Plan, proj: str | None, s: torch.Tensor, t: torch.Tensor, m: torch.Tensor,
                    labels: torch.Tensor | None, teacher_logits: torch.Tensor | None) -> torch.Tensor:
@@ -495,6 +569,7 @@ def build_feature_terms(terms: Sequence[tuple[str, str, Mapping[str, Any] | Stri
     plans: list[_Plan] = []
     projectors: dict[str, nn.Module] = {}
     states: dict[str, nn.Module] = {}
+    teacher_heads: dict[str, tuple[nn.Module, ...]] = {}
     device = next((p.device for p in student.parameters()), torch.device("cpu"))
     for key, name, raw in terms:
         spec = FEATURE_LOSSES.get(name)
@@ -504,6 +579,12 @@ def build_feature_terms(terms: Sequence[tuple[str, str, Mapping[str, Any] | Stri
             plans.append(plan)
             projectors.update(made)
             states.update(state)
+            continue
+        if spec.kind == "talking":
+            plan, made, heads = _talking_plan(key, name, params, student, teacher, device)
+            plans.append(plan)
+            projectors.update(made)
+            teacher_heads.update(heads)
             continue
         tapped = getattr(params, "student_modules", None)
         s_layers = t_layers = 0
@@ -563,7 +644,62 @@ def build_feature_terms(terms: Sequence[tuple[str, str, Mapping[str, Any] | Stri
             projectors[pkey] = proj.to(device)
             proj_keys.append(pkey)
         plans.append(_Plan(key, name, spec.kind, source, tuple(pairs), params, tuple(proj_keys)))
-    return FeatureTerms(plans, projectors, states)
+    return FeatureTerms(plans, projectors, states, teacher_heads)
+
+
+def _talking_plan(key: str, name: str, params: Any, student: nn.Module, teacher: nn.Module, device: torch.device
+                  ) -> tuple[_Plan, dict[str, nn.Module], dict[str, tuple[nn.Module, ...]]]:
+    """``talking``: matched pairs (modules or hidden states), one :class:`TalkingChannel` per pair and,
+    when the interactive part is on, the teacher modules that follow each teacher tap."""
+    tapped = params.student_modules
+    if tapped:
+        source = "modules"
+        pairs: list[tuple[int | str, int | str | None]] = list(zip(tapped, params.teacher_modules))
+        for s_path, t_path in pairs:
+            resolve_module(student, str(s_path)), resolve_module(teacher, str(t_path))
+    else:
+        source = "hidden_states"
+        pairs = list(layer_map(params.layers, num_layers(student), num_layers(teacher), space="hidden_states",
+                               kept=source_layers(student)))
+    channels: dict[str, nn.Module] = {}
+    heads: dict[str, tuple[nn.Module, ...]] = {}
+    for i, (s_ref, t_ref) in enumerate(pairs):
+        if source == "modules":
+            ws, wt = _module_width(student, str(s_ref)), _module_width(teacher, str(t_ref))
+        else:
+            ws, wt = _hidden_width(student), _hidden_width(teacher)
+        ckey = f"{_safe(key)}_{i}"
+        channels[ckey] = TalkingChannel(ws, wt, params.message_dim).to(device)
+        if params.interactive_weight:
+            heads[ckey] = _teacher_head(key, params.teacher_head, teacher, source, t_ref)
+    return _Plan(key, name, "talking", source, tuple(pairs), params, tuple(channels)), channels, heads
+
+
+def _teacher_head(key: str, given: Any, teacher: nn.Module, source: str, t_ref: int | str | None
+                  ) -> tuple[nn.Module, ...]:
+    """The teacher's modules after its tap ``t_ref`` (``given`` paths, or found: module docstring of
+    :mod:`kdforge.features.talking`); checked against the teacher's logits on the first batch."""
+    if given != "auto":
+        return tuple(resolve_module(teacher, path) for path in given)
+    if source == "hidden_states":
+        head = getattr(teacher, "get_output_embeddings", None)
+        out = head() if callable(head) else None
+        if t_ref == num_layers(teacher) and isinstance(out, nn.Module):
+            return (out,)
+        raise ConfigError(f"term {key!r} (talking): teacher_head auto needs the teacher's last hidden state "
+                          f"(layer {num_layers(teacher)}, read by its LM head), got layer {t_ref}",
+                          "tap layers: last, give params.teacher_head (module paths after the tap), or set "
+                          "interactive_weight: 0")
+    path = str(t_ref)
+    rest: list[nn.Module] = []
+    while path:
+        parent_path, _, index = path.rpartition(".")
+        parent = resolve_module(teacher, parent_path)
+        if not (index.isdigit() and isinstance(parent, nn.Sequential)):
+            break
+        rest += list(parent)[int(index) + 1:]
+        path = parent_path
+    return tuple(rest)
 
 
 def _classwise_plan(key: str, name: str, kind: Kind, params: Any, student: nn.Module, teacher: nn.Module,

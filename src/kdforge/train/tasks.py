@@ -166,7 +166,8 @@ class Task:
         """Each feature term, summed over real positions, from both models' captured features (labels and
         dense teacher logits passed on for the class-wise terms ``nd`` / ``ofa``)."""
         dense = out.teacher if torch.is_tensor(out.teacher) else None
-        return features(out.student_features, signal.features, out.mask, labels=out.labels, teacher_logits=dense)
+        return features(out.student_features, signal.features, out.mask, labels=out.labels, teacher_logits=dense,
+                        student_logits=out.student_logits)
 
     def forward(self, student: nn.Module, teacher: Any, batch: Mapping[str, Any], *,
                 extras: Mapping[str, nn.Module] | None = None, chunked: bool = False) -> TaskOutput:
@@ -394,7 +395,9 @@ class CausalLMTask(Task):
         feat_mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
         attention_mask = batch.get("attention_mask")
         key_mask = attention_mask.bool() if attention_mask is not None else None
-        return features(out.student_features, signal.features, feat_mask, key_mask=key_mask, causal=True)
+        dense = out.teacher if torch.is_tensor(out.teacher) else None  # for talking's interactive part
+        return features(out.student_features, signal.features, feat_mask, key_mask=key_mask, causal=True,
+                        labels=out.labels, teacher_logits=dense, student_logits=out.student_logits)
 
 
 def _hidden_and_head(student: nn.Module, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

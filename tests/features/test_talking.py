@@ -291,3 +291,45 @@ def test_on_a_language_model_the_answer_goes_through_the_lm_head():
     assert terms.projectors["talking_0"].enc_s.weight.grad is not None
     with pytest.raises(ConfigError, match="last hidden state"):
         Objective([{**term, "params": {"layers": [1], "message_dim": 8}}]).bind(student, teacher)
+
+
+def test_llm_kd_recipe_trains_a_talking_term_from_yaml(tmp_path, capsys):
+    """``kdforge run`` on an llm_kd config: the term validates, trains with the live teacher (the answer
+    through its LM head) and its channel is checkpointed with the feature terms."""
+    import json
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from kdforge.cli.main import main
+
+    from .test_training import _tiny_llm_assets
+
+    root = _tiny_llm_assets(tmp_path)
+    cfg = {
+        "recipe": "llm_kd",
+        "output_dir": str(tmp_path / "run"),
+        "teacher": {"model": str(root / "teacher")},
+        "student": {"layers": "first_last"},
+        "data": {"corpus": str(root / "corpus"), "train_docs": ["book_a"], "eval_docs": ["book_b"],
+                 "seq_len": 16, "train_sequences": 8, "eval_sequences": 4},
+        "cache": {"k": 8, "batch_size": 4},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1, "progress": False, "save_every": 3},
+        "eval": {"batch_size": 2, "during_training_sequences": 0, "speed_batch": 2, "speed_repeats": 1},
+        "methods": [{"name": "kd+talking", "objective": [
+            {"name": "forward_kl", "weight": 1.0},
+            {"name": "talking", "weight": 1.0, "params": {"layers": "last", "message_dim": 8}}]}],
+        "plot": False, "save_students": False,
+    }
+    path = tmp_path / "talking.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--dry-run"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path), "--no-report"]) == 0, capsys.readouterr().err
+    run = tmp_path / "run" / "kd-talking" / "seed-0"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    values = [r["loss/talking"] for r in rows if r.get("split") == "train" and "loss/talking" in r]
+    assert len(values) == 3 and all(v > 0 for v in values)
+    extras = load_file(str(next((run / "checkpoints").glob("step-*")) / "extras.safetensors"))
+    assert {"features.projectors.talking_0.enc_s.weight", "features.projectors.talking_0.dec_t.weight"} <= set(extras)
+    assert not any("lm_head" in name for name in extras)  # the teacher's head is used, never saved

@@ -166,7 +166,8 @@ def test_gradients_match_finite_differences():
     s = torch.randn(6, 3, dtype=torch.float64)
     z = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
 
-    def f(s_, z_, weights=TalkingWeights(temperature=2.0)):
+    def f(s_, z_, weights=None):
+        weights = weights or TalkingWeights(temperature=2.0)
         return talking_loss(ch, s_, t, mask, answer_fn=lambda x: run_frozen([head], x), student_logits=z_,
                             teacher_logits=zt, labels=y, weights=weights, reduction="sum")
 
@@ -333,3 +334,37 @@ def test_llm_kd_recipe_trains_a_talking_term_from_yaml(tmp_path, capsys):
     extras = load_file(str(next((run / "checkpoints").glob("step-*")) / "extras.safetensors"))
     assert {"features.projectors.talking_0.enc_s.weight", "features.projectors.talking_0.dec_t.weight"} <= set(extras)
     assert not any("lm_head" in name for name in extras)  # the teacher's head is used, never saved
+
+
+def test_fashion_mnist_kd_recipe_trains_a_talking_method_from_its_config(tmp_path):
+    """The classifier recipes (fashion_mnist_kd / compare): a talking term with the online teacher, the
+    answer through the rest of an MLP teacher found by ``teacher_head: auto``; the shipped config validates."""
+    import json
+    from pathlib import Path
+
+    from kdforge.config import validate
+    from kdforge.data.vision import write_synthetic_fashion_mnist
+    from kdforge.recipes import load_recipe_file
+    from kdforge.recipes.fashion_mnist import FashionMnistConfig, FashionMnistKD
+
+    _, shipped = load_recipe_file(Path(__file__).resolve().parents[2] / "configs" / "fashion_mnist_features.yaml")
+    assert any(t.name == "talking" for m in shipped.methods for t in m.terms)
+    data = write_synthetic_fashion_mnist(tmp_path / "fm", n_train=96, n_test=32)
+    talk = {"name": "talking", "weight": 1.0, "params": {"student_modules": ["classifier.0"],
+                                                         "teacher_modules": ["net.2"], "message_dim": 8}}
+    config = validate(FashionMnistConfig, {
+        "data": {"root": str(data), "labelled": 32, "transfer": 0},
+        "teacher": {"arch": "mlp", "kwargs": {"hidden": [16]}, "epochs": 1, "batch_size": 32},
+        "train": {"epochs": 2, "batch_size": 16},
+        "seeds": [0],
+        "methods": [{"name": "labels only", "role": "baseline", "terms": [{"name": "cross_entropy", "weight": 1.0}]},
+                    {"name": "talking", "teacher": {"source": "online"},
+                     "terms": [{"name": "cross_entropy", "weight": 1.0}, talk]}],
+        "eval": {"latency_warmup": 1, "latency_repeats": 2},
+    }, source="test")
+    rows = {m["name"]: m for m in FashionMnistKD().run(config, tmp_path / "run")["models"]}
+    assert 0.0 <= rows["student / talking"]["metrics"]["accuracy"] <= 1.0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "students" / "talking" / "seed-0" / "metrics.jsonl")
+              .read_text().splitlines()]
+    values = [r["loss/talking"] for r in logged if "loss/talking" in r]
+    assert values and all(v > 0 for v in values)

@@ -46,6 +46,7 @@ from kdforge.features.modules import (
 )
 from kdforge.features.nd import ClassMeans, class_means, nd_loss
 from kdforge.features.ofa import OFAHead, ofa_loss, ofa_targets
+from kdforge.features.talking import TalkingChannel, TalkingWeights, talking_loss, talking_parts
 from kdforge.features.taps import (
     FeatureRequest,
     Features,
@@ -57,7 +58,6 @@ from kdforge.features.taps import (
     use_eager_attention,
     value_modules,
 )
-from kdforge.features.talking import TalkingChannel, TalkingWeights, talking_loss, talking_parts
 from kdforge.features.terms import FEATURE_LOSSES, FeatureLossDef, FeatureTerms, build_feature_terms
 from kdforge.features.trg import knn_graph, trg_contextual, trg_global, trg_local, trg_loss
 

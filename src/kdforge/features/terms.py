@@ -38,6 +38,7 @@ from kdforge.features.modules import make_projector
 from kdforge.features.nd import ClassMeans, nd_loss
 from kdforge.features.nd import embedding as nd_embedding
 from kdforge.features.ofa import OFAHead, ofa_loss, ofa_targets
+from kdforge.features.talking import TalkingChannel, TalkingWeights, run_frozen, talking_loss
 from kdforge.features.taps import (
     FeatureRequest,
     Features,
@@ -48,7 +49,6 @@ from kdforge.features.taps import (
     use_eager_attention,
     value_modules,
 )
-from kdforge.features.talking import TalkingChannel, TalkingWeights, run_frozen, talking_loss
 from kdforge.features.trg import trg_loss
 from kdforge.registry import Registry
 

@@ -31,8 +31,8 @@ logits, ``z_t^{out}`` the teacher's own logits, ``p(x) = softmax(x / T)`` and ``
 only where there is one and ``answer_labels`` is on). The first KL is the student learning from the
 tailored answer; the second and the CE train the channel (``E_s``, ``D_t``, and the student's features
 through ``E_s``) so that the answer is the teacher's own prediction and right on the downstream task:
-this is how the student's downstream information reaches the teacher. The answer's normaliser in
-the agreement is not detached, so shrinking both messages cannot lower it (no collapse to 0).
+this is how the student's downstream information reaches the teacher. The agreement's normaliser is
+not detached, so shrinking both messages cannot lower it (no collapse of the messages to 0).
 
 All parts are 0 when the two paths agree: identity encoders/decoders, ``h_s = h_t``, ``head_t`` giving
 the student's logits, and no labels. The teacher's parameters never change (``head_t`` runs with

@@ -507,10 +507,12 @@ class FeatureTerms(nn.Module):
                 atol=1e-2 * (1.0 + float(want.abs().max()))))
         if not ok:
             names = [type(h).__name__ for h in heads]
+            tap = plan.pairs[plan.projectors.index(key)][1]
             raise ConfigError(f"term {plan.key!r} (talking): the teacher head {names} run on the teacher's tapped "
-                              f"feature {plan.pairs[0][1]!r} does not give the teacher's logits, so it is not the rest "
-                              "of the teacher", "set params.teacher_head to the module paths that follow the tap "
-                              "(in order), or interactive_weight: 0")
+                              f"feature {tap!r} does not give the teacher's logits, so it is not the rest of the "
+                              "teacher (or the logits are not this model's own, e.g. an ensemble's)",
+                              "set params.teacher_head to the module paths that follow the tap (in order), or "
+                              "interactive_weight: 0")
         self._heads_checked.add(key)
 
     def _classwise(self, plan: _Plan, proj: str | None, s: torch.Tensor, t: torch.Tensor, m: torch.Tensor,

@@ -170,3 +170,17 @@ def test_registered_and_errors_name_the_fix():
     with pytest.raises(ConfigError, match="shared_weight"):
         gold(z, CrossVocabTeacher(torch.randn(2, 6), shared_student_ids=torch.arange(1),
                                   shared_teacher_ids=torch.arange(1)), shared_weight=-1.0)
+
+
+def test_gold_is_finite_when_the_student_vocabulary_is_a_subset_of_the_teachers():
+    # every student token is shared: the student has no rest bucket, so only the shared tokens
+    # are compared exactly (generalised KL) and the teacher's extra mass sits in the ULD part
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)  # teacher (a, b, x)
+    q = torch.tensor([0.4, 0.6], dtype=torch.float64)  # student (b, a)
+    t = CrossVocabTeacher(p.log()[None], shared_student_ids=torch.tensor([1, 0]), shared_teacher_ids=torch.tensor([0, 1]))
+    gkl = 0.5 * math.log(0.5 / 0.6) - 0.5 + 0.6 + 0.3 * math.log(0.3 / 0.4) - 0.3 + 0.4
+    zq = q.log()[None].requires_grad_(True)
+    value = gold(zq, t)
+    assert value.item() == pytest.approx(gkl + 0.2, abs=1e-12)
+    value.backward()
+    assert torch.isfinite(zq.grad).all()

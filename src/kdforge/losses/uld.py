@@ -275,6 +275,14 @@ def gold(student_logits: torch.Tensor, teacher: CrossVocabTeacher | torch.Tensor
          sparse_policy: SparsePolicy = "tail_bucket", check_finite: bool = True) -> torch.Tensor:
     """Generalised KL over the shared tokens (+ one rest bucket) plus ULD over the unshared ones.
 
+    ``sum_s a_s log(a_s / b_s) - a_s + b_s`` over the shared tokens ``s`` and the rest bucket
+    (``a``: teacher, ``b``: student; the bucket holds each side's mass outside the shared
+    tokens), plus ``sum_i |p_(i) - q_(i)|`` over each side's unshared probabilities sorted
+    decreasingly. When *every* student token is shared (the student vocabulary is a subset of the
+    teacher's) the student has no rest bucket, so the bucket is left out: the teacher's mass on
+    tokens the student cannot emit is then only in the (student-independent) ULD part, instead of
+    an infinite ``a log(a / 0)``.
+
     Args:
         student_logits: ``[..., V_s]``.
         teacher: a :class:`CrossVocabTeacher` with ``shared_student_ids`` / ``shared_teacher_ids``, or
@@ -302,8 +310,10 @@ def gold(student_logits: torch.Tensor, teacher: CrossVocabTeacher | torch.Tensor
     t_ids = cross.shared_teacher_ids.to(logq.device).long()
     s_shared = torch.zeros(logq.shape[-1], dtype=torch.bool, device=logq.device).index_fill(0, s_ids, True)
     t_shared = torch.zeros(logp.shape[-1], dtype=torch.bool, device=logp.device).index_fill(0, t_ids, True)
-    log_a = torch.cat([logp[:, t_ids], _log_rest(logp, t_shared)[:, None]], dim=-1)
-    log_b = torch.cat([logq[:, s_ids], _log_rest(logq, s_shared)[:, None]], dim=-1)
+    log_a, log_b = logp[:, t_ids], logq[:, s_ids]
+    if not bool(s_shared.all()):  # a student with no unshared token has no rest bucket to put mass in
+        log_a = torch.cat([log_a, _log_rest(logp, t_shared)[:, None]], dim=-1)
+        log_b = torch.cat([log_b, _log_rest(logq, s_shared)[:, None]], dim=-1)
     exact = _gkl_terms(log_a, log_b).sum(-1)
     per_pos = shared_weight * exact
     if rest_weight:

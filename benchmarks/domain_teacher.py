@@ -37,7 +37,6 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    import torch
 
     from kdforge.data.text import LMBlockDataset, make_lm_splits
     from kdforge.models import ModelSource, load_model

@@ -38,7 +38,13 @@ import torch
 
 
 def _setup(args: argparse.Namespace) -> dict[str, Any]:
-    from kdforge.recipes.cross_tokenizer import StudentSpec, build_student, cut_texts, teacher_top_tokens, train_bpe
+    from kdforge.recipes.cross_tokenizer import (
+        StudentSpec,
+        build_student,
+        cut_texts,
+        teacher_top_tokens,
+        train_bpe,
+    )
     from kdforge.recipes.llm_kd import TeacherSpec, load_documents, load_teacher
     from kdforge.teachers import CrossTokenizerCollator, CrossTokenizerTeacher
     from kdforge.teachers.crosstok import encode_student

@@ -10,7 +10,13 @@ import sys
 import pytest
 
 from ._tiny_llm import make_teacher_and_corpus, recipe_yaml
-from .test_recipe_launch import WORKER, _assert_results_match, _env, _launch_prefix, _run_side_by_side
+from .test_recipe_launch import (
+    WORKER,
+    _assert_results_match,
+    _env,
+    _launch_prefix,
+    _run_side_by_side,
+)
 
 HINT = {"name": "hidden_mse", "weight": 1.0, "params": {"layers": "uniform"}}
 METHODS = [{"name": "kd", "objective": [{"name": "forward_kl", "weight": 1.0}]},

@@ -174,3 +174,24 @@ def test_cache_of_chat_data_stores_only_the_assistant_positions_and_train_on_is_
                     data=all_tokens)
     with pytest.raises(CacheError, match="differs"):
         LLMKD().run(again, tmp_path / "run2")
+
+
+def test_a_cached_ensemble_on_chat_data_keeps_the_response_only_cache(setup, tmp_path):
+    """Every member cache of a cached ensemble is masked like the run's own cache: the main teacher's
+    member cache is the run's cache, reused (not rebuilt without the mask), and the other teacher's
+    stores the same assistant positions."""
+    from kdforge.teachers import TeacherCacheDataset
+
+    methods = [{"name": "kd", "objective": [{"name": "forward_kl", "weight": 1.0}]},
+               {"name": "ens", "teacher": "ensemble", "ensemble": {"members": ["teacher", "b"]},
+                "objective": [{"name": "forward_kl", "weight": 1.0}]}]
+    train = {**TRAIN, "max_steps": 1, "eval_every": 1}
+    out = tmp_path / "run"
+    config = _config(setup, out, methods=methods, train=train, cache={"k": 4},
+                     teachers=[{"name": "b", "model": str(setup / "teacher")}])
+    LLMKD().run(config, out)
+    data = build_lm_data(config.data, _tok(setup))
+    loss_tokens = int((data.train_labels != IGNORE_INDEX)[:, 1:].sum())
+    for folder in ("teacher_cache", "teacher_cache-b"):
+        cache = TeacherCacheDataset(out / folder).cache
+        assert cache.masked and cache.manifest["dataset"]["loss_tokens"] == loss_tokens, folder

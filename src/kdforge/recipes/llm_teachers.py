@@ -299,10 +299,16 @@ def prepare_teachers(config: Any, run: Any, data: Any, tokenizer: Any, teacher: 
             out = member_cache_dir(config, run.out, name)
             spec = config.teacher if name == MAIN else next(t for t in config.teachers if t.name == name)
             own = not c.dir and getattr(spec, "cache_dir", None) is None
+            # the main teacher's member cache IS the run's cache: built with the same arguments as
+            # llm_kd builds it, or it would be rebuilt (and the other methods' cache replaced) here
+            same_as_run = ({"tail_samples": c.tail_samples, "sample_seed": c.sample_seed, **(main_features or {})}
+                           if name == MAIN else {})
             build_teacher_cache(models[name], data.train, out, k=c.k, encoding=c.encoding, batch_size=c.batch_size,
                                 tokenizer=tokenizer, teacher_id=_model_id(spec),
                                 overwrite=own,  # only our own RUN_DIR caches are replaced
-                                data_parallel=run.group, **((main_features or {}) if name == MAIN else {}))
+                                data_parallel=run.group,
+                                loss_mask=data.train_loss_mask(),  # response-only: every member, like the run's
+                                **same_as_run)
             teachers.cache_dirs[name] = out
             teachers.caches[name] = TeacherCacheDataset(out, sequences=data.train, tokenizer=tokenizer)
     return teachers

@@ -19,7 +19,9 @@ held-out perplexity on the student's tokens, top-1 agreement at aligned position
 Prints JSON: held-out ppl / agreement, seconds per step (training loop only, after model
 loading) and the process's peak RSS.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/trl_gold.py --steps 20 --texts 160
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/trl_gold.py --steps 6 --texts 48 --eval-texts 16
+
+Results and what GOLDTrainer needs here: docs/cross-tokenizer.md ("Side by side with TRL's GOLDTrainer").
 """
 
 from __future__ import annotations

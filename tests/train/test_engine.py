@@ -105,11 +105,12 @@ def test_shared_prefix_trains_a_student_whose_embeddings_are_padded():
 
 
 # -- chunked by default ----------------------------------------------------------------------------------
-def test_auto_chunking_applies_to_a_live_teacher_with_a_closed_form_and_not_to_a_cache():
+def test_auto_chunking_applies_to_a_live_teacher_and_to_a_cache_where_a_closed_form_exists():
     task = CausalLMTask()
     online, cached = OnlineTeacher(tiny_llama(1)), CachedTeacher()
     assert Objective([LossTerm("forward_kl", 1.0), LossTerm("cross_entropy", 0.5)]).use_chunked(task, online)
-    assert not Objective([LossTerm("forward_kl", 1.0)]).use_chunked(task, cached)
+    assert Objective([LossTerm("forward_kl", 1.0)]).use_chunked(task, cached)  # sparse closed form (T = 1)
+    assert not Objective([LossTerm("forward_kl", 1.0, {"temperature": 2.0})]).use_chunked(task, cached)
     assert not Objective([LossTerm("adaptive_kl", 1.0)]).use_chunked(task, online)  # no closed form
     assert not Objective([LossTerm("forward_kl", 1.0)]).use_chunked(ClassificationTask(), online)
     assert not Objective([LossTerm("forward_kl", 1.0)], chunked=False).use_chunked(task, online)

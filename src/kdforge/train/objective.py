@@ -402,9 +402,12 @@ class Objective:
 
         ``chunked=True``/``False`` decide it; ``"auto"`` picks it where it is exact and cheaper: a
         causal LM, one distillation term with a closed-form chunk kernel (plus an optional
-        ``cross_entropy``), a dense teacher (a live model), no scheduled loss parameter and, when
-        ``student`` is given, a student with an LM head (``get_output_embeddings()``: a plain
-        ``nn.Module`` returning logits cannot give the hidden states the chunked path needs).
+        ``cross_entropy``), no scheduled loss parameter, a dense teacher (a live model) or a sparse
+        (top-k: a teacher cache) one whose term the sparse closed form computes (``T = 1`` or
+        ``sparse_policy="renormalize"``, :func:`~kdforge.losses.chunked.sparse_closed_form_applies`;
+        it never builds the teacher's dense ``[N, V]``) and, when ``student`` is given, a student
+        with an LM head (``get_output_embeddings()``: a plain ``nn.Module`` returning logits cannot
+        give the hidden states the chunked path needs).
         """
         if self.chunked != "auto":
             return bool(self.chunked)
@@ -412,9 +415,23 @@ class Objective:
             self._auto_chunked = self._chunkable_by_kernel()
         from kdforge.train.tasks import CausalLMTask
 
-        return (self._auto_chunked and isinstance(task, CausalLMTask) and source is not None
-                and "dense" in source.provides and "sparse" not in source.provides
-                and (student is None or _has_lm_head(student)))
+        if not (self._auto_chunked and isinstance(task, CausalLMTask) and source is not None
+                and (student is None or _has_lm_head(student))):
+            return False
+        if "sparse" in source.provides:
+            return self._sparse_closed_form_by_config()
+        return "dense" in source.provides
+
+    def _sparse_closed_form_by_config(self) -> bool:
+        """Whether the KD term's configuration lets the sparse closed form compute it (``T = 1`` or
+        ``sparse_policy="renormalize"``); the top-k size is checked per batch by the chunked loss."""
+        from kdforge.losses import LOSSES
+
+        kd = self._teacher_terms()[0]
+        spec = LOSSES.get(kd.name)
+        temperature = kd.params.get("temperature", spec.default_temperature)
+        policy = kd.params.get("sparse_policy", spec.param_defaults.get("sparse_policy", "tail_bucket"))
+        return temperature == 1.0 or policy == "renormalize"
 
     def _chunkable_by_kernel(self) -> bool:
         try:

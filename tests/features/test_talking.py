@@ -304,24 +304,11 @@ def test_llm_kd_recipe_trains_a_talking_term_from_yaml(tmp_path, capsys):
 
     from kdforge.cli.main import main
 
-    from .test_training import _tiny_llm_assets
+    from .test_training import tiny_llm_kd_config
 
-    root = _tiny_llm_assets(tmp_path)
-    cfg = {
-        "recipe": "llm_kd",
-        "output_dir": str(tmp_path / "run"),
-        "teacher": {"model": str(root / "teacher")},
-        "student": {"layers": "first_last"},
-        "data": {"corpus": str(root / "corpus"), "train_docs": ["book_a"], "eval_docs": ["book_b"],
-                 "seq_len": 16, "train_sequences": 8, "eval_sequences": 4},
-        "cache": {"k": 8, "batch_size": 4},
-        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1, "progress": False, "save_every": 3},
-        "eval": {"batch_size": 2, "during_training_sequences": 0, "speed_batch": 2, "speed_repeats": 1},
-        "methods": [{"name": "kd+talking", "objective": [
-            {"name": "forward_kl", "weight": 1.0},
-            {"name": "talking", "weight": 1.0, "params": {"layers": "last", "message_dim": 8}}]}],
-        "plot": False, "save_students": False,
-    }
+    cfg = tiny_llm_kd_config(tmp_path, [{"name": "kd+talking", "objective": [
+        {"name": "forward_kl", "weight": 1.0},
+        {"name": "talking", "weight": 1.0, "params": {"layers": "last", "message_dim": 8}}]}])
     path = tmp_path / "talking.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "--dry-run"]) == 0

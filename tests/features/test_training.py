@@ -141,22 +141,8 @@ def test_llm_kd_recipe_trains_a_feature_term_with_the_online_teacher_and_saves_i
 
     from kdforge.cli.main import main
 
-    root = _tiny_llm_assets(tmp_path)
-    cfg = {
-        "recipe": "llm_kd",
-        "output_dir": str(tmp_path / "run"),
-        "teacher": {"model": str(root / "teacher")},
-        "student": {"layers": "first_last"},
-        "data": {"corpus": str(root / "corpus"), "train_docs": ["book_a"], "eval_docs": ["book_b"],
-                 "seq_len": 16, "train_sequences": 8, "eval_sequences": 4},
-        "cache": {"k": 8, "batch_size": 4},
-        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1, "progress": False,
-                  "save_every": 3},
-        "eval": {"batch_size": 2, "during_training_sequences": 0, "speed_batch": 2, "speed_repeats": 1},
-        "methods": [{"name": "kd+hint", "objective": [
-            {"name": "forward_kl", "weight": 1.0}, {"name": "hidden_mse", "weight": 1.0, "params": {"projector": "linear"}}]}],
-        "plot": False, "save_students": False,
-    }
+    cfg = tiny_llm_kd_config(tmp_path, [{"name": "kd+hint", "objective": [
+        {"name": "forward_kl", "weight": 1.0}, {"name": "hidden_mse", "weight": 1.0, "params": {"projector": "linear"}}]}])
     path = tmp_path / "hint.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "--dry-run"]) == 0  # the term validates as part of the recipe config
@@ -168,6 +154,25 @@ def test_llm_kd_recipe_trains_a_feature_term_with_the_online_teacher_and_saves_i
     assert len(hint) == 3 and all(v > 0 for v in hint)
     extras = load_file(str(next((run / "checkpoints").glob("step-*")) / "extras.safetensors"))
     assert any(name.startswith("features.projectors.") for name in extras)
+
+
+def tiny_llm_kd_config(tmp_path, methods: list[dict]) -> dict:
+    """An ``llm_kd`` config (as YAML data) on the tiny teacher/corpus: 3 steps, a checkpoint at the end."""
+    root = _tiny_llm_assets(tmp_path)
+    return {
+        "recipe": "llm_kd",
+        "output_dir": str(tmp_path / "run"),
+        "teacher": {"model": str(root / "teacher")},
+        "student": {"layers": "first_last"},
+        "data": {"corpus": str(root / "corpus"), "train_docs": ["book_a"], "eval_docs": ["book_b"],
+                 "seq_len": 16, "train_sequences": 8, "eval_sequences": 4},
+        "cache": {"k": 8, "batch_size": 4},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1, "progress": False,
+                  "save_every": 3},
+        "eval": {"batch_size": 2, "during_training_sequences": 0, "speed_batch": 2, "speed_repeats": 1},
+        "methods": methods,
+        "plot": False, "save_students": False,
+    }
 
 
 def _tiny_llm_assets(root):

@@ -311,7 +311,9 @@ def gold(student_logits: torch.Tensor, teacher: CrossVocabTeacher | torch.Tensor
     s_shared = torch.zeros(logq.shape[-1], dtype=torch.bool, device=logq.device).index_fill(0, s_ids, True)
     t_shared = torch.zeros(logp.shape[-1], dtype=torch.bool, device=logp.device).index_fill(0, t_ids, True)
     log_a, log_b = logp[:, t_ids], logq[:, s_ids]
-    if not bool(s_shared.all()):  # a student with no unshared token has no rest bucket to put mass in
+    # a student with no unshared token has no rest bucket to put mass in (the shared ids are distinct,
+    # so their count decides it without reading a tensor back to the host)
+    if s_ids.numel() < logq.shape[-1]:
         log_a = torch.cat([log_a, _log_rest(logp, t_shared)[:, None]], dim=-1)
         log_b = torch.cat([log_b, _log_rest(logq, s_shared)[:, None]], dim=-1)
     exact = _gkl_terms(log_a, log_b).sum(-1)

@@ -428,6 +428,10 @@ class Objective:
         from kdforge.losses import LOSSES
 
         kd = self._teacher_terms()[0]
+        if any(t is not kd and t.name == "cross_entropy" and t.weight == 0 for t in self.terms):
+            # a logged-only CE (weight 0): the chunked kernels compute weighted terms only and would
+            # log it as 0, so the cache keeps the plain path that logs its value
+            return False
         spec = LOSSES.get(kd.name)
         temperature = kd.params.get("temperature", spec.default_temperature)
         policy = kd.params.get("sparse_policy", spec.param_defaults.get("sparse_policy", "tail_bucket"))

@@ -509,7 +509,7 @@ def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, floa
         ddk_teacher_loss = teacher_domain_losses(teacher, ddk_dev, batch_size=config.eval.batch_size)
     template = build_student(config.student, teacher, tokenizer)
     template.eval()
-    cache_dir, train_data, features = None, None, {}
+    cache_dir, train_data = None, None
     if any(not m.uses_online_teacher() for m in config.methods):
         with timed(timings, "teacher_cache_s"):
             c = config.cache
@@ -525,8 +525,7 @@ def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, floa
             train_data = TeacherCacheDataset(cache_dir, sequences=data.train, tokenizer=tokenizer)
             if data.train_extras():  # response-only labels and padding masks over the cached rows
                 train_data = WithLabels(train_data, data.train_extras())
-    teachers = llm_teachers.prepare_teachers(config, run, data, tokenizer, teacher, timings,
-                                             main_features=features)
+    teachers = llm_teachers.prepare_teachers(config, run, data, tokenizer, teacher, timings, run_cache=cache_dir)
     n_inner = config.eval.during_training_sequences
     inner_eval = None
     if n_inner:

@@ -265,12 +265,11 @@ def member_cache_dir(config: Any, run_out: Path, name: str) -> Path:
 
 
 def prepare_teachers(config: Any, run: Any, data: Any, tokenizer: Any, teacher: torch.nn.Module,
-                     timings: dict[str, float], main_features: dict[str, Any] | None = None) -> TeacherSet | None:
+                     timings: dict[str, float], run_cache: Path | None = None) -> TeacherSet | None:
     """Load the further teachers and build (or reuse) one top-k cache per cached ensemble member.
 
-    ``main_features``: the hidden-state arguments the run's own cache was built with
-    (:func:`kdforge.recipes.llm_features.cache_feature_kwargs`), so the main teacher's member cache,
-    the same folder, is reused rather than rebuilt without them.
+    ``run_cache``: the main teacher's cache that ``llm_kd`` has already built for the run (the same
+    folder as the main member's): it serves as that member's cache as it is, never rebuilt here.
 
     Returns None when the config has neither further teachers nor ensemble methods.
     """
@@ -297,18 +296,14 @@ def prepare_teachers(config: Any, run: Any, data: Any, tokenizer: Any, teacher: 
     with timed(timings, "teacher_cache_s"):
         for name in cached:
             out = member_cache_dir(config, run.out, name)
-            spec = config.teacher if name == MAIN else next(t for t in config.teachers if t.name == name)
-            own = not c.dir and getattr(spec, "cache_dir", None) is None
-            # the main teacher's member cache IS the run's cache: built with the same arguments as
-            # llm_kd builds it, or it would be rebuilt (and the other methods' cache replaced) here
-            same_as_run = ({"tail_samples": c.tail_samples, "sample_seed": c.sample_seed, **(main_features or {})}
-                           if name == MAIN else {})
-            build_teacher_cache(models[name], data.train, out, k=c.k, encoding=c.encoding, batch_size=c.batch_size,
-                                tokenizer=tokenizer, teacher_id=_model_id(spec),
-                                overwrite=own,  # only our own RUN_DIR caches are replaced
-                                data_parallel=run.group,
-                                loss_mask=data.train_loss_mask(),  # response-only: every member, like the run's
-                                **same_as_run)
+            if not (name == MAIN and run_cache is not None):  # else: the run's cache, built already
+                spec = config.teacher if name == MAIN else next(t for t in config.teachers if t.name == name)
+                own = not c.dir and getattr(spec, "cache_dir", None) is None
+                build_teacher_cache(models[name], data.train, out, k=c.k, encoding=c.encoding,
+                                    batch_size=c.batch_size, tokenizer=tokenizer, teacher_id=_model_id(spec),
+                                    overwrite=own,  # only our own RUN_DIR caches are replaced
+                                    data_parallel=run.group,
+                                    loss_mask=data.train_loss_mask())  # response-only, like the run's cache
             teachers.cache_dirs[name] = out
             teachers.caches[name] = TeacherCacheDataset(out, sequences=data.train, tokenizer=tokenizer)
     return teachers

@@ -272,9 +272,16 @@ def sparse_closed_form_applies(spec: LossSpec, teacher: Any, vocab: int, tempera
     distribution is a function of its T = 1 probabilities: ``T == 1`` (every policy, sampled tails
     too) or ``sparse_policy="renormalize"`` (any ``T``), and the top-k is smaller than the vocabulary.
     """
-    if not isinstance(teacher, SparseTeacher) or spec.kernel is None or spec.needs_labels:
+    if not isinstance(teacher, SparseTeacher) or teacher.k >= vocab:
         return False
-    if teacher.k >= vocab:
+    return sparse_closed_form_by_config(spec, temperature, params)
+
+
+def sparse_closed_form_by_config(spec: LossSpec, temperature: float, params: dict[str, Any]) -> bool:
+    """The part of :func:`sparse_closed_form_applies` that the term's configuration decides (no
+    teacher at hand: the top-k size is checked per batch): a closed-form divergence without labels,
+    at ``T == 1`` or with ``sparse_policy="renormalize"``."""
+    if spec.kernel is None or spec.needs_labels:
         return False
     policy = params.get("sparse_policy", spec.param_defaults.get("sparse_policy", "tail_bucket"))
     return temperature == 1.0 or policy == "renormalize"

@@ -426,6 +426,7 @@ class Objective:
         """Whether the KD term's configuration lets the sparse closed form compute it (``T = 1`` or
         ``sparse_policy="renormalize"``); the top-k size is checked per batch by the chunked loss."""
         from kdforge.losses import LOSSES
+        from kdforge.losses.chunked import sparse_closed_form_by_config
 
         kd = self._teacher_terms()[0]
         if any(t is not kd and t.name == "cross_entropy" and t.weight == 0 for t in self.terms):
@@ -433,9 +434,7 @@ class Objective:
             # log it as 0, so the cache keeps the plain path that logs its value
             return False
         spec = LOSSES.get(kd.name)
-        temperature = kd.params.get("temperature", spec.default_temperature)
-        policy = kd.params.get("sparse_policy", spec.param_defaults.get("sparse_policy", "tail_bucket"))
-        return temperature == 1.0 or policy == "renormalize"
+        return sparse_closed_form_by_config(spec, kd.params.get("temperature", spec.default_temperature), kd.params)
 
     def _chunkable_by_kernel(self) -> bool:
         try:

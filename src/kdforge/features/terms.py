@@ -595,13 +595,7 @@ def build_feature_terms(terms: Sequence[tuple[str, str, Mapping[str, Any] | Stri
         kept = source_layers(student)
         layers = getattr(params, "layers", "last")
         if spec.kind in ("hint", "cka", "trg"):
-            if tapped:
-                source, pairs = "modules", list(zip(tapped, params.teacher_modules))  # type: ignore[attr-defined]
-                for s_path, t_path in pairs:
-                    resolve_module(student, s_path), resolve_module(teacher, t_path)
-            else:
-                source = "hidden_states"
-                pairs = layer_map(layers, s_layers, t_layers, space="hidden_states", kept=kept)
+            source, pairs = _tapped_or_hidden_pairs(params, student, teacher)
         elif spec.kind == "attention":
             source = "attentions"
             pairs = layer_map(layers, s_layers, t_layers, space="blocks", kept=kept)
@@ -610,9 +604,7 @@ def build_feature_terms(terms: Sequence[tuple[str, str, Mapping[str, Any] | Stri
         else:
             source = "modules"
             if tapped:
-                pairs = list(zip(tapped, params.teacher_modules))  # type: ignore[attr-defined]
-                for s_path, t_path in pairs:
-                    resolve_module(student, s_path), resolve_module(teacher, t_path)
+                pairs = _module_pairs(params, student, teacher)
             else:
                 vs, vt = value_modules(student), value_modules(teacher)
                 blocks = layer_map(layers, len(vs), len(vt), space="blocks", kept=kept)
@@ -625,10 +617,7 @@ def build_feature_terms(terms: Sequence[tuple[str, str, Mapping[str, Any] | Stri
             if spec.kind not in ("hint", "trg") or (spec.kind == "trg" and not params.global_weight):  # type: ignore[attr-defined]
                 proj_keys.append(None)
                 continue
-            if source == "modules":
-                ws, wt = _module_width(student, str(s_ref)), _module_width(teacher, str(t_ref))
-            else:
-                ws, wt = _hidden_width(student), _hidden_width(teacher)
+            ws, wt = _pair_widths(source, student, teacher, s_ref, t_ref)
             mode = params.projector  # type: ignore[attr-defined]
             if mode == "identity" and ws != wt:
                 raise ConfigError(f"term {key!r}: projector identity, but the student width {ws} differs from the "
@@ -649,27 +638,39 @@ def build_feature_terms(terms: Sequence[tuple[str, str, Mapping[str, Any] | Stri
     return FeatureTerms(plans, projectors, states, teacher_heads)
 
 
+def _module_pairs(params: Any, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
+    """``student_modules`` matched one to one with ``teacher_modules``, each path checked to exist."""
+    pairs = list(zip(params.student_modules, params.teacher_modules))
+    for s_path, t_path in pairs:
+        resolve_module(student, str(s_path)), resolve_module(teacher, str(t_path))
+    return pairs
+
+
+def _tapped_or_hidden_pairs(params: Any, student: nn.Module, teacher: nn.Module) -> tuple[str, list[Any]]:
+    """``("modules", module path pairs)`` when the term taps modules, else ``("hidden_states", layer pairs)``
+    by ``params.layers``."""
+    if getattr(params, "student_modules", None):
+        return "modules", _module_pairs(params, student, teacher)
+    return "hidden_states", list(layer_map(getattr(params, "layers", "last"), num_layers(student), num_layers(teacher),
+                                           space="hidden_states", kept=source_layers(student)))
+
+
+def _pair_widths(source: str, student: nn.Module, teacher: nn.Module, s_ref: Any, t_ref: Any) -> tuple[int, int]:
+    """Feature widths (student, teacher) of one tapped pair."""
+    if source == "modules":
+        return _module_width(student, str(s_ref)), _module_width(teacher, str(t_ref))
+    return _hidden_width(student), _hidden_width(teacher)
+
+
 def _talking_plan(key: str, name: str, params: Any, student: nn.Module, teacher: nn.Module, device: torch.device
                   ) -> tuple[_Plan, dict[str, nn.Module], dict[str, tuple[nn.Module, ...]]]:
     """``talking``: matched pairs (modules or hidden states), one :class:`TalkingChannel` per pair and,
     when the interactive part is on, the teacher modules that follow each teacher tap."""
-    tapped = params.student_modules
-    if tapped:
-        source = "modules"
-        pairs: list[tuple[int | str, int | str | None]] = list(zip(tapped, params.teacher_modules))
-        for s_path, t_path in pairs:
-            resolve_module(student, str(s_path)), resolve_module(teacher, str(t_path))
-    else:
-        source = "hidden_states"
-        pairs = list(layer_map(params.layers, num_layers(student), num_layers(teacher), space="hidden_states",
-                               kept=source_layers(student)))
+    source, pairs = _tapped_or_hidden_pairs(params, student, teacher)
     channels: dict[str, nn.Module] = {}
     heads: dict[str, tuple[nn.Module, ...]] = {}
     for i, (s_ref, t_ref) in enumerate(pairs):
-        if source == "modules":
-            ws, wt = _module_width(student, str(s_ref)), _module_width(teacher, str(t_ref))
-        else:
-            ws, wt = _hidden_width(student), _hidden_width(teacher)
+        ws, wt = _pair_widths(source, student, teacher, s_ref, t_ref)
         ckey = f"{_safe(key)}_{i}"
         channels[ckey] = TalkingChannel(ws, wt, params.message_dim).to(device)
         if params.interactive_weight:

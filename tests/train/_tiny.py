@@ -90,3 +90,18 @@ class BagLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         return self.head(torch.tanh(self.emb(input_ids))) * self.scale
+
+
+def one_step_grads(student: torch.nn.Module, teacher, objective, collate_fn):
+    """Train ``student`` one optimizer step (4 rows x 2 micro-batches of :class:`TokenDataset`) and return
+    ``(gradients by parameter name at the step, last logs)``: the step chunked-vs-plain tests compare."""
+    from kdforge.train import CausalLMTask, Distiller, TrainConfig
+
+    d = Distiller(student, teacher, task=CausalLMTask(), collate_fn=collate_fn, objective=objective,
+                  config=TrainConfig(max_steps=1, batch_size=4, grad_accum_steps=2, max_grad_norm=None,
+                                     progress=False, log_every=1),
+                  train_data=TokenDataset(n=8))
+    grads = {}
+    d.optimizer.optimizer.register_step_pre_hook(
+        lambda *_: grads.update({n: p.grad.clone() for n, p in student.named_parameters()}))
+    return grads, d.train().last_logs

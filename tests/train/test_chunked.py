@@ -5,7 +5,7 @@ import torch
 
 from kdforge.train import CausalLMTask, Distiller, LossTerm, Objective, TrainConfig
 
-from ._tiny import TokenDataset, pad_collate, tiny_llama
+from ._tiny import TokenDataset, one_step_grads, pad_collate, tiny_llama
 
 KD_TERMS = {
     "forward_kl": LossTerm("forward_kl", 0.7, {"temperature": 2.0}),
@@ -17,15 +17,7 @@ KD_TERMS = {
 def _first_step_grads(chunked, kd_name):
     teacher, student = tiny_llama(1, head_scale=4.0), tiny_llama(2)
     objective = Objective([KD_TERMS[kd_name], LossTerm("cross_entropy", 0.3)], chunked=chunked, chunk_size=7)
-    d = Distiller(student, teacher, task=CausalLMTask(), collate_fn=pad_collate(), objective=objective,
-                  config=TrainConfig(max_steps=1, batch_size=4, grad_accum_steps=2, max_grad_norm=None,
-                                     progress=False, log_every=1),
-                  train_data=TokenDataset(n=8))
-    grads = {}
-    d.optimizer.optimizer.register_step_pre_hook(
-        lambda *_: grads.update({n: p.grad.clone() for n, p in student.named_parameters()}))
-    state = d.train()
-    return grads, state.last_logs
+    return one_step_grads(student, teacher, objective, pad_collate())
 
 
 @pytest.mark.parametrize("kd_name", list(KD_TERMS))

@@ -6,9 +6,9 @@ import torch
 
 import kdforge.losses.chunked as chunked_mod
 from kdforge.teachers.sources import CachedTeacher
-from kdforge.train import CausalLMTask, Distiller, LossTerm, Objective, TrainConfig
+from kdforge.train import CausalLMTask, LossTerm, Objective
 
-from ._tiny import TokenDataset, pad_collate, tiny_llama
+from ._tiny import one_step_grads, pad_collate, tiny_llama
 
 K = 5
 
@@ -31,14 +31,7 @@ def _first_step(chunked, kd_term):
     student = tiny_llama(2)
     objective = Objective([kd_term, LossTerm("cross_entropy", 0.3)], chunked=chunked, chunk_size=7,
                           compile_kernels=False)
-    d = Distiller(student, None, task=CausalLMTask(), collate_fn=_cached_collate(), objective=objective,
-                  config=TrainConfig(max_steps=1, batch_size=4, grad_accum_steps=2, max_grad_norm=None,
-                                     progress=False, log_every=1),
-                  train_data=TokenDataset(n=8))
-    grads = {}
-    d.optimizer.optimizer.register_step_pre_hook(
-        lambda *_: grads.update({n: p.grad.clone() for n, p in student.named_parameters()}))
-    return grads, d.train().last_logs
+    return one_step_grads(student, None, objective, _cached_collate())
 
 
 SPARSE_CF_TERMS = {

@@ -88,6 +88,10 @@ class HubOptions(StrictModel):
         :func:`kdforge.teachers.online.load_teacher`."""
         return self.model_dump(include=set(HubOptions.model_fields), exclude_defaults=True)
 
+    def tokenizer_options(self) -> dict[str, Any]:
+        """What the model's own tokenizer is loaded with too (``ModelSource`` keywords)."""
+        return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
+
 
 # --------------------------------------------------------------------------------------------- names
 def classify_model_name(name: str) -> Literal["asset", "local", "hub"]:

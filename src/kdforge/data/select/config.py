@@ -112,7 +112,7 @@ def _scorer(spec: ScoringModelSpec, config: SelectConfig, role: str) -> Any:
     from kdforge.models import ModelSource, load_tokenizer
     from kdforge.teachers.online import load_teacher
 
-    hub = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code} if spec.tokenizer is None else {}
+    hub = spec.tokenizer_options() if spec.tokenizer is None else {}  # the model's own tokenizer: same revision
     tokenizer = load_tokenizer(ModelSource(model=spec.tokenizer or spec.name_or_path, **hub), what=role)
     model = load_teacher(spec.name_or_path, dtype=spec.dtype, device=spec.device or "auto", **spec.load_kwargs())
     return CausalLMScorer(model, tokenizer, max_length=config.max_length, batch_size=config.batch_size,

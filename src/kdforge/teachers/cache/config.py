@@ -164,7 +164,7 @@ def run_cache_teacher(config: CacheTeacherConfig) -> Path:
     tok_source = tok_name or t.name_or_path
     if tok_name is None and t.gguf_file and Path(resolve_path(t.name_or_path)).is_dir():
         tok_source = str(Path(resolve_path(t.name_or_path)) / t.gguf_file)  # the tokenizer inside the GGUF file
-    hub = {"revision": t.revision, "trust_remote_code": t.trust_remote_code} if tok_name is None else {}
+    hub = t.tokenizer_options() if tok_name is None else {}  # the teacher's own tokenizer: same revision
     tokenizer = load_tokenizer(ModelSource(model=tok_source, **hub), what="teacher" if tok_name is None else "tokenizer")
     # the data before the teacher: a data mistake fails fast, and before anything is written
     blocks, labels = prepare_blocks(config.data_spec(), tokenizer, max_blocks=max_sequences)

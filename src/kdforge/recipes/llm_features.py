@@ -185,12 +185,11 @@ def _plan(config: Any, teacher: torch.nn.Module, student: torch.nn.Module, cache
 def stored_features(cache_dir: Path | None) -> dict[str, Any]:
     """``{"features": {layers, dtype, bytes_per_token, max_error}}`` of the run's cache for
     ``results.json`` (empty without a cache or without hidden states)."""
-    from kdforge.teachers.cache.format import read_manifest
-
-    info = None if cache_dir is None else _stored(cache_dir)
+    manifest = None if cache_dir is None else _complete_manifest(cache_dir)
+    info = None if manifest is None else manifest.get("features")
     if info is None:
         return {}
-    stats = read_manifest(cache_dir).get("stats", {})
+    stats = manifest.get("stats", {})
     return {"features": {"layers": info["layers"], "dtype": info["dtype"],
                          "bytes_per_token": stats.get("features_bytes_per_token"),
                          "max_error": stats.get("features_max_error"),
@@ -199,6 +198,12 @@ def stored_features(cache_dir: Path | None) -> dict[str, Any]:
 
 def _stored(cache_dir: Path) -> dict[str, Any] | None:
     """The ``features`` entry of a complete cache at ``cache_dir`` (None: no cache, unfinished, or none)."""
+    manifest = _complete_manifest(cache_dir)
+    return None if manifest is None else manifest.get("features")
+
+
+def _complete_manifest(cache_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a complete, readable cache at ``cache_dir``, else None."""
     from kdforge.teachers.cache.format import read_manifest
 
     if not (cache_dir / "manifest.json").is_file():
@@ -207,7 +212,7 @@ def _stored(cache_dir: Path) -> dict[str, Any] | None:
         manifest = read_manifest(cache_dir)
     except CacheError:
         return None
-    return manifest.get("features") if manifest.get("complete") else None
+    return manifest if manifest.get("complete") else None
 
 
 def cached_feature_teacher(cache_dir: Path) -> Any:

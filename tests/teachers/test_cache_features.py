@@ -153,3 +153,15 @@ def test_training_hidden_mse_from_the_cache_pulls_the_student_toward_the_teacher
     Distiller(student, source, task=CausalLMTask(), objective=obj, config=cfg, train_data=ds,
               collate_fn=collate_teacher_cache).train()
     assert gap() < 0.6 * before
+
+
+def test_a_view_without_features_skips_reading_them(teacher, sequences, tmp_path, monkeypatch):
+    data = TeacherCacheDataset(_build(teacher, sequences, tmp_path / "c", "int8"))
+    view = data.with_features(False)
+    assert "teacher_hidden_states" in data[0] and data.features  # the original keeps them
+    ids = data[0]["teacher_ids"]
+    reads = []
+    monkeypatch.setattr(view.cache, "features", lambda i: reads.append(i))
+    item = view[0]
+    assert reads == [] and "teacher_hidden_states" not in item and "teacher_feature_layers" not in item
+    assert torch.equal(item["teacher_ids"], ids)

@@ -365,12 +365,13 @@ class _Inputs:
     tokenizer: Any
     data: LMData  # train and held-out rows (with response-only labels for a dataset)
     cache_dir: Path | None  # None when no method reads the cache
-    train_data: Any  # the TeacherCacheDataset over data.train (None without a cache)
+    train_data: Any  # the TeacherCacheDataset over data.train, top-k only (None without a cache)
     template: torch.nn.Module  # the untrained student every sub-run starts from
     inner_eval: Any  # held-out blocks scored during training, or None
     ddk_dev: dict[str, Any] = field(default_factory=dict)  # DDK's measuring rows per domain (llm_ddk)
     ddk_teacher_loss: dict[str, float] = field(default_factory=dict)
     teachers: llm_teachers.TeacherSet | None = None  # further teachers, ensemble members' caches
+    feature_train_data: Any = None  # train_data with the cached hidden states (cache feature terms)
 
     @property
     def eval_vocab_size(self) -> int | None:
@@ -509,7 +510,7 @@ def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, floa
         ddk_teacher_loss = teacher_domain_losses(teacher, ddk_dev, batch_size=config.eval.batch_size)
     template = build_student(config.student, teacher, tokenizer)
     template.eval()
-    cache_dir, train_data = None, None
+    cache_dir, train_data, feature_train_data = None, None, None
     if any(not m.uses_online_teacher() for m in config.methods):
         with timed(timings, "teacher_cache_s"):
             c = config.cache
@@ -522,16 +523,18 @@ def _prepare_inputs(config: LLMKDConfig, run: RecipeRun, timings: dict[str, floa
                                 data_parallel=run.group,  # every rank writes its share; rank 0 merges
                                 loss_mask=data.train_loss_mask(),  # response-only: only trained positions
                                 **features)  # hidden states for teacher: cache feature terms
-            train_data = TeacherCacheDataset(cache_dir, sequences=data.train, tokenizer=tokenizer)
+            feature_train_data = TeacherCacheDataset(cache_dir, sequences=data.train, tokenizer=tokenizer)
+            train_data = feature_train_data.with_features(False)  # methods without cached feature terms
             if data.train_extras():  # response-only labels and padding masks over the cached rows
                 train_data = WithLabels(train_data, data.train_extras())
+                feature_train_data = WithLabels(feature_train_data, data.train_extras())
     teachers = llm_teachers.prepare_teachers(config, run, data, tokenizer, teacher, timings, run_cache=cache_dir)
     n_inner = config.eval.during_training_sequences
     inner_eval = None
     if n_inner:
         inner_eval = LMBlockDataset(data.eval[:n_inner], {k: v[:n_inner] for k, v in _eval_extras(data).items()})
     return _Inputs(config, run, teacher, tokenizer, data, cache_dir, train_data, template, inner_eval,
-                   ddk_dev, ddk_teacher_loss, teachers)
+                   ddk_dev, ddk_teacher_loss, teachers, feature_train_data)
 
 
 def _eval_extras(data: LMData) -> dict[str, torch.Tensor]:
@@ -624,7 +627,7 @@ def _distiller(inputs: _Inputs, method: MethodSpec, seed: int, run_dir: Path) ->
         teacher, data, collate = _live_teacher(inputs), LMBlockDataset(rows.train, rows.train_extras()), None
     elif llm_features.uses_cached_features(method):  # hidden states from the cache (kdforge.recipes.llm_features)
         assert inputs.cache_dir is not None
-        teacher, data, collate = llm_features.cached_feature_teacher(inputs.cache_dir), inputs.train_data, \
+        teacher, data, collate = llm_features.cached_feature_teacher(inputs.cache_dir), inputs.feature_train_data, \
             collate_teacher_cache
     else:
         teacher, data, collate = None, inputs.train_data, collate_teacher_cache

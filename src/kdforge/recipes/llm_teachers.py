@@ -293,7 +293,7 @@ def prepare_teachers(config: Any, run: Any, data: Any, tokenizer: Any, teacher: 
     teachers = TeacherSet(models)
     cached = sorted({n for e in ensembles if e.source == "cache" for n in e.members}, key=[MAIN, *models].index)
     c = config.cache
-    with timed(timings, "teacher_cache_s"):
+    with timed(timings, "member_caches_s"):  # its own key: teacher_cache_s is the run's cache, timed by llm_kd
         for name in cached:
             out = member_cache_dir(config, run.out, name)
             if not (name == MAIN and run_cache is not None):  # else: the run's cache, built already

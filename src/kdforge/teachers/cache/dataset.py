@@ -24,6 +24,7 @@ sequence end and is dropped by the usual shift.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ class TeacherCacheDataset(Dataset):
         teacher: optional teacher (or weights SHA-256) to check against the manifest.
         tokenizer: optional tokenizer (or fingerprint) to check against the manifest.
         verify: check shard SHA-256 checksums when opening (default True).
+        features: return the stored hidden states (``teacher_hidden_states``) of a cache built
+            with ``feature_layers`` (default True); False skips reading and decoding them, for a
+            run whose losses use only the top-k (see :meth:`with_features`).
     """
 
     def __init__(
@@ -57,9 +61,17 @@ class TeacherCacheDataset(Dataset):
         teacher: Any = None,
         tokenizer: Any = None,
         verify: bool = True,
+        features: bool = True,
     ) -> None:
         self.cache = TeacherCache(cache_dir, verify=verify)
         self.cache.check_compatible(teacher=teacher, tokenizer=tokenizer, sequences=sequences)
+        self.features = features
+
+    def with_features(self, features: bool) -> TeacherCacheDataset:
+        """This dataset over the same opened cache, with its items' hidden states on or off."""
+        view = copy.copy(self)
+        view.features = features
+        return view
 
     @property
     def vocab_size(self) -> int:
@@ -94,7 +106,7 @@ class TeacherCacheDataset(Dataset):
         }
         if self.cache.num_exact is not None:
             item["teacher_num_exact"] = torch.tensor(self.cache.num_exact, dtype=torch.int64)
-        if self.cache.feature_layers is not None:
+        if self.features and self.cache.feature_layers is not None:
             item["teacher_hidden_states"] = torch.from_numpy(self.cache.features(int(index)))
             item["teacher_feature_layers"] = torch.tensor(self.cache.feature_layers, dtype=torch.int64)
         return item

@@ -71,10 +71,11 @@ def test_default_objective_keeps_plain_path_where_sparse_closed_form_does_not_ap
     assert objective.use_chunked(CausalLMTask(), CachedTeacher(), tiny_llama(2))
 
 
-def test_a_logged_only_cross_entropy_keeps_the_cache_on_the_plain_path():
-    """``cross_entropy`` at weight 0 is there to be logged; the chunked kernels compute weighted terms
-    only (they would log it as 0), so the default keeps the plain path for a cached teacher then."""
+def test_a_logged_only_cross_entropy_keeps_the_cache_on_the_chunked_path():
+    """``cross_entropy`` at weight 0 is there to be logged: the chunked kernels compute its value
+    (``log_ce``), so the default takes the chunked path with or without it
+    (values: tests/train/test_chunked_logged_ce.py)."""
     logged_only = Objective([LossTerm("forward_kl", 1.0), LossTerm("cross_entropy", 0.0)])
-    assert not logged_only.use_chunked(CausalLMTask(), CachedTeacher(), tiny_llama(2))
+    assert logged_only.use_chunked(CausalLMTask(), CachedTeacher(), tiny_llama(2))
     weighted = Objective([LossTerm("forward_kl", 1.0), LossTerm("cross_entropy", 0.1)])
     assert weighted.use_chunked(CausalLMTask(), CachedTeacher(), tiny_llama(2))

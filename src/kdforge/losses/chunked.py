@@ -182,8 +182,8 @@ def _check_labels(labels: torch.Tensor | None, vocab: int) -> None:
 
 def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, teacher: torch.Tensor | None,
                        labels: torch.Tensor | None, kernel: FusedKernel | None, temperature: float,
-                       c_kd: float, c_ce: float, ws: _Workspace | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+                       c_kd: float, c_ce: float, ws: _Workspace | None = None, log_ce: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float] | None:
     """KD and CE sums of one chunk and ``alpha, G`` with ``d(c_kd KD + c_ce CE)/dz_s = alpha * G``.
 
     Closed forms (:mod:`kdforge.losses.closed_form`): the KD part is ``T * kernel.scale * G_kd`` per unit
@@ -193,9 +193,13 @@ def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     which handles ``-inf`` teacher logits and raises the diagnosed error). Without value checks
     (:func:`~kdforge.losses.value_checks`) nothing is read back: the CE terms are masked instead of
     indexed by the labelled rows, and a non-finite value is returned as is.
+
+    ``log_ce`` (with ``c_ce == 0``): CE's value is computed too (logged only, no gradient): from
+    the shared ``log q`` at ``T = 1``, else as ``logsumexp(z) - z[y]`` before ``z`` is scaled.
     """
     checks = value_checks_enabled()
-    if kernel is None and c_ce == 0:  # nothing to compute (kd_weight = ce_weight = 0)
+    ce_wanted = c_ce != 0 or log_ce
+    if kernel is None and not ce_wanted:  # nothing to compute (kd_weight = ce_weight = 0)
         zero = h.new_zeros((), dtype=h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32)
         return zero, zero, None, 1.0
     # The workspace (CPU, float32) serves the single-softmax path: KD alone, or KD + CE at T = 1.
@@ -209,7 +213,7 @@ def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     all_labelled = True
     ce_val = zero
     g_ce = None
-    if c_ce != 0:
+    if ce_wanted:
         labelled = labels != IGNORE_INDEX
         if checks:  # index the labelled rows (reads their count) and skip the mask when all are
             all_labelled = bool(labelled.all())
@@ -218,7 +222,11 @@ def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
         else:  # every row, unlabelled ones weighted 0 (same values, no read)
             all_labelled = False
             targets = torch.where(labelled, labels, 0).long()
-        if kernel is None or temperature != 1.0:  # CE at T = 1 on its own softmax
+        if c_ce == 0 and (kernel is None or temperature != 1.0):  # logged only: value at T = 1, read-only
+            ce_val = _ce_sum_from_logits(logits, rows_idx, targets, labelled)
+            if kernel is None:
+                return zero, ce_val, None, 1.0
+        elif kernel is None or temperature != 1.0:  # CE at T = 1 on its own softmax
             logq1 = torch.log_softmax(logits, dim=-1)
             ce_val = _ce_sum(logq1, rows_idx, targets, labelled)
             g_ce = logq1.exp_()
@@ -238,7 +246,7 @@ def _closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
         logq = torch.log_softmax(logits, dim=-1)
         q = logq.exp()
     del logits
-    if c_ce != 0 and temperature == 1.0:
+    if ce_wanted and temperature == 1.0:
         ce_val = _ce_sum(logq, rows_idx, targets, labelled)
     t = upcast(teacher.detach()).to(logq.dtype)
     if temperature != 1.0:
@@ -290,7 +298,7 @@ def sparse_closed_form_by_config(spec: LossSpec, temperature: float, params: dic
 def _sparse_closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, teacher: SparseTeacher,
                               labels: torch.Tensor | None, loss_fn: Callable[..., torch.Tensor],
                               loss_params: dict[str, Any], temperature: float, c_kd: float, c_ce: float,
-                              want_grad: bool, ws: _Workspace | None = None
+                              want_grad: bool, ws: _Workspace | None = None, log_ce: bool = False
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
     """KD (sparse top-k teacher) and CE sums of one chunk and ``G = d(c_kd KD + c_ce CE)/dz_s``.
 
@@ -310,6 +318,7 @@ def _sparse_closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     Cross-entropy (T = 1) adds ``c_ce (q - onehot(y))`` on labelled rows into the same pass.
     ``-inf`` padding entries get ``R = -inf`` (zero mass, zero gradient). Exact while the tail mass
     exceeds the clamp of :func:`~kdforge.losses._core.sparse_pair` (``~1e-6``), as there.
+    ``log_ce`` (with ``c_ce == 0``): CE's value from the same ``log q`` (a gather), no gradient.
     """
     if ws is not None:
         logq = torch.ops.aten._log_softmax.out(ws.linear("z", h, w, b), -1, False, out=ws.get("z", h.shape[0]))
@@ -321,7 +330,7 @@ def _sparse_closed_form_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor 
     zero = logq.new_zeros(())
     ce_val = zero
     labelled = targets = None
-    if c_ce != 0:
+    if c_ce != 0 or log_ce:
         labelled = labels != IGNORE_INDEX
         targets = torch.where(labelled, labels, 0).long()
         ce_val = _ce_sum(logq, None, targets, labelled)
@@ -359,6 +368,16 @@ def _ce_sum(logq: torch.Tensor, rows_idx: torch.Tensor | None, targets: torch.Te
         return -logq[rows_idx, targets].sum()
     picked = logq.gather(1, targets.unsqueeze(1)).squeeze(1)
     return -torch.where(labelled, picked, 0.0).sum()
+
+
+def _ce_sum_from_logits(logits: torch.Tensor, rows_idx: torch.Tensor | None, targets: torch.Tensor,
+                        labelled: torch.Tensor) -> torch.Tensor:
+    """``sum (logsumexp(z) - z[y])`` over labelled rows (CE at T = 1 without a ``[r, V]`` buffer)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    if rows_idx is not None:
+        return (lse[rows_idx] - logits[rows_idx, targets]).sum()
+    per_row = lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return torch.where(labelled, per_row, 0.0).sum()
 
 
 def _minus_onehot(g: torch.Tensor, rows_idx: torch.Tensor | None, targets: torch.Tensor,
@@ -476,6 +495,7 @@ def chunked_distillation_loss(
     reduction: str = "sum",
     closed_form: bool = True,
     compile_kernels: bool | str = "auto",
+    log_ce: bool = False,
     **loss_params: Any,
 ) -> dict[str, torch.Tensor]:
     """``kd_weight * KD + ce_weight * CE`` from hidden states, chunked over positions.
@@ -516,6 +536,10 @@ def chunked_distillation_loss(
             is available (Triton on CUDA, a C++ compiler on CPU;
             :func:`kdforge.losses.closed_form.resolve_compile`, ``$KDFORGE_COMPILE_KERNELS=0``
             turns it off). A compile that fails logs a notice and runs eagerly (never an error).
+        log_ce: compute cross-entropy's value (returned as ``"ce"``) even when ``ce_weight == 0``:
+            a term logged only, with no gradient contribution (needs ``labels``). Without it, and
+            at ``ce_weight == 0``, ``"ce"`` is 0. On the closed forms it costs a gather per chunk
+            (plus one logsumexp pass over ``[rows, V]`` when the KD temperature is not 1).
         **loss_params: extra parameters of the KD loss (``beta``, ``alpha``, ``t``, ``sparse_policy``...).
 
     Returns:
@@ -544,6 +568,8 @@ def chunked_distillation_loss(
         raise ConfigError("kd_weight != 0 but no teacher was given", "pass the teacher signal or set kd_weight=0")
     if ce_weight != 0 and flat_labels is None:
         raise ConfigError("ce_weight != 0 needs labels", "pass labels=[N] (ignore_index -100)")
+    if log_ce and flat_labels is None:
+        raise ConfigError("log_ce=True needs labels to compute cross-entropy", "pass labels=[N] (ignore_index -100)")
     _validate(hidden, lm_head_weight, lm_head_bias, teacher if kd_weight != 0 else None, n)
     loss_fn = spec.fn
     checks = value_checks_enabled()  # off: no host read per chunk (see kdforge.losses.value_checks)
@@ -564,7 +590,8 @@ def chunked_distillation_loss(
         kd_norm = ce_norm = 1
 
     c_kd, c_ce = kd_scale / kd_norm, ce_scale / ce_norm
-    if ce_scale != 0:
+    log_ce = bool(log_ce) and ce_scale == 0  # a weighted CE is computed anyway
+    if ce_scale != 0 or log_ce:
         _check_labels(flat_labels, vocab)
     kernel = spec.kernel_for(teacher, loss_params) if closed_form and kd_scale != 0 else None
     if resolve_compile(compile_kernels, hidden.device) and kernel is not None:
@@ -594,6 +621,8 @@ def chunked_distillation_loss(
             if ce_scale != 0:
                 ce = cross_entropy(logits, None, labels=y, reduction="sum")
                 total = total + ce * c_ce
+            elif log_ce:  # logged only: its value, no gradient
+                ce = cross_entropy(logits.detach(), None, labels=y, reduction="sum")
             g = torch.autograd.grad(total, logits)[0] if want_any and total.requires_grad else None
         return kd.detach(), ce.detach(), g, 1.0
 
@@ -627,9 +656,9 @@ def chunked_distillation_loss(
             res = None
             if sparse_cf:
                 res = _sparse_closed_form_chunk(h, w, b, t_c, y, loss_fn, loss_params, temperature, c_kd, c_ce,
-                                                want_any, ws)
+                                                want_any, ws, log_ce)
             elif use_closed_form:
-                res = _closed_form_chunk(h, w, b, t_c, y, kernel, temperature, c_kd, c_ce, ws)
+                res = _closed_form_chunk(h, w, b, t_c, y, kernel, temperature, c_kd, c_ce, ws, log_ce)
             if res is None:  # another loss, a sparse teacher, or a non-finite value (diagnosed there)
                 res = autograd_chunk(h, w, b, t_c, y, want_any)
             kd_c, ce_c, g, alpha = res

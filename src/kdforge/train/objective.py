@@ -429,10 +429,6 @@ class Objective:
         from kdforge.losses.chunked import sparse_closed_form_by_config
 
         kd = self._teacher_terms()[0]
-        if any(t is not kd and t.name == "cross_entropy" and t.weight == 0 for t in self.terms):
-            # a logged-only CE (weight 0): the chunked kernels compute weighted terms only and would
-            # log it as 0, so the cache keeps the plain path that logs its value
-            return False
         spec = LOSSES.get(kd.name)
         return sparse_closed_form_by_config(spec, kd.params.get("temperature", spec.default_temperature), kd.params)
 
@@ -542,7 +538,7 @@ class Objective:
             hidden, out.lm_head_weight, out.teacher, loss=kd.name, labels=out.labels.reshape(-1),
             mask=out.mask.reshape(-1), kd_weight=kd_weight, ce_weight=ce.current(values)[0] if ce else 0.0,
             temperature=temperature, chunk_size=self.chunk_size, reduction="sum",
-            compile_kernels=self.compile_kernels, **params,
+            compile_kernels=self.compile_kernels, log_ce=ce is not None, **params,
         )
         norm = float(max(normalizer, 1))
         total = res["loss"] / norm

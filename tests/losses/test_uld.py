@@ -184,3 +184,39 @@ def test_gold_is_finite_when_the_student_vocabulary_is_a_subset_of_the_teachers(
     assert value.item() == pytest.approx(gkl + 0.2, abs=1e-12)
     value.backward()
     assert torch.isfinite(zq.grad).all()
+
+
+def _padded_sort_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The definition: both sorted decreasingly in full, the shorter zero-padded."""
+    width = max(p.shape[-1], q.shape[-1])
+    p = torch.nn.functional.pad(p.sort(dim=-1, descending=True).values, (0, width - p.shape[-1]))
+    q = torch.nn.functional.pad(q.sort(dim=-1, descending=True).values, (0, width - q.shape[-1]))
+    return (p - q).abs().sum(-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), vp=st.integers(0, 40), vq=st.integers(0, 40))
+def test_the_partial_selection_equals_the_full_padded_sort_in_value_and_gradient(seed, vp, vq):
+    from kdforge.losses.uld import _sorted_l1
+
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(3, vp, generator=g, dtype=torch.float64).requires_grad_(True)
+    q = torch.rand(3, vq, generator=g, dtype=torch.float64).requires_grad_(True)
+    got, ref = _sorted_l1(p, q), _padded_sort_l1(p, q)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    if vp + vq:
+        w = torch.rand(3, generator=g, dtype=torch.float64)
+        g_got = torch.autograd.grad((got * w).sum(), (p, q), allow_unused=True)
+        g_ref = torch.autograd.grad((ref * w).sum(), (p, q), allow_unused=True)
+        for a, b in zip(g_got, g_ref, strict=True):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_with_a_student_wider_than_the_teacher():
+    g = torch.Generator().manual_seed(6)
+    zs = torch.randn(2, 3, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    zt = torch.randn(2, 3, 4, dtype=torch.float64, generator=g)
+    cross = CrossVocabTeacher(zt, shared_student_ids=torch.tensor([0, 3]), shared_teacher_ids=torch.tensor([2, 1]))
+    assert torch.autograd.gradcheck(lambda z: uld(z, zt), (zs,))
+    assert torch.autograd.gradcheck(lambda z: gold(z, cross), (zs,))

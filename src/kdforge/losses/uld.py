@@ -197,11 +197,26 @@ def _teacher_logprobs(cross: CrossVocabTeacher, real: torch.Tensor, temperature:
 
 
 def _sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``sum_i |p_(i) - q_(i)|`` over the last axis, both sorted decreasingly, the shorter zero-padded."""
-    width = max(p.shape[-1], q.shape[-1])
-    p = torch.nn.functional.pad(p.sort(dim=-1, descending=True).values, (0, width - p.shape[-1]))
-    q = torch.nn.functional.pad(q.sort(dim=-1, descending=True).values, (0, width - q.shape[-1]))
-    return (p - q).abs().sum(-1)
+    """``sum_i |p_(i) - q_(i)|`` over the last axis, both sorted decreasingly, the shorter zero-padded.
+
+    Only the narrower side (width ``w``) is sorted in full. Past ``w`` the padded side is 0, so the
+    wider side contributes the sum of its values below its ``w`` largest: ``sum(x) - sum(topk(x, w))``.
+    A partial selection (``topk``) instead of a full sort: for GOLD's unshared teacher tokens
+    (~45k of SmolLM2's 49k against a few hundred unshared student tokens) the sort was most of a
+    training step on CPU.
+    """
+    width = min(p.shape[-1], q.shape[-1])
+    p_top, p_tail = _top_and_tail(p, width)
+    q_top, q_tail = _top_and_tail(q, width)
+    return (p_top - q_top).abs().sum(-1) + p_tail + q_tail
+
+
+def _top_and_tail(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """``x``'s ``width`` largest values, decreasing, and the sum of the others (``0.0`` if none)."""
+    if x.shape[-1] == width:
+        return x.sort(dim=-1, descending=True).values, 0.0
+    top = x.topk(width, dim=-1, sorted=True).values
+    return top, (x.sum(-1) - top.sum(-1)).clamp_min(0.0)
 
 
 def _setup(student_logits: torch.Tensor, teacher: object, mask: torch.Tensor | None, temperature: float,

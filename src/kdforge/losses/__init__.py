@@ -69,7 +69,7 @@ from kdforge.losses.spec import LossSpec, loss_spec, register_loss
 from kdforge.losses.supervised import IGNORE_INDEX, cross_entropy
 from kdforge.losses.swing import swing_kd
 from kdforge.losses.taid import TAIDSchedule, taid
-from kdforge.losses.trilateral import TrilateralFusion, trilateral_kd
+from kdforge.losses.trilateral import TrilateralBilevel, TrilateralFusion, trilateral_kd
 from kdforge.losses.uld import CrossVocabTeacher, gold, uld
 
 __all__ = [
@@ -79,6 +79,7 @@ __all__ = [
     "LossSpec",
     "TAID",
     "TVD",
+    "TrilateralBilevel",
     "TrilateralFusion",
     "AdaptiveKL",
     "CrossEntropy",

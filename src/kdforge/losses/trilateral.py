@@ -28,11 +28,20 @@ lowers the others' CE more than a step toward the label*), and
 the ratio network minimises ``-sum_i r_i s_i``. The student sees ``r`` detached; the network's
 update term adds 0 to the loss value. Without a network (``fusion=None``) a fixed ``ratio`` is
 used: ``ratio = 0`` is CE, ``ratio = 1`` is ``T^2 * KL`` (tested).
+
+**The true bilevel rule** (``bilevel=TrilateralBilevel(...)``): the loss then adds no update term
+(the student sees ``r`` detached, as always); the ratio network is trained outside the loss by
+:class:`kdforge.train.TrilateralMetaLearner` — one SGD look-ahead of the student and the held-out
+CE of the look-ahead student (Meta-Weight-Net style). The formulas are in
+:mod:`kdforge.losses.trilateral_bilevel`.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from kdforge.errors import ConfigError, ShapeError
@@ -55,9 +64,33 @@ from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.spec import register_loss
 from kdforge.losses.supervised import IGNORE_INDEX
 
-__all__ = ["N_RELATION_FEATURES", "TrilateralFusion", "meta_scores", "relation_features", "trilateral_kd"]
+__all__ = ["N_RELATION_FEATURES", "TrilateralBilevel", "TrilateralFusion", "meta_scores", "relation_features",
+           "trilateral_kd"]
 
 N_RELATION_FEATURES = 8
+
+
+class TrilateralBilevel(BaseModel):
+    """Settings of the true bilevel update of the ratio network (``trilateral_kd``'s ``bilevel``
+    parameter; :class:`kdforge.train.TrilateralMetaLearner` runs it). Per step:
+
+    ``theta'(phi) = theta - inner_lr * grad_theta mean_i l_i(theta, r_i(phi))`` (the look-ahead),
+    ``phi <- Adam(meta_lr)`` step on ``grad_phi CE(theta'(phi); held-out batch)``, then the
+    student's ordinary step with ``r`` detached.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lookahead: Literal["head", "all"] = Field(
+        "head", description="head: the look-ahead moves the final nn.Linear only (exact for that layer, closed "
+        "form, cheap for any student); all: every student parameter (torch.func, for small classifiers)")
+    holdout: Literal["split", "batch"] = Field(
+        "split", description="split: a fixed held-out split of the labelled training data, never trained on "
+        "(the paper's held-out set); batch: the other half of the same batch (no labels set aside)")
+    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="split: share of the labelled training data held out")
+    holdout_batch_size: int = Field(128, ge=1, description="split: held-out samples drawn per step")
+    inner_lr: float = Field(0.1, gt=0, description="eta: SGD step size of the look-ahead")
+    meta_lr: float = Field(3e-3, gt=0, description="beta: Adam learning rate of the ratio network")
 
 
 def relation_features(q: torch.Tensor, p: torch.Tensor, y: torch.Tensor, class_mean: torch.Tensor) -> torch.Tensor:
@@ -137,6 +170,7 @@ def trilateral_kd(
     *,
     fusion: TrilateralFusion | None = None,
     ratio: float = 0.5,
+    bilevel: TrilateralBilevel | None = None,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
@@ -151,6 +185,10 @@ def trilateral_kd(
         fusion: the ratio network (its parameters must be optimised with the student: pass it in
             the Distiller's ``extra_modules``; the fashion_mnist recipe does). None: fixed ``ratio``.
         ratio: the fixed ratio in ``[0, 1]`` when ``fusion`` is None.
+        bilevel: None: the first-order in-batch update of ``fusion`` (module docstring). Set: the
+            network is trained by the true bilevel rule outside the loss (a
+            :class:`kdforge.train.TrilateralMetaLearner` must be attached to ``fusion``); the loss
+            adds no update term.
         temperature: ``T`` of the KD side.
         mask, labels, reduction, check_finite: as :func:`~kdforge.losses.dkd`; unlabelled positions
             keep only KD.
@@ -162,6 +200,10 @@ def trilateral_kd(
     check_teacher(student_logits, teacher)
     check_temperature(temperature)
     check_reduction(reduction)
+    if fusion is None and bilevel is not None:
+        raise ConfigError("trilateral_kd's bilevel settings train a ratio network, but there is none (fixed ratio)",
+                          "pass fusion=TrilateralFusion(num_classes) (the recipes create it: drop ratio), "
+                          "or drop bilevel")
     if fusion is None and not 0.0 <= ratio <= 1.0:
         raise ConfigError(f"trilateral_kd ratio must be in [0, 1], got {ratio}", "use e.g. ratio=0.5")
     lead = tuple(student_logits.shape[:-1])
@@ -189,7 +231,11 @@ def trilateral_kd(
         if fusion.training and bool(has.any()):
             fusion.update_means(p[has], y[has])
         r_net = fusion(relation_features(q, p, y_safe, fusion.class_mean))
-        if fusion.training and int(has.sum()) > 1:
+        if bilevel is not None and fusion.training and not getattr(fusion, "bilevel_attached", False):
+            raise ConfigError("trilateral_kd has bilevel settings but no meta-learner trains its fusion network",
+                              "wrap it: kdforge.train.TrilateralMetaLearner(fusion, bilevel, ...) and train with "
+                              "TrilateralBilevelDistiller (the recipes do this), or drop bilevel")
+        if bilevel is None and fusion.training and int(has.sum()) > 1:
             scores = torch.zeros_like(kd)
             scores[has] = meta_scores(s[has].detach(), t[has], y[has], temperature)
             meta = -(r_net * scores * has).sum()

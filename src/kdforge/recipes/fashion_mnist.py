@@ -38,6 +38,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +50,7 @@ from kdforge.errors import CacheError, ConfigError
 from kdforge.io import write_bytes_atomic
 from kdforge.recipes import RECIPES, Recipe
 from kdforge.recipes.data_methods import DataMethod, check_data_method
-from kdforge.recipes.learned_terms import attach_learned_terms, unwrap_student
+from kdforge.recipes.learned_terms import attach_bilevel, attach_learned_terms, unwrap_student
 from kdforge.recipes.subrun import (
     RecipeRun,
     SubRun,
@@ -340,7 +341,7 @@ def _fit(
     are shards, the full weights gathered into ``factory()`` on rank 0; None on other ranks:
     :func:`kdforge.recipes.subrun.gather_student`).
     """
-    from kdforge.train import ClassificationTask, Distiller, Objective, TrainConfig
+    from kdforge.train import ClassificationTask, Distiller, Objective, TrainConfig, TrilateralBilevelDistiller
 
     steps_per_epoch = math.ceil(len(dataset) / (batch_size * world_size))
     total_steps = max(1, math.ceil(steps_per_epoch * epochs))
@@ -362,8 +363,10 @@ def _fit(
     objective = Objective([LossTerm(**t.model_dump()) for t in terms])
     source = source_fn(model, total_steps) if source_fn is not None else None  # a regime's teacher (docs/regimes.md)
     model, extras = attach_learned_terms(model, objective, world_size)  # dual-head / trilateral parts
-    distiller = Distiller(model, source, task=ClassificationTask(), objective=objective, config=config,
-                          train_data=dataset, transforms=transforms, extra_modules=extras)
+    dataset, learners = attach_bilevel(objective, dataset, seed=seed, world_size=world_size)  # bilevel trilateral
+    make = partial(TrilateralBilevelDistiller, learners=learners) if learners else Distiller
+    distiller = make(model, source, task=ClassificationTask(), objective=objective, config=config,
+                     train_data=dataset, transforms=transforms, extra_modules=extras)
     trained = train_student(distiller, resume=save_every is not None, empty=factory)
     return {"steps": trained.state.step, "last_logs": dict(trained.state.last_logs),
             "model": unwrap_student(trained.model)}

@@ -4,7 +4,10 @@
   (its auxiliary head trains with it, the term gets it as ``heads``; :func:`unwrap_student` gives
   back the deployed model);
 * a ``trilateral_kd`` term without a ``fusion`` network: a :class:`~kdforge.losses.trilateral.
-  TrilateralFusion` is created, passed to the term and optimised with the student.
+  TrilateralFusion` is created, passed to the term and optimised with the student;
+* a ``trilateral_kd`` term with ``bilevel`` settings: :func:`attach_bilevel` holds out the split
+  and builds the :class:`~kdforge.train.TrilateralMetaLearner` that trains the fusion network
+  (the recipe then trains with :class:`~kdforge.train.TrilateralBilevelDistiller`).
 
 Used by the ``fashion_mnist_kd`` / ``compare`` recipes' ``_fit`` so that these losses work by name
 from YAML; the Python API does the same by hand (``docs/losses.md``).
@@ -18,7 +21,7 @@ from torch import nn
 
 from kdforge.errors import ConfigError
 
-__all__ = ["attach_learned_terms", "unwrap_student"]
+__all__ = ["attach_bilevel", "attach_learned_terms", "unwrap_student"]
 
 
 def attach_learned_terms(model: nn.Module, objective: Any, world_size: int = 1) -> tuple[nn.Module, dict[str, nn.Module]]:
@@ -43,6 +46,41 @@ def attach_learned_terms(model: nn.Module, objective: Any, world_size: int = 1) 
             term.params["fusion"] = fusion.to(next(model.parameters()).device)
             extras[f"trilateral-{term.key}"] = fusion
     return model, extras
+
+
+def attach_bilevel(objective: Any, dataset: Any, *, seed: int = 0, world_size: int = 1) -> tuple[Any, list[Any]]:
+    """``(training dataset, meta-learners)`` for the ``trilateral_kd`` terms with ``bilevel`` settings
+    (call after :func:`attach_learned_terms`). ``holdout: split`` removes the held-out samples
+    (``holdout_fraction`` of each class's labelled items of ``dataset``, dict items with ``inputs``
+    and ``labels``) from the returned training dataset; without such a term: ``(dataset, [])``."""
+    import torch
+
+    from kdforge.losses.trilateral import TrilateralBilevel
+    from kdforge.train.trilateral_meta import TrilateralMetaLearner, split_holdout
+
+    learners = []
+    for term in objective.terms:
+        if term.name != "trilateral_kd" or term.params.get("bilevel") is None:
+            continue
+        if world_size != 1:
+            raise ConfigError("the bilevel trilateral update is single-process", "run this method without a launch")
+        settings = TrilateralBilevel.model_validate(dict(term.params["bilevel"]))
+        holdout = None
+        if settings.holdout == "split":
+            labels = getattr(dataset, "labels", None)
+            if labels is None:
+                labels = torch.stack([torch.as_tensor(dataset[i]["labels"]) for i in range(len(dataset))])
+            keep, held = split_holdout(torch.as_tensor(labels), settings.holdout_fraction, seed)
+            holdout = (torch.stack([dataset[i]["inputs"] for i in held.tolist()]),
+                       torch.as_tensor(labels)[held].long())
+            dataset = torch.utils.data.Subset(dataset, keep.tolist())
+        learners.append(TrilateralMetaLearner(term.params["fusion"], settings,
+                                              temperature=float(term.params.get("temperature", 1.0)),
+                                              holdout=holdout, seed=seed))
+    if len(learners) > 1 and any(lr.settings.holdout == "split" for lr in learners):
+        raise ConfigError("one method may have one trilateral_kd term with bilevel holdout: split",
+                          "merge the terms, or use holdout: batch")
+    return dataset, learners
 
 
 def unwrap_student(model: nn.Module | None) -> nn.Module | None:

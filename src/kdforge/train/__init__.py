@@ -51,6 +51,7 @@ from kdforge.train.sampler import EpochSampler
 from kdforge.train.taid import TAIDCallback
 from kdforge.train.tasks import CausalLMTask, ClassificationTask, Task, TaskOutput
 from kdforge.train.transforms import BatchTransform, OnPolicyTransform, StepContext
+from kdforge.train.trilateral_meta import TrilateralBilevelDistiller, TrilateralMetaLearner
 
 __all__ = [
     "BatchTransform", "Callback", "CausalLMTask", "ClassificationTask", "DDKCallback", "DDKSampler", "Distiller", "EarlyStopping", "EpochSampler",
@@ -59,5 +60,5 @@ __all__ = [
     "OnPolicyBatcher", "OnPolicyConfig", "OnPolicyTransform", "StepContext", "ProgressBar", "RankingTask", "SentenceEmbeddingTask", "TAIDCallback", "Task", "TaskOutput", "TrainConfig",
     "PreferencePair", "build_pairs", "train_dpo", "train_sft",
     "MiniLLMConfig", "TeacherMixedGenerator", "minillm_objective", "minillm_setup",
-    "TrainerState", "TrainingContext", "VLLMSettings", "ddk_update", "fidelity_sums", "latest_checkpoint", "make_generator", "verify_checkpoint",
+    "TrainerState", "TrainingContext", "TrilateralBilevelDistiller", "TrilateralMetaLearner", "VLLMSettings", "ddk_update", "fidelity_sums", "latest_checkpoint", "make_generator", "verify_checkpoint",
 ]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from kdforge.config import validate
 from kdforge.data.vision import write_synthetic_fashion_mnist
 from kdforge.errors import ConfigError
-from kdforge.losses import TrilateralFusion
+from kdforge.losses import DACClipNet, TrilateralFusion
 from kdforge.recipes.fashion_mnist import FashionMnistConfig, FashionMnistKD
 from kdforge.recipes.learned_terms import attach_learned_terms, unwrap_student
 from kdforge.students import DualHeadStudent, build_vision_model
@@ -24,6 +24,9 @@ METHODS = [
     {"name": "trilateral", "terms": [{"name": "trilateral_kd", "weight": 1.0, "params": {"temperature": 2.0}}]},
     {"name": "dac", "terms": [{"name": "dac_kl", "weight": 0.5, "params": {"mass": 0.9, "temperature": 2.0}},
                               {"name": "cross_entropy", "weight": 0.5}]},
+    {"name": "dac learned", "terms": [{"name": "dac_kl", "weight": 0.5,
+                                       "params": {"learned": True, "mass": 0.9, "temperature": 2.0}},
+                                      {"name": "cross_entropy", "weight": 0.5}]},
 ]
 
 
@@ -44,6 +47,10 @@ def test_attach_wraps_for_dual_head_and_creates_the_ratio_network():
     assert list(extras.values()) == [objective.terms[0].params["fusion"]]
     with pytest.raises(ConfigError, match="single-process"):
         attach_learned_terms(model, Objective(METHODS[0]["terms"]), world_size=2)
+    objective = Objective(METHODS[3]["terms"])
+    same, extras = attach_learned_terms(model, objective)
+    assert same is model and isinstance(objective.terms[0].params["clip_net"], DACClipNet)
+    assert list(extras.values()) == [objective.terms[0].params["clip_net"]]
 
 
 def test_the_learned_terms_train_from_yaml_and_the_deployed_student_is_the_main_head(data_dir, tmp_path):
@@ -58,7 +65,7 @@ def test_the_learned_terms_train_from_yaml_and_the_deployed_student_is_the_main_
     }, source="test")
     results = FashionMnistKD().run(config, tmp_path / "run")
     rows = {m["name"]: m for m in results["models"]}
-    for name in ("dual head", "trilateral", "dac"):
+    for name in ("dual head", "trilateral", "dac", "dac learned"):
         assert 0.0 <= rows[f"student / {name}"]["metrics"]["accuracy"] <= 1.0
         records = [json.loads(line) for line in
                    (tmp_path / "run" / "students" / name.replace(" ", "-") / "seed-0" / "metrics.jsonl")

@@ -32,6 +32,7 @@ and declares what it needs: ``loss_spec(name).needs_labels``, ``.sparse_ok``, ``
 from kdforge.losses._core import value_checks, value_checks_enabled
 from kdforge.losses.bdkd import bdkd
 from kdforge.losses.chunked import TeacherHead, auto_chunk_size, chunked_distillation_loss
+from kdforge.losses.dac_clip import DACClipNet
 from kdforge.losses.dac_kl import dac_kl
 from kdforge.losses.divergences import (
     adaptive_kl,
@@ -73,6 +74,7 @@ from kdforge.losses.trilateral import TrilateralBilevel, TrilateralFusion, trila
 from kdforge.losses.uld import CrossVocabTeacher, gold, uld
 
 __all__ = [
+    "DACClipNet",
     "DKD",
     "IGNORE_INDEX",
     "LOSSES",

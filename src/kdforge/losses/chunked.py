@@ -546,6 +546,11 @@ def chunked_distillation_loss(
         ``{"loss": differentiable weighted total, "kd": detached KD, "ce": detached CE}``.
     """
     spec = loss_spec(loss)
+    learned = [k for k, v in loss_params.items() if isinstance(v, torch.nn.Module)
+               and any(p.requires_grad for p in v.parameters())]
+    if learned and kd_weight != 0.0:  # the chunks differentiate the logits only: the module would never train
+        raise ConfigError(f"loss {spec.name!r} has a learned module ({', '.join(learned)}) that trains through the "
+                          "loss, which the chunked path cannot do", "train it with chunked: false")
     if not spec.separable and kd_weight != 0.0:
         raise ConfigError(f"loss {spec.name!r} couples the positions of a call (in-batch relations), so it cannot be "
                           "computed chunk by chunk", "train it with chunked: false")

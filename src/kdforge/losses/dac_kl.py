@@ -19,10 +19,27 @@ kdforge's version (per position, at temperature ``T``):
 The tail's *shape* no longer matters, only its total mass (renormalising on ``R`` alone instead
 would give a confident teacher's one-class region a zero loss whatever the student says).
 ``mass = 1`` keeps every class with positive teacher probability: the loss is then the plain
-forward KL (tested). What is **not** implemented: the paper's *learned* sub-network that predicts
-the region bounds (the region here is the rule above, with ``mass`` a fixed or scheduled
-parameter); the abstract gives no training objective for it, and a sub-network trained on the KL
-alone would shrink the region to nothing.
+forward KL (tested).
+
+**Learned region** (``clip_net``, a :class:`~kdforge.losses.dac_clip.DACClipNet`; from YAML
+``learned: true``). The paper's part: a sub-network predicts an upper and a lower clipping limit
+``(u, l)`` per token, the region between them (and the label) is kept, the KL is taken on the
+clipped distributions. kdforge's reading of what the abstract leaves open:
+
+* the limits are cumulative-mass coordinates of the sorted teacher distribution and the
+  membership ``w_v in [0, 1]`` is soft (:mod:`kdforge.losses.dac_clip`); a class keeps the share
+  ``w_v`` of its mass in place and sends ``1 - w_v`` to the rest bucket, for teacher and student
+  alike: ``p' = [w_v p_v] + [sum_v (1 - w_v) p_v]``, ``q'`` the same, ``DAC-KL = T^2 KL(p' || q')``
+  (exactly the hard clip above at ``w in {0, 1}``: ``region_temperature = 0``);
+* the training rule (the abstract gives none; training ``(l, u)`` on the DAC-KL value collapses
+  the region, an empty region has zero KL) is a **one-step look-ahead**: the student logits take
+  one logit-space step toward the clipped target, ``s' = s - eta * grad_s DAC-KL(s; w)``, and the
+  sub-network minimises the ground-truth cross-entropy ``CE(s', y)`` (the region whose target
+  moves the student toward the label fastest). ``grad_s`` is the closed form
+  ``T (q - w p - (1 - w) q P_rest / Q_rest)`` (``q``, ``p`` at temperature ``T``; equal to
+  autograd's, tested), differentiable in ``w``. The student sees ``w`` detached; the meta term
+  adds 0 to the loss value (as :mod:`~kdforge.losses.trilateral`'s). Positions without a label
+  give no meta term; with ``region_temperature = 0`` or a net in eval mode there is none.
 """
 
 from __future__ import annotations
@@ -46,11 +63,12 @@ from kdforge.losses._core import (
     upcast,
     value_checks_enabled,
 )
+from kdforge.losses.dac_clip import DACClipNet, region_log_weights
 from kdforge.losses.signal import SparseTeacher
 from kdforge.losses.spec import register_loss
 from kdforge.losses.supervised import IGNORE_INDEX
 
-__all__ = ["dac_kl", "dense_region"]
+__all__ = ["dac_kl", "dense_region", "soft_clipped_kl"]
 
 
 def dense_region(logp: torch.Tensor, mass: float, max_k: int | None = None,
@@ -80,6 +98,55 @@ def _clip(logd: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     return torch.cat([inside, torch.where(full, NEG_INF, tail)], -1)
 
 
+def soft_clipped_kl(logp: torch.Tensor, logq: torch.Tensor, log_w: torch.Tensor, log_out: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(KL(p' || q') [n], log(P_rest / Q_rest) [n])`` with ``p' = [w p] + [sum (1 - w) p]`` (``q'`` alike)
+    for log-distributions ``logp``, ``logq`` and membership logs ``log_w``, ``log_out = log(1 - w)`` ``[n, V]``."""
+    full = torch.isneginf(log_out).all(-1, keepdim=True)  # no rest: keep logsumexp off an all -inf row
+
+    def rest(logd: torch.Tensor) -> torch.Tensor:
+        tail = torch.logsumexp(torch.where(full, 0.0, log_out + logd), -1, keepdim=True)
+        return torch.where(full, NEG_INF, tail)
+
+    rest_p, rest_q = rest(logp), rest(logq)
+    value = kl(torch.cat([log_w + logp, rest_p], -1), torch.cat([log_w + logq, rest_q], -1))
+    return value, torch.where(full, 0.0, rest_p - rest_q).squeeze(-1)
+
+
+def _learned_region(t_logp: torch.Tensor, clip_net: DACClipNet, tau: float, max_k: int | None,
+                    target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log w, log(1 - w))`` ``[n, V]`` in class order: the net's window, the label kept."""
+    probs, order = t_logp.exp().sort(dim=-1, descending=True)
+    lower, upper = clip_net(probs)
+    log_w, log_out = region_log_weights(probs, lower, upper, tau)
+    if max_k is not None:
+        cut = torch.zeros_like(probs, dtype=torch.bool)
+        cut[..., max_k:] = True
+        log_w, log_out = log_w.masked_fill(cut, NEG_INF), log_out.masked_fill(cut, 0.0)
+    log_w = torch.empty_like(log_w).scatter(-1, order, log_w)
+    log_out = torch.empty_like(log_out).scatter(-1, order, log_out)
+    if target is not None:
+        label = torch.zeros_like(log_w, dtype=torch.bool)
+        has = target >= 0
+        rows = has.nonzero(as_tuple=True)[0]
+        label[rows, target[has]] = True
+        log_w, log_out = log_w.masked_fill(label, 0.0), log_out.masked_fill(label, NEG_INF)
+    return log_w, log_out
+
+
+def _look_ahead_ce(s: torch.Tensor, t_logp: torch.Tensor, log_w: torch.Tensor, log_out: torch.Tensor,
+                   y: torch.Tensor, temperature: float, meta_lr: float) -> torch.Tensor:
+    """``[n]``: ``CE(s' , y)`` at ``s' = T s - eta grad`` (module docstring), 0 where ``y < 0``; ``s`` the
+    tempered student logits (detached here), differentiable in the membership only."""
+    logq = torch.log_softmax(s.detach(), -1)
+    _, log_ratio = soft_clipped_kl(t_logp, logq, log_w, log_out)
+    grad = logq.exp() - (log_w + t_logp).exp() - (log_out + logq + log_ratio.unsqueeze(-1)).exp()
+    stepped = temperature * s.detach() - meta_lr * temperature * grad
+    has = y >= 0
+    ce = torch.nn.functional.cross_entropy(stepped, torch.where(has, y, 0), reduction="none")
+    return torch.where(has, ce, 0.0)
+
+
 @register_loss("dac_kl", description="DAC-KL: forward KL on the teacher's dense region (top mass + label), the rest clipped to one bucket",
                paper="Liu et al. 2024, Multi-Granularity Semantic Revision for Large Language Model Distillation",
                sparse_ok=False)
@@ -90,6 +157,10 @@ def dac_kl(
     mass: float = 0.9,
     max_k: int | None = None,
     keep_label: bool = True,
+    clip_net: DACClipNet | None = None,
+    learned: bool = False,
+    region_temperature: float = 0.05,
+    meta_lr: float = 1.0,
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     reduction: str = "mean",
@@ -105,6 +176,15 @@ def dac_kl(
         mass: teacher probability mass the region must reach, in ``(0, 1]``.
         max_k: at most this many classes from the teacher's top (None: no cap).
         keep_label: add the labelled class to the region (needs ``labels``; ``-100`` = none).
+        clip_net: the learned region (:class:`~kdforge.losses.dac_clip.DACClipNet`; ``mass`` is then
+            unused). Its parameters must be optimised with the student: pass it in the
+            Distiller's ``extra_modules`` (the recipes do for ``learned: true``). None: the
+            fixed-mass region, exactly as without these options.
+        learned: YAML's switch for a learned region: the recipes create ``clip_net`` (starting at
+            ``u = mass``); True without a ``clip_net`` is an error.
+        region_temperature: ``tau`` of the soft membership, in mass units (0: the hard window, no
+            gradient to ``clip_net``).
+        meta_lr: ``eta``, the logit-space step of the look-ahead that trains ``clip_net``.
         mask, temperature, reduction, check_finite: as :func:`~kdforge.losses.forward_kl`.
         labels: int ``[...]`` (optional; used by ``keep_label``).
     """
@@ -117,6 +197,13 @@ def dac_kl(
     check_reduction(reduction)
     if not 0.0 < mass <= 1.0:
         raise ConfigError(f"dac_kl mass must be in (0, 1], got {mass}", "use e.g. mass=0.9")
+    if learned and clip_net is None:
+        raise ConfigError("dac_kl learned=true needs a clip_net (the learned region sub-network)",
+                          "the recipes create one; from Python pass clip_net=DACClipNet(init_mass=mass) and "
+                          "optimise it with the student (Distiller extra_modules)")
+    if region_temperature < 0 or meta_lr < 0:
+        raise ConfigError(f"dac_kl region_temperature and meta_lr must be >= 0, got {region_temperature}, {meta_lr}",
+                          "use e.g. region_temperature=0.05, meta_lr=1.0")
     if max_k is not None and max_k < 1:
         raise ConfigError(f"dac_kl max_k must be >= 1, got {max_k}", "use max_k=null for no cap")
     lead = tuple(student_logits.shape[:-1])
@@ -124,18 +211,28 @@ def dac_kl(
     real = real_positions(lead, mask, student_logits.device)
     s = upcast(select(student_logits, real)) / temperature
     t = upcast(select(teacher.detach(), real)) / temperature
-    target = None
-    if keep_label and labels is not None:
+    y = None  # -1 where unlabelled
+    if labels is not None and (keep_label or clip_net is not None):
         check_positions("labels", labels, lead)
-        target = select(labels.to(student_logits.device).unsqueeze(-1), real).squeeze(-1).long()
-        target = torch.where(target == IGNORE_INDEX, -1, target)
-        if value_checks_enabled() and target.numel() and int(target.max()) >= s.shape[-1]:
+        y = select(labels.to(student_logits.device).unsqueeze(-1), real).squeeze(-1).long()
+        y = torch.where(y == IGNORE_INDEX, -1, y)
+        if value_checks_enabled() and y.numel() and int(y.max()) >= s.shape[-1]:
             raise ShapeError(f"labels outside [0, {s.shape[-1]})", "labels must index the classes (-100 for none)")
-    with torch.no_grad():
-        region = dense_region(torch.log_softmax(t, -1), mass, max_k, target)
-    logq = _clip(torch.log_softmax(s, -1), region)
-    logp = _clip(torch.log_softmax(t, -1), region)
-    per_pos = kl(logp, logq) * temperature**2
+    target = y if keep_label else None
+    if clip_net is None:
+        with torch.no_grad():
+            region = dense_region(torch.log_softmax(t, -1), mass, max_k, target)
+        logq = _clip(torch.log_softmax(s, -1), region)
+        logp = _clip(torch.log_softmax(t, -1), region)
+        per_pos = kl(logp, logq) * temperature**2
+    else:
+        t_logp = torch.log_softmax(t, -1)
+        log_w, log_out = _learned_region(t_logp, clip_net, region_temperature, max_k, target)
+        per_pos = soft_clipped_kl(t_logp, torch.log_softmax(s, -1), log_w.detach(), log_out.detach())[0]
+        per_pos = per_pos * temperature**2
+        if clip_net.training and region_temperature > 0 and y is not None and torch.is_grad_enabled():
+            meta = _look_ahead_ce(s, t_logp, log_w, log_out, y, temperature, meta_lr)
+            per_pos = per_pos + (meta - meta.detach())  # the sub-network's update; adds 0 to the value
     if check_finite and value_checks_enabled() and per_pos.numel() and not bool(torch.isfinite(per_pos.detach()).all()):
         raise diagnose_nonfinite("dac_kl", s, t)
     return reduce(per_pos, real, lead, reduction)

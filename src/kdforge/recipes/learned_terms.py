@@ -7,7 +7,10 @@
   TrilateralFusion` is created, passed to the term and optimised with the student;
 * a ``trilateral_kd`` term with ``bilevel`` settings: :func:`attach_bilevel` holds out the split
   and builds the :class:`~kdforge.train.TrilateralMetaLearner` that trains the fusion network
-  (the recipe then trains with :class:`~kdforge.train.TrilateralBilevelDistiller`).
+  (the recipe then trains with :class:`~kdforge.train.TrilateralBilevelDistiller`);
+* a ``dac_kl`` term with ``learned: true``: a :class:`~kdforge.losses.dac_clip.DACClipNet` (its
+  upper limit starting at the term's ``mass``) is created, passed as ``clip_net`` and optimised with the student
+  (:func:`attach_clip_nets`; the ``llm_kd`` recipe calls that one alone).
 
 Used by the ``fashion_mnist_kd`` / ``compare`` recipes' ``_fit`` so that these losses work by name
 from YAML; the Python API does the same by hand (``docs/losses.md``).
@@ -17,11 +20,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from kdforge.errors import ConfigError
 
-__all__ = ["attach_bilevel", "attach_learned_terms", "unwrap_student"]
+__all__ = ["attach_bilevel", "attach_clip_nets", "attach_learned_terms", "unwrap_student"]
 
 
 def attach_learned_terms(model: nn.Module, objective: Any, world_size: int = 1) -> tuple[nn.Module, dict[str, nn.Module]]:
@@ -45,6 +49,7 @@ def attach_learned_terms(model: nn.Module, objective: Any, world_size: int = 1) 
             fusion = TrilateralFusion(classes)
             term.params["fusion"] = fusion.to(next(model.parameters()).device)
             extras[f"trilateral-{term.key}"] = fusion
+    extras.update(attach_clip_nets(objective, next(model.parameters()).device, world_size))
     return model, extras
 
 
@@ -81,6 +86,23 @@ def attach_bilevel(objective: Any, dataset: Any, *, seed: int = 0, world_size: i
         raise ConfigError("one method may have one trilateral_kd term with bilevel holdout: split",
                           "merge the terms, or use holdout: batch")
     return dataset, learners
+
+
+def attach_clip_nets(objective: Any, device: torch.device | str = "cpu", world_size: int = 1) -> dict[str, nn.Module]:
+    """Create the clipping sub-network of every ``dac_kl`` term with ``learned: true`` and no
+    ``clip_net`` (its ``u`` starts at the term's ``mass``); returns them as ``extra_modules``."""
+    from kdforge.losses.dac_clip import DACClipNet
+
+    extras: dict[str, nn.Module] = {}
+    for term in objective.terms:
+        if term.name == "dac_kl" and term.params.get("learned") and term.params.get("clip_net") is None:
+            if world_size != 1:  # the term calls the bare module: its gradients would not be all-reduced
+                raise ConfigError("dac_kl learned: true is single-process in the recipes for now",
+                                  "run this method without a multi-process launch, or use the fixed mass")
+            net = DACClipNet(init_mass=float(term.params.get("mass", 0.9))).to(device)
+            term.params["clip_net"] = net
+            extras[f"dac-clip-{term.key}"] = net
+    return extras
 
 
 def unwrap_student(model: nn.Module | None) -> nn.Module | None:

@@ -59,6 +59,7 @@ from kdforge.config import StrictModel
 from kdforge.errors import ConfigError
 from kdforge.models import ModelSource, resolve_model_path
 from kdforge.recipes import RECIPES, Recipe, llm_features, llm_teachers
+from kdforge.recipes.learned_terms import attach_clip_nets
 from kdforge.recipes.llm_ddk import DDKSpec, carve_dev, ddk_sampler, teacher_domain_losses
 from kdforge.recipes.llm_regimes import EMASpec, MiniLLMSpec, check_method, method_regime
 from kdforge.recipes.llm_teachers import EnsembleSpec, ExtraTeacherSpec
@@ -634,6 +635,8 @@ def _distiller(inputs: _Inputs, method: MethodSpec, seed: int, run_dir: Path) ->
     if method.ddk is not None:  # domain-weighted sampling (kdforge.recipes.llm_ddk)
         sampler = ddk_sampler(method.ddk, rows, inputs.ddk_dev, inputs.ddk_teacher_loss, seed=seed)
         extra.update(sampler=sampler, callbacks=[*extra.get("callbacks", []), sampler.callback])
+    extra["extra_modules"] = {**extra.get("extra_modules", {}),  # dac_kl learned: true
+                              **attach_clip_nets(objective, world_size=inputs.run.world_size)}
     distiller = Distiller(student, teacher, task=CausalLMTask(), objective=objective,
                           config=train_cfg, train_data=data, collate_fn=collate, eval_data=inputs.inner_eval,
                           on_policy=on_policy, vocab_policy=inputs.config.student.vocab_policy, **extra,

@@ -516,6 +516,11 @@ class Objective:
                 f"chunked=True supports one distillation term plus an optional cross_entropy term, got {self!r}",
                 "drop extra terms or set chunked=False",
             )
+        params = kd[0].params
+        if params.get("learned") is True or any(isinstance(v, nn.Module) and any(p.requires_grad for p in v.parameters())
+                                                for v in params.values()):
+            raise ConfigError(f"chunked=True cannot train the learned module of {kd[0].key!r} (the chunks "
+                              "differentiate the logits only)", "set chunked=False")
         try:
             from kdforge.losses.chunked import chunked_distillation_loss  # noqa: F401
         except ImportError as exc:

@@ -35,6 +35,7 @@ back into a functional graph); row sums go through :func:`rowdot`.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import shutil
@@ -47,7 +48,7 @@ import torch
 from kdforge.errors import ConfigError
 
 __all__ = ["COMPILE_ENV", "ClosedForm", "FusedKernel", "KernelOut", "compiled_kernel", "compiler_available",
-           "resolve_compile", "rowdot", "tiny"]
+           "log_softmax_into", "resolve_compile", "rowdot", "softmax_into", "tiny"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ class KernelOut:
 #: ``t`` the teacher's logits divided by ``T`` (read only). The kernel may overwrite ``logq``.
 FusedKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], KernelOut]
 
-#: ``fn(logq, q, t, *args) -> (per_pos [r], G [r, V])``: one closed form, as written in
-#: :mod:`kdforge.losses.divergences`.
+#: ``fn(logq, q, t, *args[, out=]) -> (per_pos [r], G [r, V])``: one closed form, as written in
+#: :mod:`kdforge.losses.divergences`; one that takes ``out`` (a preallocated ``[r, V]`` buffer)
+#: returns ``G`` in it when it is given (eagerly: no fresh ``[r, V]`` array).
 ClosedFormFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -92,6 +94,20 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if not torch.compiler.is_compiling() and a.device.type == "cpu" and a.shape[0] <= 4096:
         return torch.stack([torch.dot(x, y) for x, y in zip(a, b)]) if a.shape[0] else a.new_zeros(0)
     return torch.linalg.vecdot(a, b, dim=-1)
+
+
+def log_softmax_into(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``log_softmax(x, -1)``, written into ``out`` when given (else a fresh array)."""
+    if out is None:
+        return torch.log_softmax(x, dim=-1)
+    return torch.ops.aten._log_softmax.out(x, -1, False, out=out)
+
+
+def softmax_into(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``softmax(x, -1)``, written into ``out`` when given (else a fresh array)."""
+    if out is None:
+        return torch.softmax(x, dim=-1)
+    return torch.ops.aten._softmax.out(x, -1, False, out=out)
 
 
 def tiny(x: torch.Tensor) -> float:
@@ -113,8 +129,20 @@ class ClosedForm:
     args: tuple[float, ...] = ()
     scale: float = 1.0
 
-    def __call__(self, logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> KernelOut:
-        per_pos, grad = self.fn(logq, q, t, *self.args)
+    def __call__(self, logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor,
+                 out: torch.Tensor | None = None) -> KernelOut:
+        """The kernel on one chunk; ``out`` (optional, float32 ``[r, V]``, aliasing none of the
+        inputs): a buffer the gradient may be written into instead of a fresh array (compiled:
+        always; eagerly: where the closed form takes ``out``). ``KernelOut.grad`` is then ``out``
+        or a fresh array."""
+        if out is None:
+            per_pos, grad = self.fn(logq, q, t, *self.args)
+        elif isinstance(self.fn, _CompiledOrEager):
+            per_pos, grad = self.fn.into(logq, q, t, out, *self.args)
+        elif _takes_out(self.fn):
+            per_pos, grad = self.fn(logq, q, t, *self.args, out=out)
+        else:
+            per_pos, grad = self.fn(logq, q, t, *self.args)
         return KernelOut(per_pos, grad, self.scale)
 
     def compiled(self) -> ClosedForm:
@@ -129,6 +157,28 @@ class ClosedForm:
         return replace(self, fn=_COMPILED[self.fn])
 
 
+@functools.lru_cache(maxsize=64)
+def _takes_out(fn: Callable[..., Any]) -> bool:
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
+def _written_into(fn: ClosedFormFn) -> Callable[..., torch.Tensor]:
+    """``fn`` with its gradient copied into the caller's buffer ``out``: under ``torch.compile``
+    the copy is fused into the loop that computes the gradient (no fresh ``[r, V]`` output, whose
+    pages a CPU would fault in and zero on every chunk)."""
+
+    def into(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor, out: torch.Tensor, *args: Any) -> torch.Tensor:
+        per_pos, grad = fn(logq, q, t, *args)
+        out.copy_(grad)
+        return per_pos
+
+    into.__name__ = f"{getattr(fn, '__name__', 'closed_form')}_into"
+    return into
+
+
 class _CompiledOrEager:
     """``torch.compile(fn)``, falling back to ``fn`` for good once compiling it has failed.
 
@@ -136,11 +186,32 @@ class _CompiledOrEager:
     input was at fault and its error propagates (compilation stays on); if it succeeds, the
     compiler was at fault, a notice is logged once and ``fn`` runs eagerly from then on. Compile
     errors happen before any kernel runs, so the inputs are untouched when the eager call starts.
+    :meth:`into` is the same with the gradient written into a given buffer (a second compiled
+    graph, :func:`_written_into`).
     """
 
     def __init__(self, fn: ClosedFormFn) -> None:
         self.fn = fn
         self.compiled: ClosedFormFn | None = torch.compile(fn, dynamic=True)
+        self._into: Callable[..., torch.Tensor] | None = None
+
+    def into(self, logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
+             *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        def eager() -> tuple[torch.Tensor, torch.Tensor]:
+            if _takes_out(self.fn):
+                return self.fn(logq, q, t, *args, out=out)
+            return self.fn(logq, q, t, *args)
+
+        if self.compiled is None:
+            return eager()
+        if self._into is None:
+            self._into = torch.compile(_written_into(self.fn), dynamic=True)
+        try:
+            return self._into(logq, q, t, out, *args), out
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+            res = eager()  # raises the input's own error if the input was at fault
+            self._give_up(exc)
+            return res
 
     def __call__(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compiled is None:
@@ -149,12 +220,16 @@ class _CompiledOrEager:
             return self.compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             out = self.fn(*args)  # raises the input's own error if the input was at fault
+            self._give_up(exc)
+            return out
+
+    def _give_up(self, exc: Exception) -> None:
+        if self.compiled is not None:
             self.compiled = None
             logger.warning("torch.compile of the closed form %s failed (%s: %s); running it eagerly from now on "
                            "(same results; pass compile_kernels=False to skip the attempt)",
                            getattr(self.fn, "__name__", self.fn), type(exc).__name__, str(exc).splitlines()[0][:200]
                            if str(exc) else "")
-            return out
 
 
 _COMPILED: dict[Any, _CompiledOrEager] = {}

@@ -55,7 +55,7 @@ from kdforge.losses._core import (
     kl_terms,
     sum_alive,
 )
-from kdforge.losses.closed_form import ClosedForm, FusedKernel, rowdot, tiny
+from kdforge.losses.closed_form import ClosedForm, FusedKernel, log_softmax_into, rowdot, softmax_into, tiny
 from kdforge.losses.spec import register_loss
 
 __all__ = [
@@ -150,11 +150,19 @@ def akl_kernel(logq: torch.Tensor, logp: torch.Tensor, mu: float, safe: bool = T
 # --------------------------------------------------------------------------------------------
 # closed forms for the chunked path: (logq, q, t, *params) -> (per_pos [r], G [r, V]), with
 # logq/q the student's log-probs/probs at T (q read only, logq may be overwritten) and t the
-# teacher's logits / T. The in-place ops reuse every buffer (see the module docstring).
+# teacher's logits / T. The in-place ops reuse every buffer (see the module docstring). Those
+# taking ``out`` (a preallocated [r, V] buffer) return G in it and allocate no [r, V] array then.
 
 
-def fkl_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``KL(p||q)``; ``dD/ds = q - p``, returned as ``G = p - q`` (scale -1) in the teacher's buffer."""
+def fkl_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(p||q)``; ``dD/ds = q - p``, returned as ``G = p - q`` (scale -1) in the teacher's buffer
+    (``out`` when given: ``log p`` there, ``log p - log q`` over ``logq``, then ``p`` and ``G`` in place)."""
+    if out is not None:
+        logp = log_softmax_into(t, out)
+        d = torch.sub(logp, logq, out=logq)  # log p - log q (logq is free)
+        p = logp.exp_()
+        return rowdot(p, d), p.sub_(q)
     logp = torch.log_softmax(t, dim=-1)
     p = logp.exp()
     per_pos = rowdot(p, logp.sub_(logq))  # sum p (log p - log q)
@@ -162,9 +170,11 @@ def fkl_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> tup
     return per_pos, p.sub_(q)
 
 
-def rkl_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``KL(q||p)``; ``dD/ds = q (log q - log p - KL)`` (scale 1)."""
-    d = torch.log_softmax(t, dim=-1)
+def rkl_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(q||p)``; ``dD/ds = q (log q - log p - KL)`` (scale 1); four passes over ``[r, V]``
+    after the teacher's log-softmax, all in one buffer (``out`` when given)."""
+    d = log_softmax_into(t, out)
     torch.sub(logq, d, out=d)  # log q - log p
     per_pos = rowdot(q, d)
     return per_pos, d.sub_(per_pos.unsqueeze(1)).mul_(q)
@@ -192,9 +202,10 @@ def jsd_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor, beta: 
     return beta * (kl_p - shift) + (1.0 - beta) * (kl_q - shift), grad
 
 
-def tvd_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tvd_closed_form(logq: torch.Tensor, q: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``0.5 sum |p - q|``; ``dD/ds = 0.5 q (sign(q-p) - sum q sign(q-p))`` (scale 0.5)."""
-    diff = torch.softmax(t, dim=-1)
+    diff = softmax_into(t, out)
     torch.sub(q, diff, out=diff)  # q - p
     per_pos = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
     sgn = diff.sign_()

@@ -122,9 +122,9 @@ def test_meta_gradient_matches_finite_differences_and_autograd_look_ahead():
     for k in range(2):  # central differences on the output biases (l, u)
         h = 1e-5
         bias.data[k] += h
-        up = float(_look_ahead_objective(net, s, t, y, temperature, eta))
+        up = float(_look_ahead_objective(net, s, t, y, temperature, eta).detach())
         bias.data[k] -= 2 * h
-        down = float(_look_ahead_objective(net, s, t, y, temperature, eta))
+        down = float(_look_ahead_objective(net, s, t, y, temperature, eta).detach())
         bias.data[k] += h
         assert got[3][k] == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-9)
 

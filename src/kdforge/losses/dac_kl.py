@@ -186,7 +186,8 @@ def dac_kl(
             gradient to ``clip_net``).
         meta_lr: ``eta``, the logit-space step of the look-ahead that trains ``clip_net``.
         mask, temperature, reduction, check_finite: as :func:`~kdforge.losses.forward_kl`.
-        labels: int ``[...]`` (optional; used by ``keep_label``).
+        labels: int ``[...]`` (optional; used by ``keep_label`` and by the look-ahead that trains
+            ``clip_net``, which gets no update from unlabelled positions).
     """
     check_student(student_logits)
     if isinstance(teacher, SparseTeacher):
@@ -227,10 +228,12 @@ def dac_kl(
         per_pos = kl(logp, logq) * temperature**2
     else:
         t_logp = torch.log_softmax(t, -1)
-        log_w, log_out = _learned_region(t_logp, clip_net, region_temperature, max_k, target)
+        update = clip_net.training and region_temperature > 0 and y is not None and torch.is_grad_enabled()
+        with torch.set_grad_enabled(update):
+            log_w, log_out = _learned_region(t_logp, clip_net, region_temperature, max_k, target)
         per_pos = soft_clipped_kl(t_logp, torch.log_softmax(s, -1), log_w.detach(), log_out.detach())[0]
         per_pos = per_pos * temperature**2
-        if clip_net.training and region_temperature > 0 and y is not None and torch.is_grad_enabled():
+        if update:
             meta = _look_ahead_ce(s, t_logp, log_w, log_out, y, temperature, meta_lr)
             per_pos = per_pos + (meta - meta.detach())  # the sub-network's update; adds 0 to the value
     if check_finite and value_checks_enabled() and per_pos.numel() and not bool(torch.isfinite(per_pos.detach()).all()):

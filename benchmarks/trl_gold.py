@@ -67,18 +67,17 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_kdforge(student: torch.nn.Module, source: Any, collate: Any, texts: list[str],
-                  args: argparse.Namespace) -> float:
-    """kdforge's GOLD arm (``cross_entropy + gold``, live teacher); returns the training seconds."""
+                  args: argparse.Namespace) -> tuple[float, float]:
+    """kdforge's GOLD arm (``cross_entropy + gold``, live teacher); returns the training ``(wall s, CPU s)``."""
     from kdforge.train import CausalLMTask, Distiller, TrainConfig
 
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, scheduler="linear",
                       warmup_steps=args.warmup, max_grad_norm=1.0, seed=args.seed,
                       log_every=max(1, args.steps // 4), progress=False)
-    t0 = time.perf_counter()
-    Distiller(student, source, task=CausalLMTask(),
-              objective=[{"name": "cross_entropy", "weight": 1.0}, {"name": "gold", "weight": 1.0}],
-              config=cfg, train_data=texts, collate_fn=collate, vocab_policy="cross_tokenizer").train()
-    return time.perf_counter() - t0
+    distiller = Distiller(student, source, task=CausalLMTask(),
+                          objective=[{"name": "cross_entropy", "weight": 1.0}, {"name": "gold", "weight": 1.0}],
+                          config=cfg, train_data=texts, collate_fn=collate, vocab_policy="cross_tokenizer")
+    return _timed(distiller.train)
 
 
 def prompt_completion(text: str) -> dict[str, str]:
@@ -89,7 +88,7 @@ def prompt_completion(text: str) -> dict[str, str]:
 
 
 def train_trl(student: torch.nn.Module, student_tok: Any, teacher: torch.nn.Module, teacher_tokenizer_dir: str,
-              texts: list[str], args: argparse.Namespace, output_dir: str) -> tuple[float, list[float]]:
+              texts: list[str], args: argparse.Namespace, output_dir: str) -> tuple[tuple[float, float], list[float]]:
     """TRL's GOLDTrainer (off-policy, ULD + hybrid, CE weight 1); returns the training seconds and logged losses."""
     from datasets import Dataset
     from trl.experimental.gold import GOLDConfig, GOLDTrainer
@@ -107,10 +106,15 @@ def train_trl(student: torch.nn.Module, student_tok: Any, teacher: torch.nn.Modu
     data = Dataset.from_list([prompt_completion(t) for t in texts])
     trainer = GOLDTrainer(model=student, teacher_model=teacher, args=config, processing_class=student_tok,
                           train_dataset=data)
-    t0 = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - t0
-    return train_s, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return _timed(trainer.train), [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _timed(train: Any) -> tuple[float, float]:
+    """``(wall s, CPU s)`` of ``train()``; the process's CPU seconds are less swayed by a shared
+    box's load than wall time."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    train()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,12 +127,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logged: list[float] = []
     if args.impl == "trl":
         with tempfile.TemporaryDirectory() as tmp:
-            train_s, logged = train_trl(s["student"], s["student_tok"], s["teacher"],
+            (train_s, cpu_s), logged = train_trl(s["student"], s["student_tok"], s["teacher"],
                                         s["teacher"].config._name_or_path, s["texts"], args, tmp)
     else:
-        train_s = train_kdforge(s["student"], s["source"], s["collate"], s["texts"], args)
+        train_s, cpu_s = train_kdforge(s["student"], s["source"], s["collate"], s["texts"], args)
     return {"impl": args.impl, **evaluate(s["student"], s["eval_batches"], s["tops"]),
-            "s_per_step": train_s / args.steps, "train_s": train_s, **({"logged_losses": logged} if logged else {})}
+            "s_per_step": train_s / args.steps, "cpu_s_per_step": cpu_s / args.steps, "train_s": train_s, **({"logged_losses": logged} if logged else {})}
 
 
 def main() -> None:

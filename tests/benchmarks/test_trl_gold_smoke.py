@@ -68,9 +68,9 @@ def test_trl_gold_arm_trains_the_student_on_another_tokenizer(bench, pair, tmp_p
     student_tok, _, teacher_dir, teacher, texts = pair
     student = _llama(len(student_tok), seed=0)
     before = [p.detach().clone() for p in student.parameters()]
-    train_s, losses = bench.train_trl(student, student_tok, teacher, teacher_dir, texts,
+    (train_s, cpu_s), losses = bench.train_trl(student, student_tok, teacher, teacher_dir, texts,
                                       _args(steps=6, batch_size=8), str(tmp_path))
-    assert train_s > 0 and len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert train_s > 0 and cpu_s > 0 and len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]  # one fixed batch of 8 texts, lr 1e-2: the loss must fall
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
 
@@ -86,7 +86,7 @@ def test_kdforge_gold_arm_and_the_shared_evaluator(bench, pair):
     tops = [teacher_top_tokens(source, b) for b in held]
     student = _llama(len(student_tok), seed=0)
     start = evaluate(student, held, tops)["ppl"]
-    assert bench.train_kdforge(student, source, collate, texts, _args(steps=6, batch_size=8)) > 0
+    assert min(bench.train_kdforge(student, source, collate, texts, _args(steps=6, batch_size=8))) > 0  # wall, CPU
     after = evaluate(student, held, tops)
     assert after["ppl"] < start  # the held batch is among the training texts
     assert 0.0 <= after["agreement"] <= 1.0 and after["agreement_positions"] > 0

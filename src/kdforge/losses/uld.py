@@ -266,12 +266,6 @@ def _finish(per_pos: torch.Tensor, real: torch.Tensor, student_logits: torch.Ten
     return reduce(per_pos, real, tuple(student_logits.shape[:-1]), reduction)
 
 
-def _log_rest(logx: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-    """``log`` of the mass outside the ``shared`` columns (``-inf`` when every column is shared)."""
-    rest = logx.masked_fill(shared, float("-inf"))
-    return torch.logsumexp(rest, dim=-1)
-
-
 def _gkl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """Elementwise ``a log(a/b) - a + b`` (0 where both are 0; ``a log a`` terms with ``a = 0`` are 0)."""
     a, b = log_a.exp(), log_b.exp()
@@ -326,15 +320,16 @@ def gold(student_logits: torch.Tensor, teacher: CrossVocabTeacher | torch.Tensor
     s_shared = torch.zeros(logq.shape[-1], dtype=torch.bool, device=logq.device).index_fill(0, s_ids, True)
     t_shared = torch.zeros(logp.shape[-1], dtype=torch.bool, device=logp.device).index_fill(0, t_ids, True)
     log_a, log_b = logp[:, t_ids], logq[:, s_ids]
+    rest_t, rest_s = logp[:, ~t_shared], logq[:, ~s_shared]  # the unshared columns, taken once for both parts
     # a student with no unshared token has no rest bucket to put mass in (the shared ids are distinct,
     # so their count decides it without reading a tensor back to the host)
     if s_ids.numel() < logq.shape[-1]:
-        log_a = torch.cat([log_a, _log_rest(logp, t_shared)[:, None]], dim=-1)
-        log_b = torch.cat([log_b, _log_rest(logq, s_shared)[:, None]], dim=-1)
+        log_a = torch.cat([log_a, torch.logsumexp(rest_t, dim=-1, keepdim=True)], dim=-1)
+        log_b = torch.cat([log_b, torch.logsumexp(rest_s, dim=-1, keepdim=True)], dim=-1)
     exact = _gkl_terms(log_a, log_b).sum(-1)
     per_pos = shared_weight * exact
     if rest_weight:
-        per_pos = per_pos + rest_weight * _sorted_l1(logp[:, ~t_shared].exp(), logq[:, ~s_shared].exp())
+        per_pos = per_pos + rest_weight * _sorted_l1(rest_t.exp(), rest_s.exp())
     return _finish(per_pos, real, student_logits, cross, reduction, check_finite, "gold")
 
 

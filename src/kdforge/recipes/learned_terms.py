@@ -18,6 +18,7 @@ from YAML; the Python API does the same by hand (``docs/losses.md``).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from torch import nn
 from kdforge.errors import ConfigError
 
 __all__ = ["attach_bilevel", "attach_clip_nets", "attach_learned_terms", "unwrap_student"]
+
+log = logging.getLogger(__name__)
 
 
 def attach_learned_terms(model: nn.Module, objective: Any, world_size: int = 1) -> tuple[nn.Module, dict[str, nn.Module]]:
@@ -79,6 +82,8 @@ def attach_bilevel(objective: Any, dataset: Any, *, seed: int = 0, world_size: i
             holdout = (torch.stack([dataset[i]["inputs"] for i in held.tolist()]),
                        torch.as_tensor(labels)[held].long())
             dataset = torch.utils.data.Subset(dataset, keep.tolist())
+            log.info("trilateral bilevel: %d of the method's %d training items held out (never trained on)",
+                     len(held), len(keep) + len(held))
         learners.append(TrilateralMetaLearner(term.params["fusion"], settings,
                                               temperature=float(term.params.get("temperature", 1.0)),
                                               holdout=holdout, seed=seed))

@@ -121,3 +121,45 @@ def test_the_distiller_refuses_a_non_classification_task():
                                    objective=Objective([LossTerm(name="cross_entropy", weight=1.0)]),
                                    train_data=[{"input_ids": torch.zeros(4, dtype=torch.long)}],
                                    config=TrainConfig(max_steps=1, batch_size=1, progress=False))
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _resumable(out_dir, callbacks=()):
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, C))
+    fusion = TrilateralFusion(C)
+    settings = TrilateralBilevel(lookahead="head", holdout="split", holdout_batch_size=16, meta_lr=0.02)
+    x, y = _clusters(96, 5)
+    keep, out = split_holdout(y, 0.25)
+    teacher = 4.0 * nn.functional.one_hot(y, C).float()
+    data = [{"inputs": x[i], "labels": y[i], "teacher_logits": teacher[i]} for i in keep.tolist()]
+    learner = TrilateralMetaLearner(fusion, settings, temperature=2.0, holdout=(x[out], y[out]), seed=3)
+    objective = Objective([LossTerm(name="trilateral_kd", weight=1.0,
+                                    params={"fusion": fusion, "temperature": 2.0, "bilevel": settings})])
+    return TrilateralBilevelDistiller(
+        student, None, task=ClassificationTask(), objective=objective, train_data=data, callbacks=callbacks,
+        extra_modules={"fusion": fusion}, learners=[learner],
+        config=TrainConfig(max_steps=8, batch_size=16, lr=1e-2, progress=False, log_every=1, save_every=3,
+                           output_dir=str(out_dir), seed=1)), fusion
+
+
+def test_a_resumed_bilevel_run_ends_equal_to_an_uninterrupted_one(tmp_path):
+    class CrashAt5(Callback):
+        def on_step_end(self, state, logs):
+            if state.step == 5:
+                raise _Crash("simulated crash")
+
+    ref, ref_fusion = _resumable(tmp_path / "ref")
+    ref.train()
+    crashed, _ = _resumable(tmp_path / "run", callbacks=[CrashAt5()])
+    with pytest.raises(_Crash):
+        crashed.train()
+    resumed, fusion = _resumable(tmp_path / "run")
+    assert resumed.train(resume=True).step == 8
+    for a, b in zip([*ref.unwrapped_student.parameters(), *ref_fusion.parameters()],
+                    [*resumed.unwrapped_student.parameters(), *fusion.parameters()]):
+        assert torch.equal(a, b)
+    assert len(resumed.learners[0].history) == 8  # the meta steps before the checkpoint are counted

@@ -14,7 +14,9 @@ micro-batch, before the student's forward pass:
 :class:`TrilateralBilevelDistiller` is the Distiller with step 1-2 in front of
 :meth:`~kdforge.train.Distiller.compute_loss` (single process; a classification task whose teacher
 signal is dense logits). The fusion network stays in the Distiller's ``extra_modules`` (device,
-checkpoints); the student's optimizer never moves it (it gets no gradient there).
+checkpoints); the student's optimizer never moves it (it gets no gradient there). The
+meta-learners' own state (Adam moments, the held-out draw) rides in the checkpoint's
+``trainer_state.json``: a resumed run ends equal to an uninterrupted one (tested).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from kdforge.errors import ConfigError
 from kdforge.losses.supervised import IGNORE_INDEX
 from kdforge.losses.trilateral import TrilateralBilevel, TrilateralFusion
 from kdforge.losses.trilateral_bilevel import lookahead_holdout_ce, network_ratios
+from kdforge.train.callbacks import Callback
 from kdforge.train.distiller import Distiller
 from kdforge.train.objective import ObjectiveValue
 from kdforge.train.tasks import ClassificationTask, pick_source
@@ -148,11 +151,51 @@ class TrilateralMetaLearner:
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+        """JSON-safe state (the meta-optimizer's moments, the held-out draw's generator, the step
+        count): a checkpoint's ``trainer_state.json`` holds it, so a resumed run continues exactly."""
+        opt = self.optimizer.state_dict()
+        return {
+            "optimizer": {"state": {str(i): {k: _jsonable(v) for k, v in st.items()} for i, st in opt["state"].items()},
+                          "param_groups": [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+                                           for g in opt["param_groups"]]},
+            "generator": self.generator.get_state().tolist(),
+            "steps": len(self.history),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        opt = state["optimizer"]
+        self.optimizer.load_state_dict({
+            "state": {int(i): {k: _tensor(v) for k, v in st.items()} for i, st in opt["state"].items()},
+            "param_groups": [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in opt["param_groups"]],
+        })
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.history = [{"meta_loss": float("nan"), "ratio_mean": float("nan")} for _ in range(int(state.get("steps", 0)))]
+
+
+def _jsonable(v: Any) -> Any:
+    if torch.is_tensor(v):
+        return {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape), "data": v.flatten().tolist()}
+    return v
+
+
+def _tensor(v: Any) -> Any:
+    if isinstance(v, Mapping) and {"dtype", "shape", "data"} <= set(v):
+        return torch.tensor(v["data"], dtype=getattr(torch, v["dtype"])).reshape(v["shape"])
+    return v
+
+
+class _LearnerStates(Callback):
+    """Carries the meta-learners' states in the Distiller's checkpoints (``trainer_state.json``)."""
+
+    def __init__(self, learners: Sequence[TrilateralMetaLearner]) -> None:
+        self.learners = list(learners)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"learners": [lr.state_dict() for lr in self.learners]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for learner, saved in zip(self.learners, state.get("learners", [])):
+            learner.load_state_dict(saved)
 
 
 class TrilateralBilevelDistiller(Distiller):
@@ -165,6 +208,7 @@ class TrilateralBilevelDistiller(Distiller):
     """
 
     def __init__(self, *args: Any, learners: Sequence[TrilateralMetaLearner], **kwargs: Any) -> None:
+        kwargs["callbacks"] = [_LearnerStates(learners), *kwargs.get("callbacks", ())]  # first: a stable checkpoint key
         super().__init__(*args, **kwargs)
         if not isinstance(self.task, ClassificationTask):
             raise ConfigError(f"the bilevel trilateral update needs a ClassificationTask, got {type(self.task).__name__}",

@@ -323,3 +323,16 @@ def test_concurrent_build_of_the_same_folder_is_refused_and_stale_lock_taken_ove
     lock.write_text(f"{socket.gethostname()}:{dead.pid}")  # its builder died
     _build(teacher, sequences, out)
     assert not lock.exists() and TeacherCacheDataset(out).cache.manifest["complete"]
+
+
+def test_build_runs_one_forward_per_batch_and_no_probe(teacher, sequences, tmp_path):
+    """The vocabulary width comes from the LM head's shape: the build's forwards are its batches'."""
+    model = teacher.model if hasattr(teacher, "model") else teacher
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = _build(teacher, sequences[:6], tmp_path / "c", k=4, batch_size=4)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # 6 rows in batches of 4
+    assert json.loads((out / "manifest.json").read_text())["vocab_size"] == 256

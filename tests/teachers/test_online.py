@@ -101,3 +101,30 @@ def test_cuda_teacher_in_bf16_returns_signal_on_the_callers_device(sequences):
     assert sparse.ids.device.type == "cpu" and sparse.logprobs.dtype == torch.float32
     logits = teacher.logits(sequences[:2].cuda())
     assert logits.device.type == "cuda" and logits.dtype == torch.bfloat16
+
+
+def test_logits_width_is_read_off_the_head_without_a_forward(sequences):
+    teacher = OnlineTeacher(tiny_llama(vocab_size=320))
+    assert teacher.logits_width() == 320 == teacher.logits(sequences[:1]).shape[-1]
+    assert OnlineTeacher(tiny_llama(vocab_size=320), vocab_size=256).logits_width() == 256
+    assert OnlineTeacher(tiny_llama(vocab_size=320), vocab_size=400).logits_width() is None  # the forward raises
+
+    class HeadlessLM(torch.nn.Module):  # logits without get_output_embeddings: width unknown before a forward
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(256, 8)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.emb(input_ids)
+
+    assert OnlineTeacher(HeadlessLM()).logits_width() is None
+
+
+def test_topk_logprobs_bf16_and_float32_logits_agree_with_log_softmax():
+    logits = torch.randn(5, 9, 300) * 4
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        z = logits.to(dtype)
+        sparse = topk_logprobs(z, 7, chunk_tokens=4)
+        ref_lp = z.float().log_softmax(-1)
+        assert torch.equal(sparse.ids, z.float().topk(7, dim=-1).indices)
+        torch.testing.assert_close(sparse.logprobs, ref_lp.gather(-1, sparse.ids), rtol=0, atol=1e-5)

@@ -235,9 +235,11 @@ def build_teacher_cache(
     if not isinstance(teacher, OnlineTeacher):
         teacher = OnlineTeacher(teacher)
     seqs = as_sequences(sequences)
-    with torch.no_grad():
-        probe = teacher.logits(torch.as_tensor(seqs.rows(0, 1)[:, : min(2, seqs.seq_len)]))
-    vocab_size = int(probe.shape[-1])
+    vocab_size = teacher.logits_width()  # from the LM head's shape: no probe forward (~0.1 CPU s here)
+    if vocab_size is None:
+        with torch.no_grad():
+            probe = teacher.logits(torch.as_tensor(seqs.rows(0, 1)[:, : min(2, seqs.seq_len)]))
+        vocab_size = int(probe.shape[-1])
     kk = min(k, vocab_size)
     features = None
     if feature_layers is not None:
@@ -532,6 +534,10 @@ def _write_shard(
                 f"expected {(batch.shape[0], seqs.seq_len, width)}",
                 f"return one list of k={k} top-k (+ tail_samples={tail_samples} sampled) entries per position",
             )
+        if sparse.vocab_size != vocab_size:  # the width read off the LM head must be the logits'
+            raise ShapeError(f"the teacher signal for rows {start + b}.. covers a vocabulary of {sparse.vocab_size}, "
+                             f"the cache was set up for {vocab_size}",
+                             "pass OnlineTeacher(model, vocab_size=...) matching the model's logits")
         if tail_samples and sparse.num_exact != k:
             raise ShapeError(
                 f"the teacher signal for rows {start + b}.. has num_exact={sparse.num_exact}, expected k={k}",

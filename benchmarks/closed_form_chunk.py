@@ -21,6 +21,7 @@ Prints one JSON line per variant (min and median CPU ms over ``--repeats``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import statistics
@@ -36,10 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--blocks", type=int, nargs="*", default=[8, 32])
     args = ap.parse_args(argv)
-    try:  # M_MMAP_THRESHOLD = 1 MiB: every freed [rows, V] array leaves the process (see loss_memory.py)
+    with contextlib.suppress(OSError):  # M_MMAP_THRESHOLD = 1 MiB: freed [rows, V] arrays leave the process
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
-    except OSError:
-        pass
 
     import torch
 

@@ -69,3 +69,9 @@ def test_tokenizer_larger_than_logits_is_refused(tokenizer):
 def test_slice_logits_refuses_too_narrow_logits():
     with pytest.raises(ShapeError, match="fewer"):
         slice_logits(torch.zeros(2, 10), 12)
+
+
+def test_tokenizer_identity_is_fingerprint_and_size_in_one_read(tokenizer):
+    from kdforge.teachers.vocab import tokenizer_identity
+
+    assert tokenizer_identity(tokenizer) == (tokenizer_fingerprint(tokenizer), tokenizer_size(tokenizer))

@@ -55,7 +55,14 @@ from kdforge.losses._core import (
     kl_terms,
     sum_alive,
 )
-from kdforge.losses.closed_form import ClosedForm, FusedKernel, log_softmax_into, rowdot, softmax_into, tiny
+from kdforge.losses.closed_form import (
+    ClosedForm,
+    FusedKernel,
+    log_softmax_into,
+    rowdot,
+    softmax_into,
+    tiny,
+)
 from kdforge.losses.spec import register_loss
 
 __all__ = [

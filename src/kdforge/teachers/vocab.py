@@ -66,8 +66,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     Works for ``transformers`` tokenizers (fast or slow) and raw ``tokenizers.Tokenizer``.
     Settings that do not change ids (padding side, max length) are not included.
     """
-    h = hashlib.sha256()
+    return tokenizer_identity(tokenizer)[0]
+
+
+def tokenizer_identity(tokenizer: Any) -> tuple[str, int]:
+    """``(tokenizer_fingerprint(tokenizer), tokenizer_size(tokenizer))`` reading the vocabulary
+    once (``get_vocab`` of a 49k-token tokenizer is ~20 ms; the teacher-cache build needs both)."""
     vocab = _vocab(tokenizer)
+    return _fingerprint(tokenizer, vocab), (max(vocab.values()) + 1 if vocab else 0)
+
+
+def _fingerprint(tokenizer: Any, vocab: dict[str, int]) -> str:
+    h = hashlib.sha256()
     h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None and hasattr(tokenizer, "to_str"):

@@ -68,7 +68,7 @@ from kdforge.teachers.cache.parallel import (
     progress_name,
 )
 from kdforge.teachers.online import OnlineTeacher, topk_logprobs
-from kdforge.teachers.vocab import tokenizer_fingerprint, tokenizer_size
+from kdforge.teachers.vocab import tokenizer_identity
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,8 @@ def write_teacher_cache(
     mask = as_loss_mask(loss_mask, len(seqs), seqs.seq_len)
     tok = None
     if tokenizer is not None:
-        tok = {"fingerprint": tokenizer_fingerprint(tokenizer), "size": tokenizer_size(tokenizer)}
+        fingerprint, size = tokenizer_identity(tokenizer)
+        tok = {"fingerprint": fingerprint, "size": size}
     dtype = record_dtype(enc, seqs.seq_len, k, vocab_size, tail_samples)
     header: dict[str, Any] = {
         "format": FORMAT_NAME,

@@ -41,9 +41,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
+from kdforge.config import StrictModel
 from kdforge.errors import ConfigError, ShapeError
 from kdforge.losses._core import (
     Teacher,
@@ -70,7 +71,7 @@ __all__ = ["N_RELATION_FEATURES", "TrilateralBilevel", "TrilateralFusion", "meta
 N_RELATION_FEATURES = 8
 
 
-class TrilateralBilevel(BaseModel):
+class TrilateralBilevel(StrictModel):
     """Settings of the true bilevel update of the ratio network (``trilateral_kd``'s ``bilevel``
     parameter; :class:`kdforge.train.TrilateralMetaLearner` runs it). Per step:
 
@@ -78,8 +79,6 @@ class TrilateralBilevel(BaseModel):
     ``phi <- Adam(meta_lr)`` step on ``grad_phi CE(theta'(phi); held-out batch)``, then the
     student's ordinary step with ``r`` detached.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     lookahead: Literal["head", "all"] = Field(
         "head", description="head: the look-ahead moves the final nn.Linear only (exact for that layer, closed "

@@ -161,3 +161,26 @@ def test_errors_name_the_fix():
         lookahead_holdout_ce(nn.Sequential(lin, nn.Tanh()), fusion, x, t, y, x_val, y_val, head=lin)
     with pytest.raises(ValueError):
         TrilateralBilevel(lookahead="everything")
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), eta=st.floats(0.01, 3.0), temperature=st.floats(0.5, 4.0))
+def test_ratio_gradient_is_the_documented_inner_product(seed, eta, temperature):
+    """``dCE_val/dr_i = -(eta/n) <grad CE_val(theta'), grad_theta d_i(theta)>``, here in the head's
+    closed form: ``-(eta/(n m)) sum_j K_ji <softmax(s'_j) - e_{y_j}, g_kd_i - g_ce_i>``."""
+    g = torch.Generator().manual_seed(seed)
+    n, m, d = 6, 4, 3
+    f64 = dict(dtype=torch.float64)
+    s, t = torch.randn(n, C, generator=g, **f64), torch.randn(n, C, generator=g, **f64)
+    y, y_val = torch.randint(0, C, (n,), generator=g), torch.randint(0, C, (m,), generator=g)
+    h_tr, h_val = torch.randn(n, d, generator=g, **f64), torch.randn(m, d, generator=g, **f64)
+    s_val = torch.randn(m, C, generator=g, **f64)
+    r = torch.rand(n, generator=g, **f64).requires_grad_(True)
+    ahead = head_lookahead_logits(s_val, h_val, h_tr, fused_logit_grad(s, t, y, r, temperature), eta)
+    got = torch.autograd.grad(torch.nn.functional.cross_entropy(ahead, y_val), r)[0]
+    v = (ahead.detach().softmax(-1) - torch.eye(C, **f64)[y_val]) / m
+    g_kd = temperature * ((s / temperature).softmax(-1) - (t / temperature).softmax(-1))
+    g_ce = s.softmax(-1) - torch.eye(C, **f64)[y]
+    kernel = h_val @ h_tr.T + 1.0
+    expected = -eta / n * ((kernel.T @ v) * (g_kd - g_ce)).sum(-1)
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)

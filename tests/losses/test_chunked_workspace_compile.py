@@ -157,3 +157,23 @@ def test_an_input_error_is_not_taken_for_a_compiler_failure(monkeypatch, caplog)
         kernel(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4))  # mismatched vocabularies
     assert kernel.fn.compiled is not None  # compilation stays on
     assert not [r for r in caplog.records if "running it eagerly" in r.getMessage()]
+
+
+@pytest.mark.slow  # torch.compile of two closed forms
+@pytest.mark.parametrize("kernel_name", ["reverse_kl_kernel", "forward_kl_kernel", "tvd_chunk_kernel"])
+def test_compiled_kernel_writes_its_gradient_into_the_given_buffer(kernel_name):
+    """Compiled (a second graph copying into ``out``) or, with ``eager_into``, the eager ``out=``
+    form: either way the gradient lands in the caller's buffer, with the eager kernel's values."""
+    import kdforge.losses.divergences as div
+
+    kernel = getattr(div, kernel_name)
+    g = torch.Generator().manual_seed(5)
+    z, t = torch.randn(9, 31, generator=g) * 2, torch.randn(9, 31, generator=g) * 2
+    logq = torch.log_softmax(z, -1)
+    ref = kernel(logq.clone(), logq.exp(), t)
+    for rows in (9, 6):  # shape-dynamic
+        buf = torch.full((rows, 31), float("nan"))
+        got = kernel.compiled()(logq[:rows].clone(), logq[:rows].exp(), t[:rows], out=buf)
+        assert got.grad.data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(got.per_pos, ref.per_pos[:rows])
+        torch.testing.assert_close(got.grad, ref.grad[:rows])

@@ -1,16 +1,20 @@
-"""Where DAC-KL's learned region goes: retrain one learned-region student of a finished compare run
-and describe its clipping sub-network on the teacher's test-set distributions.
+"""Where DAC-KL's learned region goes: train one learned-region student and describe its
+clipping sub-network.
 
-The compare recipe does not keep the sub-network (only the deployed student), so this script copies
-a finished run folder (the teacher and the other students are reused), removes the chosen method's
-sub-run for one seed, runs the recipe again (that one student retrains, bit for bit as in the run)
-while catching the :class:`~kdforge.losses.DACClipNet` the recipe creates, and reports, on the
-teacher's cached test logits at the term's temperature: the quantiles of ``u`` and ``l``, the mean
-soft region size ``sum_v w_v`` and kept teacher mass ``sum_v w_v p_v`` (label not added), against
-the fixed-mass rule's hard region at the same ``mass``.
+The recipes do not keep the sub-network (only the deployed student), so this script runs the
+recipe of ``--config`` for one ``--method`` and ``--seed`` while catching the
+:class:`~kdforge.losses.DACClipNet` the recipe creates, and reports its ``region_stats`` (running
+means over the training positions: ``l``, ``u``, soft region size ``sum_v w_v`` and kept teacher
+mass ``sum_v w_v p_v``, label included). ``compare`` / ``fashion_mnist_kd`` runs: with ``--run`` (a
+finished run folder, copied: the teacher and the other students are reused, the method's sub-run
+retrains bit for bit) it also reports, on the teacher's cached test logits at the term's
+temperature, the quantiles of ``u`` and ``l`` and the region against the fixed-mass rule's.
+``llm_kd`` runs: only ``--method`` is trained; ``--set`` shrinks the run (dotted keys, YAML values).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/dac_region_probe.py --run /tmp/dackl_fm/out \
         --config configs/fashion_mnist_dac_kl.yaml --method "DAC-KL (learned region)" --seed 0
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/dac_region_probe.py --config configs/dac_kl_lm.yaml \
+        --method "DAC-KL learned" --set train.max_steps=20 --set train.batch_size=4 --set data.seq_len=64
 """
 
 from __future__ import annotations
@@ -52,48 +56,74 @@ def describe(net: torch.nn.Module, teacher_logits: torch.Tensor, temperature: fl
     }
 
 
+def _set(raw: dict, dotted: str) -> None:
+    import yaml
+
+    key, _, value = dotted.partition("=")
+    *path, last = key.split(".")
+    node = raw
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = yaml.safe_load(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished compare run folder (with teacher/)")
     parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--method", required=True)
+    parser.add_argument("--method", required=True, help="the method with a dac_kl term with learned: true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run", type=Path, default=None, help="a finished compare run folder to reuse (copied)")
+    parser.add_argument("--set", action="append", default=[], help="dotted.key=value override")
     parser.add_argument("--out", type=Path, default=None, help="append the JSON line here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     import yaml
 
-    from kdforge.recipes import fashion_mnist, load_recipe_file
+    from kdforge.recipes import fashion_mnist, llm_kd, load_recipe_file
     from kdforge.recipes.subrun import slug
 
     nets: list[torch.nn.Module] = []
-    real = fashion_mnist.attach_learned_terms
+    real_fm, real_lm = fashion_mnist.attach_learned_terms, llm_kd.attach_clip_nets
 
-    def spy(model, objective, world_size=1):
-        model, extras = real(model, objective, world_size)
+    def spy_fm(model, objective, world_size=1):
+        model, extras = real_fm(model, objective, world_size)
         nets.extend(m for k, m in extras.items() if k.startswith("dac-clip"))
         return model, extras
 
-    fashion_mnist.attach_learned_terms = spy
+    def spy_lm(objective, *a, **kw):
+        extras = real_lm(objective, *a, **kw)
+        nets.extend(extras.values())
+        return extras
+
+    fashion_mnist.attach_learned_terms, llm_kd.attach_clip_nets = spy_fm, spy_lm
     raw = yaml.safe_load(args.config.read_text())
-    term = next(t for m in raw["methods"] if m["name"] == args.method for t in m["terms"] if t["name"] == "dac_kl")
-    params = term.get("params", {})
+    key = "objective" if raw["recipe"] == "llm_kd" else "terms"
+    method = next(m for m in raw["methods"] if m["name"] == args.method)
+    params = next(t for t in method[key] if t["name"] == "dac_kl").get("params", {})
+    raw["seeds"] = [args.seed]
+    if raw["recipe"] == "llm_kd":
+        raw["methods"] = [method]
+    for dotted in args.set:
+        _set(raw, dotted)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "out"
-        shutil.copytree(args.run, work)
-        shutil.rmtree(work / "students" / slug(args.method) / f"seed-{args.seed}", ignore_errors=True)
-        raw["seeds"] = [args.seed]
+        if args.run is not None:
+            shutil.copytree(args.run, work)
+            shutil.rmtree(work / "students" / slug(args.method) / f"seed-{args.seed}", ignore_errors=True)
         config_path = Path(tmp) / "config.yaml"
         config_path.write_text(yaml.safe_dump(raw))
         recipe, config = load_recipe_file(config_path)
         recipe.run(config, work)
-        logits = load_file(str(work / "teacher" / "logits.safetensors"))["test"]
+        cached = work / "teacher" / "logits.safetensors"
+        logits = load_file(str(cached))["test"] if cached.is_file() else None
     if len(nets) != 1:
         raise SystemExit(f"expected one learned DAC-KL sub-network, caught {len(nets)}")
-    row = {"method": args.method, "seed": args.seed,
-           **describe(nets[0], logits, float(params.get("temperature", 1.0)), float(params.get("mass", 0.9)),
-                      float(params.get("region_temperature", 0.05)))}
+    row = {"method": args.method, "seed": args.seed, "overrides": args.set,
+           **{f"train_{k}": v for k, v in nets[0].region_stats.items()}}
+    if logits is not None:
+        row.update(describe(nets[0], logits, float(params.get("temperature", 1.0)), float(params.get("mass", 0.9)),
+                            float(params.get("region_temperature", 0.05))))
     print(json.dumps(row))
     if args.out is not None:
         with args.out.open("a") as f:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from kdforge.errors import ConfigError
 from kdforge.losses import LOSSES, DACClipNet, dac_kl
 from kdforge.losses.dac_clip import clip_features, region_log_weights
-from kdforge.losses.dac_kl import _learned_region, soft_clipped_kl
+from kdforge.losses.dac_kl import _learned_region, dense_region, soft_clipped_kl
 
 
 class FixedLimits(DACClipNet):
@@ -173,6 +173,26 @@ def test_the_region_widens_when_the_teacher_tail_is_signal_and_shrinks_when_it_i
     student = torch.tensor([2.0, -1.0, -1.0, -1.0, -1.0, -1.0], dtype=torch.float64) + jitter
     teacher = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.03, 0.02], dtype=torch.float64).expand(n, 6)
     assert _train_u(student, teacher, y) < 0.75
+
+
+def test_region_stats_are_running_means_of_the_training_calls():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(6, 5, generator=g), 3 * torch.randn(6, 5, generator=g)
+    net = DACClipNet(init_mass=0.8, momentum=0.5)
+    assert net.region_stats == {}
+    net.eval()
+    dac_kl(s, t, clip_net=net)
+    assert net.region_stats == {}  # eval calls are not recorded
+    net.train()
+    dac_kl(s, t, clip_net=net, region_temperature=0.0)
+    first = net.region_stats
+    hard = dense_region(torch.log_softmax(t, -1), 0.8)
+    assert first["upper"] == pytest.approx(0.8) and first["lower"] == pytest.approx(-0.5)
+    assert first["region_size"] == pytest.approx(float(hard.sum(-1).float().mean()))
+    assert first["region_mass"] == pytest.approx(float((hard * t.softmax(-1)).sum(-1).mean()), rel=1e-6)
+    dac_kl(s, t, clip_net=net, region_temperature=0.0, max_k=1)
+    assert net.region_stats["region_size"] == pytest.approx(0.5 * first["region_size"] + 0.5)
+    assert int(net.stats_seen) == 2
 
 
 def test_features_pad_small_vocabularies_and_describe_the_distribution():

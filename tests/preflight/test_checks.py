@@ -83,3 +83,10 @@ def test_devices_this_machine_lacks():
     for device in ("auto", "cpu", "cuda", "cuda:3", "tpu"):
         check_device(problems, device, device)
     assert [p.key for p in problems] == ["cuda", "cuda:3", "tpu"]
+
+
+def test_a_learned_dac_kl_term_is_checked_with_a_stand_in_net_and_its_params_stay_as_configured():
+    term = LossTerm("dac_kl", 1.0, {"learned": True, "mass": 0.8})
+    assert _check([term], teacher="dense") == []
+    assert term.params == {"learned": True, "mass": 0.8}  # the recipe attaches the real net later
+    assert "dense teacher logits" in _check([term], teacher="sparse", k=4)[0][1]

@@ -131,6 +131,8 @@ def _learned_region(t_logp: torch.Tensor, clip_net: DACClipNet, tau: float, max_
         rows = has.nonzero(as_tuple=True)[0]
         label[rows, target[has]] = True
         log_w, log_out = log_w.masked_fill(label, 0.0), log_out.masked_fill(label, NEG_INF)
+    if clip_net.training:
+        clip_net.observe(lower, upper, log_w, t_logp)
     return log_w, log_out
 
 

@@ -66,6 +66,7 @@ def check_objective(problems: Problems, key: str, terms: Sequence[Any], *, teach
     mask = torch.ones(2, 3, dtype=torch.bool)
     signal = random_signal(teacher, torch.randn(2, 3, vocab_size, generator=gen), k, tail_samples)
     from kdforge.losses import LOSSES
+    from kdforge.losses.dac_clip import with_stand_in_net
 
     on = ((f" on the top-{k} teacher cache" if k else " on the teacher cache")
           + (f" with {tail_samples} sampled tail entries" if tail_samples else "") if teacher == "sparse" else "")
@@ -81,6 +82,7 @@ def check_objective(problems: Problems, key: str, terms: Sequence[Any], *, teach
                 problems.add(where, f"loss {term.name!r} needs a teacher signal, but this method has none",
                              "use cross_entropy only, or give the method a teacher")
                 continue
+            params = with_stand_in_net(term.name, params)  # dac_kl learned: true (the recipes attach the net)
             value = LOSSES.get(term.name)(student, signal, mask=mask, labels=labels, reduction="sum", **params)
             if not torch.isfinite(value).all():
                 problems.add(where, f"loss {term.name!r} with params {params} is not finite on a random batch",

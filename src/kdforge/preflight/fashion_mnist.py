@@ -83,6 +83,7 @@ def probe(config: Any, *, steps: int = 2) -> float | None:
     import torch
 
     from kdforge.losses import LOSSES
+    from kdforge.losses.dac_clip import with_stand_in_net
     from kdforge.preflight.probe import time_steps
     from kdforge.students.vision import build_vision_model
 
@@ -90,7 +91,8 @@ def probe(config: Any, *, steps: int = 2) -> float | None:
     torch.manual_seed(0)
     student = build_vision_model(config.student.arch, **config.student.kwargs).to(device)
     method = next((m for m in config.methods if m.role != "baseline"), config.methods[0])
-    terms = [(LOSSES.get(t.name), t.weight, t.params) for t in method.terms if t.source == "loss" and not t.scheduled]
+    terms = [(LOSSES.get(t.name), t.weight, with_stand_in_net(t.name, t.params)) for t in method.terms
+             if t.source == "loss" and not t.scheduled]
     n = config.train.batch_size
 
     def batch() -> dict[str, Any]:

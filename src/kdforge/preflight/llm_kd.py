@@ -312,6 +312,7 @@ def probe(config: Any, *, device: str | None = None, steps: int = 2) -> float | 
     import torch
 
     from kdforge.losses import LOSSES
+    from kdforge.losses.dac_clip import with_stand_in_net
     from kdforge.preflight.checks import random_signal
     from kdforge.preflight.probe import materialize, time_steps
 
@@ -326,7 +327,7 @@ def probe(config: Any, *, device: str | None = None, steps: int = 2) -> float | 
     rows, seq_len, vocab = tr.batch_size, _seq_len(config.data), int(teacher.config.vocab_size)
     gen = torch.Generator(device="cpu").manual_seed(0)
     kind = "dense" if _online(method) else "sparse"
-    terms = [(LOSSES.get(t.name), t.weight, t.params) for t in method.objective
+    terms = [(LOSSES.get(t.name), t.weight, with_stand_in_net(t.name, t.params)) for t in method.objective
              if t.source == "loss" and not t.scheduled]
 
     def batch() -> dict[str, Any]:

@@ -56,7 +56,7 @@ def clip_features(sorted_probs: torch.Tensor, top_m: int) -> torch.Tensor:
 class DACClipNet(nn.Module):
     """DAC-KL's clipping sub-network: per position, ``(l, u)`` in cumulative-mass coordinates.
 
-    ``(l, u) = MLP(clip_features(sorted teacher probabilities))``, unbounded (``u >= 1`` keeps
+    ``(l, u) = gain * MLP(clip_features(sorted teacher probabilities))``, unbounded (``u >= 1`` keeps
     every class, ``l <= 0`` clips nothing at the top). Pass it to :func:`~kdforge.losses.dac_kl`
     as ``clip_net`` and optimise its parameters with the student (the Distiller's
     ``extra_modules``; the recipes do it for ``dac_kl: {learned: true}``).
@@ -68,21 +68,27 @@ class DACClipNet(nn.Module):
         init_lower: the initial lower limit ``l`` (below 0: nothing clipped at the top; the
             default ``-0.5`` keeps the soft membership of the top classes at ``sigmoid(0.5 / tau)``).
         momentum: of :attr:`region_stats`, the running means the loss records in training mode.
+        gain: the limits are ``gain * MLP(...)``. Adam steps every parameter by about its learning
+            rate, so the limits move by up to about ``gain * lr`` per step: the recipes optimise the
+            net with the student's learning rate (often 1e-3, which alone would move ``u`` by at most
+            0.06 in a 60-step run), and the gain gives it a usable pace.
     """
 
     def __init__(self, top_m: int = 8, hidden: int = 16, init_mass: float = 0.9, init_lower: float = -0.5,
-                 momentum: float = 0.9) -> None:
+                 momentum: float = 0.9, gain: float = 10.0) -> None:
         super().__init__()
         if top_m < 1 or hidden < 1:
             raise ConfigError(f"DACClipNet top_m and hidden must be >= 1, got {top_m}, {hidden}", "use e.g. top_m=8, hidden=16")
+        if not gain > 0:
+            raise ConfigError(f"DACClipNet gain must be > 0, got {gain}", "use e.g. gain=10")
         if not init_lower < init_mass:
             raise ConfigError(f"DACClipNet init_lower ({init_lower}) must be below init_mass ({init_mass})",
                               "use e.g. init_lower=-0.5, init_mass=0.9")
-        self.top_m = top_m
+        self.top_m, self.gain = top_m, float(gain)
         self.mlp = nn.Sequential(nn.Linear(top_m + 2, hidden), nn.Tanh(), nn.Linear(hidden, 2))
         nn.init.zeros_(self.mlp[2].weight)
         with torch.no_grad():
-            self.mlp[2].bias.copy_(torch.tensor([init_lower, init_mass]))
+            self.mlp[2].bias.copy_(torch.tensor([init_lower, init_mass]) / self.gain)
         self.momentum = momentum
         self.register_buffer("stats", torch.zeros(len(self.STATS)))
         self.register_buffer("stats_seen", torch.zeros((), dtype=torch.long))
@@ -115,7 +121,7 @@ class DACClipNet(nn.Module):
     def forward(self, sorted_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(l [n], u [n])`` for sorted (descending) teacher probabilities ``[n, V]``."""
         features = clip_features(sorted_probs.detach(), self.top_m).to(self.mlp[0].weight.dtype)
-        out = self.mlp(features).to(sorted_probs.dtype)
+        out = (self.mlp(features) * self.gain).to(sorted_probs.dtype)
         return out[:, 0], out[:, 1]
 
 

@@ -44,7 +44,7 @@ def test_a_fresh_net_is_the_fixed_mass_rule_and_a_small_tau_approaches_it():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(16, 10, generator=g), 2 * torch.randn(16, 10, generator=g)
     y = torch.randint(0, 10, (16,), generator=g)
-    net = DACClipNet(init_mass=0.8)  # zero last layer: (l, u) = (-0.5, 0.8) everywhere
+    net = DACClipNet(init_mass=0.8)  # zero last layer: u = 0.8 (or just below the top class), l < 0
     assert torch.equal(dac_kl(s, t, clip_net=net, region_temperature=0.0, labels=y), dac_kl(s, t, mass=0.8, labels=y))
     with torch.no_grad():
         soft = [float(dac_kl(s, t, clip_net=net, region_temperature=tau, labels=y)) for tau in (0.1, 0.01, 1e-4)]
@@ -187,7 +187,9 @@ def test_region_stats_are_running_means_of_the_training_calls():
     dac_kl(s, t, clip_net=net, region_temperature=0.0)
     first = net.region_stats
     hard = dense_region(torch.log_softmax(t, -1), 0.8)
-    assert first["upper"] == pytest.approx(0.8) and first["lower"] == pytest.approx(-0.5)
+    with torch.no_grad():
+        lower, upper = net(t.softmax(-1).sort(-1, descending=True).values)
+    assert first["upper"] == pytest.approx(float(upper.mean())) and first["lower"] == pytest.approx(float(lower.mean()))
     assert first["region_size"] == pytest.approx(float(hard.sum(-1).float().mean()))
     assert first["region_mass"] == pytest.approx(float((hard * t.softmax(-1)).sum(-1).mean()), rel=1e-6)
     dac_kl(s, t, clip_net=net, region_temperature=0.0, max_k=1)
@@ -209,7 +211,25 @@ def test_configuration_errors_name_the_fix():
         dac_kl(s, t, learned=True)
     with pytest.raises(ConfigError, match="region_temperature"):
         dac_kl(s, t, clip_net=DACClipNet(), region_temperature=-1.0)
-    with pytest.raises(ConfigError, match="init_lower"):
-        DACClipNet(init_mass=0.2, init_lower=0.5)
+    with pytest.raises(ConfigError, match="margin"):
+        DACClipNet(margin=0.0)
     spec = LOSSES.get("dac_kl")
     assert spec.validate_params({"learned": True, "meta_lr": 0.5}) == {"learned": True, "meta_lr": 0.5}
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.1, 6.0), mass=st.floats(0.3, 1.0), push=st.floats(-50.0, 50.0))
+def test_limits_start_at_the_mass_and_stay_in_their_range(seed, scale, mass, push):
+    g = torch.Generator().manual_seed(seed)
+    probs = (scale * torch.randn(6, 9, generator=g)).softmax(-1).sort(-1, descending=True).values
+    net = DACClipNet(init_mass=mass, margin=0.1)
+    with torch.no_grad():
+        lower, upper = net(probs)
+    inside = probs[:, 0] - 0.1 < mass
+    assert torch.allclose(upper[inside], torch.full_like(upper[inside], mass), atol=1e-5)
+    assert (lower < 0).all() and (lower > -0.1).all()
+    with torch.no_grad():
+        net.mlp[2].bias.fill_(push)  # however far the outputs are pushed, the limits stay bounded
+        lower, upper = net(probs)
+    assert (upper >= probs[:, 0] - 0.1).all() and (upper <= 1.1).all()
+    assert (lower >= -0.1).all() and (lower <= upper).all()

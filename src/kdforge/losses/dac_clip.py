@@ -19,8 +19,12 @@ class ``j``):
   ``region_temperature``, in mass units; ``tau = 0`` is the hard indicator above);
 * :class:`DACClipNet` predicts ``(l, u)`` from per-position features of the (tempered) teacher
   distribution: its top-``m`` sorted probabilities, its entropy over ``log V`` and the mass
-  beyond the top ``m``. Its last layer starts at zero, so every position starts at
-  ``(l, u) = (init_lower, init_mass)``: the fixed-mass DAC-KL (softened by ``tau``).
+  beyond the top ``m``. The limits are **bounded**: ``u`` in ``(p_(1) - margin, 1 + margin)``
+  (from "the top class only" to "everything", each end a ``margin`` beyond the last boundary so
+  that the soft membership still has a gradient there) and ``l`` in ``(-margin, u)``; unbounded
+  limits were absorbed, once a few ``tau`` outside ``[p_(1), 1]``, by a zero gradient (measured:
+  docs/regimes.md). Its last layer starts at zero, so every position starts at ``u = mass``
+  (clipped into its range) and ``l`` just above ``-margin``: at ``tau = 0`` the fixed-mass rule.
 
 How the sub-network is *trained* is kdforge's (the abstract gives no rule): see
 :mod:`kdforge.losses.dac_kl`.
@@ -37,6 +41,9 @@ from torch import nn
 from torch.nn.functional import logsigmoid
 
 from kdforge.errors import ConfigError
+
+_EDGE = 1e-3  # the untrained limits stay this far (as a fraction of their range) inside it
+_LOGIT_EDGE = math.log(_EDGE / (1 - _EDGE))
 
 __all__ = ["DACClipNet", "clip_features", "region_log_weights", "with_stand_in_net"]
 
@@ -56,39 +63,40 @@ def clip_features(sorted_probs: torch.Tensor, top_m: int) -> torch.Tensor:
 class DACClipNet(nn.Module):
     """DAC-KL's clipping sub-network: per position, ``(l, u)`` in cumulative-mass coordinates.
 
-    ``(l, u) = gain * MLP(clip_features(sorted teacher probabilities))``, unbounded (``u >= 1`` keeps
-    every class, ``l <= 0`` clips nothing at the top). Pass it to :func:`~kdforge.losses.dac_kl`
-    as ``clip_net`` and optimise its parameters with the student (the Distiller's
-    ``extra_modules``; the recipes do it for ``dac_kl: {learned: true}``).
+    With ``(z_l, z_u) = gain * MLP(clip_features(sorted teacher probabilities))`` and ``p_(1)`` the
+    top probability::
+
+        u = lo + (hi - lo) * sigmoid(logit(f_0) + z_u),   lo = p_(1) - margin,  hi = 1 + margin,
+        l = -margin + (u + margin) * sigmoid(logit(1e-3) + z_l)
+
+    ``f_0 = (mass - lo) / (hi - lo)`` clipped to ``[1e-3, 1 - 1e-3]``, so the untrained net
+    (``z = 0``) gives ``u = mass`` wherever ``mass`` is in range. Pass it to
+    :func:`~kdforge.losses.dac_kl` as ``clip_net`` and optimise its parameters with the student (the
+    Distiller's ``extra_modules``; the recipes do it for ``dac_kl: {learned: true}``).
 
     Args:
         top_m: sorted teacher probabilities the features include.
         hidden: width of the one hidden layer.
-        init_mass: the initial upper limit ``u`` (the fixed-mass rule's ``mass``).
-        init_lower: the initial lower limit ``l`` (below 0: nothing clipped at the top; the
-            default ``-0.5`` keeps the soft membership of the top classes at ``sigmoid(0.5 / tau)``).
+        init_mass: the initial upper limit (the fixed-mass rule's ``mass``).
+        margin: how far beyond ``[p_(1), 1]`` the upper limit may go (and the lower one below 0);
+            about ``2 tau`` keeps a gradient at both ends.
         momentum: of :attr:`region_stats`, the running means the loss records in training mode.
-        gain: the limits are ``gain * MLP(...)``. Adam steps every parameter by about its learning
-            rate, so the limits move by up to about ``gain * lr`` per step: the recipes optimise the
-            net with the student's learning rate (often 1e-3, which alone would move ``u`` by at most
-            0.06 in a 60-step run), and the gain gives it a usable pace.
+        gain: scales the MLP's outputs. Adam steps every parameter by about its learning rate and
+            the recipes use the student's (often 1e-3): the gain gives the limits a usable pace.
     """
 
-    def __init__(self, top_m: int = 8, hidden: int = 16, init_mass: float = 0.9, init_lower: float = -0.5,
+    def __init__(self, top_m: int = 8, hidden: int = 16, init_mass: float = 0.9, margin: float = 0.1,
                  momentum: float = 0.9, gain: float = 10.0) -> None:
         super().__init__()
         if top_m < 1 or hidden < 1:
             raise ConfigError(f"DACClipNet top_m and hidden must be >= 1, got {top_m}, {hidden}", "use e.g. top_m=8, hidden=16")
-        if not gain > 0:
-            raise ConfigError(f"DACClipNet gain must be > 0, got {gain}", "use e.g. gain=10")
-        if not init_lower < init_mass:
-            raise ConfigError(f"DACClipNet init_lower ({init_lower}) must be below init_mass ({init_mass})",
-                              "use e.g. init_lower=-0.5, init_mass=0.9")
-        self.top_m, self.gain = top_m, float(gain)
+        if not (gain > 0 and margin > 0 and 0 < init_mass <= 1):
+            raise ConfigError(f"DACClipNet needs gain > 0, margin > 0, init_mass in (0, 1]; got {gain}, {margin}, "
+                              f"{init_mass}", "use e.g. gain=10, margin=0.1, init_mass=0.9")
+        self.top_m, self.gain, self.margin, self.init_mass = top_m, float(gain), float(margin), float(init_mass)
         self.mlp = nn.Sequential(nn.Linear(top_m + 2, hidden), nn.Tanh(), nn.Linear(hidden, 2))
         nn.init.zeros_(self.mlp[2].weight)
-        with torch.no_grad():
-            self.mlp[2].bias.copy_(torch.tensor([init_lower, init_mass]) / self.gain)
+        nn.init.zeros_(self.mlp[2].bias)
         self.momentum = momentum
         self.register_buffer("stats", torch.zeros(len(self.STATS)))
         self.register_buffer("stats_seen", torch.zeros((), dtype=torch.long))
@@ -120,9 +128,13 @@ class DACClipNet(nn.Module):
 
     def forward(self, sorted_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(l [n], u [n])`` for sorted (descending) teacher probabilities ``[n, V]``."""
-        features = clip_features(sorted_probs.detach(), self.top_m).to(self.mlp[0].weight.dtype)
-        out = (self.mlp(features) * self.gain).to(sorted_probs.dtype)
-        return out[:, 0], out[:, 1]
+        probs = sorted_probs.detach()
+        z = (self.mlp(clip_features(probs, self.top_m).to(self.mlp[0].weight.dtype)) * self.gain).to(probs.dtype)
+        lo, hi = probs[:, 0] - self.margin, 1.0 + self.margin
+        start = torch.logit(((self.init_mass - lo) / (hi - lo)).clamp(_EDGE, 1 - _EDGE))
+        upper = lo + (hi - lo) * torch.sigmoid(start + z[:, 1])
+        lower = -self.margin + (upper + self.margin) * torch.sigmoid(_LOGIT_EDGE + z[:, 0])
+        return lower, upper
 
 
 def region_log_weights(sorted_probs: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,

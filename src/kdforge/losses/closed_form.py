@@ -137,8 +137,9 @@ class ClosedForm:
                  out: torch.Tensor | None = None) -> KernelOut:
         """The kernel on one chunk; ``out`` (optional, float32 ``[r, V]``, aliasing none of the
         inputs): a buffer the gradient may be written into instead of a fresh array (compiled:
-        always; eagerly: where the closed form takes ``out``). ``KernelOut.grad`` is then ``out``
-        or a fresh array."""
+        always, through a second graph or, with ``eager_into``, the eager ``out=`` form; eagerly:
+        where the closed form takes ``out``). ``KernelOut.grad`` is then ``out`` or a fresh array;
+        an ``out=`` form may also overwrite ``logq`` (as any kernel may)."""
         if out is None:
             per_pos, grad = self.fn(logq, q, t, *self.args)
         elif isinstance(self.fn, _CompiledOrEager) and not (self.eager_into and _takes_out(self.fn.fn)):

@@ -8,7 +8,8 @@ cached teacher's logits, and trains for ``--epochs`` with the recipe's optimiser
 ``fashion_mnist_kd`` recipe's ``_fit``: same Distiller, same batches per seed). The held-out split
 of ``holdout: split`` is drawn from the same noisy labels (no clean data is assumed). Per method and
 seed, one JSON line: test accuracy, CPU s/step, and the mean ratio the loss used over the last
-quarter of the run (trilateral methods).
+quarter of the run (trilateral methods), also split by whether the teacher's argmax agrees with the
+(possibly flipped) label — where it does not, the label is almost always the flipped one.
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/trilateral_noisy_labels.py \
         --teacher /tmp/meta_fm/out/teacher --noise 0.4 --seeds 0 1 2 --out /tmp/meta_fm/noisy.jsonl
@@ -86,13 +87,16 @@ def main() -> None:
              100 * float((t_test.argmax(-1) == data.y_test).float().mean()))
     dataset = fashion_mnist._KeyedDataset(data.x_train[idx], noisy, teacher_logits=logits["train"][idx])
 
-    ratios: list[float] = []
+    ratios: list[tuple[float, float, float]] = []  # per loss call: mean r, on teacher-agrees / -disagrees samples
     in_meta = [False]
     real_attach, real_step = fashion_mnist.attach_learned_terms, TrilateralMetaLearner.step
 
     def record(module: torch.nn.Module, inputs: Any, r: torch.Tensor) -> None:
         if module.training and not in_meta[0]:
-            ratios.append(float(r.detach().mean()))
+            r = r.detach()
+            agrees = inputs[0][:, 3] > 0.5  # relation feature 3: [argmax teacher = label]
+            ratios.append((float(r.mean()), float(r[agrees].mean()) if bool(agrees.any()) else float("nan"),
+                           float(r[~agrees].mean()) if bool((~agrees).any()) else float("nan")))
 
     def spy(model, objective, world_size=1):
         model, extras = real_attach(model, objective, world_size)
@@ -128,8 +132,10 @@ def main() -> None:
                        "accuracy": float((pred == data.y_test).float().mean()),
                        "cpu_s_per_step": cpu / trained["steps"], "steps": trained["steps"]}
                 if ratios:
-                    last = ratios[3 * len(ratios) // 4:]
-                    row["r_last_quarter"] = sum(last) / len(last)
+                    last = torch.tensor(ratios[3 * len(ratios) // 4:])
+                    row["r_last_quarter"] = float(last[:, 0].mean())
+                    row["r_last_quarter_teacher_agrees"] = float(last[:, 1].nanmean())
+                    row["r_last_quarter_teacher_disagrees"] = float(last[:, 2].nanmean())
                 print(json.dumps(row), flush=True)
                 if args.out is not None:
                     with args.out.open("a") as f:

@@ -43,3 +43,5 @@ def test_the_benchmark_trains_each_method_and_reports_accuracy_and_the_ratio(tmp
     assert [r["method"] for r in rows] == ["labels only", "trilateral KD (bilevel, head, in-batch)"]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 2 for r in rows)  # 40 images, batch 128: 1 step an epoch
     assert "r_last_quarter" not in rows[0] and 0.0 < rows[1]["r_last_quarter"] < 1.0
+    parts = [rows[1][f"r_last_quarter_teacher_{k}"] for k in ("agrees", "disagrees")]
+    assert all(x != x or 0.0 < x < 1.0 for x in parts) and any(x == x for x in parts)  # NaN: no such sample

@@ -37,11 +37,13 @@ def test_the_benchmark_trains_each_method_and_reports_accuracy_and_the_ratio(tmp
     out = tmp_path / "rows.jsonl"
     monkeypatch.setattr(sys, "argv", ["bench", "--teacher", str(tmp_path / "teacher"), "--root", str(root),
                                       "--labelled", "40", "--epochs", "2", "--seeds", "0", "--out", str(out),
-                                      "--methods", "labels only", "trilateral KD (bilevel, head, in-batch)"])
+                                      "--methods", "labels only", "trilateral KD (bilevel, head, in-batch)",
+                                      "trilateral KD (bilevel, head, split, clean held-out labels)"])
     bench.main()
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["method"] for r in rows] == ["labels only", "trilateral KD (bilevel, head, in-batch)"]
+    assert [r["method"] for r in rows] == ["labels only", "trilateral KD (bilevel, head, in-batch)",
+                                          "trilateral KD (bilevel, head, split, clean held-out labels)"]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 2 for r in rows)  # 40 images, batch 128: 1 step an epoch
-    assert "r_last_quarter" not in rows[0] and 0.0 < rows[1]["r_last_quarter"] < 1.0
+    assert "r_last_quarter" not in rows[0] and 0.0 < rows[1]["r_last_quarter"] < 1.0 and "r_last_quarter" in rows[2]
     parts = [rows[1][f"r_last_quarter_teacher_{k}"] for k in ("agrees", "disagrees")]
     assert all(x != x or 0.0 < x < 1.0 for x in parts) and any(x == x for x in parts)  # NaN: no such sample

@@ -11,7 +11,11 @@ from torch import nn
 from kdforge.errors import ConfigError
 from kdforge.losses import TrilateralBilevel, TrilateralFusion, trilateral_kd
 from kdforge.losses.trilateral import relation_features
-from kdforge.losses.trilateral_bilevel import fused_logit_grad, head_lookahead_logits, lookahead_holdout_ce
+from kdforge.losses.trilateral_bilevel import (
+    fused_logit_grad,
+    head_lookahead_logits,
+    lookahead_holdout_ce,
+)
 
 C, D = 4, 6
 

@@ -56,13 +56,15 @@ def test_every_regime_trains_and_is_reported(data_dir, tmp_path):
                     "params": {"temperature": 1.0}}]},
         {"name": "ensemble", "teacher": {"source": "ensemble", "members": ["teacher", "mlp2"],
                                          "weighting": "entropy"}, "terms": KD},
+        {"name": "per teacher", "teacher": {"source": "ensemble", "members": ["teacher", "mlp2"]},
+         "terms": [{"name": "reverse_kl", "weight": 0.5, "per_teacher": True}, KD[1]]},
         {"name": "mutual", "teacher": {"source": "mutual"}, "terms": KD},
         {"name": "born again", "teacher": {"source": "born_again", "generations": 2, "first": "random"},
          "terms": KD},
     ])
     results = FashionMnistKD().run(config, tmp_path / "run")
     rows = {m["name"]: m for m in results["models"]}
-    for name in ("kd", "pskd", "ensemble", "mutual", "born again"):
+    for name in ("kd", "pskd", "ensemble", "per teacher", "mutual", "born again"):
         met = rows[f"student / {name}"]["metrics"]
         assert 0.0 <= met["accuracy"] <= 1.0 and met["ece"] >= 0.0
     assert (tmp_path / "run" / "teacher-mlp2" / "teacher.json").is_file()
@@ -77,6 +79,8 @@ def test_unknown_ensemble_member_and_stray_keys_are_config_errors(data_dir):
         _config(data_dir, [{"name": "e", "teacher": {"source": "ensemble", "members": ["nope"]}, "terms": KD}])
     with pytest.raises(ConfigError, match="do\\(es\\) not apply to source 'pskd'"):
         _config(data_dir, [{"name": "p", "teacher": {"source": "pskd", "members": ["teacher"]}, "terms": KD}])
+    with pytest.raises(ConfigError, match="per_teacher.*needs teacher: {source: ensemble"):
+        _config(data_dir, [{"name": "k", "terms": [{**KD[0], "per_teacher": True}]}])
 
 
 def test_an_ensemble_of_one_teacher_trains_like_that_teacher():

@@ -140,6 +140,7 @@ ENS = {"name": "m", "teacher": "ensemble", "objective": [FKL], "ensemble": {"mem
      "drop weights"),
     ({**ENS, "ensemble": {"members": ["teacher", "teacher"]}}, {}, "distinct"),
     ({**ENS, "on_policy": {"lmbda": 1.0}}, {}, "Python API"),
+    ({"name": "m", "objective": [{**FKL, "per_teacher": True}]}, {}, "per_teacher.*needs teacher: ensemble"),
     (ENS, {"cache": {"k": 8, "tail_samples": 4}}, "tail_samples"),
     (ENS, {"teachers": [{"name": "teacher", "model": "x"}]}, "run's own teacher"),
     (ENS, {"teachers": [{"name": "b", "model": "x"}, {"name": "b", "model": "y"}]}, "distinct"),
@@ -175,3 +176,30 @@ def test_a_teacher_of_another_vocabulary_is_refused_before_anything_is_written(t
         with pytest.raises(VocabMismatchError):
             LLMKD().run(config, out)
         assert not out.exists()
+
+
+def test_per_teacher_terms_over_a_cached_pair_sum_the_members_losses(two_teachers, tmp_path, monkeypatch):
+    """``per_teacher: true`` on a cached two-member ensemble: the recipe builds the source with the members'
+    signals; an ensemble of the one teacher with per_teacher gives the single teacher's reverse KL."""
+    rkl = {"name": "reverse_kl", "weight": 1.0}
+    sources = {}
+    real = llm_teachers.ensemble_teacher
+
+    def spy(method, teachers, data):
+        got = real(method, teachers, data)
+        sources[method.name] = got[0]
+        return got
+
+    monkeypatch.setattr(llm_teachers, "ensemble_teacher", spy)
+    methods = [{"name": "kd", "objective": [rkl, CE]},
+               {"name": "one", "teacher": "ensemble", "ensemble": {"members": ["teacher"]},
+                "objective": [{**rkl, "per_teacher": True}, CE]},
+               {"name": "pair", "teacher": "ensemble", "ensemble": {"members": ["teacher", "b"]},
+                "objective": [{**rkl, "per_teacher": True}, CE]}]
+    out = tmp_path / "run"
+    LLMKD().run(_fast(two_teachers, methods, teachers=_teachers(two_teachers)), out)
+    assert sources["one"].per_member_signals and sources["pair"].per_member_signals
+    single, one, pair = _train_log(out, "kd"), _train_log(out, "one"), _train_log(out, "pair")
+    for a, b in zip(single, one, strict=True):
+        assert a["loss/reverse_kl"] == pytest.approx(b["loss/reverse_kl"], rel=1e-5)
+    assert pair[0]["loss/reverse_kl"] != pytest.approx(single[0]["loss/reverse_kl"], rel=1e-3)

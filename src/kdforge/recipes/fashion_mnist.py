@@ -212,6 +212,9 @@ class MethodConfig(StrictModel):
     @model_validator(mode="after")
     def _data_fits(self) -> MethodConfig:
         check_data_method(self.data, self.teacher.source if self.teacher else None, self.transfer_set)
+        if any(t.per_teacher for t in self.terms) and (self.teacher is None or self.teacher.source != "ensemble"):
+            raise ValueError("per_teacher: one term per ensemble member needs teacher: {source: ensemble, members: "
+                             "[...]}; add it or drop per_teacher")
         return self
 
 
@@ -341,7 +344,13 @@ def _fit(
     are shards, the full weights gathered into ``factory()`` on rank 0; None on other ranks:
     :func:`kdforge.recipes.subrun.gather_student`).
     """
-    from kdforge.train import ClassificationTask, Distiller, Objective, TrainConfig, TrilateralBilevelDistiller
+    from kdforge.train import (
+        ClassificationTask,
+        Distiller,
+        Objective,
+        TrainConfig,
+        TrilateralBilevelDistiller,
+    )
 
     steps_per_epoch = math.ceil(len(dataset) / (batch_size * world_size))
     total_steps = max(1, math.ceil(steps_per_epoch * epochs))
@@ -810,6 +819,8 @@ class _Regime:
                 kwargs["weights"] = spec.weights
             if spec.weighting == "entropy":
                 kwargs["temperature"] = spec.temperature
+            # a per_teacher term needs each member's signal beside the mixture
+            kwargs["per_member_signals"] = any(getattr(t, "per_teacher", False) for t in self.method.terms)
             return lambda model, steps: EnsembleTeacher(members, **kwargs)
         if spec.source == "mutual":
             return self._mutual(config, seed)

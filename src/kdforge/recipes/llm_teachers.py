@@ -100,6 +100,9 @@ def check_ensemble_method(method: Any) -> None:
     from kdforge.train.objective import Objective
 
     ensemble = getattr(method, "ensemble", None)
+    if method.teacher != "ensemble" and any(t.per_teacher for t in method.objective):
+        raise ValueError("per_teacher: one term per ensemble member needs teacher: ensemble; add it (with "
+                         "ensemble: {members: [...]}) or drop per_teacher")
     if ensemble is not None and method.teacher != "ensemble":
         raise ValueError("ensemble: the members of an ensemble teacher, but the method's teacher is not ensemble; "
                          "add teacher: ensemble or remove the ensemble key")
@@ -325,6 +328,7 @@ def ensemble_teacher(method: Any, teachers: TeacherSet, data: Any) -> tuple[Any,
         kwargs["weights"] = ens.weights
     if ens.weighting == "entropy":
         kwargs["temperature"] = ens.temperature
+    kwargs["per_member_signals"] = any(t.per_teacher for t in method.objective)  # per_teacher terms: every member
     if ens.source == "online":
         members = [OnlineTeacher(teachers.models[n]) for n in ens.members]
         return EnsembleTeacher(members, **kwargs), LMBlockDataset(data.train, data.train_extras()), None

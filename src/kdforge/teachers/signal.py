@@ -11,7 +11,10 @@ what it carries, so no code guesses the teacher from batch keys:
   (:class:`kdforge.features.taps.Features`: hidden states, attentions, hooked module outputs), at
   the model's input positions (feature terms mask them themselves),
 * ``sequences`` — token ids the teacher generated (elicitation, sequence-level KD),
-* ``weights`` — optional per-position weights ``[...]`` (an ensemble's confidence weighting),
+* ``weights`` — optional per-position weights ``[...]`` (an ensemble member's weight in the mixture),
+* ``members`` — an ensemble's member signals, each with its ``weights``, for objective terms
+  with ``per_teacher: true`` (one term per teacher instead of one against the mixture; only when
+  the :class:`~kdforge.teachers.sources.EnsembleTeacher` is built with ``per_member_signals``),
 * ``cross`` — a teacher with *another tokenizer*, already at the student's positions
   (:class:`kdforge.losses.uld.CrossVocabTeacher`: logits ``[..., V_t]`` + the alignment; from
   :class:`~kdforge.teachers.sources.CrossTokenizerTeacher`, for the vocabulary-free losses).
@@ -43,6 +46,7 @@ class TeacherSignal:
     sequences: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     cross: Any = None
+    members: tuple[TeacherSignal, ...] | None = None
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.logits, self.sparse, self.cross)) > 1:
@@ -81,7 +85,8 @@ class TeacherSignal:
             sparse = SparseTeacher(fn(sparse.ids), fn(sparse.logprobs), sparse.vocab_size, sparse.num_exact)
         return replace(self, logits=None if self.logits is None else fn(self.logits), sparse=sparse,
                        weights=None if self.weights is None else fn(self.weights),
-                       cross=None if self.cross is None else self.cross.positions(fn))
+                       cross=None if self.cross is None else self.cross.positions(fn),
+                       members=None if self.members is None else tuple(m.positions(fn) for m in self.members))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TeacherSignal:
         """Distribution (and weights) on ``device``; dense logits also cast to ``dtype``."""
@@ -94,4 +99,5 @@ class TeacherSignal:
                                    self.sparse.vocab_size, self.sparse.num_exact)
         weights = None if self.weights is None else self.weights.to(device)
         cross = None if self.cross is None else self.cross.to(device, dtype)
-        return replace(self, logits=logits, sparse=sparse, weights=weights, cross=cross)
+        members = None if self.members is None else tuple(m.to(device, dtype) for m in self.members)
+        return replace(self, logits=logits, sparse=sparse, weights=weights, cross=cross, members=members)

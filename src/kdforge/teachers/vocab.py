@@ -251,9 +251,27 @@ def align_signal(
     checks that read values (ids within the vocabulary) — the trainer asks for them on the first
     batch and when the batch layout changes.
 
+    An ensemble's ``members`` (for ``per_teacher`` terms) are aligned alike.
+
     Returns:
         ``(aligned signal, student width to slice to or None)``.
     """
+    from dataclasses import replace
+
+    members = getattr(signal, "members", None)
+    aligned, student_slice = _align_one(signal, vocab_size=vocab_size, positions=positions, device=device,
+                                        dtype=dtype, policy=policy, validate=validate)
+    if members:
+        done = tuple(_align_one(m, vocab_size=vocab_size, positions=positions, device=device, dtype=dtype,
+                                policy=policy, validate=validate)[0] for m in members)
+        aligned = replace(aligned, members=tuple(replace(m, weights=m.weights.to(device)) if m.weights is not None
+                                                 else m for m in done))
+    return aligned, student_slice
+
+
+def _align_one(signal: Any, *, vocab_size: int, positions: tuple[int, ...], device: torch.device,
+               dtype: torch.dtype, policy: str, validate: bool) -> tuple[Any, int | None]:
+    """:func:`align_signal` of one signal (its members aside)."""
     from dataclasses import replace
 
     from kdforge.losses.signal import SparseTeacher

@@ -75,6 +75,12 @@ class LossTerm(FriendlyModel):
             model, see ``docs/features.md``); ``"task"``: ``name`` is an auxiliary term the task
             computes itself, returned summed over real positions in
             ``TaskOutput.extra_terms[name]``; ``params`` must then be empty.
+        per_teacher: with an ensemble teacher, one term per member, ``sum_s w_s loss(student,
+            teacher_s)`` (``w_s`` the member's per-sample weight), instead of the loss against the
+            mixture ``sum_s w_s p_s``. At ``T = 1`` the two have the same gradient for a loss
+            linear in the teacher's probabilities (forward KL) and differ for the others (reverse
+            KL, JSD, ...; at ``T != 1`` the mixture of tempered members is not the tempered mixture). Needs an :class:`~kdforge.teachers.sources.EnsembleTeacher` built with
+            ``per_member_signals=True`` (the recipes set it); runs on the plain (unchunked) path.
     """
 
     model_config = ConfigDict(json_schema_extra=lambda schema: _schedulable_weight(schema))
@@ -86,6 +92,8 @@ class LossTerm(FriendlyModel):
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
     source: Literal["loss", "task", "feature"] = "loss"
+    per_teacher: bool = Field(False, description="with an ensemble teacher: one term per member, "
+                                                 "sum_s w_s loss(student, teacher_s), not the loss to the mixture")
     scheduled: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="schedules of this term's weight ('weight') and loss params ('params.<name>'); filled from "
@@ -198,6 +206,9 @@ class LossTerm(FriendlyModel):
     def _known_loss(self) -> LossTerm:
         """A typo in a loss name or parameter fails when the config is read (``kdforge run
         --dry-run``), not at the first training step after an expensive teacher cache was built."""
+        if self.per_teacher and self.source != "loss":
+            raise ValueError(f"per_teacher applies to losses against the teacher's distribution, not to "
+                             f"{self.source} term {self.name!r}")
         if self.source == "feature":
             return self._known_feature()
         if self.source != "loss":
@@ -212,6 +223,8 @@ class LossTerm(FriendlyModel):
                              f"registered losses: {', '.join(known)}; "
                              f"feature losses: {', '.join(FEATURE_LOSSES.names())}")
         LOSSES.get(self.name).validate_params(self.params)  # the spec's params model (a ValueError)
+        if self.per_teacher and not LOSSES.get(self.name).needs_teacher:
+            raise ValueError(f"per_teacher: {self.name!r} does not read the teacher; drop per_teacher")
         return self
 
     def _known_feature(self) -> LossTerm:
@@ -490,6 +503,8 @@ class Objective:
                         "use a task that computes this term, or remove it from the objective",
                     )
                 value = extra[term.name] / norm
+            elif term.per_teacher:
+                value = _per_teacher_sum(fn, out, params, term.key) / norm
             else:
                 value = fn(out.student_logits, out.teacher, mask=out.mask, labels=out.labels,
                            reduction="sum", **params) / norm
@@ -504,6 +519,9 @@ class Objective:
     # -- chunked mode -------------------------------------------------------------------------
     def _check_chunkable(self) -> None:
         kd = self._teacher_terms()
+        if any(t.per_teacher for t in self.terms):
+            raise ConfigError("chunked=True does not support per_teacher terms (one loss per ensemble member)",
+                              "set chunked=False")
         if any(t.source == "task" for t in self.terms):
             raise ConfigError("chunked=True does not support task terms", "set chunked=False")
         if self.feature_terms:
@@ -553,6 +571,25 @@ class Objective:
         if ce is not None:
             terms[ce.key] = (res["ce"] / norm).detach()
         return ObjectiveValue(total, terms)
+
+
+def _per_teacher_sum(fn: Any, out: Any, params: Mapping[str, Any], key: str) -> torch.Tensor:
+    """``sum_s sum_positions w_s * loss(student, teacher_s)`` over the signal's ensemble members."""
+    members = getattr(out.signal, "members", None)
+    if not members:
+        raise ConfigError(
+            f"term {key!r} has per_teacher: true, but the teacher signal carries no ensemble members",
+            "use EnsembleTeacher([...], per_member_signals=True) (the recipes' ensemble teachers set it), "
+            "or drop per_teacher",
+        )
+    total: torch.Tensor | None = None
+    for member in members:
+        per_pos = fn(out.student_logits, member.distribution, mask=out.mask, labels=out.labels,
+                     reduction="none", **params)
+        part = (per_pos * member.weights.to(per_pos.dtype)).sum()
+        total = part if total is None else total + part
+    assert total is not None
+    return total
 
 
 def _has_lm_head(model: nn.Module) -> bool:

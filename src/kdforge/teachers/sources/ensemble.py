@@ -69,6 +69,11 @@ class EnsembleTeacher(TeacherSource):
         temperature: of the entropy weighting (> 0).
         domain_key / domain_weights / default_weights: the ``per_domain`` table.
         sparse_k: entries of a sparse mixture (int, or ``"union"``; default the largest member k).
+        per_member_signals: also return each queried member's own signal, its ``weights`` the
+            member's per-sample weight at every position (``TeacherSignal.members``), for objective
+            terms with ``per_teacher: true``: ``sum_s w_s loss(student, teacher_s)`` instead of
+            ``loss(student, sum_s w_s p_s)``. Off by default: the members' distributions then stay
+            alive until the loss.
 
     Example::
 
@@ -88,6 +93,7 @@ class EnsembleTeacher(TeacherSource):
         domain_weights: Mapping[Any, Sequence[float]] | None = None,
         default_weights: Sequence[float] | None = None,
         sparse_k: int | str | None = None,
+        per_member_signals: bool = False,
     ) -> None:
         from kdforge.teachers.sources import as_source
 
@@ -119,6 +125,7 @@ class EnsembleTeacher(TeacherSource):
         if sparse_k is not None and sparse_k != "union" and not (isinstance(sparse_k, int) and sparse_k >= 1):
             raise ConfigError(f"sparse_k must be a positive int or 'union', got {sparse_k!r}", "use e.g. sparse_k=32")
         self.sparse_k = sparse_k
+        self.per_member_signals = per_member_signals
         self.last_weights: torch.Tensor | None = None
 
     def __repr__(self) -> str:
@@ -203,14 +210,16 @@ class EnsembleTeacher(TeacherSource):
         full = torch.zeros(len(self.sources), batch_size, dtype=torch.float32)
         full[live] = w.detach().float().cpu()
         self.last_weights = full
+        kept = _weighted_members(members, w) if self.per_member_signals else None
         if all(sig.kind == "dense" for sig in members):
-            return TeacherSignal(logits=mix_dense([sig.logits for sig in members], w))
+            return TeacherSignal(logits=mix_dense([sig.logits for sig in members], w), members=kept)
         k_max = max(sig.sparse.k for sig in members if sig.sparse is not None)
         k_out = self.sparse_k if isinstance(self.sparse_k, int) else k_max
         k_dense = max(k_max, k_out)  # dense members enter as their exact top-k
         sparse = [sig.sparse if sig.sparse is not None else SparseTeacher.from_logits(sig.logits, k_dense)
                   for sig in members]
-        return TeacherSignal(sparse=mix_sparse(sparse, w, k=None if self.sparse_k == "union" else k_out))
+        return TeacherSignal(sparse=mix_sparse(sparse, w, k=None if self.sparse_k == "union" else k_out),
+                             members=kept)
 
     def _prior_weights(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """Weights known before querying the members: fixed ``[S]``, per-domain ``[S, B]``, else None."""
@@ -380,3 +389,17 @@ def _normalised(weights: Sequence[float], n: int, what: str) -> torch.Tensor:
         raise ConfigError(f"{what} must be {n} finite non-negative numbers, not all zero (one per source); "
                           f"got {list(weights)}", f"e.g. {what}=[{', '.join(['1'] * n)}]")
     return w / w.sum()
+
+
+def _weighted_members(members: Sequence[TeacherSignal], w: torch.Tensor) -> tuple[TeacherSignal, ...]:
+    """Each member's distribution alone, its ``weights`` its per-sample weight ``w [S, B]`` spread
+    over the sample's positions (the shape of the member's distribution without the last axis)."""
+    from dataclasses import replace
+
+    out = []
+    for sig, w_s in zip(members, w, strict=True):
+        dist = sig.logits if sig.logits is not None else sig.sparse.ids
+        lead = tuple(dist.shape[:-1])
+        per_pos = w_s.detach().float().to(dist.device).reshape(-1, *[1] * (len(lead) - 1)).expand(lead)
+        out.append(replace(sig, features=None, sequences=None, members=None, weights=per_pos))
+    return tuple(out)

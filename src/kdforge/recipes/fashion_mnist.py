@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, ValidationError, model_validator
@@ -49,6 +49,7 @@ from kdforge.config import StrictModel
 from kdforge.errors import CacheError, ConfigError
 from kdforge.io import write_bytes_atomic
 from kdforge.recipes import RECIPES, Recipe
+from kdforge.recipes.born_again_guidance import generation_label_weight, guidance_terms
 from kdforge.recipes.data_methods import DataMethod, check_data_method
 from kdforge.recipes.learned_terms import attach_bilevel, attach_learned_terms, unwrap_student
 from kdforge.recipes.subrun import (
@@ -146,7 +147,7 @@ _SOURCE_FIELDS = {
     "pskd": {"k"},
     "ensemble": {"members", "weighting", "weights", "temperature"},
     "mutual": {"peers", "peer_terms"},
-    "born_again": {"generations", "first"},
+    "born_again": {"generations", "first", "label_weight"},
     "ema": {"decay"},
 }
 
@@ -173,6 +174,11 @@ class MethodTeacherConfig(StrictModel):
     generations: int = Field(2, ge=1, description="born_again: generations after the first (the last is reported)")
     first: Literal["labels", "random"] = Field(
         "labels", description="born_again: generation 0 is a labels-only student, or an untrained random one")
+    label_weight: Literal["auto"] | Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        None, description="born_again: each generation trains on alpha * labels + (1 - alpha) * the previous "
+        "generation (Borup & Andersen 2021): the cross_entropy term gets weight alpha, the forward_kl (T=1) term "
+        "1 - alpha, replacing their configured weights; auto: alpha estimated before each generation "
+        "(teachers/guidance.py); null: the method's terms as written")
 
     @model_validator(mode="after")
     def _fields_of_the_source(self) -> MethodTeacherConfig:
@@ -215,6 +221,8 @@ class MethodConfig(StrictModel):
         if any(t.per_teacher for t in self.terms) and (self.teacher is None or self.teacher.source != "ensemble"):
             raise ValueError("per_teacher: one term per ensemble member needs teacher: {source: ensemble, members: "
                              "[...]}; add it or drop per_teacher")
+        if self.teacher is not None and self.teacher.label_weight is not None:
+            guidance_terms(self.terms, 0.5)  # the terms must map onto alpha * labels + (1 - alpha) * teacher
         return self
 
 
@@ -628,6 +636,8 @@ class FashionMnistKD(Recipe):
         write_bytes_atomic(sub.dir / "model.safetensors", _safetensors(model))
         fields = {"method": method.name, "seed": seed, "train_seconds": seconds,
                   "train_images": len(dataset), "epochs": epochs, "metrics": metrics}
+        if regime.guidance:  # born-again label_weight: each generation's alpha
+            fields["guidance"] = regime.guidance
         if method.data is not None:
             from kdforge.recipes.data_methods import ood_accuracy
 
@@ -767,6 +777,7 @@ class _Regime:
         self.idx = labelled_idx if transfer_idx is None else torch.cat([labelled_idx, transfer_idx])
         self.labels = data.y_train[self.idx].clone()
         self.labels[len(labelled_idx):] = IGNORE_INDEX
+        self.guidance: list[dict[str, Any]] = []  # born-again label_weight: one record per generation
 
     def _logits(self, name: str) -> torch.Tensor:
         return (self.data.t_train_logits if name == "teacher" else self.data.extra[name][0])[self.idx]
@@ -875,7 +886,9 @@ class _Regime:
                    fit: dict[str, Any]) -> tuple[torch.nn.Module, int]:
         """Born-again networks (Furlanello et al. 2018): generation 0 learns from the labels (or is an
         untrained random network, "random teachers are good teachers"); generation ``g+1`` learns
-        with the method's terms from generation ``g``'s logits. Returns the last generation."""
+        with the method's terms from generation ``g``'s logits. With ``label_weight`` (Borup & Andersen
+        2021, recipes/born_again_guidance.py) the terms' weights become ``alpha_g`` / ``1 - alpha_g``,
+        recorded in ``self.guidance``. Returns the last generation."""
         from kdforge.eval.classification import predict_logits
         from kdforge.students.vision import build_vision_model
 
@@ -891,10 +904,15 @@ class _Regime:
             teacher = model  # its seeded random init, untrained
         for g in range(1, spec.generations + 1):
             logits = predict_logits(teacher, x)
+            terms = self.method.terms
+            if spec.label_weight is not None:
+                self.guidance.append(generation_label_weight(spec.label_weight, teacher, x, logits, self.labels,
+                                                             seed=fit["seed"], generation=g))
+                terms = guidance_terms(terms, self.guidance[-1]["alpha"])
             torch.manual_seed(fit["seed"] * 1000 + g)  # each generation starts from a fresh init
             arch = self.method.student_config(config.student)
             student = build_vision_model(arch.arch, **arch.kwargs)
-            out = _fit(student, _KeyedDataset(x, self.labels, teacher_logits=logits), self.method.terms,
+            out = _fit(student, _KeyedDataset(x, self.labels, teacher_logits=logits), terms,
                        run_dir=run_dir / f"gen-{g}", **fit)
             teacher, steps = out["model"], steps + out["steps"]
         return teacher, steps

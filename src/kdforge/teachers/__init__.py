@@ -16,6 +16,13 @@ from kdforge.teachers.cache import (
     pack_tokens,
 )
 from kdforge.teachers.crosstok import CrossTokenizerCollator, encode_texts, shared_vocabulary
+from kdforge.teachers.guidance import (
+    GuidanceEstimate,
+    estimate_label_weight,
+    optimal_label_weight,
+    penultimate_features,
+    ridge_smoother,
+)
 from kdforge.teachers.online import OnlineTeacher, load_teacher, topk_logprobs
 from kdforge.teachers.sources import (
     CachedCrossTokenizerTeacher,
@@ -39,6 +46,7 @@ from kdforge.teachers.vocab import (
 )
 
 __all__ = [
+    "GuidanceEstimate", "estimate_label_weight", "optimal_label_weight", "penultimate_features", "ridge_smoother",
     "BudgetExceededError", "BudgetedTeacher", "QueryBudget",
     "ENCODINGS",
     "CachedCrossTokenizerCollator",

@@ -31,6 +31,7 @@ are computed once. ``chunk_size="auto"`` (the default) bounds the rest: :func:`a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -551,6 +552,27 @@ def chunked_distillation_loss(
         ``{"loss": differentiable weighted total, "kd": detached KD, "ce": detached CE}``.
     """
     spec = loss_spec(loss)
+    temperature = _check_loss_args(spec, loss_params, kd_weight, temperature, reduction)
+    hidden, flat_labels, flat_mask = _flatten_positions(student_hidden, labels, mask)
+    _check_signals(teacher, flat_labels, kd_weight, ce_weight, log_ce)
+    _validate(hidden, lm_head_weight, lm_head_bias, teacher if kd_weight != 0 else None, hidden.shape[0])
+    plan = _plan_chunks(spec, hidden, lm_head_weight, teacher, flat_labels, flat_mask, loss_params=loss_params,
+                        temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, reduction=reduction,
+                        chunk_size=chunk_size, closed_form=closed_form, compile_kernels=compile_kernels,
+                        log_ce=log_ce)
+    run = functools.partial(_run_chunks, plan)
+    if not (hidden.requires_grad or lm_head_weight.requires_grad
+            or (lm_head_bias is not None and lm_head_bias.requires_grad)) or not torch.is_grad_enabled():
+        with torch.no_grad():
+            weighted, kd_out, ce_out, *_ = run(hidden, lm_head_weight, lm_head_bias)
+        return {"loss": weighted, "kd": kd_out, "ce": ce_out}
+    weighted, kd_out, ce_out = _FusedChunkedLoss.apply(hidden, lm_head_weight, lm_head_bias, run)
+    return {"loss": weighted, "kd": kd_out, "ce": ce_out}
+
+
+def _check_loss_args(spec: LossSpec, loss_params: dict[str, Any], kd_weight: float, temperature: float | None,
+                     reduction: str) -> float:
+    """Reject a loss the chunks cannot compute and a bad reduction; the KD temperature to use."""
     learned = [k for k, v in loss_params.items() if isinstance(v, torch.nn.Module)
                and any(p.requires_grad for p in v.parameters())]
     if learned and kd_weight != 0.0:  # the chunks differentiate the logits only: the module would never train
@@ -566,6 +588,12 @@ def chunked_distillation_loss(
     if reduction == "none":
         raise ConfigError("chunked_distillation_loss supports reduction 'sum' or 'mean', not 'none'",
                           "use reduction='sum' and divide by the token count yourself")
+    return temperature
+
+
+def _flatten_positions(student_hidden: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``[N, H]`` hidden states and ``[N]`` labels and mask (on the hidden states' device), checked to match."""
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     n = hidden.shape[0]
     flat_labels = None if labels is None else labels.reshape(-1).to(hidden.device)
@@ -574,31 +602,61 @@ def chunked_distillation_loss(
         if x is not None and x.shape[0] != n:
             raise ShapeError(f"{name} covers {x.shape[0]} positions, student_hidden {n}",
                              f"flatten {name} over the same positions as the hidden states")
+    return hidden, flat_labels, flat_mask
+
+
+def _check_signals(teacher: torch.Tensor | SparseTeacher | TeacherHead | None, flat_labels: torch.Tensor | None,
+                   kd_weight: float, ce_weight: float, log_ce: bool) -> None:
+    """Each weighted (or logged) term has the signal it needs: a teacher for KD, labels for CE."""
     if kd_weight != 0 and teacher is None:
         raise ConfigError("kd_weight != 0 but no teacher was given", "pass the teacher signal or set kd_weight=0")
     if ce_weight != 0 and flat_labels is None:
         raise ConfigError("ce_weight != 0 needs labels", "pass labels=[N] (ignore_index -100)")
     if log_ce and flat_labels is None:
         raise ConfigError("log_ce=True needs labels to compute cross-entropy", "pass labels=[N] (ignore_index -100)")
-    _validate(hidden, lm_head_weight, lm_head_bias, teacher if kd_weight != 0 else None, n)
-    loss_fn = spec.fn
+
+
+@dataclass(frozen=True, eq=False)
+class _ChunkPlan:
+    """Everything one :func:`chunked_distillation_loss` call decided before its chunk loop."""
+
+    n: int  # positions
+    vocab: int
+    rows: int  # positions per chunk
+    teacher: torch.Tensor | SparseTeacher | TeacherHead | None  # flattened over the positions
+    flat_labels: torch.Tensor | None
+    flat_mask: torch.Tensor | None
+    loss_fn: Callable[..., torch.Tensor]
+    loss_params: dict[str, Any]
+    temperature: float
+    kd_scale: float  # kd_weight, ce_weight
+    ce_scale: float
+    kd_norm: int  # divisors of the "mean" reduction (1 for "sum")
+    ce_norm: int
+    c_kd: float  # per-position-sum coefficients: kd_scale / kd_norm, ce_scale / ce_norm
+    c_ce: float
+    log_ce: bool  # CE's value logged only (ce_weight == 0)
+    kernel: FusedKernel | None
+    use_closed_form: bool
+    sparse_cf: bool
+    checks: bool  # value checks on (host reads allowed)
+
+
+def _plan_chunks(spec: LossSpec, hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                 teacher: torch.Tensor | SparseTeacher | TeacherHead | None, flat_labels: torch.Tensor | None,
+                 flat_mask: torch.Tensor | None, *, loss_params: dict[str, Any], temperature: float,
+                 kd_weight: float, ce_weight: float, reduction: str, chunk_size: int | str, closed_form: bool,
+                 compile_kernels: bool | str, log_ce: bool) -> _ChunkPlan:
+    """The path (closed form, sparse closed form or autograd), the normalisers and the chunk size."""
+    n = hidden.shape[0]
     checks = value_checks_enabled()  # off: no host read per chunk (see kdforge.losses.value_checks)
     if isinstance(teacher, torch.Tensor):
         teacher = teacher.reshape(-1, teacher.shape[-1])
     elif isinstance(teacher, SparseTeacher):
         teacher = teacher.flatten()
     vocab = lm_head_weight.shape[0]
-
     kd_scale, ce_scale = float(kd_weight), float(ce_weight)
-    if reduction == "mean":
-        real = torch.ones(n, dtype=torch.bool, device=hidden.device) if flat_mask is None else flat_mask
-        kd_count = real if not spec.needs_labels or flat_labels is None else (
-            real & (flat_labels != IGNORE_INDEX))
-        kd_norm = max(int(kd_count.sum()), 1)
-        ce_norm = max(int((real & (flat_labels != IGNORE_INDEX)).sum()), 1) if flat_labels is not None else 1
-    else:
-        kd_norm = ce_norm = 1
-
+    kd_norm, ce_norm = _normalisers(spec, reduction, n, hidden.device, flat_labels, flat_mask)
     c_kd, c_ce = kd_scale / kd_norm, ce_scale / ce_norm
     log_ce = bool(log_ce) and ce_scale == 0  # a weighted CE is computed anyway
     if ce_scale != 0 or log_ce:
@@ -618,99 +676,146 @@ def chunked_distillation_loss(
             else chunk_size)
     if not isinstance(rows, int) or rows < 1:
         raise ConfigError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}", "use chunk_size='auto' or e.g. 256")
+    return _ChunkPlan(n, vocab, rows, teacher, flat_labels, flat_mask, spec.fn, loss_params, temperature, kd_scale,
+                      ce_scale, kd_norm, ce_norm, c_kd, c_ce, log_ce, kernel, use_closed_form, sparse_cf, checks)
 
-    def autograd_chunk(h, w, b, t_c, y, want_any):
-        """The registered loss under autograd on one chunk: any loss, any teacher signal."""
-        with torch.enable_grad():
-            logits = upcast(torch.nn.functional.linear(h, w, b)).requires_grad_(want_any)
-            total = logits.new_zeros(())
-            kd = ce = total.detach()
-            if kd_scale != 0:
-                kd = loss_fn(logits, t_c, labels=y, temperature=temperature, reduction="sum", **loss_params)
-                total = total + kd * c_kd
-            if ce_scale != 0:
-                ce = cross_entropy(logits, None, labels=y, reduction="sum")
-                total = total + ce * c_ce
-            elif log_ce:  # logged only: its value, no gradient
-                ce = cross_entropy(logits.detach(), None, labels=y, reduction="sum")
-            g = torch.autograd.grad(total, logits)[0] if want_any and total.requires_grad else None
-        return kd.detach(), ce.detach(), g, 1.0
 
-    def run(h_all: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-        want_h = h_all.requires_grad
-        want_w = w.requires_grad
-        want_b = b is not None and b.requires_grad
-        want_any = want_h or want_w or want_b
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        h_all, w = h_all.detach(), w.detach()
-        b = None if b is None else b.detach()
-        g_h = torch.zeros_like(h_all) if want_h else None
-        g_w = torch.empty(w.shape, dtype=acc, device=w.device) if want_w else None
-        g_w_written = False  # the first chunk's product is written into g_w (no [V, H] zero fill)
-        g_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want_b else None
-        kd_total = torch.zeros((), dtype=acc, device=h_all.device)
-        ce_total = torch.zeros((), dtype=acc, device=h_all.device)
-        ws = (_Workspace(min(rows, n), vocab, h_all.device)
-              if (kernel is not None or sparse_cf) and h_all.device.type == "cpu" and h_all.dtype == w.dtype == torch.float32
-              and (b is None or b.dtype == torch.float32) else None)
-        for start in range(0, n, rows):
-            sl = slice(start, min(start + rows, n))
-            idx = None  # masked positions are dropped before the LM head: no work, no gradient
-            if flat_mask is not None and (not checks or not bool(flat_mask[sl].all())):
-                idx = flat_mask[sl].nonzero().squeeze(1)
-                if idx.numel() == 0:
-                    continue
-            h = h_all[sl] if idx is None else h_all[sl].index_select(0, idx)
-            y = None if flat_labels is None else (flat_labels[sl] if idx is None else flat_labels[sl][idx])
-            t_c = _teacher_chunk(teacher, sl, idx, ws) if kd_scale != 0 else None
-            res = None
-            if sparse_cf:
-                res = _sparse_closed_form_chunk(h, w, b, t_c, y, loss_fn, loss_params, temperature, c_kd, c_ce,
-                                                want_any, ws, log_ce)
-            elif use_closed_form:
-                res = _closed_form_chunk(h, w, b, t_c, y, kernel, temperature, c_kd, c_ce, ws, log_ce)
-            if res is None:  # another loss, a sparse teacher, or a non-finite value (diagnosed there)
-                res = autograd_chunk(h, w, b, t_c, y, want_any)
-            kd_c, ce_c, g, alpha = res
-            kd_total += kd_c.to(acc)
-            ce_total += ce_c.to(acc)
-            if g is None or not want_any:
+def _normalisers(spec: LossSpec, reduction: str, n: int, device: torch.device, flat_labels: torch.Tensor | None,
+                 flat_mask: torch.Tensor | None) -> tuple[int, int]:
+    """Divisors of KD and CE: real (and, for a loss needing labels, labelled) positions for ``"mean"``; 1, 1 for ``"sum"``."""
+    if reduction != "mean":
+        return 1, 1
+    real = torch.ones(n, dtype=torch.bool, device=device) if flat_mask is None else flat_mask
+    kd_count = real if not spec.needs_labels or flat_labels is None else (
+        real & (flat_labels != IGNORE_INDEX))
+    kd_norm = max(int(kd_count.sum()), 1)
+    ce_norm = max(int((real & (flat_labels != IGNORE_INDEX)).sum()), 1) if flat_labels is not None else 1
+    return kd_norm, ce_norm
+
+
+def _autograd_chunk(plan: _ChunkPlan, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t_c: Any,
+                    y: torch.Tensor | None, want_any: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """The registered loss under autograd on one chunk: any loss, any teacher signal."""
+    with torch.enable_grad():
+        logits = upcast(torch.nn.functional.linear(h, w, b)).requires_grad_(want_any)
+        total = logits.new_zeros(())
+        kd = ce = total.detach()
+        if plan.kd_scale != 0:
+            kd = plan.loss_fn(logits, t_c, labels=y, temperature=plan.temperature, reduction="sum",
+                              **plan.loss_params)
+            total = total + kd * plan.c_kd
+        if plan.ce_scale != 0:
+            ce = cross_entropy(logits, None, labels=y, reduction="sum")
+            total = total + ce * plan.c_ce
+        elif plan.log_ce:  # logged only: its value, no gradient
+            ce = cross_entropy(logits.detach(), None, labels=y, reduction="sum")
+        g = torch.autograd.grad(total, logits)[0] if want_any and total.requires_grad else None
+    return kd.detach(), ce.detach(), g, 1.0
+
+
+def _chunk_loss(plan: _ChunkPlan, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t_c: Any,
+                y: torch.Tensor | None, want_any: bool, ws: _Workspace | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """KD and CE sums of one chunk and ``alpha, G`` (``alpha * G`` the logits' gradient), by the planned path."""
+    res = None
+    if plan.sparse_cf:
+        res = _sparse_closed_form_chunk(h, w, b, t_c, y, plan.loss_fn, plan.loss_params, plan.temperature, plan.c_kd,
+                                        plan.c_ce, want_any, ws, plan.log_ce)
+    elif plan.use_closed_form:
+        res = _closed_form_chunk(h, w, b, t_c, y, plan.kernel, plan.temperature, plan.c_kd, plan.c_ce, ws,
+                                 plan.log_ce)
+    if res is None:  # another loss, a sparse teacher, or a non-finite value (diagnosed there)
+        res = _autograd_chunk(plan, h, w, b, t_c, y, want_any)
+    return res
+
+
+class _GradSink:
+    """Gradients of the hidden states, LM-head weight and bias, accumulated chunk by chunk."""
+
+    def __init__(self, h_all: torch.Tensor, w: torch.Tensor, want_h: bool, want_w: bool, want_b: bool,
+                 acc: torch.dtype) -> None:
+        self.g_h = torch.zeros_like(h_all) if want_h else None
+        self.g_w = torch.empty(w.shape, dtype=acc, device=w.device) if want_w else None
+        self.g_w_written = False  # the first chunk's product is written into g_w (no [V, H] zero fill)
+        self.g_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want_b else None
+
+    def add(self, g: torch.Tensor, alpha: float, h: torch.Tensor, w: torch.Tensor, sl: slice,
+            idx: torch.Tensor | None) -> None:
+        """``dL/dh_c = alpha g W`` into the chunk's rows, ``dL/dW += alpha g^T h_c``, ``dL/db += alpha sum g``."""
+        g_low = g.to(h.dtype)
+        if self.g_h is not None:
+            gh = torch.mm(g_low, w)
+            if alpha != 1.0:
+                gh.mul_(alpha)
+            if idx is None:
+                self.g_h[sl] = gh
+            else:
+                self.g_h[sl].index_copy_(0, idx, gh)
+        g_w = self.g_w
+        if g_w is not None:  # beta=0 on the first write: g_w's uninitialised content is ignored
+            if g_w.dtype == h.dtype:
+                g_w.addmm_(g_low.t(), h, beta=1.0 if self.g_w_written else 0.0, alpha=alpha)
+            elif self.g_w_written:
+                g_w.add_((g_low.t() @ h).to(g_w.dtype), alpha=alpha)
+            else:
+                g_w.copy_(g_low.t() @ h).mul_(alpha)
+            self.g_w_written = True
+        if self.g_b is not None:
+            self.g_b.add_(g.sum(0).to(self.g_b.dtype), alpha=alpha)
+
+    def finish(self, h_all: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The gradients in the parameters' dtypes (empty tensors for those not wanted)."""
+        g_h = torch.empty(0, device=h_all.device) if self.g_h is None else self.g_h
+        if self.g_w is not None and not self.g_w_written:
+            self.g_w.zero_()
+        g_w = torch.empty(0, device=w.device) if self.g_w is None else self.g_w.to(w.dtype)
+        g_b = None if self.g_b is None else self.g_b.to(b.dtype)
+        return g_h, g_w, g_b
+
+
+def _chunk_workspace(plan: _ChunkPlan, h_all: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+                     ) -> _Workspace | None:
+    """Reused ``[rows, V]`` buffers for the closed forms on CPU in float32 (None otherwise)."""
+    if ((plan.kernel is not None or plan.sparse_cf) and h_all.device.type == "cpu"
+            and h_all.dtype == w.dtype == torch.float32 and (b is None or b.dtype == torch.float32)):
+        return _Workspace(min(plan.rows, plan.n), plan.vocab, h_all.device)
+    return None
+
+
+def _run_chunks(plan: _ChunkPlan, h_all: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """The chunk loop: ``(weighted, kd, ce, g_hidden, g_weight, g_bias)`` of the whole call."""
+    want_h = h_all.requires_grad
+    want_w = w.requires_grad
+    want_b = b is not None and b.requires_grad
+    want_any = want_h or want_w or want_b
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    h_all, w = h_all.detach(), w.detach()
+    b = None if b is None else b.detach()
+    grads = _GradSink(h_all, w, want_h, want_w, want_b, acc)
+    kd_total = torch.zeros((), dtype=acc, device=h_all.device)
+    ce_total = torch.zeros((), dtype=acc, device=h_all.device)
+    ws = _chunk_workspace(plan, h_all, w, b)
+    flat_mask, flat_labels, n, rows = plan.flat_mask, plan.flat_labels, plan.n, plan.rows
+    for start in range(0, n, rows):
+        sl = slice(start, min(start + rows, n))
+        idx = None  # masked positions are dropped before the LM head: no work, no gradient
+        if flat_mask is not None and (not plan.checks or not bool(flat_mask[sl].all())):
+            idx = flat_mask[sl].nonzero().squeeze(1)
+            if idx.numel() == 0:
                 continue
-            g_low = g.to(h.dtype)
-            if want_h:
-                gh = torch.mm(g_low, w)
-                if alpha != 1.0:
-                    gh.mul_(alpha)
-                if idx is None:
-                    g_h[sl] = gh
-                else:
-                    g_h[sl].index_copy_(0, idx, gh)
-            if want_w:  # beta=0 on the first write: g_w's uninitialised content is ignored
-                if g_w.dtype == h.dtype:
-                    g_w.addmm_(g_low.t(), h, beta=1.0 if g_w_written else 0.0, alpha=alpha)
-                elif g_w_written:
-                    g_w.add_((g_low.t() @ h).to(g_w.dtype), alpha=alpha)
-                else:
-                    g_w.copy_(g_low.t() @ h).mul_(alpha)
-                g_w_written = True
-            if want_b:
-                g_b.add_(g.sum(0).to(g_b.dtype), alpha=alpha)
-            del g, g_low
-        kd_out = kd_total / kd_norm
-        ce_out = ce_total / ce_norm
-        weighted = kd_scale * kd_out + ce_scale * ce_out
-        g_h = torch.empty(0, device=h_all.device) if g_h is None else g_h
-        if g_w is not None and not g_w_written:
-            g_w.zero_()
-        g_w = torch.empty(0, device=w.device) if g_w is None else g_w.to(w.dtype)
-        g_b = None if g_b is None else g_b.to(b.dtype)
-        return weighted, kd_out, ce_out, g_h, g_w, g_b
-
-    if not (hidden.requires_grad or lm_head_weight.requires_grad
-            or (lm_head_bias is not None and lm_head_bias.requires_grad)) or not torch.is_grad_enabled():
-        with torch.no_grad():
-            weighted, kd_out, ce_out, *_ = run(hidden, lm_head_weight, lm_head_bias)
-        return {"loss": weighted, "kd": kd_out, "ce": ce_out}
-    weighted, kd_out, ce_out = _FusedChunkedLoss.apply(hidden, lm_head_weight, lm_head_bias, run)
-    return {"loss": weighted, "kd": kd_out, "ce": ce_out}
-
+        h = h_all[sl] if idx is None else h_all[sl].index_select(0, idx)
+        y = None if flat_labels is None else (flat_labels[sl] if idx is None else flat_labels[sl][idx])
+        t_c = _teacher_chunk(plan.teacher, sl, idx, ws) if plan.kd_scale != 0 else None
+        kd_c, ce_c, g, alpha = _chunk_loss(plan, h, w, b, t_c, y, want_any, ws)
+        kd_total += kd_c.to(acc)
+        ce_total += ce_c.to(acc)
+        if g is None or not want_any:
+            continue
+        grads.add(g, alpha, h, w, sl, idx)
+        del g
+    kd_out = kd_total / plan.kd_norm
+    ce_out = ce_total / plan.ce_norm
+    weighted = plan.kd_scale * kd_out + plan.ce_scale * ce_out
+    return (weighted, kd_out, ce_out, *grads.finish(h_all, w, b))

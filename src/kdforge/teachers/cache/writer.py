@@ -232,14 +232,34 @@ def build_teacher_cache(
         CacheError: ``out_dir`` holds a cache of another teacher/tokenizer/corpus/settings and
             ``overwrite`` is False.
     """
-    if not isinstance(teacher, OnlineTeacher):
-        teacher = OnlineTeacher(teacher)
+    teacher = teacher if isinstance(teacher, OnlineTeacher) else OnlineTeacher(teacher)
     seqs = as_sequences(sequences)
+    vocab_size = _teacher_vocab_size(teacher, seqs)
+    topk_fn, kk, features = _live_topk_fn(teacher, vocab_size, k, tail_samples, sample_seed, feature_layers,
+                                          feature_dtype)
+    return write_teacher_cache(
+        topk_fn, seqs, out_dir, vocab_size=vocab_size, k=kk, tail_samples=tail_samples, sample_seed=sample_seed,
+        teacher_info=_teacher_info(teacher, teacher_id, weights_hash), encoding=encoding, batch_size=batch_size,
+        shard_size=shard_size, tokenizer=tokenizer, overwrite=overwrite, on_shard=on_shard,
+        data_parallel=data_parallel, loss_mask=loss_mask, token_offsets=token_offsets, texts=texts,
+        features=features,
+    )
+
+
+def _teacher_vocab_size(teacher: OnlineTeacher, seqs: Any) -> int:
+    """Width of the teacher's logits: from the LM head's shape, else from a 2-token probe forward."""
     vocab_size = teacher.logits_width()  # from the LM head's shape: no probe forward (~0.1 CPU s here)
     if vocab_size is None:
         with torch.no_grad():
             probe = teacher.logits(torch.as_tensor(seqs.rows(0, 1)[:, : min(2, seqs.seq_len)]))
         vocab_size = int(probe.shape[-1])
+    return vocab_size
+
+
+def _live_topk_fn(teacher: OnlineTeacher, vocab_size: int, k: int, tail_samples: int, sample_seed: int,
+                  feature_layers: Sequence[int] | None, feature_dtype: str
+                  ) -> tuple[TopkFn, int, dict[str, Any] | None]:
+    """The :data:`TopkFn` of a live teacher, the ``k`` it keeps and the manifest's ``features`` entry."""
     kk = min(k, vocab_size)
     features = None
     if feature_layers is not None:
@@ -251,31 +271,16 @@ def build_teacher_cache(
     else:
         def topk_fn(input_ids: torch.Tensor, first_row: int) -> SparseTeacher:
             return teacher.topk(input_ids, torch.ones_like(input_ids), k=kk)
-    return write_teacher_cache(
-        topk_fn,
-        seqs,
-        out_dir,
-        vocab_size=vocab_size,
-        k=kk,
-        tail_samples=tail_samples,
-        sample_seed=sample_seed,
-        teacher_info={
-            "id": teacher_id or teacher.name,
-            "weights_sha256": weights_hash or teacher.weights_hash(),
-            "dtype": str(teacher.dtype).replace("torch.", ""),
-        },
-        encoding=encoding,
-        batch_size=batch_size,
-        shard_size=shard_size,
-        tokenizer=tokenizer,
-        overwrite=overwrite,
-        on_shard=on_shard,
-        data_parallel=data_parallel,
-        loss_mask=loss_mask,
-        token_offsets=token_offsets,
-        texts=texts,
-        features=features,
-    )
+    return topk_fn, kk, features
+
+
+def _teacher_info(teacher: OnlineTeacher, teacher_id: str | None, weights_hash: str | None) -> dict[str, Any]:
+    """The manifest's ``teacher`` entry: id, weights hash (computed unless given) and dtype."""
+    return {
+        "id": teacher_id or teacher.name,
+        "weights_sha256": weights_hash or teacher.weights_hash(),
+        "dtype": str(teacher.dtype).replace("torch.", ""),
+    }
 
 
 def _features_topk_fn(teacher: OnlineTeacher, k: int, layers: Sequence[int], dtype: str, tail_samples: int
@@ -342,6 +347,51 @@ def write_teacher_cache(
     :func:`build_teacher_cache`. ``token_offsets`` / ``texts``: see :func:`build_teacher_cache`. ``features``
     (``layers``, ``dtype``, ``hidden_size``, ``num_layers``): ``topk_fn`` returns
     ``(SparseTeacher, hidden [B, F, T, H])`` and each shard gets a features file."""
+    _check_write_args(k, batch_size, shard_size, tail_samples, teacher_info)
+    enc = get_encoding(encoding)
+    out = Path(out_dir)
+    seqs = as_sequences(sequences)
+    log.info("fingerprinting %d sequences of %d tokens", len(seqs), seqs.seq_len)
+    data_fp = seqs.fingerprint()
+    mask = as_loss_mask(loss_mask, len(seqs), seqs.seq_len)
+    header = _cache_header(enc, seqs, data_fp, mask, tokenizer, teacher_info, vocab_size=vocab_size, k=k,
+                           tail_samples=tail_samples, sample_seed=sample_seed, shard_size=shard_size,
+                           features=features)
+    offsets_blob = _offsets_entry(header, token_offsets, texts, len(seqs), seqs.seq_len)
+    mask_blob = _loss_mask_entry(header, mask)
+    out.mkdir(parents=True, exist_ok=True)
+    group = _resolve_group(data_parallel)
+    ranges = shard_ranges(len(seqs), shard_size)
+    with contextlib.ExitStack() as stack:
+        # phase 1: rank 0 locks the folder, keeps what a killed build finished, publishes the plan
+        manifest = _start_build(stack, out, group, header, overwrite, ranges, mask_blob, offsets_blob)
+        if manifest["complete"]:
+            log.info("teacher cache at %s is already complete; nothing to do", out)
+            return out
+        # phase 2: every rank writes its share of the unfinished shards
+        mine = _my_shards(manifest, ranges, shard_size, group)
+        progress: list[dict[str, Any]] = []
+        for index in mine:
+            start, end = ranges[index]
+            t0 = time.perf_counter()
+            entry, n_bytes = _write_shard(out, index, seqs, start, end, topk_fn, enc, k, vocab_size, batch_size,
+                                          tail_samples, None if mask is None else mask[start:end], features)
+            _commit_shard(out, manifest, entry, len(ranges), group, progress)
+            _log_shard(index, len(ranges), (end - start) * seqs.seq_len, n_bytes, t0)
+            if on_shard is not None:
+                on_shard(index, entry)
+        # phase 3: rank 0 merges the ranks' records into the manifest, once
+        if group.world_size > 1:
+            group.barrier()
+            if group.rank == 0:
+                _merge_progress(out, manifest, ranges)
+            group.barrier()
+        return out
+
+
+def _check_write_args(k: int, batch_size: int, shard_size: int, tail_samples: int,
+                      teacher_info: dict[str, Any]) -> None:
+    """Reject sizes, a tail-sample count and a teacher record that no cache can be built with."""
     if k < (0 if tail_samples else 1) or batch_size < 1 or shard_size < 1:
         raise ConfigError(
             f"k, batch_size and shard_size must be >= 1 (got {k}, {batch_size}, {shard_size}; k may be 0 "
@@ -354,18 +404,18 @@ def write_teacher_cache(
     missing = {"id", "weights_sha256"} - set(teacher_info)
     if missing:
         raise ConfigError(f"teacher_info lacks {sorted(missing)}", "pass the teacher's id and a weights hash")
-    enc = get_encoding(encoding)
-    out = Path(out_dir)
-    seqs = as_sequences(sequences)
-    log.info("fingerprinting %d sequences of %d tokens", len(seqs), seqs.seq_len)
-    data_fp = seqs.fingerprint()
-    mask = as_loss_mask(loss_mask, len(seqs), seqs.seq_len)
+
+
+def _cache_header(enc: Encoding, seqs: Any, data_fp: str, mask: np.ndarray | None, tokenizer: Any,
+                  teacher_info: dict[str, Any], *, vocab_size: int, k: int, tail_samples: int, sample_seed: int,
+                  shard_size: int, features: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest of a build that has written no shard yet (``complete: False``)."""
     tok = None
     if tokenizer is not None:
         fingerprint, size = tokenizer_identity(tokenizer)
         tok = {"fingerprint": fingerprint, "size": size}
     dtype = record_dtype(enc, seqs.seq_len, k, vocab_size, tail_samples)
-    header: dict[str, Any] = {
+    return {
         "format": FORMAT_NAME,
         "format_version": format_version_for(tail_samples, masked=mask is not None),
         "kdforge_version": kdforge.__version__,
@@ -391,78 +441,77 @@ def write_teacher_cache(
         "shards": [],
         "stats": {},
     }
-    offsets_blob = _offsets_entry(header, token_offsets, texts, len(seqs), seqs.seq_len)
-    mask_blob = None
-    if mask is not None:
-        mask_blob = loss_mask_bytes(mask)
-        header["dataset"]["loss_mask_sha256"] = hashlib.sha256(mask_blob).hexdigest()
-        header["dataset"]["loss_tokens"] = int(mask[:, 1:].sum())
-    out.mkdir(parents=True, exist_ok=True)
-    group = _resolve_group(data_parallel)
-    ranges = shard_ranges(len(seqs), shard_size)
-    with contextlib.ExitStack() as stack:
-        # phase 1: rank 0 locks the folder, keeps what a killed build finished, publishes the plan
-        if group.rank == 0:
-            stack.enter_context(build_lock(out))
-            manifest = _resume_or_start(out, header, overwrite, ranges)
-            if mask_blob is not None and not manifest["complete"]:
-                with atomic_write(out / LOSS_MASK, "wb") as fh:
-                    fh.write(mask_blob)
-            if offsets_blob is not None and not manifest["complete"]:
-                with atomic_write(out / OFFSETS_FILE, "wb") as fh:
-                    fh.write(offsets_blob)
-            if group.world_size > 1 and not manifest["complete"]:
-                write_json_atomic(out / MANIFEST, manifest)
-        group.barrier()
-        if group.rank != 0:
-            manifest = _joined_manifest(out, header, group.rank)
-        if manifest["complete"]:
-            log.info("teacher cache at %s is already complete; nothing to do", out)
-            return out
 
-        # phase 2: every rank writes its share of the unfinished shards
-        done = {_shard_index(e, shard_size) for e in manifest["shards"]}
-        pending = [i for i in range(len(ranges)) if i not in done]
-        mine = assign_shards(pending, group.rank, group.world_size)
-        if done:
-            log.info("resuming teacher cache: %d of %d shards done", len(done), len(ranges))
-        if group.world_size > 1:
-            log.info("rank %d of %d writes %d of the %d unfinished shards", group.rank, group.world_size,
-                     len(mine), len(pending))
-        progress: list[dict[str, Any]] = []
-        for index in mine:
-            start, end = ranges[index]
-            t0 = time.perf_counter()
-            entry, n_bytes = _write_shard(out, index, seqs, start, end, topk_fn, enc, k, vocab_size, batch_size,
-                                          tail_samples, None if mask is None else mask[start:end], features)
-            if group.world_size == 1:  # the manifest is the progress record
-                manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["rows"][0])
-                if len(manifest["shards"]) == len(ranges):
-                    manifest["complete"] = True
-                    manifest["stats"] = _stats(manifest)
-                write_json_atomic(out / MANIFEST, manifest)
-            else:
-                progress.append(entry)
-                write_json_atomic(out / progress_name(group.rank), {"rank": group.rank, "shards": progress})
-            n_tok = (end - start) * seqs.seq_len
-            log.info(
-                "shard %d/%d: %d tokens, %.1f B/token, %.0f tokens/s",
-                index + 1,
-                len(ranges),
-                n_tok,
-                n_bytes / n_tok,
-                n_tok / max(time.perf_counter() - t0, 1e-9),
-            )
-            if on_shard is not None:
-                on_shard(index, entry)
 
-        # phase 3: rank 0 merges the ranks' records into the manifest, once
-        if group.world_size > 1:
-            group.barrier()
-            if group.rank == 0:
-                _merge_progress(out, manifest, ranges)
-            group.barrier()
-        return out
+def _loss_mask_entry(header: dict[str, Any], mask: np.ndarray | None) -> bytes | None:
+    """Bytes of ``loss_mask.npy`` (None without a mask); records their SHA-256 and the trained-token count."""
+    if mask is None:
+        return None
+    mask_blob = loss_mask_bytes(mask)
+    header["dataset"]["loss_mask_sha256"] = hashlib.sha256(mask_blob).hexdigest()
+    header["dataset"]["loss_tokens"] = int(mask[:, 1:].sum())
+    return mask_blob
+
+
+def _start_build(stack: contextlib.ExitStack, out: Path, group: BuildGroup, header: dict[str, Any], overwrite: bool,
+                 ranges: Sequence[tuple[int, int]], mask_blob: bytes | None, offsets_blob: bytes | None
+                 ) -> dict[str, Any]:
+    """Phase 1: rank 0 takes the build lock (held by ``stack``), resumes or starts the manifest and writes
+    the side files; every rank then reads the same manifest."""
+    if group.rank == 0:
+        stack.enter_context(build_lock(out))
+        manifest = _resume_or_start(out, header, overwrite, ranges)
+        if mask_blob is not None and not manifest["complete"]:
+            with atomic_write(out / LOSS_MASK, "wb") as fh:
+                fh.write(mask_blob)
+        if offsets_blob is not None and not manifest["complete"]:
+            with atomic_write(out / OFFSETS_FILE, "wb") as fh:
+                fh.write(offsets_blob)
+        if group.world_size > 1 and not manifest["complete"]:
+            write_json_atomic(out / MANIFEST, manifest)
+    group.barrier()
+    if group.rank != 0:
+        manifest = _joined_manifest(out, header, group.rank)
+    return manifest
+
+
+def _my_shards(manifest: dict[str, Any], ranges: Sequence[tuple[int, int]], shard_size: int,
+               group: BuildGroup) -> list[int]:
+    """Indices of the unfinished shards that this rank writes (round-robin over the ranks)."""
+    done = {_shard_index(e, shard_size) for e in manifest["shards"]}
+    pending = [i for i in range(len(ranges)) if i not in done]
+    mine = assign_shards(pending, group.rank, group.world_size)
+    if done:
+        log.info("resuming teacher cache: %d of %d shards done", len(done), len(ranges))
+    if group.world_size > 1:
+        log.info("rank %d of %d writes %d of the %d unfinished shards", group.rank, group.world_size,
+                 len(mine), len(pending))
+    return mine
+
+
+def _commit_shard(out: Path, manifest: dict[str, Any], entry: dict[str, Any], num_shards: int, group: BuildGroup,
+                  progress: list[dict[str, Any]]) -> None:
+    """Record a written shard: in the manifest (one process), else in this rank's progress file."""
+    if group.world_size == 1:  # the manifest is the progress record
+        manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["rows"][0])
+        if len(manifest["shards"]) == num_shards:
+            manifest["complete"] = True
+            manifest["stats"] = _stats(manifest)
+        write_json_atomic(out / MANIFEST, manifest)
+    else:
+        progress.append(entry)
+        write_json_atomic(out / progress_name(group.rank), {"rank": group.rank, "shards": progress})
+
+
+def _log_shard(index: int, num_shards: int, n_tok: int, n_bytes: int, t0: float) -> None:
+    log.info(
+        "shard %d/%d: %d tokens, %.1f B/token, %.0f tokens/s",
+        index + 1,
+        num_shards,
+        n_tok,
+        n_bytes / n_tok,
+        n_tok / max(time.perf_counter() - t0, 1e-9),
+    )
 
 
 def _offsets_entry(header: dict[str, Any], token_offsets: tuple[Any, Any] | None, texts: Sequence[str] | None,

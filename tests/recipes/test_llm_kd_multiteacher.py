@@ -66,7 +66,8 @@ def test_an_ensemble_of_the_one_teacher_gives_the_single_teacher_loss(two_teache
     assert not (out / "teacher_cache-teacher").exists()  # the member 'teacher' reads the run's own cache
 
 
-def test_two_cached_teachers_and_an_online_pair_train_the_student(two_teachers, tmp_path, monkeypatch):
+def _record_ensemble_sources(monkeypatch) -> dict:
+    """``{method name: the EnsembleTeacher the recipe built for it}``, filled as the run goes."""
     sources = {}
     real = llm_teachers.ensemble_teacher
 
@@ -76,6 +77,11 @@ def test_two_cached_teachers_and_an_online_pair_train_the_student(two_teachers, 
         return got
 
     monkeypatch.setattr(llm_teachers, "ensemble_teacher", spy)
+    return sources
+
+
+def test_two_cached_teachers_and_an_online_pair_train_the_student(two_teachers, tmp_path, monkeypatch):
+    sources = _record_ensemble_sources(monkeypatch)
     methods = [
         {"name": "fixed", "teacher": "ensemble", "objective": [FKL],
          "ensemble": {"members": ["teacher", "b"], "weights": [0.5, 0.5]}},
@@ -182,15 +188,7 @@ def test_per_teacher_terms_over_a_cached_pair_sum_the_members_losses(two_teacher
     """``per_teacher: true`` on a cached two-member ensemble: the recipe builds the source with the members'
     signals; an ensemble of the one teacher with per_teacher gives the single teacher's reverse KL."""
     rkl = {"name": "reverse_kl", "weight": 1.0}
-    sources = {}
-    real = llm_teachers.ensemble_teacher
-
-    def spy(method, teachers, data):
-        got = real(method, teachers, data)
-        sources[method.name] = got[0]
-        return got
-
-    monkeypatch.setattr(llm_teachers, "ensemble_teacher", spy)
+    sources = _record_ensemble_sources(monkeypatch)
     methods = [{"name": "kd", "objective": [rkl, CE]},
                {"name": "one", "teacher": "ensemble", "ensemble": {"members": ["teacher"]},
                 "objective": [{**rkl, "per_teacher": True}, CE]},

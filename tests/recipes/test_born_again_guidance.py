@@ -14,7 +14,7 @@ from kdforge.config import validate
 from kdforge.data.vision import write_synthetic_fashion_mnist
 from kdforge.errors import ConfigError
 from kdforge.losses import cross_entropy, forward_kl
-from kdforge.recipes.born_again_guidance import generation_label_weight, guidance_terms
+from kdforge.recipes.born_again_guidance import generation_label_weight, guidance_split, guidance_terms
 from kdforge.recipes.fashion_mnist import FashionMnistConfig, TermSpec
 from kdforge.students.vision import build_vision_model
 
@@ -100,3 +100,15 @@ def test_auto_records_an_alpha_per_generation_and_trains(data_dir, tmp_path):
                   if "loss" in json.loads(line)]
         assert len(losses) >= 2 and losses[-1] < losses[0]
     assert 0.0 <= result["metrics"]["accuracy"] <= 1.0
+    # the estimate comes from a shadow chain that never saw the held-out rows (generations 0 and 1)
+    assert (seed_dir / "shadow-0").is_dir() and (seed_dir / "shadow-1").is_dir()
+    assert not (seed_dir / "shadow-2").exists()
+
+
+def test_the_guidance_split_holds_out_labelled_rows_only():
+    labels = torch.tensor([0, 1] * 10 + [-100] * 5)
+    keep, held = guidance_split(labels, seed=3)
+    assert sorted(torch.cat([keep, held]).tolist()) == list(range(25))
+    assert (labels[held] != -100).all() and len(held) == 4  # 20 % of each class's 10
+    assert {i for i in range(20, 25)} <= set(keep.tolist())
+    assert torch.equal(held, guidance_split(labels, seed=3)[1])

@@ -49,7 +49,7 @@ from kdforge.config import StrictModel
 from kdforge.errors import CacheError, ConfigError
 from kdforge.io import write_bytes_atomic
 from kdforge.recipes import RECIPES, Recipe
-from kdforge.recipes.born_again_guidance import generation_label_weight, guidance_terms
+from kdforge.recipes.born_again_guidance import generation_label_weight, guidance_split, guidance_terms
 from kdforge.recipes.data_methods import DataMethod, check_data_method
 from kdforge.recipes.learned_terms import attach_bilevel, attach_learned_terms, unwrap_student
 from kdforge.recipes.subrun import (
@@ -888,7 +888,11 @@ class _Regime:
         untrained random network, "random teachers are good teachers"); generation ``g+1`` learns
         with the method's terms from generation ``g``'s logits. With ``label_weight`` (Borup & Andersen
         2021, recipes/born_again_guidance.py) the terms' weights become ``alpha_g`` / ``1 - alpha_g``,
-        recorded in ``self.guidance``. Returns the last generation."""
+        recorded in ``self.guidance``; ``auto`` estimates ``alpha_g`` on a *shadow* chain, the same
+        generations trained without the held-out labelled images (``shadow-g/``), so that the rows
+        the estimate scores on are unseen. Returns the last generation."""
+        import copy
+
         from kdforge.eval.classification import predict_logits
         from kdforge.students.vision import build_vision_model
 
@@ -896,22 +900,37 @@ class _Regime:
         assert spec is not None
         x = self.data.x_train[self.idx]
         steps = 0
+        auto = spec.label_weight == "auto"
+        keep = guidance_split(self.labels, fit["seed"])[0] if auto else None  # the shadow chain's rows
+        shadow = copy.deepcopy(model) if auto else None  # gen 0's init (random: gen 0 itself)
         if spec.first == "labels":
             first = _fit(model, _KeyedDataset(x, self.labels), [TermSpec(name="cross_entropy", weight=1.0)],
                          run_dir=run_dir / "gen-0", **fit)
             teacher, steps = first["model"], first["steps"]
+            if auto:
+                with torch.random.fork_rng():  # the real chain's random state is untouched
+                    shadow = _fit(shadow, _KeyedDataset(x[keep], self.labels[keep]),
+                                  [TermSpec(name="cross_entropy", weight=1.0)], run_dir=run_dir / "shadow-0",
+                                  **fit)["model"]
         else:
             teacher = model  # its seeded random init, untrained
         for g in range(1, spec.generations + 1):
             logits = predict_logits(teacher, x)
             terms = self.method.terms
             if spec.label_weight is not None:
-                self.guidance.append(generation_label_weight(spec.label_weight, teacher, x, logits, self.labels,
+                prev = shadow if auto else teacher
+                prev_logits = predict_logits(prev, x) if auto else logits
+                self.guidance.append(generation_label_weight(spec.label_weight, prev, x, prev_logits, self.labels,
                                                              seed=fit["seed"], generation=g))
                 terms = guidance_terms(terms, self.guidance[-1]["alpha"])
             torch.manual_seed(fit["seed"] * 1000 + g)  # each generation starts from a fresh init
             arch = self.method.student_config(config.student)
             student = build_vision_model(arch.arch, **arch.kwargs)
+            if auto and g < spec.generations:  # the shadow generation g, from the same init
+                with torch.random.fork_rng():
+                    shadow = _fit(copy.deepcopy(student), _KeyedDataset(
+                        x[keep], self.labels[keep], teacher_logits=prev_logits[keep]), terms,
+                        run_dir=run_dir / f"shadow-{g}", **fit)["model"]
             out = _fit(student, _KeyedDataset(x, self.labels, teacher_logits=logits), terms,
                        run_dir=run_dir / f"gen-{g}", **fit)
             teacher, steps = out["model"], steps + out["steps"]

@@ -14,7 +14,11 @@ from kdforge.config import validate
 from kdforge.data.vision import write_synthetic_fashion_mnist
 from kdforge.errors import ConfigError
 from kdforge.losses import cross_entropy, forward_kl
-from kdforge.recipes.born_again_guidance import generation_label_weight, guidance_split, guidance_terms
+from kdforge.recipes.born_again_guidance import (
+    generation_label_weight,
+    guidance_split,
+    guidance_terms,
+)
 from kdforge.recipes.fashion_mnist import FashionMnistConfig, TermSpec
 from kdforge.students.vision import build_vision_model
 

@@ -49,7 +49,11 @@ from kdforge.config import StrictModel
 from kdforge.errors import CacheError, ConfigError
 from kdforge.io import write_bytes_atomic
 from kdforge.recipes import RECIPES, Recipe
-from kdforge.recipes.born_again_guidance import generation_label_weight, guidance_split, guidance_terms
+from kdforge.recipes.born_again_guidance import (
+    generation_label_weight,
+    guidance_split,
+    guidance_terms,
+)
 from kdforge.recipes.data_methods import DataMethod, check_data_method
 from kdforge.recipes.learned_terms import attach_bilevel, attach_learned_terms, unwrap_student
 from kdforge.recipes.subrun import (

@@ -5,6 +5,8 @@ errors, and a tiny end-to-end run that records one alpha per generation and trai
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from kdforge.recipes.born_again_guidance import (
 from kdforge.recipes.fashion_mnist import FashionMnistConfig, TermSpec
 from kdforge.students.vision import build_vision_model
 
+REPO = Path(__file__).resolve().parents[2]
 CE_KL1 = [{"name": "cross_entropy", "weight": 1.0}, {"name": "forward_kl", "weight": 1.0, "params": {"temperature": 1.0}}]
 
 
@@ -107,6 +110,11 @@ def test_auto_records_an_alpha_per_generation_and_trains(data_dir, tmp_path):
     # the estimate comes from a shadow chain that never saw the held-out rows (generations 0 and 1)
     assert (seed_dir / "shadow-0").is_dir() and (seed_dir / "shadow-1").is_dir()
     assert not (seed_dir / "shadow-2").exists()
+    # benchmarks/born_again_guidance_table.py tabulates the run (accuracy and each generation's alpha)
+    table = subprocess.run([sys.executable, str(REPO / "benchmarks" / "born_again_guidance_table.py"), "--run",
+                            str(tmp_path / "run"), "--reference", "guided"], capture_output=True, text=True, check=True)
+    row = next(line for line in table.stdout.splitlines() if line.startswith("| guided |"))
+    assert f"{100 * result['metrics']['accuracy']:.2f}" in row and f"0: {records[0]['alpha']:.2f}" in row
 
 
 def test_the_guidance_split_holds_out_labelled_rows_only():

@@ -85,3 +85,26 @@ def test_errors_name_the_fix():
     sparse = SparseTeacher(torch.zeros(2, 2, dtype=torch.long), torch.full((2, 2), -0.7), 5)
     with pytest.raises(ConfigError, match="forward_kl"):
         dac_kl(s, sparse)
+
+
+def _sorted_region(logp: torch.Tensor, mass: float, max_k: int | None = None) -> torch.Tensor:
+    """The definition by a full sort: the fewest top classes reaching ``mass``, cut at ``max_k``."""
+    probs, order = logp.exp().sort(dim=-1, descending=True)
+    keep = (probs.cumsum(-1) - probs) < mass
+    keep[..., 0] = True
+    if max_k is not None:
+        keep[..., max_k:] = False
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), vocab=st.sampled_from([3, 70, 600, 5000]),
+       scale=st.sampled_from([0.1, 1.0, 4.0]), mass=st.sampled_from([0.5, 0.9, 0.999]),
+       max_k=st.sampled_from([None, 1, 100, 700]))
+def test_the_partial_selection_finds_the_sorted_region(seed, vocab, scale, mass, max_k):
+    """Flat rows (scale 0.1: hundreds to thousands of classes) and peaked ones, in one batch."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, vocab, generator=g, dtype=torch.float64) * scale
+    logits[:2] *= 20  # two peaked rows next to flat ones: rows leave the loop at different sizes
+    logp = logits.log_softmax(-1)
+    assert torch.equal(dense_region(logp, mass, max_k), _sorted_region(logp, mass, max_k))

@@ -30,8 +30,9 @@ reading** of the abstract, derived here from scratch:
   the fitting split of the *labelled training images*; the held-out rows are another split of
   the labelled training images (never the test set). ``lambda`` is chosen on the held-out split
   from a grid (the one that fits the labels alone best), relative to the mean eigenvalue of
-  ``Phi^T Phi``. Caveat: the previous generation was trained on all labelled images, held-out
-  ones included, so its features have seen the held-out labels.
+  ``Phi^T Phi``. The previous model must not have trained on the held-out rows (features that
+  have seen their labels fit them like the labels and drive ``alpha`` to 0): the recipe estimates
+  ``alpha_g`` on a *shadow* chain trained without them (``recipes/born_again_guidance.py``).
 
 The recipe wiring (``teacher: {source: born_again, label_weight: auto}``) lives in
 ``recipes/fashion_mnist.py``; docs/regimes.md "Ground-truth guidance" has the mapping onto loss

@@ -27,50 +27,41 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kdforge.config import validate
-from kdforge.distributed import check_process_group, needs_cpu_process_group, wrapper_of
-from kdforge.errors import CheckpointError, ConfigError, NonFiniteError
-from kdforge.io import write_text_atomic
+from kdforge.distributed import check_process_group
+from kdforge.errors import ConfigError, NonFiniteError
 from kdforge.losses import value_checks
 from kdforge.teachers.sources import TeacherSource, as_source
+from kdforge.train import distiller_setup as setup
 from kdforge.train import evaluation, persistence, tracking
 from kdforge.train.callbacks import (
     Callback,
-    JsonlLogger,
     ProgressBar,
     TrainerState,
-    TrainingContext,
 )
 from kdforge.train.checkpoint import (
     latest_checkpoint,
 )
 from kdforge.train.config import TrainConfig
-from kdforge.train.guards import EmptyBatches, FiniteGuard, grad_norm_of
+from kdforge.train.guards import grad_norm_of
 from kdforge.train.objective import LossTerm, NoSchedules, Objective, ObjectiveValue
 from kdforge.train.onpolicy import GenerateFn, OnPolicyConfig
 from kdforge.train.optim import (
     lr_lambda,
-    new_accelerator,
-    param_groups,
     refuse_meta,
     resolve_mixed_precision,
 )
-from kdforge.train.sampler import EpochSampler
-from kdforge.train.stream import BatchStream, dataset_of
 from kdforge.train.tasks import (
-    CausalLMTask,
     Task,
     TaskOutput,
     attach_teacher,
@@ -121,6 +112,12 @@ class Distiller:
             factory sets ``lr`` and the rest).
     """
 
+    # set in __init__ by kdforge.train.distiller_setup (with optimizer, scheduler, stream, sampler...)
+    student: nn.Module
+    extras: dict[str, nn.Module]
+    state: TrainerState
+    callbacks: list[Callback]
+
     def __init__(
         self,
         student: nn.Module,
@@ -148,51 +145,24 @@ class Distiller:
     ) -> None:
         self.config = config if isinstance(config, TrainConfig) else validate(TrainConfig, dict(config), source="train config")
         self.objective = objective if isinstance(objective, Objective) else Objective(objective)
-        self.task = self._check_task(task)
+        self.task = setup.check_task(self.objective, task)
         self.eval_fn, self.num_workers, self.vocab_policy = eval_fn, num_workers, vocab_policy
         self.run_dir = Path(self.config.output_dir) if self.config.output_dir else None
         self.teacher = teacher
         self.teacher_source: TeacherSource | None = as_source(teacher)
-        self.transforms: list[BatchTransform] = self._transforms(on_policy, generate_fn, transforms)
+        self.transforms: list[BatchTransform] = setup.transform_chain(self, on_policy, generate_fn, transforms)
         self.accelerator = accelerator or self._make_accelerator()
         check_process_group(self.accelerator)  # launched processes that formed no group would each train alone
         refuse_meta(student, "student")
-        self._setup_teacher(student, teacher_device)
+        setup.setup_teacher(self, student, teacher_device)
         if self.objective.feature_terms:  # bind() returns the same modules on a repeat call
             extra_modules = {**self.objective.bind(student, self.teacher_source), **dict(extra_modules or {})}
-        self._setup_optimization(student, dict(extra_modules or {}), optimizer_factory)
-        self._setup_data(train_data, eval_data, collate_fn, sampler)
-        self._setup_callbacks(callbacks, run_config)
+        setup.setup_optimization(self, student, dict(extra_modules or {}), optimizer_factory)
+        setup.setup_data(self, train_data, eval_data, collate_fn, sampler)
+        setup.setup_callbacks(self, callbacks, run_config)
         self._layout: Any = None  # the batch layout last validated (keys, dtypes, ranks)
         self._largest: dict[str, tuple[int, ...]] = {}  # the largest shape seen per batch key
         self._value_checks = True  # the losses check values (host reads) on this micro-batch
-
-    # -- setup -------------------------------------------------------------------------------
-    def _check_task(self, task: Task) -> Task:
-        if not isinstance(task, Task):
-            raise ConfigError(f"task must be a kdforge Task, got {type(task).__name__}",
-                              "pass ClassificationTask() or CausalLMTask()")
-        missing = [n for n in self.objective.task_terms if n not in task.term_names]
-        if missing:
-            raise ConfigError(
-                f"objective terms {missing} have source 'task', but {type(task).__name__} computes "
-                f"{list(task.term_names) or 'no extra terms'}",
-                "use a task that provides them, or make them registered losses (source: loss)",
-            )
-        return task
-
-    def _transforms(self, on_policy: Any, generate_fn: GenerateFn | None,
-                    extra: Iterable[BatchTransform]) -> list[BatchTransform]:
-        chain: list[BatchTransform] = []
-        if on_policy is not None:
-            op = on_policy if isinstance(on_policy, OnPolicyConfig) else validate(OnPolicyConfig, dict(on_policy), source="on_policy")
-            if not isinstance(self.task, CausalLMTask):
-                raise ConfigError("on-policy distillation works with CausalLMTask only", "use CausalLMTask()")
-            if self.teacher_source is None or not self.teacher_source.scores_new_samples:
-                raise ConfigError("on-policy distillation needs an online teacher module to score student samples",
-                                  "pass teacher= (a cached top-k signal cannot score new samples)")
-            chain.append(OnPolicyTransform(op, generate_fn, seed=self.config.seed))
-        return [*chain, *extra]
 
     @property
     def on_policy(self) -> Any:
@@ -201,102 +171,7 @@ class Distiller:
         return first.batcher if isinstance(first, OnPolicyTransform) else None
 
     def _make_accelerator(self) -> Any:
-        from accelerate import Accelerator
-
-        kwargs: dict[str, Any] = {"mixed_precision": resolve_mixed_precision(self.config.mixed_precision)}
-        if needs_cpu_process_group():  # torchrun-style launch on a CPU-only machine: join a gloo group
-            kwargs["cpu"] = True
-        kwargs.update(tracking.accelerator_kwargs(self.config.log_with, self.run_dir))  # ConfigError if not installed
-        return new_accelerator(Accelerator, kwargs)
-
-    def _setup_teacher(self, student: nn.Module, teacher_device: Any) -> None:
-        """Freeze the source's modules and place them (the teacher is never prepared/wrapped)."""
-        source = self.teacher_source
-        if source is None:
-            return
-        for module in source.modules():
-            refuse_meta(module, "teacher")
-            module.requires_grad_(False)
-            module.eval()
-            shared = {id(p) for p in module.parameters()} & {id(p) for p in student.parameters()}
-            if shared:
-                logger.warning("%d parameter tensors are shared by teacher and student; they are frozen "
-                               "(the teacher is frozen) and not trained", len(shared))
-        if teacher_device == "auto":
-            source.place(self.accelerator.device)
-        elif teacher_device is not None:
-            for module in source.modules():
-                module.to(teacher_device)
-
-    def _setup_optimization(self, student: nn.Module, extra_modules: dict[str, nn.Module],
-                            optimizer_factory: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None) -> None:
-        """Optimizer over the student's and the method's trainable parameters; accelerate prepares them."""
-        self._extra_names = list(extra_modules)
-        extras = list(extra_modules.values())
-        groups = param_groups([student, *extras], self.config.weight_decay)
-        if optimizer_factory is not None:
-            optimizer = optimizer_factory(groups)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas)
-        # only modules with trainable parameters are prepared (DDP refuses a module without any, e.g. feature
-        # terms whose projectors are all identities); the others just move to the device
-        learned = [any(p.requires_grad for p in m.parameters()) for m in extras]
-        self.student, *prepared, self.optimizer = self.accelerator.prepare(
-            student, *[m for m, t in zip(extras, learned) if t], optimizer)
-        ready = iter(prepared)
-        self.extras: dict[str, nn.Module] = {name: next(ready) if t else m.to(self.accelerator.device)
-                                             for name, m, t in zip(self._extra_names, extras, learned)}
-        if self.config.save_every and wrapper_of(self.student) == "DeepSpeedEngine":
-            # ZeRO partitions the optimizer state inside the engine: a checkpoint of rank 0's view
-            # would resume with the wrong moments. Refuse before training, not at the first save.
-            raise CheckpointError(
-                "save_every is set, but kdforge checkpoints cannot save DeepSpeed ZeRO's partitioned "
-                "optimizer state (a resume would be silently wrong)",
-                "use FSDP for a sharded, resumable run (configs/accelerate/fsdp_8gpu.yaml), or set "
-                "save_every: null under DeepSpeed",
-            )
-
-    def _setup_data(self, train_data: Any, eval_data: Any, collate_fn: Any, sampler: Any) -> None:
-        """Data (kdforge owns the default sampler: order = f(seed, epoch), resumable mid-epoch)."""
-        acc, cfg = self.accelerator, self.config
-        dataset, self.collate_fn = dataset_of(train_data, collate_fn, "train_data")
-        self.train_dataset = dataset
-        self.eval_data = eval_data
-        self.sampler = sampler if sampler is not None else EpochSampler(
-            len(dataset), seed=cfg.seed, shuffle=True, num_replicas=acc.num_processes, rank=acc.process_index)
-        self.state = TrainerState(run_dir=self.run_dir, is_main_process=acc.is_main_process)
-        self.stream = BatchStream(dataset, self.collate_fn, self.sampler, batch_size=cfg.batch_size, seed=cfg.seed,
-                                  num_workers=self.num_workers, device=acc.device, state=self.state)
-        self.batches_per_epoch = self.stream.batches_per_epoch
-        max_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(
-            cfg.epochs * self.batches_per_epoch / cfg.grad_accum_steps)
-        self.state.max_steps, self.state.batches_per_epoch = max_steps, self.batches_per_epoch
-        self.empty_batches = EmptyBatches(cfg.empty_start_batches, self.batches_per_epoch,
-                                          f"the training data ({type(dataset).__name__}, {len(dataset)} examples)")
-        self.finite_guard = FiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite_skips)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self._torch_optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, max_steps))
-        self.schedules = self.objective.schedules(max_steps)
-        if eval_data is None and cfg.eval_every:
-            logger.warning("eval_every=%d is set but no eval_data was given: periodic evaluation is off",
-                           cfg.eval_every)
-
-    def _setup_callbacks(self, callbacks: Iterable[Callback], run_config: Any) -> None:
-        # User callbacks run first, so metrics they add to a record (e.g. the teacher-hacking
-        # monitor's flags) reach the progress bar and metrics.jsonl written by the built-ins.
-        self.callbacks: list[Callback] = list(callbacks)
-        self._jsonl: JsonlLogger | None = None
-        if tracking.progress_enabled(self.config.progress):
-            self.callbacks.append(ProgressBar())
-        if self.run_dir is not None:
-            self._jsonl = JsonlLogger(self.run_dir / "metrics.jsonl")
-            self.callbacks.append(self._jsonl)
-        self.context = TrainingContext(self)
-        for cb in self.callbacks:
-            cb.context = self.context
-        if self.run_dir is not None and run_config is not None and self.accelerator.is_main_process:
-            data = run_config.model_dump(mode="json") if isinstance(run_config, BaseModel) else dict(run_config)
-            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+        return setup.make_accelerator(self)
 
     # -- small helpers -------------------------------------------------------------------------
     def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager:

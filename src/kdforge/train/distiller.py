@@ -43,7 +43,7 @@ from kdforge.errors import ConfigError, NonFiniteError
 from kdforge.losses import value_checks
 from kdforge.teachers.sources import TeacherSource, as_source
 from kdforge.train import distiller_setup as setup
-from kdforge.train import evaluation, persistence, tracking
+from kdforge.train import evaluation, persistence, reporting, tracking
 from kdforge.train.callbacks import (
     Callback,
     ProgressBar,
@@ -328,7 +328,7 @@ class Distiller:
         self._begin(resumed)
         state, acc = self.state, self.accelerator
         start = time.perf_counter()
-        window = _Window()
+        window = reporting.Window()
         last_eval_step = last_save_step = -1
         try:
             while state.step < state.max_steps and not state.should_stop:
@@ -344,11 +344,11 @@ class Distiller:
                 if not skipped:
                     window.add(stats, positions, time.perf_counter() - step_start)
                     if not isinstance(self.schedules, NoSchedules):
-                        self.schedules.observe(self._global_losses(state.step_metrics))
+                        self.schedules.observe(reporting.global_losses(self, state.step_metrics))
                 logs = None
                 if window.steps and (state.step % self.config.log_every == 0 or state.step == state.max_steps):
-                    logs = self._train_logs(window.values, window.steps, window.positions, window.time, start)
-                    window = _Window()
+                    logs = reporting.train_logs(self, window, start)
+                    window = reporting.Window()
                     state.last_logs = logs
                     logger.info("step %d/%d %s", state.step, state.max_steps,
                                 " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith("loss")))
@@ -358,13 +358,13 @@ class Distiller:
                     cb.on_step_end(state, logs)
                 done = state.step >= state.max_steps or state.should_stop
                 if self._due(self.config.eval_every, done) and self.eval_data is not None:
-                    self._evaluate_and_report(start)
+                    reporting.evaluate_and_report(self, start)
                     last_eval_step = state.step
                 if self._due(self.config.save_every, done) and self.run_dir is not None:
                     self.save_checkpoint()
                     last_save_step = state.step
             if self.config.eval_every and self.eval_data is not None and last_eval_step != state.step:
-                self._evaluate_and_report(start)
+                reporting.evaluate_and_report(self, start)
             if self.config.save_every and self.run_dir is not None and last_save_step != state.step \
                     and state.step > 0:
                 self.save_checkpoint()
@@ -378,15 +378,6 @@ class Distiller:
             if getattr(acc, "trackers", None):
                 acc.end_training()
         return state
-
-    def _global_losses(self, metrics: Mapping[str, Any]) -> dict[str, float]:
-        """This step's ``loss``/``loss/<term>`` summed over processes (each holds its share)."""
-        keys = sorted(k for k in metrics if k == "loss" or k.startswith("loss/"))
-        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).to(self.accelerator.device)
-                              for k in keys])
-        if self.accelerator.num_processes > 1:
-            values = self.accelerator.reduce(values, "sum")
-        return dict(zip(keys, values.tolist()))
 
     def _due(self, every: int | None, done: bool) -> bool:
         return bool(every) and (self.state.step % every == 0 or done)  # type: ignore[operator]
@@ -407,43 +398,11 @@ class Distiller:
         for cb in self.callbacks:
             cb.on_train_begin(state)
 
-    def _train_logs(self, window: dict[str, Any], steps: int, positions: int, elapsed: float,
-                    start: float) -> dict[str, Any]:
-        acc = self.accelerator
-        keys = sorted(window)
-        values = torch.stack([torch.as_tensor(window[k], dtype=torch.float32).to(acc.device) for k in keys])
-        if acc.num_processes > 1:
-            values = acc.reduce(values, "sum")
-            # grad_norm and scheduled values are identical on all processes: undo the sum
-            for i, k in enumerate(keys):
-                if k == "grad_norm" or k.startswith("sched/"):
-                    values[i] /= acc.num_processes
-        logs: dict[str, Any] = {"step": self.state.step, "split": "train", "epoch": round(self.state.epoch_float, 4),
-                                "time": round(time.perf_counter() - start, 3)}
-        for k, v in zip(keys, values.tolist()):
-            logs[k] = v / steps
-        logs["lr"] = self.scheduler.get_last_lr()[0]
-        logs[f"{self.task.unit}_per_s"] = positions / max(elapsed, 1e-9)
-        return logs
-
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, data: Dataset | DataLoader | None = None) -> dict[str, float]:
         """Objective and fidelity on ``data`` (default: ``eval_data``), no grad (see
         :func:`kdforge.train.evaluation.evaluate`)."""
         return evaluation.evaluate(self, data)
-
-    def _evaluate_and_report(self, start: float) -> dict[str, Any]:
-        metrics = self.evaluate()
-        record = {"step": self.state.step, "split": "eval", "epoch": round(self.state.epoch_float, 4),
-                  "time": round(time.perf_counter() - start, 3), **metrics}
-        self.state.last_eval = record
-        logger.info("eval step %d %s", self.state.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                                  if isinstance(v, float)))
-        if getattr(self.accelerator, "trackers", None):
-            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=self.state.step)
-        for cb in self.callbacks:
-            cb.on_evaluate(self.state, record)
-        return record
 
     # -- checkpoints -------------------------------------------------------------------------
     @property
@@ -466,40 +425,11 @@ class Distiller:
     # -- export ------------------------------------------------------------------------------
     def save_student(self, path: str | Path) -> Path:
         """Save the trained student: ``save_pretrained`` for HF models, else ``model.safetensors``."""
-        from kdforge.train.checkpoint import state_dict_to_bytes
-
-        path = Path(path)
-        acc = self.accelerator
-        model = acc.unwrap_model(self.student)
-        state = acc.get_state_dict(self.student)
-        if acc.is_main_process:
-            if hasattr(model, "save_pretrained"):
-                model.save_pretrained(path, state_dict=state)
-            else:
-                from kdforge.io import write_bytes_atomic
-
-                write_bytes_atomic(path / "model.safetensors", state_dict_to_bytes(state))
-        acc.wait_for_everyone()
-        return path
+        return persistence.save_student(self, path)
 
     @property
     def unwrapped_student(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.student)
-
-
-class _Window:
-    """Metrics summed over the optimizer steps since the last log."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-        self.steps, self.positions, self.time = 0, 0, 0.0
-
-    def add(self, stats: Mapping[str, Any], positions: int, seconds: float) -> None:
-        for key, value in stats.items():
-            self.values[key] = self.values.get(key, 0.0) + value
-        self.steps += 1
-        self.positions += positions
-        self.time += seconds
 
 
 def _layout_of(batch: Mapping[str, Any]) -> tuple[Any, ...]:

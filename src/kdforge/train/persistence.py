@@ -1,4 +1,5 @@
-"""Checkpoints of a :class:`~kdforge.train.Distiller`: save (atomic, verified) and exact resume.
+"""Checkpoints of a :class:`~kdforge.train.Distiller`: save (atomic, verified) and exact resume;
+and the export of the trained student (:func:`save_student`).
 
 A checkpoint holds the student, the method's extra modules, the teacher source's tensors (an EMA
 teacher's weights, under a reserved prefix of ``extras.safetensors``), optimizer, LR scheduler,
@@ -24,11 +25,12 @@ from kdforge.train.checkpoint import (
     prune_checkpoints,
     restore_model_state,
     restore_optimizer_state,
+    state_dict_to_bytes,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["resume", "save_checkpoint", "trainer_state_dict"]
+__all__ = ["resume", "save_checkpoint", "save_student", "trainer_state_dict"]
 
 #: prefix of a teacher source's tensors (an EMA teacher's weights) inside ``extras.safetensors``
 SOURCE_PREFIX = "__teacher_source__."
@@ -174,3 +176,19 @@ def resume(d: Any, resume: bool | str | Path) -> bool:
     logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, s.step, s.epoch, s.batch_in_epoch)
     return True
 
+
+def save_student(d: Any, path: str | Path) -> Path:
+    """Save the trained student: ``save_pretrained`` for HF models, else ``model.safetensors``."""
+    path = Path(path)
+    acc = d.accelerator
+    model = acc.unwrap_model(d.student)
+    state = acc.get_state_dict(d.student)
+    if acc.is_main_process:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(path, state_dict=state)
+        else:
+            from kdforge.io import write_bytes_atomic
+
+            write_bytes_atomic(path / "model.safetensors", state_dict_to_bytes(state))
+    acc.wait_for_everyone()
+    return path

@@ -46,3 +46,32 @@ def test_reused_big_blocks_stop_faulting_in_fresh_pages_and_opt_out_restores_gli
     assert default >= 20 * pages_per_block * 0.9
     # tuned: the freed block is reused from the heap, nearly no new faults
     assert tuned < 2 * pages_per_block
+
+
+def test_leave_distributed_returns_the_code_without_a_process_group() -> None:
+    from kdforge.runtime import leave_distributed
+
+    assert leave_distributed(0) == 0 and leave_distributed(2) == 2  # plain process: nothing to tear down
+
+
+def test_leave_distributed_destroys_the_group_flushes_and_exits_with_the_code(tmp_path) -> None:
+    """A one-process gloo group: the process ends with the command's code, after what it logged."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = textwrap.dedent(f"""
+        import logging, sys
+        import torch.distributed as dist
+        from kdforge.runtime import leave_distributed
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", world_size=1, rank=0)
+        logging.getLogger("probe").info("work done")
+        print("stdout line", end="")  # unflushed: leave_distributed flushes it
+        leave_distributed(3)
+        print("never reached")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert run.stdout == "stdout line" and "work done" in run.stderr

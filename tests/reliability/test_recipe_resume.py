@@ -189,7 +189,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_reruns_into_the_same_fold
     good = tiny.recipe_yaml(root, tmp_path / "good.yaml", train={"save_every": None}, **common)
     run_dir = tmp_path / "run"
     failed = _cli("run", str(bad), "-o", str(run_dir), "--no-report")
-    assert failed.returncode == 2 and "NaN at step 2" in failed.stderr, failed.stderr[-2000:]
+    assert failed.returncode == 2 and "is nan (not finite) at step 2" in failed.stderr, failed.stderr[-2000:]
     assert (run_dir / "config.yaml").is_file() and not (run_dir / "results.json").exists()
     rerun = _cli("run", str(good), "-o", str(run_dir), "--no-report")
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -163,3 +163,24 @@ def test_a_resumed_bilevel_run_ends_equal_to_an_uninterrupted_one(tmp_path):
                     [*resumed.unwrapped_student.parameters(), *fusion.parameters()]):
         assert torch.equal(a, b)
     assert len(resumed.learners[0].history) == 8  # the meta steps before the checkpoint are counted
+
+
+def test_a_live_teacher_is_queried_once_per_batch_for_the_meta_step_and_the_student_step():
+    """The meta step's teacher signal is replayed to the student's step (same logits, one forward)."""
+    torch.manual_seed(0)
+    x, y = _clusters(64, 6)
+    teacher = nn.Linear(D, C)
+    calls = []
+    teacher.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    fusion = TrilateralFusion(C)
+    settings = TrilateralBilevel(lookahead="head", holdout="batch", meta_lr=0.02)
+    objective = Objective([LossTerm(name="trilateral_kd", weight=1.0,
+                                    params={"fusion": fusion, "temperature": 2.0, "bilevel": settings})])
+    distiller = TrilateralBilevelDistiller(
+        nn.Linear(D, C), teacher, task=ClassificationTask(), objective=objective,
+        train_data=[{"inputs": x[i], "labels": y[i]} for i in range(64)], extra_modules={"fusion": fusion},
+        learners=[TrilateralMetaLearner(fusion, settings, temperature=2.0)],
+        config=TrainConfig(max_steps=4, batch_size=16, lr=1e-2, progress=False, log_every=1))
+    distiller.train()
+    assert calls == [16] * 4  # one teacher forward per training batch, not two
+    assert distiller.teacher_source is not None and type(distiller.teacher_source).__name__ != "_Replay"

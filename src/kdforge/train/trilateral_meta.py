@@ -230,4 +230,26 @@ class TrilateralBilevelDistiller(Distiller):
             labels = batch[self.task.label_key]
             for learner in self.learners:
                 learner.step(student, x, signal.logits.to(x.device), labels)
+            if source is self.teacher_source:  # the student's step reuses this signal: one teacher query per batch
+                self.teacher_source = _Replay(source, batch, signal)
+                try:
+                    return super().compute_loss(batch, normalizer)
+                finally:
+                    self.teacher_source = source
         return super().compute_loss(batch, normalizer)
+
+
+class _Replay:
+    """``source`` that answers ``batch`` (the same object, no feature request) with a given signal;
+    everything else is the source's own."""
+
+    def __init__(self, source: Any, batch: Mapping[str, Any], signal: Any) -> None:
+        self._source, self._batch, self._signal = source, batch, signal
+
+    def signal(self, batch: Mapping[str, Any], task: Any, *, features: Any = None) -> Any:
+        if batch is self._batch and features is None:
+            return self._signal
+        return self._source.signal(batch, task, features=features)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)

@@ -28,7 +28,7 @@ class FixedLimits(DACClipNet):
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), mass=st.floats(0.05, 1.0), temperature=st.sampled_from([1.0, 2.0]),
        max_k=st.sampled_from([None, 1, 3]), lower=st.sampled_from([0.0, -0.5]))
-def test_fixed_limits_with_a_hard_window_are_exactly_the_fixed_mass_loss(seed, mass, temperature, max_k, lower):
+def test_fixed_limits_with_a_hard_window_are_the_fixed_mass_loss(seed, mass, temperature, max_k, lower):
     g = torch.Generator().manual_seed(seed)
     s, t = torch.randn(2, 3, 7, generator=g), 3 * torch.randn(2, 3, 7, generator=g)
     labels = torch.randint(0, 7, (2, 3), generator=g)
@@ -37,7 +37,7 @@ def test_fixed_limits_with_a_hard_window_are_exactly_the_fixed_mass_loss(seed, m
     kw = dict(labels=labels, mask=mask, temperature=temperature, max_k=max_k, reduction="none")
     want = dac_kl(s, t, mass=mass, **kw)
     got = dac_kl(s, t, clip_net=FixedLimits(lower, mass), region_temperature=0.0, **kw)
-    assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # the same region; two float32 evaluations
 
 
 def test_a_fresh_net_is_the_fixed_mass_rule_and_a_small_tau_approaches_it():
@@ -45,7 +45,8 @@ def test_a_fresh_net_is_the_fixed_mass_rule_and_a_small_tau_approaches_it():
     s, t = torch.randn(16, 10, generator=g), 2 * torch.randn(16, 10, generator=g)
     y = torch.randint(0, 10, (16,), generator=g)
     net = DACClipNet(init_mass=0.8)  # zero last layer: u = 0.8 (or just below the top class), l < 0
-    assert torch.equal(dac_kl(s, t, clip_net=net, region_temperature=0.0, labels=y), dac_kl(s, t, mass=0.8, labels=y))
+    torch.testing.assert_close(dac_kl(s, t, clip_net=net, region_temperature=0.0, labels=y),
+                               dac_kl(s, t, mass=0.8, labels=y), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         soft = [float(dac_kl(s, t, clip_net=net, region_temperature=tau, labels=y)) for tau in (0.1, 0.01, 1e-4)]
     hard = float(dac_kl(s, t, mass=0.8, labels=y))

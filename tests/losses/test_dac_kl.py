@@ -108,3 +108,31 @@ def test_the_partial_selection_finds_the_sorted_region(seed, vocab, scale, mass,
     logits[:2] *= 20  # two peaked rows next to flat ones: rows leave the loop at different sizes
     logp = logits.log_softmax(-1)
     assert torch.equal(dense_region(logp, mass, max_k), _sorted_region(logp, mass, max_k))
+
+
+def _autograd_clipped_kl(s, t, mass, temperature, labels):
+    """The definition through autograd: both distributions clipped to the region (+ one bucket)."""
+    from kdforge.losses._core import kl
+    from kdforge.losses.dac_kl import _clip
+
+    s, t = s / temperature, t / temperature
+    region = dense_region(torch.log_softmax(t, -1), mass, None, labels)
+    return kl(_clip(torch.log_softmax(t, -1), region), _clip(torch.log_softmax(s, -1), region)) * temperature**2
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), mass=st.floats(0.05, 1.0), temperature=st.sampled_from([1.0, 2.0]),
+       vocab=st.sampled_from([2, 9, 300]))
+def test_the_closed_form_equals_the_autograd_of_the_clipped_distributions(seed, mass, temperature, vocab):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(5, vocab, generator=g, dtype=torch.float64, requires_grad=True)
+    t = 3 * torch.randn(5, vocab, generator=g, dtype=torch.float64)
+    y = torch.randint(0, vocab, (5,), generator=g)
+    y[0] = -100
+    got = dac_kl(s, t, mass=mass, temperature=temperature, labels=y, reduction="none")
+    want = _autograd_clipped_kl(s, t, mass, temperature, torch.where(y == -100, -1, y))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    w = torch.rand(5, generator=g, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad((got * w).sum(), s)
+    (g_want,) = torch.autograd.grad((want * w).sum(), s)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)

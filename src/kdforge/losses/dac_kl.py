@@ -30,7 +30,8 @@ clipped distributions. kdforge's reading of what the abstract leaves open:
   membership ``w_v in [0, 1]`` is soft (:mod:`kdforge.losses.dac_clip`); a class keeps the share
   ``w_v`` of its mass in place and sends ``1 - w_v`` to the rest bucket, for teacher and student
   alike: ``p' = [w_v p_v] + [sum_v (1 - w_v) p_v]``, ``q'`` the same, ``DAC-KL = T^2 KL(p' || q')``
-  (exactly the hard clip above at ``w in {0, 1}``: ``region_temperature = 0``);
+  (the hard clip above at ``w in {0, 1}``, ``region_temperature = 0``: the same region, the value
+  equal to float rounding);
 * the training rule (the abstract gives none; training ``(l, u)`` on the DAC-KL value collapses
   the region, an empty region has zero KL) is a **one-step look-ahead**: the student logits take
   one logit-space step toward the clipped target, ``s' = s - eta * grad_s DAC-KL(s; w)``, and the
@@ -101,6 +102,31 @@ def dense_region(logp: torch.Tensor, mass: float, max_k: int | None = None,
         rows = has.nonzero(as_tuple=True)[0]
         region[rows, target[has]] = True
     return region
+
+
+def _clipped_kl_closed_form(s: torch.Tensor, t_logp: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """``KL(p' || q')`` per row for student logits ``s`` and teacher log-probabilities ``t_logp``
+    ``[n, V]`` clipped to ``region`` (the rest one bucket), with its gradient in closed form.
+
+    With ``q = softmax(s)``, ``p_out = 1 - sum_R p`` and ``q_out = sum_{not R} q``, the value is
+    ``sum_R p (log p - log q) + p_out (log p_out - log q_out)`` and its gradient in ``s`` is
+    ``q - target``, ``target = p`` on ``R`` and ``q * p_out / q_out`` outside it (the bucket's
+    mass spread in proportion to the student). Computed without autograd over ``[n, V]`` masked
+    copies (the value and ``q - target`` once, attached as ``(s * g).sum() - sg(...)``); equal to
+    the autograd of the clipped distributions (:func:`_clip`; tested, gradcheck included).
+    """
+    with torch.no_grad():
+        logq = torch.log_softmax(s.detach(), -1)
+        q = logq.exp()
+        p = t_logp.exp()
+        p_in = torch.where(region, p, 0.0)
+        p_out = torch.where(region, 0.0, p).sum(-1)  # exactly 0 when the region is everything
+        q_out = torch.where(region, 0.0, q).sum(-1)
+        inside = (p_in * (torch.where(region, t_logp, 0.0) - torch.where(region, logq, 0.0))).sum(-1)
+        bucket = torch.xlogy(p_out, p_out) - torch.where(p_out > 0, p_out * torch.log(q_out), 0.0)
+        spread = torch.where(q_out > 0, p_out / q_out, 0.0)
+        grad = q - torch.where(region, p_in, q * spread[:, None])
+    return (inside + bucket) + ((s * grad).sum(-1) - (s.detach() * grad).sum(-1))
 
 
 def _clip(logd: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
@@ -240,9 +266,7 @@ def dac_kl(
         t_logp = torch.log_softmax(t, -1)  # no gradient: the teacher is detached
         with torch.no_grad():
             region = dense_region(t_logp, mass, max_k, target)
-        logq = _clip(torch.log_softmax(s, -1), region)
-        logp = _clip(t_logp, region)
-        per_pos = kl(logp, logq) * temperature**2
+        per_pos = _clipped_kl_closed_form(s, t_logp, region) * temperature**2
     else:
         t_logp = torch.log_softmax(t, -1)
         update = clip_net.training and region_temperature > 0 and y is not None and torch.is_grad_enabled()

@@ -114,10 +114,18 @@ def test_the_partial_selection_finds_the_sorted_region(seed, vocab, scale, mass,
     assert torch.equal(accelerator_path(logp, mass, max_k), _sorted_region(logp, mass, max_k))
 
 
+def _clip(logd: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """``[n, V + 1]``: the log-probabilities inside ``region`` (``-inf`` outside) and, last, the log
+    of the mass outside it (``-inf`` when the region is everything)."""
+    inside = logd.masked_fill(~region, float("-inf"))
+    full = region.all(-1, keepdim=True)  # no tail: keep logsumexp off an all -inf row (NaN gradient)
+    tail = torch.logsumexp(torch.where(full, 0.0, logd.masked_fill(region, float("-inf"))), -1, keepdim=True)
+    return torch.cat([inside, torch.where(full, float("-inf"), tail)], -1)
+
+
 def _autograd_clipped_kl(s, t, mass, temperature, labels):
     """The definition through autograd: both distributions clipped to the region (+ one bucket)."""
     from kdforge.losses._core import kl
-    from kdforge.losses.dac_kl import _clip
 
     s, t = s / temperature, t / temperature
     region = dense_region(torch.log_softmax(t, -1), mass, None, labels)

@@ -32,7 +32,7 @@ are computed once. ``chunk_size="auto"`` (the default) bounds the rest: :func:`a
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -570,11 +570,16 @@ def chunked_distillation_loss(
     return {"loss": weighted, "kd": kd_out, "ce": ce_out}
 
 
+def trainable_module_params(params: Mapping[str, Any]) -> list[str]:
+    """Names of the loss parameters that are modules with trainable parameters (a learned region or
+    ratio network): the chunked path differentiates the logits only, so it cannot train them."""
+    return [k for k, v in params.items() if isinstance(v, torch.nn.Module) and any(p.requires_grad for p in v.parameters())]
+
+
 def _check_loss_args(spec: LossSpec, loss_params: dict[str, Any], kd_weight: float, temperature: float | None,
                      reduction: str) -> float:
     """Reject a loss the chunks cannot compute and a bad reduction; the KD temperature to use."""
-    learned = [k for k, v in loss_params.items() if isinstance(v, torch.nn.Module)
-               and any(p.requires_grad for p in v.parameters())]
+    learned = trainable_module_params(loss_params)
     if learned and kd_weight != 0.0:  # the chunks differentiate the logits only: the module would never train
         raise ConfigError(f"loss {spec.name!r} has a learned module ({', '.join(learned)}) that trains through the "
                           "loss, which the chunked path cannot do", "train it with chunked: false")

@@ -132,7 +132,7 @@ def _clipped_kl_closed_form(s: torch.Tensor, t_logp: torch.Tensor, region: torch
     ``q - target``, ``target = p`` on ``R`` and ``q * p_out / q_out`` outside it (the bucket's
     mass spread in proportion to the student). Computed without autograd over ``[n, V]`` masked
     copies (the value and ``q - target`` once, attached as ``(s * g).sum() - sg(...)``); equal to
-    the autograd of the clipped distributions (:func:`_clip`; tested, gradcheck included).
+    the autograd of the clipped distributions (tested against it, gradcheck included).
     """
     with torch.no_grad():
         logq = torch.log_softmax(s.detach(), -1)
@@ -146,15 +146,6 @@ def _clipped_kl_closed_form(s: torch.Tensor, t_logp: torch.Tensor, region: torch
         spread = torch.where(q_out > 0, p_out / q_out, 0.0)
         grad = q - torch.where(region, p_in, q * spread[:, None])
     return (inside + bucket) + ((s * grad).sum(-1) - (s.detach() * grad).sum(-1))
-
-
-def _clip(logd: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """``[n, V + 1]``: the log-probabilities inside ``region`` (``-inf`` outside) and, last, the log
-    of the mass outside it (``-inf`` when the region is everything)."""
-    inside = logd.masked_fill(~region, NEG_INF)
-    full = region.all(-1, keepdim=True)  # no tail: keep logsumexp off an all -inf row (NaN gradient)
-    tail = torch.logsumexp(torch.where(full, 0.0, logd.masked_fill(region, NEG_INF)), -1, keepdim=True)
-    return torch.cat([inside, torch.where(full, NEG_INF, tail)], -1)
 
 
 def soft_clipped_kl(logp: torch.Tensor, logq: torch.Tensor, log_w: torch.Tensor, log_out: torch.Tensor
@@ -185,10 +176,7 @@ def _learned_region(t_logp: torch.Tensor, clip_net: DACClipNet, tau: float, max_
     log_w = torch.empty_like(log_w).scatter(-1, order, log_w)
     log_out = torch.empty_like(log_out).scatter(-1, order, log_out)
     if target is not None:
-        label = torch.zeros_like(log_w, dtype=torch.bool)
-        has = target >= 0
-        rows = has.nonzero(as_tuple=True)[0]
-        label[rows, target[has]] = True
+        label = _with_target(torch.zeros_like(log_w, dtype=torch.bool), target)
         log_w, log_out = log_w.masked_fill(label, 0.0), log_out.masked_fill(label, NEG_INF)
     if clip_net.training:
         clip_net.observe(lower, upper, log_w, t_logp)

@@ -61,8 +61,6 @@ def attach_bilevel(objective: Any, dataset: Any, *, seed: int = 0, world_size: i
     (call after :func:`attach_learned_terms`). ``holdout: split`` removes the held-out samples
     (``holdout_fraction`` of each class's labelled items of ``dataset``, dict items with ``inputs``
     and ``labels``) from the returned training dataset; without such a term: ``(dataset, [])``."""
-    import torch
-
     from kdforge.losses.trilateral import TrilateralBilevel
     from kdforge.train.trilateral_meta import TrilateralMetaLearner, split_holdout
 

@@ -264,8 +264,7 @@ def align_signal(
     if members:
         done = tuple(_align_one(m, vocab_size=vocab_size, positions=positions, device=device, dtype=dtype,
                                 policy=policy, validate=validate)[0] for m in members)
-        aligned = replace(aligned, members=tuple(replace(m, weights=m.weights.to(device)) if m.weights is not None
-                                                 else m for m in done))
+        aligned = replace(aligned, members=done)
     return aligned, student_slice
 
 
@@ -313,7 +312,7 @@ def _align_one(signal: Any, *, vocab_size: int, positions: tuple[int, ...], devi
             shared = min(width, vocab_size)
             t = t[..., :shared]
             student_slice = shared if vocab_size != shared else None
-        return replace(signal, logits=t.to(device=device, dtype=dtype)), student_slice
+        return replace(signal, logits=t.to(device=device, dtype=dtype), weights=_to(signal.weights, device)), student_slice
     if signal.sparse is not None:
         sp = signal.sparse
         if validate and sp.ids.numel():
@@ -332,5 +331,10 @@ def _align_one(signal: Any, *, vocab_size: int, positions: tuple[int, ...], devi
                 "for a teacher with another tokenizer, " + _CROSS_TOKENIZER_LIVE,
             )
         aligned = SparseTeacher(sp.ids.to(device).long(), sp.logprobs.to(device).float(), vocab, num_exact=sp.num_exact)
-        return replace(signal, sparse=aligned), None
+        return replace(signal, sparse=aligned, weights=_to(signal.weights, device)), None
     return signal, None
+
+
+def _to(weights: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A signal's per-position ``weights`` on the student's device (they travel with the distribution)."""
+    return None if weights is None else weights.to(device)

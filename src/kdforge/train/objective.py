@@ -79,7 +79,8 @@ class LossTerm(FriendlyModel):
             teacher_s)`` (``w_s`` the member's per-sample weight), instead of the loss against the
             mixture ``sum_s w_s p_s``. At ``T = 1`` the two have the same gradient for a loss
             linear in the teacher's probabilities (forward KL) and differ for the others (reverse
-            KL, JSD, ...; at ``T != 1`` the mixture of tempered members is not the tempered mixture). Needs an :class:`~kdforge.teachers.sources.EnsembleTeacher` built with
+            KL, JSD, ...; at ``T != 1`` the mixture of tempered members is not the tempered
+            mixture). Needs an :class:`~kdforge.teachers.sources.EnsembleTeacher` built with
             ``per_member_signals=True`` (the recipes set it); runs on the plain (unchunked) path.
     """
 
@@ -534,18 +535,17 @@ class Objective:
                 f"chunked=True supports one distillation term plus an optional cross_entropy term, got {self!r}",
                 "drop extra terms or set chunked=False",
             )
-        params = kd[0].params
-        if params.get("learned") is True or any(isinstance(v, nn.Module) and any(p.requires_grad for p in v.parameters())
-                                                for v in params.values()):
-            raise ConfigError(f"chunked=True cannot train the learned module of {kd[0].key!r} (the chunks "
-                              "differentiate the logits only)", "set chunked=False")
         try:
-            from kdforge.losses.chunked import chunked_distillation_loss  # noqa: F401
+            from kdforge.losses.chunked import trainable_module_params
         except ImportError as exc:
             raise ConfigError(
                 "chunked=True needs kdforge.losses.chunked, which is not available in this install",
                 "set chunked=False",
             ) from exc
+        params = kd[0].params
+        if params.get("learned") is True or trainable_module_params(params):
+            raise ConfigError(f"chunked=True cannot train the learned module of {kd[0].key!r} (the chunks "
+                              "differentiate the logits only)", "set chunked=False")
 
     def _chunked(self, out: Any, normalizer: float, values: Mapping[str, float] | None = None,
                  check_finite: bool = True) -> ObjectiveValue:
